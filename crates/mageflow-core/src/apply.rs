@@ -1,0 +1,459 @@
+//! `apply`: the fold step. It trusts nothing: an event that does not fit the state (wrong stream,
+//! gap in sequence numbers, unknown node, a transition out of a terminal status) is refused with
+//! an [`ApplyError`] and the state is left unchanged, so a corrupt or forged log is reported
+//! instead of being folded into nonsense.
+
+use crate::event::{Event, Payload};
+use crate::id::{NodeIndex, WorkflowId};
+use crate::model::{deep_merge, KindSpec, Link, NodeSpec, Outcome, Role, Status, Workflow};
+
+/// An event that cannot be applied to the current state.
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("event of stream {found} applied to workflow {expected}")]
+    WrongStream {
+        expected: WorkflowId,
+        found: WorkflowId,
+    },
+    #[error("event seq {found} does not follow version {version}")]
+    OutOfSequence { version: u64, found: u64 },
+    #[error("event {kind} refers to signature {node}, which does not exist")]
+    NoSuchNode { kind: &'static str, node: NodeIndex },
+    #[error("event {kind} would move signature {node} out of terminal status {status}")]
+    FromTerminal {
+        kind: &'static str,
+        node: NodeIndex,
+        status: Status,
+    },
+    #[error("event {kind} does not fit signature {node}: {reason}")]
+    Invalid {
+        kind: &'static str,
+        node: NodeIndex,
+        reason: String,
+    },
+    #[error("invalid signature tree: {0}")]
+    InvalidTree(String),
+}
+
+/// Check that `nodes`, to be placed at indexes `base..`, form valid subtrees: every node but a
+/// root of the batch has exactly one parent that lists it, parents come before children, and all
+/// references stay inside the batch. `attach` is the swarm new batches hang off (None = a new
+/// workflow whose root is `nodes[0]`).
+pub(crate) fn validate_nodes(
+    nodes: &[NodeSpec],
+    base: usize,
+    attach: Option<NodeIndex>,
+) -> Result<(), String> {
+    if nodes.is_empty() {
+        return Err("no signatures".into());
+    }
+    let end = base
+        .checked_add(nodes.len())
+        .filter(|e| *e <= u32::MAX as usize)
+        .ok_or("too many signatures")?;
+    let mut referenced = vec![false; nodes.len()];
+    for (offset, spec) in nodes.iter().enumerate() {
+        let index = base + offset;
+        if spec.name.is_empty() {
+            return Err(format!("signature {index} has an empty name"));
+        }
+        if !spec.kwargs.is_object() {
+            return Err(format!("kwargs of signature {index} are not an object"));
+        }
+        match &spec.kind {
+            KindSpec::Task { task, .. } if task.is_empty() => {
+                return Err(format!("signature {index} has an empty task name"))
+            }
+            KindSpec::Chain { children } if children.is_empty() => {
+                return Err(format!("chain {index} has no tasks"))
+            }
+            KindSpec::Swarm { config, .. } if config.max_concurrency == 0 => {
+                return Err(format!("swarm {index} has max_concurrency 0"))
+            }
+            KindSpec::Swarm { config, .. } if config.stop_after_n_failures == Some(0) => {
+                return Err(format!("swarm {index} has stop_after_n_failures 0"))
+            }
+            _ => {}
+        }
+        match (spec.parent, attach) {
+            (None, None) if offset == 0 => {}
+            (None, _) => return Err(format!("signature {index} has no parent")),
+            (Some(link), Some(swarm)) if (link.node as usize) < base => {
+                if link.node != swarm || link.role != Role::Child {
+                    return Err(format!(
+                        "signature {index} must be a child of swarm {swarm} or of a new signature"
+                    ));
+                }
+            }
+            (Some(link), _) => {
+                let p = link.node as usize;
+                if p < base || p >= index {
+                    return Err(format!(
+                        "signature {index} names parent {p}, which is not an earlier signature of the batch"
+                    ));
+                }
+                let parent = &nodes[p - base];
+                let list = match link.role {
+                    Role::Child => parent.children(),
+                    Role::SuccessCallback => &parent.on_success,
+                    Role::ErrorCallback => &parent.on_error,
+                };
+                if !list.contains(&(index as NodeIndex)) {
+                    return Err(format!(
+                        "signature {index} names parent {p}, which does not list it"
+                    ));
+                }
+            }
+        }
+        let refs = spec
+            .children()
+            .iter()
+            .chain(&spec.on_success)
+            .chain(&spec.on_error);
+        for &r in refs {
+            let r = r as usize;
+            if r <= index || r >= end {
+                return Err(format!(
+                    "signature {index} references {r}, outside the batch or not after it"
+                ));
+            }
+            if std::mem::replace(&mut referenced[r - base], true) {
+                return Err(format!("signature {r} is referenced twice"));
+            }
+        }
+    }
+    for (offset, spec) in nodes.iter().enumerate() {
+        let index = base + offset;
+        let attached_to_swarm = matches!((spec.parent, attach), (Some(l), Some(_)) if (l.node as usize) < base);
+        if offset > 0 || attach.is_some() {
+            if !referenced[offset] && !attached_to_swarm {
+                return Err(format!("signature {index} is not referenced by its parent"));
+            }
+            if referenced[offset] && attached_to_swarm {
+                return Err(format!("signature {index} has two parents"));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Workflow {
+    /// Fold one event into the state, or refuse it (the state is unchanged on error).
+    pub fn apply(&mut self, event: &Event) -> Result<(), ApplyError> {
+        if event.stream != self.id {
+            return Err(ApplyError::WrongStream {
+                expected: self.id,
+                found: event.stream,
+            });
+        }
+        if event.seq != self.version + 1 {
+            return Err(ApplyError::OutOfSequence {
+                version: self.version,
+                found: event.seq,
+            });
+        }
+        self.apply_payload(&event.payload, event)?;
+        self.version = event.seq;
+        Ok(())
+    }
+
+    /// Replay a whole stream from empty.
+    pub fn replay<'a>(
+        id: WorkflowId,
+        events: impl IntoIterator<Item = &'a Event>,
+    ) -> Result<Self, ApplyError> {
+        let mut wf = Workflow::empty(id);
+        for e in events {
+            wf.apply(e)?;
+        }
+        Ok(wf)
+    }
+
+    fn check(&self, kind: &'static str, node: NodeIndex) -> Result<usize, ApplyError> {
+        let i = node as usize;
+        let n = self
+            .nodes
+            .get(i)
+            .ok_or(ApplyError::NoSuchNode { kind, node })?;
+        if n.status.is_terminal() {
+            return Err(ApplyError::FromTerminal {
+                kind,
+                node,
+                status: n.status,
+            });
+        }
+        Ok(i)
+    }
+
+    fn swarm_slot(&self, node: usize) -> Option<(usize, u32)> {
+        let n = &self.nodes[node];
+        let link = n.spec.parent?;
+        let p = link.node as usize;
+        match (&self.nodes[p].spec.kind, link.role) {
+            (KindSpec::Swarm { .. }, Role::Child) => Some((p, n.position)),
+            _ => None,
+        }
+    }
+
+    /// Bookkeeping in the enclosing swarm when one of its items reaches a terminal status.
+    fn count_in_swarm(&mut self, node: usize, ok: bool) {
+        if let Some((p, pos)) = self.swarm_slot(node) {
+            let progress = &mut self.nodes[p].swarm;
+            if pos < progress.dispatched {
+                progress.running = progress.running.saturating_sub(1);
+            }
+            if ok {
+                progress.succeeded += 1;
+            } else {
+                progress.failed += 1;
+            }
+        }
+    }
+
+    fn push_batch(&mut self, nodes: &[NodeSpec]) {
+        let base = self.nodes.len();
+        for spec in nodes {
+            self.push_node(spec.clone());
+        }
+        for i in base..self.nodes.len() {
+            let spec = &self.nodes[i].spec;
+            let lists: [&[NodeIndex]; 3] = [spec.children(), &spec.on_success, &spec.on_error];
+            let positions: Vec<(usize, u32)> = lists
+                .iter()
+                .flat_map(|l| l.iter().enumerate())
+                .map(|(pos, &c)| (c as usize, pos as u32))
+                .collect();
+            for (c, pos) in positions {
+                self.nodes[c].position = pos;
+            }
+        }
+    }
+
+    fn apply_payload(&mut self, payload: &Payload, event: &Event) -> Result<(), ApplyError> {
+        let kind = payload.kind();
+        match payload {
+            Payload::WorkflowCreated { nodes } => {
+                if self.exists() {
+                    return Err(ApplyError::Invalid {
+                        kind,
+                        node: 0,
+                        reason: "workflow already exists".into(),
+                    });
+                }
+                validate_nodes(nodes, 0, None).map_err(ApplyError::InvalidTree)?;
+                self.push_batch(nodes);
+                self.created_at = Some(event.at);
+            }
+            Payload::SwarmItemsAdded { swarm, nodes } => {
+                let s = self.check(kind, *swarm)?;
+                match &self.nodes[s].spec.kind {
+                    KindSpec::Swarm { closed: false, .. } => {}
+                    _ => {
+                        return Err(ApplyError::Invalid {
+                            kind,
+                            node: *swarm,
+                            reason: "not an open swarm".into(),
+                        })
+                    }
+                }
+                let base = self.nodes.len();
+                validate_nodes(nodes, base, Some(*swarm)).map_err(ApplyError::InvalidTree)?;
+                let mut added = Vec::new();
+                for (offset, spec) in nodes.iter().enumerate() {
+                    if spec.parent.is_some_and(|l| (l.node as usize) < base) {
+                        added.push((base + offset) as NodeIndex);
+                    }
+                }
+                let first_pos = match &self.nodes[s].spec.kind {
+                    KindSpec::Swarm { children, .. } => children.len() as u32,
+                    _ => 0,
+                };
+                self.push_batch(nodes);
+                for (k, &a) in added.iter().enumerate() {
+                    self.nodes[a as usize].position = first_pos + k as u32;
+                }
+                if let KindSpec::Swarm { children, .. } = &mut self.nodes[s].spec.kind {
+                    children.extend(added);
+                }
+            }
+            Payload::SwarmClosed { swarm } => {
+                let s = self.check(kind, *swarm)?;
+                match &mut self.nodes[s].spec.kind {
+                    KindSpec::Swarm { closed, .. } => *closed = true,
+                    _ => {
+                        return Err(ApplyError::Invalid {
+                            kind,
+                            node: *swarm,
+                            reason: "not a swarm".into(),
+                        })
+                    }
+                }
+            }
+            Payload::KwargsUpdated { node, kwargs } => {
+                let i = self.check(kind, *node)?;
+                if !kwargs.is_object() {
+                    return Err(ApplyError::Invalid {
+                        kind,
+                        node: *node,
+                        reason: "kwargs are not an object".into(),
+                    });
+                }
+                let n = &mut self.nodes[i];
+                n.spec.kwargs = deep_merge(std::mem::take(&mut n.spec.kwargs), kwargs);
+            }
+            Payload::Queued {
+                node,
+                message,
+                parked,
+            }
+            | Payload::ContainerStarted {
+                node,
+                message,
+                parked,
+            } => {
+                let i = self.check(kind, *node)?;
+                let n = &mut self.nodes[i];
+                let is_container = n.is_container();
+                if is_container != matches!(payload, Payload::ContainerStarted { .. }) {
+                    return Err(ApplyError::Invalid {
+                        kind,
+                        node: *node,
+                        reason: "event kind does not match the signature kind".into(),
+                    });
+                }
+                n.message = Some(message.clone());
+                n.not_before = None;
+                n.status = match (parked, is_container) {
+                    (true, _) => Status::Suspended,
+                    (false, true) => Status::Running,
+                    (false, false) => Status::Queued,
+                };
+            }
+            Payload::SwarmDispatched { swarm, count } => {
+                let s = self.check(kind, *swarm)?;
+                let KindSpec::Swarm { children, .. } = &self.nodes[s].spec.kind else {
+                    return Err(ApplyError::Invalid {
+                        kind,
+                        node: *swarm,
+                        reason: "not a swarm".into(),
+                    });
+                };
+                let from = self.nodes[s].swarm.dispatched as usize;
+                let to = from.saturating_add(*count as usize);
+                let Some(range) = children.get(from..to) else {
+                    return Err(ApplyError::Invalid {
+                        kind,
+                        node: *swarm,
+                        reason: format!("dispatches items {from}..{to} of {}", children.len()),
+                    });
+                };
+                let live = range
+                    .iter()
+                    .filter(|&&c| !self.nodes[c as usize].status.is_terminal())
+                    .count() as u32;
+                let progress = &mut self.nodes[s].swarm;
+                progress.dispatched = to as u32;
+                progress.running += live;
+            }
+            Payload::Started { node, attempt } => {
+                let i = self.check(kind, *node)?;
+                let n = &mut self.nodes[i];
+                if n.is_container() || *attempt != n.attempt + 1 {
+                    return Err(ApplyError::Invalid {
+                        kind,
+                        node: *node,
+                        reason: format!("attempt {attempt} after attempt {}", n.attempt),
+                    });
+                }
+                n.attempt = *attempt;
+                n.in_flight = true;
+                n.status = Status::Running;
+            }
+            Payload::Checkpointed { node, data, .. } => {
+                let i = self.check(kind, *node)?;
+                self.nodes[i].checkpoint = Some(data.clone());
+            }
+            Payload::Succeeded { node, result, .. } => {
+                let i = self.check(kind, *node)?;
+                let n = &mut self.nodes[i];
+                n.status = Status::Done;
+                n.in_flight = false;
+                n.outcome = Some(Outcome::Ok(result.clone()));
+                self.count_in_swarm(i, true);
+            }
+            Payload::RetryScheduled {
+                node, retry_at, ..
+            } => {
+                let i = self.check(kind, *node)?;
+                let n = &mut self.nodes[i];
+                n.in_flight = false;
+                n.not_before = Some(*retry_at);
+                if n.status == Status::Running {
+                    n.status = Status::Queued;
+                }
+            }
+            Payload::Failed { node, error, .. } => {
+                let i = self.check(kind, *node)?;
+                let n = &mut self.nodes[i];
+                n.status = Status::Failed;
+                n.in_flight = false;
+                n.outcome = Some(Outcome::Err(error.clone()));
+                self.count_in_swarm(i, false);
+            }
+            Payload::Suspended { node } => {
+                let i = self.check(kind, *node)?;
+                self.nodes[i].status = Status::Suspended;
+            }
+            Payload::Resumed { node, status } => {
+                let i = self.check(kind, *node)?;
+                let n = &mut self.nodes[i];
+                if !matches!(n.status, Status::Suspended | Status::Interrupted)
+                    || status.is_terminal()
+                {
+                    return Err(ApplyError::Invalid {
+                        kind,
+                        node: *node,
+                        reason: format!("resume from {} to {status}", n.status),
+                    });
+                }
+                n.status = *status;
+            }
+            Payload::Interrupted { node } => {
+                let i = self.check(kind, *node)?;
+                let n = &mut self.nodes[i];
+                n.status = Status::Interrupted;
+                n.in_flight = false;
+            }
+            Payload::Canceled { node } => {
+                let i = self.check(kind, *node)?;
+                let n = &mut self.nodes[i];
+                n.status = Status::Canceled;
+                n.in_flight = false;
+                n.outcome = Some(Outcome::Err(crate::model::TaskError {
+                    message: "canceled".into(),
+                    retryable: false,
+                }));
+                self.count_in_swarm(i, false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `index` or a container above it (through child links) is paused.
+    pub fn is_paused(&self, index: NodeIndex) -> bool {
+        let mut i = index as usize;
+        loop {
+            let n = &self.nodes[i];
+            if matches!(n.status, Status::Suspended | Status::Interrupted) {
+                return true;
+            }
+            match n.spec.parent {
+                Some(Link {
+                    node,
+                    role: Role::Child,
+                }) => i = node as usize,
+                _ => return false,
+            }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Commands: requests to change a workflow. [`crate::decide`] turns them into events or refuses
+//! them with a [`Rejection`].
+
+use crate::event::Actor;
+use crate::id::NodeIndex;
+use crate::model::{Message, NodeSpec, Status, TaskError};
+use crate::time::Timestamp;
+use serde_json::Value;
+
+/// A command with who sent it and when (the core never reads a clock).
+#[derive(Clone, PartialEq, Debug)]
+pub struct Command {
+    pub actor: Actor,
+    pub at: Timestamp,
+    pub op: Op,
+}
+
+#[derive(Clone, PartialEq, Debug)]
+pub enum Op {
+    /// Create the workflow (root = `nodes[0]`); trigger the root with `start` if given.
+    Create {
+        nodes: Vec<NodeSpec>,
+        start: Option<Message>,
+    },
+    /// Trigger a created, never-triggered root.
+    Run { message: Message },
+    /// Add items to an open swarm (`nodes[0..]` get the next free indexes; their internal links
+    /// use those final indexes); optionally close it in the same step.
+    AddSwarmItems {
+        swarm: NodeIndex,
+        nodes: Vec<NodeSpec>,
+        close: bool,
+    },
+    CloseSwarm { swarm: NodeIndex },
+    UpdateKwargs { node: NodeIndex, kwargs: Value },
+    /// A worker slot takes a queued task.
+    Start { node: NodeIndex },
+    Checkpoint {
+        node: NodeIndex,
+        attempt: u32,
+        data: Value,
+    },
+    Complete {
+        node: NodeIndex,
+        attempt: u32,
+        result: Value,
+    },
+    Fail {
+        node: NodeIndex,
+        attempt: u32,
+        error: TaskError,
+    },
+    Suspend { node: NodeIndex },
+    Resume { node: NodeIndex },
+    Interrupt { node: NodeIndex },
+    /// Destructive: refused unless `confirmed`.
+    Cancel { node: NodeIndex, confirmed: bool },
+}
+
+/// A domain refusal. Nothing was changed. Each has a stable `code()`.
+#[derive(Clone, PartialEq, Debug, thiserror::Error)]
+pub enum Rejection {
+    #[error("workflow already exists")]
+    AlreadyExists,
+    #[error("workflow does not exist")]
+    NoSuchWorkflow,
+    #[error("signature index {0} does not exist in this workflow")]
+    NoSuchNode(NodeIndex),
+    #[error("invalid signature tree: {0}")]
+    InvalidTree(String),
+    #[error("cannot {op} a signature that is {status}")]
+    InvalidTransition { op: &'static str, status: Status },
+    #[error("signature {0} is not a swarm")]
+    NotASwarm(NodeIndex),
+    #[error("swarm {0} is closed: no tasks can be added")]
+    SwarmClosed(NodeIndex),
+    #[error("only a root signature can be run directly; {0} is triggered by its parent")]
+    NotARoot(NodeIndex),
+    #[error("kwargs must be a JSON object")]
+    KwargsNotObject,
+    #[error("cancel deletes the signature and cannot be undone: confirm it explicitly")]
+    ConfirmationRequired,
+    #[error("signature {0} was canceled: it cannot be resumed or rerun")]
+    Canceled(NodeIndex),
+    #[error("internal error (a bug): {0}")]
+    Internal(String),
+}
+
+impl Rejection {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::AlreadyExists => "already_exists",
+            Rejection::NoSuchWorkflow => "no_such_workflow",
+            Rejection::NoSuchNode(_) => "no_such_signature",
+            Rejection::InvalidTree(_) => "invalid_tree",
+            Rejection::InvalidTransition { .. } => "invalid_transition",
+            Rejection::NotASwarm(_) => "not_a_swarm",
+            Rejection::SwarmClosed(_) => "swarm_closed",
+            Rejection::NotARoot(_) => "not_a_root",
+            Rejection::KwargsNotObject => "kwargs_not_object",
+            Rejection::ConfirmationRequired => "confirmation_required",
+            Rejection::Canceled(_) => "canceled",
+            Rejection::Internal(_) => "internal",
+        }
+    }
+}

@@ -1,0 +1,525 @@
+//! `decide`: commands in, events out. All orchestration semantics live here — chain stepping,
+//! swarm filling and failure limits, callbacks to fire, suspend/resume/interrupt/cancel — so they
+//! are deterministic and replayable. Validation happens before anything is emitted: a rejected
+//! command emits nothing.
+
+use crate::apply::validate_nodes;
+use crate::command::{Command, Op, Rejection};
+use crate::event::{Actor, Event, Payload, SCHEMA_VERSION};
+use crate::id::NodeIndex;
+use crate::model::{
+    deep_merge, KindSpec, Message, Outcome, Role, Status, TaskError, Workflow, ERROR_FIELD,
+};
+use crate::time::Timestamp;
+use serde_json::{json, Value};
+
+/// Pure decision: the events `cmd` produces against `state`, or why it is refused.
+/// Folding the returned events onto `state` gives the state [`execute`] would leave.
+pub fn decide(state: &Workflow, cmd: &Command) -> Result<Vec<Event>, Rejection> {
+    let mut scratch = state.clone();
+    execute(&mut scratch, cmd)
+}
+
+/// [`decide`] that also applies the events to `state` as it goes (no clone: the engine's hot
+/// path). On a rejection `state` is unchanged. `Rejection::Internal` would mean a bug in decide
+/// (an emitted event that does not apply); the caller must then reload the state from the log.
+pub fn execute(state: &mut Workflow, cmd: &Command) -> Result<Vec<Event>, Rejection> {
+    let mut d = Decider {
+        wf: state,
+        actor: &cmd.actor,
+        at: cmd.at,
+        events: Vec::new(),
+    };
+    d.run(&cmd.op)?;
+    Ok(d.events)
+}
+
+struct Decider<'a> {
+    wf: &'a mut Workflow,
+    actor: &'a Actor,
+    at: Timestamp,
+    events: Vec<Event>,
+}
+
+fn invalid(op: &'static str, status: Status) -> Rejection {
+    Rejection::InvalidTransition { op, status }
+}
+
+impl Decider<'_> {
+    fn emit(&mut self, payload: Payload) -> Result<(), Rejection> {
+        let event = Event {
+            stream: self.wf.id,
+            seq: self.wf.version + 1,
+            at: self.at,
+            actor: self.actor.clone(),
+            schema: SCHEMA_VERSION,
+            payload,
+        };
+        self.wf
+            .apply(&event)
+            .map_err(|e| Rejection::Internal(e.to_string()))?;
+        self.events.push(event);
+        Ok(())
+    }
+
+    fn node_status(&self, node: NodeIndex) -> Result<Status, Rejection> {
+        self.wf
+            .node(node)
+            .map(|n| n.status)
+            .ok_or(Rejection::NoSuchNode(node))
+    }
+
+    fn run(&mut self, op: &Op) -> Result<(), Rejection> {
+        if !matches!(op, Op::Create { .. }) && !self.wf.exists() {
+            return Err(Rejection::NoSuchWorkflow);
+        }
+        match op {
+            Op::Create { nodes, start } => {
+                if self.wf.exists() {
+                    return Err(Rejection::AlreadyExists);
+                }
+                validate_nodes(nodes, 0, None).map_err(Rejection::InvalidTree)?;
+                self.emit(Payload::WorkflowCreated {
+                    nodes: nodes.clone(),
+                })?;
+                if let Some(message) = start {
+                    self.trigger(0, message.clone())?;
+                }
+            }
+            Op::Run { message } => {
+                let root = &self.wf.nodes[0];
+                if root.status != Status::Pending || root.message.is_some() {
+                    return Err(invalid("run", root.status));
+                }
+                self.trigger(0, message.clone())?;
+            }
+            Op::AddSwarmItems {
+                swarm,
+                nodes,
+                close,
+            } => {
+                let status = self.node_status(*swarm)?;
+                match &self.wf.nodes[*swarm as usize].spec.kind {
+                    KindSpec::Swarm { closed: true, .. } => {
+                        return Err(Rejection::SwarmClosed(*swarm))
+                    }
+                    KindSpec::Swarm { .. } => {}
+                    _ => return Err(Rejection::NotASwarm(*swarm)),
+                }
+                if status.is_terminal() {
+                    return Err(invalid("add tasks to", status));
+                }
+                validate_nodes(nodes, self.wf.nodes.len(), Some(*swarm))
+                    .map_err(Rejection::InvalidTree)?;
+                self.emit(Payload::SwarmItemsAdded {
+                    swarm: *swarm,
+                    nodes: nodes.clone(),
+                })?;
+                if *close {
+                    self.emit(Payload::SwarmClosed { swarm: *swarm })?;
+                }
+                self.fill(*swarm)?;
+            }
+            Op::CloseSwarm { swarm } => {
+                let status = self.node_status(*swarm)?;
+                match &self.wf.nodes[*swarm as usize].spec.kind {
+                    KindSpec::Swarm { closed: true, .. } => return Ok(()),
+                    KindSpec::Swarm { .. } => {}
+                    _ => return Err(Rejection::NotASwarm(*swarm)),
+                }
+                if status.is_terminal() {
+                    return Err(invalid("close", status));
+                }
+                self.emit(Payload::SwarmClosed { swarm: *swarm })?;
+                self.fill(*swarm)?;
+            }
+            Op::UpdateKwargs { node, kwargs } => {
+                let status = self.node_status(*node)?;
+                if !kwargs.is_object() {
+                    return Err(Rejection::KwargsNotObject);
+                }
+                let n = &self.wf.nodes[*node as usize];
+                let started = n.attempt > 0 || (n.is_container() && n.message.is_some());
+                if status.is_terminal() || started {
+                    return Err(invalid("update kwargs of", status));
+                }
+                self.emit(Payload::KwargsUpdated {
+                    node: *node,
+                    kwargs: kwargs.clone(),
+                })?;
+            }
+            Op::Start { node } => {
+                let status = self.node_status(*node)?;
+                let n = &self.wf.nodes[*node as usize];
+                if status != Status::Queued || n.is_container() {
+                    return Err(invalid("start", status));
+                }
+                let attempt = n.attempt + 1;
+                self.emit(Payload::Started {
+                    node: *node,
+                    attempt,
+                })?;
+            }
+            Op::Checkpoint {
+                node,
+                attempt,
+                data,
+            } => {
+                if self.is_current_attempt(*node, *attempt)? {
+                    self.emit(Payload::Checkpointed {
+                        node: *node,
+                        attempt: *attempt,
+                        data: data.clone(),
+                    })?;
+                }
+            }
+            Op::Complete {
+                node,
+                attempt,
+                result,
+            } => {
+                // A duplicate or stale completion (redelivery, revoked attempt) is a no-op.
+                if self.is_current_attempt(*node, *attempt)? {
+                    self.emit(Payload::Succeeded {
+                        node: *node,
+                        attempt: *attempt,
+                        result: result.clone(),
+                    })?;
+                    self.finished(*node)?;
+                }
+            }
+            Op::Fail {
+                node,
+                attempt,
+                error,
+            } => {
+                if self.is_current_attempt(*node, *attempt)? {
+                    let KindSpec::Task { retry, .. } = &self.wf.nodes[*node as usize].spec.kind
+                    else {
+                        return Err(invalid("fail", Status::Running));
+                    };
+                    if error.retryable && *attempt <= retry.max_retries {
+                        let retry_at = self.at.saturating_add_millis(retry.backoff_for(attempt + 1));
+                        self.emit(Payload::RetryScheduled {
+                            node: *node,
+                            attempt: *attempt,
+                            error: error.clone(),
+                            retry_at,
+                        })?;
+                    } else {
+                        self.emit(Payload::Failed {
+                            node: *node,
+                            attempt: *attempt,
+                            error: error.clone(),
+                        })?;
+                        self.finished(*node)?;
+                    }
+                }
+            }
+            Op::Suspend { node } => {
+                let status = self.node_status(*node)?;
+                match status {
+                    Status::Suspended => {}
+                    s if s.is_terminal() || s == Status::Interrupted => {
+                        return Err(invalid("suspend", s))
+                    }
+                    _ => {
+                        self.emit(Payload::Suspended { node: *node })?;
+                        self.suspend_children(*node)?;
+                    }
+                }
+            }
+            Op::Resume { node } => {
+                let status = self.node_status(*node)?;
+                match status {
+                    Status::Canceled => return Err(Rejection::Canceled(*node)),
+                    Status::Suspended | Status::Interrupted => self.resume(*node)?,
+                    s if s.is_terminal() => return Err(invalid("resume", s)),
+                    _ => {}
+                }
+            }
+            Op::Interrupt { node } => {
+                let status = self.node_status(*node)?;
+                match status {
+                    Status::Interrupted => {}
+                    s if s.is_terminal() => return Err(invalid("interrupt", s)),
+                    _ => self.stop_tree(*node, false)?,
+                }
+            }
+            Op::Cancel { node, confirmed } => {
+                if !confirmed {
+                    return Err(Rejection::ConfirmationRequired);
+                }
+                let status = self.node_status(*node)?;
+                match status {
+                    Status::Canceled => {}
+                    s if s.is_terminal() => return Err(invalid("cancel", s)),
+                    _ => {
+                        self.stop_tree(*node, true)?;
+                        self.notify_parent(*node)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn is_current_attempt(&self, node: NodeIndex, attempt: u32) -> Result<bool, Rejection> {
+        let n = self.wf.node(node).ok_or(Rejection::NoSuchNode(node))?;
+        Ok(n.in_flight && n.attempt == attempt)
+    }
+
+    fn children(&self, node: NodeIndex) -> Vec<NodeIndex> {
+        self.wf.nodes[node as usize].spec.children().to_vec()
+    }
+
+    /// Trigger a node with its message: a task is queued, a container starts. A node that was
+    /// already triggered (or is terminal) is left alone, which makes triggering idempotent.
+    fn trigger(&mut self, node: NodeIndex, message: Message) -> Result<(), Rejection> {
+        let n = &self.wf.nodes[node as usize];
+        let untriggered = matches!(n.status, Status::Pending | Status::Suspended)
+            && n.message.is_none()
+            && n.attempt == 0;
+        if !untriggered {
+            return Ok(());
+        }
+        let parked = self.wf.is_paused(node);
+        let payload_message = message.clone();
+        if !n.is_container() {
+            return self.emit(Payload::Queued {
+                node,
+                message: payload_message,
+                parked,
+            });
+        }
+        let is_chain = matches!(n.spec.kind, KindSpec::Chain { .. });
+        self.emit(Payload::ContainerStarted {
+            node,
+            message: payload_message,
+            parked,
+        })?;
+        if is_chain {
+            let first = self.children(node)[0];
+            self.trigger(first, message)
+        } else {
+            self.fill(node)
+        }
+    }
+
+    /// Hand out swarm items while slots are free, then check whether the swarm is finished.
+    fn fill(&mut self, swarm: NodeIndex) -> Result<(), Rejection> {
+        let s = &self.wf.nodes[swarm as usize];
+        let KindSpec::Swarm {
+            children,
+            config,
+            closed,
+        } = &s.spec.kind
+        else {
+            return Ok(());
+        };
+        if s.status != Status::Running {
+            return Ok(());
+        }
+        let p = &s.swarm;
+        let free = config.max_concurrency.saturating_sub(p.running);
+        let count = free.min(children.len() as u32 - p.dispatched);
+        let items = children[p.dispatched as usize..(p.dispatched + count) as usize].to_vec();
+        let all_finished = *closed && (p.succeeded + p.failed) as usize == children.len();
+        let message = s.message.clone().unwrap_or(Message::input(Value::Null));
+        if count > 0 {
+            self.emit(Payload::SwarmDispatched { swarm, count })?;
+            for item in items {
+                self.trigger(item, message.clone())?;
+            }
+        } else if all_finished {
+            let results: Vec<Value> = children
+                .iter()
+                .map(|&c| match &self.wf.nodes[c as usize].outcome {
+                    Some(Outcome::Ok(v)) => json!({ "ok": v }),
+                    Some(Outcome::Err(e)) => json!({ "error": e.message }),
+                    None => Value::Null,
+                })
+                .collect();
+            self.emit(Payload::Succeeded {
+                node: swarm,
+                attempt: 0,
+                result: Value::Array(results),
+            })?;
+            self.finished(swarm)?;
+        }
+        Ok(())
+    }
+
+    /// A node reached done or failed: fire its callbacks (its own first), then tell its container.
+    fn finished(&mut self, node: NodeIndex) -> Result<(), Rejection> {
+        let n = &self.wf.nodes[node as usize];
+        match n.outcome.clone() {
+            Some(Outcome::Ok(result)) => {
+                for cb in n.spec.on_success.clone() {
+                    self.trigger(cb, Message::result(result.clone()))?;
+                }
+            }
+            Some(Outcome::Err(error)) => {
+                let input = self.error_input(node, &error);
+                for cb in n.spec.on_error.clone() {
+                    self.trigger(cb, Message::input(input.clone()))?;
+                }
+            }
+            None => {}
+        }
+        self.notify_parent(node)
+    }
+
+    /// What an error callback receives: the failed signature's input plus the error.
+    fn error_input(&self, node: NodeIndex, error: &TaskError) -> Value {
+        let n = &self.wf.nodes[node as usize];
+        let input = if n.is_container() {
+            n.message
+                .as_ref()
+                .map(|m| m.value.clone())
+                .filter(Value::is_object)
+                .unwrap_or_else(|| json!({}))
+        } else {
+            self.wf.effective_input(node)
+        };
+        let mut err = serde_json::Map::new();
+        err.insert(
+            ERROR_FIELD.into(),
+            json!({
+                "signature": self.wf.sig(node).to_string(),
+                "task": n.spec.name,
+                "message": error.message,
+                "attempts": n.attempt,
+            }),
+        );
+        deep_merge(input, &Value::Object(err))
+    }
+
+    fn notify_parent(&mut self, node: NodeIndex) -> Result<(), Rejection> {
+        let n = &self.wf.nodes[node as usize];
+        let Some(link) = n.spec.parent.filter(|l| l.role == Role::Child) else {
+            return Ok(());
+        };
+        let (position, outcome) = (n.position, n.outcome.clone());
+        let c = link.node;
+        let container = &self.wf.nodes[c as usize];
+        if container.status.is_terminal() {
+            return Ok(());
+        }
+        match (&container.spec.kind, outcome) {
+            (KindSpec::Chain { children }, Some(Outcome::Ok(result))) => {
+                match children.get(position as usize + 1).copied() {
+                    Some(next) => self.trigger(next, Message::result(result)),
+                    None => {
+                        self.emit(Payload::Succeeded {
+                            node: c,
+                            attempt: 0,
+                            result,
+                        })?;
+                        self.finished(c)
+                    }
+                }
+            }
+            (KindSpec::Chain { .. }, Some(Outcome::Err(error))) => {
+                // The chain's error callbacks get the failing step's input plus the error.
+                let input = self.error_input(node, &error);
+                self.emit(Payload::Failed {
+                    node: c,
+                    attempt: 0,
+                    error,
+                })?;
+                for cb in self.wf.nodes[c as usize].spec.on_error.clone() {
+                    self.trigger(cb, Message::input(input.clone()))?;
+                }
+                self.notify_parent(c)
+            }
+            (KindSpec::Swarm { config, .. }, _) => {
+                let failed = container.swarm.failed;
+                match config.stop_after_n_failures {
+                    Some(limit) if failed >= limit => {
+                        let error = TaskError {
+                            message: format!("swarm stopped after {failed} failed tasks"),
+                            retryable: false,
+                        };
+                        self.emit(Payload::Failed {
+                            node: c,
+                            attempt: 0,
+                            error,
+                        })?;
+                        self.finished(c)
+                    }
+                    _ => self.fill(c),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Suspend the queued or dispatching descendants of a suspended container. Running attempts
+    /// finish; pending ones are gated by their suspended ancestor.
+    fn suspend_children(&mut self, node: NodeIndex) -> Result<(), Rejection> {
+        for c in self.children(node) {
+            let n = &self.wf.nodes[c as usize];
+            let container = n.is_container();
+            match n.status {
+                Status::Queued => self.emit(Payload::Suspended { node: c })?,
+                Status::Running if container => {
+                    self.emit(Payload::Suspended { node: c })?;
+                    self.suspend_children(c)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Interrupt (`cancel == false`) or cancel a node and its descendants. Descendants that were
+    /// never triggered are left pending when interrupting (their paused ancestor gates them) and
+    /// are canceled with the rest when canceling.
+    fn stop_tree(&mut self, node: NodeIndex, cancel: bool) -> Result<(), Rejection> {
+        self.emit(if cancel {
+            Payload::Canceled { node }
+        } else {
+            Payload::Interrupted { node }
+        })?;
+        for c in self.children(node) {
+            let n = &self.wf.nodes[c as usize];
+            let untriggered = n.status == Status::Pending && n.message.is_none();
+            if !n.status.is_terminal() && (cancel || !untriggered) {
+                self.stop_tree(c, cancel)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Resume a suspended or interrupted node and its paused descendants, then let containers
+    /// continue where they stopped.
+    fn resume(&mut self, node: NodeIndex) -> Result<(), Rejection> {
+        let n = &self.wf.nodes[node as usize];
+        if !matches!(n.status, Status::Suspended | Status::Interrupted) {
+            return Ok(());
+        }
+        let status = if n.is_container() {
+            if n.message.is_some() {
+                Status::Running
+            } else {
+                Status::Pending
+            }
+        } else if n.in_flight {
+            Status::Running
+        } else if n.message.is_some() {
+            Status::Queued
+        } else {
+            Status::Pending
+        };
+        self.emit(Payload::Resumed { node, status })?;
+        for c in self.children(node) {
+            self.resume(c)?;
+        }
+        if status == Status::Running {
+            self.fill(node)?;
+        }
+        Ok(())
+    }
+}
+

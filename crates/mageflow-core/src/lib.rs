@@ -1,0 +1,25 @@
+//! Mageflow's pure core: the domain model (ids, signatures, statuses), commands and events,
+//! `decide`/`apply`, and the event codec. It performs no I/O, reads no clock and depends on no
+//! async runtime — time, ids and the actor are arguments — so everything here is deterministic
+//! and replayable (`cargo tree -p mageflow-core` shows no tokio, sled or network client).
+
+pub mod apply;
+pub mod codec;
+pub mod command;
+pub mod decide;
+pub mod event;
+pub mod id;
+pub mod model;
+pub mod time;
+
+pub use apply::ApplyError;
+pub use codec::CodecError;
+pub use command::{Command, Op, Rejection};
+pub use decide::{decide, execute};
+pub use event::{Actor, Event, Payload, SCHEMA_VERSION};
+pub use id::{NodeIndex, ParseIdError, SignatureId, WorkflowId};
+pub use model::{
+    KindSpec, Link, Message, Node, NodeSpec, Outcome, RetryPolicy, Role, Status, SwarmConfig,
+    TaskError, Workflow,
+};
+pub use time::Timestamp;

@@ -1,0 +1,391 @@
+//! The state of one workflow (one log stream): a tree of signatures stored densely by index.
+//! State is only ever changed by [`Workflow::apply`]; it is a pure fold of the stream's events.
+
+use crate::id::{NodeIndex, SignatureId, WorkflowId};
+use crate::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::fmt;
+
+/// Field a success callback's result is injected into unless its task names another one
+/// (the Python original's `ReturnValue` default).
+pub const RETURN_FIELD_DEFAULT: &str = "mageflow_results";
+/// Field an error callback finds the error in, next to the failed task's original input.
+pub const ERROR_FIELD: &str = "mageflow_error";
+/// Default number of swarm items running at once (as in the original).
+pub const SWARM_MAX_CONCURRENCY_DEFAULT: u32 = 30;
+
+/// Lifecycle status of a signature. See `docs/ARCHITECTURE.md` for the transition table.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Created, not triggered yet (a future chain step, an unfired callback, an undispatched item).
+    Pending,
+    /// Triggered with its input, waiting for a worker slot (or for its retry backoff).
+    Queued,
+    /// A task attempt is running on a worker; a container is dispatching its children.
+    Running,
+    /// Paused softly: nothing new starts; a running attempt is allowed to finish.
+    Suspended,
+    /// Stopped aggressively; resumable on a best-effort basis.
+    Interrupted,
+    /// Stopped and deleted; terminal, cannot be resumed.
+    Canceled,
+    /// Finished successfully; terminal.
+    Done,
+    /// Finished with an error (retries exhausted, or a failed child); terminal.
+    Failed,
+    /// Soft-deleted: kept until `expires_at` so it can be rerun, then purged.
+    MarkedForDeletion { expires_at: Timestamp },
+}
+
+impl Status {
+    /// Terminal statuses never change again (no event leaves them).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Done | Status::Failed | Status::Canceled)
+    }
+
+    /// Stable lowercase name, for display and filters.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Suspended => "suspended",
+            Status::Interrupted => "interrupted",
+            Status::Canceled => "canceled",
+            Status::Done => "done",
+            Status::Failed => "failed",
+            Status::MarkedForDeletion { .. } => "marked_for_deletion",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Retry policy of a task: `max_retries` extra attempts after the first, with exponential
+/// backoff starting at `backoff_ms` and capped at `backoff_max_ms`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    pub backoff_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: 0,
+            backoff_ms: 100,
+            backoff_max_ms: 60_000,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay before attempt `next_attempt` (2 = first retry).
+    pub fn backoff_for(&self, next_attempt: u32) -> u64 {
+        let exp = next_attempt.saturating_sub(2).min(30);
+        self.backoff_ms
+            .saturating_mul(1u64 << exp)
+            .min(self.backoff_max_ms)
+    }
+}
+
+/// Swarm settings.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct SwarmConfig {
+    pub max_concurrency: u32,
+    /// `None`: never stop because of failures (the swarm still succeeds, with failures listed).
+    pub stop_after_n_failures: Option<u32>,
+}
+
+impl Default for SwarmConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrency: SWARM_MAX_CONCURRENCY_DEFAULT,
+            stop_after_n_failures: None,
+        }
+    }
+}
+
+/// How a node hangs off its parent.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Child,
+    SuccessCallback,
+    ErrorCallback,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Link {
+    pub node: NodeIndex,
+    pub role: Role,
+}
+
+/// What kind of signature a node is, as submitted.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KindSpec {
+    Task {
+        task: String,
+        #[serde(default)]
+        retry: RetryPolicy,
+    },
+    Chain {
+        children: Vec<NodeIndex>,
+    },
+    Swarm {
+        children: Vec<NodeIndex>,
+        config: SwarmConfig,
+        closed: bool,
+    },
+}
+
+/// One signature as submitted: everything but its runtime state.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct NodeSpec {
+    pub name: String,
+    pub kind: KindSpec,
+    /// Bound keyword arguments (a JSON object), merged over the message at dispatch.
+    pub kwargs: Value,
+    pub parent: Option<Link>,
+    pub on_success: Vec<NodeIndex>,
+    pub on_error: Vec<NodeIndex>,
+    /// Input field a success callback's result goes into.
+    pub return_field: String,
+}
+
+impl NodeSpec {
+    pub fn task(task: impl Into<String>) -> Self {
+        let task = task.into();
+        Self {
+            name: task.clone(),
+            kind: KindSpec::Task {
+                task,
+                retry: RetryPolicy::default(),
+            },
+            kwargs: Value::Object(Default::default()),
+            parent: None,
+            on_success: Vec::new(),
+            on_error: Vec::new(),
+            return_field: RETURN_FIELD_DEFAULT.to_owned(),
+        }
+    }
+
+    pub fn children(&self) -> &[NodeIndex] {
+        match &self.kind {
+            KindSpec::Task { .. } => &[],
+            KindSpec::Chain { children } | KindSpec::Swarm { children, .. } => children,
+        }
+    }
+
+    pub fn task_name(&self) -> Option<&str> {
+        match &self.kind {
+            KindSpec::Task { task, .. } => Some(task),
+            _ => None,
+        }
+    }
+}
+
+/// A message a node is triggered with. `as_result` means "put `value` into the receiving task's
+/// return field" (callbacks, later chain steps); otherwise `value` is the input itself.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct Message {
+    pub value: Value,
+    pub as_result: bool,
+}
+
+impl Message {
+    pub fn input(value: Value) -> Self {
+        Self {
+            value,
+            as_result: false,
+        }
+    }
+    pub fn result(value: Value) -> Self {
+        Self {
+            value,
+            as_result: true,
+        }
+    }
+}
+
+/// The error a task attempt ended with.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct TaskError {
+    pub message: String,
+    /// False when retrying cannot help (bad input, explicit non-retryable error).
+    pub retryable: bool,
+}
+
+/// The final outcome of a node.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok(Value),
+    Err(TaskError),
+}
+
+/// Runtime counters of a swarm.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct SwarmProgress {
+    /// Items handed out so far (FIFO over `children`).
+    pub dispatched: u32,
+    /// Dispatched items not finished yet (they hold a concurrency slot).
+    pub running: u32,
+    pub succeeded: u32,
+    pub failed: u32,
+}
+
+/// One signature with its runtime state.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Node {
+    pub spec: NodeSpec,
+    pub status: Status,
+    /// Message it was triggered with (kept while suspended so resume replays it).
+    pub message: Option<Message>,
+    /// Number of the latest attempt (0 = never started).
+    pub attempt: u32,
+    /// True while attempt `attempt` is running and may still report.
+    pub in_flight: bool,
+    /// Earliest start of the next attempt (retry backoff).
+    pub not_before: Option<Timestamp>,
+    pub outcome: Option<Outcome>,
+    pub checkpoint: Option<Value>,
+    pub swarm: SwarmProgress,
+    /// Position in the parent's list (children, success or error callbacks).
+    pub position: u32,
+}
+
+impl Node {
+    fn new(spec: NodeSpec) -> Self {
+        Self {
+            spec,
+            status: Status::Pending,
+            message: None,
+            attempt: 0,
+            in_flight: false,
+            not_before: None,
+            outcome: None,
+            checkpoint: None,
+            swarm: SwarmProgress::default(),
+            position: 0,
+        }
+    }
+
+    pub fn is_container(&self) -> bool {
+        !matches!(self.spec.kind, KindSpec::Task { .. })
+    }
+}
+
+/// Merge `over` into `base`: objects merge key by key, recursively; anything else replaces.
+pub fn deep_merge(base: Value, over: &Value) -> Value {
+    match (base, over) {
+        (Value::Object(mut b), Value::Object(o)) => {
+            for (k, v) in o {
+                let merged = match b.remove(k) {
+                    Some(old) => deep_merge(old, v),
+                    None => v.clone(),
+                };
+                b.insert(k.clone(), merged);
+            }
+            Value::Object(b)
+        }
+        (base, Value::Null) => base,
+        (_, o) => o.clone(),
+    }
+}
+
+/// The state of one workflow: the fold of its stream.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Workflow {
+    pub id: WorkflowId,
+    /// Sequence number of the last applied event (0 = empty stream).
+    pub version: u64,
+    pub created_at: Option<Timestamp>,
+    pub nodes: Vec<Node>,
+}
+
+impl Workflow {
+    pub fn empty(id: WorkflowId) -> Self {
+        Self {
+            id,
+            version: 0,
+            created_at: None,
+            nodes: Vec::new(),
+        }
+    }
+
+    pub fn exists(&self) -> bool {
+        !self.nodes.is_empty()
+    }
+
+    pub fn root(&self) -> Option<&Node> {
+        self.nodes.first()
+    }
+
+    pub fn node(&self, index: NodeIndex) -> Option<&Node> {
+        self.nodes.get(index as usize)
+    }
+
+    pub fn sig(&self, index: NodeIndex) -> SignatureId {
+        SignatureId {
+            workflow: self.id,
+            index,
+        }
+    }
+
+    /// The workflow is finished when its root and every callback triggered from it are
+    /// terminal, and no attempt is still in flight.
+    pub fn is_finished(&self) -> bool {
+        self.exists()
+            && self.nodes.iter().all(|n| {
+                !n.in_flight
+                    && (n.status.is_terminal()
+                        || (n.status == Status::Pending && n.message.is_none()))
+            })
+            && self.nodes[0].status.is_terminal()
+    }
+
+    /// The input a task receives: its message (wrapped into its return field when the message is
+    /// a result), with its own kwargs deep-merged over it, then the kwargs of each enclosing
+    /// container, innermost first, so a container's kwargs apply to every task inside it (as
+    /// call kwargs do in the original).
+    pub fn effective_input(&self, index: NodeIndex) -> Value {
+        let Some(node) = self.node(index) else {
+            return Value::Null;
+        };
+        let base = match &node.message {
+            None => Value::Object(Default::default()),
+            Some(m) if m.as_result => {
+                let mut map = serde_json::Map::new();
+                map.insert(node.spec.return_field.clone(), m.value.clone());
+                Value::Object(map)
+            }
+            Some(m) if m.value.is_null() => Value::Object(Default::default()),
+            Some(m) => m.value.clone(),
+        };
+        let mut input = deep_merge(base, &node.spec.kwargs);
+        let mut link = node.spec.parent;
+        while let Some(Link {
+            node: p,
+            role: Role::Child,
+        }) = link
+        {
+            let parent = &self.nodes[p as usize];
+            input = deep_merge(input, &parent.spec.kwargs);
+            link = parent.spec.parent;
+        }
+        input
+    }
+
+    pub(crate) fn push_node(&mut self, spec: NodeSpec) {
+        self.nodes.push(Node::new(spec));
+    }
+}

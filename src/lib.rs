@@ -1,0 +1,2 @@
+//! Mageflow: event-sourced task orchestration.
+pub use mageflow_core as core;
