@@ -1,0 +1,124 @@
+//! The durable event log. [`EventLog`] is the narrow trait every backend implements: append a
+//! batch with optimistic concurrency per stream, read a stream, read the whole log by global
+//! position, and watch the head for new events. Backends: [`MemoryLog`] (tests, and the
+//! reference the conformance suite compares against) and [`SledLog`] (embedded, durable, group
+//! commit). This crate knows events only as encoded bytes plus their envelope; it never decides
+//! anything.
+
+mod memory;
+mod sled_log;
+
+pub use memory::MemoryLog;
+pub use sled_log::{Durability, SledLog, SledOptions};
+
+use mageflow_core::{CodecError, Event, WorkflowId};
+use std::future::Future;
+use std::pin::Pin;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Most events one append call may carry (a named limit, hit as a typed error).
+pub const APPEND_EVENTS_MAX: usize = 1_000_000;
+
+/// Append `events` to `stream`, which must currently be at `expected_version` (0 = new).
+/// Events must carry `stream` and consecutive `seq` numbers starting at `expected_version + 1`.
+#[derive(Clone, Debug)]
+pub struct AppendRequest {
+    pub stream: WorkflowId,
+    pub expected_version: u64,
+    pub events: Vec<Event>,
+}
+
+/// An event with its global log position (1-based, dense, in commit order).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recorded {
+    pub position: u64,
+    pub event: Event,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("version conflict on stream {stream}: expected version {expected}, stream is at {actual}")]
+    Conflict {
+        stream: WorkflowId,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("invalid append to stream {stream}: {reason}")]
+    InvalidAppend { stream: WorkflowId, reason: String },
+    #[error("cannot open the event log at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("event log storage error: {0}")]
+    Storage(String),
+    #[error("event log is corrupt: {0}")]
+    Corrupt(String),
+    #[error("cannot encode event of stream {stream} seq {seq}: {source}")]
+    Encode {
+        stream: WorkflowId,
+        seq: u64,
+        source: CodecError,
+    },
+    #[error("the event log is closed")]
+    Closed,
+}
+
+impl Error {
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
+    }
+}
+
+/// The durable, ordered log of all events.
+pub trait EventLog: Send + Sync + 'static {
+    /// Append several streams' events atomically: all requests are written, or none (a stale
+    /// `expected_version` anywhere gives [`Error::Conflict`] and writes nothing). Returns, per
+    /// request, the global position of its last event. Resolves only once the events are as
+    /// durable as the log's durability mode promises.
+    fn append(&self, requests: Vec<AppendRequest>) -> BoxFuture<'_, Result<Vec<u64>>>;
+
+    /// Events of `stream` with `seq >= from_seq`, in order.
+    fn read_stream(&self, stream: WorkflowId, from_seq: u64) -> Result<Vec<Event>>;
+
+    /// Up to `limit` events with `position >= from`, in position order.
+    fn read_all(&self, from: u64, limit: usize) -> Result<Vec<Recorded>>;
+
+    /// Current version (last seq) of a stream; 0 if it does not exist.
+    fn stream_version(&self, stream: WorkflowId) -> Result<u64>;
+
+    /// Position of the last committed event (0 = empty log).
+    fn head(&self) -> u64;
+
+    /// Watch the head: changes after every commit. Catch up with [`EventLog::read_all`].
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
+}
+
+/// Check a request's shape before anything is written.
+pub(crate) fn check_request(req: &AppendRequest) -> Result<()> {
+    let bad = |reason: String| Error::InvalidAppend {
+        stream: req.stream,
+        reason,
+    };
+    if req.events.is_empty() {
+        return Err(bad("no events".into()));
+    }
+    if req.events.len() > APPEND_EVENTS_MAX {
+        return Err(bad(format!(
+            "{} events, more than the limit of {APPEND_EVENTS_MAX}",
+            req.events.len()
+        )));
+    }
+    for (i, e) in req.events.iter().enumerate() {
+        if e.stream != req.stream {
+            return Err(bad(format!("event {i} belongs to stream {}", e.stream)));
+        }
+        if e.seq != req.expected_version + 1 + i as u64 {
+            return Err(bad(format!(
+                "event {i} has seq {}, expected {}",
+                e.seq,
+                req.expected_version + 1 + i as u64
+            )));
+        }
+    }
+    Ok(())
+}
