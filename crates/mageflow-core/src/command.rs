@@ -50,6 +50,9 @@ pub enum Op {
         attempt: u32,
         error: TaskError,
     },
+    /// The worker running `attempt` is gone (crash, lost lease): queue a new attempt now,
+    /// without spending the retry budget. A no-op if the attempt already reported.
+    Requeue { node: NodeIndex, attempt: u32 },
     Suspend { node: NodeIndex },
     Resume { node: NodeIndex },
     Interrupt { node: NodeIndex },

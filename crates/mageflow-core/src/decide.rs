@@ -216,6 +216,19 @@ impl Decider<'_> {
                     }
                 }
             }
+            Op::Requeue { node, attempt } => {
+                if self.is_current_attempt(*node, *attempt)? {
+                    self.emit(Payload::RetryScheduled {
+                        node: *node,
+                        attempt: *attempt,
+                        error: TaskError {
+                            message: "attempt lost: its worker stopped before reporting".into(),
+                            retryable: true,
+                        },
+                        retry_at: self.at,
+                    })?;
+                }
+            }
             Op::Suspend { node } => {
                 let status = self.node_status(*node)?;
                 match status {

@@ -1,1 +1,15 @@
-//! placeholder
+//! Mageflow's engine: the orchestrator that carries out `decide`/`apply` against the event log
+//! (hot state in process, effects only after durability), the in-process worker runtime that
+//! runs registered handlers, and the user-facing builders for signatures, chains and swarms.
+
+mod context;
+mod engine;
+mod error;
+mod registry;
+mod sig;
+
+pub use context::TaskContext;
+pub use engine::{now, Config, Engine, Handle, RecoveryReport, Stats, INPUT_BYTES_MAX};
+pub use error::{Error, Result};
+pub use registry::{Registry, TaskDef, TaskFailure};
+pub use sig::{chain, sign, swarm, ChainSig, Sig, SwarmSig, TaskSig, KWARGS_BYTES_MAX};

@@ -74,8 +74,10 @@ pub trait EventLog: Send + Sync + 'static {
     /// Append several streams' events atomically: all requests are written, or none (a stale
     /// `expected_version` anywhere gives [`Error::Conflict`] and writes nothing). Returns, per
     /// request, the global position of its last event. Resolves only once the events are as
-    /// durable as the log's durability mode promises.
-    fn append(&self, requests: Vec<AppendRequest>) -> BoxFuture<'_, Result<Vec<u64>>>;
+    /// durable as the log's durability mode promises. The requests are submitted when `append`
+    /// is called, not when the future is first polled, so a caller can decide its next batch
+    /// while this one is being made durable (appends complete in call order).
+    fn append(&self, requests: Vec<AppendRequest>) -> BoxFuture<'static, Result<Vec<u64>>>;
 
     /// Events of `stream` with `seq >= from_seq`, in order.
     fn read_stream(&self, stream: WorkflowId, from_seq: u64) -> Result<Vec<Event>>;

@@ -73,7 +73,7 @@ impl MemoryLog {
 }
 
 impl EventLog for MemoryLog {
-    fn append(&self, requests: Vec<AppendRequest>) -> BoxFuture<'_, Result<Vec<u64>>> {
+    fn append(&self, requests: Vec<AppendRequest>) -> BoxFuture<'static, Result<Vec<u64>>> {
         let result = self.append_now(requests);
         Box::pin(async move { result })
     }

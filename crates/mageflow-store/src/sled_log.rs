@@ -404,7 +404,7 @@ impl Committer {
 }
 
 impl EventLog for SledLog {
-    fn append(&self, requests: Vec<AppendRequest>) -> BoxFuture<'_, Result<Vec<u64>>> {
+    fn append(&self, requests: Vec<AppendRequest>) -> BoxFuture<'static, Result<Vec<u64>>> {
         let (reply, rx) = oneshot::channel();
         let sent = match &*self.jobs.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(tx) => tx.send(Job { requests, reply }).is_ok(),

@@ -1,0 +1,7 @@
+//! Integration tests of the pure core, in one binary (one link step): example tests of the
+//! semantics, property tests of the invariants, and golden files of the event encoding.
+
+mod golden;
+mod props;
+mod semantics;
+mod support;

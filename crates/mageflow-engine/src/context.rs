@@ -1,0 +1,72 @@
+//! What a running handler sees of the engine: its signature and attempt, the last checkpoint, a
+//! cancellation token (fired on interrupt or shutdown), and idempotent creation of workflows.
+
+use crate::engine::Handle;
+use crate::error::Result;
+use crate::sig::Sig;
+use mageflow_core::{SignatureId, WorkflowId};
+use serde::Serialize;
+use serde_json::Value;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct TaskContext {
+    pub(crate) sig: SignatureId,
+    pub(crate) attempt: u32,
+    pub(crate) checkpoint: Option<Value>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) handle: Handle,
+    pub(crate) created: Arc<AtomicU32>,
+}
+
+impl TaskContext {
+    pub fn signature(&self) -> SignatureId {
+        self.sig
+    }
+
+    /// 1 for the first attempt, 2 for the first retry, and so on.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The last checkpoint saved by an earlier attempt of this signature (resume point).
+    pub fn checkpoint(&self) -> Option<&Value> {
+        self.checkpoint.as_ref()
+    }
+
+    /// Fires when the signature is interrupted or canceled, or the engine shuts down. A handler
+    /// that ignores it is dropped after the grace period.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Durably record a checkpoint; a later attempt (retry, resume after a crash or interrupt)
+    /// receives it through [`TaskContext::checkpoint`].
+    pub async fn save_checkpoint(&self, data: impl Serialize) -> Result<()> {
+        let data = serde_json::to_value(data).map_err(|e| crate::Error::InvalidInput {
+            task: "checkpoint".into(),
+            reason: e.to_string(),
+        })?;
+        self.handle.checkpoint(self.sig, self.attempt, data).await
+    }
+
+    /// Create and run a workflow from inside a handler. Idempotent across retries: the n-th
+    /// workflow an attempt creates gets the same id on every attempt, so a retried handler
+    /// finds the workflow its earlier attempt created instead of duplicating it.
+    pub async fn submit(&self, sig: impl Into<Sig>, input: impl Serialize) -> Result<WorkflowId> {
+        let n = self.created.fetch_add(1, Ordering::Relaxed);
+        let id = WorkflowId::derive(self.sig, n);
+        self.handle.submit_with_id(id, sig.into(), input, true).await
+    }
+
+    /// The engine, for anything else (status queries, controlling other workflows).
+    pub fn engine(&self) -> &Handle {
+        &self.handle
+    }
+}

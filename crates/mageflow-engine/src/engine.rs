@@ -1,0 +1,1156 @@
+//! The orchestrator and the in-process worker runtime.
+//!
+//! One orchestrator task owns the hot state (the workflows that are not finished) and is the only
+//! writer of the log. It takes requests in batches: each request becomes core commands, run
+//! through `execute` against the hot state; the events of the whole batch go to the log in one
+//! atomic append (which the sled backend group-commits). Effects — starting handlers, stopping
+//! interrupted ones, answering callers, waking waiters — happen only once that append is
+//! durable. While one batch is being made durable the next one is already being decided
+//! (pipelining); effects still happen strictly in batch order.
+//!
+//! Worker slots are decided here too: a queued task is started (a `Started` event) in the same
+//! batch that frees a slot, so the started-event and the previous step's completion share one
+//! fsync. Handlers run on tokio tasks and report back as commands; a duplicate or stale report
+//! is a no-op in `decide`.
+
+use crate::context::TaskContext;
+use crate::error::{Error, Result};
+use crate::registry::{Registry, TaskFailure};
+use crate::sig::Sig;
+use mageflow_core::{
+    execute, Actor, Command, Event, Message, NodeIndex, Op, Payload, Rejection, SignatureId,
+    Status, TaskError, Timestamp, Workflow, WorkflowId,
+};
+use mageflow_store::{AppendRequest, BoxFuture, EventLog};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Largest encoded input of one submitted workflow, in bytes.
+pub const INPUT_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Most requests one orchestrator batch takes.
+pub const BATCH_REQUESTS_MAX: usize = 8192;
+/// Depth of the orchestrator's request queue.
+pub const QUEUE_DEPTH_MAX: usize = 65_536;
+/// Events read per chunk when recovering from the log.
+const RECOVERY_CHUNK_EVENTS: usize = 16_384;
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Handlers running at once in this process (0: record-only, nothing runs).
+    pub workers: usize,
+    /// How long an interrupted or shut-down handler may keep running after its cancellation
+    /// token fired before its future is dropped.
+    pub grace: Duration,
+    /// Principal recorded as the actor of API calls.
+    pub principal: String,
+    /// Worker identity recorded on `started`/`succeeded`/`failed` events.
+    pub worker_id: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            workers: 64,
+            grace: Duration::from_secs(5),
+            principal: "local".into(),
+            worker_id: format!("embedded-{}", std::process::id()),
+        }
+    }
+}
+
+/// Live counters, readable at any time without asking the orchestrator.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub events_written: AtomicU64,
+    pub appends: AtomicU64,
+    pub attempts_started: AtomicU64,
+    pub tasks_succeeded: AtomicU64,
+    pub tasks_failed: AtomicU64,
+    pub retries_scheduled: AtomicU64,
+    pub workflows_finished: AtomicU64,
+    pub running: AtomicU64,
+    pub running_peak: AtomicU64,
+}
+
+/// What the engine found in the log when it started, and what it did about it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RecoveryReport {
+    pub events_read: u64,
+    pub workflows_unfinished: u64,
+    /// Attempts that were running when the previous process stopped: queued again.
+    pub attempts_requeued: u64,
+    /// Queued tasks put back on the ready queue.
+    pub tasks_queued: u64,
+    /// Tasks waiting on a retry backoff timer.
+    pub retries_waiting: u64,
+    /// Suspended or interrupted signatures, left as they are.
+    pub paused: u64,
+}
+
+pub fn now() -> Timestamp {
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    Timestamp::from_micros(micros)
+}
+
+enum Action {
+    Core(Op),
+    AddItems {
+        swarm: NodeIndex,
+        items: Vec<Sig>,
+        close: bool,
+    },
+}
+
+enum Request {
+    /// Actions on one or more workflows, all-or-nothing.
+    Exec {
+        actions: Vec<(WorkflowId, Action)>,
+        actor: Actor,
+        /// Treat "already exists" on create as success (idempotent creation).
+        idempotent: bool,
+        reply: Option<oneshot::Sender<Result<()>>>,
+    },
+    /// A handler finished (`None`: it was stopped and reports nothing).
+    Done {
+        sig: SignatureId,
+        attempt: u32,
+        result: Option<std::result::Result<Value, TaskFailure>>,
+    },
+    Wait {
+        wf: WorkflowId,
+        reply: oneshot::Sender<Result<Workflow>>,
+    },
+    Get {
+        wf: WorkflowId,
+        reply: oneshot::Sender<Result<Workflow>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Cheap, cloneable access to a running engine.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Request>,
+    registry: Arc<Registry>,
+    log: Arc<dyn EventLog>,
+    stats: Arc<Stats>,
+    actor: Actor,
+}
+
+/// A running engine: orchestrator plus in-process workers.
+pub struct Engine {
+    handle: Handle,
+    task: tokio::task::JoinHandle<()>,
+    recovery: RecoveryReport,
+}
+
+impl Engine {
+    /// Start on `log`: rebuild the unfinished workflows from it, requeue attempts that were
+    /// running when the last process stopped, and begin running handlers.
+    pub async fn start(log: Arc<dyn EventLog>, registry: Registry, config: Config) -> Result<Engine> {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
+        let stats = Arc::new(Stats::default());
+        let handle = Handle {
+            tx: tx.clone(),
+            registry: Arc::new(registry),
+            log: log.clone(),
+            stats: stats.clone(),
+            actor: Actor::api(config.principal.clone()),
+        };
+        let mut orch = Orchestrator {
+            log,
+            registry: handle.registry.clone(),
+            handle: handle.clone(),
+            stats,
+            worker_actor: Actor::worker(config.worker_id.clone()),
+            free_slots: config.workers,
+            config,
+            hot: HashMap::new(),
+            ready: VecDeque::new(),
+            timers: BTreeSet::new(),
+            running: HashMap::new(),
+            waiters: HashMap::new(),
+            shutdown_at: None,
+            shutdown_replies: Vec::new(),
+            tx,
+        };
+        let recovery = orch.recover().await?;
+        let task = tokio::spawn(orch.run(rx));
+        Ok(Engine {
+            handle,
+            task,
+            recovery,
+        })
+    }
+
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// Stop taking work, give running handlers the grace period to finish, stop the rest
+    /// (their attempts are requeued by the next start), and stop the orchestrator.
+    pub async fn shutdown(self) {
+        let (reply, rx) = oneshot::channel();
+        if self.handle.tx.send(Request::Shutdown { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+impl Handle {
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn log(&self) -> &Arc<dyn EventLog> {
+        &self.log
+    }
+
+    async fn call<T>(&self, req: Request, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
+        self.tx.send(req).await.map_err(|_| Error::ShutDown)?;
+        rx.await.map_err(|_| Error::ShutDown)?
+    }
+
+    async fn exec(&self, actions: Vec<(WorkflowId, Action)>, idempotent: bool) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        let req = Request::Exec {
+            actions,
+            actor: self.actor.clone(),
+            idempotent,
+            reply: Some(reply),
+        };
+        self.call(req, rx).await
+    }
+
+    async fn op(&self, sig: SignatureId, op: Op) -> Result<()> {
+        self.exec(vec![(sig.workflow, Action::Core(op))], false).await
+    }
+
+    fn prepare(&self, sig: &Sig, input: Option<&Value>) -> Result<Vec<mageflow_core::NodeSpec>> {
+        sig.validate(&self.registry)?;
+        if let Some(input) = input {
+            let bytes = serde_json::to_vec(input).map_or(0, |v| v.len());
+            if bytes > INPUT_BYTES_MAX {
+                return Err(Error::TooLarge {
+                    what: "input",
+                    bytes,
+                    max: INPUT_BYTES_MAX,
+                });
+            }
+            check_entry(&self.registry, sig, input, &[])?;
+        }
+        let mut nodes = Vec::new();
+        sig.flatten(&self.registry, 0, None, &mut nodes)?;
+        Ok(nodes)
+    }
+
+    /// Create a workflow from `sig` and run it with `input`. Returns its id once the creation
+    /// is durable. Unknown tasks and input or kwargs that do not fit are refused here, and
+    /// nothing is written.
+    pub async fn submit(&self, sig: impl Into<Sig>, input: impl Serialize) -> Result<WorkflowId> {
+        let id = WorkflowId(uuid::Uuid::now_v7());
+        self.submit_with_id(id, sig.into(), input, false).await
+    }
+
+    pub(crate) async fn submit_with_id(
+        &self,
+        id: WorkflowId,
+        sig: Sig,
+        input: impl Serialize,
+        idempotent: bool,
+    ) -> Result<WorkflowId> {
+        let input = to_input(input)?;
+        let nodes = self.prepare(&sig, Some(&input))?;
+        let op = Op::Create {
+            nodes,
+            start: Some(Message::input(input)),
+        };
+        self.exec(vec![(id, Action::Core(op))], idempotent).await?;
+        Ok(id)
+    }
+
+    /// Submit many workflows in one atomic append (all are created, or none).
+    pub async fn submit_many(
+        &self,
+        items: impl IntoIterator<Item = (Sig, Value)>,
+    ) -> Result<Vec<WorkflowId>> {
+        let mut actions = Vec::new();
+        let mut ids = Vec::new();
+        for (sig, input) in items {
+            let nodes = self.prepare(&sig, Some(&input))?;
+            let id = WorkflowId(uuid::Uuid::now_v7());
+            ids.push(id);
+            let start = Some(Message::input(input));
+            actions.push((id, Action::Core(Op::Create { nodes, start })));
+        }
+        self.exec(actions, false).await?;
+        Ok(ids)
+    }
+
+    /// Create a workflow without running it (see [`Handle::run`]); kwargs stay updatable.
+    pub async fn create(&self, sig: impl Into<Sig>) -> Result<WorkflowId> {
+        let nodes = self.prepare(&sig.into(), None)?;
+        let id = WorkflowId(uuid::Uuid::now_v7());
+        let op = Op::Create { nodes, start: None };
+        self.exec(vec![(id, Action::Core(op))], false).await?;
+        Ok(id)
+    }
+
+    /// Run a workflow created with [`Handle::create`].
+    pub async fn run(&self, wf: WorkflowId, input: impl Serialize) -> Result<()> {
+        let input = to_input(input)?;
+        let state = self.workflow(wf).await?;
+        if let Some(root) = state.root() {
+            if let Some(task) = root.spec.task_name() {
+                let merged = mageflow_core::model::deep_merge(input.clone(), &root.spec.kwargs);
+                self.registry.get(task)?.validate_input(&merged)?;
+            }
+        }
+        let op = Op::Run {
+            message: Message::input(input),
+        };
+        self.op(SignatureId::root(wf), op).await
+    }
+
+    /// Update the kwargs of several signatures atomically (all or none), before they run.
+    pub async fn update_kwargs(&self, updates: Vec<(SignatureId, Value)>) -> Result<()> {
+        let mut actions = Vec::with_capacity(updates.len());
+        for (sig, kwargs) in updates {
+            let state = self.workflow(sig.workflow).await?;
+            let node = state.node(sig.index).ok_or(Error::NoSuchSignature(sig))?;
+            if let Some(task) = node.spec.task_name() {
+                self.registry.get(task)?.validate_kwargs(&kwargs)?;
+            }
+            let op = Op::UpdateKwargs {
+                node: sig.index,
+                kwargs,
+            };
+            actions.push((sig.workflow, Action::Core(op)));
+        }
+        self.exec(actions, false).await
+    }
+
+    /// Add items to an open swarm (atomically), optionally closing it in the same step.
+    pub async fn add_to_swarm(
+        &self,
+        swarm: SignatureId,
+        items: impl IntoIterator<Item = impl Into<Sig>>,
+        close: bool,
+    ) -> Result<()> {
+        let items: Vec<Sig> = items.into_iter().map(Into::into).collect();
+        let state = self.workflow(swarm.workflow).await?;
+        let message = state
+            .node(swarm.index)
+            .ok_or(Error::NoSuchSignature(swarm))?
+            .message
+            .clone();
+        for item in &items {
+            item.validate(&self.registry)?;
+            if let Some(m) = message.as_ref().filter(|m| !m.as_result) {
+                check_entry(&self.registry, item, &m.value, &[])?;
+            }
+        }
+        let action = Action::AddItems {
+            swarm: swarm.index,
+            items,
+            close,
+        };
+        self.exec(vec![(swarm.workflow, action)], false).await
+    }
+
+    pub async fn close_swarm(&self, swarm: SignatureId) -> Result<()> {
+        self.op(swarm, Op::CloseSwarm { swarm: swarm.index }).await
+    }
+
+    /// Soft pause: nothing new starts under `sig`; running attempts finish.
+    pub async fn suspend(&self, sig: SignatureId) -> Result<()> {
+        self.op(sig, Op::Suspend { node: sig.index }).await
+    }
+
+    /// Continue a suspended or interrupted signature from where it stopped.
+    pub async fn resume(&self, sig: SignatureId) -> Result<()> {
+        self.op(sig, Op::Resume { node: sig.index }).await
+    }
+
+    /// Aggressive stop: running handlers under `sig` get their cancellation token fired and are
+    /// dropped after the grace period. Resume is best-effort: interrupted tasks run again from
+    /// their last checkpoint.
+    pub async fn interrupt(&self, sig: SignatureId) -> Result<()> {
+        self.op(sig, Op::Interrupt { node: sig.index }).await
+    }
+
+    /// Stop `sig` and everything under it for good. Refused unless `confirmed`.
+    pub async fn cancel(&self, sig: SignatureId, confirmed: bool) -> Result<()> {
+        let op = Op::Cancel {
+            node: sig.index,
+            confirmed,
+        };
+        self.op(sig, op).await
+    }
+
+    pub(crate) async fn checkpoint(&self, sig: SignatureId, attempt: u32, data: Value) -> Result<()> {
+        let op = Op::Checkpoint {
+            node: sig.index,
+            attempt,
+            data,
+        };
+        self.op(sig, op).await
+    }
+
+    /// Current state of a workflow (durable state: nothing not yet committed).
+    pub async fn workflow(&self, wf: WorkflowId) -> Result<Workflow> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Request::Get { wf, reply }, rx).await
+    }
+
+    /// Wait until a workflow is finished (its root and every fired callback are terminal, and
+    /// nothing is in flight) and return its final state.
+    pub async fn wait(&self, wf: WorkflowId) -> Result<Workflow> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Request::Wait { wf, reply }, rx).await
+    }
+
+    /// Every event of a workflow, in order, from the log.
+    pub fn history(&self, wf: WorkflowId) -> Result<Vec<Event>> {
+        Ok(self.log.read_stream(wf, 1)?)
+    }
+}
+
+fn to_input(input: impl Serialize) -> Result<Value> {
+    serde_json::to_value(input).map_err(|e| Error::InvalidInput {
+        task: "(submit)".into(),
+        reason: e.to_string(),
+    })
+}
+
+/// Validate the input the first task(s) reached by a message will get.
+fn check_entry(registry: &Registry, sig: &Sig, message: &Value, outer: &[&Value]) -> Result<()> {
+    let merge_all = |own: &Value| {
+        let base = if message.is_null() {
+            Value::Object(Default::default())
+        } else {
+            message.clone()
+        };
+        let mut v = mageflow_core::model::deep_merge(base, own);
+        for o in outer {
+            v = mageflow_core::model::deep_merge(v, o);
+        }
+        v
+    };
+    let own = sig.kwargs_value();
+    if let Some(task) = sig.task_name() {
+        return registry.get(task)?.validate_input(&merge_all(&own));
+    }
+    let mut inner: Vec<&Value> = vec![&own];
+    inner.extend_from_slice(outer);
+    match sig {
+        Sig::Chain(_) => match sig.members().first() {
+            Some(first) => check_entry(registry, first, message, &inner),
+            None => Ok(()),
+        },
+        _ => sig
+            .members()
+            .iter()
+            .try_for_each(|m| check_entry(registry, m, message, &inner)),
+    }
+}
+
+struct Running {
+    attempt: u32,
+    token: CancellationToken,
+}
+
+struct Launch {
+    sig: SignatureId,
+    attempt: u32,
+    task: String,
+    input: Value,
+    checkpoint: Option<Value>,
+}
+
+enum Reply {
+    Unit(oneshot::Sender<Result<()>>, Result<()>),
+    State(oneshot::Sender<Result<Workflow>>, Result<Workflow>),
+}
+
+/// Everything one batch produced: events to append, and effects to carry out once durable.
+#[derive(Default)]
+struct Step {
+    appends: Vec<AppendRequest>,
+    index: HashMap<WorkflowId, usize>,
+    replies: Vec<Reply>,
+    launches: Vec<Launch>,
+    stops: Vec<SignatureId>,
+    touched: Vec<WorkflowId>,
+    /// Events in `appends` (counted before they are handed to the log).
+    events: usize,
+}
+
+impl Step {
+    fn is_empty(&self) -> bool {
+        self.appends.is_empty()
+            && self.replies.is_empty()
+            && self.launches.is_empty()
+            && self.stops.is_empty()
+            && self.touched.is_empty()
+            && self.events == 0
+    }
+
+    fn add_events(&mut self, wf: WorkflowId, expected: u64, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        match self.index.get(&wf) {
+            Some(&i) => self.appends[i].events.extend(events),
+            None => {
+                self.index.insert(wf, self.appends.len());
+                self.appends.push(AppendRequest {
+                    stream: wf,
+                    expected_version: expected,
+                    events,
+                });
+                self.touched.push(wf);
+            }
+        }
+    }
+}
+
+type InFlight = (
+    Option<BoxFuture<'static, mageflow_store::Result<Vec<u64>>>>,
+    Step,
+);
+
+struct Orchestrator {
+    log: Arc<dyn EventLog>,
+    registry: Arc<Registry>,
+    handle: Handle,
+    stats: Arc<Stats>,
+    config: Config,
+    worker_actor: Actor,
+    /// Unfinished workflows (and finished ones until their waiters are answered).
+    hot: HashMap<WorkflowId, Workflow>,
+    ready: VecDeque<SignatureId>,
+    timers: BTreeSet<(Timestamp, SignatureId)>,
+    running: HashMap<SignatureId, Running>,
+    waiters: HashMap<WorkflowId, Vec<oneshot::Sender<Result<Workflow>>>>,
+    free_slots: usize,
+    /// Set by shutdown: no new starts; stop once nothing runs or at this instant.
+    shutdown_at: Option<tokio::time::Instant>,
+    shutdown_replies: Vec<oneshot::Sender<()>>,
+    tx: mpsc::Sender<Request>,
+}
+
+impl Orchestrator {
+    /// Rebuild unfinished workflows from the whole log and requeue lost attempts.
+    async fn recover(&mut self) -> Result<RecoveryReport> {
+        let mut report = RecoveryReport::default();
+        let mut states: HashMap<WorkflowId, Workflow> = HashMap::new();
+        let mut from = 1;
+        loop {
+            let chunk = self.log.read_all(from, RECOVERY_CHUNK_EVENTS)?;
+            let Some(last) = chunk.last() else { break };
+            from = last.position + 1;
+            report.events_read += chunk.len() as u64;
+            for rec in chunk {
+                let wf = states
+                    .entry(rec.event.stream)
+                    .or_insert_with(|| Workflow::empty(rec.event.stream));
+                wf.apply(&rec.event)
+                    .map_err(|e| Error::Replay(rec.event.stream, e))?;
+            }
+        }
+        let mut step = Step::default();
+        let actor = Actor::system("recovery");
+        for (id, mut wf) in states {
+            if wf.is_finished() {
+                continue;
+            }
+            report.workflows_unfinished += 1;
+            let mut ops = Vec::new();
+            for (i, n) in wf.nodes.iter().enumerate() {
+                let sig = wf.sig(i as NodeIndex);
+                if n.in_flight {
+                    ops.push(Op::Requeue {
+                        node: i as NodeIndex,
+                        attempt: n.attempt,
+                    });
+                    report.attempts_requeued += 1;
+                } else if n.status == Status::Queued {
+                    match n.not_before {
+                        Some(t) => {
+                            self.timers.insert((t, sig));
+                            report.retries_waiting += 1;
+                        }
+                        None => {
+                            self.ready.push_back(sig);
+                            report.tasks_queued += 1;
+                        }
+                    }
+                } else if matches!(n.status, Status::Suspended | Status::Interrupted) {
+                    report.paused += 1;
+                }
+            }
+            let expected = wf.version;
+            for op in ops {
+                let cmd = Command {
+                    actor: actor.clone(),
+                    at: now(),
+                    op,
+                };
+                let events = execute(&mut wf, &cmd)?;
+                self.scan(&wf, &events, &mut step);
+                step.add_events(id, expected, events);
+            }
+            self.hot.insert(id, wf);
+        }
+        if !step.appends.is_empty() {
+            self.log.append(step.appends).await?;
+        }
+        if report != RecoveryReport::default() {
+            tracing::info!(?report, "recovered unfinished work from the log");
+        }
+        Ok(report)
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let mut inflight: Option<InFlight> = None;
+        loop {
+            if let Some(deadline) = self.shutdown_at {
+                let idle = self.running.is_empty() || tokio::time::Instant::now() >= deadline;
+                if idle {
+                    if let Some(prev) = inflight.take() {
+                        self.finish(prev).await;
+                    }
+                    // Handlers still running past the grace period are stopped; their
+                    // attempts stay in flight in the log and the next start requeues them.
+                    for r in self.running.values() {
+                        r.token.cancel();
+                    }
+                    for reply in self.shutdown_replies.drain(..) {
+                        let _ = reply.send(());
+                    }
+                    break;
+                }
+            }
+            let mut batch = Vec::new();
+            if inflight.is_none() {
+                let deadline = self.next_wakeup();
+                tokio::select! {
+                    req = rx.recv() => match req {
+                        Some(r) => batch.push(r),
+                        None => break,
+                    },
+                    _ = sleep_until(deadline) => {}
+                }
+            }
+            while batch.len() < BATCH_REQUESTS_MAX {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let mut step = self.process(batch);
+            if step.is_empty() {
+                if let Some(prev) = inflight.take() {
+                    self.finish(prev).await;
+                }
+                continue;
+            }
+            let fut = if step.appends.is_empty() {
+                None
+            } else {
+                step.events = step.appends.iter().map(|a| a.events.len()).sum();
+                Some(self.log.append(std::mem::take(&mut step.appends)))
+            };
+            if let Some(prev) = inflight.take() {
+                self.finish(prev).await;
+            }
+            inflight = Some((fut, step));
+        }
+    }
+
+    /// The next retry timer or the shutdown deadline, whichever comes first.
+    fn next_wakeup(&self) -> Option<tokio::time::Instant> {
+        let timer = self.timers.first().map(|(at, _)| {
+            let wait_us = at.as_micros().saturating_sub(now().as_micros()).max(0) as u64;
+            tokio::time::Instant::now() + Duration::from_micros(wait_us)
+        });
+        match (timer, self.shutdown_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Load a workflow into the hot state (from the log if needed). A missing stream gives an
+    /// empty workflow (for create).
+    fn load(&mut self, wf: WorkflowId) -> Result<&mut Workflow> {
+        if !self.hot.contains_key(&wf) {
+            let events = self.log.read_stream(wf, 1)?;
+            let state = Workflow::replay(wf, &events).map_err(|e| Error::Replay(wf, e))?;
+            for (i, n) in state.nodes.iter().enumerate() {
+                if n.status == Status::Queued && !n.in_flight {
+                    self.ready.push_back(state.sig(i as NodeIndex));
+                }
+            }
+            self.hot.insert(wf, state);
+        }
+        self.hot.get_mut(&wf).ok_or(Error::NoSuchWorkflow(wf))
+    }
+
+    /// Record the effects of freshly decided events.
+    fn scan(&mut self, wf: &Workflow, events: &[Event], step: &mut Step) {
+        for e in events {
+            let sig = |n: NodeIndex| wf.sig(n);
+            match &e.payload {
+                Payload::Queued {
+                    node,
+                    parked: false,
+                    ..
+                }
+                | Payload::Resumed {
+                    node,
+                    status: Status::Queued,
+                } => self.ready.push_back(sig(*node)),
+                Payload::RetryScheduled { node, retry_at, .. } => {
+                    self.stats.retries_scheduled.fetch_add(1, Ordering::Relaxed);
+                    self.timers.insert((*retry_at, sig(*node)));
+                }
+                Payload::Interrupted { node } | Payload::Canceled { node } => {
+                    if self.running.contains_key(&sig(*node)) {
+                        step.stops.push(sig(*node));
+                    }
+                }
+                Payload::Succeeded { attempt, .. } if *attempt > 0 => {
+                    self.stats.tasks_succeeded.fetch_add(1, Ordering::Relaxed);
+                }
+                Payload::Failed { attempt, .. } if *attempt > 0 => {
+                    self.stats.tasks_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Run actions against hot state; all-or-nothing across the workflows involved.
+    fn exec(
+        &mut self,
+        actions: Vec<(WorkflowId, Action)>,
+        actor: &Actor,
+        idempotent: bool,
+        step: &mut Step,
+    ) -> Result<()> {
+        let at = now();
+        let single = actions.len() == 1;
+        let mut backups: HashMap<WorkflowId, Workflow> = HashMap::new();
+        let mut produced: Vec<(WorkflowId, u64, Vec<Event>)> = Vec::new();
+        let mut failure = None;
+        for (wf, action) in actions {
+            let registry = self.registry.clone();
+            let state = match self.load(wf) {
+                Ok(s) => s,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
+            if !single && !backups.contains_key(&wf) {
+                backups.insert(wf, state.clone());
+            }
+            let expected = state.version;
+            let op = match action {
+                Action::Core(op) => Ok(op),
+                Action::AddItems {
+                    swarm,
+                    items,
+                    close,
+                } => flatten_items(&registry, state, swarm, &items, close),
+            };
+            let cmd = match op {
+                Ok(op) => Command {
+                    actor: actor.clone(),
+                    at,
+                    op,
+                },
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
+            match execute(state, &cmd) {
+                Ok(events) => produced.push((wf, expected, events)),
+                Err(Rejection::AlreadyExists) if idempotent => {}
+                Err(Rejection::Internal(msg)) => {
+                    tracing::error!(%wf, %msg, "decide produced an event that does not apply");
+                    self.hot.remove(&wf);
+                    failure = Some(Error::Rejected(Rejection::Internal(msg)));
+                    break;
+                }
+                Err(r) => {
+                    failure = Some(Error::Rejected(r));
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failure {
+            for (wf, backup) in backups {
+                self.hot.insert(wf, backup);
+            }
+            // execute leaves state unchanged on rejection; drop never-created stubs.
+            self.hot.retain(|_, w| w.exists() || w.version > 0);
+            return Err(e);
+        }
+        for (wf, expected, events) in produced {
+            if let Some(state) = self.hot.remove(&wf) {
+                self.scan(&state, &events, step);
+                self.hot.insert(wf, state);
+            }
+            step.add_events(wf, expected, events);
+        }
+        Ok(())
+    }
+
+    fn process(&mut self, batch: Vec<Request>) -> Step {
+        let mut step = Step::default();
+        let worker = self.worker_actor.clone();
+        for req in batch {
+            match req {
+                Request::Exec {
+                    actions,
+                    actor,
+                    idempotent,
+                    reply,
+                } => {
+                    let touched: Vec<WorkflowId> = actions.iter().map(|(w, _)| *w).collect();
+                    let res = self.exec(actions, &actor, idempotent, &mut step);
+                    step.touched.extend(touched);
+                    if let Some(reply) = reply {
+                        step.replies.push(Reply::Unit(reply, res));
+                    }
+                }
+                Request::Done {
+                    sig,
+                    attempt,
+                    result,
+                } => {
+                    let current = self.running.get(&sig).is_some_and(|r| r.attempt == attempt);
+                    if current {
+                        self.running.remove(&sig);
+                        self.free_slots += 1;
+                        self.stats.running.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    let op = match result {
+                        Some(Ok(result)) => Op::Complete {
+                            node: sig.index,
+                            attempt,
+                            result,
+                        },
+                        Some(Err(f)) => Op::Fail {
+                            node: sig.index,
+                            attempt,
+                            error: TaskError {
+                                message: f.message,
+                                retryable: f.retryable,
+                            },
+                        },
+                        None => continue,
+                    };
+                    let actions = vec![(sig.workflow, Action::Core(op))];
+                    if let Err(e) = self.exec(actions, &worker, false, &mut step) {
+                        tracing::warn!(%sig, attempt, error = %e, "task report refused");
+                    }
+                }
+                Request::Wait { wf, reply } => match self.load(wf) {
+                    Ok(state) if !state.exists() => {
+                        self.hot.remove(&wf);
+                        step.replies
+                            .push(Reply::State(reply, Err(Error::NoSuchWorkflow(wf))));
+                    }
+                    Ok(_) => {
+                        self.waiters.entry(wf).or_default().push(reply);
+                        step.touched.push(wf);
+                    }
+                    Err(e) => step.replies.push(Reply::State(reply, Err(e))),
+                },
+                Request::Get { wf, reply } => {
+                    let res = match self.load(wf) {
+                        Ok(state) if state.exists() => Ok(state.clone()),
+                        Ok(_) => {
+                            self.hot.remove(&wf);
+                            Err(Error::NoSuchWorkflow(wf))
+                        }
+                        Err(e) => Err(e),
+                    };
+                    step.touched.push(wf);
+                    step.replies.push(Reply::State(reply, res));
+                }
+                Request::Shutdown { reply } => {
+                    if self.shutdown_at.is_none() {
+                        self.shutdown_at = Some(tokio::time::Instant::now() + self.config.grace);
+                    }
+                    self.shutdown_replies.push(reply);
+                }
+            }
+        }
+        self.fire_timers();
+        if self.shutdown_at.is_none() {
+            self.start_ready(&mut step);
+        }
+        step
+    }
+
+    fn fire_timers(&mut self) {
+        let t = now();
+        while let Some(&(at, sig)) = self.timers.first() {
+            if at > t {
+                break;
+            }
+            self.timers.pop_first();
+            self.ready.push_back(sig);
+        }
+    }
+
+    /// Fill free worker slots from the ready queue (each start is a `started` event).
+    fn start_ready(&mut self, step: &mut Step) {
+        let at = now();
+        let actor = self.worker_actor.clone();
+        while self.free_slots > 0 {
+            let Some(sig) = self.ready.pop_front() else {
+                break;
+            };
+            let Ok(state) = self.load(sig.workflow) else {
+                continue;
+            };
+            let Some(node) = state.node(sig.index) else {
+                continue;
+            };
+            if node.status != Status::Queued {
+                continue;
+            }
+            if let Some(nb) = node.not_before.filter(|nb| *nb > at) {
+                self.timers.insert((nb, sig));
+                continue;
+            }
+            let expected = state.version;
+            let cmd = Command {
+                actor: actor.clone(),
+                at,
+                op: Op::Start { node: sig.index },
+            };
+            let Ok(events) = execute(state, &cmd) else {
+                continue;
+            };
+            let node = &state.nodes[sig.index as usize];
+            let launch = Launch {
+                sig,
+                attempt: node.attempt,
+                task: node.spec.task_name().unwrap_or_default().to_owned(),
+                input: state.effective_input(sig.index),
+                checkpoint: node.checkpoint.clone(),
+            };
+            step.add_events(sig.workflow, expected, events);
+            self.free_slots -= 1;
+            let token = CancellationToken::new();
+            self.running.insert(
+                sig,
+                Running {
+                    attempt: launch.attempt,
+                    token,
+                },
+            );
+            step.launches.push(launch);
+        }
+    }
+
+    /// Wait for a batch to be durable, then carry out its effects.
+    async fn finish(&mut self, (fut, step): InFlight) {
+        let outcome = match fut {
+            Some(f) => f.await.map(|_| ()),
+            None => Ok(()),
+        };
+        let Step {
+            events,
+            replies,
+            launches,
+            stops,
+            touched,
+            ..
+        } = step;
+        match outcome {
+            Ok(()) => {
+                self.stats
+                    .events_written
+                    .fetch_add(events as u64, Ordering::Relaxed);
+                if events > 0 {
+                    self.stats.appends.fetch_add(1, Ordering::Relaxed);
+                }
+                for l in launches {
+                    self.launch(l);
+                }
+                for sig in stops {
+                    if let Some(r) = self.running.get(&sig) {
+                        r.token.cancel();
+                    }
+                }
+                for r in replies {
+                    match r {
+                        Reply::Unit(tx, res) => {
+                            let _ = tx.send(res);
+                        }
+                        Reply::State(tx, res) => {
+                            let _ = tx.send(res);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "appending a batch failed; reloading its workflows");
+                for l in launches {
+                    if self.running.remove(&l.sig).is_some() {
+                        self.free_slots += 1;
+                    }
+                }
+                let msg = e.to_string();
+                for r in replies {
+                    match r {
+                        Reply::Unit(tx, res) => {
+                            let _ = tx.send(res.and(Err(Error::Store(
+                                mageflow_store::Error::Storage(msg.clone()),
+                            ))));
+                        }
+                        Reply::State(tx, _) => {
+                            let _ = tx.send(Err(Error::Store(mageflow_store::Error::Storage(
+                                msg.clone(),
+                            ))));
+                        }
+                    }
+                }
+                for wf in &touched {
+                    self.hot.remove(wf);
+                }
+            }
+        }
+        for wf in touched {
+            self.settle(wf);
+        }
+    }
+
+    /// Answer waiters of a finished workflow and drop it from the hot state.
+    fn settle(&mut self, wf: WorkflowId) {
+        let Some(state) = self.hot.get(&wf) else {
+            return;
+        };
+        if !state.exists() {
+            self.hot.remove(&wf);
+            return;
+        }
+        if !state.is_finished() {
+            return;
+        }
+        if let Some(waiters) = self.waiters.remove(&wf) {
+            for w in waiters {
+                let _ = w.send(Ok(state.clone()));
+            }
+        }
+        self.stats.workflows_finished.fetch_add(1, Ordering::Relaxed);
+        self.hot.remove(&wf);
+    }
+
+    fn launch(&mut self, l: Launch) {
+        let Some(token) = self.running.get(&l.sig).map(|r| r.token.clone()) else {
+            return;
+        };
+        let handler = match self.registry.get(&l.task) {
+            Ok(def) => def.handler.clone(),
+            Err(e) => {
+                let tx = self.tx.clone();
+                let msg = e.to_string();
+                tokio::spawn(async move {
+                    let result = Some(Err(TaskFailure::fatal(msg)));
+                    let _ = tx.send(Request::Done { sig: l.sig, attempt: l.attempt, result }).await;
+                });
+                return;
+            }
+        };
+        self.stats.attempts_started.fetch_add(1, Ordering::Relaxed);
+        let running = self.stats.running.fetch_add(1, Ordering::Relaxed) + 1;
+        self.stats.running_peak.fetch_max(running, Ordering::Relaxed);
+        let ctx = TaskContext {
+            sig: l.sig,
+            attempt: l.attempt,
+            checkpoint: l.checkpoint,
+            cancel: token.clone(),
+            handle: self.handle.clone(),
+            created: Arc::new(AtomicU32::new(0)),
+        };
+        let tx = self.tx.clone();
+        let grace = self.config.grace;
+        let (sig, attempt) = (l.sig, l.attempt);
+        let fut = handler(l.input, ctx);
+        tokio::spawn(async move {
+            let job = tokio::spawn(fut);
+            let abort = job.abort_handle();
+            let result = tokio::select! {
+                r = job => match r {
+                    Ok(r) => Some(r),
+                    Err(e) if e.is_panic() => Some(Err(TaskFailure::retryable(format!("handler panicked: {e}")))),
+                    Err(_) => None,
+                },
+                _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
+                    abort.abort();
+                    None
+                }
+            };
+            let _ = tx.send(Request::Done { sig, attempt, result }).await;
+        });
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn flatten_items(
+    registry: &Registry,
+    state: &Workflow,
+    swarm: NodeIndex,
+    items: &[Sig],
+    close: bool,
+) -> Result<Op> {
+    let base = state.nodes.len();
+    let parent = Some(mageflow_core::Link {
+        node: swarm,
+        role: mageflow_core::Role::Child,
+    });
+    let mut nodes = Vec::new();
+    for item in items {
+        item.flatten(registry, base, parent, &mut nodes)?;
+    }
+    Ok(Op::AddSwarmItems {
+        swarm,
+        nodes,
+        close,
+    })
+}

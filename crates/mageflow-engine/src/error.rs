@@ -1,0 +1,52 @@
+//! The engine's error type: every refusal a caller can get, typed, with a stable code.
+
+use mageflow_core::{Rejection, SignatureId, WorkflowId};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown task {name:?}: no handler is registered under that name")]
+    UnknownTask { name: String },
+    #[error("kwargs do not fit task {task}: {reason}")]
+    InvalidKwargs { task: String, reason: String },
+    #[error("input does not fit task {task}: {reason}")]
+    InvalidInput { task: String, reason: String },
+    #[error("{what} is {bytes} bytes, more than the limit of {max}")]
+    TooLarge {
+        what: &'static str,
+        bytes: usize,
+        max: usize,
+    },
+    #[error("workflow {0} does not exist")]
+    NoSuchWorkflow(WorkflowId),
+    #[error("signature {0} does not exist")]
+    NoSuchSignature(SignatureId),
+    #[error("refused: {0}")]
+    Rejected(#[from] Rejection),
+    #[error("event log: {0}")]
+    Store(#[from] mageflow_store::Error),
+    #[error("the engine is shut down")]
+    ShutDown,
+    #[error("state of workflow {0} could not be rebuilt from its events: {1}")]
+    Replay(WorkflowId, mageflow_core::ApplyError),
+}
+
+impl Error {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::UnknownTask { .. } => "unknown_task",
+            Error::InvalidKwargs { .. } => "invalid_kwargs",
+            Error::InvalidInput { .. } => "invalid_input",
+            Error::TooLarge { .. } => "too_large",
+            Error::NoSuchWorkflow(_) => "no_such_workflow",
+            Error::NoSuchSignature(_) => "no_such_signature",
+            Error::Rejected(r) => r.code(),
+            Error::Store(mageflow_store::Error::Conflict { .. }) => "conflict",
+            Error::Store(_) => "store",
+            Error::ShutDown => "shut_down",
+            Error::Replay(..) => "corrupt_history",
+        }
+    }
+}

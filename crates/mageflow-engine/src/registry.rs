@@ -1,0 +1,167 @@
+//! Task registry: named async handlers with serde-typed input and output. The registry is also
+//! where inputs and kwargs are validated, so a bad signature is refused when it is created or
+//! run — never later inside a worker.
+
+use crate::context::TaskContext;
+use crate::error::{Error, Result};
+use mageflow_core::model::RETURN_FIELD_DEFAULT;
+use mageflow_core::RetryPolicy;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::btree_map::Entry;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, TaskFailure>> + Send>>;
+type Handler = Arc<dyn Fn(Value, TaskContext) -> HandlerFuture + Send + Sync>;
+type Validator = Arc<dyn Fn(&Value) -> std::result::Result<(), String> + Send + Sync>;
+
+/// How a handler reports failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskFailure {
+    pub message: String,
+    /// False: retrying cannot help; the task fails at once whatever its retry budget.
+    pub retryable: bool,
+}
+
+impl TaskFailure {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+}
+
+impl<E: std::error::Error> From<E> for TaskFailure {
+    fn from(e: E) -> Self {
+        TaskFailure::retryable(e.to_string())
+    }
+}
+
+/// One registered task.
+#[derive(Clone)]
+pub struct TaskDef {
+    pub name: String,
+    pub(crate) handler: Handler,
+    validator: Validator,
+    /// Input field a success callback's result is injected into.
+    pub return_field: String,
+    pub retry: RetryPolicy,
+}
+
+impl TaskDef {
+    /// Builder: retry policy (extra attempts after the first, initial backoff).
+    pub fn retries(&mut self, max_retries: u32, backoff_ms: u64) -> &mut Self {
+        self.retry.max_retries = max_retries;
+        self.retry.backoff_ms = backoff_ms;
+        self
+    }
+
+    /// Builder: the input field success-callback results go into (default `mageflow_results`).
+    pub fn return_field(&mut self, field: impl Into<String>) -> &mut Self {
+        self.return_field = field.into();
+        self
+    }
+
+    /// Full check: `input` must deserialize into the task's input type.
+    pub fn validate_input(&self, input: &Value) -> Result<()> {
+        (self.validator)(input).map_err(|reason| Error::InvalidInput {
+            task: self.name.clone(),
+            reason,
+        })
+    }
+
+    /// Partial check of bound kwargs, before the rest of the input is known: every field given
+    /// must have the right type. Only a "missing field" complaint is tolerated.
+    pub fn validate_kwargs(&self, kwargs: &Value) -> Result<()> {
+        if !kwargs.is_object() {
+            return Err(Error::InvalidKwargs {
+                task: self.name.clone(),
+                reason: "kwargs must be a JSON object".into(),
+            });
+        }
+        match (self.validator)(kwargs) {
+            Ok(()) => Ok(()),
+            Err(reason) if reason.starts_with("missing field") => Ok(()),
+            Err(reason) => Err(Error::InvalidKwargs {
+                task: self.name.clone(),
+                reason,
+            }),
+        }
+    }
+}
+
+/// All tasks a process can run, by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    tasks: BTreeMap<String, TaskDef>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register an async handler taking a deserializable input and returning a serializable
+    /// output. Returns the definition for further options (`retries`, `return_field`).
+    pub fn task<I, O, F, Fut>(&mut self, name: impl Into<String>, handler: F) -> &mut TaskDef
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(I, TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, TaskFailure>> + Send + 'static,
+    {
+        let name = name.into();
+        let task_name = name.clone();
+        let handler = Arc::new(handler);
+        let erased: Handler = Arc::new(move |input: Value, ctx: TaskContext| {
+            let handler = handler.clone();
+            let task_name = task_name.clone();
+            Box::pin(async move {
+                let input: I = serde_json::from_value(input).map_err(|e| {
+                    TaskFailure::fatal(format!("input of task {task_name} does not fit: {e}"))
+                })?;
+                let output = handler(input, ctx).await?;
+                serde_json::to_value(output).map_err(|e| {
+                    TaskFailure::fatal(format!("output of task {task_name} does not serialize: {e}"))
+                })
+            }) as HandlerFuture
+        });
+        let validator: Validator =
+            Arc::new(|v: &Value| I::deserialize(v).map(|_| ()).map_err(|e| e.to_string()));
+        let def = TaskDef {
+            name: name.clone(),
+            handler: erased,
+            validator,
+            return_field: RETURN_FIELD_DEFAULT.to_owned(),
+            retry: RetryPolicy::default(),
+        };
+        match self.tasks.entry(name) {
+            Entry::Occupied(mut o) => {
+                o.insert(def);
+                o.into_mut()
+            }
+            Entry::Vacant(v) => v.insert(def),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<&TaskDef> {
+        self.tasks.get(name).ok_or_else(|| Error::UnknownTask {
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tasks.keys().map(String::as_str)
+    }
+}

@@ -1,0 +1,312 @@
+//! Building signatures: tasks, chains and swarms, with callbacks, composed freely (a chain can
+//! hold swarms, a swarm chains, a callback can be a chain). A built [`Sig`] is plain data; it is
+//! validated against the registry and flattened into the core's `NodeSpec` list when submitted.
+
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+use mageflow_core::{KindSpec, Link, NodeIndex, NodeSpec, RetryPolicy, Role, SwarmConfig};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Largest encoded kwargs of one signature, in bytes.
+pub const KWARGS_BYTES_MAX: usize = 1024 * 1024;
+
+/// Any signature.
+#[derive(Clone, Debug)]
+pub enum Sig {
+    Task(TaskSig),
+    Chain(ChainSig),
+    Swarm(SwarmSig),
+}
+
+#[derive(Clone, Debug, Default)]
+struct Common {
+    kwargs: Map<String, Value>,
+    on_success: Vec<Sig>,
+    on_error: Vec<Sig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TaskSig {
+    task: String,
+    retry: Option<RetryPolicy>,
+    common: Common,
+}
+
+#[derive(Clone, Debug)]
+pub struct ChainSig {
+    name: Option<String>,
+    steps: Vec<Sig>,
+    common: Common,
+}
+
+#[derive(Clone, Debug)]
+pub struct SwarmSig {
+    name: Option<String>,
+    items: Vec<Sig>,
+    config: SwarmConfig,
+    closed: bool,
+    common: Common,
+}
+
+/// A task invocation by registered name.
+pub fn sign(task: impl Into<String>) -> TaskSig {
+    TaskSig {
+        task: task.into(),
+        retry: None,
+        common: Common::default(),
+    }
+}
+
+/// Run `steps` one after another, each receiving the previous result.
+pub fn chain(steps: impl IntoIterator<Item = impl Into<Sig>>) -> ChainSig {
+    ChainSig {
+        name: None,
+        steps: steps.into_iter().map(Into::into).collect(),
+        common: Common::default(),
+    }
+}
+
+/// Run `items` in parallel under a concurrency limit. Closed by default; see [`SwarmSig::open`].
+pub fn swarm(items: impl IntoIterator<Item = impl Into<Sig>>) -> SwarmSig {
+    SwarmSig {
+        name: None,
+        items: items.into_iter().map(Into::into).collect(),
+        config: SwarmConfig::default(),
+        closed: true,
+        common: Common::default(),
+    }
+}
+
+macro_rules! common_builders {
+    ($t:ty) => {
+        impl $t {
+            /// Bind one keyword argument (merged over the input at dispatch; kwargs win).
+            pub fn kwarg(mut self, key: impl Into<String>, value: impl Serialize) -> Self {
+                let value = serde_json::to_value(value).unwrap_or(Value::Null);
+                self.common.kwargs.insert(key.into(), value);
+                self
+            }
+            /// Bind every field of a serializable struct or map as kwargs.
+            pub fn kwargs(mut self, kwargs: impl Serialize) -> Self {
+                if let Ok(Value::Object(map)) = serde_json::to_value(kwargs) {
+                    self.common.kwargs.extend(map);
+                }
+                self
+            }
+            /// Run `callback` with this signature's result when it succeeds.
+            pub fn on_success(mut self, callback: impl Into<Sig>) -> Self {
+                self.common.on_success.push(callback.into());
+                self
+            }
+            /// Run `callback` with this signature's input plus the error when it fails.
+            pub fn on_error(mut self, callback: impl Into<Sig>) -> Self {
+                self.common.on_error.push(callback.into());
+                self
+            }
+        }
+        impl From<$t> for Sig {
+            fn from(s: $t) -> Sig {
+                <$t>::into_sig(s)
+            }
+        }
+    };
+}
+
+common_builders!(TaskSig);
+common_builders!(ChainSig);
+common_builders!(SwarmSig);
+
+impl TaskSig {
+    /// Override the task's registered retry policy for this signature.
+    pub fn retries(mut self, max_retries: u32, backoff_ms: u64) -> Self {
+        let mut p = self.retry.unwrap_or_default();
+        p.max_retries = max_retries;
+        p.backoff_ms = backoff_ms;
+        self.retry = Some(p);
+        self
+    }
+    fn into_sig(self) -> Sig {
+        Sig::Task(self)
+    }
+}
+
+impl ChainSig {
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+    fn into_sig(self) -> Sig {
+        Sig::Chain(self)
+    }
+}
+
+impl SwarmSig {
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+    pub fn max_concurrency(mut self, n: u32) -> Self {
+        self.config.max_concurrency = n;
+        self
+    }
+    /// Fail the swarm (and stop dispatching) once `n` items have failed.
+    pub fn stop_after_n_failures(mut self, n: u32) -> Self {
+        self.config.stop_after_n_failures = Some(n);
+        self
+    }
+    /// Leave the swarm open: items can be added while it runs, until it is closed; it only
+    /// finishes once closed.
+    pub fn open(mut self) -> Self {
+        self.closed = false;
+        self
+    }
+    fn into_sig(self) -> Sig {
+        Sig::Swarm(self)
+    }
+}
+
+impl Sig {
+    fn common(&self) -> &Common {
+        match self {
+            Sig::Task(t) => &t.common,
+            Sig::Chain(c) => &c.common,
+            Sig::Swarm(s) => &s.common,
+        }
+    }
+
+    /// Check every task name and every bound kwargs against the registry.
+    pub fn validate(&self, registry: &Registry) -> Result<()> {
+        let common = self.common();
+        let kwargs = Value::Object(common.kwargs.clone());
+        let bytes = serde_json::to_vec(&kwargs).map_or(0, |v| v.len());
+        if bytes > KWARGS_BYTES_MAX {
+            return Err(Error::TooLarge {
+                what: "kwargs",
+                bytes,
+                max: KWARGS_BYTES_MAX,
+            });
+        }
+        match self {
+            Sig::Task(t) => registry.get(&t.task)?.validate_kwargs(&kwargs)?,
+            Sig::Chain(c) => {
+                if c.steps.is_empty() {
+                    return Err(Error::Rejected(mageflow_core::Rejection::InvalidTree(
+                        "a chain needs at least one step".into(),
+                    )));
+                }
+                c.steps.iter().try_for_each(|s| s.validate(registry))?
+            }
+            Sig::Swarm(s) => {
+                if s.config.max_concurrency == 0 {
+                    return Err(Error::Rejected(mageflow_core::Rejection::InvalidTree(
+                        "max_concurrency must be at least 1".into(),
+                    )));
+                }
+                s.items.iter().try_for_each(|i| i.validate(registry))?
+            }
+        }
+        common
+            .on_success
+            .iter()
+            .chain(&common.on_error)
+            .try_for_each(|c| c.validate(registry))
+    }
+
+    /// Bound kwargs as a JSON object.
+    pub fn kwargs_value(&self) -> Value {
+        Value::Object(self.common().kwargs.clone())
+    }
+
+    /// Task name of a task signature.
+    pub fn task_name(&self) -> Option<&str> {
+        match self {
+            Sig::Task(t) => Some(&t.task),
+            _ => None,
+        }
+    }
+
+    /// Steps of a chain or items of a swarm (empty for a task).
+    pub fn members(&self) -> &[Sig] {
+        match self {
+            Sig::Task(_) => &[],
+            Sig::Chain(c) => &c.steps,
+            Sig::Swarm(s) => &s.items,
+        }
+    }
+
+    /// Flatten into core node specs starting at index `base`, hanging off `parent`.
+    /// Parents come before their children (preorder), as the core requires.
+    pub(crate) fn flatten(
+        &self,
+        registry: &Registry,
+        base: usize,
+        parent: Option<Link>,
+        out: &mut Vec<NodeSpec>,
+    ) -> Result<NodeIndex> {
+        let me = (base + out.len()) as NodeIndex;
+        let common = self.common();
+        let (name, kind, return_field) = match self {
+            Sig::Task(t) => {
+                let def = registry.get(&t.task)?;
+                (
+                    t.task.clone(),
+                    KindSpec::Task {
+                        task: t.task.clone(),
+                        retry: t.retry.unwrap_or(def.retry),
+                    },
+                    def.return_field.clone(),
+                )
+            }
+            Sig::Chain(c) => (
+                c.name.clone().unwrap_or_else(|| "chain".into()),
+                KindSpec::Chain {
+                    children: Vec::new(),
+                },
+                mageflow_core::model::RETURN_FIELD_DEFAULT.to_owned(),
+            ),
+            Sig::Swarm(s) => (
+                s.name.clone().unwrap_or_else(|| "swarm".into()),
+                KindSpec::Swarm {
+                    children: Vec::new(),
+                    config: s.config,
+                    closed: s.closed,
+                },
+                mageflow_core::model::RETURN_FIELD_DEFAULT.to_owned(),
+            ),
+        };
+        out.push(NodeSpec {
+            name,
+            kind,
+            kwargs: Value::Object(common.kwargs.clone()),
+            parent,
+            on_success: Vec::new(),
+            on_error: Vec::new(),
+            return_field,
+        });
+        let link = |role| Some(Link { node: me, role });
+        let members = self.members();
+        let mut children = Vec::with_capacity(members.len());
+        for m in members {
+            children.push(m.flatten(registry, base, link(Role::Child), out)?);
+        }
+        let mut on_success = Vec::new();
+        for c in &common.on_success {
+            on_success.push(c.flatten(registry, base, link(Role::SuccessCallback), out)?);
+        }
+        let mut on_error = Vec::new();
+        for c in &common.on_error {
+            on_error.push(c.flatten(registry, base, link(Role::ErrorCallback), out)?);
+        }
+        let spec = &mut out[me as usize - base];
+        spec.on_success = on_success;
+        spec.on_error = on_error;
+        match &mut spec.kind {
+            KindSpec::Chain { children: c } | KindSpec::Swarm { children: c, .. } => {
+                *c = children
+            }
+            KindSpec::Task { .. } => {}
+        }
+        Ok(me)
+    }
+}
