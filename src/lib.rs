@@ -1,4 +1,58 @@
-//! Mageflow: event-sourced task orchestration.
+//! # Mageflow
+//!
+//! Event-sourced task orchestration. Register async handlers, compose them into signatures,
+//! chains and swarms (nested freely, with success and error callbacks), run them, and control
+//! them at runtime — suspend, resume, interrupt, cancel. Every transition is an event in a
+//! durable log; state is a fold of that log.
+//!
+//! ```no_run
+//! use mageflow::{chain, sign, Config, Registry, TaskFailure};
+//! use serde::Deserialize;
+//!
+//! #[derive(Deserialize)]
+//! struct Add { x: i64, #[serde(default)] mageflow_results: i64 }
+//!
+//! # async fn demo() -> Result<(), mageflow::Error> {
+//! let mut tasks = Registry::new();
+//! tasks.task("add", |i: Add, _ctx| async move { Ok::<_, TaskFailure>(i.x + i.mageflow_results) });
+//! let engine = mageflow::open_embedded("/tmp/mageflow-data", tasks, Config::default()).await?;
+//! let h = engine.handle();
+//! let wf = h.submit(chain([sign("add").kwarg("x", 1), sign("add").kwarg("x", 2)]), serde_json::json!({})).await?;
+//! let done = h.wait(wf).await?;
+//! assert_eq!(done.nodes[0].status, mageflow::Status::Done);
+//! engine.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod testing;
+
 pub use mageflow_core as core;
 pub use mageflow_engine as engine;
 pub use mageflow_store as store;
+
+pub use mageflow_core::{
+    Actor, Event, Outcome, Payload, SignatureId, Status, Timestamp, Workflow, WorkflowId,
+};
+pub use mageflow_engine::{
+    chain, sign, swarm, ChainSig, Config, Engine, Error, Handle, RecoveryReport, Registry, Result,
+    Sig, SwarmSig, TaskContext, TaskFailure, TaskSig,
+};
+
+use std::path::Path;
+use std::sync::Arc;
+
+/// Start an engine on the embedded sled store in `path` (created if missing), with durable
+/// (flush-per-group) appends. Unfinished work found there is resumed.
+pub async fn open_embedded(
+    path: impl AsRef<Path>,
+    registry: Registry,
+    config: Config,
+) -> Result<Engine> {
+    let log = mageflow_store::SledLog::open(path, mageflow_store::SledOptions::default())?;
+    Engine::start(Arc::new(log), registry, config).await
+}
+
+/// Start an engine on an in-memory log (nothing survives the process).
+pub async fn open_in_memory(registry: Registry, config: Config) -> Result<Engine> {
+    Engine::start(Arc::new(mageflow_store::MemoryLog::new()), registry, config).await
+}

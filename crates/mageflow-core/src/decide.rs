@@ -290,8 +290,9 @@ impl Decider<'_> {
     /// already triggered (or is terminal) is left alone, which makes triggering idempotent.
     fn trigger(&mut self, node: NodeIndex, message: Message) -> Result<(), Rejection> {
         let n = &self.wf.nodes[node as usize];
-        let untriggered = matches!(n.status, Status::Pending | Status::Suspended)
-            && n.message.is_none()
+        let untriggered =
+            matches!(n.status, Status::Pending | Status::Suspended | Status::Interrupted)
+                && n.message.is_none()
             && n.attempt == 0;
         if !untriggered {
             return Ok(());
@@ -335,7 +336,19 @@ impl Decider<'_> {
         }
         let p = &s.swarm;
         let free = config.max_concurrency.saturating_sub(p.running);
-        let count = free.min(children.len() as u32 - p.dispatched);
+        // Items that finished before their turn (canceled while waiting) take no slot: they are
+        // handed out along with the live ones, so they neither waste a slot nor hold the swarm up.
+        let mut count = 0u32;
+        let mut live = 0u32;
+        for &c in &children[p.dispatched as usize..] {
+            if !self.wf.nodes[c as usize].status.is_terminal() {
+                if live == free {
+                    break;
+                }
+                live += 1;
+            }
+            count += 1;
+        }
         let items = children[p.dispatched as usize..(p.dispatched + count) as usize].to_vec();
         let all_finished = *closed && (p.succeeded + p.failed) as usize == children.len();
         let message = s.message.clone().unwrap_or(Message::input(Value::Null));
@@ -344,7 +357,9 @@ impl Decider<'_> {
             for item in items {
                 self.trigger(item, message.clone())?;
             }
-        } else if all_finished {
+        }
+        // `all_finished` means every item was already terminal, so the triggers above were no-ops.
+        if all_finished {
             let results: Vec<Value> = children
                 .iter()
                 .map(|&c| match &self.wf.nodes[c as usize].outcome {

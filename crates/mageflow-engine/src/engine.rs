@@ -417,6 +417,23 @@ impl Handle {
         self.op(sig, op).await
     }
 
+    /// Report the outcome of attempt `attempt` of a task, as a worker does. Reports are
+    /// idempotent: a duplicate or stale one (redelivery, an attempt already revoked) is a no-op,
+    /// so a task's success is recorded once and its callbacks fire once.
+    pub async fn report(
+        &self,
+        sig: SignatureId,
+        attempt: u32,
+        result: std::result::Result<Value, TaskFailure>,
+    ) -> Result<()> {
+        let req = Request::Done {
+            sig,
+            attempt,
+            result: Some(result),
+        };
+        self.tx.send(req).await.map_err(|_| Error::ShutDown)
+    }
+
     /// Current state of a workflow (durable state: nothing not yet committed).
     pub async fn workflow(&self, wf: WorkflowId) -> Result<Workflow> {
         let (reply, rx) = oneshot::channel();

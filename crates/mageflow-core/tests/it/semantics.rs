@@ -280,12 +280,9 @@ fn open_swarm_takes_new_items_until_closed() {
     assert_eq!(events[0].payload.kind(), "swarm_items_added");
     assert_eq!(h.node("open").spec.children().len(), 4);
     assert_eq!(h.named_in(Status::Queued), ["t1", "t2"]);
-    for name in ["t1", "t2", "t3"] {
-        if h.status(name) == Status::Queued {
-            h.run(name, json!(name));
-        }
+    while let Some(name) = h.named_in(Status::Queued).first().cloned() {
+        h.run(&name, json!(name));
     }
-    h.run("t3", json!("t3"));
     assert_eq!(h.status("open"), Status::Running, "still open: still running");
     assert_eq!(h.status("after"), Status::Pending);
 
@@ -435,11 +432,13 @@ fn suspended_swarm_dispatches_nothing_until_resumed() {
     h.ok(Op::Resume { node: fan });
     assert_eq!(h.named_in(Status::Queued), ["item1", "item2"]);
     h.run("item1", json!(1));
+    assert_eq!(h.named_in(Status::Queued), ["item2", "item3"]);
     h.start("item2");
     h.ok(Op::Suspend { node: fan });
     h.complete("item2", json!(2));
-    assert_eq!(h.status("item3"), Status::Pending);
+    assert_eq!(h.status("item3"), Status::Suspended);
     h.ok(Op::Resume { node: fan });
+    assert_eq!(h.status("item3"), Status::Queued);
     h.run("item3", json!(3));
 
     assert_eq!(h.status("fan"), Status::Done);

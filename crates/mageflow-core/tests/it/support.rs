@@ -145,7 +145,7 @@ impl Tree {
             TreeKind::Chain(c) => c,
             TreeKind::Swarm { children, .. } => children,
         };
-        let mut link = |role| Some(Link { node: me, role });
+        let link = |role| Some(Link { node: me, role });
         let children: Vec<NodeIndex> = kids
             .iter()
             .map(|k| k.flatten_into(base, link(Role::Child), out))

@@ -156,7 +156,7 @@ async fn refusals(log: &dyn EventLog) {
     let err =
         append_refused(log, vec![request(d, 0, 1), request(b, 2, 1), request(e, 0, 1), request(b, 0, 1)])
             .await;
-    assert_conflict(&err, b, 0, 2);
+    assert_conflict(&err, b, 0, 3);
     // Two requests for one stream that both expect its current version.
     let err = append_refused(log, vec![request(d, 0, 1), request(d, 0, 1)]).await;
     assert_conflict(&err, d, 0, 1);
