@@ -2,6 +2,7 @@
 //! (hot state in process, effects only after durability), the in-process worker runtime that
 //! runs registered handlers, and the user-facing builders for signatures, chains and swarms.
 
+pub mod builtin;
 mod context;
 mod engine;
 mod error;

@@ -1,0 +1,52 @@
+//! Built-in tasks, so the CLI (demo, bench) is useful without writing code:
+//! `noop` (returns its `mageflow_results` input or null), `echo` (returns its whole input),
+//! `sleep` (waits `ms` milliseconds, honouring cancellation), `fail` (fails with `message`;
+//! `retryable` defaults to false).
+
+use crate::registry::{Registry, TaskFailure};
+use serde::Deserialize;
+use serde_json::Value;
+use std::time::Duration;
+
+#[derive(Deserialize)]
+struct NoopInput {
+    #[serde(default)]
+    mageflow_results: Value,
+}
+
+#[derive(Deserialize)]
+struct SleepInput {
+    ms: u64,
+}
+
+#[derive(Deserialize)]
+struct FailInput {
+    #[serde(default = "default_fail_message")]
+    message: String,
+    #[serde(default)]
+    retryable: bool,
+}
+
+fn default_fail_message() -> String {
+    "failed on purpose".into()
+}
+
+/// Register `noop`, `echo`, `sleep` and `fail`.
+pub fn register(registry: &mut Registry) {
+    registry.task("noop", |i: NoopInput, _ctx| async move {
+        Ok::<_, TaskFailure>(i.mageflow_results)
+    });
+    registry.task("echo", |i: Value, _ctx| async move { Ok::<_, TaskFailure>(i) });
+    registry.task("sleep", |i: SleepInput, ctx| async move {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(i.ms)) => Ok(Value::from(i.ms)),
+            _ = ctx.cancellation().cancelled() => Err(TaskFailure::retryable("sleep interrupted")),
+        }
+    });
+    registry.task("fail", |i: FailInput, _ctx| async move {
+        Err::<Value, _>(TaskFailure {
+            message: i.message,
+            retryable: i.retryable,
+        })
+    });
+}
