@@ -9,7 +9,7 @@ mod memory;
 mod sled_log;
 
 pub use memory::MemoryLog;
-pub use sled_log::{Durability, SledLog, SledOptions};
+pub use sled_log::{decode_frame, Durability, SledLog, SledOptions};
 
 use mageflow_core::{CodecError, Event, WorkflowId};
 use std::future::Future;
