@@ -6,6 +6,11 @@ use crate::event::{Event, SCHEMA_VERSION};
 
 /// Largest encoded event accepted, in bytes. Larger input is refused before decoding.
 pub const EVENT_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Deepest nesting of arrays and maps accepted when decoding (the event's own structure
+/// included). Decoding recurses once per level: without this bound a few hundred bytes of
+/// corrupt input overflow a 2 MiB thread stack and abort the process. Well above serde_json's
+/// own parse limit (128), so any JSON the API accepts still fits.
+pub const EVENT_DEPTH_MAX: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -50,6 +55,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, CodecError> {
         });
     }
     let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
+    de.set_max_depth(EVENT_DEPTH_MAX);
     let event: Event = serde::Deserialize::deserialize(&mut de)
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
     let used = de.position() as usize;

@@ -290,9 +290,10 @@ impl Decider<'_> {
     /// already triggered (or is terminal) is left alone, which makes triggering idempotent.
     fn trigger(&mut self, node: NodeIndex, message: Message) -> Result<(), Rejection> {
         let n = &self.wf.nodes[node as usize];
-        let untriggered =
-            matches!(n.status, Status::Pending | Status::Suspended | Status::Interrupted)
-                && n.message.is_none()
+        let untriggered = matches!(
+            n.status,
+            Status::Pending | Status::Suspended | Status::Interrupted
+        ) && n.message.is_none()
             && n.attempt == 0;
         if !untriggered {
             return Ok(());
@@ -351,6 +352,17 @@ impl Decider<'_> {
         }
         let items = children[p.dispatched as usize..(p.dispatched + count) as usize].to_vec();
         let all_finished = *closed && (p.succeeded + p.failed) as usize == children.len();
+        // When every item is already terminal the triggers below are no-ops: the results hold.
+        let results: Option<Vec<Value>> = all_finished.then(|| {
+            children
+                .iter()
+                .map(|&c| match &self.wf.nodes[c as usize].outcome {
+                    Some(Outcome::Ok(v)) => json!({ "ok": v }),
+                    Some(Outcome::Err(e)) => json!({ "error": e.message }),
+                    None => Value::Null,
+                })
+                .collect()
+        });
         let message = s.message.clone().unwrap_or(Message::input(Value::Null));
         if count > 0 {
             self.emit(Payload::SwarmDispatched { swarm, count })?;
@@ -358,16 +370,7 @@ impl Decider<'_> {
                 self.trigger(item, message.clone())?;
             }
         }
-        // `all_finished` means every item was already terminal, so the triggers above were no-ops.
-        if all_finished {
-            let results: Vec<Value> = children
-                .iter()
-                .map(|&c| match &self.wf.nodes[c as usize].outcome {
-                    Some(Outcome::Ok(v)) => json!({ "ok": v }),
-                    Some(Outcome::Err(e)) => json!({ "error": e.message }),
-                    None => Value::Null,
-                })
-                .collect();
+        if let Some(results) = results {
             self.emit(Payload::Succeeded {
                 node: swarm,
                 attempt: 0,

@@ -1,0 +1,223 @@
+//! Golden files of the event encoding: one encoded event per `Payload` variant, committed under
+//! `tests/golden/events-v1/<kind>.msgpack` at the repository root. The test decodes every file
+//! and compares it with the event built here, so a schema change that stops old bytes from
+//! decoding (a renamed field, a removed variant, a changed type) fails loudly.
+//!
+//! The files are written once, by `MAGEFLOW_BLESS=1 cargo test -p mageflow-core golden`. Never
+//! re-bless v1 to make a failing test pass: old logs contain these bytes. A new schema version
+//! gets a new directory (`events-v2`) next to this one, and both keep decoding.
+
+use crate::support::{chain, swarm, swarm_items, task};
+use mageflow_core::codec::{decode, encode};
+use mageflow_core::{
+    Actor, Event, Message, Payload, Status, TaskError, Timestamp, WorkflowId, SCHEMA_VERSION,
+};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::Once;
+
+const STREAM: u128 = 0x0192_3f4a_5b6c_7d8e_9fa0_b1c2_d3e4_f506;
+/// 2026-11-26T07:58:24Z
+const AT_MICROS: i64 = 1_795_679_904_000_000;
+
+fn dir() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/golden/events-v1"
+    ))
+}
+
+/// Position of a variant in the list below. Exhaustive on purpose: a new `Payload` variant
+/// does not compile until it gets a golden event.
+fn variant(payload: &Payload) -> usize {
+    match payload {
+        Payload::WorkflowCreated { .. } => 0,
+        Payload::SwarmItemsAdded { .. } => 1,
+        Payload::SwarmClosed { .. } => 2,
+        Payload::KwargsUpdated { .. } => 3,
+        Payload::Queued { .. } => 4,
+        Payload::ContainerStarted { .. } => 5,
+        Payload::SwarmDispatched { .. } => 6,
+        Payload::Started { .. } => 7,
+        Payload::Checkpointed { .. } => 8,
+        Payload::Succeeded { .. } => 9,
+        Payload::RetryScheduled { .. } => 10,
+        Payload::Failed { .. } => 11,
+        Payload::Suspended { .. } => 12,
+        Payload::Resumed { .. } => 13,
+        Payload::Interrupted { .. } => 14,
+        Payload::Canceled { .. } => 15,
+    }
+}
+const VARIANTS: usize = 16;
+
+/// The golden events, in variant order, with fixed ids, times and actors.
+fn expected() -> Vec<Event> {
+    let tree = chain(
+        "ingest",
+        [
+            task("fetch")
+                .retry(3, 250, 10_000)
+                .kwargs(json!({"url": "https://example.com/a", "timeout_s": 2.5})),
+            swarm("fan", 4, Some(2), false, [task("resize"), task("tag")]).on_error(task("alert")),
+        ],
+    )
+    .kwargs(json!({"tenant": "acme", "tags": ["a", "ü"], "n": -7}))
+    .on_success(task("notify"));
+    let payloads = vec![
+        Payload::WorkflowCreated {
+            nodes: tree.flatten(),
+        },
+        Payload::SwarmItemsAdded {
+            swarm: 2,
+            nodes: swarm_items(
+                2,
+                7,
+                &[
+                    task("thumbnail").kwargs(json!({"size": 128})),
+                    chain("ocr", [task("detect"), task("read")]),
+                ],
+            ),
+        },
+        Payload::SwarmClosed { swarm: 2 },
+        Payload::KwargsUpdated {
+            node: 1,
+            kwargs: json!({"timeout_s": 5, "headers": {"x-trace": null}}),
+        },
+        Payload::Queued {
+            node: 1,
+            message: Message::input(json!({"id": 42, "big": u64::MAX})),
+            parked: false,
+        },
+        Payload::ContainerStarted {
+            node: 0,
+            message: Message::input(json!({"id": 42})),
+            parked: true,
+        },
+        Payload::SwarmDispatched { swarm: 2, count: 3 },
+        Payload::Started {
+            node: 1,
+            attempt: 2,
+        },
+        Payload::Checkpointed {
+            node: 1,
+            attempt: 2,
+            data: json!({"offset": 1024, "done": [1, 2, 3]}),
+        },
+        Payload::Succeeded {
+            node: 1,
+            attempt: 2,
+            result: json!({"bytes": 5_000_000_000u64, "ratio": 0.25, "ok": true}),
+        },
+        Payload::RetryScheduled {
+            node: 1,
+            attempt: 1,
+            error: TaskError {
+                message: "connection reset".into(),
+                retryable: true,
+            },
+            retry_at: Timestamp::from_micros(AT_MICROS + 250_000),
+        },
+        Payload::Failed {
+            node: 3,
+            attempt: 1,
+            error: TaskError {
+                message: "bad image".into(),
+                retryable: false,
+            },
+        },
+        Payload::Suspended { node: 0 },
+        Payload::Resumed {
+            node: 0,
+            status: Status::Running,
+        },
+        Payload::Interrupted { node: 4 },
+        Payload::Canceled { node: 0 },
+    ];
+    payloads
+        .into_iter()
+        .enumerate()
+        .map(|(i, payload)| Event {
+            stream: WorkflowId::from_u128(STREAM),
+            seq: i as u64 + 1,
+            at: Timestamp::from_micros(AT_MICROS + i as i64 * 1_000),
+            actor: match i % 3 {
+                0 => Actor::api("alice@example.com"),
+                1 => Actor::worker("host-1/slot-3"),
+                _ => Actor::system("timers"),
+            },
+            schema: SCHEMA_VERSION,
+            payload,
+        })
+        .collect()
+}
+
+#[test]
+fn golden_list_covers_every_payload_variant_once() {
+    let events = expected();
+    assert_eq!(events.len(), VARIANTS);
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(variant(&e.payload), i, "{} out of place", e.payload.kind());
+    }
+}
+
+/// Writes the golden files, once per process, only when `MAGEFLOW_BLESS=1`.
+fn bless_if_asked() {
+    static BLESS: Once = Once::new();
+    if std::env::var("MAGEFLOW_BLESS").as_deref() != Ok("1") {
+        return;
+    }
+    BLESS.call_once(|| {
+        let dir = dir();
+        std::fs::create_dir_all(&dir).expect("create golden dir");
+        for event in expected() {
+            let bytes = encode(&event).expect("encodes");
+            let path = dir.join(format!("{}.msgpack", event.payload.kind()));
+            std::fs::write(&path, bytes).expect("write golden file");
+        }
+    });
+}
+
+#[test]
+fn bless_golden_files() {
+    bless_if_asked();
+}
+
+#[test]
+fn golden_files_still_decode_to_the_same_events() {
+    bless_if_asked();
+    let dir = dir();
+    let entries = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("golden dir {} is missing: {e}", dir.display()));
+    let expected = expected();
+    let mut seen = vec![false; expected.len()];
+    for entry in entries {
+        let path = entry.expect("read golden dir").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let Some(kind) = name.strip_suffix(".msgpack") else {
+            panic!("unexpected file in the golden dir: {name}");
+        };
+        let Some(i) = expected.iter().position(|e| e.payload.kind() == kind) else {
+            panic!("golden file {name} has no expected event");
+        };
+        let bytes = std::fs::read(&path).expect("read golden file");
+        let decoded = decode(&bytes).unwrap_or_else(|e| panic!("{name} no longer decodes: {e}"));
+        assert_eq!(decoded, expected[i], "{name} decodes to a different event");
+        seen[i] = true;
+    }
+    let missing: Vec<&str> = expected
+        .iter()
+        .zip(&seen)
+        .filter(|(_, seen)| !**seen)
+        .map(|(e, _)| e.payload.kind())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "no golden file for {missing:?} in {} (bless with MAGEFLOW_BLESS=1)",
+        dir.display()
+    );
+}

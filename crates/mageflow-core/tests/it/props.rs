@@ -1,0 +1,1001 @@
+//! Property tests of the core invariants:
+//! - for random command sequences over random trees, the live state after `execute` equals the
+//!   replay of the emitted events, `decide` returns exactly what `execute` does, rejections change
+//!   nothing, swarm counters agree with the items' statuses, nothing is triggered twice, and the
+//!   workflow can always be driven to completion afterwards;
+//! - for arbitrary event sequences, a terminal status never changes and a refused event changes
+//!   nothing;
+//! - decoding arbitrary or damaged bytes never panics, and encoding round-trips.
+
+use crate::support::{chain, swarm, swarm_items, task, wf_id, Tree, TreeKind};
+use mageflow_core::codec::{decode, encode};
+use mageflow_core::{
+    decide, execute, Actor, Command, Event, KindSpec, Link, Message, NodeIndex, NodeSpec, Op,
+    Payload, Rejection, RetryPolicy, Role, Status, SwarmConfig, TaskError, Timestamp, Workflow,
+    WorkflowId, SCHEMA_VERSION,
+};
+use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::test_runner::TestCaseError;
+use serde_json::{json, Value};
+
+/// Cases per property; `PROPTEST_CASES` overrides it for a longer soak.
+fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    ProptestConfig::with_cases(cases)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random trees and commands
+// ---------------------------------------------------------------------------------------------
+
+fn arb_task() -> impl Strategy<Value = Tree> + Clone {
+    (0u32..3, 0u8..4).prop_map(|(retries, k)| {
+        let t = task("t").retry(retries, 10, 1_000);
+        if k == 0 {
+            t.kwargs(json!({ "k": k }))
+        } else {
+            t
+        }
+    })
+}
+
+fn with_callbacks(
+    node: impl Strategy<Value = Tree>,
+    cb: impl Strategy<Value = Tree> + Clone,
+) -> impl Strategy<Value = Tree> {
+    (
+        node,
+        prop::collection::vec(cb.clone(), 0..2),
+        prop::collection::vec(cb, 0..2),
+    )
+        .prop_map(|(mut t, ok, err)| {
+            t.on_success = ok;
+            t.on_error = err;
+            t
+        })
+}
+
+/// Random trees of tasks, chains and swarms (open or closed), with callbacks anywhere.
+fn arb_tree() -> impl Strategy<Value = Tree> {
+    let leaf = with_callbacks(arb_task(), arb_task());
+    leaf.prop_recursive(3, 16, 4, |inner| {
+        let chain_s = prop::collection::vec(inner.clone(), 1..4).prop_map(|c| chain("c", c));
+        let swarm_s = (
+            prop::collection::vec(inner.clone(), 0..4),
+            1u32..4,
+            prop::option::of(1u32..3),
+            any::<bool>(),
+        )
+            .prop_map(|(c, max, stop, closed)| swarm("s", max, stop, closed, c));
+        with_callbacks(prop_oneof![chain_s, swarm_s], inner)
+    })
+}
+
+/// A command in terms of "which node" choices, resolved against the state when it runs so that
+/// most commands hit a node where they can do something.
+#[derive(Clone, Debug)]
+enum Gen {
+    Run,
+    Start(Index),
+    Complete(Index, u8),
+    Fail(Index, u8, bool),
+    Requeue(Index, u8),
+    Checkpoint(Index, u8),
+    Suspend(Index),
+    Resume(Index),
+    Interrupt(Index),
+    Cancel(Index, bool),
+    AddSwarmItems(Index, Vec<Tree>, bool, bool),
+    CloseSwarm(Index),
+    UpdateKwargs(Index, bool),
+}
+
+fn arb_gen() -> impl Strategy<Value = Gen> {
+    let i = any::<Index>;
+    prop_oneof![
+        1 => Just(Gen::Run),
+        8 => i().prop_map(Gen::Start),
+        8 => (i(), any::<u8>()).prop_map(|(n, a)| Gen::Complete(n, a)),
+        3 => (i(), any::<u8>(), any::<bool>()).prop_map(|(n, a, r)| Gen::Fail(n, a, r)),
+        1 => (i(), any::<u8>()).prop_map(|(n, a)| Gen::Requeue(n, a)),
+        1 => (i(), any::<u8>()).prop_map(|(n, a)| Gen::Checkpoint(n, a)),
+        2 => i().prop_map(Gen::Suspend),
+        2 => i().prop_map(Gen::Resume),
+        1 => i().prop_map(Gen::Interrupt),
+        1 => (i(), prop::bool::weighted(0.8)).prop_map(|(n, c)| Gen::Cancel(n, c)),
+        2 => (i(), prop::collection::vec(arb_tree(), 0..3), any::<bool>(), prop::bool::weighted(0.9))
+            .prop_map(|(n, items, close, valid)| Gen::AddSwarmItems(n, items, close, valid)),
+        1 => i().prop_map(Gen::CloseSwarm),
+        1 => (i(), any::<bool>()).prop_map(|(n, o)| Gen::UpdateKwargs(n, o)),
+    ]
+}
+
+/// One of `candidates`, or (when there are none) any index, one past the end included.
+fn pick(wf: &Workflow, index: &Index, candidates: impl Fn(&mageflow_core::Node) -> bool) -> u32 {
+    let matching: Vec<u32> = (0..wf.nodes.len() as u32)
+        .filter(|&i| candidates(&wf.nodes[i as usize]))
+        .collect();
+    if matching.is_empty() {
+        index.index(wf.nodes.len() + 1) as u32
+    } else {
+        matching[index.index(matching.len())]
+    }
+}
+
+fn attempt_for(wf: &Workflow, node: NodeIndex, sel: u8) -> u32 {
+    let current = wf.node(node).map_or(0, |n| n.attempt);
+    // Mostly the current attempt; sometimes a stale or future one.
+    match sel % 6 {
+        0 => u32::from(sel % 3),
+        _ => current,
+    }
+}
+
+fn resolve(wf: &Workflow, gen: &Gen) -> Op {
+    let any = |_: &mageflow_core::Node| true;
+    let in_flight = |n: &mageflow_core::Node| n.in_flight;
+    let is_swarm = |n: &mageflow_core::Node| matches!(n.spec.kind, KindSpec::Swarm { .. });
+    match gen {
+        Gen::Run => Op::Run {
+            message: Message::input(json!({"run": true})),
+        },
+        Gen::Start(i) => Op::Start {
+            node: pick(wf, i, |n| n.status == Status::Queued),
+        },
+        Gen::Complete(i, a) => {
+            let node = pick(wf, i, in_flight);
+            Op::Complete {
+                node,
+                attempt: attempt_for(wf, node, *a),
+                result: json!({ "r": a }),
+            }
+        }
+        Gen::Fail(i, a, retryable) => {
+            let node = pick(wf, i, in_flight);
+            Op::Fail {
+                node,
+                attempt: attempt_for(wf, node, *a),
+                error: TaskError {
+                    message: format!("e{a}"),
+                    retryable: *retryable,
+                },
+            }
+        }
+        Gen::Requeue(i, a) => {
+            let node = pick(wf, i, in_flight);
+            Op::Requeue {
+                node,
+                attempt: attempt_for(wf, node, *a),
+            }
+        }
+        Gen::Checkpoint(i, a) => {
+            let node = pick(wf, i, in_flight);
+            Op::Checkpoint {
+                node,
+                attempt: attempt_for(wf, node, *a),
+                data: json!([a]),
+            }
+        }
+        Gen::Suspend(i) => Op::Suspend {
+            node: pick(wf, i, any),
+        },
+        Gen::Resume(i) => Op::Resume {
+            node: pick(wf, i, |n| {
+                matches!(n.status, Status::Suspended | Status::Interrupted)
+            }),
+        },
+        Gen::Interrupt(i) => Op::Interrupt {
+            node: pick(wf, i, any),
+        },
+        Gen::Cancel(i, confirmed) => Op::Cancel {
+            node: pick(wf, i, any),
+            confirmed: *confirmed,
+        },
+        Gen::AddSwarmItems(i, items, close, valid) => {
+            let swarm_i = pick(wf, i, is_swarm);
+            let base = if *valid {
+                wf.nodes.len()
+            } else {
+                wf.nodes.len() + 1
+            };
+            Op::AddSwarmItems {
+                swarm: swarm_i,
+                nodes: swarm_items(swarm_i, base, items),
+                close: *close,
+            }
+        }
+        Gen::CloseSwarm(i) => Op::CloseSwarm {
+            swarm: pick(wf, i, is_swarm),
+        },
+        Gen::UpdateKwargs(i, object) => Op::UpdateKwargs {
+            node: pick(wf, i, any),
+            kwargs: if *object {
+                json!({"k": {"deep": 1}})
+            } else {
+                json!(7)
+            },
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checked execution
+// ---------------------------------------------------------------------------------------------
+
+/// A workflow driven by commands, with a replica fed only by the emitted events.
+struct Run {
+    wf: Workflow,
+    replica: Workflow,
+    log: Vec<Event>,
+    clock: i64,
+}
+
+impl Run {
+    fn new() -> Self {
+        Self {
+            wf: Workflow::empty(wf_id()),
+            replica: Workflow::empty(wf_id()),
+            log: Vec::new(),
+            clock: 0,
+        }
+    }
+
+    /// Execute `op` and check every per-step invariant.
+    fn step(&mut self, op: Op) -> Result<Result<usize, Rejection>, TestCaseError> {
+        self.clock += 1;
+        let actor = match self.clock % 2 {
+            0 => Actor::worker("w"),
+            _ => Actor::system("sim"),
+        };
+        let cmd = Command {
+            actor,
+            at: Timestamp::from_micros(self.clock),
+            op,
+        };
+        let before = self.wf.clone();
+        let decided = decide(&before, &cmd);
+        let executed = execute(&mut self.wf, &cmd);
+        prop_assert_eq!(
+            &decided,
+            &executed,
+            "decide and execute disagree on {:?}",
+            cmd
+        );
+        match executed {
+            Err(r) => {
+                prop_assert!(
+                    !matches!(r, Rejection::Internal(_)),
+                    "{:?} hit an internal error: {}",
+                    cmd,
+                    r
+                );
+                prop_assert_eq!(&before, &self.wf, "rejected {:?} changed the state", cmd);
+                Ok(Err(r))
+            }
+            Ok(events) => {
+                for (k, e) in events.iter().enumerate() {
+                    prop_assert_eq!(e.seq, before.version + 1 + k as u64);
+                    prop_assert_eq!(e.stream, self.wf.id);
+                    prop_assert_eq!(&e.actor, &cmd.actor);
+                    prop_assert_eq!(e.at, cmd.at);
+                    prop_assert_eq!(e.schema, SCHEMA_VERSION);
+                    let replica_before = self.replica.clone();
+                    if let Err(err) = self.replica.apply(e) {
+                        return Err(TestCaseError::fail(format!(
+                            "emitted event {e:?} does not apply: {err}"
+                        )));
+                    }
+                    check_terminal_kept(&replica_before, &self.replica)?;
+                }
+                prop_assert_eq!(&self.replica, &self.wf, "live state differs from the fold");
+                if events.is_empty() {
+                    prop_assert_eq!(&before, &self.wf, "no events but the state changed");
+                }
+                check_terminal_kept(&before, &self.wf)?;
+                check_swarm_counters(&self.wf)?;
+                let n = events.len();
+                self.log.extend(events);
+                Ok(Ok(n))
+            }
+        }
+    }
+
+    /// Resume what is paused, close open swarms, run what is queued and complete what runs,
+    /// until nothing moves.
+    fn drain(&mut self) -> Result<(), TestCaseError> {
+        for round in 0.. {
+            prop_assert!(round < 1_000, "drain does not converge");
+            let mut moved = 0;
+            let root = &self.wf.nodes[0];
+            if root.status == Status::Pending && root.message.is_none() {
+                moved += self
+                    .step(Op::Run {
+                        message: Message::input(json!({})),
+                    })?
+                    .unwrap_or(0);
+            }
+            for i in 0..self.wf.nodes.len() as NodeIndex {
+                let n = &self.wf.nodes[i as usize];
+                let op = match (&n.spec.kind, n.status) {
+                    (_, Status::Suspended | Status::Interrupted) => Op::Resume { node: i },
+                    (KindSpec::Swarm { closed: false, .. }, s) if !s.is_terminal() => {
+                        Op::CloseSwarm { swarm: i }
+                    }
+                    (KindSpec::Task { .. }, Status::Queued) => Op::Start { node: i },
+                    _ if n.in_flight => Op::Complete {
+                        node: i,
+                        attempt: n.attempt,
+                        result: json!({ "drained": i }),
+                    },
+                    _ => continue,
+                };
+                let desc = format!("{op:?}");
+                match self.step(op)? {
+                    Ok(k) => moved += k,
+                    Err(r) => {
+                        return Err(TestCaseError::fail(format!(
+                            "drain step {desc} was refused: {r}"
+                        )))
+                    }
+                }
+            }
+            if moved == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_terminal_kept(before: &Workflow, after: &Workflow) -> Result<(), TestCaseError> {
+    prop_assert!(after.nodes.len() >= before.nodes.len());
+    for (i, (b, a)) in before.nodes.iter().zip(&after.nodes).enumerate() {
+        if b.status.is_terminal() {
+            prop_assert_eq!(
+                b.status,
+                a.status,
+                "terminal signature {} changed status",
+                i
+            );
+            prop_assert_eq!(
+                &b.outcome,
+                &a.outcome,
+                "terminal signature {} changed outcome",
+                i
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A swarm's counters are what its items' statuses say, and never exceed its limit.
+fn check_swarm_counters(wf: &Workflow) -> Result<(), TestCaseError> {
+    for (i, n) in wf.nodes.iter().enumerate() {
+        let KindSpec::Swarm {
+            children, config, ..
+        } = &n.spec.kind
+        else {
+            continue;
+        };
+        let status = |c: &NodeIndex| wf.nodes[*c as usize].status;
+        let p = &n.swarm;
+        let dispatched = &children[..p.dispatched as usize];
+        let live = dispatched
+            .iter()
+            .filter(|c| !status(c).is_terminal())
+            .count();
+        prop_assert_eq!(p.running as usize, live, "swarm {} running count", i);
+        prop_assert!(
+            p.running <= config.max_concurrency,
+            "swarm {} runs {} items, limit {}",
+            i,
+            p.running,
+            config.max_concurrency
+        );
+        let done = children
+            .iter()
+            .filter(|c| status(c) == Status::Done)
+            .count();
+        let failed = children
+            .iter()
+            .filter(|c| matches!(status(c), Status::Failed | Status::Canceled))
+            .count();
+        prop_assert_eq!(p.succeeded as usize, done, "swarm {} succeeded count", i);
+        prop_assert_eq!(p.failed as usize, failed, "swarm {} failed count", i);
+        // Nothing beyond the dispatch cursor was triggered (while the swarm has not finished).
+        if !n.status.is_terminal() {
+            for c in &children[p.dispatched as usize..] {
+                prop_assert!(
+                    wf.nodes[*c as usize].message.is_none(),
+                    "swarm {} item {} triggered before dispatch",
+                    i,
+                    c
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each signature is triggered at most once and reaches at most one terminal event.
+fn check_log(log: &[Event]) -> Result<(), TestCaseError> {
+    use std::collections::BTreeMap;
+    let mut triggered: BTreeMap<NodeIndex, usize> = BTreeMap::new();
+    let mut ended: BTreeMap<NodeIndex, usize> = BTreeMap::new();
+    for e in log {
+        match &e.payload {
+            Payload::Queued { node, .. } | Payload::ContainerStarted { node, .. } => {
+                *triggered.entry(*node).or_default() += 1
+            }
+            Payload::Succeeded { node, .. }
+            | Payload::Failed { node, .. }
+            | Payload::Canceled { node } => *ended.entry(*node).or_default() += 1,
+            _ => {}
+        }
+    }
+    for (node, n) in triggered {
+        prop_assert_eq!(n, 1, "signature {} triggered {} times", node, n);
+    }
+    for (node, n) in ended {
+        prop_assert_eq!(n, 1, "signature {} ended {} times", node, n);
+    }
+    Ok(())
+}
+
+fn run_commands(tree: &Tree, start: bool, gens: &[Gen]) -> Result<Run, TestCaseError> {
+    let mut run = Run::new();
+    let created = run.step(Op::Create {
+        nodes: tree.flatten(),
+        start: start.then(|| Message::input(json!({"in": 1}))),
+    })?;
+    prop_assert!(created.is_ok(), "create refused: {:?}", created);
+    for g in gens {
+        let op = resolve(&run.wf, g);
+        let _ = run.step(op)?;
+    }
+    Ok(run)
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Invariant 1 (state = fold of the events), decide == execute, rejections change nothing.
+    #[test]
+    fn commands_keep_state_equal_to_replay(
+        tree in arb_tree(),
+        start in prop::bool::weighted(0.8),
+        gens in prop::collection::vec(arb_gen(), 0..60),
+    ) {
+        let run = run_commands(&tree, start, &gens)?;
+        let replayed = Workflow::replay(run.wf.id, &run.log);
+        prop_assert_eq!(replayed.as_ref(), Ok(&run.wf));
+        check_log(&run.log)?;
+    }
+
+    /// Whatever happened before, resuming, closing and running everything finishes the workflow.
+    #[test]
+    fn every_workflow_can_be_driven_to_completion(
+        tree in arb_tree(),
+        start in prop::bool::weighted(0.8),
+        gens in prop::collection::vec(arb_gen(), 0..60),
+    ) {
+        let mut run = run_commands(&tree, start, &gens)?;
+        run.drain()?;
+        prop_assert!(
+            run.wf.nodes[0].status.is_terminal(),
+            "root stuck in {}: {:#?}",
+            run.wf.nodes[0].status,
+            run.wf.nodes
+        );
+        prop_assert!(run.wf.is_finished(), "not finished: {:#?}", run.wf.nodes);
+        check_log(&run.log)?;
+        let replayed = Workflow::replay(run.wf.id, &run.log);
+        prop_assert_eq!(replayed.as_ref(), Ok(&run.wf));
+    }
+
+    /// Events made by valid commands, interleaved with random ones: a refused event changes
+    /// nothing and a terminal status never changes.
+    #[test]
+    fn command_events_mixed_with_noise_keep_terminal_statuses(
+        tree in arb_tree(),
+        gens in prop::collection::vec(arb_gen(), 0..40),
+        noise in prop::collection::vec((any::<Index>(), arb_payload(12)), 0..20),
+    ) {
+        let run = run_commands(&tree, true, &gens)?;
+        let mut payloads: Vec<Payload> = run.log.iter().map(|e| e.payload.clone()).collect();
+        for (at, p) in noise {
+            let k = at.index(payloads.len() + 1).max(1);
+            payloads.insert(k, p);
+        }
+        let mut wf = Workflow::empty(wf_id());
+        for p in payloads {
+            apply_checked(&mut wf, p, SeqMode::Next)?;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arbitrary events
+// ---------------------------------------------------------------------------------------------
+
+fn arb_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        ".{0,8}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map(".{0,6}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn arb_object() -> impl Strategy<Value = Value> {
+    prop::collection::btree_map("[a-z]{1,4}", arb_value(), 0..3)
+        .prop_map(|m| Value::Object(m.into_iter().collect()))
+}
+
+fn arb_status() -> impl Strategy<Value = Status> {
+    prop_oneof![
+        Just(Status::Pending),
+        Just(Status::Queued),
+        Just(Status::Running),
+        Just(Status::Suspended),
+        Just(Status::Interrupted),
+        Just(Status::Canceled),
+        Just(Status::Done),
+        Just(Status::Failed),
+        any::<i64>().prop_map(|t| Status::MarkedForDeletion {
+            expires_at: Timestamp::from_micros(t)
+        }),
+    ]
+}
+
+fn arb_message() -> impl Strategy<Value = Message> {
+    (arb_value(), any::<bool>()).prop_map(|(value, as_result)| Message { value, as_result })
+}
+
+fn arb_error() -> impl Strategy<Value = TaskError> {
+    (".{0,12}", any::<bool>()).prop_map(|(message, retryable)| TaskError { message, retryable })
+}
+
+/// A node spec with arbitrary (mostly invalid) links.
+fn arb_spec(max_node: NodeIndex) -> impl Strategy<Value = NodeSpec> {
+    let idx = move || 0..=max_node;
+    let kind = prop_oneof![
+        (".{0,6}", any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(task, r, b, m)| {
+            KindSpec::Task {
+                task,
+                retry: RetryPolicy {
+                    max_retries: r,
+                    backoff_ms: b,
+                    backoff_max_ms: m,
+                },
+            }
+        }),
+        prop::collection::vec(idx(), 0..3).prop_map(|children| KindSpec::Chain { children }),
+        (
+            prop::collection::vec(idx(), 0..3),
+            any::<u32>(),
+            prop::option::of(any::<u32>()),
+            any::<bool>()
+        )
+            .prop_map(|(children, m, s, closed)| KindSpec::Swarm {
+                children,
+                config: SwarmConfig {
+                    max_concurrency: m,
+                    stop_after_n_failures: s,
+                },
+                closed,
+            }),
+    ];
+    let role = prop_oneof![
+        Just(Role::Child),
+        Just(Role::SuccessCallback),
+        Just(Role::ErrorCallback)
+    ];
+    (
+        ".{0,6}",
+        kind,
+        prop_oneof![4 => arb_object(), 1 => arb_value()],
+        prop::option::of((idx(), role).prop_map(|(node, role)| Link { node, role })),
+        prop::collection::vec(idx(), 0..2),
+        prop::collection::vec(idx(), 0..2),
+        ".{0,6}",
+    )
+        .prop_map(
+            |(name, kind, kwargs, parent, on_success, on_error, return_field)| NodeSpec {
+                name,
+                kind,
+                kwargs,
+                parent,
+                on_success,
+                on_error,
+                return_field,
+            },
+        )
+}
+
+/// Any payload, with node indexes up to `max_node`: some fit the state, most do not.
+fn arb_payload(max_node: NodeIndex) -> impl Strategy<Value = Payload> {
+    let n = move || 0..=max_node;
+    let attempt = || 0u32..4;
+    let specs = move || {
+        prop_oneof![
+            // Structurally valid batches (as a fresh tree or as swarm items)...
+            (arb_tree(), n()).prop_map(move |(t, swarm_i)| {
+                swarm_items(swarm_i, max_node as usize / 2, std::slice::from_ref(&t))
+            }),
+            arb_tree().prop_map(|t| t.flatten()),
+            // ...and arbitrary ones.
+            prop::collection::vec(arb_spec(max_node), 0..4),
+        ]
+    };
+    prop_oneof![
+        specs().prop_map(|nodes| Payload::WorkflowCreated { nodes }),
+        (n(), specs()).prop_map(|(swarm, nodes)| Payload::SwarmItemsAdded { swarm, nodes }),
+        n().prop_map(|swarm| Payload::SwarmClosed { swarm }),
+        (n(), prop_oneof![3 => arb_object(), 1 => arb_value()])
+            .prop_map(|(node, kwargs)| Payload::KwargsUpdated { node, kwargs }),
+        (n(), arb_message(), any::<bool>()).prop_map(|(node, message, parked)| {
+            Payload::Queued {
+                node,
+                message,
+                parked,
+            }
+        }),
+        (n(), arb_message(), any::<bool>()).prop_map(|(node, message, parked)| {
+            Payload::ContainerStarted {
+                node,
+                message,
+                parked,
+            }
+        }),
+        (n(), 0u32..5).prop_map(|(swarm, count)| Payload::SwarmDispatched { swarm, count }),
+        (n(), attempt()).prop_map(|(node, attempt)| Payload::Started { node, attempt }),
+        (n(), attempt(), arb_value()).prop_map(|(node, attempt, data)| Payload::Checkpointed {
+            node,
+            attempt,
+            data
+        }),
+        (n(), attempt(), arb_value()).prop_map(|(node, attempt, result)| Payload::Succeeded {
+            node,
+            attempt,
+            result
+        }),
+        (n(), attempt(), arb_error(), any::<i64>()).prop_map(|(node, attempt, error, t)| {
+            Payload::RetryScheduled {
+                node,
+                attempt,
+                error,
+                retry_at: Timestamp::from_micros(t),
+            }
+        }),
+        (n(), attempt(), arb_error()).prop_map(|(node, attempt, error)| Payload::Failed {
+            node,
+            attempt,
+            error
+        }),
+        n().prop_map(|node| Payload::Suspended { node }),
+        (n(), arb_status()).prop_map(|(node, status)| Payload::Resumed { node, status }),
+        n().prop_map(|node| Payload::Interrupted { node }),
+        n().prop_map(|node| Payload::Canceled { node }),
+    ]
+}
+
+#[derive(Clone, Copy, Debug)]
+enum SeqMode {
+    Next,
+    Wrong(u64),
+    OtherStream,
+}
+
+fn arb_seq_mode() -> impl Strategy<Value = SeqMode> {
+    prop_oneof![
+        10 => Just(SeqMode::Next),
+        1 => any::<u64>().prop_map(SeqMode::Wrong),
+        1 => Just(SeqMode::OtherStream),
+    ]
+}
+
+/// Apply one event and check: a refused event changes nothing; an accepted one bumps the version
+/// and never moves a terminal signature.
+fn apply_checked(wf: &mut Workflow, payload: Payload, mode: SeqMode) -> Result<(), TestCaseError> {
+    let (stream, seq) = match mode {
+        SeqMode::Next => (wf.id, wf.version + 1),
+        SeqMode::Wrong(s) => (wf.id, s),
+        SeqMode::OtherStream => (WorkflowId::from_u128(1), wf.version + 1),
+    };
+    let event = Event {
+        stream,
+        seq,
+        at: Timestamp::from_micros(seq as i64),
+        actor: Actor::system("fuzz"),
+        schema: SCHEMA_VERSION,
+        payload,
+    };
+    let before = wf.clone();
+    match wf.apply(&event) {
+        Err(_) => prop_assert_eq!(&before, &*wf, "refused {:?} changed the state", event),
+        Ok(()) => {
+            prop_assert_eq!(wf.version, before.version + 1);
+            prop_assert_eq!(seq, wf.version);
+            check_terminal_kept(&before, wf)?;
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn arbitrary_events_never_move_a_terminal_signature(
+        tree in arb_tree(),
+        events in prop::collection::vec((arb_payload(12), arb_seq_mode()), 0..40),
+    ) {
+        let mut wf = Workflow::empty(wf_id());
+        apply_checked(
+            &mut wf,
+            Payload::WorkflowCreated { nodes: tree.flatten() },
+            SeqMode::Next,
+        )?;
+        prop_assert!(wf.exists());
+        let mut accepted = vec![];
+        for (payload, mode) in events {
+            let version = wf.version;
+            apply_checked(&mut wf, payload.clone(), mode)?;
+            if wf.version != version {
+                accepted.push(payload);
+            }
+        }
+        // The accepted events alone fold to the same state.
+        let mut again = Workflow::empty(wf_id());
+        again.apply(&Event {
+            stream: wf_id(),
+            seq: 1,
+            at: Timestamp::from_micros(1),
+            actor: Actor::system("fuzz"),
+            schema: SCHEMA_VERSION,
+            payload: Payload::WorkflowCreated { nodes: tree.flatten() },
+        }).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for payload in accepted {
+            let seq = again.version + 1;
+            again.apply(&Event {
+                stream: wf_id(),
+                seq,
+                at: Timestamp::from_micros(seq as i64),
+                actor: Actor::system("fuzz"),
+                schema: SCHEMA_VERSION,
+                payload,
+            }).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
+        prop_assert_eq!(again, wf);
+    }
+
+    #[test]
+    fn arbitrary_events_on_an_empty_workflow_never_panic(
+        events in prop::collection::vec((arb_payload(6), arb_seq_mode()), 0..20),
+    ) {
+        let mut wf = Workflow::empty(wf_id());
+        for (payload, mode) in events {
+            apply_checked(&mut wf, payload, mode)?;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Codec
+// ---------------------------------------------------------------------------------------------
+
+fn arb_actor() -> impl Strategy<Value = Actor> {
+    prop_oneof![
+        ".{0,8}".prop_map(Actor::api),
+        ".{0,8}".prop_map(Actor::worker),
+        ".{0,8}".prop_map(Actor::system),
+    ]
+}
+
+fn arb_event() -> impl Strategy<Value = Event> {
+    (
+        any::<u128>(),
+        any::<u64>(),
+        any::<i64>(),
+        arb_actor(),
+        0..=SCHEMA_VERSION,
+        arb_payload(u32::MAX - 1),
+    )
+        .prop_map(|(stream, seq, at, actor, schema, payload)| Event {
+            stream: WorkflowId::from_u128(stream),
+            seq,
+            at: Timestamp::from_micros(at),
+            actor,
+            schema,
+            payload,
+        })
+}
+
+#[derive(Clone, Debug)]
+enum Damage {
+    Truncate(Index),
+    Set(Index, u8),
+    Insert(Index, u8),
+    Remove(Index),
+    Append(Vec<u8>),
+}
+
+fn arb_damage() -> impl Strategy<Value = Damage> {
+    prop_oneof![
+        any::<Index>().prop_map(Damage::Truncate),
+        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Damage::Set(i, b)),
+        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Damage::Insert(i, b)),
+        any::<Index>().prop_map(Damage::Remove),
+        prop::collection::vec(any::<u8>(), 1..8).prop_map(Damage::Append),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn encode_then_decode_round_trips(event in arb_event()) {
+        let bytes = encode(&event).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let decoded = decode(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(decoded, event);
+    }
+
+    #[test]
+    fn decode_of_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn decode_of_damaged_encodings_never_panics(
+        event in arb_event(),
+        damage in prop::collection::vec(arb_damage(), 1..4),
+    ) {
+        let mut bytes = encode(&event).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let only_truncated = damage.iter().all(|d| matches!(d, Damage::Truncate(_)));
+        let original_len = bytes.len();
+        for d in damage {
+            match d {
+                Damage::Truncate(i) => bytes.truncate(i.index(bytes.len().max(1))),
+                Damage::Set(i, b) if !bytes.is_empty() => {
+                    let i = i.index(bytes.len());
+                    bytes[i] = b;
+                }
+                Damage::Insert(i, b) => {
+                    let i = i.index(bytes.len() + 1);
+                    bytes.insert(i, b);
+                }
+                Damage::Remove(i) if !bytes.is_empty() => {
+                    bytes.remove(i.index(bytes.len()));
+                }
+                Damage::Append(extra) => bytes.extend(extra),
+                _ => {}
+            }
+        }
+        let result = decode(&bytes);
+        if only_truncated && bytes.len() < original_len {
+            prop_assert!(result.is_err(), "a truncated event decoded: {:?}", result);
+        }
+    }
+}
+
+#[test]
+fn decode_rejects_trailing_bytes_newer_schemas_and_oversized_input() {
+    let event = Event {
+        stream: wf_id(),
+        seq: 1,
+        at: Timestamp::from_micros(5),
+        actor: Actor::api("a"),
+        schema: SCHEMA_VERSION,
+        payload: Payload::Suspended { node: 3 },
+    };
+    let mut bytes = encode(&event).expect("encodes");
+    assert_eq!(decode(&bytes).expect("decodes"), event);
+    bytes.push(0xc0);
+    assert!(matches!(
+        decode(&bytes),
+        Err(mageflow_core::CodecError::Malformed(_))
+    ));
+
+    let newer = Event {
+        schema: SCHEMA_VERSION + 1,
+        ..event
+    };
+    assert!(matches!(
+        decode(&encode(&newer).expect("encodes")),
+        Err(mageflow_core::CodecError::UnsupportedSchema { .. })
+    ));
+
+    let huge = vec![0u8; mageflow_core::codec::EVENT_BYTES_MAX + 1];
+    assert!(matches!(
+        decode(&huge),
+        Err(mageflow_core::CodecError::TooLarge { .. })
+    ));
+}
+
+/// Deeply nested JSON inside an event must be refused with an error, not overflow the stack
+/// (test threads have 2 MiB stacks, like tokio's workers), and JSON as deep as the API accepts
+/// must still round-trip.
+#[test]
+fn decode_of_deeply_nested_values_is_refused_without_overflowing_the_stack() {
+    let event = |kwargs| Event {
+        stream: wf_id(),
+        seq: 1,
+        at: Timestamp::from_micros(5),
+        actor: Actor::api("a"),
+        schema: SCHEMA_VERSION,
+        payload: Payload::KwargsUpdated { node: 0, kwargs },
+    };
+    let prefix = encode(&event(Value::Null)).expect("encodes");
+    // The event ends with `kwargs: nil`; replace the nil with deep nesting.
+    assert_eq!(prefix.last(), Some(&0xc0));
+    let nested = |depth: usize, level: &[u8]| {
+        let mut bytes = prefix[..prefix.len() - 1].to_vec();
+        for _ in 0..depth {
+            bytes.extend_from_slice(level);
+        }
+        bytes.push(0xc0);
+        bytes
+    };
+    let array: &[u8] = &[0x91]; // [ ... ]
+    let map: &[u8] = &[0x81, 0xa1, b'k']; // {"k": ... }
+    for level in [array, map] {
+        for depth in [mageflow_core::codec::EVENT_DEPTH_MAX, 1_000, 100_000] {
+            assert!(
+                decode(&nested(depth, level)).is_err(),
+                "{depth} levels decoded"
+            );
+        }
+    }
+
+    // 128 levels, the most serde_json parses.
+    let mut deep = Value::Null;
+    for _ in 0..64 {
+        deep = json!({ "k": [deep] });
+    }
+    let bytes = encode(&event(deep.clone())).expect("encodes");
+    assert_eq!(decode(&bytes).expect("decodes"), event(deep));
+}
+
+#[test]
+fn tree_strategy_produces_valid_trees() {
+    // The command properties start from `Op::Create`; make sure the generator's trees are all
+    // accepted, including the degenerate shapes (empty swarms, callbacks on callbacks).
+    let samples = [
+        swarm("s", 1, None, true, []),
+        chain("c", [swarm("s", 1, Some(1), false, [task("t")])]).on_error(task("e")),
+        Tree {
+            kind: TreeKind::Task {
+                retry: RetryPolicy::default(),
+            },
+            ..task("x").on_success(task("y").on_success(task("z")))
+        },
+    ];
+    for t in samples {
+        let mut wf = Workflow::empty(wf_id());
+        let cmd = Command {
+            actor: Actor::api("a"),
+            at: Timestamp::EPOCH,
+            op: Op::Create {
+                nodes: t.flatten(),
+                start: Some(Message::input(json!({}))),
+            },
+        };
+        execute(&mut wf, &cmd).expect("valid tree");
+    }
+}

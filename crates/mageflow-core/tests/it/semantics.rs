@@ -53,7 +53,10 @@ fn chain_passes_each_result_to_the_next_step_and_then_to_its_success_callback() 
         Some(Outcome::Ok(json!({"c": 3})))
     );
     assert_eq!(h.status("report"), Status::Queued);
-    assert_eq!(queued_message(&h, "report"), Message::result(json!({"c": 3})));
+    assert_eq!(
+        queued_message(&h, "report"),
+        Message::result(json!({"c": 3}))
+    );
 
     h.run("report", json!(null));
     assert!(h.wf.is_finished());
@@ -269,7 +272,11 @@ fn open_swarm_takes_new_items_until_closed() {
     let open = h.idx("open");
 
     h.run("t0", json!(0));
-    assert_eq!(h.status("open"), Status::Running, "an open swarm is not done");
+    assert_eq!(
+        h.status("open"),
+        Status::Running,
+        "an open swarm is not done"
+    );
 
     let base = h.wf.nodes.len();
     let events = h.ok(Op::AddSwarmItems {
@@ -283,7 +290,11 @@ fn open_swarm_takes_new_items_until_closed() {
     while let Some(name) = h.named_in(Status::Queued).first().cloned() {
         h.run(&name, json!(name));
     }
-    assert_eq!(h.status("open"), Status::Running, "still open: still running");
+    assert_eq!(
+        h.status("open"),
+        Status::Running,
+        "still open: still running"
+    );
     assert_eq!(h.status("after"), Status::Pending);
 
     let events = h.ok(Op::CloseSwarm { swarm: open });
@@ -317,10 +328,7 @@ fn open_swarm_takes_new_items_until_closed() {
 
 #[test]
 fn add_swarm_items_can_close_in_the_same_step_and_is_refused_afterwards() {
-    let tree = chain(
-        "outer",
-        [swarm("open", 1, None, false, []), task("next")],
-    );
+    let tree = chain("outer", [swarm("open", 1, None, false, []), task("next")]);
     let mut h = Harness::new(&tree, Some(json!({})));
     let open = h.idx("open");
     assert_eq!(h.status("open"), Status::Running);
@@ -370,7 +378,11 @@ fn suspended_chain_lets_the_running_step_finish_and_parks_the_next_until_resumed
     h.start("a");
     let events = h.ok(Op::Suspend { node: pipeline });
     assert_eq!(kinds(&events), [("suspended", Some(pipeline))]);
-    assert_eq!(h.status("a"), Status::Running, "a running attempt is not stopped");
+    assert_eq!(
+        h.status("a"),
+        Status::Running,
+        "a running attempt is not stopped"
+    );
     // Suspending twice is a no-op.
     assert!(h.ok(Op::Suspend { node: pipeline }).is_empty());
 
@@ -395,7 +407,10 @@ fn suspended_chain_lets_the_running_step_finish_and_parks_the_next_until_resumed
     let events = h.ok(Op::Suspend { node: pipeline });
     assert_eq!(
         kinds(&events),
-        [("suspended", Some(pipeline)), ("suspended", Some(h.idx("c")))]
+        [
+            ("suspended", Some(pipeline)),
+            ("suspended", Some(h.idx("c")))
+        ]
     );
     h.ok(Op::Resume { node: pipeline });
     assert_eq!(h.status("c"), Status::Queued);
@@ -420,7 +435,10 @@ fn suspended_swarm_dispatches_nothing_until_resumed() {
     let events = h.ok(Op::Suspend { node: fan });
     assert_eq!(
         kinds(&events),
-        [("suspended", Some(fan)), ("suspended", Some(h.idx("item1")))]
+        [
+            ("suspended", Some(fan)),
+            ("suspended", Some(h.idx("item1")))
+        ]
     );
     assert_eq!(h.status("item0"), Status::Running);
 
@@ -479,7 +497,10 @@ fn duplicate_or_stale_completion_is_a_no_op() {
         attempt,
         result: json!("r"),
     });
-    assert_eq!(kinds(&first), [("succeeded", Some(t)), ("queued", Some(h.idx("cb")))]);
+    assert_eq!(
+        kinds(&first),
+        [("succeeded", Some(t)), ("queued", Some(h.idx("cb")))]
+    );
 
     let before = h.wf.clone();
     let dup = h.ok(Op::Complete {
@@ -629,9 +650,16 @@ fn interrupt_revokes_the_running_attempt_and_resume_requeues_it() {
     let events = h.ok(Op::Interrupt { node: pipeline });
     assert_eq!(
         kinds(&events),
-        [("interrupted", Some(pipeline)), ("interrupted", Some(h.idx("a")))]
+        [
+            ("interrupted", Some(pipeline)),
+            ("interrupted", Some(h.idx("a")))
+        ]
     );
-    assert_eq!(h.status("b"), Status::Pending, "untriggered steps stay pending");
+    assert_eq!(
+        h.status("b"),
+        Status::Pending,
+        "untriggered steps stay pending"
+    );
     // The revoked attempt's report is ignored.
     assert!(h
         .ok(Op::Complete {
@@ -652,15 +680,25 @@ fn interrupt_revokes_the_running_attempt_and_resume_requeues_it() {
 fn canceling_an_item_of_a_swarm_does_not_stall_the_swarm() {
     // item1 is canceled before the swarm reaches it: its slot must not be lost and the swarm must
     // still finish.
-    let tree = swarm("fan", 1, None, true, [task("item0"), task("item1"), task("item2")])
-        .on_success(task("after"));
+    let tree = swarm(
+        "fan",
+        1,
+        None,
+        true,
+        [task("item0"), task("item1"), task("item2")],
+    )
+    .on_success(task("after"));
     let mut h = Harness::new(&tree, Some(json!({})));
     h.ok(Op::Cancel {
         node: h.idx("item1"),
         confirmed: true,
     });
     h.run("item0", json!(0));
-    assert_eq!(h.status("item2"), Status::Queued, "item2 gets the free slot");
+    assert_eq!(
+        h.status("item2"),
+        Status::Queued,
+        "item2 gets the free slot"
+    );
     h.run("item2", json!(2));
     assert_eq!(h.status("fan"), Status::Done);
     assert_eq!(h.status("after"), Status::Queued);
@@ -901,4 +939,93 @@ fn tree_builder_encodes_parents_before_children() {
         let parent = spec.parent.expect("non-root has a parent");
         assert!((parent.node as usize) < i);
     }
+}
+
+#[test]
+fn lost_attempt_is_requeued_at_once_and_its_late_report_is_ignored() {
+    let tree = task("t").retry(3, 10, 10).on_success(task("cb"));
+    let mut h = Harness::new(&tree, Some(json!({})));
+    let t = h.idx("t");
+    h.start("t");
+    let events = h.ok(Op::Requeue {
+        node: t,
+        attempt: 1,
+    });
+    assert_eq!(kinds(&events), [("retry_scheduled", Some(t))]);
+    assert_eq!(h.status("t"), Status::Queued);
+    assert_eq!(h.node("t").not_before, Some(h.now()), "no backoff");
+    assert!(!h.node("t").in_flight);
+
+    // The lost worker reports after all: ignored, as is a second requeue of the same attempt.
+    assert!(h
+        .ok(Op::Complete {
+            node: t,
+            attempt: 1,
+            result: json!("late")
+        })
+        .is_empty());
+    assert!(h
+        .ok(Op::Requeue {
+            node: t,
+            attempt: 1
+        })
+        .is_empty());
+
+    assert_eq!(h.start("t"), 2);
+    h.complete("t", json!("ok"));
+    assert!(h
+        .ok(Op::Requeue {
+            node: t,
+            attempt: 2
+        })
+        .is_empty());
+    assert_eq!(h.count("cb", "queued"), 1);
+}
+
+#[test]
+fn checkpoints_of_the_current_attempt_are_kept_for_the_next_one() {
+    let tree = task("t").retry(1, 10, 10);
+    let mut h = Harness::new(&tree, Some(json!({})));
+    let t = h.idx("t");
+    h.start("t");
+    let events = h.ok(Op::Checkpoint {
+        node: t,
+        attempt: 1,
+        data: json!({"offset": 10}),
+    });
+    assert_eq!(kinds(&events), [("checkpointed", Some(t))]);
+    assert!(h
+        .ok(Op::Checkpoint {
+            node: t,
+            attempt: 5,
+            data: json!({"offset": 99}),
+        })
+        .is_empty());
+    h.fail("t", "flaky", true);
+    assert_eq!(h.start("t"), 2);
+    assert_eq!(h.node("t").checkpoint, Some(json!({"offset": 10})));
+}
+
+#[test]
+fn a_created_root_runs_once() {
+    let tree = chain("c", [task("a")]);
+    let mut h = Harness::new(&tree, None);
+    assert_eq!(h.status("c"), Status::Pending);
+    assert!(h.named_in(Status::Queued).is_empty());
+    let events = h.ok(Op::Run {
+        message: Message::input(json!({"go": 1})),
+    });
+    assert_eq!(
+        kinds(&events),
+        [("container_started", Some(0)), ("queued", Some(h.idx("a")))]
+    );
+    assert_eq!(
+        h.rejected(Op::Run {
+            message: Message::input(json!({}))
+        }),
+        Rejection::InvalidTransition {
+            op: "run",
+            status: Status::Running
+        }
+    );
 }

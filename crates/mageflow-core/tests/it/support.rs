@@ -233,10 +233,9 @@ impl Harness {
     pub fn exec(&mut self, op: Op) -> Result<Vec<Event>, Rejection> {
         self.clock += 1_000;
         let actor = match op {
-            Op::Start { .. }
-            | Op::Complete { .. }
-            | Op::Fail { .. }
-            | Op::Checkpoint { .. } => Actor::worker("w1"),
+            Op::Start { .. } | Op::Complete { .. } | Op::Fail { .. } | Op::Checkpoint { .. } => {
+                Actor::worker("w1")
+            }
             _ => Actor::api("tester"),
         };
         let cmd = Command {
