@@ -382,11 +382,17 @@ impl Workflow {
                 self.count_in_swarm(i, true);
             }
             Payload::RetryScheduled {
-                node, retry_at, ..
+                node,
+                retry_at,
+                lost,
+                ..
             } => {
                 let i = self.check(kind, *node)?;
                 let n = &mut self.nodes[i];
                 n.in_flight = false;
+                if !lost {
+                    n.failures += 1;
+                }
                 n.not_before = Some(*retry_at);
                 if n.status == Status::Running {
                     n.status = Status::Queued;
@@ -443,7 +449,9 @@ impl Workflow {
     pub fn is_paused(&self, index: NodeIndex) -> bool {
         let mut i = index as usize;
         loop {
-            let n = &self.nodes[i];
+            let Some(n) = self.nodes.get(i) else {
+                return false;
+            };
             if matches!(n.status, Status::Suspended | Status::Interrupted) {
                 return true;
             }

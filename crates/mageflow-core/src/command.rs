@@ -85,6 +85,8 @@ pub enum Rejection {
     ConfirmationRequired,
     #[error("signature {0} was canceled: it cannot be resumed or rerun")]
     Canceled(NodeIndex),
+    #[error("signature {0} is waiting for its retry backoff")]
+    NotYet(NodeIndex),
     #[error("internal error (a bug): {0}")]
     Internal(String),
 }
@@ -103,6 +105,7 @@ impl Rejection {
             Rejection::KwargsNotObject => "kwargs_not_object",
             Rejection::ConfirmationRequired => "confirmation_required",
             Rejection::Canceled(_) => "canceled",
+            Rejection::NotYet(_) => "not_yet",
             Rejection::Internal(_) => "internal",
         }
     }

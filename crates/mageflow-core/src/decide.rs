@@ -154,6 +154,9 @@ impl Decider<'_> {
                 if status != Status::Queued || n.is_container() {
                     return Err(invalid("start", status));
                 }
+                if n.not_before.is_some_and(|t| t > self.at) {
+                    return Err(Rejection::NotYet(*node));
+                }
                 let attempt = n.attempt + 1;
                 self.emit(Payload::Started {
                     node: *node,
@@ -198,13 +201,15 @@ impl Decider<'_> {
                     else {
                         return Err(invalid("fail", Status::Running));
                     };
-                    if error.retryable && *attempt <= retry.max_retries {
+                    let failures = self.wf.nodes[*node as usize].failures;
+                    if error.retryable && failures < retry.max_retries {
                         let retry_at = self.at.saturating_add_millis(retry.backoff_for(attempt + 1));
                         self.emit(Payload::RetryScheduled {
                             node: *node,
                             attempt: *attempt,
                             error: error.clone(),
                             retry_at,
+                            lost: false,
                         })?;
                     } else {
                         self.emit(Payload::Failed {
@@ -226,6 +231,7 @@ impl Decider<'_> {
                             retryable: true,
                         },
                         retry_at: self.at,
+                        lost: true,
                     })?;
                 }
             }

@@ -104,12 +104,15 @@ pub enum Payload {
         attempt: u32,
         result: Value,
     },
-    /// A task attempt failed and will be retried at `retry_at`.
+    /// A task attempt failed and will be retried at `retry_at`. `lost` means the attempt did
+    /// not fail but its worker disappeared; it does not count against the retry budget.
     RetryScheduled {
         node: NodeIndex,
         attempt: u32,
         error: TaskError,
         retry_at: Timestamp,
+        #[serde(default)]
+        lost: bool,
     },
     /// A task (final attempt) or a container failed.
     Failed {

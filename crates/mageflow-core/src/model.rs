@@ -252,6 +252,8 @@ pub struct Node {
     pub message: Option<Message>,
     /// Number of the latest attempt (0 = never started).
     pub attempt: u32,
+    /// Attempts that failed and were retried (lost attempts are not counted).
+    pub failures: u32,
     /// True while attempt `attempt` is running and may still report.
     pub in_flight: bool,
     /// Earliest start of the next attempt (retry backoff).
@@ -270,6 +272,7 @@ impl Node {
             status: Status::Pending,
             message: None,
             attempt: 0,
+            failures: 0,
             in_flight: false,
             not_before: None,
             outcome: None,

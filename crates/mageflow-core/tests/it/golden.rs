@@ -117,6 +117,7 @@ fn expected() -> Vec<Event> {
                 retryable: true,
             },
             retry_at: Timestamp::from_micros(AT_MICROS + 250_000),
+            lost: false,
         },
         Payload::Failed {
             node: 3,

@@ -232,6 +232,7 @@ struct Run {
     replica: Workflow,
     log: Vec<Event>,
     clock: i64,
+    waits_for_timers: bool,
 }
 
 impl Run {
@@ -241,12 +242,19 @@ impl Run {
             replica: Workflow::empty(wf_id()),
             log: Vec::new(),
             clock: 0,
+            waits_for_timers: false,
         }
     }
 
     /// Execute `op` and check every per-step invariant.
     fn step(&mut self, op: Op) -> Result<Result<usize, Rejection>, TestCaseError> {
         self.clock += 1;
+        // The drain waits out retry backoffs, as the engine's timers do.
+        if let (true, Op::Start { node }) = (self.waits_for_timers, &op) {
+            if let Some(t) = self.wf.node(*node).and_then(|n| n.not_before) {
+                self.clock = self.clock.max(t.as_micros());
+            }
+        }
         let actor = match self.clock % 2 {
             0 => Actor::worker("w"),
             _ => Actor::system("sim"),
@@ -307,6 +315,7 @@ impl Run {
     /// Resume what is paused, close open swarms, run what is queued and complete what runs,
     /// until nothing moves.
     fn drain(&mut self) -> Result<(), TestCaseError> {
+        self.waits_for_timers = true;
         for round in 0.. {
             prop_assert!(round < 1_000, "drain does not converge");
             let mut moved = 0;
@@ -681,6 +690,7 @@ fn arb_payload(max_node: NodeIndex) -> impl Strategy<Value = Payload> {
                 attempt,
                 error,
                 retry_at: Timestamp::from_micros(t),
+                lost: t % 2 == 0,
             }
         }),
         (n(), attempt(), arb_error()).prop_map(|(node, attempt, error)| Payload::Failed {

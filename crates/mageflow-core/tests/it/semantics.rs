@@ -540,6 +540,7 @@ fn retryable_failures_are_retried_with_backoff_until_the_policy_is_spent() {
                 retryable: true
             },
             retry_at: expected_retry_at,
+            lost: false,
         }]
     );
     assert_eq!(h.status("t"), Status::Queued);
@@ -980,6 +981,25 @@ fn lost_attempt_is_requeued_at_once_and_its_late_report_is_ignored() {
         })
         .is_empty());
     assert_eq!(h.count("cb", "queued"), 1);
+}
+
+#[test]
+fn lost_attempts_do_not_spend_the_retry_budget() {
+    let tree = task("t").retry(1, 10, 10);
+    let mut h = Harness::new(&tree, Some(json!({})));
+    let t = h.idx("t");
+    assert_eq!(h.start("t"), 1);
+    h.ok(Op::Requeue {
+        node: t,
+        attempt: 1,
+    });
+    assert_eq!(h.start("t"), 2);
+    // One real failure with max_retries = 1: retried, not failed.
+    let events = h.fail("t", "flaky", true);
+    assert_eq!(kinds(&events), [("retry_scheduled", Some(t))]);
+    assert_eq!(h.start("t"), 3);
+    let events = h.fail("t", "flaky again", true);
+    assert_eq!(kinds(&events), [("failed", Some(t))]);
 }
 
 #[test]

@@ -232,6 +232,12 @@ impl Harness {
     /// Run one command (the clock advances 1 ms per command) and check the step invariants.
     pub fn exec(&mut self, op: Op) -> Result<Vec<Event>, Rejection> {
         self.clock += 1_000;
+        // A start waits out the retry backoff, as the engine's timers do.
+        if let Op::Start { node } = &op {
+            if let Some(t) = self.wf.node(*node).and_then(|n| n.not_before) {
+                self.clock = self.clock.max(t.as_micros());
+            }
+        }
         let actor = match op {
             Op::Start { .. } | Op::Complete { .. } | Op::Fail { .. } | Op::Checkpoint { .. } => {
                 Actor::worker("w1")
