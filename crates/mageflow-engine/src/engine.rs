@@ -249,6 +249,7 @@ impl Handle {
     fn prepare(&self, sig: &Sig, input: Option<&Value>) -> Result<Vec<mageflow_core::NodeSpec>> {
         sig.validate(&self.registry)?;
         if let Some(input) = input {
+            crate::sig::check_depth("input", input)?;
             let bytes = serde_json::to_vec(input).map_or(0, |v| v.len());
             if bytes > INPUT_BYTES_MAX {
                 return Err(Error::TooLarge {
@@ -409,6 +410,7 @@ impl Handle {
     }
 
     pub(crate) async fn checkpoint(&self, sig: SignatureId, attempt: u32, data: Value) -> Result<()> {
+        crate::sig::check_depth("checkpoint", &data)?;
         let op = Op::Checkpoint {
             node: sig.index,
             attempt,
@@ -875,6 +877,12 @@ impl Orchestrator {
                         self.free_slots += 1;
                         self.stats.running.fetch_sub(1, Ordering::Relaxed);
                     }
+                    let result = result.map(|r| {
+                        r.and_then(|v| match crate::sig::check_depth("result", &v) {
+                            Ok(()) => Ok(v),
+                            Err(e) => Err(TaskFailure::fatal(e.to_string())),
+                        })
+                    });
                     let op = match result {
                         Some(Ok(result)) => Op::Complete {
                             node: sig.index,

@@ -18,6 +18,12 @@ pub enum Error {
         bytes: usize,
         max: usize,
     },
+    #[error("{what} is nested {depth} levels deep, more than the limit of {max}")]
+    TooDeep {
+        what: &'static str,
+        depth: usize,
+        max: usize,
+    },
     #[error("workflow {0} does not exist")]
     NoSuchWorkflow(WorkflowId),
     #[error("signature {0} does not exist")]
@@ -40,6 +46,7 @@ impl Error {
             Error::InvalidKwargs { .. } => "invalid_kwargs",
             Error::InvalidInput { .. } => "invalid_input",
             Error::TooLarge { .. } => "too_large",
+            Error::TooDeep { .. } => "too_deep",
             Error::NoSuchWorkflow(_) => "no_such_workflow",
             Error::NoSuchSignature(_) => "no_such_signature",
             Error::Rejected(r) => r.code(),

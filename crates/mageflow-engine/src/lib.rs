@@ -13,4 +13,7 @@ pub use context::TaskContext;
 pub use engine::{now, Config, Engine, Handle, RecoveryReport, Stats, INPUT_BYTES_MAX};
 pub use error::{Error, Result};
 pub use registry::{Registry, TaskDef, TaskFailure};
-pub use sig::{chain, sign, swarm, ChainSig, Sig, SwarmSig, TaskSig, KWARGS_BYTES_MAX};
+pub use sig::{
+    chain, sign, swarm, value_depth, ChainSig, Sig, SwarmSig, TaskSig, KWARGS_BYTES_MAX,
+    VALUE_DEPTH_MAX,
+};

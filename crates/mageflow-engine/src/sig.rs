@@ -10,6 +10,37 @@ use serde_json::{Map, Value};
 
 /// Largest encoded kwargs of one signature, in bytes.
 pub const KWARGS_BYTES_MAX: usize = 1024 * 1024;
+/// Deepest nesting of arrays/objects accepted in inputs, kwargs, results and checkpoints —
+/// well under the codec's decode limit, so whatever is stored can always be read back.
+pub const VALUE_DEPTH_MAX: usize = 128;
+
+/// Nesting depth of a JSON value, computed without recursion.
+pub fn value_depth(v: &Value) -> usize {
+    let mut max = 0;
+    let mut stack = vec![(v, 1usize)];
+    while let Some((v, d)) = stack.pop() {
+        max = max.max(d);
+        match v {
+            Value::Array(a) => stack.extend(a.iter().map(|x| (x, d + 1))),
+            Value::Object(o) => stack.extend(o.values().map(|x| (x, d + 1))),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// Refuse a value nested deeper than [`VALUE_DEPTH_MAX`].
+pub(crate) fn check_depth(what: &'static str, v: &Value) -> Result<()> {
+    let depth = value_depth(v);
+    if depth > VALUE_DEPTH_MAX {
+        return Err(Error::TooDeep {
+            what,
+            depth,
+            max: VALUE_DEPTH_MAX,
+        });
+    }
+    Ok(())
+}
 
 /// Any signature.
 #[derive(Clone, Debug)]
@@ -22,6 +53,8 @@ pub enum Sig {
 #[derive(Clone, Debug, Default)]
 struct Common {
     kwargs: Map<String, Value>,
+    /// A kwarg that could not be serialized; reported by `validate`.
+    unserializable: Option<String>,
     on_success: Vec<Sig>,
     on_error: Vec<Sig>,
 }
@@ -83,14 +116,24 @@ macro_rules! common_builders {
         impl $t {
             /// Bind one keyword argument (merged over the input at dispatch; kwargs win).
             pub fn kwarg(mut self, key: impl Into<String>, value: impl Serialize) -> Self {
-                let value = serde_json::to_value(value).unwrap_or(Value::Null);
-                self.common.kwargs.insert(key.into(), value);
+                let key = key.into();
+                match serde_json::to_value(value) {
+                    Ok(value) => {
+                        self.common.kwargs.insert(key, value);
+                    }
+                    Err(e) => self.common.unserializable = Some(format!("kwarg {key}: {e}")),
+                }
                 self
             }
             /// Bind every field of a serializable struct or map as kwargs.
             pub fn kwargs(mut self, kwargs: impl Serialize) -> Self {
-                if let Ok(Value::Object(map)) = serde_json::to_value(kwargs) {
-                    self.common.kwargs.extend(map);
+                match serde_json::to_value(kwargs) {
+                    Ok(Value::Object(map)) => self.common.kwargs.extend(map),
+                    Ok(other) => {
+                        self.common.unserializable =
+                            Some(format!("kwargs must serialize to an object, not {other}"))
+                    }
+                    Err(e) => self.common.unserializable = Some(e.to_string()),
                 }
                 self
             }
@@ -178,7 +221,14 @@ impl Sig {
     /// Check every task name and every bound kwargs against the registry.
     pub fn validate(&self, registry: &Registry) -> Result<()> {
         let common = self.common();
+        if let Some(reason) = &common.unserializable {
+            return Err(Error::InvalidKwargs {
+                task: self.task_name().unwrap_or("(container)").to_owned(),
+                reason: reason.clone(),
+            });
+        }
         let kwargs = Value::Object(common.kwargs.clone());
+        check_depth("kwargs", &kwargs)?;
         let bytes = serde_json::to_vec(&kwargs).map_or(0, |v| v.len());
         if bytes > KWARGS_BYTES_MAX {
             return Err(Error::TooLarge {
