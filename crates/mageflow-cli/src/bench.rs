@@ -1,1 +1,252 @@
-pub async fn run(_s: &str, _store: Option<&str>, _n: Option<u32>) -> anyhow::Result<()> { Ok(()) }
+//! `mageflow bench`: named scenarios on the embedded store with durable (group-commit) appends.
+//! Each prints one machine-readable line. `all` runs each scenario in its own process so that
+//! every peak-memory figure belongs to one scenario.
+
+use crate::embedded_path;
+use anyhow::{bail, Context, Result};
+use mageflow::core::Payload;
+use mageflow::{sign, swarm, Config, Engine, Handle, Registry, SignatureId, TaskFailure, WorkflowId};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+pub const SCENARIOS: [&str; 5] = ["flat", "chain", "fanout", "fanout-limited", "cancel"];
+
+pub async fn run(scenario: &str, store: Option<&str>, n: Option<u32>) -> Result<()> {
+    if scenario == "all" {
+        return run_all(store, n);
+    }
+    if !SCENARIOS.contains(&scenario) {
+        bail!("unknown scenario {scenario:?}; known: {} or all", SCENARIOS.join(", "));
+    }
+    let (dir, temporary) = match store {
+        Some(s) => (embedded_path(s)?, false),
+        None => (
+            std::env::temp_dir().join(format!("mageflow-bench-{scenario}-{}", std::process::id())),
+            true,
+        ),
+    };
+    let result = match scenario {
+        "flat" => flat(&dir, n.unwrap_or(100_000)).await,
+        "chain" => chain_steps(&dir, n.unwrap_or(1_000)).await,
+        "fanout" => fanout(&dir, n.unwrap_or(5_000), None).await,
+        "fanout-limited" => fanout(&dir, n.unwrap_or(5_000), Some(8)).await,
+        _ => cancel(&dir, n.unwrap_or(2_000)).await,
+    };
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let line = result?;
+    println!("scenario={scenario} {line} peak_rss_mib={:.0}", peak_rss_mib());
+    Ok(())
+}
+
+fn run_all(store: Option<&str>, n: Option<u32>) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find the mageflow binary")?;
+    for s in SCENARIOS {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["bench", "--scenario", s]);
+        if let Some(store) = store {
+            cmd.args(["--store", &format!("{store}-{s}")]);
+        }
+        if let Some(n) = n {
+            cmd.args(["--n", &n.to_string()]);
+        }
+        let status = cmd.status().with_context(|| format!("cannot run scenario {s}"))?;
+        if !status.success() {
+            bail!("scenario {s} failed ({status})");
+        }
+    }
+    Ok(())
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn open(dir: &PathBuf, registry: Registry, workers: usize) -> Result<Engine> {
+    let config = Config {
+        workers,
+        principal: "bench".into(),
+        ..Config::default()
+    };
+    if std::env::var_os("MAGEFLOW_BENCH_MEMORY").is_some() {
+        return Ok(mageflow::open_in_memory(registry, config).await?);
+    }
+    mageflow::open_embedded(dir, registry, config)
+        .await
+        .with_context(|| format!("cannot open the embedded store at {}", dir.display()))
+}
+
+fn builtins() -> Registry {
+    let mut r = Registry::new();
+    mageflow::engine::builtin::register(&mut r);
+    r
+}
+
+async fn flat(dir: &PathBuf, n: u32) -> Result<String> {
+    let engine = open(dir, builtins(), 1024).await?;
+    let h = engine.handle();
+    let items: Vec<_> = (0..n).map(|_| (sign("noop").into(), json!({}))).collect();
+    let t0 = Instant::now();
+    h.submit_many(items).await?;
+    while h.stats().workflows_finished.load(Ordering::Relaxed) < u64::from(n) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let events = h.stats().events_written.load(Ordering::Relaxed);
+    let appends = h.stats().appends.load(Ordering::Relaxed);
+    engine.shutdown().await;
+    Ok(format!(
+        "n={n} store=embedded seconds={secs:.3} tasks_per_s={:.0} events={events} group_commits={appends}",
+        f64::from(n) / secs
+    ))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+async fn chain_steps(dir: &PathBuf, n: u32) -> Result<String> {
+    let engine = open(dir, builtins(), 64).await?;
+    let h = engine.handle();
+    let steps: Vec<_> = (0..n).map(|_| sign("noop")).collect();
+    let t0 = Instant::now();
+    let wf = h.submit(mageflow::chain(steps), json!({})).await?;
+    h.wait(wf).await?;
+    let secs = t0.elapsed().as_secs_f64();
+    // Step latency from the log: time between consecutive task successes.
+    let done: Vec<i64> = h
+        .history(wf)?
+        .iter()
+        .filter(|e| matches!(e.payload, Payload::Succeeded { attempt, .. } if attempt > 0))
+        .map(|e| e.at.as_micros())
+        .collect();
+    engine.shutdown().await;
+    let mut steps_ms: Vec<f64> = done.windows(2).map(|w| (w[1] - w[0]) as f64 / 1000.0).collect();
+    steps_ms.sort_by(f64::total_cmp);
+    Ok(format!(
+        "n={n} store=embedded seconds={secs:.3} step_p50_ms={:.3} step_p99_ms={:.3}",
+        percentile(&steps_ms, 0.5),
+        percentile(&steps_ms, 0.99)
+    ))
+}
+
+/// Counts concurrently running probe tasks and keeps the peak.
+#[derive(Default)]
+struct Probe {
+    running: AtomicU64,
+    peak: AtomicU64,
+    started: AtomicU64,
+}
+
+fn probe_registry(probe: &Arc<Probe>, done: &Arc<Notify>) -> Registry {
+    let mut r = builtins();
+    let p = probe.clone();
+    r.task("probe", move |_i: Value, _ctx| {
+        let p = p.clone();
+        async move {
+            p.started.fetch_add(1, Ordering::Relaxed);
+            let now = p.running.fetch_add(1, Ordering::Relaxed) + 1;
+            p.peak.fetch_max(now, Ordering::Relaxed);
+            tokio::task::yield_now().await;
+            p.running.fetch_sub(1, Ordering::Relaxed);
+            Ok::<_, TaskFailure>(Value::Null)
+        }
+    });
+    let d = done.clone();
+    r.task("collect", move |i: Value, _ctx| {
+        let d = d.clone();
+        async move {
+            let n = i["mageflow_results"].as_array().map_or(0, Vec::len);
+            d.notify_one();
+            Ok::<_, TaskFailure>(n)
+        }
+    });
+    r
+}
+
+async fn fanout(dir: &PathBuf, n: u32, limit: Option<u32>) -> Result<String> {
+    let probe = Arc::new(Probe::default());
+    let done = Arc::new(Notify::new());
+    let engine = open(dir, probe_registry(&probe, &done), 1024).await?;
+    let h = engine.handle();
+    let items: Vec<_> = (0..n).map(|_| sign("probe")).collect();
+    let s = swarm(items)
+        .max_concurrency(limit.unwrap_or(n.max(1)))
+        .on_success(sign("collect"));
+    let t0 = Instant::now();
+    let wf = h.submit(s, json!({})).await?;
+    done.notified().await;
+    let secs = t0.elapsed().as_secs_f64();
+    h.wait(wf).await?;
+    engine.shutdown().await;
+    let limit_part = limit.map_or(String::new(), |l| format!(" max_concurrency={l}"));
+    Ok(format!(
+        "n={n}{limit_part} store=embedded seconds_to_callback={secs:.3} peak_running={}",
+        probe.peak.load(Ordering::Relaxed)
+    ))
+}
+
+async fn cancel(dir: &PathBuf, n: u32) -> Result<String> {
+    let probe = Arc::new(Probe::default());
+    let mut r = builtins();
+    let p = probe.clone();
+    r.task("nap", move |_i: Value, ctx: mageflow::TaskContext| {
+        let p = p.clone();
+        async move {
+            p.started.fetch_add(1, Ordering::Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => Ok(Value::Null),
+                _ = ctx.cancellation().cancelled() => Err(TaskFailure::retryable("stopped")),
+            }
+        }
+    });
+    let engine = open(dir, r, 64).await?;
+    let h: Handle = engine.handle();
+    let items: Vec<_> = (0..n).map(|_| sign("nap")).collect();
+    let wf: WorkflowId = h.submit(swarm(items).max_concurrency(50), json!({})).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = Instant::now();
+    h.cancel(SignatureId::root(wf), true).await?;
+    let call_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let started_at_return = probe.started.load(Ordering::Relaxed);
+    let state = h.wait(wf).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started_after_wall = probe.started.load(Ordering::Relaxed) - started_at_return;
+    // The log's order is the truth: count `started` events after the `canceled` of the root.
+    let history = h.history(wf)?;
+    let cancel_seq = history
+        .iter()
+        .find(|e| matches!(e.payload, Payload::Canceled { node: 0 }))
+        .map_or(u64::MAX, |e| e.seq);
+    let started_after_log = history
+        .iter()
+        .filter(|e| e.seq > cancel_seq && matches!(e.payload, Payload::Started { .. }))
+        .count();
+    let finished_before = state
+        .nodes
+        .iter()
+        .filter(|n| n.status == mageflow::Status::Done)
+        .count();
+    engine.shutdown().await;
+    Ok(format!(
+        "n={n} store=embedded cancel_call_ms={call_ms:.2} started_after_cancel_log={started_after_log} started_after_cancel_wall={started_after_wall} done_before_cancel={finished_before}"
+    ))
+}
