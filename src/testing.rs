@@ -178,7 +178,10 @@ impl TestEngine {
             _ => false,
         });
         let kind = if chain { "chain" } else { "swarm" };
-        assert!(hit, "no {kind} with tasks {want:?} was dispatched; dispatched: {all:?}");
+        assert!(
+            hit,
+            "no {kind} with tasks {want:?} was dispatched; dispatched: {all:?}"
+        );
     }
 
     pub fn assert_nothing_dispatched(&self) {

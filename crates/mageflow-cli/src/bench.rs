@@ -5,7 +5,9 @@
 use crate::embedded_path;
 use anyhow::{bail, Context, Result};
 use mageflow::core::Payload;
-use mageflow::{sign, swarm, Config, Engine, Handle, Registry, SignatureId, TaskFailure, WorkflowId};
+use mageflow::{
+    sign, swarm, Config, Engine, Handle, Registry, SignatureId, TaskFailure, WorkflowId,
+};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +22,10 @@ pub async fn run(scenario: &str, store: Option<&str>, n: Option<u32>) -> Result<
         return run_all(store, n);
     }
     if !SCENARIOS.contains(&scenario) {
-        bail!("unknown scenario {scenario:?}; known: {} or all", SCENARIOS.join(", "));
+        bail!(
+            "unknown scenario {scenario:?}; known: {} or all",
+            SCENARIOS.join(", ")
+        );
     }
     let (dir, temporary) = match store {
         Some(s) => (embedded_path(s)?, false),
@@ -40,7 +45,10 @@ pub async fn run(scenario: &str, store: Option<&str>, n: Option<u32>) -> Result<
         let _ = std::fs::remove_dir_all(&dir);
     }
     let line = result?;
-    println!("scenario={scenario} {line} peak_rss_mib={:.0}", peak_rss_mib());
+    println!(
+        "scenario={scenario} {line} peak_rss_mib={:.0}",
+        peak_rss_mib()
+    );
     Ok(())
 }
 
@@ -55,7 +63,9 @@ fn run_all(store: Option<&str>, n: Option<u32>) -> Result<()> {
         if let Some(n) = n {
             cmd.args(["--n", &n.to_string()]);
         }
-        let status = cmd.status().with_context(|| format!("cannot run scenario {s}"))?;
+        let status = cmd
+            .status()
+            .with_context(|| format!("cannot run scenario {s}"))?;
         if !status.success() {
             bail!("scenario {s} failed ({status})");
         }
@@ -139,7 +149,10 @@ async fn chain_steps(dir: &PathBuf, n: u32) -> Result<String> {
         .map(|e| e.at.as_micros())
         .collect();
     engine.shutdown().await;
-    let mut steps_ms: Vec<f64> = done.windows(2).map(|w| (w[1] - w[0]) as f64 / 1000.0).collect();
+    let mut steps_ms: Vec<f64> = done
+        .windows(2)
+        .map(|w| (w[1] - w[0]) as f64 / 1000.0)
+        .collect();
     steps_ms.sort_by(f64::total_cmp);
     Ok(format!(
         "n={n} store=embedded seconds={secs:.3} step_p50_ms={:.3} step_p99_ms={:.3}",
@@ -221,7 +234,9 @@ async fn cancel(dir: &PathBuf, n: u32) -> Result<String> {
     let engine = open(dir, r, 64).await?;
     let h: Handle = engine.handle();
     let items: Vec<_> = (0..n).map(|_| sign("nap")).collect();
-    let wf: WorkflowId = h.submit(swarm(items).max_concurrency(50), json!({})).await?;
+    let wf: WorkflowId = h
+        .submit(swarm(items).max_concurrency(50), json!({}))
+        .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t0 = Instant::now();
     h.cancel(SignatureId::root(wf), true).await?;

@@ -77,7 +77,11 @@ fn registry(c: &Arc<Counters>) -> Registry {
     r.task("report", move |i: ReportInput, _ctx| {
         let k = k.clone();
         async move {
-            let ok = i.mageflow_results.iter().filter(|o| o.get("ok").is_some()).count();
+            let ok = i
+                .mageflow_results
+                .iter()
+                .filter(|o| o.get("ok").is_some())
+                .count();
             let err = i.mageflow_results.len() - ok;
             k.report_ok.store(ok as u64, Ordering::Relaxed);
             k.report_err.store(err as u64, Ordering::Relaxed);
@@ -178,7 +182,8 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
     let final_state = loop {
         let state = h.workflow(wf).await?;
         let counts = count_items(&state, swarm_index);
-        let finished = counts.get("done").copied().unwrap_or(0) + counts.get("failed").copied().unwrap_or(0);
+        let finished =
+            counts.get("done").copied().unwrap_or(0) + counts.get("failed").copied().unwrap_or(0);
         bar.set_position(finished);
         bar.set_message(format!(
             "running {} · queued {} · done {} · failed {}",
@@ -190,7 +195,10 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
         if !suspended_once && finished * 5 >= u64::from(items) * 2 {
             suspended_once = true;
             h.suspend(root).await?;
-            say("  suspend: chain suspended at ~40% — running tasks finish, nothing new starts".into());
+            say(
+                "  suspend: chain suspended at ~40% — running tasks finish, nothing new starts"
+                    .into(),
+            );
             let starts_before = h.stats().attempts_started.load(Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(400)).await;
             let paused = h.workflow(wf).await?;
@@ -220,17 +228,29 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
     for n in &final_state.nodes {
         *by_status.entry(n.status.name()).or_insert(0) += 1;
     }
-    let tasks = final_state.nodes.iter().filter(|n| !n.is_container()).count();
+    let tasks = final_state
+        .nodes
+        .iter()
+        .filter(|n| !n.is_container())
+        .count();
     println!();
     println!("  {:<28} {:>10}", "signatures by status", "count");
     for (s, n) in &by_status {
         println!("  {s:<28} {n:>10}");
     }
     println!("  {:<28} {:>10.2}", "elapsed s", elapsed.as_secs_f64());
-    println!("  {:<28} {:>10.0}", "tasks/s", tasks as f64 / elapsed.as_secs_f64());
+    println!(
+        "  {:<28} {:>10.0}",
+        "tasks/s",
+        tasks as f64 / elapsed.as_secs_f64()
+    );
     println!("  {:<28} {:>10}", "events written", events);
     println!("  {:<28} {:>10}", "events in this workflow", history.len());
-    println!("  {:<28} {:>10}", "flaky task attempts", counters.flaky_attempts.load(Ordering::Relaxed));
+    println!(
+        "  {:<28} {:>10}",
+        "flaky task attempts",
+        counters.flaky_attempts.load(Ordering::Relaxed)
+    );
     println!(
         "  {:<28} {:>10}",
         "report: items ok / failed",
@@ -251,16 +271,46 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
             problems.push(format!("{name}: got {got}, expected {want}"));
         }
     };
-    check("notify (chain success callback) runs", counters.notify_runs.load(Ordering::Relaxed), 1, &mut problems);
-    check("alert (chain error callback) runs", counters.alert_runs.load(Ordering::Relaxed), 0, &mut problems);
+    check(
+        "notify (chain success callback) runs",
+        counters.notify_runs.load(Ordering::Relaxed),
+        1,
+        &mut problems,
+    );
+    check(
+        "alert (chain error callback) runs",
+        counters.alert_runs.load(Ordering::Relaxed),
+        0,
+        &mut problems,
+    );
     if u64::from(items) > BROKEN_ITEM {
-        check("cleanup (error callback of the broken item) runs", counters.cleanup_runs.load(Ordering::Relaxed), 1, &mut problems);
-        check("items reported failed", counters.report_err.load(Ordering::Relaxed), 1, &mut problems);
+        check(
+            "cleanup (error callback of the broken item) runs",
+            counters.cleanup_runs.load(Ordering::Relaxed),
+            1,
+            &mut problems,
+        );
+        check(
+            "items reported failed",
+            counters.report_err.load(Ordering::Relaxed),
+            1,
+            &mut problems,
+        );
     }
     if u64::from(items) > FLAKY_ITEM {
-        check("flaky item attempts", counters.flaky_attempts.load(Ordering::Relaxed), 2, &mut problems);
+        check(
+            "flaky item attempts",
+            counters.flaky_attempts.load(Ordering::Relaxed),
+            2,
+            &mut problems,
+        );
     }
-    check("tasks started while suspended", started_during_suspend, 0, &mut problems);
+    check(
+        "tasks started while suspended",
+        started_during_suspend,
+        0,
+        &mut problems,
+    );
     check(
         "items reported in total",
         counters.report_ok.load(Ordering::Relaxed) + counters.report_err.load(Ordering::Relaxed),
@@ -269,13 +319,19 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
     );
     if problems.is_empty() {
         println!("\ndemo finished as expected: workflow {wf}");
-        println!("audit trail: mageflow history --store embedded:{} {wf}", dir.display());
+        println!(
+            "audit trail: mageflow history --store embedded:{} {wf}",
+            dir.display()
+        );
         Ok(())
     } else {
         for p in &problems {
             eprintln!("unexpected: {p}");
         }
-        bail!("the showcase did not finish as expected ({} problems)", problems.len())
+        bail!(
+            "the showcase did not finish as expected ({} problems)",
+            problems.len()
+        )
     }
 }
 

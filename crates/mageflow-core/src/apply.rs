@@ -124,7 +124,8 @@ pub(crate) fn validate_nodes(
     }
     for (offset, spec) in nodes.iter().enumerate() {
         let index = base + offset;
-        let attached_to_swarm = matches!((spec.parent, attach), (Some(l), Some(_)) if (l.node as usize) < base);
+        let attached_to_swarm =
+            matches!((spec.parent, attach), (Some(l), Some(_)) if (l.node as usize) < base);
         if offset > 0 || attach.is_some() {
             if !referenced[offset] && !attached_to_swarm {
                 return Err(format!("signature {index} is not referenced by its parent"));

@@ -23,7 +23,9 @@ pub enum Op {
         start: Option<Message>,
     },
     /// Trigger a created, never-triggered root.
-    Run { message: Message },
+    Run {
+        message: Message,
+    },
     /// Add items to an open swarm (`nodes[0..]` get the next free indexes; their internal links
     /// use those final indexes); optionally close it in the same step.
     AddSwarmItems {
@@ -31,10 +33,17 @@ pub enum Op {
         nodes: Vec<NodeSpec>,
         close: bool,
     },
-    CloseSwarm { swarm: NodeIndex },
-    UpdateKwargs { node: NodeIndex, kwargs: Value },
+    CloseSwarm {
+        swarm: NodeIndex,
+    },
+    UpdateKwargs {
+        node: NodeIndex,
+        kwargs: Value,
+    },
     /// A worker slot takes a queued task.
-    Start { node: NodeIndex },
+    Start {
+        node: NodeIndex,
+    },
     Checkpoint {
         node: NodeIndex,
         attempt: u32,
@@ -52,12 +61,24 @@ pub enum Op {
     },
     /// The worker running `attempt` is gone (crash, lost lease): queue a new attempt now,
     /// without spending the retry budget. A no-op if the attempt already reported.
-    Requeue { node: NodeIndex, attempt: u32 },
-    Suspend { node: NodeIndex },
-    Resume { node: NodeIndex },
-    Interrupt { node: NodeIndex },
+    Requeue {
+        node: NodeIndex,
+        attempt: u32,
+    },
+    Suspend {
+        node: NodeIndex,
+    },
+    Resume {
+        node: NodeIndex,
+    },
+    Interrupt {
+        node: NodeIndex,
+    },
     /// Destructive: refused unless `confirmed`.
-    Cancel { node: NodeIndex, confirmed: bool },
+    Cancel {
+        node: NodeIndex,
+        confirmed: bool,
+    },
 }
 
 /// A domain refusal. Nothing was changed. Each has a stable `code()`.

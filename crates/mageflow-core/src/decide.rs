@@ -203,7 +203,9 @@ impl Decider<'_> {
                     };
                     let failures = self.wf.nodes[*node as usize].failures;
                     if error.retryable && failures < retry.max_retries {
-                        let retry_at = self.at.saturating_add_millis(retry.backoff_for(attempt + 1));
+                        let retry_at = self
+                            .at
+                            .saturating_add_millis(retry.backoff_for(attempt + 1));
                         self.emit(Payload::RetryScheduled {
                             node: *node,
                             attempt: *attempt,
@@ -559,4 +561,3 @@ impl Decider<'_> {
         Ok(())
     }
 }
-

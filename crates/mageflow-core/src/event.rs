@@ -66,15 +66,22 @@ pub struct Event {
 #[serde(rename_all = "snake_case")]
 pub enum Payload {
     /// A whole signature tree was created (root is index 0), atomically.
-    WorkflowCreated { nodes: Vec<NodeSpec> },
+    WorkflowCreated {
+        nodes: Vec<NodeSpec>,
+    },
     /// Signatures appended to an open swarm (indexes continue after the existing ones).
     SwarmItemsAdded {
         swarm: NodeIndex,
         nodes: Vec<NodeSpec>,
     },
-    SwarmClosed { swarm: NodeIndex },
+    SwarmClosed {
+        swarm: NodeIndex,
+    },
     /// Bound kwargs deep-merged with `kwargs`.
-    KwargsUpdated { node: NodeIndex, kwargs: Value },
+    KwargsUpdated {
+        node: NodeIndex,
+        kwargs: Value,
+    },
     /// A task was triggered with its message; `parked` means an enclosing container (or the node
     /// itself) is suspended, so it waits in `suspended` until resumed.
     Queued {
@@ -89,9 +96,15 @@ pub enum Payload {
         parked: bool,
     },
     /// A swarm handed out its next `count` items (FIFO).
-    SwarmDispatched { swarm: NodeIndex, count: u32 },
+    SwarmDispatched {
+        swarm: NodeIndex,
+        count: u32,
+    },
     /// Attempt `attempt` of a task started on a worker.
-    Started { node: NodeIndex, attempt: u32 },
+    Started {
+        node: NodeIndex,
+        attempt: u32,
+    },
     /// The handler recorded a checkpoint; a resumed attempt receives it.
     Checkpointed {
         node: NodeIndex,
@@ -120,13 +133,22 @@ pub enum Payload {
         attempt: u32,
         error: TaskError,
     },
-    Suspended { node: NodeIndex },
+    Suspended {
+        node: NodeIndex,
+    },
     /// Back from suspended or interrupted to `status`.
-    Resumed { node: NodeIndex, status: Status },
+    Resumed {
+        node: NodeIndex,
+        status: Status,
+    },
     /// Stopped aggressively; a running attempt is revoked.
-    Interrupted { node: NodeIndex },
+    Interrupted {
+        node: NodeIndex,
+    },
     /// Stopped for good; a running attempt is revoked.
-    Canceled { node: NodeIndex },
+    Canceled {
+        node: NodeIndex,
+    },
 }
 
 impl Payload {

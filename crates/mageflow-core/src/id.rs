@@ -127,7 +127,10 @@ mod tests {
     #[test]
     fn ids_round_trip_through_strings() {
         let wf = WorkflowId::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
-        let sig = SignatureId { workflow: wf, index: 42 };
+        let sig = SignatureId {
+            workflow: wf,
+            index: 42,
+        };
         assert_eq!(wf.to_string().parse::<WorkflowId>(), Ok(wf));
         assert_eq!(sig.to_string().parse::<SignatureId>(), Ok(sig));
         assert!("sig_nothex.1".parse::<SignatureId>().is_err());

@@ -36,7 +36,10 @@ pub fn register(registry: &mut Registry) {
     registry.task("noop", |i: NoopInput, _ctx| async move {
         Ok::<_, TaskFailure>(i.mageflow_results)
     });
-    registry.task("echo", |i: Value, _ctx| async move { Ok::<_, TaskFailure>(i) });
+    registry.task(
+        "echo",
+        |i: Value, _ctx| async move { Ok::<_, TaskFailure>(i) },
+    );
     registry.task("sleep", |i: SleepInput, ctx| async move {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(i.ms)) => Ok(Value::from(i.ms)),

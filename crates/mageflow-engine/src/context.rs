@@ -62,7 +62,9 @@ impl TaskContext {
     pub async fn submit(&self, sig: impl Into<Sig>, input: impl Serialize) -> Result<WorkflowId> {
         let n = self.created.fetch_add(1, Ordering::Relaxed);
         let id = WorkflowId::derive(self.sig, n);
-        self.handle.submit_with_id(id, sig.into(), input, true).await
+        self.handle
+            .submit_with_id(id, sig.into(), input, true)
+            .await
     }
 
     /// The engine, for anything else (status queries, controlling other workflows).

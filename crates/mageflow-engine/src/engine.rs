@@ -158,7 +158,11 @@ pub struct Engine {
 impl Engine {
     /// Start on `log`: rebuild the unfinished workflows from it, requeue attempts that were
     /// running when the last process stopped, and begin running handlers.
-    pub async fn start(log: Arc<dyn EventLog>, registry: Registry, config: Config) -> Result<Engine> {
+    pub async fn start(
+        log: Arc<dyn EventLog>,
+        registry: Registry,
+        config: Config,
+    ) -> Result<Engine> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
         let stats = Arc::new(Stats::default());
         let handle = Handle {
@@ -206,7 +210,13 @@ impl Engine {
     /// (their attempts are requeued by the next start), and stop the orchestrator.
     pub async fn shutdown(self) {
         let (reply, rx) = oneshot::channel();
-        if self.handle.tx.send(Request::Shutdown { reply }).await.is_ok() {
+        if self
+            .handle
+            .tx
+            .send(Request::Shutdown { reply })
+            .await
+            .is_ok()
+        {
             let _ = rx.await;
         }
         let _ = self.task.await;
@@ -243,7 +253,8 @@ impl Handle {
     }
 
     async fn op(&self, sig: SignatureId, op: Op) -> Result<()> {
-        self.exec(vec![(sig.workflow, Action::Core(op))], false).await
+        self.exec(vec![(sig.workflow, Action::Core(op))], false)
+            .await
     }
 
     fn prepare(&self, sig: &Sig, input: Option<&Value>) -> Result<Vec<mageflow_core::NodeSpec>> {
@@ -409,7 +420,12 @@ impl Handle {
         self.op(sig, op).await
     }
 
-    pub(crate) async fn checkpoint(&self, sig: SignatureId, attempt: u32, data: Value) -> Result<()> {
+    pub(crate) async fn checkpoint(
+        &self,
+        sig: SignatureId,
+        attempt: u32,
+        data: Value,
+    ) -> Result<()> {
         crate::sig::check_depth("checkpoint", &data)?;
         let op = Op::Checkpoint {
             node: sig.index,
@@ -1096,7 +1112,9 @@ impl Orchestrator {
                 let _ = w.send(Ok(state.clone()));
             }
         }
-        self.stats.workflows_finished.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .workflows_finished
+            .fetch_add(1, Ordering::Relaxed);
         self.hot.remove(&wf);
     }
 
@@ -1111,14 +1129,22 @@ impl Orchestrator {
                 let msg = e.to_string();
                 tokio::spawn(async move {
                     let result = Some(Err(TaskFailure::fatal(msg)));
-                    let _ = tx.send(Request::Done { sig: l.sig, attempt: l.attempt, result }).await;
+                    let _ = tx
+                        .send(Request::Done {
+                            sig: l.sig,
+                            attempt: l.attempt,
+                            result,
+                        })
+                        .await;
                 });
                 return;
             }
         };
         self.stats.attempts_started.fetch_add(1, Ordering::Relaxed);
         let running = self.stats.running.fetch_add(1, Ordering::Relaxed) + 1;
-        self.stats.running_peak.fetch_max(running, Ordering::Relaxed);
+        self.stats
+            .running_peak
+            .fetch_max(running, Ordering::Relaxed);
         let ctx = TaskContext {
             sig: l.sig,
             attempt: l.attempt,
@@ -1145,7 +1171,13 @@ impl Orchestrator {
                     None
                 }
             };
-            let _ = tx.send(Request::Done { sig, attempt, result }).await;
+            let _ = tx
+                .send(Request::Done {
+                    sig,
+                    attempt,
+                    result,
+                })
+                .await;
         });
     }
 }

@@ -133,7 +133,9 @@ impl Registry {
                 })?;
                 let output = handler(input, ctx).await?;
                 serde_json::to_value(output).map_err(|e| {
-                    TaskFailure::fatal(format!("output of task {task_name} does not serialize: {e}"))
+                    TaskFailure::fatal(format!(
+                        "output of task {task_name} does not serialize: {e}"
+                    ))
                 })
             }) as HandlerFuture
         });

@@ -352,9 +352,7 @@ impl Sig {
         spec.on_success = on_success;
         spec.on_error = on_error;
         match &mut spec.kind {
-            KindSpec::Chain { children: c } | KindSpec::Swarm { children: c, .. } => {
-                *c = children
-            }
+            KindSpec::Chain { children: c } | KindSpec::Swarm { children: c, .. } => *c = children,
             KindSpec::Task { .. } => {}
         }
         Ok(me)

@@ -39,7 +39,9 @@ pub struct Recorded {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("version conflict on stream {stream}: expected version {expected}, stream is at {actual}")]
+    #[error(
+        "version conflict on stream {stream}: expected version {expected}, stream is at {actual}"
+    )]
     Conflict {
         stream: WorkflowId,
         expected: u64,

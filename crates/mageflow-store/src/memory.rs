@@ -108,7 +108,11 @@ impl EventLog for MemoryLog {
     }
 
     fn stream_version(&self, stream: WorkflowId) -> Result<u64> {
-        Ok(self.lock().streams.get(&stream).map_or(0, |p| p.len() as u64))
+        Ok(self
+            .lock()
+            .streams
+            .get(&stream)
+            .map_or(0, |p| p.len() as u64))
     }
 
     fn head(&self) -> u64 {

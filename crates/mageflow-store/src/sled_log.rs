@@ -12,7 +12,7 @@
 
 use crate::{check_request, AppendRequest, BoxFuture, Error, EventLog, Recorded, Result};
 use mageflow_core::{codec, Event, WorkflowId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -89,9 +89,13 @@ fn stream_key(stream: WorkflowId, seq: u64) -> [u8; 25] {
 }
 
 fn be_u64(bytes: &[u8], what: impl Fn() -> String) -> Result<u64> {
-    let arr: [u8; 8] = bytes
-        .try_into()
-        .map_err(|_| Error::Corrupt(format!("{}: expected 8 bytes, found {}", what(), bytes.len())))?;
+    let arr: [u8; 8] = bytes.try_into().map_err(|_| {
+        Error::Corrupt(format!(
+            "{}: expected 8 bytes, found {}",
+            what(),
+            bytes.len()
+        ))
+    })?;
     Ok(u64::from_be_bytes(arr))
 }
 
@@ -203,58 +207,138 @@ impl SledLog {
     /// Stop accepting appends, finish the ones queued, and wait for the committer.
     pub fn close(&self) {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = self.committer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(h) = self
+            .committer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             let _ = h.join();
         }
     }
 
     /// Check every event and index entry: frames decode, positions are dense, every stream's
-    /// sequence numbers are dense and point at events of that stream. Returns the event count.
+    /// sequence numbers are dense (in position order and in the index), every index entry points
+    /// at events of its stream, and each stream's index ends at its last event. Returns the event
+    /// count.
     pub fn verify(&self) -> Result<u64> {
         let mut expected = 1u64;
+        // Last seq of every stream, in position order.
+        let mut versions: HashMap<WorkflowId, u64> = HashMap::new();
         for entry in self.shared.tree.scan_prefix([EVENT_PREFIX]) {
             let (k, v) = entry.map_err(storage)?;
             let pos = be_u64(&k[1..], || "an event key".into())?;
             if pos != expected {
-                return Err(Error::Corrupt(format!("event at position {expected} is missing")));
+                return Err(Error::Corrupt(format!(
+                    "event at position {expected} is missing"
+                )));
             }
-            decode_frame(pos, &v)?;
+            let event = decode_frame(pos, &v)?;
+            let version = versions.entry(event.stream).or_default();
+            if event.seq != *version + 1 {
+                return Err(Error::Corrupt(format!(
+                    "event at position {pos} is {} seq {}, but that stream's previous event has seq {version}",
+                    event.stream, event.seq
+                )));
+            }
+            *version = event.seq;
             expected += 1;
         }
-        let mut last: Option<(Vec<u8>, u64)> = None;
+        let head = expected - 1;
+        let ends_at_last_event = |stream: WorkflowId, last_seq: u64| {
+            let events = versions.get(&stream).copied().unwrap_or(0);
+            if last_seq == events {
+                Ok(())
+            } else {
+                Err(Error::Corrupt(format!(
+                    "stream index of {stream} ends at seq {last_seq}, but the log holds {events} events of it"
+                )))
+            }
+        };
+        let mut indexed: HashSet<WorkflowId> = HashSet::new();
+        let mut last: Option<(WorkflowId, u64)> = None;
         for entry in self.shared.tree.scan_prefix([STREAM_PREFIX]) {
             let (k, v) = entry.map_err(storage)?;
-            if k.len() != 25 || v.len() != 16 {
-                return Err(Error::Corrupt("a stream index entry has the wrong size".into()));
+            if k.len() != 25 {
+                return Err(Error::Corrupt(format!(
+                    "a stream index key has {} bytes, expected 25",
+                    k.len()
+                )));
             }
-            let stream = k[1..17].to_vec();
+            let mut id = [0u8; 16];
+            id.copy_from_slice(&k[1..17]);
+            let stream = WorkflowId::from_u128(u128::from_be_bytes(id));
             let last_seq = be_u64(&k[17..], || "a stream index key".into())?;
+            if v.len() != 16 {
+                return Err(Error::Corrupt(format!(
+                    "stream index entry of {stream} at seq {last_seq} has {} bytes, expected 16",
+                    v.len()
+                )));
+            }
             let first_pos = be_u64(&v[..8], || "a stream index value".into())?;
             let first_seq = be_u64(&v[8..], || "a stream index value".into())?;
-            let want = match &last {
-                Some((s, seq)) if *s == stream => seq + 1,
-                _ => 1,
+            let want = match last {
+                Some((s, seq)) if s == stream => seq + 1,
+                Some((s, seq)) => {
+                    ends_at_last_event(s, seq)?;
+                    1
+                }
+                None => 1,
             };
             if first_seq != want || last_seq < first_seq {
                 return Err(Error::Corrupt(format!(
-                    "stream index has a gap: expected seq {want}, found {first_seq}..={last_seq}"
+                    "stream index of {stream} has a gap: expected seq {want}, found {first_seq}..={last_seq}"
                 )));
             }
-            if first_pos + (last_seq - first_seq) >= expected {
-                return Err(Error::Corrupt(format!(
-                    "stream index points past the end of the log (position {})",
-                    first_pos + (last_seq - first_seq)
-                )));
+            let last_pos = match first_pos.checked_add(last_seq - first_seq) {
+                Some(p) if first_pos >= 1 && p <= head => p,
+                Some(p) => {
+                    let (bad, why) = if first_pos == 0 {
+                        (0, "there is no such position".to_owned())
+                    } else {
+                        (p, format!("past the end of the log at position {head}"))
+                    };
+                    return Err(Error::Corrupt(format!(
+                        "stream index of {stream} at seq {last_seq} points at position {bad}, {why}"
+                    )));
+                }
+                None => {
+                    return Err(Error::Corrupt(format!(
+                        "stream index of {stream} at seq {last_seq} points past the end of the log"
+                    )))
+                }
+            };
+            // Seqs are dense per stream in position order (checked above), so an entry whose two
+            // ends hold the right events covers exactly the events between them.
+            for (pos, seq) in [(first_pos, first_seq), (last_pos, last_seq)] {
+                let event = self.get_event(pos)?;
+                if event.stream != stream || event.seq != seq {
+                    return Err(Error::Corrupt(format!(
+                        "position {pos} holds {} seq {}, but the index says {stream} seq {seq}",
+                        event.stream, event.seq
+                    )));
+                }
             }
+            indexed.insert(stream);
             last = Some((stream, last_seq));
         }
-        Ok(expected - 1)
+        if let Some((s, seq)) = last {
+            ends_at_last_event(s, seq)?;
+        }
+        if let Some(s) = versions.keys().find(|s| !indexed.contains(s)) {
+            return Err(Error::Corrupt(format!(
+                "stream {s} has events but no stream index entry"
+            )));
+        }
+        Ok(head)
     }
 
     fn get_event(&self, pos: u64) -> Result<Event> {
         match self.shared.tree.get(event_key(pos)).map_err(storage)? {
             Some(v) => decode_frame(pos, &v),
-            None => Err(Error::Corrupt(format!("event at position {pos} is missing"))),
+            None => Err(Error::Corrupt(format!(
+                "event at position {pos} is missing"
+            ))),
         }
     }
 }
@@ -387,8 +471,11 @@ impl Committer {
         match written {
             Ok(()) => {
                 self.versions.extend(staged);
-                self.shared.committed.store(end, Ordering::Release);
-                self.shared.head.send_replace(end);
+                // A group that wrote nothing (all refused) is not a commit: no wake-up.
+                if end > start {
+                    self.shared.committed.store(end, Ordering::Release);
+                    self.shared.head.send_replace(end);
+                }
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     let _ = job.reply.send(outcome);
                 }
@@ -396,7 +483,9 @@ impl Committer {
             Err(e) => {
                 let msg = e.to_string();
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                    let _ = job.reply.send(outcome.and(Err(Error::Storage(msg.clone()))));
+                    let _ = job
+                        .reply
+                        .send(outcome.and(Err(Error::Storage(msg.clone()))));
                 }
             }
         }
@@ -423,6 +512,9 @@ impl EventLog for SledLog {
         let from_seq = from_seq.max(1);
         let mut out = Vec::new();
         let mut want = from_seq;
+        // Set once an entry reaches past the committed position: the rest of the stream's
+        // entries belong to a group not yet durable, and must all lie past it too.
+        let mut past_committed = false;
         let range = stream_key(stream, from_seq)..=stream_key(stream, u64::MAX);
         for entry in self.shared.tree.range(range) {
             let (k, v) = entry.map_err(storage)?;
@@ -435,15 +527,28 @@ impl EventLog for SledLog {
             }
             let first_pos = be_u64(&v[..8], || "stream index value".into())?;
             let first_seq = be_u64(&v[8..], || "stream index value".into())?;
+            if past_committed {
+                if first_pos <= committed {
+                    return Err(Error::Corrupt(format!(
+                        "stream index of {stream} at seq {last_seq} points at position {first_pos}, but an earlier entry points past the last committed position {committed}"
+                    )));
+                }
+                continue;
+            }
             if first_seq > want || last_seq < first_seq {
                 return Err(Error::Corrupt(format!(
                     "stream {stream} has a gap: expected seq {want}, index covers {first_seq}..={last_seq}"
                 )));
             }
             for seq in want..=last_seq {
-                let pos = first_pos + (seq - first_seq);
+                let Some(pos) = first_pos.checked_add(seq - first_seq) else {
+                    return Err(Error::Corrupt(format!(
+                        "stream index of {stream} at seq {last_seq} points past the end of the log"
+                    )));
+                };
                 if pos > committed {
-                    return Ok(out);
+                    past_committed = true;
+                    break;
                 }
                 let event = self.get_event(pos)?;
                 if event.stream != stream || event.seq != seq {
@@ -454,7 +559,7 @@ impl EventLog for SledLog {
                 }
                 out.push(event);
             }
-            want = last_seq + 1;
+            want = last_seq.saturating_add(1);
         }
         Ok(out)
     }
@@ -467,11 +572,17 @@ impl EventLog for SledLog {
         }
         let mut out = Vec::with_capacity(limit.min((committed - from + 1) as usize));
         let mut want = from;
-        for entry in self.shared.tree.range(event_key(from)..=event_key(committed)) {
+        for entry in self
+            .shared
+            .tree
+            .range(event_key(from)..=event_key(committed))
+        {
             let (k, v) = entry.map_err(storage)?;
             let pos = be_u64(&k[1..], || "an event key".into())?;
             if pos != want {
-                return Err(Error::Corrupt(format!("event at position {want} is missing")));
+                return Err(Error::Corrupt(format!(
+                    "event at position {want} is missing"
+                )));
             }
             out.push(Recorded {
                 position: pos,
@@ -483,17 +594,44 @@ impl EventLog for SledLog {
             }
         }
         if out.is_empty() || (want <= committed && out.len() < limit) {
-            return Err(Error::Corrupt(format!("event at position {want} is missing")));
+            return Err(Error::Corrupt(format!(
+                "event at position {want} is missing"
+            )));
         }
         Ok(out)
     }
 
     fn stream_version(&self, stream: WorkflowId) -> Result<u64> {
-        // The committer's cache may be ahead of the flushed state only within a commit; sled's
-        // index is the truth for committed data.
-        let v = load_version(&self.shared.tree, stream)?;
-        let events = self.read_stream_tail_guard(stream, v)?;
-        Ok(events)
+        // The committer applies a group's batch before the flush that makes it durable, so the
+        // index may hold entries past the committed position — several of one stream when a
+        // group appends to it more than once. The version is the newest entry that is committed.
+        let committed = self.shared.committed.load(Ordering::Acquire);
+        let mut prefix = [0u8; 17];
+        prefix[0] = STREAM_PREFIX;
+        prefix[1..].copy_from_slice(stream.as_bytes());
+        for entry in self.shared.tree.scan_prefix(prefix).rev() {
+            let (k, v) = entry.map_err(storage)?;
+            let last_seq = be_u64(&k[17..], || format!("stream index key of {stream}"))?;
+            if v.len() != 16 {
+                return Err(Error::Corrupt(format!(
+                    "stream index entry of {stream} at seq {last_seq} is unreadable"
+                )));
+            }
+            let first_pos = be_u64(&v[..8], || "stream index value".into())?;
+            let first_seq = be_u64(&v[8..], || "stream index value".into())?;
+            let last_pos = last_seq
+                .checked_sub(first_seq)
+                .and_then(|n| first_pos.checked_add(n))
+                .ok_or_else(|| {
+                    Error::Corrupt(format!(
+                        "stream index entry of {stream} at seq {last_seq} is inconsistent"
+                    ))
+                })?;
+            if last_pos <= committed {
+                return Ok(last_seq);
+            }
+        }
+        Ok(0)
     }
 
     fn head(&self) -> u64 {
@@ -502,31 +640,5 @@ impl EventLog for SledLog {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.head.subscribe()
-    }
-}
-
-impl SledLog {
-    /// A version read from the index may include a commit that is applied but not yet flushed;
-    /// report only what is committed.
-    fn read_stream_tail_guard(&self, stream: WorkflowId, version: u64) -> Result<u64> {
-        if version == 0 {
-            return Ok(0);
-        }
-        let committed = self.shared.committed.load(Ordering::Acquire);
-        let key = stream_key(stream, version);
-        match self.shared.tree.get(key).map_err(storage)? {
-            Some(v) if v.len() == 16 => {
-                let first_pos = be_u64(&v[..8], || "stream index value".into())?;
-                let first_seq = be_u64(&v[8..], || "stream index value".into())?;
-                if first_pos + (version - first_seq) <= committed {
-                    Ok(version)
-                } else {
-                    Ok(first_seq - 1)
-                }
-            }
-            _ => Err(Error::Corrupt(format!(
-                "stream index entry of {stream} at seq {version} is unreadable"
-            ))),
-        }
     }
 }

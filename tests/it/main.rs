@@ -1,0 +1,17 @@
+//! Integration tests of the engine through the public API of `mageflow`, in one binary (one link
+//! step). Each scenario runs twice: on the in-memory log and on the embedded sled log. Tests
+//! synchronise with handlers through channels, semaphores and barriers — never sleeps — and
+//! assert on the event log (`Handle::history`) as well as on handler executions.
+
+#[macro_use]
+mod support;
+
+mod chains;
+mod control;
+mod durability;
+mod recovery;
+mod reports;
+mod stats;
+mod swarms;
+mod testing_engine;
+mod validation;

@@ -1,0 +1,197 @@
+//! Task reports: duplicates are no-ops, retries run the handler again until it succeeds, and a
+//! retried handler that creates a workflow finds the one its first attempt created.
+
+use crate::support::{
+    assert_one_success_each, assert_silent, count, kinds, next, task, Env, Store,
+};
+use anyhow::Result;
+use mageflow::{chain, sign, Outcome, Payload, Registry, SignatureId, Status, TaskFailure};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+both_stores!(
+    duplicate_report_after_completion_is_a_no_op,
+    duplicate_report_while_running_records_one_success,
+    retryable_failures_are_retried_until_success,
+    workflows_created_by_a_retried_handler_are_not_duplicated,
+);
+
+/// `callback` tells the test each time it runs.
+fn with_callback(tasks: &mut Registry, tx: mpsc::UnboundedSender<Value>) {
+    tasks.task("callback", move |i: Value, _ctx| {
+        let _ = tx.send(i["mageflow_results"].clone());
+        async move { Ok::<_, TaskFailure>(Value::Null) }
+    });
+}
+
+async fn duplicate_report_after_completion_is_a_no_op(store: Store) -> Result<()> {
+    let runs = Arc::new(AtomicU32::new(0));
+    let (tx, mut callbacks) = mpsc::unbounded_channel();
+    let mut tasks = Registry::new();
+    with_callback(&mut tasks, tx);
+    let r = runs.clone();
+    tasks.task("once", move |_: Value, _ctx| {
+        r.fetch_add(1, SeqCst);
+        async move { Ok::<_, TaskFailure>(7) }
+    });
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let wf = h
+        .submit(sign("once").on_success(sign("callback")), json!({}))
+        .await?;
+    h.wait(wf).await?;
+    let before = h.history(wf)?;
+
+    // The same attempt completes again (redelivered message), then fails again.
+    let root = SignatureId::root(wf);
+    h.report(root, 1, Ok(json!(99))).await?;
+    h.report(root, 1, Err(TaskFailure::fatal("late"))).await?;
+    // Requests are handled in order: once this answers, both reports were processed.
+    let state = h.workflow(wf).await?;
+
+    assert_eq!(h.history(wf)?, before, "duplicate reports append nothing");
+    assert_eq!(state.nodes[0].outcome, Some(Outcome::Ok(json!(7))));
+    assert_eq!(runs.load(SeqCst), 1);
+    assert_eq!(next(&mut callbacks).await?, json!(7));
+    assert_silent(&mut callbacks, "the success callback fires once");
+    assert_eq!(count(&before, 0, "succeeded"), 1);
+    assert_one_success_each(&before, &state);
+    env.shutdown().await;
+    Ok(())
+}
+
+async fn duplicate_report_while_running_records_one_success(store: Store) -> Result<()> {
+    let runs = Arc::new(AtomicU32::new(0));
+    let (tx, mut callbacks) = mpsc::unbounded_channel();
+    let mut tasks = Registry::new();
+    with_callback(&mut tasks, tx);
+    let r = runs.clone();
+    // A redelivered copy of the same attempt completes first; then this one does.
+    tasks.task("twice", move |_: Value, ctx| {
+        r.fetch_add(1, SeqCst);
+        async move {
+            ctx.engine()
+                .report(ctx.signature(), ctx.attempt(), Ok(json!(5)))
+                .await?;
+            Ok::<_, TaskFailure>(5)
+        }
+    });
+    tasks.task("after", |i: Value, _ctx| async move {
+        Ok::<_, TaskFailure>(i["mageflow_results"].as_i64().unwrap_or_default() + 1)
+    });
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let sig = chain([sign("twice"), sign("after")]).on_success(sign("callback"));
+    let wf = h.submit(sig, json!({})).await?;
+    // The handler's own report completed the task; the runtime's report of the same attempt,
+    // sent when the handler returns, is a no-op whenever it is processed.
+    let state = h.wait(wf).await?;
+
+    assert_eq!(state.nodes[0].outcome, Some(Outcome::Ok(json!(6))));
+    assert_eq!(runs.load(SeqCst), 1);
+    assert_eq!(next(&mut callbacks).await?, json!(6));
+    assert_silent(&mut callbacks, "the success callback fires once");
+    let history = h.history(wf)?;
+    let (twice, after) = (task(&state, "twice")?, task(&state, "after")?);
+    assert_eq!(kinds(&history, twice), ["queued", "started", "succeeded"]);
+    assert_eq!(kinds(&history, after), ["queued", "started", "succeeded"]);
+    assert_one_success_each(&history, &state);
+    env.shutdown().await;
+    Ok(())
+}
+
+async fn retryable_failures_are_retried_until_success(store: Store) -> Result<()> {
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Registry::new();
+    let a = attempts.clone();
+    tasks.task("flaky", move |_: Value, ctx| {
+        a.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ctx.attempt());
+        async move {
+            match ctx.attempt() {
+                1 | 2 => Err(TaskFailure::retryable(format!("try {}", ctx.attempt()))),
+                n => Ok(json!(n)),
+            }
+        }
+    });
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let wf = h.submit(sign("flaky").retries(3, 1), json!({})).await?;
+    let done = h.wait(wf).await?;
+
+    assert_eq!(done.nodes[0].status, Status::Done);
+    assert_eq!(done.nodes[0].outcome, Some(Outcome::Ok(json!(3))));
+    assert_eq!(
+        *attempts.lock().unwrap_or_else(|p| p.into_inner()),
+        [1, 2, 3]
+    );
+    let history = h.history(wf)?;
+    assert_eq!(count(&history, 0, "started"), 3);
+    assert_eq!(count(&history, 0, "retry_scheduled"), 2);
+    assert_eq!(count(&history, 0, "succeeded"), 1);
+    assert_eq!(count(&history, 0, "failed"), 0);
+    let retried: Vec<(u32, String)> = history
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Payload::RetryScheduled { attempt, error, .. } => {
+                Some((*attempt, error.message.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retried, [(1, "try 1".to_owned()), (2, "try 2".to_owned())]);
+    env.shutdown().await;
+    Ok(())
+}
+
+async fn workflows_created_by_a_retried_handler_are_not_duplicated(store: Store) -> Result<()> {
+    let created = Arc::new(Mutex::new(Vec::new()));
+    let child_runs = Arc::new(AtomicU32::new(0));
+    let mut tasks = Registry::new();
+    let c = created.clone();
+    tasks.task("parent", move |_: Value, ctx| {
+        let created = c.clone();
+        async move {
+            let child = ctx.submit(sign("child"), json!({"from": "parent"})).await?;
+            created
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(child);
+            if ctx.attempt() == 1 {
+                return Err(TaskFailure::retryable("fails after creating its child"));
+            }
+            Ok(child.to_string())
+        }
+    });
+    let r = child_runs.clone();
+    tasks.task("child", move |_: Value, _ctx| {
+        r.fetch_add(1, SeqCst);
+        async move { Ok::<_, TaskFailure>(Value::Null) }
+    });
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let wf = h.submit(sign("parent").retries(2, 1), json!({})).await?;
+    let done = h.wait(wf).await?;
+    assert_eq!(done.nodes[0].status, Status::Done);
+
+    let ids = created.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(ids.len(), 2, "the handler ran twice");
+    assert_eq!(ids[0], ids[1], "both attempts got the same child workflow");
+    let child = h.wait(ids[0]).await?;
+    assert_eq!(child.nodes[0].status, Status::Done);
+    assert_eq!(child_runs.load(SeqCst), 1);
+    let created_events = h
+        .log()
+        .read_all(1, usize::MAX)?
+        .into_iter()
+        .filter(|r| matches!(r.event.payload, Payload::WorkflowCreated { .. }))
+        .map(|r| r.event.stream)
+        .collect::<Vec<_>>();
+    assert_eq!(created_events.len(), 2, "{created_events:?}");
+    assert!(created_events.contains(&wf) && created_events.contains(&ids[0]));
+    env.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! Test harness: every scenario is an `async fn(Store) -> Result<()>`, instantiated once per
+//! backend by [`both_stores!`]; helpers read the event log the way a user would (through
+//! `Handle::history`) and synchronise with handlers through channels and semaphores, never sleeps.
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use mageflow::core::Node;
+use mageflow::core::NodeIndex;
+use mageflow::{Config, Engine, Event, Handle, Registry, TaskFailure, Workflow, WorkflowId};
+use serde_json::Value;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+
+/// Longest a scenario may run before it is reported as hung. A guard against deadlocks only:
+/// no scenario waits on time; a passing run takes a small fraction of this.
+const SCENARIO_SECS_MAX: u64 = 60;
+
+/// Instantiate each scenario `async fn name(Store) -> anyhow::Result<()>` as a module `name` with
+/// one test per backend: `name::memory` and `name::sled`.
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() -> anyhow::Result<()> {
+                crate::support::guard(super::$name(crate::support::Store::Memory)).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sled() -> anyhow::Result<()> {
+                crate::support::guard(super::$name(crate::support::Store::Sled)).await
+            }
+        }
+    )*};
+}
+
+/// Which event log backs the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    Memory,
+    Sled,
+}
+
+/// Run a scenario, turning a hang into a failure instead of a stuck test binary.
+pub async fn guard(scenario: impl Future<Output = Result<()>>) -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(SCENARIO_SECS_MAX), scenario)
+        .await
+        .map_err(|_| anyhow!("scenario did not finish within {SCENARIO_SECS_MAX} s: it hung"))?
+}
+
+/// Engine settings for tests: a short grace so shutdowns with a stuck handler stay quick.
+pub fn config() -> Config {
+    Config {
+        grace: Duration::from_millis(200),
+        principal: "it".into(),
+        ..Config::default()
+    }
+}
+
+/// Where one scenario's log lives; engines can be started on it more than once (recovery).
+pub struct Backend {
+    store: Store,
+    dir: tempfile::TempDir,
+    memory: Arc<mageflow::store::MemoryLog>,
+}
+
+impl Backend {
+    pub fn new(store: Store) -> Result<Self> {
+        Ok(Self {
+            store,
+            dir: tempfile::tempdir()?,
+            memory: Arc::new(mageflow::store::MemoryLog::new()),
+        })
+    }
+
+    /// Start an engine on this backend's log (the same log every time).
+    pub async fn start(&self, registry: Registry, config: Config) -> Result<Engine> {
+        Ok(match self.store {
+            Store::Memory => Engine::start(self.memory.clone(), registry, config).await?,
+            Store::Sled => mageflow::open_embedded(self.dir.path(), registry, config).await?,
+        })
+    }
+}
+
+/// One engine on a fresh log of the given kind, through the public constructors.
+pub struct Env {
+    pub engine: Engine,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Env {
+    pub async fn start(store: Store, registry: Registry) -> Result<Self> {
+        Self::with_config(store, registry, config()).await
+    }
+
+    pub async fn with_config(store: Store, registry: Registry, config: Config) -> Result<Self> {
+        Ok(match store {
+            Store::Memory => Self {
+                engine: mageflow::open_in_memory(registry, config).await?,
+                _dir: None,
+            },
+            Store::Sled => {
+                let dir = tempfile::tempdir()?;
+                Self {
+                    engine: mageflow::open_embedded(dir.path(), registry, config).await?,
+                    _dir: Some(dir),
+                }
+            }
+        })
+    }
+
+    pub fn handle(&self) -> Handle {
+        self.engine.handle()
+    }
+
+    pub async fn shutdown(self) {
+        self.engine.shutdown().await;
+    }
+}
+
+/// A gate handlers pass through one at a time as the test hands out permits.
+pub struct Gate(Semaphore);
+
+impl Gate {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self(Semaphore::new(0)))
+    }
+
+    /// Wait for a permit (consumed).
+    pub async fn pass(&self) -> Result<(), TaskFailure> {
+        self.0
+            .acquire()
+            .await
+            .map_err(|e| TaskFailure::fatal(e.to_string()))?
+            .forget();
+        Ok(())
+    }
+
+    /// Let `n` more handlers through.
+    pub fn open(&self, n: usize) {
+        self.0.add_permits(n);
+    }
+}
+
+/// Receive the next message a handler sent, failing if every sender is gone.
+pub async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Result<T> {
+    rx.recv().await.context("every handler-side sender is gone")
+}
+
+/// Assert that no handler sent anything (yet).
+pub fn assert_silent<T: std::fmt::Debug>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) {
+    if let Ok(m) = rx.try_recv() {
+        panic!("{what}: expected nothing, got {m:?}");
+    }
+}
+
+/// Wait, without polling on a timer, until the durable state of `wf` satisfies `pred`: re-check
+/// after every append to the log.
+pub async fn wait_until(
+    h: &Handle,
+    wf: WorkflowId,
+    pred: impl Fn(&Workflow) -> bool,
+) -> Result<Workflow> {
+    let mut head = h.log().subscribe();
+    loop {
+        let state = h.workflow(wf).await?;
+        if pred(&state) {
+            return Ok(state);
+        }
+        head.changed().await.context("the log was closed")?;
+    }
+}
+
+/// Index of the single node matching `pred`.
+pub fn find(wf: &Workflow, what: &str, pred: impl Fn(&Node) -> bool) -> Result<NodeIndex> {
+    let hits: Vec<usize> = wf
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| pred(n))
+        .map(|(i, _)| i)
+        .collect();
+    match hits.as_slice() {
+        [one] => Ok(*one as NodeIndex),
+        _ => bail!("expected exactly one node for {what}, found {hits:?}"),
+    }
+}
+
+/// Index of the single task node running `task`.
+pub fn task(wf: &Workflow, task: &str) -> Result<NodeIndex> {
+    find(wf, task, |n| n.spec.task_name() == Some(task))
+}
+
+/// Index of the single task node running `task` with kwarg `key` bound to `value`.
+pub fn task_with(wf: &Workflow, task: &str, key: &str, value: Value) -> Result<NodeIndex> {
+    find(wf, &format!("{task} with {key}={value}"), |n| {
+        n.spec.task_name() == Some(task) && n.spec.kwargs.get(key) == Some(&value)
+    })
+}
+
+/// Kinds of the events about `node`, in log order.
+pub fn kinds(history: &[Event], node: NodeIndex) -> Vec<&'static str> {
+    history
+        .iter()
+        .filter(|e| e.payload.node() == Some(node))
+        .map(|e| e.payload.kind())
+        .collect()
+}
+
+/// How many events of `kind` are about `node`.
+pub fn count(history: &[Event], node: NodeIndex, kind: &str) -> usize {
+    kinds(history, node).iter().filter(|k| **k == kind).count()
+}
+
+/// Position in `history` of the only event of `kind` about `node`.
+pub fn only(history: &[Event], node: NodeIndex, kind: &str) -> Result<usize> {
+    let hits: Vec<usize> = history
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.payload.node() == Some(node) && e.payload.kind() == kind)
+        .map(|(i, _)| i)
+        .collect();
+    match hits.as_slice() {
+        [one] => Ok(*one),
+        _ => bail!("expected one {kind} event for node {node}, found them at {hits:?}"),
+    }
+}
+
+/// Every task node that finished `done` has exactly one `succeeded` event; no node has two.
+pub fn assert_one_success_each(history: &[Event], wf: &Workflow) {
+    for (i, n) in wf.nodes.iter().enumerate() {
+        let succeeded = count(history, i as NodeIndex, "succeeded");
+        let want = usize::from(n.status == mageflow::Status::Done);
+        assert_eq!(
+            succeeded, want,
+            "node {i} ({}) is {} and has {succeeded} succeeded events",
+            n.spec.name, n.status
+        );
+    }
+}
