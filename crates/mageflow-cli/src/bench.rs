@@ -15,6 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+/// Workflows per `submit_many` call in the `flat` scenario.
+const FLAT_BULK: u32 = 10_000;
+
 pub const SCENARIOS: [&str; 5] = ["flat", "chain", "fanout", "fanout-limited", "cancel"];
 
 pub async fn run(scenario: &str, store: Option<&str>, n: Option<u32>) -> Result<()> {
@@ -109,9 +112,15 @@ fn builtins() -> Registry {
 async fn flat(dir: &PathBuf, n: u32) -> Result<String> {
     let engine = open(dir, builtins(), 1024).await?;
     let h = engine.handle();
-    let items: Vec<_> = (0..n).map(|_| (sign("noop").into(), json!({}))).collect();
     let t0 = Instant::now();
-    h.submit_many(items).await?;
+    // Enqueued in bulk: atomic submissions of FLAT_BULK workflows each.
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(FLAT_BULK);
+        h.submit_many((0..k).map(|_| (sign("noop").into(), json!({}))))
+            .await?;
+        left -= k;
+    }
     while h.stats().workflows_finished.load(Ordering::Relaxed) < u64::from(n) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

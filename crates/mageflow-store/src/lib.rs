@@ -9,7 +9,10 @@ mod memory;
 mod sled_log;
 
 pub use memory::MemoryLog;
-pub use sled_log::{decode_frame, Durability, SledLog, SledOptions};
+pub use sled_log::{
+    block_entries, decode_block, Durability, Entry, SledLog, SledOptions, BLOCK_BYTES_MAX,
+    BLOCK_EVENTS_MAX,
+};
 
 use mageflow_core::{CodecError, Event, WorkflowId};
 use std::future::Future;

@@ -1,29 +1,57 @@
 //! Embedded durable log on sled, with group commit.
 //!
-//! Layout (one sled tree, so one `Batch` commits a whole group atomically):
-//! - `b'e' ++ position(u64 BE)` → `crc32(LE u32) ++ encoded event` — one key per event;
-//! - `b's' ++ stream(16 bytes) ++ last_seq(u64 BE)` → `first_position(u64 BE) ++ first_seq(u64 BE)`
-//!   — one key per append of a stream, whose events got consecutive positions.
+//! Layout (one sled tree):
+//! - `b'b' ++ first_position(u64 BE)` → a block of consecutive events: `crc32(LE u32, over the
+//!   rest) ++ count(u32 LE) ++ count × [stream(16 bytes) ++ seq(u64 BE) ++ len(u32 LE) ++
+//!   encoded event]`. A group commit is cut into blocks of at most [`BLOCK_EVENTS_MAX`] events
+//!   or [`BLOCK_BYTES_MAX`] bytes: one sled insert per block instead of per event (sled's cost is
+//!   per key), and positions only grow, so inserts land at the right edge of the tree;
+//! - `b'h'` → the last committed position (u64 BE), written with the last chunk of every group.
+//!
+//! The block directory (first positions) and the per-stream index (stream → positions) live in
+//! memory. They are rebuilt at open from the block headers, which doubles as an integrity check
+//! of the whole log: every block's checksum, dense positions, dense sequence numbers per stream.
+//! Open time is therefore proportional to the log's size; compaction will bound it.
 //!
 //! Appenders hand their requests to one committer thread. It takes everything waiting (up to
-//! [`GROUP_EVENTS_MAX`] events), checks versions, writes one batch, flushes once, then answers
-//! them all: concurrent appenders share one fsync. Nothing is acknowledged, and nothing is
-//! visible to readers or subscribers, before the flush that makes it durable.
+//! [`GROUP_EVENTS_MAX`] events), checks versions, writes the group's blocks in sled batches of at
+//! most [`CHUNK_INSERTS_MAX`] keys (sled keeps every intermediate node of a batch alive until the
+//! batch ends), writes the head marker last, flushes once, then answers everyone: concurrent
+//! appenders share one fsync. A crash between chunks leaves blocks past the head marker; they
+//! were never acknowledged and open removes them. Nothing is visible to readers
+//! or subscribers before the flush that makes it durable.
+//!
+//! Beside sled, `mageflow.head` records the last durable position after each flush (written, not
+//! fsynced: it survives a process kill, and after a power loss it can only lag). At open, a sled
+//! log that ends before that position has lost acknowledged events, and open says so instead of
+//! serving a shortened log.
 
 use crate::{check_request, AppendRequest, BoxFuture, Error, EventLog, Recorded, Result};
 use mageflow_core::{codec, Event, WorkflowId};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use tokio::sync::{oneshot, watch};
 
 /// Most events one group commit writes; the rest wait for the next group.
 pub const GROUP_EVENTS_MAX: usize = 64 * 1024;
+/// Most events in one stored block.
+pub const BLOCK_EVENTS_MAX: usize = 256;
+/// A block is closed once it holds this many bytes (one event may make it larger).
+pub const BLOCK_BYTES_MAX: usize = 32 * 1024;
+/// Most keys in one sled batch (a group is written as several).
+pub const CHUNK_INSERTS_MAX: usize = 64;
 
-const EVENT_PREFIX: u8 = b'e';
-const STREAM_PREFIX: u8 = b's';
+const BLOCK_PREFIX: u8 = b'b';
+const HEAD_KEY: &[u8] = b"h";
+const HEAD_FILE: &str = "mageflow.head";
+/// crc32 + count.
+const BLOCK_HEADER_BYTES: usize = 4 + 4;
+/// stream id + seq + length.
+const ENTRY_HEADER_BYTES: usize = 16 + 8 + 4;
 
 /// When an append is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -48,7 +76,7 @@ impl Default for SledOptions {
     fn default() -> Self {
         Self {
             durability: Durability::Flush,
-            cache_bytes: 256 * 1024 * 1024,
+            cache_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -58,12 +86,44 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<u64>>>,
 }
 
+/// What open learns from the block headers, kept up to date by the committer. Committed only.
+#[derive(Default)]
+struct Index {
+    /// First position of every block, ascending.
+    blocks: Vec<u64>,
+    /// Positions of each stream's events, in seq order (`positions[seq - 1]`).
+    streams: HashMap<WorkflowId, Vec<u64>>,
+}
+
+impl Index {
+    /// First position of the block holding `pos`.
+    fn block_of(&self, pos: u64) -> Option<u64> {
+        let i = self.blocks.partition_point(|&first| first <= pos);
+        i.checked_sub(1).map(|i| self.blocks[i])
+    }
+}
+
 struct Shared {
     tree: sled::Tree,
     /// Highest durable position; readers never see beyond it.
     committed: AtomicU64,
+    index: RwLock<Index>,
     head: watch::Sender<u64>,
     path: PathBuf,
+}
+
+impl Shared {
+    fn index(&self) -> RwLockReadGuard<'_, Index> {
+        // Only the committer writes the index, between complete updates.
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn block(&self, first: u64) -> Result<sled::IVec> {
+        self.tree
+            .get(block_key(first))
+            .map_err(storage)?
+            .ok_or_else(|| Error::Corrupt(format!("the block at position {first} is missing")))
+    }
 }
 
 pub struct SledLog {
@@ -73,63 +133,151 @@ pub struct SledLog {
     _db: sled::Db,
 }
 
-fn event_key(pos: u64) -> [u8; 9] {
+fn block_key(first: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
-    k[0] = EVENT_PREFIX;
-    k[1..].copy_from_slice(&pos.to_be_bytes());
+    k[0] = BLOCK_PREFIX;
+    k[1..].copy_from_slice(&first.to_be_bytes());
     k
 }
 
-fn stream_key(stream: WorkflowId, seq: u64) -> [u8; 25] {
-    let mut k = [0u8; 25];
-    k[0] = STREAM_PREFIX;
-    k[1..17].copy_from_slice(stream.as_bytes());
-    k[17..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn be_u64(bytes: &[u8], what: impl Fn() -> String) -> Result<u64> {
-    let arr: [u8; 8] = bytes.try_into().map_err(|_| {
-        Error::Corrupt(format!(
-            "{}: expected 8 bytes, found {}",
-            what(),
-            bytes.len()
-        ))
-    })?;
+fn key_position(key: &[u8]) -> Result<u64> {
+    let arr: [u8; 8] = key
+        .get(1..)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| Error::Corrupt(format!("a block key has {} bytes, expected 9", key.len())))?;
     Ok(u64::from_be_bytes(arr))
 }
 
-fn frame(event: &Event) -> Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(256);
-    buf.extend_from_slice(&[0; 4]);
-    codec::encode_into(event, &mut buf).map_err(|source| Error::Encode {
-        stream: event.stream,
-        seq: event.seq,
-        source,
-    })?;
-    let crc = crc32fast::hash(&buf[4..]);
-    buf[..4].copy_from_slice(&crc.to_le_bytes());
-    Ok(buf)
+/// One event's place in a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub position: u64,
+    pub stream: WorkflowId,
+    pub seq: u64,
+    /// Byte range of the encoded event inside the block.
+    pub start: usize,
+    pub end: usize,
 }
 
-/// Decode one stored event frame, naming the position in every error.
-pub fn decode_frame(position: u64, bytes: &[u8]) -> Result<Event> {
-    if bytes.len() < 4 {
-        return Err(Error::Corrupt(format!(
-            "event at position {position} is truncated: {} bytes, shorter than its checksum",
+/// Check a stored block's checksum and read its entry headers, naming positions in every error.
+/// `first` is the position of its first event (from its key).
+pub fn block_entries(first: u64, bytes: &[u8]) -> Result<Vec<Entry>> {
+    let corrupt = |what: String| Error::Corrupt(format!("block at position {first}: {what}"));
+    if bytes.len() < BLOCK_HEADER_BYTES {
+        return Err(corrupt(format!(
+            "truncated to {} bytes, shorter than its header",
             bytes.len()
         )));
     }
-    let (crc, body) = bytes.split_at(4);
-    let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
-    let computed = crc32fast::hash(body);
+    let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let computed = crc32fast::hash(&bytes[4..]);
     if stored != computed {
-        return Err(Error::Corrupt(format!(
-            "event at position {position} fails its checksum (stored {stored:08x}, computed {computed:08x}): torn or altered bytes"
+        return Err(corrupt(format!(
+            "fails its checksum (stored {stored:08x}, computed {computed:08x}): torn or altered bytes"
         )));
     }
-    codec::decode(body)
-        .map_err(|e| Error::Corrupt(format!("event at position {position} does not decode: {e}")))
+    let count = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+    if count == 0 || count > BLOCK_EVENTS_MAX {
+        return Err(corrupt(format!("claims {count} events")));
+    }
+    let mut entries = Vec::with_capacity(count.min(BLOCK_EVENTS_MAX));
+    let mut at = BLOCK_HEADER_BYTES;
+    for i in 0..count as u64 {
+        let position = first.checked_add(i).ok_or_else(|| corrupt("position overflows".into()))?;
+        let header = bytes
+            .get(at..at + ENTRY_HEADER_BYTES)
+            .ok_or_else(|| corrupt(format!("event at position {position} is truncated")))?;
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&header[..16]);
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&header[16..24]);
+        let len = u32::from_le_bytes([header[24], header[25], header[26], header[27]]) as usize;
+        let start = at + ENTRY_HEADER_BYTES;
+        let end = start
+            .checked_add(len)
+            .filter(|&e| e <= bytes.len())
+            .ok_or_else(|| corrupt(format!("event at position {position} is truncated")))?;
+        entries.push(Entry {
+            position,
+            stream: WorkflowId::from_u128(u128::from_be_bytes(id)),
+            seq: u64::from_be_bytes(seq),
+            start,
+            end,
+        });
+        at = end;
+    }
+    if at != bytes.len() {
+        return Err(corrupt(format!("{} bytes after its last event", bytes.len() - at)));
+    }
+    Ok(entries)
+}
+
+/// Decode one entry of a block whose headers were read by [`block_entries`].
+fn decode_entry(bytes: &[u8], e: &Entry) -> Result<Event> {
+    let event = codec::decode(&bytes[e.start..e.end]).map_err(|err| {
+        Error::Corrupt(format!("event at position {} does not decode: {err}", e.position))
+    })?;
+    if event.stream != e.stream || event.seq != e.seq {
+        return Err(Error::Corrupt(format!(
+            "event at position {} is {} seq {}, but its header says {} seq {}",
+            e.position, event.stream, event.seq, e.stream, e.seq
+        )));
+    }
+    Ok(event)
+}
+
+/// Decode a whole stored block from untrusted bytes (checksum, headers, every event).
+pub fn decode_block(first: u64, bytes: &[u8]) -> Result<Vec<Recorded>> {
+    block_entries(first, bytes)?
+        .iter()
+        .map(|e| {
+            Ok(Recorded {
+                position: e.position,
+                event: decode_entry(bytes, e)?,
+            })
+        })
+        .collect()
+}
+
+/// Builds one block of consecutive events.
+struct BlockBuilder {
+    buf: Vec<u8>,
+    count: u32,
+}
+
+impl BlockBuilder {
+    fn new() -> Self {
+        let mut buf = Vec::with_capacity(BLOCK_BYTES_MAX + 1024);
+        buf.extend_from_slice(&[0; BLOCK_HEADER_BYTES]);
+        Self { buf, count: 0 }
+    }
+
+    fn push(&mut self, event: &Event) -> Result<()> {
+        self.buf.extend_from_slice(event.stream.as_bytes());
+        self.buf.extend_from_slice(&event.seq.to_be_bytes());
+        let len_at = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        codec::encode_into(event, &mut self.buf).map_err(|source| Error::Encode {
+            stream: event.stream,
+            seq: event.seq,
+            source,
+        })?;
+        let len = (self.buf.len() - len_at - 4) as u32;
+        self.buf[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
+        self.count += 1;
+        Ok(())
+    }
+
+    fn is_full(&self) -> bool {
+        self.count as usize >= BLOCK_EVENTS_MAX || self.buf.len() >= BLOCK_BYTES_MAX
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.buf[4..8].copy_from_slice(&self.count.to_le_bytes());
+        let crc = crc32fast::hash(&self.buf[4..]);
+        self.buf[..4].copy_from_slice(&crc.to_le_bytes());
+        self.buf
+    }
 }
 
 fn storage(e: sled::Error) -> Error {
@@ -141,8 +289,57 @@ fn storage(e: sled::Error) -> Error {
     }
 }
 
+/// The side file holding the last durable position.
+struct HeadFile {
+    file: std::fs::File,
+}
+
+impl HeadFile {
+    fn open(dir: &Path) -> Result<(Self, Option<u64>)> {
+        let path = dir.join(HEAD_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::Open {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let mut buf = Vec::new();
+        file.read_to_end(&mut buf).map_err(|e| Error::Open {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let recorded = match buf.len() {
+            0 => None,
+            12 => {
+                let crc = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
+                // A torn write of this file is possible after a power loss; it then says nothing.
+                (crc32fast::hash(&buf[..8]) == crc).then(|| {
+                    let mut p = [0u8; 8];
+                    p.copy_from_slice(&buf[..8]);
+                    u64::from_be_bytes(p)
+                })
+            }
+            _ => None,
+        };
+        Ok((Self { file }, recorded))
+    }
+
+    fn record(&mut self, position: u64) -> std::io::Result<()> {
+        let mut buf = [0u8; 12];
+        buf[..8].copy_from_slice(&position.to_be_bytes());
+        let crc = crc32fast::hash(&buf[..8]);
+        buf[8..].copy_from_slice(&crc.to_le_bytes());
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.write_all(&buf)
+    }
+}
+
 impl SledLog {
-    /// Open (or create) a log in directory `path`.
+    /// Open (or create) a log in directory `path`. Checks the whole log (see the module doc).
     pub fn open(path: impl AsRef<Path>, options: SledOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let flush_every_ms = match options.durability {
@@ -165,28 +362,50 @@ impl SledLog {
                 },
             })?;
         let tree = db.open_tree("log").map_err(storage)?;
-        let head = match tree.scan_prefix([EVENT_PREFIX]).next_back() {
-            None => 0,
-            Some(entry) => {
-                let (k, v) = entry.map_err(storage)?;
-                let pos = be_u64(&k[1..], || "key of the last event".into())?;
-                // The newest event must be whole: a torn tail is reported, not skipped.
-                decode_frame(pos, &v)?;
-                pos
+        let marker = match tree.get(HEAD_KEY).map_err(storage)? {
+            None => None,
+            Some(v) => {
+                let arr: [u8; 8] = v.as_ref().try_into().map_err(|_| {
+                    Error::Corrupt(format!("the head marker has {} bytes, expected 8", v.len()))
+                })?;
+                Some(u64::from_be_bytes(arr))
             }
         };
+        let (mut head_file, recorded) = HeadFile::open(&path)?;
+        let head = match marker {
+            Some(h) => h,
+            None if tree.scan_prefix([BLOCK_PREFIX]).next().is_some() => {
+                return Err(Error::Corrupt(format!(
+                    "the log in {} holds events but its head marker is missing",
+                    path.display()
+                )))
+            }
+            None => 0,
+        };
+        if let Some(recorded) = recorded.filter(|r| *r > head) {
+            return Err(Error::Corrupt(format!(
+                "the log in {} ends at position {head}, but position {recorded} was acknowledged: sled lost committed events",
+                path.display()
+            )));
+        }
+        discard_torn_tail(&tree, head)?;
+        let index = build_index(&tree, head)?;
+        head_file
+            .record(head)
+            .map_err(|e| Error::Storage(format!("cannot write {HEAD_FILE}: {e}")))?;
         let shared = Arc::new(Shared {
             tree,
             committed: AtomicU64::new(head),
+            index: RwLock::new(index),
             head: watch::channel(head).0,
             path,
         });
         let (tx, rx) = mpsc::channel();
         let committer = Committer {
             shared: shared.clone(),
-            versions: HashMap::new(),
             durability: options.durability,
             db: db.clone(),
+            head_file,
         };
         let handle = std::thread::Builder::new()
             .name("mageflow-log-commit".into())
@@ -204,142 +423,90 @@ impl SledLog {
         &self.shared.path
     }
 
+    fn lock_jobs(&self) -> MutexGuard<'_, Option<mpsc::Sender<Job>>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Stop accepting appends, finish the ones queued, and wait for the committer.
     pub fn close(&self) {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = self
+        self.lock_jobs().take();
+        let handle = self
             .committer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+            .take();
+        if let Some(h) = handle {
             let _ = h.join();
         }
     }
 
-    /// Check every event and index entry: frames decode, positions are dense, every stream's
-    /// sequence numbers are dense (in position order and in the index), every index entry points
-    /// at events of its stream, and each stream's index ends at its last event. Returns the event
-    /// count.
+    /// Check every event: block checksums, full decode, headers matching the events, dense
+    /// positions, dense sequence numbers per stream, and agreement with the in-memory index.
+    /// Returns the number of events.
     pub fn verify(&self) -> Result<u64> {
-        let mut expected = 1u64;
-        // Last seq of every stream, in position order.
+        let committed = self.shared.committed.load(Ordering::Acquire);
         let mut versions: HashMap<WorkflowId, u64> = HashMap::new();
-        for entry in self.shared.tree.scan_prefix([EVENT_PREFIX]) {
+        let mut expected = 1u64;
+        for entry in self.shared.tree.scan_prefix([BLOCK_PREFIX]) {
             let (k, v) = entry.map_err(storage)?;
-            let pos = be_u64(&k[1..], || "an event key".into())?;
-            if pos != expected {
-                return Err(Error::Corrupt(format!(
-                    "event at position {expected} is missing"
-                )));
+            let first = key_position(&k)?;
+            if first != expected {
+                return Err(Error::Corrupt(format!("event at position {expected} is missing")));
             }
-            let event = decode_frame(pos, &v)?;
-            let version = versions.entry(event.stream).or_default();
-            if event.seq != *version + 1 {
-                return Err(Error::Corrupt(format!(
-                    "event at position {pos} is {} seq {}, but that stream's previous event has seq {version}",
-                    event.stream, event.seq
-                )));
-            }
-            *version = event.seq;
-            expected += 1;
-        }
-        let head = expected - 1;
-        let ends_at_last_event = |stream: WorkflowId, last_seq: u64| {
-            let events = versions.get(&stream).copied().unwrap_or(0);
-            if last_seq == events {
-                Ok(())
-            } else {
-                Err(Error::Corrupt(format!(
-                    "stream index of {stream} ends at seq {last_seq}, but the log holds {events} events of it"
-                )))
-            }
-        };
-        let mut indexed: HashSet<WorkflowId> = HashSet::new();
-        let mut last: Option<(WorkflowId, u64)> = None;
-        for entry in self.shared.tree.scan_prefix([STREAM_PREFIX]) {
-            let (k, v) = entry.map_err(storage)?;
-            if k.len() != 25 {
-                return Err(Error::Corrupt(format!(
-                    "a stream index key has {} bytes, expected 25",
-                    k.len()
-                )));
-            }
-            let mut id = [0u8; 16];
-            id.copy_from_slice(&k[1..17]);
-            let stream = WorkflowId::from_u128(u128::from_be_bytes(id));
-            let last_seq = be_u64(&k[17..], || "a stream index key".into())?;
-            if v.len() != 16 {
-                return Err(Error::Corrupt(format!(
-                    "stream index entry of {stream} at seq {last_seq} has {} bytes, expected 16",
-                    v.len()
-                )));
-            }
-            let first_pos = be_u64(&v[..8], || "a stream index value".into())?;
-            let first_seq = be_u64(&v[8..], || "a stream index value".into())?;
-            let want = match last {
-                Some((s, seq)) if s == stream => seq + 1,
-                Some((s, seq)) => {
-                    ends_at_last_event(s, seq)?;
-                    1
-                }
-                None => 1,
-            };
-            if first_seq != want || last_seq < first_seq {
-                return Err(Error::Corrupt(format!(
-                    "stream index of {stream} has a gap: expected seq {want}, found {first_seq}..={last_seq}"
-                )));
-            }
-            let last_pos = match first_pos.checked_add(last_seq - first_seq) {
-                Some(p) if first_pos >= 1 && p <= head => p,
-                Some(p) => {
-                    let (bad, why) = if first_pos == 0 {
-                        (0, "there is no such position".to_owned())
-                    } else {
-                        (p, format!("past the end of the log at position {head}"))
-                    };
+            for rec in decode_block(first, &v)? {
+                let version = versions.entry(rec.event.stream).or_default();
+                if rec.event.seq != *version + 1 {
                     return Err(Error::Corrupt(format!(
-                        "stream index of {stream} at seq {last_seq} points at position {bad}, {why}"
+                        "event at position {} is {} seq {}, but that stream's previous event has seq {version}",
+                        rec.position, rec.event.stream, rec.event.seq
                     )));
                 }
-                None => {
-                    return Err(Error::Corrupt(format!(
-                        "stream index of {stream} at seq {last_seq} points past the end of the log"
-                    )))
-                }
-            };
-            // Seqs are dense per stream in position order (checked above), so an entry whose two
-            // ends hold the right events covers exactly the events between them.
-            for (pos, seq) in [(first_pos, first_seq), (last_pos, last_seq)] {
-                let event = self.get_event(pos)?;
-                if event.stream != stream || event.seq != seq {
-                    return Err(Error::Corrupt(format!(
-                        "position {pos} holds {} seq {}, but the index says {stream} seq {seq}",
-                        event.stream, event.seq
-                    )));
-                }
+                *version = rec.event.seq;
+                expected = rec.position + 1;
             }
-            indexed.insert(stream);
-            last = Some((stream, last_seq));
         }
-        if let Some((s, seq)) = last {
-            ends_at_last_event(s, seq)?;
-        }
-        if let Some(s) = versions.keys().find(|s| !indexed.contains(s)) {
+        if expected != committed + 1 {
             return Err(Error::Corrupt(format!(
-                "stream {s} has events but no stream index entry"
+                "the log ends at position {}, but its head is {committed}",
+                expected - 1
             )));
         }
-        Ok(head)
+        let index = self.shared.index();
+        for (stream, positions) in index.streams.iter() {
+            let logged = versions.get(stream).copied().unwrap_or(0);
+            if logged != positions.len() as u64 {
+                return Err(Error::Corrupt(format!(
+                    "stream {stream} has {logged} events in the log but {} in the index",
+                    positions.len()
+                )));
+            }
+        }
+        if versions.len() != index.streams.len() {
+            return Err(Error::Corrupt(
+                "the log holds streams the index does not know".into(),
+            ));
+        }
+        Ok(committed)
     }
 
-    fn get_event(&self, pos: u64) -> Result<Event> {
-        match self.shared.tree.get(event_key(pos)).map_err(storage)? {
-            Some(v) => decode_frame(pos, &v),
-            None => Err(Error::Corrupt(format!(
-                "event at position {pos} is missing"
-            ))),
+    /// Decode the events at `positions` (ascending), reading each block once.
+    fn events_at(&self, positions: &[u64]) -> Result<Vec<Event>> {
+        let mut out = Vec::with_capacity(positions.len());
+        let mut i = 0;
+        while i < positions.len() {
+            let first = self.shared.index().block_of(positions[i]).ok_or_else(|| {
+                Error::Corrupt(format!("no block holds position {}", positions[i]))
+            })?;
+            let bytes = self.shared.block(first)?;
+            let entries = block_entries(first, &bytes)?;
+            let last = first + entries.len() as u64 - 1;
+            while i < positions.len() && positions[i] <= last {
+                let e = &entries[(positions[i] - first) as usize];
+                out.push(decode_entry(&bytes, e)?);
+                i += 1;
+            }
         }
+        Ok(out)
     }
 }
 
@@ -349,25 +516,83 @@ impl Drop for SledLog {
     }
 }
 
-fn load_version(tree: &sled::Tree, stream: WorkflowId) -> Result<u64> {
-    let mut prefix = [0u8; 17];
-    prefix[0] = STREAM_PREFIX;
-    prefix[1..].copy_from_slice(stream.as_bytes());
-    match tree.scan_prefix(prefix).next_back() {
-        None => Ok(0),
-        Some(entry) => {
-            let (k, _) = entry.map_err(storage)?;
-            be_u64(&k[17..], || format!("stream index key of {stream}"))
+/// Remove blocks past the head marker: a group that crashed between its chunks. None of their
+/// events was acknowledged. More than one group's worth past the marker is not a torn commit
+/// but damage, and is reported instead of deleted.
+fn discard_torn_tail(tree: &sled::Tree, head: u64) -> Result<()> {
+    let mut torn = Vec::new();
+    for entry in tree.range(block_key(head.saturating_add(1))..=block_key(u64::MAX)) {
+        let (k, _) = entry.map_err(storage)?;
+        let first = key_position(&k)?;
+        if first - head > GROUP_EVENTS_MAX as u64 {
+            return Err(Error::Corrupt(format!(
+                "a block at position {first} lies far past the head marker ({head})"
+            )));
+        }
+        torn.push(k);
+    }
+    if !torn.is_empty() {
+        tracing::warn!(
+            blocks = torn.len(),
+            head,
+            "discarding blocks of a commit interrupted by a crash (never acknowledged)"
+        );
+        for k in torn {
+            tree.remove(k).map_err(storage)?;
+        }
+        tree.flush().map_err(storage)?;
+    }
+    Ok(())
+}
+
+/// Read every block header up to `head`: checksums, dense positions, dense seqs per stream.
+fn build_index(tree: &sled::Tree, head: u64) -> Result<Index> {
+    let mut index = Index::default();
+    let mut expected = 1u64;
+    for entry in tree.range(block_key(1)..=block_key(head)) {
+        let (k, v) = entry.map_err(storage)?;
+        let first = key_position(&k)?;
+        if first != expected {
+            return Err(Error::Corrupt(format!("event at position {expected} is missing")));
+        }
+        index.blocks.push(first);
+        for e in block_entries(first, &v)? {
+            let positions = index.streams.entry(e.stream).or_default();
+            if e.seq != positions.len() as u64 + 1 {
+                return Err(Error::Corrupt(format!(
+                    "event at position {} is {} seq {}, but that stream's previous event has seq {}",
+                    e.position,
+                    e.stream,
+                    e.seq,
+                    positions.len()
+                )));
+            }
+            positions.push(e.position);
+            expected = e.position + 1;
         }
     }
+    if expected != head + 1 {
+        return Err(Error::Corrupt(format!(
+            "the log ends at position {}, but its head marker says {head}: events are missing",
+            expected - 1
+        )));
+    }
+    Ok(index)
 }
 
 struct Committer {
     shared: Arc<Shared>,
-    /// Current version of every stream touched since open.
-    versions: HashMap<WorkflowId, u64>,
     durability: Durability,
     db: sled::Db,
+    head_file: HeadFile,
+}
+
+/// One group's accepted events, in position order.
+#[derive(Default)]
+struct Staged<'a> {
+    events: Vec<&'a Event>,
+    /// New positions per stream, in seq order.
+    streams: HashMap<WorkflowId, Vec<u64>>,
 }
 
 impl Committer {
@@ -386,101 +611,135 @@ impl Committer {
             }
             self.commit(jobs);
         }
-    }
-
-    fn version(&mut self, staged: &HashMap<WorkflowId, u64>, stream: WorkflowId) -> Result<u64> {
-        if let Some(v) = staged.get(&stream).or_else(|| self.versions.get(&stream)) {
-            return Ok(*v);
+        if let Err(e) = self.db.flush() {
+            tracing::error!(error = %e, "final flush of the event log failed");
         }
-        let v = load_version(&self.shared.tree, stream)?;
-        self.versions.insert(stream, v);
-        Ok(v)
+        let _ = self.head_file.file.sync_all();
     }
 
-    /// Stage one job into `batch`, or refuse it whole.
-    fn stage(
-        &mut self,
-        job: &Job,
-        staged: &mut HashMap<WorkflowId, u64>,
+    /// Stage one job, or refuse it whole.
+    fn stage<'a>(
+        &self,
+        job: &'a Job,
+        staged: &mut Staged<'a>,
         next_pos: &mut u64,
-        batch: &mut sled::Batch,
     ) -> Result<Vec<u64>> {
-        let mut local: HashMap<WorkflowId, u64> = HashMap::new();
-        for req in &job.requests {
-            check_request(req)?;
-            let actual = match local.get(&req.stream) {
-                Some(v) => *v,
-                None => self.version(staged, req.stream)?,
-            };
-            if actual != req.expected_version {
-                return Err(Error::Conflict {
-                    stream: req.stream,
-                    expected: req.expected_version,
-                    actual,
-                });
+        {
+            let index = self.shared.index();
+            let mut local: HashMap<WorkflowId, u64> = HashMap::new();
+            for req in &job.requests {
+                check_request(req)?;
+                let actual = match local.get(&req.stream) {
+                    Some(v) => *v,
+                    None => {
+                        index.streams.get(&req.stream).map_or(0, |p| p.len() as u64)
+                            + staged.streams.get(&req.stream).map_or(0, |p| p.len() as u64)
+                    }
+                };
+                if actual != req.expected_version {
+                    return Err(Error::Conflict {
+                        stream: req.stream,
+                        expected: req.expected_version,
+                        actual,
+                    });
+                }
+                local.insert(req.stream, actual + req.events.len() as u64);
             }
-            local.insert(req.stream, actual + req.events.len() as u64);
         }
-        let mut writes = Vec::new();
         let mut last_positions = Vec::with_capacity(job.requests.len());
-        let mut pos = *next_pos;
         for req in &job.requests {
-            let first_pos = pos;
+            let positions = staged.streams.entry(req.stream).or_default();
             for event in &req.events {
-                writes.push((event_key(pos).to_vec(), frame(event)?));
-                pos += 1;
+                staged.events.push(event);
+                positions.push(*next_pos);
+                *next_pos += 1;
             }
-            let last_seq = req.expected_version + req.events.len() as u64;
-            let mut v = Vec::with_capacity(16);
-            v.extend_from_slice(&first_pos.to_be_bytes());
-            v.extend_from_slice(&(req.expected_version + 1).to_be_bytes());
-            writes.push((stream_key(req.stream, last_seq).to_vec(), v));
-            last_positions.push(pos - 1);
+            last_positions.push(*next_pos - 1);
         }
-        for (k, v) in writes {
-            batch.insert(k, v);
-        }
-        staged.extend(local);
-        *next_pos = pos;
         Ok(last_positions)
+    }
+
+    /// Cut the group into blocks and write them, head marker last; then flush. Returns the
+    /// first position of every block written.
+    fn write(&self, events: &[&Event], start: u64, end: u64) -> Result<Vec<u64>> {
+        let mut blocks = Vec::new();
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        let mut first = start + 1;
+        let mut builder = BlockBuilder::new();
+        for (i, event) in events.iter().enumerate() {
+            builder.push(event)?;
+            let last = i + 1 == events.len();
+            if builder.is_full() || last {
+                let count = u64::from(builder.count);
+                let full = std::mem::replace(&mut builder, BlockBuilder::new());
+                batch.insert(&block_key(first), full.finish());
+                blocks.push(first);
+                first += count;
+                in_batch += 1;
+                if in_batch == CHUNK_INSERTS_MAX && !last {
+                    self.shared
+                        .tree
+                        .apply_batch(std::mem::take(&mut batch))
+                        .map_err(storage)?;
+                    in_batch = 0;
+                }
+            }
+        }
+        batch.insert(HEAD_KEY, &end.to_be_bytes());
+        self.shared.tree.apply_batch(batch).map_err(storage)?;
+        if self.durability == Durability::Flush {
+            self.db.flush().map_err(storage)?;
+        }
+        Ok(blocks)
     }
 
     fn commit(&mut self, jobs: Vec<Job>) {
         let start = self.shared.committed.load(Ordering::Acquire);
         let mut next_pos = start + 1;
-        let mut batch = sled::Batch::default();
-        let mut staged = HashMap::new();
+        let mut staged = Staged::default();
         let outcomes: Vec<Result<Vec<u64>>> = jobs
             .iter()
-            .map(|job| self.stage(job, &mut staged, &mut next_pos, &mut batch))
+            .map(|job| self.stage(job, &mut staged, &mut next_pos))
             .collect();
         let end = next_pos - 1;
         let written = if end > start {
-            let res = self.shared.tree.apply_batch(batch).map_err(storage);
-            let res = match (res, self.durability) {
-                (Ok(()), Durability::Flush) => self.db.flush().map(|_| ()).map_err(storage),
-                (r, _) => r,
-            };
-            if let Err(e) = &res {
-                tracing::error!(error = %e, "event log commit failed");
-            }
-            res
+            self.write(&staged.events, start, end).map(Some)
         } else {
-            Ok(())
+            Ok(None)
         };
+        let streams = std::mem::take(&mut staged.streams);
+        drop(staged);
         match written {
-            Ok(()) => {
-                self.versions.extend(staged);
-                // A group that wrote nothing (all refused) is not a commit: no wake-up.
-                if end > start {
-                    self.shared.committed.store(end, Ordering::Release);
-                    self.shared.head.send_replace(end);
+            Ok(Some(blocks)) => {
+                {
+                    let mut index = self.shared.index.write().unwrap_or_else(|p| p.into_inner());
+                    index.blocks.extend(blocks);
+                    for (stream, positions) in streams {
+                        index.streams.entry(stream).or_default().extend(positions);
+                    }
                 }
+                self.shared.committed.store(end, Ordering::Release);
+                if self.durability == Durability::Flush {
+                    if let Err(e) = self.head_file.record(end) {
+                        tracing::warn!(error = %e, "cannot record the durable head beside the log");
+                    }
+                }
+                self.shared.head.send_replace(end);
+                for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                    let _ = job.reply.send(outcome);
+                }
+            }
+            // Nothing to write (every job refused): no commit, no wake-up.
+            Ok(None) => {
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     let _ = job.reply.send(outcome);
                 }
             }
             Err(e) => {
+                tracing::error!(error = %e, "event log commit failed");
+                // Positions are not advanced: the next group rewrites them and the head marker;
+                // blocks left past it are removed at the next open.
                 let msg = e.to_string();
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     let _ = job
@@ -495,7 +754,7 @@ impl Committer {
 impl EventLog for SledLog {
     fn append(&self, requests: Vec<AppendRequest>) -> BoxFuture<'static, Result<Vec<u64>>> {
         let (reply, rx) = oneshot::channel();
-        let sent = match &*self.jobs.lock().unwrap_or_else(|p| p.into_inner()) {
+        let sent = match &*self.lock_jobs() {
             Some(tx) => tx.send(Job { requests, reply }).is_ok(),
             None => false,
         };
@@ -508,60 +767,26 @@ impl EventLog for SledLog {
     }
 
     fn read_stream(&self, stream: WorkflowId, from_seq: u64) -> Result<Vec<Event>> {
-        let committed = self.shared.committed.load(Ordering::Acquire);
-        let from_seq = from_seq.max(1);
-        let mut out = Vec::new();
-        let mut want = from_seq;
-        // Set once an entry reaches past the committed position: the rest of the stream's
-        // entries belong to a group not yet durable, and must all lie past it too.
-        let mut past_committed = false;
-        let range = stream_key(stream, from_seq)..=stream_key(stream, u64::MAX);
-        for entry in self.shared.tree.range(range) {
-            let (k, v) = entry.map_err(storage)?;
-            let last_seq = be_u64(&k[17..], || format!("stream index key of {stream}"))?;
-            if v.len() != 16 {
+        let positions: Vec<u64> = {
+            let index = self.shared.index();
+            let Some(all) = index.streams.get(&stream) else {
+                return Ok(Vec::new());
+            };
+            let skip = (from_seq.max(1) - 1).min(all.len() as u64) as usize;
+            all[skip..].to_vec()
+        };
+        let events = self.events_at(&positions)?;
+        let first_seq = from_seq.max(1);
+        for (i, (event, pos)) in events.iter().zip(&positions).enumerate() {
+            let seq = first_seq + i as u64;
+            if event.stream != stream || event.seq != seq {
                 return Err(Error::Corrupt(format!(
-                    "stream index entry of {stream} at seq {last_seq} has {} bytes, expected 16",
-                    v.len()
+                    "position {pos} holds {} seq {}, but the index says {stream} seq {seq}",
+                    event.stream, event.seq
                 )));
             }
-            let first_pos = be_u64(&v[..8], || "stream index value".into())?;
-            let first_seq = be_u64(&v[8..], || "stream index value".into())?;
-            if past_committed {
-                if first_pos <= committed {
-                    return Err(Error::Corrupt(format!(
-                        "stream index of {stream} at seq {last_seq} points at position {first_pos}, but an earlier entry points past the last committed position {committed}"
-                    )));
-                }
-                continue;
-            }
-            if first_seq > want || last_seq < first_seq {
-                return Err(Error::Corrupt(format!(
-                    "stream {stream} has a gap: expected seq {want}, index covers {first_seq}..={last_seq}"
-                )));
-            }
-            for seq in want..=last_seq {
-                let Some(pos) = first_pos.checked_add(seq - first_seq) else {
-                    return Err(Error::Corrupt(format!(
-                        "stream index of {stream} at seq {last_seq} points past the end of the log"
-                    )));
-                };
-                if pos > committed {
-                    past_committed = true;
-                    break;
-                }
-                let event = self.get_event(pos)?;
-                if event.stream != stream || event.seq != seq {
-                    return Err(Error::Corrupt(format!(
-                        "position {pos} holds {} seq {}, but the index says {stream} seq {seq}",
-                        event.stream, event.seq
-                    )));
-                }
-                out.push(event);
-            }
-            want = last_seq.saturating_add(1);
         }
-        Ok(out)
+        Ok(events)
     }
 
     fn read_all(&self, from: u64, limit: usize) -> Result<Vec<Recorded>> {
@@ -570,68 +795,50 @@ impl EventLog for SledLog {
         if from > committed || limit == 0 {
             return Ok(Vec::new());
         }
+        let start = self
+            .shared
+            .index()
+            .block_of(from)
+            .ok_or_else(|| Error::Corrupt(format!("no block holds position {from}")))?;
         let mut out = Vec::with_capacity(limit.min((committed - from + 1) as usize));
-        let mut want = from;
-        for entry in self
+        let mut want = start;
+        'blocks: for entry in self
             .shared
             .tree
-            .range(event_key(from)..=event_key(committed))
+            .range(block_key(start)..=block_key(committed))
         {
             let (k, v) = entry.map_err(storage)?;
-            let pos = be_u64(&k[1..], || "an event key".into())?;
-            if pos != want {
-                return Err(Error::Corrupt(format!(
-                    "event at position {want} is missing"
-                )));
+            let first = key_position(&k)?;
+            if first != want {
+                return Err(Error::Corrupt(format!("event at position {want} is missing")));
             }
-            out.push(Recorded {
-                position: pos,
-                event: decode_frame(pos, &v)?,
-            });
-            want += 1;
-            if out.len() == limit {
-                break;
+            for e in block_entries(first, &v)? {
+                want = e.position + 1;
+                if e.position < from || e.position > committed {
+                    continue;
+                }
+                out.push(Recorded {
+                    position: e.position,
+                    event: decode_entry(&v, &e)?,
+                });
+                if out.len() == limit {
+                    break 'blocks;
+                }
             }
         }
-        if out.is_empty() || (want <= committed && out.len() < limit) {
-            return Err(Error::Corrupt(format!(
-                "event at position {want} is missing"
-            )));
+        if out.len() < limit && want <= committed {
+            return Err(Error::Corrupt(format!("event at position {want} is missing")));
         }
         Ok(out)
     }
 
     fn stream_version(&self, stream: WorkflowId) -> Result<u64> {
-        // The committer applies a group's batch before the flush that makes it durable, so the
-        // index may hold entries past the committed position — several of one stream when a
-        // group appends to it more than once. The version is the newest entry that is committed.
-        let committed = self.shared.committed.load(Ordering::Acquire);
-        let mut prefix = [0u8; 17];
-        prefix[0] = STREAM_PREFIX;
-        prefix[1..].copy_from_slice(stream.as_bytes());
-        for entry in self.shared.tree.scan_prefix(prefix).rev() {
-            let (k, v) = entry.map_err(storage)?;
-            let last_seq = be_u64(&k[17..], || format!("stream index key of {stream}"))?;
-            if v.len() != 16 {
-                return Err(Error::Corrupt(format!(
-                    "stream index entry of {stream} at seq {last_seq} is unreadable"
-                )));
-            }
-            let first_pos = be_u64(&v[..8], || "stream index value".into())?;
-            let first_seq = be_u64(&v[8..], || "stream index value".into())?;
-            let last_pos = last_seq
-                .checked_sub(first_seq)
-                .and_then(|n| first_pos.checked_add(n))
-                .ok_or_else(|| {
-                    Error::Corrupt(format!(
-                        "stream index entry of {stream} at seq {last_seq} is inconsistent"
-                    ))
-                })?;
-            if last_pos <= committed {
-                return Ok(last_seq);
-            }
-        }
-        Ok(0)
+        Ok(self
+            .shared
+            .index()
+            .streams
+            .get(&stream)
+            .map_or(0, |p| p.len() as u64))
     }
 
     fn head(&self) -> u64 {
