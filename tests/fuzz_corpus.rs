@@ -40,12 +40,35 @@ fn decode_event_corpus() {
 }
 
 #[test]
-fn decode_frame_corpus() {
-    let all = inputs("decode_frame");
-    assert!(!all.is_empty(), "fuzz/corpus/decode_frame is empty");
+fn decode_block_corpus() {
+    let all = inputs("decode_block");
+    assert!(!all.is_empty(), "fuzz/corpus/decode_block is empty");
+    let mut decoded = 0;
     for (name, bytes) in &all {
-        let result = std::panic::catch_unwind(|| mageflow::store::decode_frame(1, bytes));
-        assert!(result.is_ok(), "decode_frame panicked on {name}");
+        match std::panic::catch_unwind(|| mageflow::store::decode_block(1, bytes)) {
+            Ok(Ok(_)) => decoded += 1,
+            Ok(Err(_)) => {}
+            Err(_) => panic!("decode_block panicked on {name}"),
+        }
+    }
+    assert!(decoded > 0, "no corpus entry decoded");
+}
+
+/// `MAGEFLOW_BLESS=1 cargo test --test fuzz_corpus` writes the block seeds: one block per golden
+/// event, exactly as the sled log stores it.
+#[test]
+fn bless_block_seeds() {
+    if std::env::var_os("MAGEFLOW_BLESS").is_none() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = root.join("fuzz/corpus/decode_block");
+    std::fs::create_dir_all(&out).expect("create corpus dir");
+    for (name, bytes) in inputs("decode_event") {
+        let event = mageflow::core::codec::decode(&bytes).expect("golden event decodes");
+        let block = mageflow::store::encode_block(&[&event]).expect("encode block");
+        let file = Path::new(&name).file_name().expect("file name");
+        std::fs::write(out.join(file), block).expect("write seed");
     }
 }
 

@@ -273,11 +273,21 @@ impl BlockBuilder {
     }
 
     fn finish(mut self) -> Vec<u8> {
+        debug_assert!(self.count > 0, "a block holds at least one event");
         self.buf[4..8].copy_from_slice(&self.count.to_le_bytes());
         let crc = crc32fast::hash(&self.buf[4..]);
         self.buf[..4].copy_from_slice(&crc.to_le_bytes());
         self.buf
     }
+}
+
+/// Encode events (at consecutive positions) into one block, as the log stores them.
+pub fn encode_block(events: &[&Event]) -> Result<Vec<u8>> {
+    let mut builder = BlockBuilder::new();
+    for e in events {
+        builder.push(e)?;
+    }
+    Ok(builder.finish())
 }
 
 fn storage(e: sled::Error) -> Error {

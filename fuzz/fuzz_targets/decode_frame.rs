@@ -1,5 +1,0 @@
-//! Stored event frames (checksum + event) on arbitrary bytes: typed error, never a panic.
-#![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = mageflow_store::decode_frame(1, data);
-});
