@@ -179,6 +179,8 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
     };
     let mut suspended_once = false;
     let mut started_during_suspend = 0;
+    let stop = crate::stop_signal();
+    tokio::pin!(stop);
     let final_state = loop {
         let state = h.workflow(wf).await?;
         let counts = count_items(&state, swarm_index);
@@ -216,7 +218,17 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
         if state.is_finished() {
             break state;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = &mut stop => {
+                bar.abandon_with_message("stopping: no new tasks start; running ones get the grace period");
+                engine.shutdown().await;
+                bail!(
+                    "demo stopped by a signal; its state is in embedded:{} (unfinished work resumes when an engine opens it)",
+                    dir.display()
+                );
+            }
+        }
     };
     bar.finish();
     let elapsed = started.elapsed();
