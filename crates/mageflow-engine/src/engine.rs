@@ -8,10 +8,22 @@
 //! durable. While one batch is being made durable the next one is already being decided
 //! (pipelining); effects still happen strictly in batch order.
 //!
+//! Each batch is a numbered step, and the orchestrator remembers for every hot workflow the last
+//! step that touched it (decided events for it, read it, registered a waiter on it, or took a
+//! report for it). A workflow is *settled* — its waiters answered with its final state, and it
+//! is dropped from the hot state if finished — only when that last step is durable: by then no
+//! later step has applied events to it that are still on their way to the log, so waiters only
+//! ever see durable state. A workflow counts as finished (`Stats::workflows_finished`) once, in
+//! the step whose events finish it, when they are durable; reading it later counts nothing.
+//!
 //! Worker slots are decided here too: a queued task is started (a `Started` event) in the same
 //! batch that frees a slot, so the started-event and the previous step's completion share one
 //! fsync. Handlers run on tokio tasks and report back as commands; a duplicate or stale report
-//! is a no-op in `decide`.
+//! is a no-op in `decide`. A slot is held from the start of an attempt until its handler
+//! reports — even when the attempt was revoked (interrupt, cancel) and its handler lingers
+//! within the grace period — and only that in-process report gives it back (an outside
+//! [`Handle::report`] of the same attempt does not). A signature queued again while an older
+//! attempt of it still holds a slot waits until that attempt's handler reports.
 
 use crate::context::TaskContext;
 use crate::error::{Error, Result};
@@ -24,7 +36,8 @@ use mageflow_core::{
 use mageflow_store::{AppendRequest, BoxFuture, EventLog};
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -119,11 +132,15 @@ enum Request {
         idempotent: bool,
         reply: Option<oneshot::Sender<Result<()>>>,
     },
-    /// A handler finished (`None`: it was stopped and reports nothing).
+    /// A handler finished (`None`: it was stopped and reports nothing), or an outside worker
+    /// reported through [`Handle::report`].
     Done {
         sig: SignatureId,
         attempt: u32,
         result: Option<std::result::Result<Value, TaskFailure>>,
+        /// Sent by this process's worker runtime when the handler of that attempt returned or
+        /// was dropped: only such a report gives back the worker slot the attempt held.
+        local: bool,
     },
     Wait {
         wf: WorkflowId,
@@ -184,7 +201,10 @@ impl Engine {
             ready: VecDeque::new(),
             timers: BTreeSet::new(),
             running: HashMap::new(),
+            deferred: HashSet::new(),
             waiters: HashMap::new(),
+            seq: 0,
+            last_touch: HashMap::new(),
             shutdown_at: None,
             shutdown_replies: Vec::new(),
             tx,
@@ -260,16 +280,8 @@ impl Handle {
     fn prepare(&self, sig: &Sig, input: Option<&Value>) -> Result<Vec<mageflow_core::NodeSpec>> {
         sig.validate(&self.registry)?;
         if let Some(input) = input {
-            crate::sig::check_depth("input", input)?;
-            let bytes = serde_json::to_vec(input).map_or(0, |v| v.len());
-            if bytes > INPUT_BYTES_MAX {
-                return Err(Error::TooLarge {
-                    what: "input",
-                    bytes,
-                    max: INPUT_BYTES_MAX,
-                });
-            }
-            check_entry(&self.registry, sig, input, &[])?;
+            check_input(input)?;
+            check_entry(&self.registry, &sig, input, &[])?;
         }
         let mut nodes = Vec::new();
         sig.flatten(&self.registry, 0, None, &mut nodes)?;
@@ -328,15 +340,16 @@ impl Handle {
         Ok(id)
     }
 
-    /// Run a workflow created with [`Handle::create`].
+    /// Run a workflow created with [`Handle::create`]. The input is checked against the tasks
+    /// it reaches first (the root task, a chain's first step, a swarm's items), with the kwargs
+    /// they have now; nothing is written if it does not fit.
     pub async fn run(&self, wf: WorkflowId, input: impl Serialize) -> Result<()> {
         let input = to_input(input)?;
+        check_input(&input)?;
         let state = self.workflow(wf).await?;
-        if let Some(root) = state.root() {
-            if let Some(task) = root.spec.task_name() {
-                let merged = mageflow_core::model::deep_merge(input.clone(), &root.spec.kwargs);
-                self.registry.get(task)?.validate_input(&merged)?;
-            }
+        if let Some(node) = state.root() {
+            let root = StoredNode { wf: &state, node };
+            check_entry(&self.registry, &root, &input, &[])?;
         }
         let op = Op::Run {
             message: Message::input(input),
@@ -379,7 +392,7 @@ impl Handle {
         for item in &items {
             item.validate(&self.registry)?;
             if let Some(m) = message.as_ref().filter(|m| !m.as_result) {
-                check_entry(&self.registry, item, &m.value, &[])?;
+                check_entry(&self.registry, &item, &m.value, &[])?;
             }
         }
         let action = Action::AddItems {
@@ -448,6 +461,7 @@ impl Handle {
             sig,
             attempt,
             result: Some(result),
+            local: false,
         };
         self.tx.send(req).await.map_err(|_| Error::ShutDown)
     }
@@ -471,6 +485,20 @@ impl Handle {
     }
 }
 
+/// Refuse an input nested too deep or too large to store.
+fn check_input(input: &Value) -> Result<()> {
+    crate::sig::check_depth("input", input)?;
+    let bytes = serde_json::to_vec(input).map_or(0, |v| v.len());
+    if bytes > INPUT_BYTES_MAX {
+        return Err(Error::TooLarge {
+            what: "input",
+            bytes,
+            max: INPUT_BYTES_MAX,
+        });
+    }
+    Ok(())
+}
+
 fn to_input(input: impl Serialize) -> Result<Value> {
     serde_json::to_value(input).map_err(|e| Error::InvalidInput {
         task: "(submit)".into(),
@@ -478,35 +506,93 @@ fn to_input(input: impl Serialize) -> Result<Value> {
     })
 }
 
-/// Validate the input the first task(s) reached by a message will get.
-fn check_entry(registry: &Registry, sig: &Sig, message: &Value, outer: &[&Value]) -> Result<()> {
-    let merge_all = |own: &Value| {
-        let base = if message.is_null() {
+/// A signature tree as entry validation sees it: a [`Sig`] about to be submitted, or a node of a
+/// stored workflow about to be run.
+trait EntryNode: Sized {
+    /// Task name of a task (`None` for a container).
+    fn task(&self) -> Option<&str>;
+    /// Bound kwargs (a JSON object).
+    fn kwargs(&self) -> Cow<'_, Value>;
+    fn is_chain(&self) -> bool;
+    /// Steps of a chain, items of a swarm.
+    fn members(&self) -> Vec<Self>;
+}
+
+impl<'a> EntryNode for &'a Sig {
+    fn task(&self) -> Option<&str> {
+        self.task_name()
+    }
+    fn kwargs(&self) -> Cow<'_, Value> {
+        Cow::Owned(self.kwargs_value())
+    }
+    fn is_chain(&self) -> bool {
+        matches!(self, Sig::Chain(_))
+    }
+    fn members(&self) -> Vec<Self> {
+        let sig: &'a Sig = self;
+        sig.members().iter().collect()
+    }
+}
+
+/// A node of a stored workflow.
+struct StoredNode<'a> {
+    wf: &'a Workflow,
+    node: &'a mageflow_core::Node,
+}
+
+impl EntryNode for StoredNode<'_> {
+    fn task(&self) -> Option<&str> {
+        self.node.spec.task_name()
+    }
+    fn kwargs(&self) -> Cow<'_, Value> {
+        Cow::Borrowed(&self.node.spec.kwargs)
+    }
+    fn is_chain(&self) -> bool {
+        matches!(self.node.spec.kind, mageflow_core::KindSpec::Chain { .. })
+    }
+    fn members(&self) -> Vec<Self> {
+        let wf = self.wf;
+        let children = self.node.spec.children().iter();
+        children
+            .filter_map(|&i| wf.node(i))
+            .map(|node| StoredNode { wf, node })
+            .collect()
+    }
+}
+
+/// Validate the input the first task(s) reached by `message` will get: the first step of a
+/// chain (recursively), every item of a swarm; the message deep-merged with the task's kwargs,
+/// then those of each enclosing container (`outer`, innermost first), as at dispatch.
+fn check_entry<N: EntryNode>(
+    registry: &Registry,
+    sig: &N,
+    message: &Value,
+    outer: &[&Value],
+) -> Result<()> {
+    let own = sig.kwargs();
+    if let Some(task) = sig.task() {
+        let mut input = if message.is_null() {
             Value::Object(Default::default())
         } else {
             message.clone()
         };
-        let mut v = mageflow_core::model::deep_merge(base, own);
-        for o in outer {
-            v = mageflow_core::model::deep_merge(v, o);
+        for kwargs in std::iter::once(own.as_ref()).chain(outer.iter().copied()) {
+            input = mageflow_core::model::deep_merge(input, kwargs);
         }
-        v
-    };
-    let own = sig.kwargs_value();
-    if let Some(task) = sig.task_name() {
-        return registry.get(task)?.validate_input(&merge_all(&own));
+        return registry.get(task)?.validate_input(&input);
     }
-    let mut inner: Vec<&Value> = vec![&own];
+    let mut inner: Vec<&Value> = vec![own.as_ref()];
     inner.extend_from_slice(outer);
-    match sig {
-        Sig::Chain(_) => match sig.members().first() {
+    let members = sig.members();
+    if sig.is_chain() {
+        match members.first() {
             Some(first) => check_entry(registry, first, message, &inner),
             None => Ok(()),
-        },
-        _ => sig
-            .members()
+        }
+    } else {
+        members
             .iter()
-            .try_for_each(|m| check_entry(registry, m, message, &inner)),
+            .try_for_each(|m| check_entry(registry, m, message, &inner))
     }
 }
 
@@ -531,12 +617,17 @@ enum Reply {
 /// Everything one batch produced: events to append, and effects to carry out once durable.
 #[derive(Default)]
 struct Step {
+    /// Sequence number of the step (see [`Orchestrator::last_touch`]).
+    seq: u64,
     appends: Vec<AppendRequest>,
     index: HashMap<WorkflowId, usize>,
     replies: Vec<Reply>,
     launches: Vec<Launch>,
     stops: Vec<SignatureId>,
+    /// Workflows this step read, changed or registered a waiter on (may repeat).
     touched: Vec<WorkflowId>,
+    /// Workflows this step's events finish (counted once those events are durable).
+    finished: Vec<WorkflowId>,
     /// Events in `appends` (counted before they are handed to the log).
     events: usize,
 }
@@ -586,8 +677,19 @@ struct Orchestrator {
     hot: HashMap<WorkflowId, Workflow>,
     ready: VecDeque<SignatureId>,
     timers: BTreeSet<(Timestamp, SignatureId)>,
+    /// Attempts holding a worker slot: started, and their handler has not reported yet (it may
+    /// linger after its attempt was revoked, until the end of the grace period).
     running: HashMap<SignatureId, Running>,
+    /// Queued signatures whose previous attempt still holds a slot: put back on the ready queue
+    /// when that attempt's handler reports, so one signature never holds two slots.
+    deferred: HashSet<SignatureId>,
     waiters: HashMap<WorkflowId, Vec<oneshot::Sender<Result<Workflow>>>>,
+    /// Sequence number of the last step decided.
+    seq: u64,
+    /// For each workflow in the hot state, the last step that touched it (events, a read, a
+    /// wait, a report). Only that step's `finish` may settle it: by then every event decided
+    /// for it is durable, and no later step has changed its hot state.
+    last_touch: HashMap<WorkflowId, u64>,
     free_slots: usize,
     /// Set by shutdown: no new starts; stop once nothing runs or at this instant.
     shutdown_at: Option<tokio::time::Instant>,
@@ -770,10 +872,10 @@ impl Orchestrator {
                     self.stats.retries_scheduled.fetch_add(1, Ordering::Relaxed);
                     self.timers.insert((*retry_at, sig(*node)));
                 }
-                Payload::Interrupted { node } | Payload::Canceled { node } => {
-                    if self.running.contains_key(&sig(*node)) {
-                        step.stops.push(sig(*node));
-                    }
+                Payload::Interrupted { node } | Payload::Canceled { node }
+                    if self.running.contains_key(&sig(*node)) =>
+                {
+                    step.stops.push(sig(*node));
                 }
                 Payload::Succeeded { attempt, .. } if *attempt > 0 => {
                     self.stats.tasks_succeeded.fetch_add(1, Ordering::Relaxed);
@@ -797,6 +899,8 @@ impl Orchestrator {
         let at = now();
         let single = actions.len() == 1;
         let mut backups: HashMap<WorkflowId, Workflow> = HashMap::new();
+        // Whether each workflow was finished before this call.
+        let mut was_finished: HashMap<WorkflowId, bool> = HashMap::new();
         let mut produced: Vec<(WorkflowId, u64, Vec<Event>)> = Vec::new();
         let mut failure = None;
         for (wf, action) in actions {
@@ -808,6 +912,9 @@ impl Orchestrator {
                     break;
                 }
             };
+            was_finished
+                .entry(wf)
+                .or_insert_with(|| state.is_finished());
             if !single && !backups.contains_key(&wf) {
                 backups.insert(wf, state.clone());
             }
@@ -861,11 +968,20 @@ impl Orchestrator {
             }
             step.add_events(wf, expected, events);
         }
+        for (wf, was) in was_finished {
+            if !was && self.hot.get(&wf).is_some_and(Workflow::is_finished) {
+                step.finished.push(wf);
+            }
+        }
         Ok(())
     }
 
     fn process(&mut self, batch: Vec<Request>) -> Step {
-        let mut step = Step::default();
+        self.seq += 1;
+        let mut step = Step {
+            seq: self.seq,
+            ..Step::default()
+        };
         let worker = self.worker_actor.clone();
         for req in batch {
             match req {
@@ -886,13 +1002,20 @@ impl Orchestrator {
                     sig,
                     attempt,
                     result,
+                    local,
                 } => {
-                    let current = self.running.get(&sig).is_some_and(|r| r.attempt == attempt);
-                    if current {
+                    // Only our own handler's report frees the slot of its attempt; an outside
+                    // report of the same attempt (redelivery) leaves the handler running.
+                    if local && self.running.get(&sig).is_some_and(|r| r.attempt == attempt) {
                         self.running.remove(&sig);
                         self.free_slots += 1;
                         self.stats.running.fetch_sub(1, Ordering::Relaxed);
+                        if self.deferred.remove(&sig) {
+                            self.ready.push_back(sig);
+                        }
                     }
+                    // Even a no-op report may have reloaded a finished workflow: settle it.
+                    step.touched.push(sig.workflow);
                     let result = result.map(|r| {
                         r.and_then(|v| match crate::sig::check_depth("result", &v) {
                             Ok(()) => Ok(v),
@@ -956,6 +1079,9 @@ impl Orchestrator {
         if self.shutdown_at.is_none() {
             self.start_ready(&mut step);
         }
+        for wf in &step.touched {
+            self.last_touch.insert(*wf, step.seq);
+        }
         step
     }
 
@@ -978,6 +1104,12 @@ impl Orchestrator {
             let Some(sig) = self.ready.pop_front() else {
                 break;
             };
+            if self.running.contains_key(&sig) {
+                // An older attempt's handler still holds a slot (revoked, within its grace).
+                self.deferred.insert(sig);
+                continue;
+            }
+            step.touched.push(sig.workflow);
             let Ok(state) = self.load(sig.workflow) else {
                 continue;
             };
@@ -1029,11 +1161,13 @@ impl Orchestrator {
             None => Ok(()),
         };
         let Step {
+            seq,
             events,
             replies,
             launches,
             stops,
             touched,
+            finished,
             ..
         } = step;
         match outcome {
@@ -1044,6 +1178,9 @@ impl Orchestrator {
                 if events > 0 {
                     self.stats.appends.fetch_add(1, Ordering::Relaxed);
                 }
+                self.stats
+                    .workflows_finished
+                    .fetch_add(finished.len() as u64, Ordering::Relaxed);
                 for l in launches {
                     self.launch(l);
                 }
@@ -1066,8 +1203,16 @@ impl Orchestrator {
             Err(e) => {
                 tracing::error!(error = %e, "appending a batch failed; reloading its workflows");
                 for l in launches {
-                    if self.running.remove(&l.sig).is_some() {
+                    if self
+                        .running
+                        .get(&l.sig)
+                        .is_some_and(|r| r.attempt == l.attempt)
+                    {
+                        self.running.remove(&l.sig);
                         self.free_slots += 1;
+                        if self.deferred.remove(&l.sig) {
+                            self.ready.push_back(l.sig);
+                        }
                     }
                 }
                 let msg = e.to_string();
@@ -1090,12 +1235,18 @@ impl Orchestrator {
                 }
             }
         }
+        // A workflow a later step touched too is settled by that step's `finish`: its hot
+        // state already holds events that are not durable yet.
         for wf in touched {
-            self.settle(wf);
+            if self.last_touch.get(&wf) == Some(&seq) {
+                self.last_touch.remove(&wf);
+                self.settle(wf);
+            }
         }
     }
 
-    /// Answer waiters of a finished workflow and drop it from the hot state.
+    /// Answer waiters of a finished workflow and drop it from the hot state. Called only once
+    /// every event decided for `wf` is durable (see [`Orchestrator::last_touch`]).
     fn settle(&mut self, wf: WorkflowId) {
         let Some(state) = self.hot.get(&wf) else {
             return;
@@ -1112,9 +1263,6 @@ impl Orchestrator {
                 let _ = w.send(Ok(state.clone()));
             }
         }
-        self.stats
-            .workflows_finished
-            .fetch_add(1, Ordering::Relaxed);
         self.hot.remove(&wf);
     }
 
@@ -1122,6 +1270,11 @@ impl Orchestrator {
         let Some(token) = self.running.get(&l.sig).map(|r| r.token.clone()) else {
             return;
         };
+        // Counted from here until its `Done` gives the slot back, whatever happens below.
+        let running = self.stats.running.fetch_add(1, Ordering::Relaxed) + 1;
+        self.stats
+            .running_peak
+            .fetch_max(running, Ordering::Relaxed);
         let handler = match self.registry.get(&l.task) {
             Ok(def) => def.handler.clone(),
             Err(e) => {
@@ -1134,6 +1287,7 @@ impl Orchestrator {
                             sig: l.sig,
                             attempt: l.attempt,
                             result,
+                            local: true,
                         })
                         .await;
                 });
@@ -1141,10 +1295,6 @@ impl Orchestrator {
             }
         };
         self.stats.attempts_started.fetch_add(1, Ordering::Relaxed);
-        let running = self.stats.running.fetch_add(1, Ordering::Relaxed) + 1;
-        self.stats
-            .running_peak
-            .fetch_max(running, Ordering::Relaxed);
         let ctx = TaskContext {
             sig: l.sig,
             attempt: l.attempt,
@@ -1176,6 +1326,7 @@ impl Orchestrator {
                     sig,
                     attempt,
                     result,
+                    local: true,
                 })
                 .await;
         });

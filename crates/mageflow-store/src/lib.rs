@@ -5,13 +5,15 @@
 //! commit). This crate knows events only as encoded bytes plus their envelope; it never decides
 //! anything.
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod memory;
 mod sled_log;
 
 pub use memory::MemoryLog;
 pub use sled_log::{
-    block_entries, decode_block, encode_block, Durability, Entry, SledLog, SledOptions, BLOCK_BYTES_MAX,
-    BLOCK_EVENTS_MAX,
+    block_entries, decode_block, encode_block, Durability, Entry, SledLog, SledOptions,
+    BLOCK_BYTES_MAX, BLOCK_EVENTS_MAX,
 };
 
 use mageflow_core::{CodecError, Event, WorkflowId};
@@ -100,8 +102,10 @@ pub trait EventLog: Send + Sync + 'static {
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
-/// Check a request's shape before anything is written.
-pub(crate) fn check_request(req: &AppendRequest) -> Result<()> {
+/// Check a request's shape before anything is written: events present, within
+/// [`APPEND_EVENTS_MAX`], all of `req.stream`, with consecutive seqs from `expected_version + 1`.
+/// Every backend refuses a malformed request with this [`Error::InvalidAppend`].
+pub fn check_request(req: &AppendRequest) -> Result<()> {
     let bad = |reason: String| Error::InvalidAppend {
         stream: req.stream,
         reason,

@@ -144,7 +144,9 @@ fn key_position(key: &[u8]) -> Result<u64> {
     let arr: [u8; 8] = key
         .get(1..)
         .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| Error::Corrupt(format!("a block key has {} bytes, expected 9", key.len())))?;
+        .ok_or_else(|| {
+            Error::Corrupt(format!("a block key has {} bytes, expected 9", key.len()))
+        })?;
     Ok(u64::from_be_bytes(arr))
 }
 
@@ -183,7 +185,9 @@ pub fn block_entries(first: u64, bytes: &[u8]) -> Result<Vec<Entry>> {
     let mut entries = Vec::with_capacity(count.min(BLOCK_EVENTS_MAX));
     let mut at = BLOCK_HEADER_BYTES;
     for i in 0..count as u64 {
-        let position = first.checked_add(i).ok_or_else(|| corrupt("position overflows".into()))?;
+        let position = first
+            .checked_add(i)
+            .ok_or_else(|| corrupt("position overflows".into()))?;
         let header = bytes
             .get(at..at + ENTRY_HEADER_BYTES)
             .ok_or_else(|| corrupt(format!("event at position {position} is truncated")))?;
@@ -207,7 +211,10 @@ pub fn block_entries(first: u64, bytes: &[u8]) -> Result<Vec<Entry>> {
         at = end;
     }
     if at != bytes.len() {
-        return Err(corrupt(format!("{} bytes after its last event", bytes.len() - at)));
+        return Err(corrupt(format!(
+            "{} bytes after its last event",
+            bytes.len() - at
+        )));
     }
     Ok(entries)
 }
@@ -215,7 +222,10 @@ pub fn block_entries(first: u64, bytes: &[u8]) -> Result<Vec<Entry>> {
 /// Decode one entry of a block whose headers were read by [`block_entries`].
 fn decode_entry(bytes: &[u8], e: &Entry) -> Result<Event> {
     let event = codec::decode(&bytes[e.start..e.end]).map_err(|err| {
-        Error::Corrupt(format!("event at position {} does not decode: {err}", e.position))
+        Error::Corrupt(format!(
+            "event at position {} does not decode: {err}",
+            e.position
+        ))
     })?;
     if event.stream != e.stream || event.seq != e.seq {
         return Err(Error::Corrupt(format!(
@@ -398,10 +408,14 @@ impl SledLog {
                 path.display()
             )));
         }
-        discard_torn_tail(&tree, head)?;
+        // Check the log up to the marker before deleting anything past it: a marker that does
+        // not end a block is damage, and the blocks past it must survive the refusal.
         let index = build_index(&tree, head)?;
+        discard_torn_tail(&tree, head)?;
+        // Cut any garbage past the record too: a longer file would be ignored at every open.
         head_file
             .record(head)
+            .and_then(|()| head_file.file.set_len(12))
             .map_err(|e| Error::Storage(format!("cannot write {HEAD_FILE}: {e}")))?;
         let shared = Arc::new(Shared {
             tree,
@@ -461,7 +475,9 @@ impl SledLog {
             let (k, v) = entry.map_err(storage)?;
             let first = key_position(&k)?;
             if first != expected {
-                return Err(Error::Corrupt(format!("event at position {expected} is missing")));
+                return Err(Error::Corrupt(format!(
+                    "event at position {expected} is missing"
+                )));
             }
             for rec in decode_block(first, &v)? {
                 let version = versions.entry(rec.event.stream).or_default();
@@ -563,7 +579,9 @@ fn build_index(tree: &sled::Tree, head: u64) -> Result<Index> {
         let (k, v) = entry.map_err(storage)?;
         let first = key_position(&k)?;
         if first != expected {
-            return Err(Error::Corrupt(format!("event at position {expected} is missing")));
+            return Err(Error::Corrupt(format!(
+                "event at position {expected} is missing"
+            )));
         }
         index.blocks.push(first);
         for e in block_entries(first, &v)? {
@@ -581,7 +599,8 @@ fn build_index(tree: &sled::Tree, head: u64) -> Result<Index> {
             expected = e.position + 1;
         }
     }
-    if expected != head + 1 {
+    // `expected - 1`, not `head + 1`: a damaged marker may say u64::MAX.
+    if expected - 1 != head {
         return Err(Error::Corrupt(format!(
             "the log ends at position {}, but its head marker says {head}: events are missing",
             expected - 1
@@ -643,7 +662,10 @@ impl Committer {
                     Some(v) => *v,
                     None => {
                         index.streams.get(&req.stream).map_or(0, |p| p.len() as u64)
-                            + staged.streams.get(&req.stream).map_or(0, |p| p.len() as u64)
+                            + staged
+                                .streams
+                                .get(&req.stream)
+                                .map_or(0, |p| p.len() as u64)
                     }
                 };
                 if actual != req.expected_version {
@@ -820,7 +842,9 @@ impl EventLog for SledLog {
             let (k, v) = entry.map_err(storage)?;
             let first = key_position(&k)?;
             if first != want {
-                return Err(Error::Corrupt(format!("event at position {want} is missing")));
+                return Err(Error::Corrupt(format!(
+                    "event at position {want} is missing"
+                )));
             }
             for e in block_entries(first, &v)? {
                 want = e.position + 1;
@@ -837,7 +861,9 @@ impl EventLog for SledLog {
             }
         }
         if out.len() < limit && want <= committed {
-            return Err(Error::Corrupt(format!("event at position {want} is missing")));
+            return Err(Error::Corrupt(format!(
+                "event at position {want} is missing"
+            )));
         }
         Ok(out)
     }
