@@ -19,6 +19,8 @@ both_stores!(
     swarm_never_exceeds_max_concurrency,
     swarm_stops_dispatching_after_n_failures,
     open_swarm_takes_items_until_closed,
+    a_swarm_too_large_for_one_event_is_created_in_chunks_atomically,
+    a_tree_too_large_for_one_event_is_refused_before_anything_is_written,
 );
 
 #[derive(Deserialize)]
@@ -258,5 +260,79 @@ async fn open_swarm_takes_items_until_closed(store: Store) -> Result<()> {
     assert!(only(&history, 0, "swarm_closed")? < only(&history, 0, "succeeded")?);
     assert_one_success_each(&history, &done);
     env.shutdown().await;
+    Ok(())
+}
+
+/// 25 000 items do not fit one creation event: the swarm is created with the first 10 000 and the
+/// rest are added (then the swarm closed) in the same atomic append; the callback still gets every
+/// outcome in order.
+async fn a_swarm_too_large_for_one_event_is_created_in_chunks_atomically(
+    store: Store,
+) -> Result<()> {
+    const ITEMS: i64 = 25_000;
+    let (tx, mut collected) = mpsc::unbounded_channel();
+    let mut tasks = Registry::new();
+    collector(&mut tasks, tx);
+    tasks.task(
+        "item",
+        |i: Item, _ctx| async move { Ok::<_, TaskFailure>(i.n) },
+    );
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let head = h.log().head();
+    let items = (0..ITEMS).map(|n| sign("item").kwarg("n", n));
+    let wf = h
+        .submit(
+            swarm(items)
+                .max_concurrency(500)
+                .on_success(sign("collect")),
+            json!({}),
+        )
+        .await?;
+    // The creation is whole before the swarm starts: created, two item chunks, closed, started.
+    let history = h.history(wf)?;
+    let created: Vec<&str> = history.iter().map(|e| e.payload.kind()).take(5).collect();
+    assert_eq!(
+        created,
+        [
+            "workflow_created",
+            "swarm_items_added",
+            "swarm_items_added",
+            "swarm_closed",
+            "container_started"
+        ]
+    );
+    assert!(h.log().head() > head);
+    let results = collected.recv().await.expect("the callback runs");
+    let results = results.as_array().expect("a list of outcomes");
+    assert_eq!(results.len(), ITEMS as usize);
+    for (n, r) in results.iter().enumerate() {
+        assert_eq!(r, &json!({ "ok": n }), "outcome {n} out of order");
+    }
+    h.wait(wf).await?;
+    Ok(())
+}
+
+/// Chain steps cannot be split across events: a chain over the per-event limit is refused with a
+/// typed error and nothing is written.
+async fn a_tree_too_large_for_one_event_is_refused_before_anything_is_written(
+    store: Store,
+) -> Result<()> {
+    let mut tasks = Registry::new();
+    tasks.task(
+        "item",
+        |i: Item, _ctx| async move { Ok::<_, TaskFailure>(i.n) },
+    );
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let head = h.log().head();
+    let steps = (0..=mageflow::engine::CREATE_NODES_MAX as i64).map(|n| sign("item").kwarg("n", n));
+    let err = h
+        .submit(mageflow::chain(steps), json!({}))
+        .await
+        .expect_err("too many signatures for one event");
+    assert_eq!(err.code(), "too_many", "{err}");
+    assert!(matches!(err, Error::TooMany { .. }));
+    assert_eq!(h.log().head(), head, "nothing was written");
     Ok(())
 }

@@ -156,7 +156,7 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
     let started = Instant::now();
     let wf = h.submit(flow, json!({ "batch": "demo" })).await?;
     let root = mageflow::SignatureId::root(wf);
-    let swarm_index = h.workflow(wf).await?.nodes[0].spec.children()[1];
+    let swarm_index = h.inspect(wf, |w| w.nodes[0].spec.children()[1]).await?;
 
     let bars = MultiProgress::new();
     let bar = bars.add(ProgressBar::new(u64::from(items)));
@@ -181,9 +181,10 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
     let mut started_during_suspend = 0;
     let stop = crate::stop_signal();
     tokio::pin!(stop);
-    let final_state = loop {
-        let state = h.workflow(wf).await?;
-        let counts = count_items(&state, swarm_index);
+    loop {
+        let (counts, finished_all) = h
+            .inspect(wf, move |w| (count_items(w, swarm_index), w.is_finished()))
+            .await?;
         let finished =
             counts.get("done").copied().unwrap_or(0) + counts.get("failed").copied().unwrap_or(0);
         bar.set_position(finished);
@@ -203,10 +204,9 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
             );
             let starts_before = h.stats().attempts_started.load(Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(400)).await;
-            let paused = h.workflow(wf).await?;
+            let c = h.inspect(wf, move |w| count_items(w, swarm_index)).await?;
             let runs_after = h.stats().attempts_started.load(Ordering::Relaxed);
             started_during_suspend = runs_after - starts_before;
-            let c = count_items(&paused, swarm_index);
             say(format!(
                 "  suspend: {} started while suspended; {} items wait suspended",
                 started_during_suspend,
@@ -215,8 +215,8 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
             h.resume(root).await?;
             say("  resume: continuing where it stopped".into());
         }
-        if state.is_finished() {
-            break state;
+        if finished_all {
+            break;
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -231,6 +231,7 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
         }
     };
     bar.finish();
+    let final_state = h.workflow(wf).await?;
     let elapsed = started.elapsed();
     let events = h.stats().events_written.load(Ordering::Relaxed);
     let history = h.history(wf)?;

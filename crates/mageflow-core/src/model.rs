@@ -266,7 +266,7 @@ pub struct Node {
 }
 
 impl Node {
-    fn new(spec: NodeSpec) -> Self {
+    pub(crate) fn new(spec: NodeSpec) -> Self {
         Self {
             spec,
             status: Status::Pending,
@@ -302,6 +302,25 @@ pub fn deep_merge(base: Value, over: &Value) -> Value {
         }
         (base, Value::Null) => base,
         (_, o) => o.clone(),
+    }
+}
+
+/// [`deep_merge`] taking `over` by value: the same result, with `over`'s parts moved instead of
+/// copied.
+pub fn deep_merge_owned(base: Value, over: Value) -> Value {
+    match (base, over) {
+        (Value::Object(mut b), Value::Object(o)) => {
+            for (k, v) in o {
+                let merged = match b.remove(&k) {
+                    Some(old) => deep_merge_owned(old, v),
+                    None => v,
+                };
+                b.insert(k, merged);
+            }
+            Value::Object(b)
+        }
+        (base, Value::Null) => base,
+        (_, o) => o,
     }
 }
 
@@ -347,13 +366,13 @@ impl Workflow {
     /// The workflow is finished when its root and every callback triggered from it are
     /// terminal, and no attempt is still in flight.
     pub fn is_finished(&self) -> bool {
-        self.exists()
+        // The root check first: it is O(1) and false for as long as the workflow runs.
+        self.root().is_some_and(|r| r.status.is_terminal())
             && self.nodes.iter().all(|n| {
                 !n.in_flight
                     && (n.status.is_terminal()
                         || (n.status == Status::Pending && n.message.is_none()))
             })
-            && self.nodes[0].status.is_terminal()
     }
 
     /// The input a task receives: its message (wrapped into its return field when the message is
@@ -386,9 +405,5 @@ impl Workflow {
             link = parent.spec.parent;
         }
         input
-    }
-
-    pub(crate) fn push_node(&mut self, spec: NodeSpec) {
-        self.nodes.push(Node::new(spec));
     }
 }

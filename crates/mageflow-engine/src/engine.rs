@@ -37,6 +37,7 @@ use mageflow_store::{AppendRequest, BoxFuture, EventLog};
 use serde::Serialize;
 use serde_json::Value;
 use std::borrow::Cow;
+use std::any::Any;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -146,14 +147,19 @@ enum Request {
         wf: WorkflowId,
         reply: oneshot::Sender<Result<Workflow>>,
     },
-    Get {
+    /// Run a read-only function over a workflow's state; the answer is sent once everything
+    /// decided before it is durable.
+    Inspect {
         wf: WorkflowId,
-        reply: oneshot::Sender<Result<Workflow>>,
+        f: Inspector,
+        reply: oneshot::Sender<Result<Box<dyn Any + Send>>>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
 }
+
+type Inspector = Box<dyn FnOnce(&Workflow) -> Box<dyn Any + Send> + Send>;
 
 /// Cheap, cloneable access to a running engine.
 #[derive(Clone)]
@@ -277,15 +283,43 @@ impl Handle {
             .await
     }
 
-    fn prepare(&self, sig: &Sig, input: Option<&Value>) -> Result<Vec<mageflow_core::NodeSpec>> {
+    /// Validate `sig` (and `input`, when it runs now) and turn it into the actions that create
+    /// workflow `id`: one creation event, then, for swarms too large for one event, their
+    /// remaining items in chunks — all in one atomic append.
+    fn creation(
+        &self,
+        id: WorkflowId,
+        sig: &Sig,
+        input: Option<Value>,
+    ) -> Result<Vec<(WorkflowId, Action)>> {
         sig.validate(&self.registry)?;
-        if let Some(input) = input {
+        if let Some(input) = &input {
             check_input(input)?;
             check_entry(&self.registry, &sig, input, &[])?;
         }
         let mut nodes = Vec::new();
-        sig.flatten(&self.registry, 0, None, &mut nodes)?;
-        Ok(nodes)
+        let mut deferred = Vec::new();
+        sig.flatten(&self.registry, 0, None, &mut nodes, &mut deferred)?;
+        check_node_count(nodes.len())?;
+        let mut start = input.map(Message::input);
+        // With items still to add, the workflow runs once it is whole.
+        let run_after = if deferred.is_empty() { None } else { start.take() };
+        let mut actions = vec![(id, Action::Core(Op::Create { nodes, start }))];
+        for d in deferred {
+            let chunks = d.items.len().div_ceil(crate::sig::SWARM_ITEMS_PER_EVENT);
+            for (i, chunk) in d.items.chunks(crate::sig::SWARM_ITEMS_PER_EVENT).enumerate() {
+                let action = Action::AddItems {
+                    swarm: d.swarm,
+                    items: chunk.to_vec(),
+                    close: d.close && i + 1 == chunks,
+                };
+                actions.push((id, action));
+            }
+        }
+        if let Some(message) = run_after {
+            actions.push((id, Action::Core(Op::Run { message })));
+        }
+        Ok(actions)
     }
 
     /// Create a workflow from `sig` and run it with `input`. Returns its id once the creation
@@ -304,12 +338,8 @@ impl Handle {
         idempotent: bool,
     ) -> Result<WorkflowId> {
         let input = to_input(input)?;
-        let nodes = self.prepare(&sig, Some(&input))?;
-        let op = Op::Create {
-            nodes,
-            start: Some(Message::input(input)),
-        };
-        self.exec(vec![(id, Action::Core(op))], idempotent).await?;
+        let actions = self.creation(id, &sig, Some(input))?;
+        self.exec(actions, idempotent).await?;
         Ok(id)
     }
 
@@ -321,11 +351,9 @@ impl Handle {
         let mut actions = Vec::new();
         let mut ids = Vec::new();
         for (sig, input) in items {
-            let nodes = self.prepare(&sig, Some(&input))?;
             let id = WorkflowId(uuid::Uuid::now_v7());
             ids.push(id);
-            let start = Some(Message::input(input));
-            actions.push((id, Action::Core(Op::Create { nodes, start })));
+            actions.extend(self.creation(id, &sig, Some(input))?);
         }
         self.exec(actions, false).await?;
         Ok(ids)
@@ -333,10 +361,9 @@ impl Handle {
 
     /// Create a workflow without running it (see [`Handle::run`]); kwargs stay updatable.
     pub async fn create(&self, sig: impl Into<Sig>) -> Result<WorkflowId> {
-        let nodes = self.prepare(&sig.into(), None)?;
         let id = WorkflowId(uuid::Uuid::now_v7());
-        let op = Op::Create { nodes, start: None };
-        self.exec(vec![(id, Action::Core(op))], false).await?;
+        let actions = self.creation(id, &sig.into(), None)?;
+        self.exec(actions, false).await?;
         Ok(id)
     }
 
@@ -468,8 +495,23 @@ impl Handle {
 
     /// Current state of a workflow (durable state: nothing not yet committed).
     pub async fn workflow(&self, wf: WorkflowId) -> Result<Workflow> {
+        self.inspect(wf, Workflow::clone).await
+    }
+
+    /// Compute something from a workflow's current (durable) state without copying it — e.g.
+    /// counts for a progress bar over a swarm of a million tasks. `f` runs on the
+    /// orchestrator: keep it short.
+    pub async fn inspect<T: Send + 'static>(
+        &self,
+        wf: WorkflowId,
+        f: impl FnOnce(&Workflow) -> T + Send + 'static,
+    ) -> Result<T> {
         let (reply, rx) = oneshot::channel();
-        self.call(Request::Get { wf, reply }, rx).await
+        let f: Inspector = Box::new(move |w| Box::new(f(w)));
+        let any = self.call(Request::Inspect { wf, f, reply }, rx).await?;
+        any.downcast::<T>()
+            .map(|b| *b)
+            .map_err(|_| Error::Rejected(Rejection::Internal("inspect answer of the wrong type".into())))
     }
 
     /// Wait until a workflow is finished (its root and every fired callback are terminal, and
@@ -612,6 +654,10 @@ struct Launch {
 enum Reply {
     Unit(oneshot::Sender<Result<()>>, Result<()>),
     State(oneshot::Sender<Result<Workflow>>, Result<Workflow>),
+    Any(
+        oneshot::Sender<Result<Box<dyn Any + Send>>>,
+        Result<Box<dyn Any + Send>>,
+    ),
 }
 
 /// Everything one batch produced: events to append, and effects to carry out once durable.
@@ -1055,9 +1101,9 @@ impl Orchestrator {
                     }
                     Err(e) => step.replies.push(Reply::State(reply, Err(e))),
                 },
-                Request::Get { wf, reply } => {
+                Request::Inspect { wf, f, reply } => {
                     let res = match self.load(wf) {
-                        Ok(state) if state.exists() => Ok(state.clone()),
+                        Ok(state) if state.exists() => Ok(f(state)),
                         Ok(_) => {
                             self.hot.remove(&wf);
                             Err(Error::NoSuchWorkflow(wf))
@@ -1065,7 +1111,7 @@ impl Orchestrator {
                         Err(e) => Err(e),
                     };
                     step.touched.push(wf);
-                    step.replies.push(Reply::State(reply, res));
+                    step.replies.push(Reply::Any(reply, res));
                 }
                 Request::Shutdown { reply } => {
                     if self.shutdown_at.is_none() {
@@ -1197,6 +1243,9 @@ impl Orchestrator {
                         Reply::State(tx, res) => {
                             let _ = tx.send(res);
                         }
+                        Reply::Any(tx, res) => {
+                            let _ = tx.send(res);
+                        }
                     }
                 }
             }
@@ -1221,6 +1270,11 @@ impl Orchestrator {
                         Reply::Unit(tx, res) => {
                             let _ = tx.send(res.and(Err(Error::Store(
                                 mageflow_store::Error::Storage(msg.clone()),
+                            ))));
+                        }
+                        Reply::Any(tx, _) => {
+                            let _ = tx.send(Err(Error::Store(mageflow_store::Error::Storage(
+                                msg.clone(),
                             ))));
                         }
                         Reply::State(tx, _) => {
@@ -1353,12 +1407,32 @@ fn flatten_items(
         role: mageflow_core::Role::Child,
     });
     let mut nodes = Vec::new();
+    let mut deferred = Vec::new();
     for item in items {
-        item.flatten(registry, base, parent, &mut nodes)?;
+        item.flatten(registry, base, parent, &mut nodes, &mut deferred)?;
     }
+    if !deferred.is_empty() {
+        return Err(Error::TooMany {
+            what: "items of a swarm added inside another swarm's items (add them separately)",
+            count: deferred.iter().map(|d| d.items.len()).sum(),
+            max: 0,
+        });
+    }
+    check_node_count(nodes.len())?;
     Ok(Op::AddSwarmItems {
         swarm,
         nodes,
         close,
     })
+}
+
+fn check_node_count(count: usize) -> Result<()> {
+    if count > crate::sig::CREATE_NODES_MAX {
+        return Err(Error::TooMany {
+            what: "signatures in one event (swarm items are split automatically; chain steps and callbacks are not)",
+            count,
+            max: crate::sig::CREATE_NODES_MAX,
+        });
+    }
+    Ok(())
 }

@@ -24,6 +24,12 @@ pub enum Error {
         depth: usize,
         max: usize,
     },
+    #[error("too many {what}: {count}, the limit is {max}")]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
     #[error("workflow {0} does not exist")]
     NoSuchWorkflow(WorkflowId),
     #[error("signature {0} does not exist")]
@@ -47,6 +53,7 @@ impl Error {
             Error::InvalidInput { .. } => "invalid_input",
             Error::TooLarge { .. } => "too_large",
             Error::TooDeep { .. } => "too_deep",
+            Error::TooMany { .. } => "too_many",
             Error::NoSuchWorkflow(_) => "no_such_workflow",
             Error::NoSuchSignature(_) => "no_such_signature",
             Error::Rejected(r) => r.code(),

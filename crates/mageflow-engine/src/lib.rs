@@ -14,6 +14,6 @@ pub use engine::{now, Config, Engine, Handle, RecoveryReport, Stats, INPUT_BYTES
 pub use error::{Error, Result};
 pub use registry::{Registry, TaskDef, TaskFailure};
 pub use sig::{
-    chain, sign, swarm, value_depth, ChainSig, Sig, SwarmSig, TaskSig, KWARGS_BYTES_MAX,
-    VALUE_DEPTH_MAX,
+    chain, sign, swarm, value_depth, ChainSig, Sig, SwarmSig, TaskSig, CREATE_NODES_MAX,
+    KWARGS_BYTES_MAX, SWARM_ITEMS_PER_EVENT, VALUE_DEPTH_MAX,
 };

@@ -14,6 +14,21 @@ pub const KWARGS_BYTES_MAX: usize = 1024 * 1024;
 /// well under the codec's decode limit, so whatever is stored can always be read back.
 pub const VALUE_DEPTH_MAX: usize = 128;
 
+/// Most swarm items that go into one event; a larger swarm is created with its first items and
+/// the rest are added in the same atomic append, this many per event.
+pub const SWARM_ITEMS_PER_EVENT: usize = 10_000;
+/// Most signatures in one creation event (chain steps and callbacks cannot be split the way
+/// swarm items are), which keeps every event far below the codec's size limit.
+pub const CREATE_NODES_MAX: usize = 50_000;
+
+/// Items of a swarm that did not go into its creation event: added right after it.
+pub(crate) struct Deferred {
+    pub swarm: NodeIndex,
+    pub items: Vec<Sig>,
+    /// Close the swarm with the last chunk (it was built closed).
+    pub close: bool,
+}
+
 /// Nesting depth of a JSON value, computed without recursion.
 pub fn value_depth(v: &Value) -> usize {
     let mut max = 0;
@@ -286,13 +301,15 @@ impl Sig {
     }
 
     /// Flatten into core node specs starting at index `base`, hanging off `parent`.
-    /// Parents come before their children (preorder), as the core requires.
+    /// Parents come before their children (preorder), as the core requires. Swarm items past
+    /// [`SWARM_ITEMS_PER_EVENT`] go to `deferred` (the swarm is left open for them).
     pub(crate) fn flatten(
         &self,
         registry: &Registry,
         base: usize,
         parent: Option<Link>,
         out: &mut Vec<NodeSpec>,
+        deferred: &mut Vec<Deferred>,
     ) -> Result<NodeIndex> {
         let me = (base + out.len()) as NodeIndex;
         let common = self.common();
@@ -320,7 +337,7 @@ impl Sig {
                 KindSpec::Swarm {
                     children: Vec::new(),
                     config: s.config,
-                    closed: s.closed,
+                    closed: s.closed && s.items.len() <= SWARM_ITEMS_PER_EVENT,
                 },
                 mageflow_core::model::RETURN_FIELD_DEFAULT.to_owned(),
             ),
@@ -335,18 +352,30 @@ impl Sig {
             return_field,
         });
         let link = |role| Some(Link { node: me, role });
-        let members = self.members();
+        let mut members = self.members();
+        if let Sig::Swarm(s) = self {
+            if members.len() > SWARM_ITEMS_PER_EVENT {
+                deferred.push(Deferred {
+                    swarm: me,
+                    items: members[SWARM_ITEMS_PER_EVENT..].to_vec(),
+                    close: s.closed,
+                });
+                members = &members[..SWARM_ITEMS_PER_EVENT];
+            }
+        }
         let mut children = Vec::with_capacity(members.len());
         for m in members {
-            children.push(m.flatten(registry, base, link(Role::Child), out)?);
+            children.push(m.flatten(registry, base, link(Role::Child), out, deferred)?);
         }
         let mut on_success = Vec::new();
         for c in &common.on_success {
-            on_success.push(c.flatten(registry, base, link(Role::SuccessCallback), out)?);
+            let cb = c.flatten(registry, base, link(Role::SuccessCallback), out, deferred)?;
+            on_success.push(cb);
         }
         let mut on_error = Vec::new();
         for c in &common.on_error {
-            on_error.push(c.flatten(registry, base, link(Role::ErrorCallback), out)?);
+            let cb = c.flatten(registry, base, link(Role::ErrorCallback), out, deferred)?;
+            on_error.push(cb);
         }
         let spec = &mut out[me as usize - base];
         spec.on_success = on_success;

@@ -726,6 +726,17 @@ impl Committer {
         Ok(blocks)
     }
 
+    /// Remove every block past position `head`.
+    fn remove_past(&self, head: u64) -> Result<()> {
+        let tree = &self.shared.tree;
+        for entry in tree.range(block_key(head.saturating_add(1))..=block_key(u64::MAX)) {
+            let (k, _) = entry.map_err(storage)?;
+            tree.remove(k).map_err(storage)?;
+        }
+        tree.insert(HEAD_KEY, &head.to_be_bytes()).map_err(storage)?;
+        Ok(())
+    }
+
     fn commit(&mut self, jobs: Vec<Job>) {
         let start = self.shared.committed.load(Ordering::Acquire);
         let mut next_pos = start + 1;
@@ -770,8 +781,12 @@ impl Committer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "event log commit failed");
-                // Positions are not advanced: the next group rewrites them and the head marker;
-                // blocks left past it are removed at the next open.
+                // Positions are not advanced: the next group rewrites them and the head marker.
+                // Blocks this group managed to write must go first, or a next group cut into
+                // blocks differently would leave stale keys inside its range.
+                if let Err(e) = self.remove_past(start) {
+                    tracing::error!(error = %e, "cannot remove the blocks of a failed commit");
+                }
                 let msg = e.to_string();
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     let _ = job
