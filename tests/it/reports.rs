@@ -16,6 +16,7 @@ both_stores!(
     duplicate_report_while_running_records_one_success,
     retryable_failures_are_retried_until_success,
     workflows_created_by_a_retried_handler_are_not_duplicated,
+    a_panicking_handler_is_a_retryable_failure,
 );
 
 /// `callback` tells the test each time it runs.
@@ -193,5 +194,38 @@ async fn workflows_created_by_a_retried_handler_are_not_duplicated(store: Store)
     assert_eq!(created_events.len(), 2, "{created_events:?}");
     assert!(created_events.contains(&wf) && created_events.contains(&ids[0]));
     env.shutdown().await;
+    Ok(())
+}
+
+/// A handler that panics does not take the worker down: the attempt fails (retryably, with the
+/// panic's message in the log) and the retry succeeds.
+async fn a_panicking_handler_is_a_retryable_failure(store: Store) -> Result<()> {
+    let mut tasks = Registry::new();
+    tasks
+        .task(
+            "shaky",
+            |_i: Value, ctx: mageflow::TaskContext| async move {
+                if ctx.attempt() == 1 {
+                    panic!("shaky broke");
+                }
+                Ok::<_, TaskFailure>(ctx.attempt())
+            },
+        )
+        .retries(1, 1);
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let wf = h.submit(mageflow::sign("shaky"), json!({})).await?;
+    let done = h.wait(wf).await?;
+    assert_eq!(done.nodes[0].status, mageflow::Status::Done);
+    assert_eq!(done.nodes[0].outcome, Some(mageflow::Outcome::Ok(json!(2))));
+    let history = h.history(wf)?;
+    let retry = history
+        .iter()
+        .find_map(|e| match &e.payload {
+            Payload::RetryScheduled { error, .. } => Some(error.message.clone()),
+            _ => None,
+        })
+        .expect("a retry was scheduled");
+    assert!(retry.contains("shaky broke"), "{retry}");
     Ok(())
 }

@@ -36,8 +36,8 @@ use mageflow_core::{
 use mageflow_store::{AppendRequest, BoxFuture, EventLog};
 use serde::Serialize;
 use serde_json::Value;
-use std::borrow::Cow;
 use std::any::Any;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -303,11 +303,19 @@ impl Handle {
         check_node_count(nodes.len())?;
         let mut start = input.map(Message::input);
         // With items still to add, the workflow runs once it is whole.
-        let run_after = if deferred.is_empty() { None } else { start.take() };
+        let run_after = if deferred.is_empty() {
+            None
+        } else {
+            start.take()
+        };
         let mut actions = vec![(id, Action::Core(Op::Create { nodes, start }))];
         for d in deferred {
             let chunks = d.items.len().div_ceil(crate::sig::SWARM_ITEMS_PER_EVENT);
-            for (i, chunk) in d.items.chunks(crate::sig::SWARM_ITEMS_PER_EVENT).enumerate() {
+            for (i, chunk) in d
+                .items
+                .chunks(crate::sig::SWARM_ITEMS_PER_EVENT)
+                .enumerate()
+            {
                 let action = Action::AddItems {
                     swarm: d.swarm,
                     items: chunk.to_vec(),
@@ -509,9 +517,11 @@ impl Handle {
         let (reply, rx) = oneshot::channel();
         let f: Inspector = Box::new(move |w| Box::new(f(w)));
         let any = self.call(Request::Inspect { wf, f, reply }, rx).await?;
-        any.downcast::<T>()
-            .map(|b| *b)
-            .map_err(|_| Error::Rejected(Rejection::Internal("inspect answer of the wrong type".into())))
+        any.downcast::<T>().map(|b| *b).map_err(|_| {
+            Error::Rejected(Rejection::Internal(
+                "inspect answer of the wrong type".into(),
+            ))
+        })
     }
 
     /// Wait until a workflow is finished (its root and every fired callback are terminal, and
@@ -1362,18 +1372,13 @@ impl Orchestrator {
         let (sig, attempt) = (l.sig, l.attempt);
         let fut = handler(l.input, ctx);
         tokio::spawn(async move {
-            let job = tokio::spawn(fut);
-            let abort = job.abort_handle();
+            // One task per attempt: the handler's future is polled right here (a panic becomes a
+            // retryable failure), and dropped if it outlives the grace period after cancellation.
             let result = tokio::select! {
-                r = job => match r {
-                    Ok(r) => Some(r),
-                    Err(e) if e.is_panic() => Some(Err(TaskFailure::retryable(format!("handler panicked: {e}")))),
-                    Err(_) => None,
-                },
-                _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
-                    abort.abort();
-                    None
-                }
+                r = CatchUnwind(fut) => Some(r.unwrap_or_else(|panic| {
+                    Err(TaskFailure::retryable(format!("handler panicked: {}", panic_message(&panic))))
+                })),
+                _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => None,
             };
             let _ = tx
                 .send(Request::Done {
@@ -1385,6 +1390,33 @@ impl Orchestrator {
                 .await;
         });
     }
+}
+
+/// Polls a handler future, turning a panic into an `Err` instead of unwinding into the runtime.
+struct CatchUnwind(crate::registry::HandlerFuture);
+
+impl std::future::Future for CatchUnwind {
+    type Output = std::result::Result<std::result::Result<Value, TaskFailure>, Box<dyn Any + Send>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let fut = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn Any + Send>) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
