@@ -18,7 +18,14 @@ use tokio::sync::Notify;
 /// Workflows per `submit_many` call in the `flat` scenario.
 const FLAT_BULK: u32 = 10_000;
 
-pub const SCENARIOS: [&str; 5] = ["flat", "chain", "fanout", "fanout-limited", "cancel"];
+pub const SCENARIOS: [&str; 6] = [
+    "flat",
+    "chain",
+    "fanout",
+    "fanout-limited",
+    "cancel",
+    "interrupt",
+];
 
 pub async fn run(scenario: &str, store: Option<&str>, n: Option<u32>) -> Result<()> {
     if scenario == "all" {
@@ -42,7 +49,8 @@ pub async fn run(scenario: &str, store: Option<&str>, n: Option<u32>) -> Result<
         "chain" => chain_steps(&dir, n.unwrap_or(1_000)).await,
         "fanout" => fanout(&dir, n.unwrap_or(5_000), None).await,
         "fanout-limited" => fanout(&dir, n.unwrap_or(5_000), Some(8)).await,
-        _ => cancel(&dir, n.unwrap_or(2_000)).await,
+        "cancel" => cancel(&dir, n.unwrap_or(2_000)).await,
+        _ => interrupt(&dir, n.unwrap_or(10_000)).await,
     };
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
@@ -272,5 +280,66 @@ async fn cancel(dir: &PathBuf, n: u32) -> Result<String> {
     engine.shutdown().await;
     Ok(format!(
         "n={n} store=embedded cancel_call_ms={call_ms:.2} started_after_cancel_log={started_after_log} started_after_cancel_wall={started_after_wall} done_before_cancel={finished_before}"
+    ))
+}
+
+/// A swarm of `n` long tasks, 50 running, interrupted: how long from the call to each running
+/// handler having stopped (its future returned or was dropped).
+async fn interrupt(dir: &PathBuf, n: u32) -> Result<String> {
+    let running = Arc::new(AtomicU64::new(0));
+    let stops = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let mut r = builtins();
+    let (run, st) = (running.clone(), stops.clone());
+    r.task("long", move |_i: Value, ctx: mageflow::TaskContext| {
+        let (run, st) = (run.clone(), st.clone());
+        async move {
+            run.fetch_add(1, Ordering::Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+                _ = ctx.cancellation().cancelled() => {}
+            }
+            st.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Instant::now());
+            Err::<Value, _>(TaskFailure::retryable("interrupted"))
+        }
+    });
+    let engine = open(dir, r, 64).await?;
+    let h = engine.handle();
+    let items: Vec<_> = (0..n).map(|_| sign("long")).collect();
+    let wf = h
+        .submit(swarm(items).max_concurrency(50), json!({}))
+        .await?;
+    while running.load(Ordering::Relaxed) < 50.min(u64::from(n)) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let t0 = Instant::now();
+    h.interrupt(SignatureId::root(wf)).await?;
+    let call_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let want = running.load(Ordering::Relaxed) as usize;
+    while stops.lock().unwrap_or_else(|p| p.into_inner()).len() < want {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut ms: Vec<f64> = stops
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|t| t.duration_since(t0).as_secs_f64() * 1000.0)
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let history = h.history(wf)?;
+    let cut = history
+        .iter()
+        .find(|e| matches!(e.payload, Payload::Interrupted { node: 0 }))
+        .map_or(u64::MAX, |e| e.seq);
+    let started_after = history
+        .iter()
+        .filter(|e| e.seq > cut && matches!(e.payload, Payload::Started { .. }))
+        .count();
+    engine.shutdown().await;
+    Ok(format!(
+        "n={n} running={want} store=embedded interrupt_call_ms={call_ms:.2} stop_p99_ms={:.2} last_stop_ms={:.2} started_after_interrupt_log={started_after}",
+        percentile(&ms, 0.99),
+        ms.last().copied().unwrap_or(0.0)
     ))
 }
