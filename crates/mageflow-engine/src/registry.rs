@@ -157,6 +157,25 @@ impl Registry {
         }
     }
 
+    /// Register a synchronous (blocking) handler. It runs on tokio's blocking pool, so it may
+    /// do blocking I/O; it cannot be stopped mid-way by interrupt (its result is then ignored).
+    pub fn task_sync<I, O, F>(&mut self, name: impl Into<String>, handler: F) -> &mut TaskDef
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(I, TaskContext) -> Result<O, TaskFailure> + Send + Sync + 'static,
+    {
+        let handler = Arc::new(handler);
+        self.task(name, move |input: I, ctx: TaskContext| {
+            let handler = handler.clone();
+            async move {
+                tokio::task::spawn_blocking(move || handler(input, ctx))
+                    .await
+                    .unwrap_or_else(|e| Err(TaskFailure::retryable(format!("handler panicked: {e}"))))
+            }
+        })
+    }
+
     pub fn get(&self, name: &str) -> Result<&TaskDef> {
         self.tasks.get(name).ok_or_else(|| Error::UnknownTask {
             name: name.to_owned(),
