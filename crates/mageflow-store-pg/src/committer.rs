@@ -1,0 +1,589 @@
+//! The committer: the one task of a process that writes the log. It takes every waiting call,
+//! checks versions under the head row lock, writes the accepted calls with one binary `COPY`,
+//! moves the head and notifies, commits, and only then answers (see the crate doc). It owns one
+//! connection, replaced after any connection error; it never answers `Ok` for a transaction
+//! that did not commit.
+
+use crate::copy::{copy_statement, CopyData, Tuples};
+use crate::{is_connection_error, Backoff, PgOptions, Shared, GROUP_BYTES_MAX, GROUP_EVENTS_MAX};
+use mageflow_core::WorkflowId;
+use mageflow_store::{Error, Result};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, Executor, PgConnection, Row};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+/// One request of a call, validated and encoded.
+pub(crate) struct Prepared {
+    pub stream: WorkflowId,
+    pub expected: u64,
+    pub tuples: Tuples,
+}
+
+/// One `append` call.
+pub(crate) struct Job {
+    pub requests: Vec<Prepared>,
+    /// The error of the first malformed request (the call is refused after the requests before
+    /// it are version-checked).
+    pub invalid: Option<Error>,
+    pub events: usize,
+    pub bytes: usize,
+    pub reply: oneshot::Sender<Result<Vec<u64>>>,
+}
+
+/// BEGIN and take the head row lock; the transaction id is what an unknown outcome is resolved
+/// by. One round trip (simple query protocol).
+const LOCK_HEAD: &str =
+    "BEGIN; SELECT position, txid_current() AS xid FROM mageflow_head FOR UPDATE";
+/// Current version of each stream, read after the lock is held (a fresh snapshot).
+const VERSIONS: &str = "SELECT s.stream, COALESCE((SELECT max(e.seq) FROM mageflow_events e \
+                        WHERE e.stream = s.stream), 0) FROM unnest($1::uuid[]) AS s(stream)";
+
+/// The last version of every stream written at positions `(from, to]`: what other processes
+/// committed since this committer last held the lock.
+const FOREIGN_VERSIONS: &str = "SELECT stream, max(seq) FROM mageflow_events \
+                                WHERE position > $1 AND position <= $2 GROUP BY stream";
+/// Streams whose versions the committer remembers between groups; past this it forgets them all.
+pub const VERSION_CACHE_STREAMS_MAX: usize = 256 * 1024;
+/// Most events of other processes' commits the committer reads to keep its version cache; past
+/// this it forgets the cache instead.
+pub const CATCH_UP_EVENTS_MAX: u64 = 64 * 1024;
+
+/// Stream versions as of log position `at`, kept by the committer between groups so that
+/// checking a group's versions does not cost an index probe per stream. Valid only while the
+/// head row still says `at` when the lock is taken again: any other process's commit moves it,
+/// and its effect on versions is then read back by position (or the cache is dropped).
+#[derive(Default)]
+pub(crate) struct VersionCache {
+    at: Option<u64>,
+    versions: HashMap<Uuid, u64>,
+}
+
+/// One try at committing a group.
+enum Attempt {
+    /// Committed (or nothing to write: `end` is `None`). Outcomes per job.
+    Done {
+        outcomes: Vec<Result<Vec<u64>>>,
+        end: Option<u64>,
+    },
+    /// The connection failed before COMMIT was sent: nothing was written; try again.
+    Retry {
+        step: &'static str,
+        error: sqlx::Error,
+    },
+    /// PostgreSQL refused the transaction (not a connection problem): nothing was written and
+    /// trying again would fail the same way.
+    Failed(Error),
+    /// The connection failed while COMMIT was in flight: transaction `xid` may have committed.
+    InDoubt {
+        xid: i64,
+        outcomes: Vec<Result<Vec<u64>>>,
+        end: u64,
+        error: String,
+    },
+}
+
+/// A group's accepted requests and the answers to its calls.
+struct Staged {
+    outcomes: Vec<Result<Vec<u64>>>,
+    /// Versions after the accepted calls, for every stream of the group.
+    versions: HashMap<Uuid, u64>,
+    /// (job, request, first position) of every accepted request, in position order.
+    writes: Vec<(usize, usize, u64)>,
+    end: u64,
+}
+
+/// Check every call against the stream versions read under the lock, in call order, as if
+/// applied one after the other; a refused call changes nothing.
+fn stage(jobs: &[Job], mut versions: HashMap<Uuid, u64>, start: u64) -> Staged {
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut writes = Vec::new();
+    let mut next = start + 1;
+    for (j, job) in jobs.iter().enumerate() {
+        let mut local: HashMap<Uuid, u64> = HashMap::new();
+        let mut refusal = None;
+        for req in &job.requests {
+            let key = req.stream.0;
+            let actual = local
+                .get(&key)
+                .or_else(|| versions.get(&key))
+                .copied()
+                .unwrap_or(0);
+            if actual != req.expected {
+                refusal = Some(Error::Conflict {
+                    stream: req.stream,
+                    expected: req.expected,
+                    actual,
+                });
+                break;
+            }
+            local.insert(key, actual + req.tuples.len() as u64);
+        }
+        let refusal = refusal.or_else(|| job.invalid.as_ref().map(clone_refusal));
+        if let Some(e) = refusal {
+            outcomes.push(Err(e));
+            continue;
+        }
+        versions.extend(local);
+        let mut last = Vec::with_capacity(job.requests.len());
+        for (r, req) in job.requests.iter().enumerate() {
+            writes.push((j, r, next));
+            next += req.tuples.len() as u64;
+            last.push(next - 1);
+        }
+        outcomes.push(Ok(last));
+    }
+    Staged {
+        outcomes,
+        versions,
+        writes,
+        end: next - 1,
+    }
+}
+
+/// A call's refusal, for each attempt at its group (errors are not `Clone`).
+fn clone_refusal(e: &Error) -> Error {
+    match e {
+        Error::InvalidAppend { stream, reason } => Error::InvalidAppend {
+            stream: *stream,
+            reason: reason.clone(),
+        },
+        Error::Encode {
+            stream,
+            seq,
+            source,
+        } => Error::InvalidAppend {
+            stream: *stream,
+            reason: format!("cannot encode the event with seq {seq}: {source}"),
+        },
+        other => Error::Storage(other.to_string()),
+    }
+}
+
+pub(crate) struct Committer {
+    shared: Arc<Shared>,
+    connect: PgConnectOptions,
+    conn: Option<PgConnection>,
+    cache: VersionCache,
+    copy_sql: String,
+    connect_timeout: Duration,
+    retry_for: Duration,
+    backoff_max: Duration,
+    #[cfg(feature = "fault-injection")]
+    faults: Option<Arc<crate::Faults>>,
+}
+
+impl Committer {
+    pub fn new(
+        shared: Arc<Shared>,
+        connect: PgConnectOptions,
+        conn: PgConnection,
+        options: &PgOptions,
+    ) -> Self {
+        Self {
+            shared,
+            connect,
+            conn: Some(conn),
+            cache: VersionCache::default(),
+            copy_sql: copy_statement("mageflow_events"),
+            connect_timeout: Duration::from_millis(options.connect_timeout_ms.max(1)),
+            retry_for: Duration::from_millis(options.retry_for_ms),
+            backoff_max: Duration::from_millis(options.backoff_max_ms.max(20)),
+            #[cfg(feature = "fault-injection")]
+            faults: options.faults.clone(),
+        }
+    }
+
+    /// Commit groups until every sender is gone and the queue is empty.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        while let Some(first) = rx.recv().await {
+            let (mut events, mut bytes) = (first.events, first.bytes);
+            let mut jobs = vec![first];
+            while events < GROUP_EVENTS_MAX && bytes < GROUP_BYTES_MAX {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        events += job.events;
+                        bytes += job.bytes;
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(jobs).await;
+        }
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+    }
+
+    async fn connection(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        if self.conn.is_none() {
+            let conn = self.connect().await?;
+            self.conn = Some(conn);
+        }
+        self.conn.as_mut().ok_or(sqlx::Error::PoolClosed)
+    }
+
+    async fn connect(&self) -> Result<PgConnection, sqlx::Error> {
+        let connecting = PgConnection::connect_with(&self.connect);
+        let mut conn = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(conn) => conn?,
+            Err(_) => {
+                return Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no connection within {} ms",
+                        self.connect_timeout.as_millis()
+                    ),
+                )))
+            }
+        };
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await?;
+        self.shared.committer_pid.store(pid, Ordering::Release);
+        tracing::info!(url = %self.shared.url, pid, "event log committer connected to PostgreSQL");
+        Ok(conn)
+    }
+
+    /// Forget the connection (closing its socket): PostgreSQL rolls back whatever transaction
+    /// it had open.
+    fn drop_connection(&mut self) {
+        self.conn = None;
+        self.shared.committer_pid.store(0, Ordering::Release);
+    }
+
+    /// Commit one group, retrying through connection loss, then answer its calls in order.
+    async fn commit(&mut self, jobs: Vec<Job>) {
+        let deadline = Instant::now() + self.retry_for;
+        let mut backoff = Backoff::new(self.backoff_max);
+        let result = loop {
+            match self.attempt(&jobs).await {
+                Attempt::Done { outcomes, end } => break Ok((outcomes, end)),
+                Attempt::Failed(e) => {
+                    self.drop_connection();
+                    break Err(match e {
+                        Error::Storage(message) => message,
+                        other => other.to_string(),
+                    });
+                }
+                Attempt::Retry { step, error } => {
+                    self.drop_connection();
+                    self.shared.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    if Instant::now() >= deadline {
+                        break Err(format!(
+                            "PostgreSQL at {}: gave up after {} ms of connection failures (last, \
+                             at {step}: {error}); nothing of these appends was written",
+                            self.shared.url,
+                            self.retry_for.as_millis()
+                        ));
+                    }
+                    let wait = backoff.next_wait();
+                    tracing::warn!(
+                        url = %self.shared.url,
+                        step,
+                        error = %error,
+                        attempt = backoff.attempts,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "event log commit lost its PostgreSQL connection; nothing of the group \
+                         was committed, retrying it on a new connection"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                Attempt::InDoubt {
+                    xid,
+                    outcomes,
+                    end,
+                    error,
+                } => {
+                    self.drop_connection();
+                    self.shared
+                        .counters
+                        .in_doubt
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        url = %self.shared.url,
+                        xid,
+                        error = %error,
+                        "event log lost its PostgreSQL connection while COMMIT was in flight; \
+                         asking the server whether the transaction committed"
+                    );
+                    match self.resolve(xid, deadline, &mut backoff).await {
+                        Ok(true) => {
+                            tracing::info!(xid, end, "the in-doubt commit had committed");
+                            break Ok((outcomes, Some(end)));
+                        }
+                        Ok(false) => {
+                            tracing::info!(xid, "the in-doubt commit was rolled back; retrying");
+                        }
+                        Err(e) => break Err(e),
+                    }
+                }
+            }
+        };
+        match result {
+            Ok((outcomes, end)) => {
+                if let Some(end) = end {
+                    let counters = &self.shared.counters;
+                    counters.commits.fetch_add(1, Ordering::Relaxed);
+                    let events = outcomes
+                        .iter()
+                        .zip(&jobs)
+                        .filter(|(o, _)| o.is_ok())
+                        .map(|(_, j)| j.events as u64)
+                        .sum::<u64>();
+                    counters.events.fetch_add(events, Ordering::Relaxed);
+                    self.shared.advance_head(end);
+                }
+                for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                    let _ = job.reply.send(outcome);
+                }
+            }
+            Err(message) => {
+                tracing::error!(url = %self.shared.url, error = %message, "event log commit failed");
+                for job in jobs {
+                    let _ = job.reply.send(Err(Error::Storage(message.clone())));
+                }
+            }
+        }
+    }
+
+    /// One try, on the current connection (a new one if there is none). The connection is kept
+    /// only if the try ends cleanly.
+    async fn attempt(&mut self, jobs: &[Job]) -> Attempt {
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => match self.connect().await {
+                Ok(conn) => conn,
+                Err(error) => return self.classify("connect", error),
+            },
+        };
+        let mut cache = std::mem::take(&mut self.cache);
+        let attempt = self.attempt_on(&mut conn, &mut cache, jobs).await;
+        if matches!(attempt, Attempt::Done { .. }) {
+            self.conn = Some(conn);
+            self.cache = cache;
+        }
+        // Otherwise the cache is dropped: what was committed is not known for sure.
+        attempt
+    }
+
+    fn classify(&self, step: &'static str, error: sqlx::Error) -> Attempt {
+        if is_connection_error(&error) {
+            Attempt::Retry { step, error }
+        } else {
+            Attempt::Failed(self.shared.storage(step, &error))
+        }
+    }
+
+    async fn attempt_on(
+        &self,
+        conn: &mut PgConnection,
+        cache: &mut VersionCache,
+        jobs: &[Job],
+    ) -> Attempt {
+        let row = match conn.fetch_one(LOCK_HEAD).await {
+            Ok(row) => row,
+            Err(e) => return self.classify("lock the head row", e),
+        };
+        let (start, xid) = match (row.try_get::<i64, _>(0), row.try_get::<i64, _>(1)) {
+            (Ok(start), Ok(xid)) => (start as u64, xid),
+            (Err(e), _) | (_, Err(e)) => return self.classify("lock the head row", e),
+        };
+
+        if cache.at != Some(start) {
+            match cache.at {
+                Some(at) if at < start && start - at <= CATCH_UP_EVENTS_MAX => {
+                    // Other processes committed (at, start]: learn their streams' versions.
+                    match sqlx::query_as::<_, (Uuid, i64)>(FOREIGN_VERSIONS)
+                        .bind(at as i64)
+                        .bind(start as i64)
+                        .fetch_all(&mut *conn)
+                        .await
+                    {
+                        Ok(rows) => cache
+                            .versions
+                            .extend(rows.into_iter().map(|(s, v)| (s, v as u64))),
+                        Err(e) => return self.classify("read other processes' versions", e),
+                    }
+                }
+                _ => cache.versions.clear(),
+            }
+            cache.at = Some(start);
+        }
+        let missing: Vec<Uuid> = jobs
+            .iter()
+            .flat_map(|j| j.requests.iter().map(|r| r.stream.0))
+            .filter(|s| !cache.versions.contains_key(s))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !missing.is_empty() {
+            match sqlx::query_as::<_, (Uuid, i64)>(VERSIONS)
+                .bind(&missing)
+                .fetch_all(&mut *conn)
+                .await
+            {
+                Ok(rows) => cache
+                    .versions
+                    .extend(rows.into_iter().map(|(s, v)| (s, v as u64))),
+                Err(e) => return self.classify("read stream versions", e),
+            }
+        }
+        let versions: HashMap<Uuid, u64> = jobs
+            .iter()
+            .flat_map(|j| j.requests.iter().map(|r| r.stream.0))
+            .map(|s| (s, cache.versions.get(&s).copied().unwrap_or(0)))
+            .collect();
+
+        let Staged {
+            outcomes,
+            versions,
+            writes,
+            end,
+        } = stage(jobs, versions, start);
+        if writes.is_empty() {
+            // Every call was refused: nothing to write, no commit, no notification.
+            if let Err(e) = conn.execute("ROLLBACK").await {
+                return self.classify("roll back an empty group", e);
+            }
+            return Attempt::Done {
+                outcomes,
+                end: None,
+            };
+        }
+
+        let bytes: usize = writes
+            .iter()
+            .map(|&(j, r, _)| jobs[j].requests[r].tuples.bytes_len())
+            .sum();
+        let mut data = CopyData::with_capacity(bytes);
+        for &(j, r, first) in &writes {
+            data.extend(&jobs[j].requests[r].tuples, first);
+        }
+        let rows = data.rows();
+        let mut copy = match conn.copy_in_raw(&self.copy_sql).await {
+            Ok(copy) => copy,
+            Err(e) => return self.classify("start COPY", e),
+        };
+        if let Err(e) = copy.send(data.finish()).await {
+            return self.classify("send COPY data", e);
+        }
+        match copy.finish().await {
+            Ok(n) if n == rows => {}
+            Ok(n) => {
+                return Attempt::Failed(Error::Storage(format!(
+                    "PostgreSQL at {}: COPY wrote {n} rows, expected {rows}",
+                    self.shared.url
+                )))
+            }
+            Err(e) => return self.classify("finish COPY", e),
+        }
+
+        // Head, notification and COMMIT in one round trip. The channel is `mageflow_head_` and
+        // a checked schema name; `end` is a number: nothing here needs quoting.
+        let finish = format!(
+            "UPDATE mageflow_head SET position = {end}; \
+             SELECT pg_notify('{}', '{end}'); COMMIT",
+            self.shared.channel
+        );
+        #[cfg(feature = "fault-injection")]
+        if let Some(faults) = &self.faults {
+            if let Some(injected) = faults.before_commit(&mut *conn, &finish).await {
+                return match injected {
+                    Ok(error) => Attempt::InDoubt {
+                        xid,
+                        outcomes,
+                        end,
+                        error,
+                    },
+                    Err(e) => self.classify("injected fault", e),
+                };
+            }
+        }
+        match conn.execute(finish.as_str()).await {
+            Ok(_) => {
+                if cache.versions.len() + versions.len() > VERSION_CACHE_STREAMS_MAX {
+                    cache.versions.clear();
+                }
+                cache.versions.extend(versions);
+                cache.at = Some(end);
+                Attempt::Done {
+                    outcomes,
+                    end: Some(end),
+                }
+            }
+            // The server answered with an error: with the statements before COMMIT failing, the
+            // transaction was rolled back for sure; this would fail again.
+            Err(e) if !is_connection_error(&e) => {
+                Attempt::Failed(self.shared.storage("update the head and commit", &e))
+            }
+            Err(e) => Attempt::InDoubt {
+                xid,
+                outcomes,
+                end,
+                error: e.to_string(),
+            },
+        }
+    }
+
+    /// Whether transaction `xid` committed, asked on a new connection until the server knows.
+    async fn resolve(
+        &mut self,
+        xid: i64,
+        deadline: Instant,
+        backoff: &mut Backoff,
+    ) -> Result<bool, String> {
+        loop {
+            let status: Result<Option<String>, sqlx::Error> = match self.connection().await {
+                Ok(conn) => {
+                    sqlx::query_scalar("SELECT txid_status($1)")
+                        .bind(xid)
+                        .fetch_one(conn)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match status.as_ref().map(|s| s.as_deref()) {
+                Ok(Some("committed")) => return Ok(true),
+                Ok(Some("aborted")) => return Ok(false),
+                Ok(Some(other)) => {
+                    // The old session has not finished yet ("in progress").
+                    tracing::info!(xid, status = other, "waiting for the in-doubt transaction");
+                }
+                Ok(None) => {
+                    return Err(format!(
+                        "PostgreSQL at {}: cannot tell whether transaction {xid} committed (too \
+                         old for txid_status); these appends are not acknowledged",
+                        self.shared.url
+                    ))
+                }
+                Err(e) if is_connection_error(e) => {
+                    self.drop_connection();
+                    tracing::warn!(url = %self.shared.url, xid, error = %e,
+                        "cannot reach PostgreSQL to resolve an in-doubt commit; retrying");
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "PostgreSQL at {}: cannot ask whether transaction {xid} committed: {e}; \
+                         these appends are not acknowledged",
+                        self.shared.url
+                    ))
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "PostgreSQL at {}: the outcome of transaction {xid} is still unknown after \
+                     {} ms; these appends are not acknowledged (they may be in the log)",
+                    self.shared.url,
+                    self.retry_for.as_millis()
+                ));
+            }
+            tokio::time::sleep(backoff.next_wait()).await;
+        }
+    }
+}
