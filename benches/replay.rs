@@ -1,8 +1,9 @@
 //! Replay throughput: what recovery costs. Writes about 1 000 000 events of realistic workflows
 //! (swarms of 1000 tasks and ten-step chains, every task queued, started and completed, generated
 //! by `mageflow::core::execute` so they are the events the engine really writes) into a
-//! `SledLog`, reopens it, then times `read_all` in chunks + decode + `Workflow::apply` into one
-//! state per stream. Also times the parts apart (read + decode only; apply only).
+//! `SledLog`, reopens it, then times `read_all` in chunks + decode + `Workflow::apply_owned` into
+//! one state per stream (what recovery does). Also times the parts apart (read + decode only;
+//! apply only, with the borrowing `apply` and with the consuming `apply_owned`).
 //!
 //! A plain `main` (harness = false) printing `name=... events_per_s=...` lines. With `--test`
 //! (what `cargo bench -- --test` passes) the workload shrinks to a smoke run.
@@ -184,11 +185,13 @@ fn replay(log: &SledLog) -> HashMap<WorkflowId, Workflow> {
         let chunk = log.read_all(from, READ_CHUNK_EVENTS).expect("read_all");
         let Some(last) = chunk.last() else { break };
         from = last.position + 1;
-        for r in &chunk {
+        // Recovery no longer needs the events once folded: move them into the state.
+        for r in chunk {
+            let stream = r.event.stream;
             states
-                .entry(r.event.stream)
-                .or_insert_with(|| Workflow::empty(r.event.stream))
-                .apply(&r.event)
+                .entry(stream)
+                .or_insert_with(|| Workflow::empty(stream))
+                .apply_owned(r.event)
                 .expect("apply");
         }
     }
@@ -278,6 +281,7 @@ fn main() {
         events,
         start.elapsed().as_secs_f64(),
     );
+    // Borrowing `apply` (what the command path uses: the event is kept to be appended).
     let start = Instant::now();
     let mut states: HashMap<WorkflowId, Workflow> = HashMap::new();
     for e in &all {
@@ -287,7 +291,25 @@ fn main() {
             .apply(e)
             .expect("apply");
     }
+    rate_line(
+        "replay_apply_borrowed_only",
+        events,
+        start.elapsed().as_secs_f64(),
+    );
+    drop(states);
+    // Consuming `apply_owned` (what replay uses).
+    let start = Instant::now();
+    let mut states: HashMap<WorkflowId, Workflow> = HashMap::new();
+    for e in all {
+        let stream = e.stream;
+        states
+            .entry(stream)
+            .or_insert_with(|| Workflow::empty(stream))
+            .apply_owned(e)
+            .expect("apply");
+    }
     rate_line("replay_apply_only", events, start.elapsed().as_secs_f64());
+    assert_eq!(states.len(), summary.len());
     if smoke {
         println!("replay: smoke run (--test), numbers are not meaningful");
     }

@@ -5,7 +5,10 @@
 
 use crate::event::{Event, Payload};
 use crate::id::{NodeIndex, WorkflowId};
-use crate::model::{deep_merge, KindSpec, Link, NodeSpec, Outcome, Role, Status, Workflow};
+use crate::model::{
+    deep_merge_owned, KindSpec, Link, Node, NodeSpec, Outcome, Role, Status, TaskError, Workflow,
+};
+use crate::time::Timestamp;
 
 /// An event that cannot be applied to the current state.
 #[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
@@ -138,9 +141,62 @@ pub(crate) fn validate_nodes(
     Ok(())
 }
 
+/// An event [`Workflow::replay`] can fold: a borrowed `&Event` (the values it carries are
+/// copied into the state, as [`Workflow::apply`] does) or an owned `Event` (moved into the state,
+/// as [`Workflow::apply_owned`] does: no copies). Both give the same state and the same errors.
+pub trait ReplayEvent {
+    fn fold_into(self, wf: &mut Workflow) -> Result<(), ApplyError>;
+}
+
+impl ReplayEvent for &Event {
+    fn fold_into(self, wf: &mut Workflow) -> Result<(), ApplyError> {
+        wf.apply(self)
+    }
+}
+
+impl ReplayEvent for Event {
+    fn fold_into(self, wf: &mut Workflow) -> Result<(), ApplyError> {
+        wf.apply_owned(self)
+    }
+}
+
 impl Workflow {
     /// Fold one event into the state, or refuse it (the state is unchanged on error).
     pub fn apply(&mut self, event: &Event) -> Result<(), ApplyError> {
+        self.check_next(event)?;
+        // The state keeps the values the event carries (nodes, messages, results): one copy of
+        // the payload, made only once the envelope fits.
+        self.apply_payload(event.payload.clone(), event.at)?;
+        self.version = event.seq;
+        Ok(())
+    }
+
+    /// [`Workflow::apply`] for an event the caller no longer needs (replay, recovery): the
+    /// values it carries move into the state instead of being copied. Same checks, same errors,
+    /// same resulting state; the state is unchanged on error.
+    pub fn apply_owned(&mut self, event: Event) -> Result<(), ApplyError> {
+        self.check_next(&event)?;
+        self.apply_payload(event.payload, event.at)?;
+        self.version = event.seq;
+        Ok(())
+    }
+
+    /// Replay a whole stream from empty. Pass the events by value (`Vec<Event>`, an iterator of
+    /// owned events) to move their values into the state, or by reference to keep them.
+    pub fn replay<I>(id: WorkflowId, events: I) -> Result<Self, ApplyError>
+    where
+        I: IntoIterator,
+        I::Item: ReplayEvent,
+    {
+        let mut wf = Workflow::empty(id);
+        for e in events {
+            e.fold_into(&mut wf)?;
+        }
+        Ok(wf)
+    }
+
+    /// The envelope checks: the event belongs to this stream and is the next one.
+    fn check_next(&self, event: &Event) -> Result<(), ApplyError> {
         if event.stream != self.id {
             return Err(ApplyError::WrongStream {
                 expected: self.id,
@@ -153,21 +209,7 @@ impl Workflow {
                 found: event.seq,
             });
         }
-        self.apply_payload(&event.payload, event)?;
-        self.version = event.seq;
         Ok(())
-    }
-
-    /// Replay a whole stream from empty.
-    pub fn replay<'a>(
-        id: WorkflowId,
-        events: impl IntoIterator<Item = &'a Event>,
-    ) -> Result<Self, ApplyError> {
-        let mut wf = Workflow::empty(id);
-        for e in events {
-            wf.apply(e)?;
-        }
-        Ok(wf)
     }
 
     fn check(&self, kind: &'static str, node: NodeIndex) -> Result<usize, ApplyError> {
@@ -211,27 +253,31 @@ impl Workflow {
         }
     }
 
-    fn push_batch(&mut self, nodes: &[NodeSpec]) {
+    /// Append a validated batch (see [`validate_nodes`]) and record each new node's position in
+    /// the list of its parent that names it.
+    fn push_batch(&mut self, nodes: Vec<NodeSpec>) {
         let base = self.nodes.len();
-        for spec in nodes {
-            self.push_node(spec.clone());
-        }
+        self.nodes.reserve(nodes.len());
+        self.nodes.extend(nodes.into_iter().map(Node::new));
         for i in base..self.nodes.len() {
-            let spec = &self.nodes[i].spec;
+            // A validated batch only lists later nodes of the same batch.
+            let (head, tail) = self.nodes.split_at_mut(i + 1);
+            let spec = &head[i].spec;
             let lists: [&[NodeIndex]; 3] = [spec.children(), &spec.on_success, &spec.on_error];
-            let positions: Vec<(usize, u32)> = lists
-                .iter()
-                .flat_map(|l| l.iter().enumerate())
-                .map(|(pos, &c)| (c as usize, pos as u32))
-                .collect();
-            for (c, pos) in positions {
-                self.nodes[c].position = pos;
+            for list in lists {
+                for (pos, &c) in list.iter().enumerate() {
+                    let later = (c as usize).checked_sub(i + 1);
+                    if let Some(n) = later.and_then(|k| tail.get_mut(k)) {
+                        n.position = pos as u32;
+                    }
+                }
             }
         }
     }
 
-    fn apply_payload(&mut self, payload: &Payload, event: &Event) -> Result<(), ApplyError> {
+    fn apply_payload(&mut self, payload: Payload, at: Timestamp) -> Result<(), ApplyError> {
         let kind = payload.kind();
+        let container_event = matches!(payload, Payload::ContainerStarted { .. });
         match payload {
             Payload::WorkflowCreated { nodes } => {
                 if self.exists() {
@@ -241,24 +287,24 @@ impl Workflow {
                         reason: "workflow already exists".into(),
                     });
                 }
-                validate_nodes(nodes, 0, None).map_err(ApplyError::InvalidTree)?;
+                validate_nodes(&nodes, 0, None).map_err(ApplyError::InvalidTree)?;
                 self.push_batch(nodes);
-                self.created_at = Some(event.at);
+                self.created_at = Some(at);
             }
             Payload::SwarmItemsAdded { swarm, nodes } => {
-                let s = self.check(kind, *swarm)?;
+                let s = self.check(kind, swarm)?;
                 match &self.nodes[s].spec.kind {
                     KindSpec::Swarm { closed: false, .. } => {}
                     _ => {
                         return Err(ApplyError::Invalid {
                             kind,
-                            node: *swarm,
+                            node: swarm,
                             reason: "not an open swarm".into(),
                         })
                     }
                 }
                 let base = self.nodes.len();
-                validate_nodes(nodes, base, Some(*swarm)).map_err(ApplyError::InvalidTree)?;
+                validate_nodes(&nodes, base, Some(swarm)).map_err(ApplyError::InvalidTree)?;
                 let mut added = Vec::new();
                 for (offset, spec) in nodes.iter().enumerate() {
                     if spec.parent.is_some_and(|l| (l.node as usize) < base) {
@@ -278,29 +324,29 @@ impl Workflow {
                 }
             }
             Payload::SwarmClosed { swarm } => {
-                let s = self.check(kind, *swarm)?;
+                let s = self.check(kind, swarm)?;
                 match &mut self.nodes[s].spec.kind {
                     KindSpec::Swarm { closed, .. } => *closed = true,
                     _ => {
                         return Err(ApplyError::Invalid {
                             kind,
-                            node: *swarm,
+                            node: swarm,
                             reason: "not a swarm".into(),
                         })
                     }
                 }
             }
             Payload::KwargsUpdated { node, kwargs } => {
-                let i = self.check(kind, *node)?;
+                let i = self.check(kind, node)?;
                 if !kwargs.is_object() {
                     return Err(ApplyError::Invalid {
                         kind,
-                        node: *node,
+                        node,
                         reason: "kwargs are not an object".into(),
                     });
                 }
                 let n = &mut self.nodes[i];
-                n.spec.kwargs = deep_merge(std::mem::take(&mut n.spec.kwargs), kwargs);
+                n.spec.kwargs = deep_merge_owned(std::mem::take(&mut n.spec.kwargs), kwargs);
             }
             Payload::Queued {
                 node,
@@ -312,17 +358,17 @@ impl Workflow {
                 message,
                 parked,
             } => {
-                let i = self.check(kind, *node)?;
+                let i = self.check(kind, node)?;
                 let n = &mut self.nodes[i];
                 let is_container = n.is_container();
-                if is_container != matches!(payload, Payload::ContainerStarted { .. }) {
+                if is_container != container_event {
                     return Err(ApplyError::Invalid {
                         kind,
-                        node: *node,
+                        node,
                         reason: "event kind does not match the signature kind".into(),
                     });
                 }
-                n.message = Some(message.clone());
+                n.message = Some(message);
                 n.not_before = None;
                 n.status = match (parked, is_container) {
                     (true, _) => Status::Suspended,
@@ -331,20 +377,20 @@ impl Workflow {
                 };
             }
             Payload::SwarmDispatched { swarm, count } => {
-                let s = self.check(kind, *swarm)?;
+                let s = self.check(kind, swarm)?;
                 let KindSpec::Swarm { children, .. } = &self.nodes[s].spec.kind else {
                     return Err(ApplyError::Invalid {
                         kind,
-                        node: *swarm,
+                        node: swarm,
                         reason: "not a swarm".into(),
                     });
                 };
                 let from = self.nodes[s].swarm.dispatched as usize;
-                let to = from.saturating_add(*count as usize);
+                let to = from.saturating_add(count as usize);
                 let Some(range) = children.get(from..to) else {
                     return Err(ApplyError::Invalid {
                         kind,
-                        node: *swarm,
+                        node: swarm,
                         reason: format!("dispatches items {from}..{to} of {}", children.len()),
                     });
                 };
@@ -357,29 +403,29 @@ impl Workflow {
                 progress.running += live;
             }
             Payload::Started { node, attempt } => {
-                let i = self.check(kind, *node)?;
+                let i = self.check(kind, node)?;
                 let n = &mut self.nodes[i];
-                if n.is_container() || *attempt != n.attempt + 1 {
+                if n.is_container() || attempt != n.attempt + 1 {
                     return Err(ApplyError::Invalid {
                         kind,
-                        node: *node,
+                        node,
                         reason: format!("attempt {attempt} after attempt {}", n.attempt),
                     });
                 }
-                n.attempt = *attempt;
+                n.attempt = attempt;
                 n.in_flight = true;
                 n.status = Status::Running;
             }
             Payload::Checkpointed { node, data, .. } => {
-                let i = self.check(kind, *node)?;
-                self.nodes[i].checkpoint = Some(data.clone());
+                let i = self.check(kind, node)?;
+                self.nodes[i].checkpoint = Some(data);
             }
             Payload::Succeeded { node, result, .. } => {
-                let i = self.check(kind, *node)?;
+                let i = self.check(kind, node)?;
                 let n = &mut self.nodes[i];
                 n.status = Status::Done;
                 n.in_flight = false;
-                n.outcome = Some(Outcome::Ok(result.clone()));
+                n.outcome = Some(Outcome::Ok(result));
                 self.count_in_swarm(i, true);
             }
             Payload::RetryScheduled {
@@ -388,55 +434,55 @@ impl Workflow {
                 lost,
                 ..
             } => {
-                let i = self.check(kind, *node)?;
+                let i = self.check(kind, node)?;
                 let n = &mut self.nodes[i];
                 n.in_flight = false;
                 if !lost {
                     n.failures += 1;
                 }
-                n.not_before = Some(*retry_at);
+                n.not_before = Some(retry_at);
                 if n.status == Status::Running {
                     n.status = Status::Queued;
                 }
             }
             Payload::Failed { node, error, .. } => {
-                let i = self.check(kind, *node)?;
+                let i = self.check(kind, node)?;
                 let n = &mut self.nodes[i];
                 n.status = Status::Failed;
                 n.in_flight = false;
-                n.outcome = Some(Outcome::Err(error.clone()));
+                n.outcome = Some(Outcome::Err(error));
                 self.count_in_swarm(i, false);
             }
             Payload::Suspended { node } => {
-                let i = self.check(kind, *node)?;
+                let i = self.check(kind, node)?;
                 self.nodes[i].status = Status::Suspended;
             }
             Payload::Resumed { node, status } => {
-                let i = self.check(kind, *node)?;
+                let i = self.check(kind, node)?;
                 let n = &mut self.nodes[i];
                 if !matches!(n.status, Status::Suspended | Status::Interrupted)
                     || status.is_terminal()
                 {
                     return Err(ApplyError::Invalid {
                         kind,
-                        node: *node,
+                        node,
                         reason: format!("resume from {} to {status}", n.status),
                     });
                 }
-                n.status = *status;
+                n.status = status;
             }
             Payload::Interrupted { node } => {
-                let i = self.check(kind, *node)?;
+                let i = self.check(kind, node)?;
                 let n = &mut self.nodes[i];
                 n.status = Status::Interrupted;
                 n.in_flight = false;
             }
             Payload::Canceled { node } => {
-                let i = self.check(kind, *node)?;
+                let i = self.check(kind, node)?;
                 let n = &mut self.nodes[i];
                 n.status = Status::Canceled;
                 n.in_flight = false;
-                n.outcome = Some(Outcome::Err(crate::model::TaskError {
+                n.outcome = Some(Outcome::Err(TaskError {
                     message: "canceled".into(),
                     retryable: false,
                 }));

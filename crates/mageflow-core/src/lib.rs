@@ -12,7 +12,7 @@ pub mod id;
 pub mod model;
 pub mod time;
 
-pub use apply::ApplyError;
+pub use apply::{ApplyError, ReplayEvent};
 pub use codec::CodecError;
 pub use command::{Command, Op, Rejection};
 pub use decide::{decide, execute};

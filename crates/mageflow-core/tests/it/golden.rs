@@ -1,14 +1,21 @@
 //! Golden files of the event encoding: one encoded event per `Payload` variant, committed under
-//! `tests/golden/events-v1/<kind>.msgpack` at the repository root. The test decodes every file
-//! and compares it with the event built here, so a schema change that stops old bytes from
-//! decoding (a renamed field, a removed variant, a changed type) fails loudly.
+//! `tests/golden/` at the repository root. The test decodes every file and compares it with the
+//! event built here, so a schema change that stops old bytes from decoding (a renamed field, a
+//! removed variant, a changed type, a reordered field) fails loudly.
 //!
-//! The files are written once, by `MAGEFLOW_BLESS=1 cargo test -p mageflow-core golden`. Never
-//! re-bless v1 to make a failing test pass: old logs contain these bytes. A new schema version
-//! gets a new directory (`events-v2`) next to this one, and both keep decoding.
+//! - `events-v1/<kind>.msgpack`: schema 1 in the first layout (structs as maps keyed by field
+//!   name, `rmp_serde::encode::write_named`). Frozen: logs written then contain these bytes.
+//! - `events-v1-compact/<kind>.msgpack`: schema 1 in the current compact layout (structs as
+//!   arrays, see `mageflow_core::codec`). These must also be exactly what `encode` writes today,
+//!   and the codec's direct reader (not only its serde fallback) must read them.
+//!
+//! The current layout's files are written once, by
+//! `MAGEFLOW_BLESS=1 cargo test -p mageflow-core golden`. Never re-bless a directory to make a
+//! failing test pass: old logs contain these bytes. A new schema version or layout gets a new
+//! directory next to these, and all of them keep decoding.
 
 use crate::support::{chain, swarm, swarm_items, task};
-use mageflow_core::codec::{decode, encode};
+use mageflow_core::codec::{check, decode, encode};
 use mageflow_core::{
     Actor, Event, Message, Payload, Status, TaskError, Timestamp, WorkflowId, SCHEMA_VERSION,
 };
@@ -20,11 +27,13 @@ const STREAM: u128 = 0x0192_3f4a_5b6c_7d8e_9fa0_b1c2_d3e4_f506;
 /// 2026-11-26T07:58:24Z
 const AT_MICROS: i64 = 1_795_679_904_000_000;
 
-fn dir() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/golden/events-v1"
-    ))
+/// The frozen directory of the first (named) layout.
+const NAMED_DIR: &str = "events-v1";
+/// The directory of the current layout, the one `MAGEFLOW_BLESS=1` writes.
+const CURRENT_DIR: &str = "events-v1-compact";
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/golden")).join(name)
 }
 
 /// Position of a variant in the list below. Exhaustive on purpose: a new `Payload` variant
@@ -162,14 +171,14 @@ fn golden_list_covers_every_payload_variant_once() {
     }
 }
 
-/// Writes the golden files, once per process, only when `MAGEFLOW_BLESS=1`.
+/// Writes the current layout's golden files, once per process, only when `MAGEFLOW_BLESS=1`.
 fn bless_if_asked() {
     static BLESS: Once = Once::new();
     if std::env::var("MAGEFLOW_BLESS").as_deref() != Ok("1") {
         return;
     }
     BLESS.call_once(|| {
-        let dir = dir();
+        let dir = dir(CURRENT_DIR);
         std::fs::create_dir_all(&dir).expect("create golden dir");
         for event in expected() {
             let bytes = encode(&event).expect("encodes");
@@ -184,14 +193,14 @@ fn bless_golden_files() {
     bless_if_asked();
 }
 
-#[test]
-fn golden_files_still_decode_to_the_same_events() {
-    bless_if_asked();
-    let dir = dir();
+/// Every file of `dir` decodes to its expected event, and every variant has a file. Returns the
+/// files' bytes in variant order.
+fn check_dir(name: &str) -> Vec<Vec<u8>> {
+    let dir = dir(name);
     let entries = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("golden dir {} is missing: {e}", dir.display()));
     let expected = expected();
-    let mut seen = vec![false; expected.len()];
+    let mut seen = vec![None; expected.len()];
     for entry in entries {
         let path = entry.expect("read golden dir").path();
         let name = path
@@ -208,12 +217,12 @@ fn golden_files_still_decode_to_the_same_events() {
         let bytes = std::fs::read(&path).expect("read golden file");
         let decoded = decode(&bytes).unwrap_or_else(|e| panic!("{name} no longer decodes: {e}"));
         assert_eq!(decoded, expected[i], "{name} decodes to a different event");
-        seen[i] = true;
+        seen[i] = Some(bytes);
     }
     let missing: Vec<&str> = expected
         .iter()
         .zip(&seen)
-        .filter(|(_, seen)| !**seen)
+        .filter(|(_, seen)| seen.is_none())
         .map(|(e, _)| e.payload.kind())
         .collect();
     assert!(
@@ -221,4 +230,33 @@ fn golden_files_still_decode_to_the_same_events() {
         "no golden file for {missing:?} in {} (bless with MAGEFLOW_BLESS=1)",
         dir.display()
     );
+    seen.into_iter().flatten().collect()
+}
+
+#[test]
+fn golden_files_still_decode_to_the_same_events() {
+    bless_if_asked();
+    check_dir(NAMED_DIR);
+    check_dir(CURRENT_DIR);
+}
+
+/// The current layout is stable (encoding the expected events gives the committed bytes) and is
+/// read by the codec's direct reader, not left to its serde fallback.
+#[test]
+fn golden_files_of_the_current_layout_are_what_encode_writes() {
+    bless_if_asked();
+    let files = check_dir(CURRENT_DIR);
+    for (event, bytes) in expected().iter().zip(&files) {
+        let kind = event.payload.kind();
+        assert_eq!(
+            &encode(event).expect("encodes"),
+            bytes,
+            "{kind}: the encoding changed"
+        );
+        assert_eq!(
+            check::decode_direct(bytes).as_ref(),
+            Some(event),
+            "{kind}: the direct reader does not read it"
+        );
+    }
 }

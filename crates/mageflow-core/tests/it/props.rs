@@ -3,12 +3,13 @@
 //!   replay of the emitted events, `decide` returns exactly what `execute` does, rejections change
 //!   nothing, swarm counters agree with the items' statuses, nothing is triggered twice, and the
 //!   workflow can always be driven to completion afterwards;
-//! - for arbitrary event sequences, a terminal status never changes and a refused event changes
-//!   nothing;
-//! - decoding arbitrary or damaged bytes never panics, and encoding round-trips.
+//! - for arbitrary event sequences, a terminal status never changes, a refused event changes
+//!   nothing, and the consuming `apply_owned` agrees exactly with `apply`;
+//! - decoding arbitrary or damaged bytes never panics and agrees with the serde reference
+//!   decoder, encoding round-trips, and the older named encoding still decodes.
 
 use crate::support::{chain, swarm, swarm_items, task, wf_id, Tree, TreeKind};
-use mageflow_core::codec::{decode, encode};
+use mageflow_core::codec::{check, decode, encode};
 use mageflow_core::{
     decide, execute, Actor, Command, Event, KindSpec, Link, Message, NodeIndex, NodeSpec, Op,
     Payload, Rejection, RetryPolicy, Role, Status, SwarmConfig, TaskError, Timestamp, Workflow,
@@ -482,6 +483,9 @@ proptest! {
         let run = run_commands(&tree, start, &gens)?;
         let replayed = Workflow::replay(run.wf.id, &run.log);
         prop_assert_eq!(replayed.as_ref(), Ok(&run.wf));
+        // The consuming replay (recovery's path) folds to the same state.
+        let replayed_owned = Workflow::replay(run.wf.id, run.log.clone());
+        prop_assert_eq!(replayed_owned.as_ref(), Ok(&run.wf));
         check_log(&run.log)?;
     }
 
@@ -504,6 +508,8 @@ proptest! {
         check_log(&run.log)?;
         let replayed = Workflow::replay(run.wf.id, &run.log);
         prop_assert_eq!(replayed.as_ref(), Ok(&run.wf));
+        let replayed_owned = Workflow::replay(run.wf.id, run.log.clone());
+        prop_assert_eq!(replayed_owned.as_ref(), Ok(&run.wf));
     }
 
     /// Events made by valid commands, interleaved with random ones: a refused event changes
@@ -554,6 +560,35 @@ fn arb_value() -> impl Strategy<Value = Value> {
 fn arb_object() -> impl Strategy<Value = Value> {
     prop::collection::btree_map("[a-z]{1,4}", arb_value(), 0..3)
         .prop_map(|m| Value::Object(m.into_iter().collect()))
+}
+
+/// Values whose objects share keys often, so merges recurse.
+fn arb_mergeable() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<i8>().prop_map(Value::from),
+        "[xy]".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 32, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+            prop::collection::btree_map("[a-c]", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// The consuming merge (used by `apply_owned`) is the same function as the borrowing one.
+    #[test]
+    fn deep_merge_owned_equals_deep_merge(base in arb_mergeable(), over in arb_mergeable()) {
+        prop_assert_eq!(
+            mageflow_core::model::deep_merge_owned(base.clone(), over.clone()),
+            mageflow_core::model::deep_merge(base, &over)
+        );
+    }
 }
 
 fn arb_status() -> impl Strategy<Value = Status> {
@@ -737,7 +772,23 @@ fn apply_checked(wf: &mut Workflow, payload: Payload, mode: SeqMode) -> Result<(
         payload,
     };
     let before = wf.clone();
-    match wf.apply(&event) {
+    // The consuming path must agree exactly with the borrowing one: same result, same state.
+    let mut owned = wf.clone();
+    let owned_result = owned.apply_owned(event.clone());
+    let result = wf.apply(&event);
+    prop_assert_eq!(
+        &owned_result,
+        &result,
+        "apply and apply_owned disagree on {:?}",
+        event
+    );
+    prop_assert_eq!(
+        &owned,
+        &*wf,
+        "apply and apply_owned disagree on {:?}",
+        event
+    );
+    match result {
         Err(_) => prop_assert_eq!(&before, &*wf, "refused {:?} changed the state", event),
         Ok(()) => {
             prop_assert_eq!(wf.version, before.version + 1);
@@ -862,21 +913,43 @@ proptest! {
     #[test]
     fn encode_then_decode_round_trips(event in arb_event()) {
         let bytes = encode(&event).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        // The direct writer writes exactly what rmp-serde's compact form is.
+        let reference =
+            check::encode_reference(&event).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(&bytes, &reference);
+        // What the encoder writes is read by the direct reader, not left to the fallback.
+        prop_assert_eq!(check::decode_direct(&bytes), Some(event.clone()));
+        let decoded = decode(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(decoded, event);
+    }
+
+    /// Events written before the compact layout (structs as maps keyed by field name) still
+    /// decode, through the serde fallback.
+    #[test]
+    fn named_encodings_still_decode(event in arb_event()) {
+        let bytes =
+            rmp_serde::to_vec_named(&event).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(check::decode_direct(&bytes), None);
         let decoded = decode(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(decoded, event);
     }
 
     #[test]
     fn decode_of_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = decode(&bytes);
+        check_decoders_agree(&bytes)?;
     }
 
     #[test]
     fn decode_of_damaged_encodings_never_panics(
         event in arb_event(),
+        named in any::<bool>(),
         damage in prop::collection::vec(arb_damage(), 1..4),
     ) {
-        let mut bytes = encode(&event).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut bytes = if named {
+            rmp_serde::to_vec_named(&event).map_err(|e| TestCaseError::fail(e.to_string()))?
+        } else {
+            encode(&event).map_err(|e| TestCaseError::fail(e.to_string()))?
+        };
         let only_truncated = damage.iter().all(|d| matches!(d, Damage::Truncate(_)));
         let original_len = bytes.len();
         for d in damage {
@@ -901,6 +974,172 @@ proptest! {
         if only_truncated && bytes.len() < original_len {
             prop_assert!(result.is_err(), "a truncated event decoded: {:?}", result);
         }
+        check_decoders_agree(&bytes)?;
+    }
+}
+
+/// The direct reader never accepts what the serde decoder (the reference) refuses, nor reads it
+/// differently: `decode` succeeds exactly when the reference does, with the same event.
+fn check_decoders_agree(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let reference = check::decode_reference(bytes).ok();
+    if let Some(direct) = check::decode_direct(bytes) {
+        prop_assert_eq!(
+            reference.as_ref(),
+            Some(&direct),
+            "the direct reader accepted {:02x?}",
+            bytes
+        );
+    }
+    prop_assert_eq!(
+        decode(bytes).ok(),
+        reference.filter(|e| e.schema <= SCHEMA_VERSION)
+    );
+    Ok(())
+}
+
+/// Every MessagePack length and integer form (fix, 8, 16, 32 and 64 bits, at their edges) in
+/// every place the layout has one: the direct writer matches rmp-serde byte for byte and the
+/// direct reader reads it back.
+#[test]
+fn encoding_of_every_length_and_integer_form_matches_rmp_serde() {
+    let lens = [0usize, 1, 15, 16, 31, 32, 255, 256, 65_535, 65_536];
+    let ints: Vec<i64> = vec![
+        0,
+        1,
+        127,
+        128,
+        255,
+        256,
+        65_535,
+        65_536,
+        4_294_967_295,
+        4_294_967_296,
+        i64::MAX,
+        -1,
+        -32,
+        -33,
+        -128,
+        -129,
+        -32_768,
+        -32_769,
+        -2_147_483_648,
+        -2_147_483_649,
+        i64::MIN,
+    ];
+    let uints: Vec<u64> = ints
+        .iter()
+        .filter_map(|&i| u64::try_from(i).ok())
+        .chain([u64::MAX])
+        .collect();
+    let mut events = Vec::new();
+    let event = |seq: u64, at: i64, actor: Actor, payload: Payload| Event {
+        stream: wf_id(),
+        seq,
+        at: Timestamp::from_micros(at),
+        actor,
+        schema: SCHEMA_VERSION,
+        payload,
+    };
+    for &len in &lens {
+        let s = "é".repeat(len / 2) + &"x".repeat(len % 2);
+        let items: Vec<Value> = (0..len as u64).map(Value::from).collect();
+        let map: serde_json::Map<String, Value> = (0..len)
+            .map(|i| (format!("k{i}"), Value::from(i)))
+            .collect();
+        let mut spec = NodeSpec::task(s.clone());
+        spec.return_field = s.clone();
+        spec.on_success = (0..len as u32).collect();
+        if len <= 256 {
+            spec.kwargs = Value::Object(map.clone());
+        }
+        events.push(event(
+            1,
+            0,
+            Actor::api(s.clone()),
+            Payload::WorkflowCreated {
+                nodes: vec![spec; len.min(17)],
+            },
+        ));
+        events.push(event(
+            2,
+            0,
+            Actor::worker(s.clone()),
+            Payload::Succeeded {
+                node: 0,
+                attempt: 1,
+                result: json!([s, items, Value::Object(map)]),
+            },
+        ));
+    }
+    for &i in &ints {
+        events.push(event(
+            3,
+            i,
+            Actor::system("t"),
+            Payload::RetryScheduled {
+                node: 0,
+                attempt: 1,
+                error: TaskError {
+                    message: String::new(),
+                    retryable: true,
+                },
+                retry_at: Timestamp::from_micros(i),
+                lost: i < 0,
+            },
+        ));
+        events.push(event(
+            4,
+            0,
+            Actor::system("t"),
+            Payload::Resumed {
+                node: 0,
+                status: Status::MarkedForDeletion {
+                    expires_at: Timestamp::from_micros(i),
+                },
+            },
+        ));
+        events.push(event(
+            5,
+            0,
+            Actor::system("t"),
+            Payload::Checkpointed {
+                node: 0,
+                attempt: 0,
+                data: json!([i, i as f64, -0.0, 1e300]),
+            },
+        ));
+    }
+    for &u in &uints {
+        let small = u32::try_from(u).unwrap_or(u32::MAX);
+        events.push(event(
+            u,
+            0,
+            Actor::system("t"),
+            Payload::SwarmDispatched {
+                swarm: small,
+                count: small,
+            },
+        ));
+        events.push(event(
+            6,
+            0,
+            Actor::system("t"),
+            Payload::KwargsUpdated {
+                node: small,
+                kwargs: json!({ "u": u }),
+            },
+        ));
+    }
+    for e in events {
+        let bytes = encode(&e).expect("encodes");
+        assert_eq!(
+            bytes,
+            check::encode_reference(&e).expect("encodes"),
+            "{} differs from rmp-serde",
+            e.payload.kind()
+        );
+        assert_eq!(check::decode_direct(&bytes).as_ref(), Some(&e));
+        assert_eq!(decode(&bytes).expect("decodes"), e);
     }
 }
 
