@@ -9,6 +9,7 @@ mod support;
 mod chains;
 mod control;
 mod durability;
+mod lifecycle;
 mod recovery;
 mod reports;
 mod stats;

@@ -229,7 +229,7 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
                 );
             }
         }
-    };
+    }
     bar.finish();
     let final_state = h.workflow(wf).await?;
     let elapsed = started.elapsed();

@@ -95,12 +95,7 @@ pub(crate) fn validate_nodes(
                         "signature {index} names parent {p}, which is not an earlier signature of the batch"
                     ));
                 }
-                let parent = &nodes[p - base];
-                let list = match link.role {
-                    Role::Child => parent.children(),
-                    Role::SuccessCallback => &parent.on_success,
-                    Role::ErrorCallback => &parent.on_error,
-                };
+                let list = nodes[p - base].list(link.role);
                 if !list.contains(&(index as NodeIndex)) {
                     return Err(format!(
                         "signature {index} names parent {p}, which does not list it"
@@ -108,12 +103,7 @@ pub(crate) fn validate_nodes(
                 }
             }
         }
-        let refs = spec
-            .children()
-            .iter()
-            .chain(&spec.on_success)
-            .chain(&spec.on_error);
-        for &r in refs {
+        for r in spec.all_refs() {
             let r = r as usize;
             if r <= index || r >= end {
                 return Err(format!(
@@ -212,6 +202,21 @@ impl Workflow {
         Ok(())
     }
 
+    /// Workflow-level events name the root and need an unpurged workflow.
+    fn check_root(&self, kind: &'static str, node: NodeIndex) -> Result<(), ApplyError> {
+        if node != 0 || !self.exists() {
+            return Err(ApplyError::NoSuchNode { kind, node });
+        }
+        if self.purged {
+            return Err(ApplyError::Invalid {
+                kind,
+                node,
+                reason: "the workflow was purged".into(),
+            });
+        }
+        Ok(())
+    }
+
     fn check(&self, kind: &'static str, node: NodeIndex) -> Result<usize, ApplyError> {
         let i = node as usize;
         let n = self
@@ -263,7 +268,12 @@ impl Workflow {
             // A validated batch only lists later nodes of the same batch.
             let (head, tail) = self.nodes.split_at_mut(i + 1);
             let spec = &head[i].spec;
-            let lists: [&[NodeIndex]; 3] = [spec.children(), &spec.on_success, &spec.on_error];
+            let lists: [&[NodeIndex]; 4] = [
+                spec.children(),
+                &spec.on_success,
+                &spec.on_error,
+                &spec.on_cleanup,
+            ];
             for list in lists {
                 for (pos, &c) in list.iter().enumerate() {
                     let later = (c as usize).checked_sub(i + 1);
@@ -487,6 +497,58 @@ impl Workflow {
                     retryable: false,
                 }));
                 self.count_in_swarm(i, false);
+            }
+            Payload::MarkedForDeletion { node, expires_at } => {
+                self.check_root(kind, node)?;
+                for n in &mut self.nodes {
+                    n.deletion = Some(expires_at);
+                }
+            }
+            Payload::Restored { node } => {
+                self.check_root(kind, node)?;
+                for n in &mut self.nodes {
+                    n.deletion = None;
+                }
+            }
+            Payload::Rerun { node } => {
+                self.check_root(kind, node)?;
+                if !matches!(self.nodes[0].status, Status::Done | Status::Failed)
+                    || self.nodes.iter().any(|n| n.in_flight)
+                {
+                    return Err(ApplyError::Invalid {
+                        kind,
+                        node: node,
+                        reason: "only a finished workflow with nothing in flight can rerun".into(),
+                    });
+                }
+                // Back to created: every node untriggered, attempt numbers kept (they only grow).
+                for n in &mut self.nodes {
+                    n.status = Status::Pending;
+                    n.message = None;
+                    n.outcome = None;
+                    n.not_before = None;
+                    n.failures = 0;
+                    n.checkpoint = None;
+                    n.swarm = Default::default();
+                    n.deletion = None;
+                }
+            }
+            Payload::Purged { node } => {
+                self.check_root(kind, node)?;
+                if self.nodes.iter().any(|n| n.in_flight) {
+                    return Err(ApplyError::Invalid {
+                        kind,
+                        node: node,
+                        reason: "an attempt is still in flight".into(),
+                    });
+                }
+                self.purged = true;
+                for n in &mut self.nodes {
+                    n.spec.kwargs = serde_json::Value::Object(Default::default());
+                    n.message = None;
+                    n.outcome = None;
+                    n.checkpoint = None;
+                }
             }
         }
         Ok(())

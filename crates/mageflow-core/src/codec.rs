@@ -403,8 +403,15 @@ mod fast {
                 Payload::SwarmClosed { swarm: node }
                 | Payload::Suspended { node }
                 | Payload::Interrupted { node }
-                | Payload::Canceled { node } => {
+                | Payload::Canceled { node }
+                | Payload::Restored { node }
+                | Payload::Rerun { node }
+                | Payload::Purged { node } => {
                     self.variant(name, 1).uint(u64::from(*node));
+                }
+                Payload::MarkedForDeletion { node, expires_at } => {
+                    self.variant(name, 2).uint(u64::from(*node));
+                    self.int(expires_at.0);
                 }
                 Payload::KwargsUpdated { node, kwargs } => {
                     self.variant(name, 2).uint(u64::from(*node));
@@ -510,8 +517,9 @@ mod fast {
                     on_success,
                     on_error,
                     return_field,
+                    on_cleanup,
                 } = n;
-                self.array(7);
+                self.array(8);
                 self.str(name);
                 match kind {
                     KindSpec::Task { task, retry } => {
@@ -558,12 +566,14 @@ mod fast {
                             Role::Child => "child",
                             Role::SuccessCallback => "success_callback",
                             Role::ErrorCallback => "error_callback",
+                            Role::Cleanup => "cleanup",
                         });
                     }
                 }
                 self.indexes(on_success);
                 self.indexes(on_error);
                 self.str(return_field);
+                self.indexes(on_cleanup);
             }
         }
 
@@ -880,6 +890,25 @@ mod fast {
                     self.fields(1)?;
                     Payload::Canceled { node: self.u32()? }
                 }
+                "marked_for_deletion" => {
+                    self.fields(2)?;
+                    Payload::MarkedForDeletion {
+                        node: self.u32()?,
+                        expires_at: Timestamp(self.i64()?),
+                    }
+                }
+                "restored" => {
+                    self.fields(1)?;
+                    Payload::Restored { node: self.u32()? }
+                }
+                "rerun" => {
+                    self.fields(1)?;
+                    Payload::Rerun { node: self.u32()? }
+                }
+                "purged" => {
+                    self.fields(1)?;
+                    Payload::Purged { node: self.u32()? }
+                }
                 _ => return None,
             })
         }
@@ -933,7 +962,8 @@ mod fast {
         }
 
         fn node_spec(&mut self) -> Option<NodeSpec> {
-            self.array_of(7)?;
+            // Specs written before `on_cleanup` existed have 7 fields: the serde decoder takes them.
+            self.array_of(8)?;
             Some(NodeSpec {
                 name: self.string()?,
                 kind: self.kind_spec()?,
@@ -942,6 +972,7 @@ mod fast {
                 on_success: self.indexes()?,
                 on_error: self.indexes()?,
                 return_field: self.string()?,
+                on_cleanup: self.indexes()?,
             })
         }
 
@@ -1000,6 +1031,7 @@ mod fast {
                 "child" => Role::Child,
                 "success_callback" => Role::SuccessCallback,
                 "error_callback" => Role::ErrorCallback,
+                "cleanup" => Role::Cleanup,
                 _ => return None,
             };
             Some(Some(Link { node, role }))

@@ -79,6 +79,18 @@ pub enum Op {
         node: NodeIndex,
         confirmed: bool,
     },
+    /// Soft-delete the workflow (root only) until `expires_at`; a running part keeps running.
+    Delete {
+        expires_at: Timestamp,
+    },
+    /// Lift the deletion mark before expiry.
+    Restore,
+    /// Run a finished (done or failed) workflow again, from its original message; also lifts a
+    /// deletion mark. Refused once purged or canceled.
+    Rerun,
+    /// End of the deletion window (the cleanup job): refused before `expires_at`, while an
+    /// attempt is in flight, or if the mark was lifted.
+    Purge,
 }
 
 /// A domain refusal. Nothing was changed. Each has a stable `code()`.
@@ -108,6 +120,12 @@ pub enum Rejection {
     Canceled(NodeIndex),
     #[error("signature {0} is waiting for its retry backoff")]
     NotYet(NodeIndex),
+    #[error("the workflow is not marked for deletion")]
+    NotMarked,
+    #[error("the deletion window ends at {0}; the workflow cannot be purged before")]
+    NotExpired(Timestamp),
+    #[error("the workflow was purged: it cannot be rerun or restored")]
+    Purged,
     #[error("internal error (a bug): {0}")]
     Internal(String),
 }
@@ -127,6 +145,9 @@ impl Rejection {
             Rejection::ConfirmationRequired => "confirmation_required",
             Rejection::Canceled(_) => "canceled",
             Rejection::NotYet(_) => "not_yet",
+            Rejection::NotMarked => "not_marked",
+            Rejection::NotExpired(_) => "not_expired",
+            Rejection::Purged => "purged",
             Rejection::Internal(_) => "internal",
         }
     }

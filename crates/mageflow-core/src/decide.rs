@@ -8,7 +8,8 @@ use crate::command::{Command, Op, Rejection};
 use crate::event::{Actor, Event, Payload, SCHEMA_VERSION};
 use crate::id::NodeIndex;
 use crate::model::{
-    deep_merge, KindSpec, Message, Outcome, Role, Status, TaskError, Workflow, ERROR_FIELD,
+    deep_merge, KindSpec, Message, Outcome, Role, Status, TaskError, Workflow, CLEANUP_FIELD,
+    ERROR_FIELD,
 };
 use crate::time::Timestamp;
 use serde_json::{json, Value};
@@ -267,6 +268,54 @@ impl Decider<'_> {
                     _ => self.stop_tree(*node, false)?,
                 }
             }
+            Op::Delete { expires_at } => {
+                self.check_unpurged()?;
+                if self.wf.nodes[0].deletion.is_none() {
+                    self.emit(Payload::MarkedForDeletion {
+                        node: 0,
+                        expires_at: *expires_at,
+                    })?;
+                }
+            }
+            Op::Restore => {
+                self.check_unpurged()?;
+                if self.wf.nodes[0].deletion.is_none() {
+                    return Err(Rejection::NotMarked);
+                }
+                self.emit(Payload::Restored { node: 0 })?;
+            }
+            Op::Rerun => {
+                self.check_unpurged()?;
+                let root = &self.wf.nodes[0];
+                match root.status {
+                    Status::Canceled => return Err(Rejection::Canceled(0)),
+                    Status::Done | Status::Failed => {}
+                    s => return Err(invalid("rerun", s)),
+                }
+                if self.wf.nodes.iter().any(|n| n.in_flight) {
+                    return Err(invalid("rerun", Status::Running));
+                }
+                let Some(message) = root.message.clone() else {
+                    return Err(invalid("rerun", root.status));
+                };
+                self.emit(Payload::Rerun { node: 0 })?;
+                self.trigger(0, message)?;
+            }
+            Op::Purge => {
+                if self.wf.purged {
+                    return Ok(());
+                }
+                let Some(expires_at) = self.wf.nodes[0].deletion else {
+                    return Err(Rejection::NotMarked);
+                };
+                if self.at < expires_at {
+                    return Err(Rejection::NotExpired(expires_at));
+                }
+                if let Some(i) = self.wf.nodes.iter().position(|n| n.in_flight) {
+                    return Err(Rejection::NotYet(i as NodeIndex));
+                }
+                self.emit(Payload::Purged { node: 0 })?;
+            }
             Op::Cancel { node, confirmed } => {
                 if !confirmed {
                     return Err(Rejection::ConfirmationRequired);
@@ -281,6 +330,13 @@ impl Decider<'_> {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn check_unpurged(&self) -> Result<(), Rejection> {
+        if self.wf.purged {
+            return Err(Rejection::Purged);
         }
         Ok(())
     }
@@ -302,7 +358,7 @@ impl Decider<'_> {
             n.status,
             Status::Pending | Status::Suspended | Status::Interrupted
         ) && n.message.is_none()
-            && n.attempt == 0;
+            && !n.in_flight;
         if !untriggered {
             return Ok(());
         }
@@ -389,8 +445,59 @@ impl Decider<'_> {
         Ok(())
     }
 
-    /// A node reached done or failed: fire its callbacks (its own first), then tell its container.
+    /// A node reached done or failed: fire its callbacks (its own first), then its cleanup
+    /// callbacks, then tell its container.
     fn finished(&mut self, node: NodeIndex) -> Result<(), Rejection> {
+        self.fire_outcome_callbacks(node)?;
+        let outcome = match self.wf.nodes[node as usize].status {
+            Status::Done => "done",
+            _ => "failed",
+        };
+        self.cleanup(node, outcome)?;
+        self.notify_parent(node)
+    }
+
+    /// Trigger the cleanup callbacks of `node` (once: triggering is idempotent) with its input
+    /// plus `mageflow_cleanup` = {signature, task, outcome, result | error}.
+    fn cleanup(&mut self, node: NodeIndex, outcome: &str) -> Result<(), Rejection> {
+        let n = &self.wf.nodes[node as usize];
+        if n.spec.on_cleanup.is_empty() {
+            return Ok(());
+        }
+        let mut info = json!({
+            "signature": self.wf.sig(node).to_string(),
+            "task": n.spec.name,
+            "outcome": outcome,
+        });
+        match &n.outcome {
+            Some(Outcome::Ok(v)) => info["result"] = v.clone(),
+            Some(Outcome::Err(e)) => info["error"] = Value::String(e.message.clone()),
+            None => {}
+        }
+        let mut extra = serde_json::Map::new();
+        extra.insert(CLEANUP_FIELD.into(), info);
+        let input = deep_merge(self.base_input(node), &Value::Object(extra));
+        for cb in n.spec.on_cleanup.clone() {
+            self.trigger(cb, Message::input(input.clone()))?;
+        }
+        Ok(())
+    }
+
+    /// The input of a task; a container's message.
+    fn base_input(&self, node: NodeIndex) -> Value {
+        let n = &self.wf.nodes[node as usize];
+        if n.is_container() {
+            n.message
+                .as_ref()
+                .map(|m| m.value.clone())
+                .filter(Value::is_object)
+                .unwrap_or_else(|| json!({}))
+        } else {
+            self.wf.effective_input(node)
+        }
+    }
+
+    fn fire_outcome_callbacks(&mut self, node: NodeIndex) -> Result<(), Rejection> {
         let n = &self.wf.nodes[node as usize];
         match n.outcome.clone() {
             Some(Outcome::Ok(result)) => {
@@ -406,21 +513,13 @@ impl Decider<'_> {
             }
             None => {}
         }
-        self.notify_parent(node)
+        Ok(())
     }
 
     /// What an error callback receives: the failed signature's input plus the error.
     fn error_input(&self, node: NodeIndex, error: &TaskError) -> Value {
         let n = &self.wf.nodes[node as usize];
-        let input = if n.is_container() {
-            n.message
-                .as_ref()
-                .map(|m| m.value.clone())
-                .filter(Value::is_object)
-                .unwrap_or_else(|| json!({}))
-        } else {
-            self.wf.effective_input(node)
-        };
+        let input = self.base_input(node);
         let mut err = serde_json::Map::new();
         err.insert(
             ERROR_FIELD.into(),
@@ -470,6 +569,7 @@ impl Decider<'_> {
                 for cb in self.wf.nodes[c as usize].spec.on_error.clone() {
                     self.trigger(cb, Message::input(input.clone()))?;
                 }
+                self.cleanup(c, "failed")?;
                 self.notify_parent(c)
             }
             (KindSpec::Swarm { config, .. }, _) => {
@@ -516,6 +616,18 @@ impl Decider<'_> {
     /// never triggered are left pending when interrupting (their paused ancestor gates them) and
     /// are canceled with the rest when canceling.
     fn stop_tree(&mut self, node: NodeIndex, cancel: bool) -> Result<(), Rejection> {
+        self.stop_subtree(node, cancel, true)
+    }
+
+    /// Cleanup callbacks fire children first (post-order): for the node the command named, and
+    /// for descendants that had been triggered (a never-started one acquired nothing).
+    fn stop_subtree(
+        &mut self,
+        node: NodeIndex,
+        cancel: bool,
+        named: bool,
+    ) -> Result<(), Rejection> {
+        let started = self.wf.nodes[node as usize].message.is_some();
         self.emit(if cancel {
             Payload::Canceled { node }
         } else {
@@ -525,8 +637,11 @@ impl Decider<'_> {
             let n = &self.wf.nodes[c as usize];
             let untriggered = n.status == Status::Pending && n.message.is_none();
             if !n.status.is_terminal() && (cancel || !untriggered) {
-                self.stop_tree(c, cancel)?;
+                self.stop_subtree(c, cancel, false)?;
             }
+        }
+        if named || started {
+            self.cleanup(node, if cancel { "canceled" } else { "interrupted" })?;
         }
         Ok(())
     }

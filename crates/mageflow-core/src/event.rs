@@ -149,6 +149,25 @@ pub enum Payload {
     Canceled {
         node: NodeIndex,
     },
+    /// The workflow (root `node` and everything under it) is soft-deleted until `expires_at`.
+    MarkedForDeletion {
+        node: NodeIndex,
+        expires_at: Timestamp,
+    },
+    /// The deletion mark is lifted (before expiry); nothing else changes.
+    Restored {
+        node: NodeIndex,
+    },
+    /// The workflow is reset to run again (from done or failed; a deletion mark is lifted too);
+    /// the events that follow trigger it with its original message.
+    Rerun {
+        node: NodeIndex,
+    },
+    /// The deletion window ended: task data (kwargs, messages, results, checkpoints) is dropped
+    /// from the state for good.
+    Purged {
+        node: NodeIndex,
+    },
 }
 
 impl Payload {
@@ -171,7 +190,11 @@ impl Payload {
             | Suspended { node }
             | Resumed { node, .. }
             | Interrupted { node }
-            | Canceled { node } => Some(*node),
+            | Canceled { node }
+            | MarkedForDeletion { node, .. }
+            | Restored { node }
+            | Rerun { node }
+            | Purged { node } => Some(*node),
         }
     }
 
@@ -195,6 +218,10 @@ impl Payload {
             Resumed { .. } => "resumed",
             Interrupted { .. } => "interrupted",
             Canceled { .. } => "canceled",
+            MarkedForDeletion { .. } => "marked_for_deletion",
+            Restored { .. } => "restored",
+            Rerun { .. } => "rerun",
+            Purged { .. } => "purged",
         }
     }
 }

@@ -12,6 +12,8 @@ use std::fmt;
 pub const RETURN_FIELD_DEFAULT: &str = "mageflow_results";
 /// Field an error callback finds the error in, next to the failed task's original input.
 pub const ERROR_FIELD: &str = "mageflow_error";
+/// Field a cleanup callback finds the outcome in, next to the signature's input.
+pub const CLEANUP_FIELD: &str = "mageflow_cleanup";
 /// Default number of swarm items running at once (as in the original).
 pub const SWARM_MAX_CONCURRENCY_DEFAULT: u32 = 30;
 
@@ -120,6 +122,8 @@ pub enum Role {
     Child,
     SuccessCallback,
     ErrorCallback,
+    /// Runs after every terminal outcome of its parent (success, failure, interrupt, cancel).
+    Cleanup,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -159,6 +163,9 @@ pub struct NodeSpec {
     pub on_error: Vec<NodeIndex>,
     /// Input field a success callback's result goes into.
     pub return_field: String,
+    /// Cleanup callbacks: run once after the first terminal outcome, whatever it is.
+    #[serde(default)]
+    pub on_cleanup: Vec<NodeIndex>,
 }
 
 impl NodeSpec {
@@ -175,6 +182,7 @@ impl NodeSpec {
             on_success: Vec::new(),
             on_error: Vec::new(),
             return_field: RETURN_FIELD_DEFAULT.to_owned(),
+            on_cleanup: Vec::new(),
         }
     }
 
@@ -183,6 +191,26 @@ impl NodeSpec {
             KindSpec::Task { .. } => &[],
             KindSpec::Chain { children } | KindSpec::Swarm { children, .. } => children,
         }
+    }
+
+    /// The list of `role` (children for `Role::Child`).
+    pub fn list(&self, role: Role) -> &[NodeIndex] {
+        match role {
+            Role::Child => self.children(),
+            Role::SuccessCallback => &self.on_success,
+            Role::ErrorCallback => &self.on_error,
+            Role::Cleanup => &self.on_cleanup,
+        }
+    }
+
+    /// Children and every kind of callback, in that order.
+    pub fn all_refs(&self) -> impl Iterator<Item = NodeIndex> + '_ {
+        self.children()
+            .iter()
+            .chain(&self.on_success)
+            .chain(&self.on_error)
+            .chain(&self.on_cleanup)
+            .copied()
     }
 
     pub fn task_name(&self) -> Option<&str> {
@@ -263,6 +291,8 @@ pub struct Node {
     pub swarm: SwarmProgress,
     /// Position in the parent's list (children, success or error callbacks).
     pub position: u32,
+    /// Marked for deletion: purged at this instant unless rerun or restored before.
+    pub deletion: Option<Timestamp>,
 }
 
 impl Node {
@@ -279,6 +309,16 @@ impl Node {
             checkpoint: None,
             swarm: SwarmProgress::default(),
             position: 0,
+            deletion: None,
+        }
+    }
+
+    /// The status to show: `marked_for_deletion` overlays the lifecycle status (a running node
+    /// that is marked keeps running; see `docs/ARCHITECTURE.md`).
+    pub fn visible_status(&self) -> Status {
+        match self.deletion {
+            Some(expires_at) => Status::MarkedForDeletion { expires_at },
+            None => self.status,
         }
     }
 
@@ -332,6 +372,9 @@ pub struct Workflow {
     pub version: u64,
     pub created_at: Option<Timestamp>,
     pub nodes: Vec<Node>,
+    /// Purged at the end of its deletion window: task data is gone, only the audit trail of
+    /// what happened remains.
+    pub purged: bool,
 }
 
 impl Workflow {
@@ -341,6 +384,7 @@ impl Workflow {
             version: 0,
             created_at: None,
             nodes: Vec::new(),
+            purged: false,
         }
     }
 

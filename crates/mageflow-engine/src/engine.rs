@@ -38,7 +38,7 @@ use serde::Serialize;
 use serde_json::Value;
 use std::any::Any;
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -51,6 +51,8 @@ pub const INPUT_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const BATCH_REQUESTS_MAX: usize = 8192;
 /// Depth of the orchestrator's request queue.
 pub const QUEUE_DEPTH_MAX: usize = 65_536;
+/// How soon the cleanup job retries a purge that had to wait (an attempt still in flight).
+const PURGE_RETRY_MS: u64 = 1_000;
 /// Events read per chunk when recovering from the log.
 const RECOVERY_CHUNK_EVENTS: usize = 16_384;
 
@@ -66,6 +68,10 @@ pub struct Config {
     pub principal: String,
     /// Worker identity recorded on `started`/`succeeded`/`failed` events.
     pub worker_id: String,
+    /// How long a deleted workflow stays restorable (and rerunnable) before it is purged.
+    pub deletion_ttl: Duration,
+    /// Per root kind (`"task"`, `"chain"`, `"swarm"`): overrides `deletion_ttl`.
+    pub deletion_ttl_by_kind: BTreeMap<String, Duration>,
 }
 
 impl Default for Config {
@@ -75,7 +81,19 @@ impl Default for Config {
             grace: Duration::from_secs(5),
             principal: "local".into(),
             worker_id: format!("embedded-{}", std::process::id()),
+            deletion_ttl: Duration::from_secs(24 * 3600),
+            deletion_ttl_by_kind: BTreeMap::new(),
         }
+    }
+}
+
+impl Config {
+    /// The deletion window for a workflow whose root is of `kind`.
+    pub fn deletion_ttl_for(&self, kind: &str) -> Duration {
+        self.deletion_ttl_by_kind
+            .get(kind)
+            .copied()
+            .unwrap_or(self.deletion_ttl)
     }
 }
 
@@ -106,6 +124,8 @@ pub struct RecoveryReport {
     pub retries_waiting: u64,
     /// Suspended or interrupted signatures, left as they are.
     pub paused: u64,
+    /// Workflows marked for deletion whose purge is (re)scheduled.
+    pub deletions_pending: u64,
 }
 
 pub fn now() -> Timestamp {
@@ -169,6 +189,7 @@ pub struct Handle {
     log: Arc<dyn EventLog>,
     stats: Arc<Stats>,
     actor: Actor,
+    config: Arc<Config>,
 }
 
 /// A running engine: orchestrator plus in-process workers.
@@ -194,6 +215,7 @@ impl Engine {
             log: log.clone(),
             stats: stats.clone(),
             actor: Actor::api(config.principal.clone()),
+            config: Arc::new(config.clone()),
         };
         let mut orch = Orchestrator {
             log,
@@ -206,6 +228,7 @@ impl Engine {
             hot: HashMap::new(),
             ready: VecDeque::new(),
             timers: BTreeSet::new(),
+            purges: BTreeSet::new(),
             running: HashMap::new(),
             deferred: HashSet::new(),
             waiters: HashMap::new(),
@@ -460,6 +483,35 @@ impl Handle {
     }
 
     /// Stop `sig` and everything under it for good. Refused unless `confirmed`.
+    /// Soft-delete a workflow: it is marked for deletion until the configured TTL for its root's
+    /// kind runs out, then purged by the cleanup job. A running part keeps running to completion
+    /// (and its callbacks fire). Until then it can be restored or rerun.
+    pub async fn delete(&self, wf: WorkflowId) -> Result<mageflow_core::Timestamp> {
+        let kind = self
+            .inspect(wf, |w| match w.nodes[0].spec.kind {
+                mageflow_core::KindSpec::Task { .. } => "task",
+                mageflow_core::KindSpec::Chain { .. } => "chain",
+                mageflow_core::KindSpec::Swarm { .. } => "swarm",
+            })
+            .await?;
+        let ttl = self.config.deletion_ttl_for(kind);
+        let expires_at = now().saturating_add_millis(ttl.as_millis() as u64);
+        self.op(SignatureId::root(wf), Op::Delete { expires_at })
+            .await?;
+        Ok(expires_at)
+    }
+
+    /// Lift a deletion mark before it expires.
+    pub async fn restore(&self, wf: WorkflowId) -> Result<()> {
+        self.op(SignatureId::root(wf), Op::Restore).await
+    }
+
+    /// Run a finished (done or failed) workflow again from its original input — also within its
+    /// deletion window, which it lifts. Exactly one of a rerun and the purge racing it wins.
+    pub async fn rerun(&self, wf: WorkflowId) -> Result<()> {
+        self.op(SignatureId::root(wf), Op::Rerun).await
+    }
+
     pub async fn cancel(&self, sig: SignatureId, confirmed: bool) -> Result<()> {
         let op = Op::Cancel {
             node: sig.index,
@@ -733,6 +785,8 @@ struct Orchestrator {
     hot: HashMap<WorkflowId, Workflow>,
     ready: VecDeque<SignatureId>,
     timers: BTreeSet<(Timestamp, SignatureId)>,
+    /// Deletion windows: when each marked workflow is due for purging (the cleanup job).
+    purges: BTreeSet<(Timestamp, WorkflowId)>,
     /// Attempts holding a worker slot: started, and their handler has not reported yet (it may
     /// linger after its attempt was revoked, until the end of the grace period).
     running: HashMap<SignatureId, Running>,
@@ -765,16 +819,21 @@ impl Orchestrator {
             from = last.position + 1;
             report.events_read += chunk.len() as u64;
             for rec in chunk {
+                let stream = rec.event.stream;
                 let wf = states
-                    .entry(rec.event.stream)
-                    .or_insert_with(|| Workflow::empty(rec.event.stream));
-                wf.apply(&rec.event)
-                    .map_err(|e| Error::Replay(rec.event.stream, e))?;
+                    .entry(stream)
+                    .or_insert_with(|| Workflow::empty(stream));
+                wf.apply_owned(rec.event)
+                    .map_err(|e| Error::Replay(stream, e))?;
             }
         }
         let mut step = Step::default();
         let actor = Actor::system("recovery");
         for (id, mut wf) in states {
+            if let Some(expires_at) = wf.root().and_then(|r| r.deletion).filter(|_| !wf.purged) {
+                self.purges.insert((expires_at, id));
+                report.deletions_pending += 1;
+            }
             if wf.is_finished() {
                 continue;
             }
@@ -884,7 +943,13 @@ impl Orchestrator {
 
     /// The next retry timer or the shutdown deadline, whichever comes first.
     fn next_wakeup(&self) -> Option<tokio::time::Instant> {
-        let timer = self.timers.first().map(|(at, _)| {
+        let first = match (self.timers.first(), self.purges.first()) {
+            (Some((a, _)), Some((b, _))) => Some(*a.min(b)),
+            (Some((a, _)), None) => Some(*a),
+            (None, Some((b, _))) => Some(*b),
+            (None, None) => None,
+        };
+        let timer = first.map(|at| {
             let wait_us = at.as_micros().saturating_sub(now().as_micros()).max(0) as u64;
             tokio::time::Instant::now() + Duration::from_micros(wait_us)
         });
@@ -899,7 +964,7 @@ impl Orchestrator {
     fn load(&mut self, wf: WorkflowId) -> Result<&mut Workflow> {
         if !self.hot.contains_key(&wf) {
             let events = self.log.read_stream(wf, 1)?;
-            let state = Workflow::replay(wf, &events).map_err(|e| Error::Replay(wf, e))?;
+            let state = Workflow::replay(wf, events).map_err(|e| Error::Replay(wf, e))?;
             for (i, n) in state.nodes.iter().enumerate() {
                 if n.status == Status::Queued && !n.in_flight {
                     self.ready.push_back(state.sig(i as NodeIndex));
@@ -935,6 +1000,9 @@ impl Orchestrator {
                 }
                 Payload::Succeeded { attempt, .. } if *attempt > 0 => {
                     self.stats.tasks_succeeded.fetch_add(1, Ordering::Relaxed);
+                }
+                Payload::MarkedForDeletion { expires_at, .. } => {
+                    self.purges.insert((*expires_at, wf.id));
                 }
                 Payload::Failed { attempt, .. } if *attempt > 0 => {
                     self.stats.tasks_failed.fetch_add(1, Ordering::Relaxed);
@@ -1132,6 +1200,7 @@ impl Orchestrator {
             }
         }
         self.fire_timers();
+        self.fire_purges(&mut step);
         if self.shutdown_at.is_none() {
             self.start_ready(&mut step);
         }
@@ -1139,6 +1208,38 @@ impl Orchestrator {
             self.last_touch.insert(*wf, step.seq);
         }
         step
+    }
+
+    /// The cleanup job: purge workflows whose deletion window ended. A purge is one event, so a
+    /// crash before it is durable leaves the mark, and the next start schedules it again.
+    fn fire_purges(&mut self, step: &mut Step) {
+        let t = now();
+        let actor = Actor::system("cleanup");
+        while let Some(&(at, wf)) = self.purges.first() {
+            if at > t {
+                break;
+            }
+            self.purges.pop_first();
+            let actions = vec![(wf, Action::Core(Op::Purge))];
+            match self.exec(actions, &actor, false, step) {
+                Ok(()) => step.touched.push(wf),
+                // Still running: try again shortly. Expired later (re-marked): at that time.
+                Err(Error::Rejected(Rejection::NotYet(_))) => {
+                    self.purges
+                        .insert((t.saturating_add_millis(PURGE_RETRY_MS), wf));
+                }
+                Err(Error::Rejected(Rejection::NotExpired(at))) => {
+                    self.purges.insert((at, wf));
+                }
+                // Restored, rerun or already purged: nothing to do.
+                Err(Error::Rejected(_)) => {}
+                Err(e) => {
+                    tracing::warn!(%wf, error = %e, "purge failed; retrying");
+                    self.purges
+                        .insert((t.saturating_add_millis(PURGE_RETRY_MS), wf));
+                }
+            }
+        }
     }
 
     fn fire_timers(&mut self) {

@@ -171,7 +171,9 @@ impl Registry {
             async move {
                 tokio::task::spawn_blocking(move || handler(input, ctx))
                     .await
-                    .unwrap_or_else(|e| Err(TaskFailure::retryable(format!("handler panicked: {e}"))))
+                    .unwrap_or_else(|e| {
+                        Err(TaskFailure::retryable(format!("handler panicked: {e}")))
+                    })
             }
         })
     }

@@ -68,6 +68,7 @@ pub enum Sig {
 #[derive(Clone, Debug, Default)]
 struct Common {
     kwargs: Map<String, Value>,
+    on_cleanup: Vec<Sig>,
     /// A kwarg that could not be serialized; reported by `validate`.
     unserializable: Option<String>,
     on_success: Vec<Sig>,
@@ -160,6 +161,14 @@ macro_rules! common_builders {
             /// Run `callback` with this signature's input plus the error when it fails.
             pub fn on_error(mut self, callback: impl Into<Sig>) -> Self {
                 self.common.on_error.push(callback.into());
+                self
+            }
+            /// Run `callback` once after this signature's first terminal outcome — success,
+            /// failure, interrupt or cancel — with its input plus `mageflow_cleanup` =
+            /// `{signature, task, outcome, result | error}`. Its own failure is recorded and
+            /// retried per its task's policy, and never changes this signature's outcome.
+            pub fn on_cleanup(mut self, callback: impl Into<Sig>) -> Self {
+                self.common.on_cleanup.push(callback.into());
                 self
             }
         }
@@ -275,6 +284,7 @@ impl Sig {
             .on_success
             .iter()
             .chain(&common.on_error)
+            .chain(&common.on_cleanup)
             .try_for_each(|c| c.validate(registry))
     }
 
@@ -350,6 +360,7 @@ impl Sig {
             on_success: Vec::new(),
             on_error: Vec::new(),
             return_field,
+            on_cleanup: Vec::new(),
         });
         let link = |role| Some(Link { node: me, role });
         let mut members = self.members();
@@ -377,9 +388,15 @@ impl Sig {
             let cb = c.flatten(registry, base, link(Role::ErrorCallback), out, deferred)?;
             on_error.push(cb);
         }
+        let mut on_cleanup = Vec::new();
+        for c in &common.on_cleanup {
+            let cb = c.flatten(registry, base, link(Role::Cleanup), out, deferred)?;
+            on_cleanup.push(cb);
+        }
         let spec = &mut out[me as usize - base];
         spec.on_success = on_success;
         spec.on_error = on_error;
+        spec.on_cleanup = on_cleanup;
         match &mut spec.kind {
             KindSpec::Chain { children: c } | KindSpec::Swarm { children: c, .. } => *c = children,
             KindSpec::Task { .. } => {}

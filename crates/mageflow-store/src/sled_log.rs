@@ -733,7 +733,8 @@ impl Committer {
             let (k, _) = entry.map_err(storage)?;
             tree.remove(k).map_err(storage)?;
         }
-        tree.insert(HEAD_KEY, &head.to_be_bytes()).map_err(storage)?;
+        tree.insert(HEAD_KEY, &head.to_be_bytes())
+            .map_err(storage)?;
         Ok(())
     }
 

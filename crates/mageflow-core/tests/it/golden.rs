@@ -56,9 +56,13 @@ fn variant(payload: &Payload) -> usize {
         Payload::Resumed { .. } => 13,
         Payload::Interrupted { .. } => 14,
         Payload::Canceled { .. } => 15,
+        Payload::MarkedForDeletion { .. } => 16,
+        Payload::Restored { .. } => 17,
+        Payload::Rerun { .. } => 18,
+        Payload::Purged { .. } => 19,
     }
 }
-const VARIANTS: usize = 16;
+const VARIANTS: usize = 20;
 
 /// The golden events, in variant order, with fixed ids, times and actors.
 fn expected() -> Vec<Event> {
@@ -143,6 +147,13 @@ fn expected() -> Vec<Event> {
         },
         Payload::Interrupted { node: 4 },
         Payload::Canceled { node: 0 },
+        Payload::MarkedForDeletion {
+            node: 0,
+            expires_at: Timestamp::from_micros(AT_MICROS + 86_400_000_000),
+        },
+        Payload::Restored { node: 0 },
+        Payload::Rerun { node: 0 },
+        Payload::Purged { node: 0 },
     ];
     payloads
         .into_iter()

@@ -51,11 +51,13 @@ fn with_callbacks(
     (
         node,
         prop::collection::vec(cb.clone(), 0..2),
+        prop::collection::vec(cb.clone(), 0..2),
         prop::collection::vec(cb, 0..2),
     )
-        .prop_map(|(mut t, ok, err)| {
+        .prop_map(|(mut t, ok, err, cleanup)| {
             t.on_success = ok;
             t.on_error = err;
+            t.on_cleanup = cleanup;
             t
         })
 }
@@ -93,6 +95,10 @@ enum Gen {
     AddSwarmItems(Index, Vec<Tree>, bool, bool),
     CloseSwarm(Index),
     UpdateKwargs(Index, bool),
+    Delete(u8),
+    Restore,
+    Rerun,
+    Purge,
 }
 
 fn arb_gen() -> impl Strategy<Value = Gen> {
@@ -108,6 +114,10 @@ fn arb_gen() -> impl Strategy<Value = Gen> {
         2 => i().prop_map(Gen::Resume),
         1 => i().prop_map(Gen::Interrupt),
         1 => (i(), prop::bool::weighted(0.8)).prop_map(|(n, c)| Gen::Cancel(n, c)),
+        1 => any::<u8>().prop_map(Gen::Delete),
+        1 => Just(Gen::Restore),
+        1 => Just(Gen::Rerun),
+        1 => Just(Gen::Purge),
         2 => (i(), prop::collection::vec(arb_tree(), 0..3), any::<bool>(), prop::bool::weighted(0.9))
             .prop_map(|(n, items, close, valid)| Gen::AddSwarmItems(n, items, close, valid)),
         1 => i().prop_map(Gen::CloseSwarm),
@@ -212,6 +222,12 @@ fn resolve(wf: &Workflow, gen: &Gen) -> Op {
         Gen::CloseSwarm(i) => Op::CloseSwarm {
             swarm: pick(wf, i, is_swarm),
         },
+        Gen::Delete(dt) => Op::Delete {
+            expires_at: Timestamp::from_micros(i64::from(*dt) * 10),
+        },
+        Gen::Restore => Op::Restore,
+        Gen::Rerun => Op::Rerun,
+        Gen::Purge => Op::Purge,
         Gen::UpdateKwargs(i, object) => Op::UpdateKwargs {
             node: pick(wf, i, any),
             kwargs: if *object {
@@ -298,13 +314,13 @@ impl Run {
                             "emitted event {e:?} does not apply: {err}"
                         )));
                     }
-                    check_terminal_kept(&replica_before, &self.replica)?;
+                    check_terminal_kept(&replica_before, &self.replica, std::slice::from_ref(e))?;
                 }
                 prop_assert_eq!(&self.replica, &self.wf, "live state differs from the fold");
                 if events.is_empty() {
                     prop_assert_eq!(&before, &self.wf, "no events but the state changed");
                 }
-                check_terminal_kept(&before, &self.wf)?;
+                check_terminal_kept(&before, &self.wf, &events)?;
                 check_swarm_counters(&self.wf)?;
                 let n = events.len();
                 self.log.extend(events);
@@ -361,8 +377,18 @@ impl Run {
     }
 }
 
-fn check_terminal_kept(before: &Workflow, after: &Workflow) -> Result<(), TestCaseError> {
+/// Terminal signatures keep their status and outcome — except through a `rerun` (the documented
+/// way out) or a `purged` (which drops outcomes with the rest of the task data).
+fn check_terminal_kept(
+    before: &Workflow,
+    after: &Workflow,
+    events: &[Event],
+) -> Result<(), TestCaseError> {
     prop_assert!(after.nodes.len() >= before.nodes.len());
+    let exempt = |e: &Event| matches!(e.payload, Payload::Rerun { .. } | Payload::Purged { .. });
+    if events.iter().any(exempt) {
+        return Ok(());
+    }
     for (i, (b, a)) in before.nodes.iter().zip(&after.nodes).enumerate() {
         if b.status.is_terminal() {
             prop_assert_eq!(
@@ -431,8 +457,17 @@ fn check_swarm_counters(wf: &Workflow) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// Each signature is triggered at most once and reaches at most one terminal event.
+/// Each signature is triggered at most once and reaches at most one terminal event — per run of
+/// the workflow (a `rerun` starts a new one).
 fn check_log(log: &[Event]) -> Result<(), TestCaseError> {
+    let runs = log.split(|e| matches!(e.payload, Payload::Rerun { .. }));
+    for run in runs {
+        check_run(run)?;
+    }
+    Ok(())
+}
+
+fn check_run(log: &[Event]) -> Result<(), TestCaseError> {
     use std::collections::BTreeMap;
     let mut triggered: BTreeMap<NodeIndex, usize> = BTreeMap::new();
     let mut ended: BTreeMap<NodeIndex, usize> = BTreeMap::new();
@@ -648,7 +683,8 @@ fn arb_spec(max_node: NodeIndex) -> impl Strategy<Value = NodeSpec> {
     let role = prop_oneof![
         Just(Role::Child),
         Just(Role::SuccessCallback),
-        Just(Role::ErrorCallback)
+        Just(Role::ErrorCallback),
+        Just(Role::Cleanup)
     ];
     (
         ".{0,6}",
@@ -658,16 +694,20 @@ fn arb_spec(max_node: NodeIndex) -> impl Strategy<Value = NodeSpec> {
         prop::collection::vec(idx(), 0..2),
         prop::collection::vec(idx(), 0..2),
         ".{0,6}",
+        prop::collection::vec(idx(), 0..2),
     )
         .prop_map(
-            |(name, kind, kwargs, parent, on_success, on_error, return_field)| NodeSpec {
-                name,
-                kind,
-                kwargs,
-                parent,
-                on_success,
-                on_error,
-                return_field,
+            |(name, kind, kwargs, parent, on_success, on_error, return_field, on_cleanup)| {
+                NodeSpec {
+                    name,
+                    kind,
+                    kwargs,
+                    parent,
+                    on_success,
+                    on_error,
+                    return_field,
+                    on_cleanup,
+                }
             },
         )
 }
@@ -737,6 +777,13 @@ fn arb_payload(max_node: NodeIndex) -> impl Strategy<Value = Payload> {
         (n(), arb_status()).prop_map(|(node, status)| Payload::Resumed { node, status }),
         n().prop_map(|node| Payload::Interrupted { node }),
         n().prop_map(|node| Payload::Canceled { node }),
+        (n(), any::<i64>()).prop_map(|(node, t)| Payload::MarkedForDeletion {
+            node,
+            expires_at: Timestamp::from_micros(t),
+        }),
+        n().prop_map(|node| Payload::Restored { node }),
+        n().prop_map(|node| Payload::Rerun { node }),
+        n().prop_map(|node| Payload::Purged { node }),
     ]
 }
 
@@ -793,7 +840,7 @@ fn apply_checked(wf: &mut Workflow, payload: Payload, mode: SeqMode) -> Result<(
         Ok(()) => {
             prop_assert_eq!(wf.version, before.version + 1);
             prop_assert_eq!(seq, wf.version);
-            check_terminal_kept(&before, wf)?;
+            check_terminal_kept(&before, wf, std::slice::from_ref(&event))?;
         }
     }
     Ok(())

@@ -19,6 +19,7 @@ pub struct Tree {
     pub kwargs: Value,
     pub on_success: Vec<Tree>,
     pub on_error: Vec<Tree>,
+    pub on_cleanup: Vec<Tree>,
 }
 
 #[derive(Clone, Debug)]
@@ -43,6 +44,7 @@ pub fn task(name: &str) -> Tree {
         kwargs: json!({}),
         on_success: Vec::new(),
         on_error: Vec::new(),
+        on_cleanup: Vec::new(),
     }
 }
 
@@ -81,6 +83,11 @@ impl Tree {
 
     pub fn on_error(mut self, cb: Tree) -> Self {
         self.on_error.push(cb);
+        self
+    }
+
+    pub fn on_cleanup(mut self, cb: Tree) -> Self {
+        self.on_cleanup.push(cb);
         self
     }
 
@@ -139,6 +146,7 @@ impl Tree {
             on_success: Vec::new(),
             on_error: Vec::new(),
             return_field: mageflow_core::model::RETURN_FIELD_DEFAULT.to_owned(),
+            on_cleanup: Vec::new(),
         });
         let kids: &[Tree] = match &self.kind {
             TreeKind::Task { .. } => &[],
@@ -160,6 +168,11 @@ impl Tree {
             .iter()
             .map(|k| k.flatten_into(base, link(Role::ErrorCallback), out))
             .collect();
+        let on_cleanup: Vec<NodeIndex> = self
+            .on_cleanup
+            .iter()
+            .map(|k| k.flatten_into(base, link(Role::Cleanup), out))
+            .collect();
         let spec = &mut out[slot];
         match &mut spec.kind {
             KindSpec::Task { .. } => {}
@@ -167,6 +180,7 @@ impl Tree {
         }
         spec.on_success = on_success;
         spec.on_error = on_error;
+        spec.on_cleanup = on_cleanup;
         me
     }
 }
