@@ -517,7 +517,7 @@ impl Workflow {
                 {
                     return Err(ApplyError::Invalid {
                         kind,
-                        node: node,
+                        node,
                         reason: "only a finished workflow with nothing in flight can rerun".into(),
                     });
                 }
@@ -538,7 +538,7 @@ impl Workflow {
                 if self.nodes.iter().any(|n| n.in_flight) {
                     return Err(ApplyError::Invalid {
                         kind,
-                        node: node,
+                        node,
                         reason: "an attempt is still in flight".into(),
                     });
                 }

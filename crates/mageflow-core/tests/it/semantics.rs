@@ -1049,3 +1049,41 @@ fn a_created_root_runs_once() {
         }
     );
 }
+
+#[test]
+fn cleanup_callbacks_fire_once_after_success_and_children_first_after_cancel() {
+    let tree = chain(
+        "pipeline",
+        [
+            task("a").on_cleanup(task("clean_a")),
+            task("b").on_cleanup(task("clean_b")),
+        ],
+    )
+    .on_cleanup(task("clean_pipeline"));
+    let mut h = Harness::new(&tree, Some(json!({"x": 1})));
+    h.start("a");
+    h.complete("a", json!(1));
+    assert_eq!(h.count("clean_a", "queued"), 1, "cleanup after success");
+    let cleanup = &h.node("clean_a").message;
+    let info = &cleanup.as_ref().expect("triggered").value["mageflow_cleanup"];
+    assert_eq!(info["outcome"], "done");
+    assert_eq!(info["result"], 1);
+    h.start("b");
+    let root = h.idx("pipeline");
+    let events = h.ok(Op::Cancel {
+        node: root,
+        confirmed: true,
+    });
+    // The running step's cleanup is queued before the chain's own.
+    let b_clean = h.idx("clean_b");
+    let p_clean = h.idx("clean_pipeline");
+    let order: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e.payload {
+            Payload::Queued { node, .. } if node == b_clean || node == p_clean => Some(node),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(order, [b_clean, p_clean]);
+    assert_eq!(h.count("clean_a", "queued"), 1, "a's cleanup ran once only");
+}
