@@ -17,6 +17,7 @@ both_stores!(
     retryable_failures_are_retried_until_success,
     workflows_created_by_a_retried_handler_are_not_duplicated,
     a_panicking_handler_is_a_retryable_failure,
+    a_handler_that_stops_heartbeating_loses_its_lease_and_is_retried,
 );
 
 /// `callback` tells the test each time it runs.
@@ -227,5 +228,59 @@ async fn a_panicking_handler_is_a_retryable_failure(store: Store) -> Result<()> 
         })
         .expect("a retry was scheduled");
     assert!(retry.contains("shaky broke"), "{retry}");
+    Ok(())
+}
+
+/// A task with a heartbeat timeout: an attempt that keeps heartbeating runs as long as it needs;
+/// one that goes silent loses its lease (token fired, future dropped), fails retryably and is
+/// retried.
+async fn a_handler_that_stops_heartbeating_loses_its_lease_and_is_retried(
+    store: Store,
+) -> Result<()> {
+    let mut tasks = Registry::new();
+    tasks
+        .task("lease", |i: Value, ctx: mageflow::TaskContext| async move {
+            if i["beat"] == true {
+                // Alive for longer than a lease period, heartbeating well within it.
+                for _ in 0..40 {
+                    ctx.heartbeat();
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                return Ok::<_, TaskFailure>(ctx.attempt());
+            }
+            if ctx.attempt() == 1 {
+                // Hangs without a heartbeat until the lease is lost.
+                ctx.cancellation().cancelled().await;
+                return Ok(0);
+            }
+            Ok(ctx.attempt())
+        })
+        .retries(1, 1)
+        .heartbeat_timeout(std::time::Duration::from_millis(250));
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let alive = h
+        .submit(sign("lease").kwarg("beat", true), json!({}))
+        .await?;
+    let silent = h
+        .submit(sign("lease").kwarg("beat", false), json!({}))
+        .await?;
+    let alive = h.wait(alive).await?;
+    assert_eq!(
+        alive.nodes[0].outcome,
+        Some(Outcome::Ok(json!(1))),
+        "one attempt"
+    );
+    let done = h.wait(silent).await?;
+    assert_eq!(done.nodes[0].outcome, Some(Outcome::Ok(json!(2))));
+    let history = h.history(silent)?;
+    let retry = history
+        .iter()
+        .find_map(|e| match &e.payload {
+            Payload::RetryScheduled { error, .. } => Some(error.message.clone()),
+            _ => None,
+        })
+        .expect("the silent attempt was retried");
+    assert!(retry.contains("lease expired"), "{retry}");
     Ok(())
 }

@@ -19,6 +19,8 @@ pub struct TaskContext {
     pub(crate) cancel: CancellationToken,
     pub(crate) handle: Handle,
     pub(crate) created: Arc<AtomicU32>,
+    /// Renewed by `heartbeat`; the worker abandons the attempt if it is not renewed in time.
+    pub(crate) lease: Option<tokio::sync::watch::Sender<()>>,
 }
 
 impl TaskContext {
@@ -44,6 +46,14 @@ impl TaskContext {
 
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
+    }
+
+    /// Renew this attempt's lease (tasks registered with a `heartbeat_timeout`): proof of
+    /// life for long handlers. Cheap; a no-op without a lease.
+    pub fn heartbeat(&self) {
+        if let Some(lease) = &self.lease {
+            lease.send_replace(());
+        }
     }
 
     /// Durably record a checkpoint; a later attempt (retry, resume after a crash or interrupt)

@@ -1440,8 +1440,8 @@ impl Orchestrator {
         self.stats
             .running_peak
             .fetch_max(running, Ordering::Relaxed);
-        let handler = match self.registry.get(&l.task) {
-            Ok(def) => def.handler.clone(),
+        let (handler, heartbeat_timeout) = match self.registry.get(&l.task) {
+            Ok(def) => (def.handler.clone(), def.heartbeat_timeout),
             Err(e) => {
                 let tx = self.tx.clone();
                 let msg = e.to_string();
@@ -1467,7 +1467,14 @@ impl Orchestrator {
             cancel: token.clone(),
             handle: self.handle.clone(),
             created: Arc::new(AtomicU32::new(0)),
+            lease: None,
         };
+        let mut ctx = ctx;
+        let mut renewals = heartbeat_timeout.map(|_| {
+            let (lease, renewals) = tokio::sync::watch::channel(());
+            ctx.lease = Some(lease);
+            renewals
+        });
         let tx = self.tx.clone();
         let grace = self.config.grace;
         let (sig, attempt) = (l.sig, l.attempt);
@@ -1480,6 +1487,13 @@ impl Orchestrator {
                     Err(TaskFailure::retryable(format!("handler panicked: {}", panic_message(&panic))))
                 })),
                 _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => None,
+                missed = lease_expired(heartbeat_timeout, renewals.as_mut()) => {
+                    // The handler future is dropped here; its token tells anything it spawned.
+                    token.cancel();
+                    Some(Err(TaskFailure::retryable(format!(
+                        "lease expired: no heartbeat for {} ms", missed.as_millis()
+                    ))))
+                }
             };
             let _ = tx
                 .send(Request::Done {
@@ -1518,6 +1532,27 @@ fn panic_message(panic: &Box<dyn Any + Send>) -> &str {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(no message)")
+}
+
+/// Resolves (with the timeout) once `timeout` passes without a renewal; never without a lease.
+async fn lease_expired(
+    timeout: Option<Duration>,
+    renewals: Option<&mut tokio::sync::watch::Receiver<()>>,
+) -> Duration {
+    let (Some(timeout), Some(renewals)) = (timeout, renewals) else {
+        return std::future::pending().await;
+    };
+    loop {
+        match tokio::time::timeout(timeout, renewals.changed()).await {
+            Ok(Ok(())) => continue,
+            // The handler dropped its context: nothing can renew the lease anymore.
+            Ok(Err(_)) => {
+                tokio::time::sleep(timeout).await;
+                return timeout;
+            }
+            Err(_) => return timeout,
+        }
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -57,9 +57,19 @@ pub struct TaskDef {
     /// Input field a success callback's result is injected into.
     pub return_field: String,
     pub retry: RetryPolicy,
+    /// Lease of a running attempt: if the handler goes this long without
+    /// `TaskContext::heartbeat`, the attempt is abandoned (its cancellation token fires) and
+    /// fails retryably — it is retried per the task's policy. `None`: no lease.
+    pub heartbeat_timeout: Option<std::time::Duration>,
 }
 
 impl TaskDef {
+    /// Builder: hold running attempts to a lease renewed by `TaskContext::heartbeat`.
+    pub fn heartbeat_timeout(&mut self, timeout: std::time::Duration) -> &mut Self {
+        self.heartbeat_timeout = Some(timeout);
+        self
+    }
+
     /// Builder: retry policy (extra attempts after the first, initial backoff).
     pub fn retries(&mut self, max_retries: u32, backoff_ms: u64) -> &mut Self {
         self.retry.max_retries = max_retries;
@@ -147,6 +157,7 @@ impl Registry {
             validator,
             return_field: RETURN_FIELD_DEFAULT.to_owned(),
             retry: RetryPolicy::default(),
+            heartbeat_timeout: None,
         };
         match self.tasks.entry(name) {
             Entry::Occupied(mut o) => {
