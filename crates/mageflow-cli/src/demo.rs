@@ -171,10 +171,10 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
     }
 
     let say = |line: String| {
-        if progress {
-            bar.println(line);
-        } else {
+        if bar.is_hidden() {
             println!("{line}");
+        } else {
+            bar.println(line);
         }
     };
     let mut suspended_once = false;
