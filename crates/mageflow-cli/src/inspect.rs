@@ -2,6 +2,7 @@
 
 use crate::embedded_path;
 use anyhow::{Context, Result};
+use std::io::Write;
 use mageflow::store::{EventLog, SledLog, SledOptions};
 use mageflow::{SignatureId, WorkflowId};
 
@@ -27,8 +28,9 @@ pub fn history(store: &str, id: &str, json: bool) -> Result<()> {
     if events.is_empty() {
         anyhow::bail!("workflow {wf} has no events in {store}");
     }
+    let mut out = std::io::stdout().lock();
     for e in events {
-        if json {
+        let written = if json {
             let line = serde_json::json!({
                 "stream": e.stream.to_string(),
                 "seq": e.seq,
@@ -37,20 +39,27 @@ pub fn history(store: &str, id: &str, json: bool) -> Result<()> {
                 "schema": e.schema,
                 "payload": e.payload,
             });
-            println!("{line}");
+            writeln!(out, "{line}")
         } else {
             let node = e
                 .payload
                 .node()
                 .map(|n| format!(" node={n}"))
                 .unwrap_or_default();
-            println!(
+            writeln!(
+                out,
                 "{:>6} {} {:<24} {:<18}{node}",
                 e.seq,
                 e.at,
                 e.actor.to_string(),
                 e.payload.kind()
-            );
+            )
+        };
+        match written {
+            Ok(()) => {}
+            // The reader went away (`mageflow history ... | head`): stop quietly.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e).context("cannot write to stdout"),
         }
     }
     Ok(())
