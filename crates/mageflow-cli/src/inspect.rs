@@ -2,9 +2,9 @@
 
 use crate::embedded_path;
 use anyhow::{Context, Result};
-use std::io::Write;
 use mageflow::store::{EventLog, SledLog, SledOptions};
 use mageflow::{SignatureId, WorkflowId};
+use std::io::Write;
 
 fn open(store: &str) -> Result<SledLog> {
     let path = embedded_path(store)?;
