@@ -18,6 +18,7 @@ both_stores!(
     workflows_created_by_a_retried_handler_are_not_duplicated,
     a_panicking_handler_is_a_retryable_failure,
     a_handler_that_stops_heartbeating_loses_its_lease_and_is_retried,
+    a_large_swarm_created_by_a_retried_handler_is_not_duplicated,
 );
 
 /// `callback` tells the test each time it runs.
@@ -282,5 +283,45 @@ async fn a_handler_that_stops_heartbeating_loses_its_lease_and_is_retried(
         })
         .expect("the silent attempt was retried");
     assert!(retry.contains("lease expired"), "{retry}");
+    Ok(())
+}
+
+/// A swarm too large for one event is created in chunks; a retried handler that creates it again
+/// must not add its chunks a second time.
+async fn a_large_swarm_created_by_a_retried_handler_is_not_duplicated(store: Store) -> Result<()> {
+    const ITEMS: usize = mageflow::engine::SWARM_ITEMS_PER_EVENT + 5;
+    let mut tasks = Registry::new();
+    tasks.task(
+        "parent",
+        |_: Value, ctx: mageflow::TaskContext| async move {
+            let items = (0..ITEMS).map(|_| sign("child"));
+            let child = ctx
+                .submit(mageflow::swarm(items).max_concurrency(1000), json!({}))
+                .await?;
+            if ctx.attempt() == 1 {
+                return Err(TaskFailure::retryable("fails after creating its swarm"));
+            }
+            Ok(child.to_string())
+        },
+    );
+    tasks.task("child", |_: Value, _ctx| async move {
+        Ok::<_, TaskFailure>(Value::Null)
+    });
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let wf = h.submit(sign("parent").retries(1, 1), json!({})).await?;
+    let done = h.wait(wf).await?;
+    let Some(Outcome::Ok(Value::String(child))) = &done.nodes[0].outcome else {
+        panic!("parent: {:?}", done.nodes[0].outcome);
+    };
+    let child: mageflow::WorkflowId = child.parse()?;
+    let swarm = h.wait(child).await?;
+    assert_eq!(
+        swarm.nodes[0].spec.children().len(),
+        ITEMS,
+        "items added once"
+    );
+    assert_eq!(swarm.nodes[0].status, Status::Done);
+    env.shutdown().await;
     Ok(())
 }

@@ -1027,7 +1027,13 @@ impl Orchestrator {
         let mut was_finished: HashMap<WorkflowId, bool> = HashMap::new();
         let mut produced: Vec<(WorkflowId, u64, Vec<Event>)> = Vec::new();
         let mut failure = None;
+        // Workflows an idempotent creation found already there: the rest of their creation
+        // (chunks of a large swarm, the run) was done by the first attempt.
+        let mut existing: Vec<WorkflowId> = Vec::new();
         for (wf, action) in actions {
+            if existing.contains(&wf) {
+                continue;
+            }
             let registry = self.registry.clone();
             let state = match self.load(wf) {
                 Ok(s) => s,
@@ -1064,7 +1070,7 @@ impl Orchestrator {
             };
             match execute(state, &cmd) {
                 Ok(events) => produced.push((wf, expected, events)),
-                Err(Rejection::AlreadyExists) if idempotent => {}
+                Err(Rejection::AlreadyExists) if idempotent => existing.push(wf),
                 Err(Rejection::Internal(msg)) => {
                     tracing::error!(%wf, %msg, "decide produced an event that does not apply");
                     self.hot.remove(&wf);
