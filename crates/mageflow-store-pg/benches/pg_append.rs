@@ -55,20 +55,7 @@ struct Schema {
 
 impl Drop for Schema {
     fn drop(&mut self) {
-        let (url, name) = (self.url.clone(), self.name.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let mut conn = PgConnection::connect(&url).await?;
-                conn.execute(format!("DROP SCHEMA IF EXISTS {name} CASCADE").as_str())
-                    .await?;
-                conn.close().await
-            })
-        })
-        .join();
+        let _ = mageflow_store_pg::drop_schema_blocking(&self.url, &self.name);
     }
 }
 

@@ -293,6 +293,31 @@ fn check_schema_name(schema: &str) -> Result<(), String> {
     }
 }
 
+/// Drop a log's schema and everything in it, on a thread and runtime of its own, so it can be
+/// called from `Drop` inside or outside a runtime (tests and benches make a schema per run).
+pub fn drop_schema_blocking(url: &str, schema: &str) -> std::result::Result<(), String> {
+    check_schema_name(schema)?;
+    let (url, statement) = (
+        url.to_owned(),
+        format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
+    );
+    let dropped = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            use sqlx::{Connection, Executor};
+            let mut conn = sqlx::PgConnection::connect(&url).await?;
+            conn.execute(statement.as_str()).await?;
+            conn.close().await
+        })
+        .map_err(|e| e.to_string())
+    })
+    .join();
+    dropped.unwrap_or_else(|_| Err("the thread dropping the schema panicked".into()))
+}
+
 pub struct PgLog {
     shared: Arc<Shared>,
     jobs: Mutex<Option<mpsc::UnboundedSender<Job>>>,
@@ -702,12 +727,7 @@ impl EventLog for PgLog {
             Some(tx) => tx.send(job).is_ok(),
             None => false,
         };
-        Box::pin(async move {
-            if !sent {
-                return Err(Error::Closed);
-            }
-            rx.await.unwrap_or(Err(Error::Closed))
-        })
+        mageflow_store::committed_reply(sent, rx)
     }
 
     fn read_stream(&self, stream: WorkflowId, from_seq: u64) -> Result<Vec<Event>> {

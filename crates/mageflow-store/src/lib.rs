@@ -102,6 +102,20 @@ pub trait EventLog: Send + Sync + 'static {
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
+/// The future an `append` returns once its job was (`sent`) or could not be handed to a
+/// committer: the committer's answer, or `Error::Closed`.
+pub fn committed_reply(
+    sent: bool,
+    reply: tokio::sync::oneshot::Receiver<Result<Vec<u64>>>,
+) -> BoxFuture<'static, Result<Vec<u64>>> {
+    Box::pin(async move {
+        if !sent {
+            return Err(Error::Closed);
+        }
+        reply.await.unwrap_or(Err(Error::Closed))
+    })
+}
+
 /// Check a request's shape before anything is written: events present, within
 /// [`APPEND_EVENTS_MAX`], all of `req.stream`, with consecutive seqs from `expected_version + 1`.
 /// Every backend refuses a malformed request with this [`Error::InvalidAppend`].

@@ -806,12 +806,7 @@ impl EventLog for SledLog {
             Some(tx) => tx.send(Job { requests, reply }).is_ok(),
             None => false,
         };
-        Box::pin(async move {
-            if !sent {
-                return Err(Error::Closed);
-            }
-            rx.await.unwrap_or(Err(Error::Closed))
-        })
+        crate::committed_reply(sent, rx)
     }
 
     fn read_stream(&self, stream: WorkflowId, from_seq: u64) -> Result<Vec<Event>> {

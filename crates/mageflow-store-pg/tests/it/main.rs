@@ -88,23 +88,9 @@ impl TestSchema {
 
 impl Drop for TestSchema {
     fn drop(&mut self) {
-        let (url, name) = (self.url.clone(), self.name.clone());
-        // Drop may run inside the test's runtime (or while it unwinds): use a thread of our own.
-        let dropped = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let mut conn = PgConnection::connect(&url).await?;
-                conn.execute(format!("DROP SCHEMA IF EXISTS {name} CASCADE").as_str())
-                    .await?;
-                conn.close().await
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop test schema {}: {dropped:?}", self.name);
+        // Drop may run inside the test's runtime (or while it unwinds).
+        if let Err(e) = mageflow_store_pg::drop_schema_blocking(&self.url, &self.name) {
+            eprintln!("could not drop test schema {}: {e}", self.name);
         }
     }
 }
