@@ -202,17 +202,10 @@ impl Workflow {
         Ok(())
     }
 
-    /// Workflow-level events name the root and need an unpurged workflow.
+    /// Workflow-level events name the root.
     fn check_root(&self, kind: &'static str, node: NodeIndex) -> Result<(), ApplyError> {
         if node != 0 || !self.exists() {
             return Err(ApplyError::NoSuchNode { kind, node });
-        }
-        if self.purged {
-            return Err(ApplyError::Invalid {
-                kind,
-                node,
-                reason: "the workflow was purged".into(),
-            });
         }
         Ok(())
     }
@@ -288,6 +281,14 @@ impl Workflow {
     fn apply_payload(&mut self, payload: Payload, at: Timestamp) -> Result<(), ApplyError> {
         let kind = payload.kind();
         let container_event = matches!(payload, Payload::ContainerStarted { .. });
+        // A purged workflow is an audit trail: nothing follows its purge.
+        if self.purged {
+            return Err(ApplyError::Invalid {
+                kind,
+                node: payload.node().unwrap_or(0),
+                reason: "the workflow was purged".into(),
+            });
+        }
         match payload {
             Payload::WorkflowCreated { nodes } => {
                 if self.exists() {

@@ -124,7 +124,7 @@ pub enum Rejection {
     NotMarked,
     #[error("the deletion window ends at {0}; the workflow cannot be purged before")]
     NotExpired(Timestamp),
-    #[error("the workflow was purged: it cannot be rerun or restored")]
+    #[error("the workflow was purged: only its audit trail remains, nothing in it can run, be rerun or be restored")]
     Purged,
     #[error("internal error (a bug): {0}")]
     Internal(String),

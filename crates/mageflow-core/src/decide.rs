@@ -74,6 +74,13 @@ impl Decider<'_> {
         if !matches!(op, Op::Create { .. }) && !self.wf.exists() {
             return Err(Rejection::NoSuchWorkflow);
         }
+        // Purging again is a no-op; everything else on a purged workflow is refused.
+        if self.wf.purged {
+            return match op {
+                Op::Purge => Ok(()),
+                _ => Err(Rejection::Purged),
+            };
+        }
         match op {
             Op::Create { nodes, start } => {
                 if self.wf.exists() {
@@ -269,7 +276,6 @@ impl Decider<'_> {
                 }
             }
             Op::Delete { expires_at } => {
-                self.check_unpurged()?;
                 if self.wf.nodes[0].deletion.is_none() {
                     self.emit(Payload::MarkedForDeletion {
                         node: 0,
@@ -278,14 +284,12 @@ impl Decider<'_> {
                 }
             }
             Op::Restore => {
-                self.check_unpurged()?;
                 if self.wf.nodes[0].deletion.is_none() {
                     return Err(Rejection::NotMarked);
                 }
                 self.emit(Payload::Restored { node: 0 })?;
             }
             Op::Rerun => {
-                self.check_unpurged()?;
                 let root = &self.wf.nodes[0];
                 match root.status {
                     Status::Canceled => return Err(Rejection::Canceled(0)),
@@ -302,9 +306,6 @@ impl Decider<'_> {
                 self.trigger(0, message)?;
             }
             Op::Purge => {
-                if self.wf.purged {
-                    return Ok(());
-                }
                 let Some(expires_at) = self.wf.nodes[0].deletion else {
                     return Err(Rejection::NotMarked);
                 };
@@ -330,13 +331,6 @@ impl Decider<'_> {
                     }
                 }
             }
-        }
-        Ok(())
-    }
-
-    fn check_unpurged(&self) -> Result<(), Rejection> {
-        if self.wf.purged {
-            return Err(Rejection::Purged);
         }
         Ok(())
     }

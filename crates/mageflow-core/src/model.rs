@@ -408,8 +408,12 @@ impl Workflow {
     }
 
     /// The workflow is finished when its root and every callback triggered from it are
-    /// terminal, and no attempt is still in flight.
+    /// terminal, and no attempt is still in flight — or when it was purged (nothing in it can
+    /// move again, whatever status its signatures were left in).
     pub fn is_finished(&self) -> bool {
+        if self.purged {
+            return true;
+        }
         // The root check first: it is O(1) and false for as long as the workflow runs.
         self.root().is_some_and(|r| r.status.is_terminal())
             && self.nodes.iter().all(|n| {
