@@ -29,6 +29,7 @@ pub mod testing;
 pub use mageflow_core as core;
 pub use mageflow_engine as engine;
 pub use mageflow_store as store;
+pub use mageflow_store_pg as store_pg;
 
 pub use mageflow_core::{
     Actor, Event, Outcome, Payload, SignatureId, Status, Timestamp, Workflow, WorkflowId,
@@ -49,6 +50,20 @@ pub async fn open_embedded(
     config: Config,
 ) -> Result<Engine> {
     let log = mageflow_store::SledLog::open(path, mageflow_store::SledOptions::default())?;
+    Engine::start(Arc::new(log), registry, config).await
+}
+
+/// Start an engine on the PostgreSQL log at `url` (tables created or migrated on open, in
+/// `options.schema` if given). Several processes can share the log; unfinished work found there
+/// is resumed. Fails naming the URL (password hidden) and the cause when PostgreSQL cannot be
+/// reached.
+pub async fn open_postgres(
+    url: &str,
+    options: mageflow_store_pg::PgOptions,
+    registry: Registry,
+    config: Config,
+) -> Result<Engine> {
+    let log = mageflow_store_pg::PgLog::open(url, options).await?;
     Engine::start(Arc::new(log), registry, config).await
 }
 

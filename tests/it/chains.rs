@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-both_stores!(
+all_stores!(
     chain_passes_results_to_its_success_callback,
     chain_stops_at_a_fatal_failure,
     chain_stops_when_retries_run_out,

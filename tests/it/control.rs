@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Barrier};
 
-both_stores!(
+all_stores!(
     suspend_in_the_middle_of_a_chain,
     suspend_in_the_middle_of_a_swarm,
     interrupt_fires_the_token_and_resume_gets_the_checkpoint,

@@ -6,7 +6,7 @@ use anyhow::Result;
 use mageflow::{sign, swarm, Registry, TaskFailure};
 use serde_json::{json, Value};
 
-both_stores!(wait_answers_with_durable_state_only);
+all_stores!(wait_answers_with_durable_state_only);
 
 /// Rounds of the scenario; each gives the race below one chance.
 const ROUNDS: usize = 50;

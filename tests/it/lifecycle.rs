@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
-both_stores!(
+all_stores!(
     cleanup_runs_once_after_success_and_failure,
     cleanup_runs_once_after_interrupt_and_cancel,
     a_failing_cleanup_never_changes_the_outcome,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-both_stores!(a_restarted_engine_requeues_the_attempt_that_was_running);
+all_stores!(a_restarted_engine_requeues_the_attempt_that_was_running);
 
 /// `blocker` blocks until cancelled on its first attempt and succeeds on later ones.
 fn registry(

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
-both_stores!(
+all_stores!(
     duplicate_report_after_completion_is_a_no_op,
     duplicate_report_while_running_records_one_success,
     retryable_failures_are_retried_until_success,

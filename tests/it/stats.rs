@@ -6,7 +6,7 @@ use mageflow::{sign, Registry, TaskFailure};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering::SeqCst;
 
-both_stores!(a_finished_workflow_is_counted_once);
+all_stores!(a_finished_workflow_is_counted_once);
 
 async fn a_finished_workflow_is_counted_once(store: Store) -> Result<()> {
     let mut tasks = Registry::new();

@@ -1,5 +1,5 @@
 //! Test harness: every scenario is an `async fn(Store) -> Result<()>`, instantiated once per
-//! backend by [`both_stores!`]; helpers read the event log the way a user would (through
+//! backend by [`all_stores!`]; helpers read the event log the way a user would (through
 //! `Handle::history`) and synchronise with handlers through channels and semaphores, never sleeps.
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, Semaphore};
 const SCENARIO_SECS_MAX: u64 = 60;
 
 /// Instantiate each scenario `async fn name(Store) -> anyhow::Result<()>` as a module `name` with
-/// one test per backend: `name::memory` and `name::sled`.
-macro_rules! both_stores {
+/// one test per backend: `name::memory`, `name::sled` and `name::postgres`.
+macro_rules! all_stores {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,6 +29,10 @@ macro_rules! both_stores {
             async fn sled() -> anyhow::Result<()> {
                 crate::support::guard(super::$name(crate::support::Store::Sled)).await
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() -> anyhow::Result<()> {
+                crate::support::guard(super::$name(crate::support::Store::Postgres)).await
+            }
         }
     )*};
 }
@@ -38,6 +42,54 @@ macro_rules! both_stores {
 pub enum Store {
     Memory,
     Sled,
+    /// The PostgreSQL log, in a schema of the test's own (dropped afterwards).
+    Postgres,
+}
+
+const POSTGRES_URL_ENV: &str = "MAGEFLOW_TEST_POSTGRES";
+const POSTGRES_URL_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A fresh schema for one scenario's PostgreSQL log, dropped with everything in it on drop.
+/// Declared after the engine in every struct holding both, so the engine is dropped first.
+pub struct PgSchema {
+    url: String,
+    name: String,
+}
+
+impl PgSchema {
+    pub fn new() -> Self {
+        Self {
+            url: std::env::var(POSTGRES_URL_ENV).unwrap_or_else(|_| POSTGRES_URL_DEFAULT.into()),
+            name: format!("mf_it_{}", uuid::Uuid::now_v7().simple()),
+        }
+    }
+
+    /// Open the engine on this schema's log; a missing server fails the test saying how to
+    /// start one (never a skip).
+    pub async fn open(&self, registry: Registry, config: Config) -> Result<Engine> {
+        let options = mageflow::store_pg::PgOptions {
+            schema: Some(self.name.clone()),
+            ..Default::default()
+        };
+        mageflow::open_postgres(&self.url, options, registry, config)
+            .await
+            .with_context(|| {
+                format!(
+                    "this test needs PostgreSQL at {} (set {POSTGRES_URL_ENV} to use another); \
+                     start the local one with: pg_ctlcluster --skip-systemctl-redirect \
+                     $(ls /etc/postgresql) main start",
+                    self.url
+                )
+            })
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        if let Err(e) = mageflow::store_pg::drop_schema_blocking(&self.url, &self.name) {
+            eprintln!("could not drop test schema {}: {e}", self.name);
+        }
+    }
 }
 
 /// Run a scenario, turning a hang into a failure instead of a stuck test binary.
@@ -61,6 +113,7 @@ pub struct Backend {
     store: Store,
     dir: tempfile::TempDir,
     memory: Arc<mageflow::store::MemoryLog>,
+    schema: PgSchema,
 }
 
 impl Backend {
@@ -69,6 +122,7 @@ impl Backend {
             store,
             dir: tempfile::tempdir()?,
             memory: Arc::new(mageflow::store::MemoryLog::new()),
+            schema: PgSchema::new(),
         })
     }
 
@@ -77,6 +131,7 @@ impl Backend {
         Ok(match self.store {
             Store::Memory => Engine::start(self.memory.clone(), registry, config).await?,
             Store::Sled => mageflow::open_embedded(self.dir.path(), registry, config).await?,
+            Store::Postgres => self.schema.open(registry, config).await?,
         })
     }
 }
@@ -85,6 +140,7 @@ impl Backend {
 pub struct Env {
     pub engine: Engine,
     _dir: Option<tempfile::TempDir>,
+    _schema: Option<PgSchema>,
 }
 
 impl Env {
@@ -97,12 +153,22 @@ impl Env {
             Store::Memory => Self {
                 engine: mageflow::open_in_memory(registry, config).await?,
                 _dir: None,
+                _schema: None,
             },
             Store::Sled => {
                 let dir = tempfile::tempdir()?;
                 Self {
                     engine: mageflow::open_embedded(dir.path(), registry, config).await?,
                     _dir: Some(dir),
+                    _schema: None,
+                }
+            }
+            Store::Postgres => {
+                let schema = PgSchema::new();
+                Self {
+                    engine: schema.open(registry, config).await?,
+                    _dir: None,
+                    _schema: Some(schema),
                 }
             }
         })

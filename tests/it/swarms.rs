@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Barrier};
 
-both_stores!(
+all_stores!(
     swarm_never_exceeds_max_concurrency,
     swarm_stops_dispatching_after_n_failures,
     open_swarm_takes_items_until_closed,

@@ -8,7 +8,7 @@ use mageflow::{chain, sign, swarm, Error, Outcome, Registry, SignatureId, Status
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-both_stores!(
+all_stores!(
     bad_signatures_and_inputs_are_refused_with_typed_errors,
     update_kwargs_applies_all_updates_or_none,
     run_checks_the_input_of_a_containers_first_tasks,
