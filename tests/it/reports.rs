@@ -75,7 +75,7 @@ async fn duplicate_report_while_running_records_one_success(store: Store) -> Res
     tasks.task("twice", move |_: Value, ctx| {
         r.fetch_add(1, SeqCst);
         async move {
-            ctx.engine()
+            ctx.engine()?
                 .report(ctx.signature(), ctx.attempt(), Ok(json!(5)))
                 .await?;
             Ok::<_, TaskFailure>(5)

@@ -2,7 +2,7 @@
 //! cancellation token (fired on interrupt or shutdown), and idempotent creation of workflows.
 
 use crate::engine::Handle;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::sig::Sig;
 use mageflow_core::{SignatureId, WorkflowId};
 use serde::Serialize;
@@ -11,13 +11,33 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// What a handler running in a worker process (no engine here) can ask of the orchestrator.
+pub trait WorkerLink: Send + Sync + 'static {
+    /// Durably record a checkpoint of `attempt` (sent to the orchestrator, which appends it).
+    fn checkpoint(
+        &self,
+        sig: SignatureId,
+        attempt: u32,
+        data: Value,
+    ) -> mageflow_store::BoxFuture<'static, Result<()>>;
+}
+
+/// Who carries out a context's requests.
+#[derive(Clone)]
+pub(crate) enum Backing {
+    /// The engine this handler runs in.
+    Engine(Handle),
+    /// A worker process, through the hot tier.
+    Worker(Arc<dyn WorkerLink>),
+}
+
 #[derive(Clone)]
 pub struct TaskContext {
     pub(crate) sig: SignatureId,
     pub(crate) attempt: u32,
     pub(crate) checkpoint: Option<Value>,
     pub(crate) cancel: CancellationToken,
-    pub(crate) handle: Handle,
+    pub(crate) backing: Backing,
     pub(crate) created: Arc<AtomicU32>,
     /// Renewed by `heartbeat`; the worker abandons the attempt if it is not renewed in time.
     pub(crate) lease: Option<tokio::sync::watch::Sender<()>>,
@@ -63,22 +83,30 @@ impl TaskContext {
             task: "checkpoint".into(),
             reason: e.to_string(),
         })?;
-        self.handle.checkpoint(self.sig, self.attempt, data).await
+        match &self.backing {
+            Backing::Engine(h) => h.checkpoint(self.sig, self.attempt, data).await,
+            Backing::Worker(link) => link.checkpoint(self.sig, self.attempt, data).await,
+        }
     }
 
     /// Create and run a workflow from inside a handler. Idempotent across retries: the n-th
     /// workflow an attempt creates gets the same id on every attempt, so a retried handler
-    /// finds the workflow its earlier attempt created instead of duplicating it.
+    /// finds the workflow its earlier attempt created instead of duplicating it. Only for
+    /// handlers running inside the engine's process (`Error::NeedsEngine` in a worker process).
     pub async fn submit(&self, sig: impl Into<Sig>, input: impl Serialize) -> Result<WorkflowId> {
         let n = self.created.fetch_add(1, Ordering::Relaxed);
         let id = WorkflowId::derive(self.sig, n);
-        self.handle
+        self.engine()?
             .submit_with_id(id, sig.into(), input, true)
             .await
     }
 
-    /// The engine, for anything else (status queries, controlling other workflows).
-    pub fn engine(&self) -> &Handle {
-        &self.handle
+    /// The engine, for anything else (status queries, controlling other workflows); only for
+    /// handlers running inside the engine's process (`Error::NeedsEngine` in a worker process).
+    pub fn engine(&self) -> Result<&Handle> {
+        match &self.backing {
+            Backing::Engine(h) => Ok(h),
+            Backing::Worker(_) => Err(Error::NeedsEngine),
+        }
     }
 }

@@ -25,7 +25,7 @@
 //! [`Handle::report`] of the same attempt does not). A signature queued again while an older
 //! attempt of it still holds a slot waits until that attempt's handler reports.
 
-use crate::context::TaskContext;
+use crate::context::{Backing, TaskContext};
 use crate::error::{Error, Result};
 use crate::registry::{Registry, TaskFailure};
 use crate::sig::Sig;
@@ -56,11 +56,26 @@ const PURGE_RETRY_MS: u64 = 1_000;
 /// Events read per chunk when recovering from the log.
 const RECOVERY_CHUNK_EVENTS: usize = 16_384;
 
+/// Where handlers run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dispatch {
+    /// In this process, `Config::workers` at a time.
+    Local,
+    /// In worker processes that take started attempts from the hot tier (Redis) and send their
+    /// reports back through it ([`Handle::report`], [`Handle::report_stopped`]). At most
+    /// `window` attempts are started and not yet reported at once: the flow control between the
+    /// orchestrator and the workers (set it a little above the workers' total concurrency).
+    Remote { window: usize },
+}
+
 /// Engine settings.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Handlers running at once in this process (0: record-only, nothing runs).
+    /// Handlers running at once in this process (0: record-only, nothing runs). Unused with
+    /// [`Dispatch::Remote`].
     pub workers: usize,
+    /// Where handlers run (default: in this process).
+    pub dispatch: Dispatch,
     /// How long an interrupted or shut-down handler may keep running after its cancellation
     /// token fired before its future is dropped.
     pub grace: Duration,
@@ -78,6 +93,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             workers: 64,
+            dispatch: Dispatch::Local,
             grace: Duration::from_secs(5),
             principal: "local".into(),
             worker_id: format!("embedded-{}", std::process::id()),
@@ -118,6 +134,8 @@ pub struct RecoveryReport {
     pub workflows_unfinished: u64,
     /// Attempts that were running when the previous process stopped: queued again.
     pub attempts_requeued: u64,
+    /// With remote dispatch: attempts still held by worker processes, left to them.
+    pub attempts_resumed: u64,
     /// Queued tasks put back on the ready queue.
     pub tasks_queued: u64,
     /// Tasks waiting on a retry backoff timer.
@@ -223,7 +241,10 @@ impl Engine {
             handle: handle.clone(),
             stats,
             worker_actor: Actor::worker(config.worker_id.clone()),
-            free_slots: config.workers,
+            free_slots: match config.dispatch {
+                Dispatch::Local => config.workers,
+                Dispatch::Remote { window } => window,
+            },
             config,
             hot: HashMap::new(),
             ready: VecDeque::new(),
@@ -520,7 +541,9 @@ impl Handle {
         self.op(sig, op).await
     }
 
-    pub(crate) async fn checkpoint(
+    /// Record a checkpoint of `attempt` (what [`TaskContext::save_checkpoint`] does; for worker
+    /// processes reporting through the hot tier). Stale attempts are refused.
+    pub async fn checkpoint(
         &self,
         sig: SignatureId,
         attempt: u32,
@@ -548,6 +571,18 @@ impl Handle {
             sig,
             attempt,
             result: Some(result),
+            local: false,
+        };
+        self.tx.send(req).await.map_err(|_| Error::ShutDown)
+    }
+
+    /// A worker process stopped the handler of `attempt` after it was revoked (interrupt,
+    /// cancel): nothing is recorded; with [`Dispatch::Remote`] its dispatch slot is given back.
+    pub async fn report_stopped(&self, sig: SignatureId, attempt: u32) -> Result<()> {
+        let req = Request::Done {
+            sig,
+            attempt,
+            result: None,
             local: false,
         };
         self.tx.send(req).await.map_err(|_| Error::ShutDown)
@@ -841,7 +876,20 @@ impl Orchestrator {
             let mut ops = Vec::new();
             for (i, n) in wf.nodes.iter().enumerate() {
                 let sig = wf.sig(i as NodeIndex);
-                if n.in_flight {
+                if n.in_flight && self.remote() {
+                    // Its job is still in the hot tier (or comes back with a rebuild of it): a
+                    // worker finishes it, or takes it over once its lease expires.
+                    self.running.insert(
+                        sig,
+                        Running {
+                            attempt: n.attempt,
+                            token: CancellationToken::new(),
+                        },
+                    );
+                    self.free_slots = self.free_slots.saturating_sub(1);
+                    self.count_running();
+                    report.attempts_resumed += 1;
+                } else if n.in_flight {
                     ops.push(Op::Requeue {
                         node: i as NodeIndex,
                         attempt: n.attempt,
@@ -888,7 +936,10 @@ impl Orchestrator {
         let mut inflight: Option<InFlight> = None;
         loop {
             if let Some(deadline) = self.shutdown_at {
-                let idle = self.running.is_empty() || tokio::time::Instant::now() >= deadline;
+                // Remote attempts belong to worker processes: nothing here to wait for.
+                let idle = self.remote()
+                    || self.running.is_empty()
+                    || tokio::time::Instant::now() >= deadline;
                 if idle {
                     if let Some(prev) = inflight.take() {
                         self.finish(prev).await;
@@ -1135,8 +1186,10 @@ impl Orchestrator {
                     local,
                 } => {
                     // Only our own handler's report frees the slot of its attempt; an outside
-                    // report of the same attempt (redelivery) leaves the handler running.
-                    if local && self.running.get(&sig).is_some_and(|r| r.attempt == attempt) {
+                    // report of the same attempt (redelivery) leaves the handler running. With
+                    // remote dispatch every report comes from outside and frees the slot.
+                    let owns = local || self.remote();
+                    if owns && self.running.get(&sig).is_some_and(|r| r.attempt == attempt) {
                         self.running.remove(&sig);
                         self.free_slots += 1;
                         self.stats.running.fetch_sub(1, Ordering::Relaxed);
@@ -1348,7 +1401,13 @@ impl Orchestrator {
                     self.launch(l);
                 }
                 for sig in stops {
-                    if let Some(r) = self.running.get(&sig) {
+                    if self.remote() {
+                        // The worker hears of it from the hot tier; its slot is free now.
+                        if self.running.remove(&sig).is_some() {
+                            self.free_slots += 1;
+                            self.stats.running.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    } else if let Some(r) = self.running.get(&sig) {
                         r.token.cancel();
                     }
                 }
@@ -1437,15 +1496,29 @@ impl Orchestrator {
         self.hot.remove(&wf);
     }
 
+    fn remote(&self) -> bool {
+        matches!(self.config.dispatch, Dispatch::Remote { .. })
+    }
+
+    /// Count an attempt as running, from its start until its slot is given back.
+    fn count_running(&self) {
+        let running = self.stats.running.fetch_add(1, Ordering::Relaxed) + 1;
+        self.stats
+            .running_peak
+            .fetch_max(running, Ordering::Relaxed);
+    }
+
     fn launch(&mut self, l: Launch) {
         let Some(token) = self.running.get(&l.sig).map(|r| r.token.clone()) else {
             return;
         };
         // Counted from here until its `Done` gives the slot back, whatever happens below.
-        let running = self.stats.running.fetch_add(1, Ordering::Relaxed) + 1;
-        self.stats
-            .running_peak
-            .fetch_max(running, Ordering::Relaxed);
+        self.count_running();
+        if self.remote() {
+            // The projector turns the durable `started` event into a job for the workers.
+            self.stats.attempts_started.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let (handler, heartbeat_timeout) = match self.registry.get(&l.task) {
             Ok(def) => (def.handler.clone(), def.heartbeat_timeout),
             Err(e) => {
@@ -1471,36 +1544,15 @@ impl Orchestrator {
             attempt: l.attempt,
             checkpoint: l.checkpoint,
             cancel: token.clone(),
-            handle: self.handle.clone(),
+            backing: Backing::Engine(self.handle.clone()),
             created: Arc::new(AtomicU32::new(0)),
             lease: None,
         };
-        let mut ctx = ctx;
-        let mut renewals = heartbeat_timeout.map(|_| {
-            let (lease, renewals) = tokio::sync::watch::channel(());
-            ctx.lease = Some(lease);
-            renewals
-        });
         let tx = self.tx.clone();
         let grace = self.config.grace;
         let (sig, attempt) = (l.sig, l.attempt);
-        let fut = handler(l.input, ctx);
         tokio::spawn(async move {
-            // One task per attempt: the handler's future is polled right here (a panic becomes a
-            // retryable failure), and dropped if it outlives the grace period after cancellation.
-            let result = tokio::select! {
-                r = CatchUnwind(fut) => Some(r.unwrap_or_else(|panic| {
-                    Err(TaskFailure::retryable(format!("handler panicked: {}", panic_message(&panic))))
-                })),
-                _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => None,
-                missed = lease_expired(heartbeat_timeout, renewals.as_mut()) => {
-                    // The handler future is dropped here; its token tells anything it spawned.
-                    token.cancel();
-                    Some(Err(TaskFailure::retryable(format!(
-                        "lease expired: no heartbeat for {} ms", missed.as_millis()
-                    ))))
-                }
-            };
+            let result = run_attempt(handler, heartbeat_timeout, l.input, ctx, grace).await;
             let _ = tx
                 .send(Request::Done {
                     sig,
@@ -1510,6 +1562,38 @@ impl Orchestrator {
                 })
                 .await;
         });
+    }
+}
+
+/// Run one attempt's handler to its end. `None`: it was stopped (its token fired) and outlived
+/// the grace period, so its future was dropped. A panic is a retryable failure; a handler with a
+/// heartbeat timeout that stops renewing its lease is dropped and failed (retryable).
+pub(crate) async fn run_attempt(
+    handler: crate::registry::Handler,
+    heartbeat_timeout: Option<Duration>,
+    input: Value,
+    mut ctx: TaskContext,
+    grace: Duration,
+) -> Option<std::result::Result<Value, TaskFailure>> {
+    let token = ctx.cancel.clone();
+    let mut renewals = heartbeat_timeout.map(|_| {
+        let (lease, renewals) = tokio::sync::watch::channel(());
+        ctx.lease = Some(lease);
+        renewals
+    });
+    let fut = handler(input, ctx);
+    tokio::select! {
+        r = CatchUnwind(fut) => Some(r.unwrap_or_else(|panic| {
+            Err(TaskFailure::retryable(format!("handler panicked: {}", panic_message(&panic))))
+        })),
+        _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => None,
+        missed = lease_expired(heartbeat_timeout, renewals.as_mut()) => {
+            // The handler future is dropped here; its token tells anything it spawned.
+            token.cancel();
+            Some(Err(TaskFailure::retryable(format!(
+                "lease expired: no heartbeat for {} ms", missed.as_millis()
+            ))))
+        }
     }
 }
 

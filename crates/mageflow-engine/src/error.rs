@@ -42,6 +42,13 @@ pub enum Error {
     ShutDown,
     #[error("state of workflow {0} could not be rebuilt from its events: {1}")]
     Replay(WorkflowId, mageflow_core::ApplyError),
+    #[error(
+        "this handler runs in a worker process: creating workflows and reaching the engine from a \
+         handler needs the engine's process (run the task there, or call the engine's API)"
+    )]
+    NeedsEngine,
+    #[error("hot tier: {0}")]
+    Hot(String),
 }
 
 impl Error {
@@ -61,6 +68,8 @@ impl Error {
             Error::Store(_) => "store",
             Error::ShutDown => "shut_down",
             Error::Replay(..) => "corrupt_history",
+            Error::NeedsEngine => "needs_engine",
+            Error::Hot(_) => "hot_tier",
         }
     }
 }

@@ -8,9 +8,10 @@ mod engine;
 mod error;
 mod registry;
 mod sig;
+pub mod worker;
 
-pub use context::TaskContext;
-pub use engine::{now, Config, Engine, Handle, RecoveryReport, Stats, INPUT_BYTES_MAX};
+pub use context::{TaskContext, WorkerLink};
+pub use engine::{now, Config, Dispatch, Engine, Handle, RecoveryReport, Stats, INPUT_BYTES_MAX};
 pub use error::{Error, Result};
 pub use registry::{Registry, TaskDef, TaskFailure};
 pub use sig::{

@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, TaskFailure>> + Send>>;
-type Handler = Arc<dyn Fn(Value, TaskContext) -> HandlerFuture + Send + Sync>;
+pub(crate) type Handler = Arc<dyn Fn(Value, TaskContext) -> HandlerFuture + Send + Sync>;
 type Validator = Arc<dyn Fn(&Value) -> std::result::Result<(), String> + Send + Sync>;
 
 /// How a handler reports failure.

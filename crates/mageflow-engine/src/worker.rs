@@ -1,0 +1,300 @@
+//! The runtime of a worker process: takes started attempts from a [`JobSource`] (the hot tier),
+//! runs their handlers with bounded concurrency, keeps their leases alive, stops the ones that
+//! are revoked, and reports every outcome back. The orchestrator (another process) turns reports
+//! into events; a report of an attempt that is no longer current is a no-op there, so a job run
+//! twice (a lease that expired under a slow worker, a rebuilt hot tier) is recorded once.
+
+use crate::context::{Backing, TaskContext, WorkerLink};
+use crate::engine::run_attempt;
+use crate::error::Result;
+use crate::registry::{Registry, TaskFailure};
+use mageflow_core::SignatureId;
+use mageflow_store::BoxFuture;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Longest pause between two attempts to reach the job source after an error.
+const SOURCE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long an idle worker waits for a wake-up before looking for work again (jobs whose
+/// lease expired become visible without one).
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+
+/// A started attempt, as a worker receives it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Job {
+    pub sig: SignatureId,
+    pub attempt: u32,
+    pub task: String,
+    pub input: Value,
+    pub checkpoint: Option<Value>,
+}
+
+/// What a worker reports about an attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Succeeded(Value),
+    Failed(TaskFailure),
+    /// The handler was stopped after its attempt was revoked; nothing to record.
+    Stopped,
+}
+
+/// Where a worker process takes work from and reports to (the Redis hot tier in production).
+pub trait JobSource: WorkerLink {
+    /// Take one visible job and hide it from other workers for the lease period.
+    fn claim(&self, worker: &str) -> BoxFuture<'static, Result<Option<Job>>>;
+    /// Return when work may be there, or after `timeout`.
+    fn wait_for_work(&self, timeout: Duration) -> BoxFuture<'static, Result<()>>;
+    /// Extend the lease of a claimed job. `Ok(false)`: the job is gone (revoked) — stop it.
+    fn heartbeat(&self, sig: SignatureId, attempt: u32) -> BoxFuture<'static, Result<bool>>;
+    /// Report an attempt's outcome (and release its job).
+    fn report(
+        &self,
+        worker: &str,
+        sig: SignatureId,
+        attempt: u32,
+        outcome: Outcome,
+    ) -> BoxFuture<'static, Result<()>>;
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Recorded as the reporter of every outcome.
+    pub worker_id: String,
+    /// Handlers running at once.
+    pub concurrency: usize,
+    /// How long a revoked handler may run on after its token fired, and how long shutdown waits
+    /// for running handlers before abandoning them (their jobs reappear after their lease).
+    pub grace: Duration,
+    /// How often a running job's lease is extended (well under the hot tier's lease).
+    pub renew_every: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            worker_id: format!("worker-{}", std::process::id()),
+            concurrency: 64,
+            grace: Duration::from_secs(5),
+            renew_every: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Counters of one worker runtime.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub claimed: AtomicU64,
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+    pub stopped: AtomicU64,
+    pub source_errors: AtomicU64,
+}
+
+type Tokens = Arc<Mutex<HashMap<(SignatureId, u32), CancellationToken>>>;
+
+fn tokens(t: &Tokens) -> std::sync::MutexGuard<'_, HashMap<(SignatureId, u32), CancellationToken>> {
+    // Inserts and removes only: a panic elsewhere cannot leave the map half-updated.
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Run handlers for jobs from `source` until `shutdown` fires; then take no more jobs, give the
+/// running ones `grace` to finish, and abandon the rest. `stops` carries revoked attempts (the
+/// hot tier's push channel): their handlers' tokens fire at once.
+pub async fn run_worker(
+    source: Arc<dyn JobSource>,
+    registry: Arc<Registry>,
+    config: WorkerConfig,
+    mut stops: mpsc::UnboundedReceiver<(SignatureId, u32)>,
+    shutdown: CancellationToken,
+    stats: Arc<WorkerStats>,
+) {
+    let running: Tokens = Arc::default();
+    let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let stopper = {
+        let running = running.clone();
+        tokio::spawn(async move {
+            while let Some(key) = stops.recv().await {
+                if let Some(t) = tokens(&running).get(&key) {
+                    tracing::info!(sig = %key.0, attempt = key.1, "attempt revoked: stopping its handler");
+                    t.cancel();
+                }
+            }
+        })
+    };
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.cancelled() => break,
+        };
+        let claimed = tokio::select! {
+            c = source.claim(&config.worker_id) => c,
+            _ = shutdown.cancelled() => break,
+        };
+        let job = match claimed {
+            Ok(Some(job)) => {
+                backoff = Duration::from_millis(20);
+                job
+            }
+            Ok(None) => {
+                drop(permit);
+                tokio::select! {
+                    r = source.wait_for_work(IDLE_WAIT) => if let Err(e) = r {
+                        source_error(&stats, "wait for work", &e, &mut backoff, &shutdown).await;
+                    },
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            Err(e) => {
+                drop(permit);
+                source_error(&stats, "claim a job", &e, &mut backoff, &shutdown).await;
+                continue;
+            }
+        };
+        stats.claimed.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        tokens(&running).insert((job.sig, job.attempt), token.clone());
+        let (source, registry, config, running, stats) = (
+            source.clone(),
+            registry.clone(),
+            config.clone(),
+            running.clone(),
+            stats.clone(),
+        );
+        tasks.spawn(async move {
+            let key = (job.sig, job.attempt);
+            let outcome = run_job(&source, &registry, &config, job, token).await;
+            tokens(&running).remove(&key);
+            match &outcome {
+                Outcome::Succeeded(_) => &stats.succeeded,
+                Outcome::Failed(_) => &stats.failed,
+                Outcome::Stopped => &stats.stopped,
+            }
+            .fetch_add(1, Ordering::Relaxed);
+            report(&source, &config.worker_id, key, outcome, &stats).await;
+            drop(permit);
+        });
+        // Reap finished tasks so the set does not grow with every job.
+        while tasks.try_join_next().is_some() {}
+    }
+    // Shutdown: no new jobs; running handlers get the grace period, then are abandoned (their
+    // jobs reappear to other workers once their lease expires).
+    let drained = tokio::time::timeout(config.grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            abandoned = tasks.len(),
+            "grace period over: abandoning running handlers; their jobs go back after their lease"
+        );
+        tasks.abort_all();
+    }
+    stopper.abort();
+}
+
+async fn source_error(
+    stats: &WorkerStats,
+    what: &str,
+    e: &crate::Error,
+    backoff: &mut Duration,
+    shutdown: &CancellationToken,
+) {
+    stats.source_errors.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "worker could not {what}; retrying");
+    tokio::select! {
+        _ = tokio::time::sleep(*backoff) => {}
+        _ = shutdown.cancelled() => {}
+    }
+    *backoff = (*backoff * 2).min(SOURCE_BACKOFF_MAX);
+}
+
+/// Run one job's handler while keeping its lease alive.
+async fn run_job(
+    source: &Arc<dyn JobSource>,
+    registry: &Registry,
+    config: &WorkerConfig,
+    job: Job,
+    token: CancellationToken,
+) -> Outcome {
+    let def = match registry.get(&job.task) {
+        Ok(def) => def,
+        Err(e) => return Outcome::Failed(TaskFailure::fatal(e.to_string())),
+    };
+    let link: Arc<dyn WorkerLink> = source.clone();
+    let ctx = TaskContext {
+        sig: job.sig,
+        attempt: job.attempt,
+        checkpoint: job.checkpoint,
+        cancel: token.clone(),
+        backing: Backing::Worker(link),
+        created: Arc::new(AtomicU32::new(0)),
+        lease: None,
+    };
+    let renew = {
+        let (source, token, every) = (source.clone(), token.clone(), config.renew_every);
+        let (sig, attempt) = (job.sig, job.attempt);
+        async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match source.heartbeat(sig, attempt).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::info!(%sig, attempt, "job gone from the hot tier: stopping its handler");
+                        token.cancel();
+                        return;
+                    }
+                    Err(e) => tracing::warn!(%sig, attempt, error = %e, "lease renewal failed"),
+                }
+            }
+        }
+    };
+    let run = run_attempt(
+        def.handler.clone(),
+        def.heartbeat_timeout,
+        job.input,
+        ctx,
+        config.grace,
+    );
+    // The renewal ends with the run; a revoke it notices fires the token, and the handler gets
+    // its grace period like any stopped handler.
+    let renewal = tokio::spawn(renew);
+    let result = run.await;
+    renewal.abort();
+    match result {
+        Some(Ok(v)) => Outcome::Succeeded(v),
+        Some(Err(f)) => Outcome::Failed(f),
+        None => Outcome::Stopped,
+    }
+}
+
+/// Report an outcome, retrying through connection loss for a while; if it never gets through,
+/// the job reappears after its lease and runs again (at-least-once).
+async fn report(
+    source: &Arc<dyn JobSource>,
+    worker: &str,
+    (sig, attempt): (SignatureId, u32),
+    outcome: Outcome,
+    stats: &WorkerStats,
+) {
+    let mut backoff = Duration::from_millis(20);
+    for _ in 0..12 {
+        match source.report(worker, sig, attempt, outcome.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                stats.source_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%sig, attempt, error = %e, "report failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(SOURCE_BACKOFF_MAX);
+            }
+        }
+    }
+    tracing::error!(%sig, attempt, "report lost: the job will run again after its lease");
+}
