@@ -24,10 +24,12 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cluster;
 pub mod testing;
 
 pub use mageflow_core as core;
 pub use mageflow_engine as engine;
+pub use mageflow_hot as hot;
 pub use mageflow_store as store;
 pub use mageflow_store_pg as store_pg;
 

@@ -1,14 +1,17 @@
 //! `mageflow`: the one binary. `demo` runs the showcase on the embedded store, `bench` runs the
 //! named performance scenarios, `history` prints a workflow's audit trail, `verify` checks a
-//! store's integrity.
+//! store's integrity; `serve`, `worker`, `migrate` and `replay --rebuild-hot` run a PostgreSQL +
+//! Redis deployment.
 
 mod bench;
+mod bench_cluster;
 mod demo;
 mod inspect;
+mod tiers;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+pub use tiers::embedded_path;
 
 #[derive(Parser)]
 #[command(name = "mageflow", version, about = "Event-sourced task orchestration")]
@@ -34,15 +37,20 @@ enum Cmd {
     },
     /// Run performance scenarios; prints one `key=value` line per scenario.
     Bench {
-        /// flat, chain, fanout, fanout-limited, cancel, or all (each in its own process).
+        /// flat, chain, fanout, fanout-limited, cancel, interrupt, or all (each in its own
+        /// process). On PostgreSQL + Redis: flat, chain or fanout.
         #[arg(long, default_value = "all")]
         scenario: String,
-        /// Store, as `embedded:PATH`. Default: a fresh temporary directory per scenario.
-        #[arg(long, env = "MAGEFLOW_STORE")]
-        store: Option<String>,
+        /// `--store embedded:PATH` (default: a fresh temporary directory per scenario), or
+        /// `--postgres URL --redis URL` (a fresh schema and key prefix per run).
+        #[command(flatten)]
+        tiers: tiers::StoreArgs,
         /// Override the scenario's task count.
         #[arg(long)]
         n: Option<u32>,
+        /// Worker processes to start (PostgreSQL + Redis only).
+        #[arg(long, default_value_t = 2)]
+        worker_processes: usize,
     },
     /// Print every event of a workflow: who did what, when.
     History {
@@ -59,14 +67,45 @@ enum Cmd {
         #[arg(long, env = "MAGEFLOW_STORE")]
         store: String,
     },
-}
-
-/// Parse `embedded:PATH`. (Tiered stores come with PostgreSQL and Redis support.)
-pub fn embedded_path(store: &str) -> Result<PathBuf> {
-    match store.split_once(':') {
-        Some(("embedded", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
-        _ => bail!("unsupported store {store:?}: expected embedded:PATH"),
-    }
+    /// Run the orchestrator: resume unfinished work, then serve until SIGINT/SIGTERM. On
+    /// PostgreSQL + Redis, handlers run in `mageflow worker` processes.
+    Serve {
+        #[command(flatten)]
+        tiers: tiers::StoreArgs,
+        /// Handlers running at once (embedded store only).
+        #[arg(long, default_value_t = 64)]
+        workers: usize,
+    },
+    /// Run handlers of the built-in tasks for jobs from Redis (PostgreSQL + Redis deployments).
+    Worker {
+        #[command(flatten)]
+        tiers: tiers::StoreArgs,
+        /// Handlers running at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Name recorded with this worker's reports (default: worker-<pid>).
+        #[arg(long, env = "MAGEFLOW_WORKER_ID")]
+        id: Option<String>,
+        /// How long a claimed job stays hidden from other workers without a renewal: a job of
+        /// a worker that died runs again elsewhere after this.
+        #[arg(long, env = "MAGEFLOW_LEASE_MS", default_value_t = 30_000)]
+        lease_ms: u64,
+    },
+    /// Create or upgrade the PostgreSQL log's tables.
+    Migrate {
+        #[command(flatten)]
+        tiers: tiers::StoreArgs,
+    },
+    /// Re-project the log: `--rebuild-hot` clears the deployment's Redis keys and rebuilds them.
+    Replay {
+        #[command(flatten)]
+        tiers: tiers::StoreArgs,
+        #[arg(long, required = true)]
+        rebuild_hot: bool,
+        /// Plain output instead of a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
 }
 
 /// Resolves on the first SIGINT or SIGTERM.
@@ -112,9 +151,35 @@ fn main() -> Result<()> {
                 items,
                 no_progress,
             } => demo::run(store.as_deref(), items, !no_progress).await,
-            Cmd::Bench { scenario, store, n } => bench::run(&scenario, store.as_deref(), n).await,
+            Cmd::Bench {
+                scenario,
+                tiers,
+                n,
+                worker_processes,
+            } => match tiers.resolve()? {
+                Some(tiers::Tiers::Cluster { .. }) => {
+                    let base = tiers.cluster("bench")?;
+                    let line = bench_cluster::run(&scenario, &base, n, worker_processes).await?;
+                    println!("scenario={scenario} {line}");
+                    Ok(())
+                }
+                _ => bench::run(&scenario, tiers.store.as_deref(), n).await,
+            },
             Cmd::History { store, id, json } => inspect::history(&store, &id, json),
             Cmd::Verify { store } => inspect::verify(&store),
+            Cmd::Serve { tiers, workers } => tiers::serve(&tiers, workers).await,
+            Cmd::Worker {
+                tiers,
+                concurrency,
+                id,
+                lease_ms,
+            } => tiers::worker(&tiers, concurrency, id, lease_ms).await,
+            Cmd::Migrate { tiers } => tiers::migrate(&tiers).await,
+            Cmd::Replay {
+                tiers,
+                rebuild_hot: _,
+                no_progress,
+            } => tiers::rebuild_hot(&tiers, !no_progress).await,
         }
     })
 }

@@ -1,0 +1,157 @@
+//! `mageflow bench --postgres URL --redis URL`: the scenarios on a PostgreSQL + Redis deployment
+//! — this process orchestrates, `--worker-processes` `mageflow worker` processes run the handlers.
+//! Each run uses a fresh schema and key prefix (under the given ones) and removes both after.
+
+use crate::tiers::builtins;
+use anyhow::{bail, Context, Result};
+use mageflow::cluster::{open_cluster, Cluster, ClusterConfig};
+use mageflow::core::Payload;
+use mageflow::{sign, swarm, Config};
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+pub const SCENARIOS: [&str; 3] = ["flat", "chain", "fanout"];
+
+struct Run {
+    cluster: Option<Cluster>,
+    workers: Vec<Child>,
+    url: String,
+    schema: String,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        if let Err(e) = mageflow::store_pg::drop_schema_blocking(&self.url, &self.schema) {
+            eprintln!("could not drop the bench schema {}: {e}", self.schema);
+        }
+    }
+}
+
+async fn start(base: &ClusterConfig, worker_processes: usize, concurrency: usize) -> Result<Run> {
+    let tag = format!("bench_{}", std::process::id());
+    let schema = match &base.pg.schema {
+        Some(s) => format!("{s}_{tag}"),
+        None => format!("mf_{tag}"),
+    };
+    let mut c = base.clone();
+    c.pg.schema = Some(schema.clone());
+    c.hot.prefix = format!("{}{tag}:", base.hot.prefix);
+    c.window = worker_processes * concurrency * 2;
+    let config = Config {
+        principal: "bench".into(),
+        ..Config::default()
+    };
+    let mut run = Run {
+        cluster: None,
+        workers: Vec::new(),
+        url: c.postgres.clone(),
+        schema: schema.clone(),
+    };
+    run.cluster = Some(open_cluster(c.clone(), builtins(), config).await?);
+    let exe = std::env::current_exe().context("cannot find the mageflow binary")?;
+    for i in 0..worker_processes {
+        let child = Command::new(&exe)
+            .args(["worker", "--postgres", &c.postgres, "--redis", &c.hot.url])
+            .args(["--schema", &schema, "--prefix", &c.hot.prefix])
+            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--id", &format!("bench-worker-{i}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start a worker process")?;
+        run.workers.push(child);
+    }
+    Ok(run)
+}
+
+impl Run {
+    fn cluster(&self) -> Result<&Cluster> {
+        self.cluster.as_ref().context("the deployment is stopped")
+    }
+
+    async fn stop(mut self) -> Result<()> {
+        if let Some(c) = self.cluster.take() {
+            let hot = c.hot().clone();
+            c.shutdown().await;
+            hot.clear().await?;
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(
+    scenario: &str,
+    base: &ClusterConfig,
+    n: Option<u32>,
+    worker_processes: usize,
+) -> Result<String> {
+    let r = start(base, worker_processes, 256).await?;
+    let h = r.cluster()?.handle();
+    let t0 = Instant::now();
+    let line = match scenario {
+        "flat" => {
+            let n = n.unwrap_or(50_000);
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(10_000);
+                h.submit_many((0..k).map(|_| (sign("noop").into(), json!({}))))
+                    .await?;
+                left -= k;
+            }
+            while h.stats().workflows_finished.load(Ordering::Relaxed) < u64::from(n) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            format!(
+                "n={n} seconds={secs:.3} tasks_per_s={:.0}",
+                f64::from(n) / secs
+            )
+        }
+        "chain" => {
+            let n = n.unwrap_or(500);
+            let steps: Vec<_> = (0..n).map(|_| sign("noop")).collect();
+            let wf = h.submit(mageflow::chain(steps), json!({})).await?;
+            h.wait(wf).await?;
+            let done: Vec<i64> = h
+                .history(wf)?
+                .iter()
+                .filter(|e| matches!(e.payload, Payload::Succeeded { attempt, .. } if attempt > 0))
+                .map(|e| e.at.as_micros())
+                .collect();
+            let mut ms: Vec<f64> = done
+                .windows(2)
+                .map(|w| (w[1] - w[0]) as f64 / 1000.0)
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            let pct = |p: f64| ms.get(((ms.len().max(1) - 1) as f64 * p) as usize).copied();
+            format!(
+                "n={n} seconds={:.3} step_p50_ms={:.3} step_p99_ms={:.3}",
+                t0.elapsed().as_secs_f64(),
+                pct(0.5).unwrap_or(0.0),
+                pct(0.99).unwrap_or(0.0)
+            )
+        }
+        "fanout" => {
+            let n = n.unwrap_or(5_000);
+            let items: Vec<_> = (0..n).map(|_| sign("noop")).collect();
+            let wf = h.submit(swarm(items), json!({})).await?;
+            h.wait(wf).await?;
+            format!("n={n} seconds_to_done={:.3}", t0.elapsed().as_secs_f64())
+        }
+        other => bail!(
+            "scenario {other:?} does not run on PostgreSQL + Redis; known there: {}",
+            SCENARIOS.join(", ")
+        ),
+    };
+    let memory = r.cluster()?.hot().memory_used().await.unwrap_or(0);
+    r.stop().await?;
+    Ok(format!(
+        "{line} store=postgres+redis worker_processes={worker_processes} redis_used_mib={:.1}",
+        memory as f64 / (1024.0 * 1024.0)
+    ))
+}

@@ -1,0 +1,271 @@
+//! Where the data lives: `--store embedded:PATH`, or `--postgres URL --redis URL` (with
+//! `--schema` and `--prefix`), from flags, then environment variables, then a TOML config file
+//! (`--config PATH` / `MAGEFLOW_CONFIG`), in that order of precedence. And the processes of a
+//! PostgreSQL + Redis deployment: `serve`, `worker`, `migrate`, `replay --rebuild-hot`.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use mageflow::cluster::{self, ClusterConfig};
+use mageflow::engine::worker::WorkerConfig;
+use mageflow::hot::{Hot, Projector};
+use mageflow::store_pg::{PgLog, PgOptions};
+use mageflow::{Config, Registry};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+pub const DEFAULT_PREFIX: &str = "mf:";
+
+#[derive(Args, Clone, Debug, Default)]
+pub struct StoreArgs {
+    /// TOML file with any of: store, postgres, schema, redis, prefix (flags and environment
+    /// variables take precedence).
+    #[arg(long, env = "MAGEFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Embedded store, as `embedded:PATH`.
+    #[arg(long, env = "MAGEFLOW_STORE")]
+    pub store: Option<String>,
+    /// PostgreSQL URL of the durable log (with --redis).
+    #[arg(long, env = "MAGEFLOW_POSTGRES")]
+    pub postgres: Option<String>,
+    /// PostgreSQL schema of the log's tables (default: the URL's search_path).
+    #[arg(long, env = "MAGEFLOW_SCHEMA")]
+    pub schema: Option<String>,
+    /// Redis URL of the hot tier (with --postgres).
+    #[arg(long, env = "MAGEFLOW_REDIS")]
+    pub redis: Option<String>,
+    /// Prefix of every Redis key (one deployment per prefix).
+    #[arg(long, env = "MAGEFLOW_PREFIX")]
+    pub prefix: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    store: Option<String>,
+    postgres: Option<String>,
+    schema: Option<String>,
+    redis: Option<String>,
+    prefix: Option<String>,
+}
+
+/// The resolved storage tiers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Tiers {
+    Embedded(PathBuf),
+    Cluster {
+        postgres: String,
+        schema: Option<String>,
+        redis: String,
+        prefix: String,
+    },
+}
+
+/// Parse `embedded:PATH`.
+pub fn embedded_path(store: &str) -> Result<PathBuf> {
+    match store.split_once(':') {
+        Some(("embedded", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => bail!(
+            "unsupported store {store:?}: expected embedded:PATH (or --postgres URL --redis URL)"
+        ),
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("bad config file {}", path.display()))
+}
+
+impl StoreArgs {
+    /// Flags and environment first, then the config file. `None`: nothing given at all.
+    pub fn resolve(&self) -> Result<Option<Tiers>> {
+        let file = match &self.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let pick = |a: &Option<String>, b: Option<String>| a.clone().or(b);
+        let store = pick(&self.store, file.store);
+        let postgres = pick(&self.postgres, file.postgres);
+        let redis = pick(&self.redis, file.redis);
+        let schema = pick(&self.schema, file.schema);
+        let prefix = pick(&self.prefix, file.prefix).unwrap_or_else(|| DEFAULT_PREFIX.into());
+        match (store, postgres, redis) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => bail!(
+                "give either an embedded store (--store) or PostgreSQL and Redis (--postgres and \
+                 --redis), not both"
+            ),
+            (Some(s), None, None) => Ok(Some(Tiers::Embedded(embedded_path(&s)?))),
+            (None, Some(postgres), Some(redis)) => Ok(Some(Tiers::Cluster {
+                postgres,
+                schema,
+                redis,
+                prefix,
+            })),
+            (None, Some(_), None) => bail!("--postgres needs --redis too (the hot tier)"),
+            (None, None, Some(_)) => bail!("--redis needs --postgres too (the durable log)"),
+            (None, None, None) => Ok(None),
+        }
+    }
+
+    /// Like [`StoreArgs::resolve`], for commands that only make sense on PostgreSQL + Redis.
+    pub fn cluster(&self, command: &str) -> Result<ClusterConfig> {
+        match self.resolve()? {
+            Some(Tiers::Cluster {
+                postgres,
+                schema,
+                redis,
+                prefix,
+            }) => {
+                let mut c = ClusterConfig::new(postgres, redis, &prefix);
+                c.pg = PgOptions {
+                    schema,
+                    ..PgOptions::default()
+                };
+                Ok(c)
+            }
+            _ => bail!(
+                "`mageflow {command}` needs --postgres URL and --redis URL (or MAGEFLOW_POSTGRES \
+                 and MAGEFLOW_REDIS, or a config file)"
+            ),
+        }
+    }
+}
+
+/// The tasks the binary's own processes know: the built-in ones.
+pub fn builtins() -> Registry {
+    let mut r = Registry::new();
+    mageflow::engine::builtin::register(&mut r);
+    r
+}
+
+/// `mageflow serve`: the orchestrator. On PostgreSQL + Redis it decides, projects and takes
+/// workers' reports; on an embedded store it also runs the handlers. Either way unfinished work
+/// in the log is resumed first, and what was found is printed.
+pub async fn serve(args: &StoreArgs, workers: usize) -> Result<()> {
+    let config = Config {
+        workers,
+        principal: "serve".into(),
+        ..Config::default()
+    };
+    match args.resolve()? {
+        Some(Tiers::Embedded(dir)) => {
+            let engine = mageflow::open_embedded(&dir, builtins(), config)
+                .await
+                .with_context(|| format!("cannot open the embedded store at {}", dir.display()))?;
+            println!("recovery: {}", serde_json::to_string(engine.recovery())?);
+            println!("serving embedded:{} (Ctrl-C to stop)", dir.display());
+            crate::stop_signal().await;
+            engine.shutdown().await;
+        }
+        Some(Tiers::Cluster { .. }) => {
+            let c = cluster::open_cluster(args.cluster("serve")?, builtins(), config).await?;
+            println!(
+                "recovery: {}",
+                serde_json::to_string(c.engine().recovery())?
+            );
+            println!("serving: orchestrator + projector + report intake (Ctrl-C to stop)");
+            crate::stop_signal().await;
+            let projected = c.projector_stats().events.load(Ordering::Relaxed);
+            c.shutdown().await;
+            println!("stopped; {projected} events projected to Redis");
+        }
+        None => bail!("`mageflow serve` needs --store embedded:PATH, or --postgres and --redis"),
+    }
+    Ok(())
+}
+
+/// `mageflow worker`: run built-in task handlers for jobs from the hot tier until SIGINT or
+/// SIGTERM (then finish or abandon running handlers within the grace period).
+pub async fn worker(
+    args: &StoreArgs,
+    concurrency: usize,
+    id: Option<String>,
+    lease_ms: u64,
+) -> Result<()> {
+    let mut c = args.cluster("worker")?;
+    c.hot.lease = std::time::Duration::from_millis(lease_ms.max(1));
+    let mut config = WorkerConfig {
+        concurrency,
+        ..WorkerConfig::default()
+    };
+    if let Some(id) = id {
+        config.worker_id = id;
+    }
+    let shutdown = CancellationToken::new();
+    let stopper = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            crate::stop_signal().await;
+            shutdown.cancel();
+        })
+    };
+    eprintln!("worker {} taking jobs (Ctrl-C to stop)", config.worker_id);
+    let stats = cluster::run_worker_process(c.hot, builtins(), config, shutdown).await?;
+    stopper.abort();
+    println!(
+        "worker stopped: claimed={} succeeded={} failed={} stopped={}",
+        stats.claimed.load(Ordering::Relaxed),
+        stats.succeeded.load(Ordering::Relaxed),
+        stats.failed.load(Ordering::Relaxed),
+        stats.stopped.load(Ordering::Relaxed),
+    );
+    Ok(())
+}
+
+/// `mageflow migrate`: create or upgrade the log's tables, then exit.
+pub async fn migrate(args: &StoreArgs) -> Result<()> {
+    let (url, schema) = match args.resolve()? {
+        Some(Tiers::Cluster {
+            postgres, schema, ..
+        }) => (postgres, schema),
+        _ => match (&args.postgres, &args.schema) {
+            (Some(url), schema) => (url.clone(), schema.clone()),
+            _ => bail!("`mageflow migrate` needs --postgres URL"),
+        },
+    };
+    let log = PgLog::open(
+        &url,
+        PgOptions {
+            schema,
+            ..PgOptions::default()
+        },
+    )
+    .await?;
+    println!("migrations applied; log head at position {}", {
+        use mageflow::store::EventLog;
+        log.head()
+    });
+    Ok(())
+}
+
+/// `mageflow replay --rebuild-hot`: clear the deployment's Redis keys and project the whole log
+/// again, with a progress bar.
+pub async fn rebuild_hot(args: &StoreArgs, progress: bool) -> Result<()> {
+    let c = args.cluster("replay --rebuild-hot")?;
+    let log = Arc::new(PgLog::open(&c.postgres, c.pg.clone()).await?);
+    let hot = Hot::connect(c.hot).await?;
+    let mut projector = Projector::new(hot, log);
+    let bar = if progress {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} events ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message("rebuilding the hot tier");
+    let head = projector
+        .rebuild(|done, head| {
+            bar.set_length(head);
+            bar.set_position(done);
+        })
+        .await?;
+    bar.finish();
+    println!("hot tier rebuilt from the log: {head} events projected");
+    Ok(())
+}

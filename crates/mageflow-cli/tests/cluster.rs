@@ -1,0 +1,241 @@
+//! The PostgreSQL + Redis deployment, for real: this test process is the orchestrator
+//! (`mageflow::cluster::open_cluster`), the workers are `mageflow worker` processes of the built
+//! binary, and the faults are real — `kill -9` of a worker, every Redis key of the deployment
+//! deleted (what `FLUSHALL` does to it), PostgreSQL connections terminated with
+//! `pg_terminate_backend`. Each test has its own schema and key prefix and removes both.
+//!
+//! Needs PostgreSQL (`MAGEFLOW_TEST_POSTGRES`, default postgres://postgres@127.0.0.1:5432/test)
+//! and Redis (`MAGEFLOW_TEST_REDIS`, default redis://127.0.0.1:6379); fails saying so if either
+//! is missing.
+
+use anyhow::{bail, Context, Result};
+use mageflow::cluster::{open_cluster, Cluster, ClusterConfig};
+use mageflow::store_pg::PgOptions;
+use mageflow::{sign, swarm, Config, Event, Registry, Status, Workflow, WorkflowId};
+use serde_json::json;
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A guard against a hang, not a timing assertion.
+const RUN_SECS_MAX: u64 = 300;
+/// Lease of a claimed job: how soon a killed worker's jobs run elsewhere.
+const LEASE_MS: u64 = 1_000;
+
+fn postgres_url() -> String {
+    std::env::var("MAGEFLOW_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn redis_url() -> String {
+    std::env::var("MAGEFLOW_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// One deployment: a schema, a key prefix, an orchestrator, worker processes.
+struct Deployment {
+    cluster: Option<Cluster>,
+    workers: Vec<Child>,
+    schema: String,
+    prefix: String,
+}
+
+impl Deployment {
+    async fn start() -> Result<Self> {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let schema = format!("mf_cluster_{id}");
+        let prefix = format!("mf:test:cluster:{id}:");
+        let mut config = ClusterConfig::new(postgres_url(), redis_url(), &prefix);
+        config.pg = PgOptions {
+            schema: Some(schema.clone()),
+            ..PgOptions::default()
+        };
+        config.window = 256;
+        let mut registry = Registry::new();
+        mageflow::engine::builtin::register(&mut registry);
+        let engine_config = Config {
+            principal: "cluster-test".into(),
+            ..Config::default()
+        };
+        let cluster = open_cluster(config, registry, engine_config)
+            .await
+            .context(
+                "this test needs PostgreSQL and Redis running (see the README: \
+                 pg_ctlcluster ... start, redis-server --daemonize yes)",
+            )?;
+        Ok(Self {
+            cluster: Some(cluster),
+            workers: Vec::new(),
+            schema,
+            prefix,
+        })
+    }
+
+    fn cluster(&self) -> &Cluster {
+        self.cluster.as_ref().expect("the cluster runs until drop")
+    }
+
+    fn spawn_worker(&mut self, name: &str) -> Result<()> {
+        let child = Command::new(env!("CARGO_BIN_EXE_mageflow"))
+            .args([
+                "worker",
+                "--postgres",
+                &postgres_url(),
+                "--redis",
+                &redis_url(),
+            ])
+            .args(["--schema", &self.schema, "--prefix", &self.prefix])
+            .args(["--concurrency", "32", "--id", name])
+            .args(["--lease-ms", &LEASE_MS.to_string()])
+            .env("MAGEFLOW_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start a mageflow worker process")?;
+        self.workers.push(child);
+        Ok(())
+    }
+
+    /// Wait (re-checking every 50 ms) until `pred` holds for the workflow's durable state.
+    async fn wait_for(&self, wf: WorkflowId, pred: impl Fn(&Workflow) -> bool) -> Result<()> {
+        let h = self.cluster().handle();
+        loop {
+            if pred(&h.workflow(wf).await?) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn finish(mut self) -> Result<()> {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        if let Some(c) = self.cluster.take() {
+            let hot = c.hot().clone();
+            c.shutdown().await;
+            hot.clear().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        if let Err(e) = mageflow::store_pg::drop_schema_blocking(&postgres_url(), &self.schema) {
+            eprintln!("could not drop schema {}: {e}", self.schema);
+        }
+    }
+}
+
+fn succeeded(wf: &Workflow) -> usize {
+    wf.nodes
+        .iter()
+        .filter(|n| n.spec.task_name().is_some() && n.status == Status::Done)
+        .count()
+}
+
+/// Every task of the swarm is done, and has exactly one `succeeded` event in the log.
+fn check_once_each(history: &[Event], wf: &Workflow, tasks: usize) -> Result<()> {
+    if wf.nodes[0].status != Status::Done {
+        bail!("the swarm ended {}", wf.nodes[0].status);
+    }
+    let mut successes: HashMap<u32, usize> = HashMap::new();
+    for e in history {
+        if e.payload.kind() == "succeeded" {
+            if let Some(n) = e.payload.node() {
+                *successes.entry(n).or_default() += 1;
+            }
+        }
+    }
+    let items: Vec<u32> = wf.nodes[0].spec.children().to_vec();
+    if items.len() != tasks {
+        bail!("{} items in the swarm, expected {tasks}", items.len());
+    }
+    for i in items {
+        let n = successes.get(&i).copied().unwrap_or(0);
+        if n != 1 || wf.nodes[i as usize].status != Status::Done {
+            bail!(
+                "task {i} is {} with {n} succeeded events",
+                wf.nodes[i as usize].status
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn submit_swarm(d: &Deployment, tasks: usize, ms: u64) -> Result<WorkflowId> {
+    let items: Vec<_> = (0..tasks)
+        .map(|i| sign("sleep").kwarg("ms", ms).kwarg("i", i))
+        .collect();
+    Ok(d.cluster().handle().submit(swarm(items), json!({})).await?)
+}
+
+async fn guard(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(RUN_SECS_MAX), f)
+        .await
+        .map_err(|_| anyhow::anyhow!("the run did not finish within {RUN_SECS_MAX} s: it hung"))?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_midway_loses_no_task_and_none_succeeds_twice() -> Result<()> {
+    guard(async {
+        const TASKS: usize = 20_000;
+        let mut d = Deployment::start().await?;
+        d.spawn_worker("w1")?;
+        d.spawn_worker("w2")?;
+        let wf = submit_swarm(&d, TASKS, 1).await?;
+        d.wait_for(wf, |w| succeeded(w) >= TASKS / 4).await?;
+        // kill -9: its claimed jobs reappear to the other worker once their lease expires.
+        d.workers[0].kill()?;
+        d.workers[0].wait()?;
+        let h = d.cluster().handle();
+        let done = h.wait(wf).await?;
+        check_once_each(&h.history(wf)?, &done, TASKS)?;
+        d.finish().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_wiped_and_postgres_connections_killed_midway_the_run_completes() -> Result<()> {
+    guard(async {
+        const TASKS: usize = 4_000;
+        let mut d = Deployment::start().await?;
+        d.spawn_worker("w1")?;
+        d.spawn_worker("w2")?;
+        let wf = submit_swarm(&d, TASKS, 1).await?;
+        d.wait_for(wf, |w| succeeded(w) >= TASKS / 4).await?;
+        // What FLUSHALL does to this deployment (a real FLUSHALL would wipe the keys of tests
+        // running in parallel on the same Redis).
+        let deleted = d.cluster().hot().clear().await?;
+        assert!(deleted > 0, "the deployment had keys in Redis");
+        d.wait_for(wf, |w| succeeded(w) >= TASKS / 2).await?;
+        // Terminate the log's PostgreSQL connections (committer and listener).
+        let pg = d.cluster().pg().clone();
+        let pids = [pg.committer_backend_pid(), pg.listener_backend_pid()];
+        let mut conn = {
+            use sqlx::Connection;
+            sqlx::PgConnection::connect(&postgres_url()).await?
+        };
+        for pid in pids.into_iter().filter(|p| *p != 0) {
+            sqlx::query("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .execute(&mut conn)
+                .await?;
+        }
+        let h = d.cluster().handle();
+        let done = h.wait(wf).await?;
+        check_once_each(&h.history(wf)?, &done, TASKS)?;
+        let stats = d.cluster().projector_stats();
+        assert!(
+            stats.rebuilds.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+            "the projector rebuilt the wiped hot tier"
+        );
+        d.finish().await
+    })
+    .await
+}

@@ -1,0 +1,597 @@
+//! The Redis client side of the hot tier: worker, orchestrator and reader operations.
+
+use crate::{HotConfig, HotError, HotSignature, Job, JobData, JobKey, NodeView, Report, TailEntry};
+use futures_util::StreamExt;
+use mageflow_core::SignatureId;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+use redis::{AsyncConnectionConfig, RedisError, Script};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Idle blocking connections kept for reuse (`BLPOP`, `XREAD BLOCK`).
+const BLOCKING_POOL_MAX: usize = 16;
+/// Longest wait between reconnection attempts of the stop subscription.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a non-blocking command may take before it fails.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Take the first due job, make it invisible for the lease, record the claimant.
+/// KEYS: jobs, jobdata, claims. ARGV: lease ms, worker.
+const CLAIM_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _ = 1, 16 do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now), 'LIMIT', 0, 1)
+  if #due == 0 then return false end
+  local m = due[1]
+  local data = redis.call('HGET', KEYS[2], m)
+  if data then
+    redis.call('ZADD', KEYS[1], string.format('%.0f', now + tonumber(ARGV[1])), m)
+    redis.call('HSET', KEYS[3], m, ARGV[2])
+    return {m, data}
+  end
+  redis.call('ZREM', KEYS[1], m)
+end
+return false
+"#;
+
+/// Extend the invisibility of a job that still exists. KEYS: jobs. ARGV: member, lease ms.
+const HEARTBEAT_LUA: &str = r#"
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], 'XX', string.format('%.0f', now + tonumber(ARGV[2])), ARGV[1])
+return 1
+"#;
+
+/// Append a report; remove the job of that attempt if the report ends it.
+/// KEYS: jobs, jobdata, claims, reports. ARGV: member, report JSON, "1" to remove.
+const REPORT_LUA: &str = r#"
+local id = redis.call('XADD', KEYS[4], '*', 'report', ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+end
+return id
+"#;
+
+pub(crate) fn rerr(op: &'static str) -> impl FnOnce(RedisError) -> HotError {
+    move |source| HotError::Redis { op, source }
+}
+
+struct Inner {
+    cfg: HotConfig,
+    client: redis::Client,
+    conn: ConnectionManager,
+    blocking: Mutex<Vec<MultiplexedConnection>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    claim: Script,
+    heartbeat: Script,
+    report: Script,
+}
+
+/// A connection to the hot tier under one prefix. Cheap to clone (shared connection).
+#[derive(Clone)]
+pub struct Hot {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hot")
+            .field("url", &self.inner.cfg.url)
+            .field("prefix", &self.inner.cfg.prefix)
+            .finish()
+    }
+}
+
+impl Hot {
+    /// Connect (and check the server answers). The error names the URL and the cause.
+    pub async fn connect(cfg: HotConfig) -> Result<Hot, HotError> {
+        let connect_err = |source| HotError::Connect {
+            url: cfg.url.clone(),
+            source,
+        };
+        let client = redis::Client::open(cfg.url.as_str()).map_err(connect_err)?;
+        let manager_cfg = ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_max_delay(BACKOFF_MAX.as_millis() as u64)
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(RESPONSE_TIMEOUT);
+        let mut conn = ConnectionManager::new_with_config(client.clone(), manager_cfg)
+            .await
+            .map_err(connect_err)?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(connect_err)?;
+        Ok(Hot {
+            inner: Arc::new(Inner {
+                cfg,
+                client,
+                conn,
+                blocking: Mutex::new(Vec::new()),
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
+                claim: Script::new(CLAIM_LUA),
+                heartbeat: Script::new(HEARTBEAT_LUA),
+                report: Script::new(REPORT_LUA),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &HotConfig {
+        &self.inner.cfg
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.inner.cfg.prefix
+    }
+
+    /// The full name of key `suffix` under the prefix.
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.inner.cfg.prefix)
+    }
+
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    fn lease_ms(&self) -> u64 {
+        self.inner.cfg.lease.as_millis().max(1) as u64
+    }
+
+    // ---------------------------------------------------------------- worker side
+
+    /// Atomically take the first job whose visibility time has passed and make it invisible
+    /// until now + lease (Redis clock). `None` when no job is due.
+    pub async fn claim(&self, worker: &str) -> Result<Option<Job>, HotError> {
+        let reply: Option<(String, String)> = self
+            .inner
+            .claim
+            .key(self.key("jobs"))
+            .key(self.key("jobdata"))
+            .key(self.key("claims"))
+            .arg(self.lease_ms())
+            .arg(worker)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(rerr("claim"))?;
+        let Some((member, data)) = reply else {
+            return Ok(None);
+        };
+        let key: JobKey = member.parse()?;
+        let data: JobData = serde_json::from_str(&data).map_err(|e| HotError::Malformed {
+            what: "job data",
+            detail: format!("{member}: {e}"),
+        })?;
+        Ok(Some(Job {
+            key,
+            task: data.task,
+            input: data.input,
+            checkpoint: data.checkpoint,
+        }))
+    }
+
+    /// Wait until work may be there (a token on the wake list) or `timeout` passed. Either way
+    /// the caller tries [`Hot::claim`] next.
+    pub async fn wait_for_work(&self, timeout: Duration) -> Result<(), HotError> {
+        let mut cmd = redis::cmd("BLPOP");
+        cmd.arg(self.key("wake"))
+            .arg(format!("{:.3}", timeout.as_secs_f64().max(0.001)));
+        let _: Option<(String, String)> = self.blocking_query("BLPOP wake", &cmd, timeout).await?;
+        Ok(())
+    }
+
+    /// Extend the job's invisibility by the lease. `Ok(false)`: the job is gone (revoked or
+    /// finished): stop the handler.
+    pub async fn heartbeat(&self, job: &JobKey) -> Result<bool, HotError> {
+        let alive: i64 = self
+            .inner
+            .heartbeat
+            .key(self.key("jobs"))
+            .arg(job.to_string())
+            .arg(self.lease_ms())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(rerr("heartbeat"))?;
+        Ok(alive == 1)
+    }
+
+    /// Atomically append the report to the reports stream and, unless it is a checkpoint,
+    /// remove the job of that attempt. Returns the stream id of the report.
+    pub async fn report(&self, report: &Report) -> Result<String, HotError> {
+        let json = serde_json::to_string(report).map_err(|source| HotError::Encode {
+            what: "report",
+            source,
+        })?;
+        self.inner
+            .report
+            .key(self.key("jobs"))
+            .key(self.key("jobdata"))
+            .key(self.key("claims"))
+            .key(self.key("reports"))
+            .arg(report.key.to_string())
+            .arg(json)
+            .arg(if report.outcome.ends_attempt() {
+                "1"
+            } else {
+                "0"
+            })
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(rerr("report"))
+    }
+
+    /// Revoked jobs, from the `<prefix>stop` channel: cancel the handler of each key received.
+    /// The subscription is live when this returns; it resubscribes (with backoff) if the
+    /// connection drops, and ends when the receiver is dropped.
+    pub async fn stops(&self) -> Result<mpsc::Receiver<JobKey>, HotError> {
+        let channel = self.key("stop");
+        let mut pubsub = self
+            .inner
+            .client
+            .get_async_pubsub()
+            .await
+            .map_err(rerr("connect for SUBSCRIBE"))?;
+        pubsub
+            .subscribe(&channel)
+            .await
+            .map_err(rerr("SUBSCRIBE stop"))?;
+        let (tx, rx) = mpsc::channel(1024);
+        let client = self.inner.client.clone();
+        tokio::spawn(async move {
+            let mut pubsub = Some(pubsub);
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                if let Some(ps) = pubsub.take() {
+                    let mut messages = ps.into_on_message();
+                    loop {
+                        let msg = tokio::select! {
+                            _ = tx.closed() => return,
+                            msg = messages.next() => msg,
+                        };
+                        let Some(msg) = msg else { break };
+                        backoff = Duration::from_millis(50);
+                        let payload: String = match msg.get_payload() {
+                            Ok(p) => p,
+                            Err(e) => {
+                                tracing::warn!(channel = %channel, error = %e, "hot tier: unreadable stop message ignored");
+                                continue;
+                            }
+                        };
+                        match payload.parse::<JobKey>() {
+                            Ok(key) => {
+                                if tx.send(key).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(channel = %channel, error = %e, "hot tier: bad stop message ignored")
+                            }
+                        }
+                    }
+                    tracing::warn!(channel = %channel, "hot tier: stop subscription lost; resubscribing");
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                match client.get_async_pubsub().await {
+                    Ok(mut ps) => match ps.subscribe(&channel).await {
+                        Ok(()) => pubsub = Some(ps),
+                        Err(e) => {
+                            tracing::warn!(channel = %channel, error = %e, "hot tier: SUBSCRIBE failed; retrying")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(channel = %channel, error = %e, "hot tier: cannot reconnect for the stop subscription; retrying")
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    // ---------------------------------------------------------------- orchestrator side
+
+    /// Reports with stream id after `after` (`"0"` initially), at most `count`, waiting up to
+    /// `block` for the first one (zero: do not wait).
+    pub async fn read_reports(
+        &self,
+        after: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<(String, Report)>, HotError> {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(count.max(1));
+        if !block.is_zero() {
+            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS").arg(self.key("reports")).arg(after);
+        let reply: Option<StreamReadReply> = if block.is_zero() {
+            cmd.query_async(&mut self.conn())
+                .await
+                .map_err(rerr("XREAD reports"))?
+        } else {
+            self.blocking_query("XREAD reports", &cmd, block).await?
+        };
+        let mut out = Vec::new();
+        for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+            match parse_report(&entry) {
+                Ok(report) => out.push((entry.id, report)),
+                Err(e) => {
+                    tracing::warn!(id = %entry.id, error = %e, "hot tier: unreadable report skipped")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drop reports up to and including stream id `up_to` (once they are durable in the log).
+    pub async fn trim_reports(&self, up_to: &str) -> Result<(), HotError> {
+        let min_id = next_stream_id(up_to)?;
+        redis::cmd("XTRIM")
+            .arg(self.key("reports"))
+            .arg("MINID")
+            .arg(min_id)
+            .exec_async(&mut self.conn())
+            .await
+            .map_err(rerr("XTRIM reports"))
+    }
+
+    // ---------------------------------------------------------------- readers
+
+    /// The live view of a signature (counted as a hit or a miss in [`Hot::read_stats`]).
+    pub async fn signature(&self, sig: SignatureId) -> Result<Option<HotSignature>, HotError> {
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(self.wf_key(sig.workflow))
+            .arg(sig.index)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(rerr("HGET signature"))?;
+        let Some(raw) = raw else {
+            self.inner.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        };
+        self.inner.hits.fetch_add(1, Ordering::Relaxed);
+        let view: NodeView = serde_json::from_str(&raw).map_err(|e| HotError::Malformed {
+            what: "signature view",
+            detail: format!("{sig}: {e}"),
+        })?;
+        Ok(Some(HotSignature {
+            sig,
+            name: view.name,
+            kind: view.kind,
+            task: view.task,
+            status: view.status,
+            attempt: view.attempt,
+        }))
+    }
+
+    /// The last `n` events of the tail, oldest first.
+    pub async fn tail(&self, n: usize) -> Result<Vec<TailEntry>, HotError> {
+        let reply: StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(self.key("tail"))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(n)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(rerr("XREVRANGE tail"))?;
+        let mut out = Vec::with_capacity(reply.ids.len());
+        for e in reply.ids.iter().rev() {
+            let bad = |field: &str| HotError::Malformed {
+                what: "tail entry",
+                detail: format!("{}: field {field} missing or invalid", e.id),
+            };
+            let node: String = e.get("node").unwrap_or_default();
+            out.push(TailEntry {
+                position: e.get("position").ok_or_else(|| bad("position"))?,
+                stream: e.get("stream").ok_or_else(|| bad("stream"))?,
+                seq: e.get("seq").ok_or_else(|| bad("seq"))?,
+                kind: e.get("kind").ok_or_else(|| bad("kind"))?,
+                node: node.parse().ok(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// `used_memory` of the Redis server (bytes).
+    pub async fn memory_used(&self) -> Result<u64, HotError> {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(rerr("INFO memory"))?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| HotError::Malformed {
+                what: "INFO memory",
+                detail: "no used_memory line".into(),
+            })
+    }
+
+    /// Signature reads answered from Redis (hits) and not found there (misses) by this handle
+    /// and its clones.
+    pub fn read_stats(&self) -> (u64, u64) {
+        (
+            self.inner.hits.load(Ordering::Relaxed),
+            self.inner.misses.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Log position of the last projected batch (`<prefix>pos`), `None` if absent.
+    pub async fn projected_position(&self) -> Result<Option<u64>, HotError> {
+        redis::cmd("GET")
+            .arg(self.key("pos"))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(rerr("GET pos"))
+    }
+
+    /// Delete every key under the prefix (SCAN + UNLINK). Returns how many were deleted.
+    pub async fn clear(&self) -> Result<u64, HotError> {
+        self.clear_except(&[]).await
+    }
+
+    /// Delete every key under the prefix except the named suffixes.
+    pub(crate) async fn clear_except(&self, keep: &[&str]) -> Result<u64, HotError> {
+        let keep: Vec<String> = keep.iter().map(|k| self.key(k)).collect();
+        let pattern = format!("{}*", glob_escape(self.prefix()));
+        let mut conn = self.conn();
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(rerr("SCAN"))?;
+            let doomed: Vec<&String> = keys.iter().filter(|k| !keep.contains(k)).collect();
+            if !doomed.is_empty() {
+                let n: u64 = redis::cmd("UNLINK")
+                    .arg(&doomed)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(rerr("UNLINK"))?;
+                deleted += n;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    pub(crate) fn wf_key(&self, wf: mageflow_core::WorkflowId) -> String {
+        format!("{}wf:{}", self.inner.cfg.prefix, wf.0.simple())
+    }
+
+    /// Run a blocking command on a connection of its own (a blocked command would stall every
+    /// other command on the shared multiplexed connection). Connections are pooled; one that
+    /// failed is dropped.
+    async fn blocking_query<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &redis::Cmd,
+        block: Duration,
+    ) -> Result<T, HotError> {
+        let pooled = self
+            .inner
+            .blocking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => self
+                .inner
+                .client
+                .get_multiplexed_async_connection_with_config(
+                    &AsyncConnectionConfig::new().set_connection_timeout(CONNECT_TIMEOUT),
+                )
+                .await
+                .map_err(rerr(op))?,
+        };
+        let limit = block + RESPONSE_TIMEOUT;
+        let result = match tokio::time::timeout(limit, cmd.query_async::<T>(&mut conn)).await {
+            Ok(r) => r.map_err(rerr(op)),
+            Err(_) => Err(HotError::Redis {
+                op,
+                source: RedisError::from((
+                    redis::ErrorKind::IoError,
+                    "no reply in time",
+                    format!("{limit:?}"),
+                )),
+            }),
+        };
+        if result.is_ok() {
+            let mut pool = self
+                .inner
+                .blocking
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if pool.len() < BLOCKING_POOL_MAX {
+                pool.push(conn);
+            }
+        }
+        result
+    }
+}
+
+fn parse_report(entry: &StreamId) -> Result<Report, HotError> {
+    let raw: String = entry.get("report").ok_or_else(|| HotError::Malformed {
+        what: "report",
+        detail: format!("{}: no report field", entry.id),
+    })?;
+    serde_json::from_str(&raw).map_err(|e| HotError::Malformed {
+        what: "report",
+        detail: format!("{}: {e}", entry.id),
+    })
+}
+
+/// The smallest stream id after `id` (`ms-seq` or `ms`).
+fn next_stream_id(id: &str) -> Result<String, HotError> {
+    let bad = || HotError::Malformed {
+        what: "stream id",
+        detail: format!("{id:?} is not <ms>-<seq>"),
+    };
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    let ms: u64 = ms.parse().map_err(|_| bad())?;
+    let seq: u64 = seq.parse().map_err(|_| bad())?;
+    Ok(match seq.checked_add(1) {
+        Some(s) => format!("{ms}-{s}"),
+        None => format!("{}-0", ms.saturating_add(1)),
+    })
+}
+
+/// Escape glob metacharacters so the prefix matches literally in `SCAN MATCH`.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_and_globs() {
+        assert_eq!(next_stream_id("5-3").ok(), Some("5-4".to_owned()));
+        assert_eq!(next_stream_id("7").ok(), Some("7-1".to_owned()));
+        assert!(next_stream_id("x-1").is_err());
+        assert_eq!(glob_escape("mf:a*[b]"), "mf:a\\*\\[b\\]");
+    }
+
+    #[test]
+    fn job_keys_round_trip() {
+        let sig = SignatureId {
+            workflow: mageflow_core::WorkflowId::from_u128(0xabc),
+            index: 3,
+        };
+        let key = JobKey { sig, attempt: 2 };
+        assert_eq!(key.to_string().parse::<JobKey>().ok(), Some(key));
+        assert!("sig_zz.1#1".parse::<JobKey>().is_err());
+        assert!(format!("{sig}").parse::<JobKey>().is_err());
+    }
+}

@@ -1,0 +1,520 @@
+//! The projector: tails the event log and writes the hot state, one `MULTI`/`EXEC` per batch
+//! with the batch's last position, so it applies every event exactly once across restarts.
+
+use crate::hot::rerr;
+use crate::{Hot, HotError, JobData, JobKey, NodeView};
+use mageflow_core::{Event, KindSpec, Link, Node, Payload, Role, Workflow, WorkflowId};
+use mageflow_store::{EventLog, Recorded};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Events per batch (one `read_all` chunk, one transaction).
+const BATCH: usize = 4096;
+/// How often an idle projector checks that its position is still in Redis.
+const IDLE_CHECK: Duration = Duration::from_millis(200);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Wake tokens kept at most (one per job added, up to this).
+const WAKE_MAX: usize = 64;
+/// Keys a rebuild keeps: worker reports are not derived from the log.
+const KEEP_ON_REBUILD: &[&str] = &["reports"];
+
+/// Counters of a projector (shared, lock-free).
+#[derive(Debug, Default)]
+pub struct ProjectorStats {
+    /// Events written to Redis (re-projections after a rebuild count again).
+    pub events: AtomicU64,
+    /// Transactions committed.
+    pub batches: AtomicU64,
+    /// Rebuilds from position 1 (on demand or because the hot state vanished).
+    pub rebuilds: AtomicU64,
+    /// Last projected log position.
+    pub position: AtomicU64,
+}
+
+/// Projects the event log into the hot tier. The only writer of hot state.
+pub struct Projector {
+    hot: Hot,
+    log: Arc<dyn EventLog>,
+    /// Unfinished workflows (finished ones are dropped once their final state is written and
+    /// reloaded from the log if an event for them comes later).
+    wfs: HashMap<WorkflowId, Workflow>,
+    /// Last position written to Redis, valid when `synced`.
+    pos: u64,
+    /// `wfs` and `pos` match what Redis holds. False at start and after a failed batch.
+    synced: bool,
+    stats: Arc<ProjectorStats>,
+}
+
+/// What a batch touched in one workflow.
+#[derive(Default)]
+struct Touched {
+    nodes: BTreeSet<u32>,
+    all: bool,
+    /// Reloaded from the log (it had finished earlier): write it whole, lift its expiry.
+    reloaded: bool,
+}
+
+impl Projector {
+    pub fn new(hot: Hot, log: Arc<dyn EventLog>) -> Self {
+        Self {
+            hot,
+            log,
+            wfs: HashMap::new(),
+            pos: 0,
+            synced: false,
+            stats: Arc::new(ProjectorStats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<ProjectorStats> {
+        self.stats.clone()
+    }
+
+    /// Last position this projector wrote (0 before its first batch).
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Tail the log until `stop` is cancelled. Redis errors and log read errors are logged and
+    /// retried with exponential backoff (capped at 2 s); a vanished `<prefix>pos` triggers a
+    /// rebuild from position 1.
+    pub async fn run(mut self, stop: CancellationToken) -> Result<(), HotError> {
+        let mut head = self.log.subscribe();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            let step = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                r = self.step() => r,
+            };
+            match step {
+                Ok(true) => backoff = BACKOFF_MIN,
+                Ok(false) => {
+                    backoff = BACKOFF_MIN;
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        changed = head.changed() => {
+                            if changed.is_err() {
+                                tokio::time::sleep(IDLE_CHECK).await;
+                            }
+                        }
+                        _ = tokio::time::sleep(IDLE_CHECK) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        prefix = %self.hot.prefix(),
+                        position = self.pos,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "hot projector: {e}; retrying"
+                    );
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Rebuild from scratch: clear the prefix (worker reports are kept) and project from
+    /// position 1 up to the head as of the call, calling `progress(done, head)` after each batch.
+    /// Returns the last projected position.
+    pub async fn rebuild(&mut self, mut progress: impl FnMut(u64, u64)) -> Result<u64, HotError> {
+        self.reset_hot(true).await?;
+        let head = self.log.head();
+        progress(self.pos, head);
+        while self.pos < head {
+            if !self.step().await? {
+                break;
+            }
+            progress(self.pos, head.max(self.pos));
+        }
+        Ok(self.pos)
+    }
+
+    /// Clear the projection and the in-memory state; the next batch starts at position 1.
+    async fn reset_hot(&mut self, count: bool) -> Result<(), HotError> {
+        self.synced = false;
+        self.hot.clear_except(KEEP_ON_REBUILD).await?;
+        self.wfs.clear();
+        self.pos = 0;
+        self.synced = true;
+        if count {
+            self.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats.position.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Check the position in Redis, then project the next batch. `Ok(false)`: nothing new.
+    async fn step(&mut self) -> Result<bool, HotError> {
+        let mut conn = self.hot.conn();
+        let (stored, (secs, micros)): (Option<u64>, (u64, u64)) = redis::pipe()
+            .cmd("GET")
+            .arg(self.hot.key("pos"))
+            .cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .map_err(rerr("GET pos"))?;
+        let now_ms = secs * 1000 + micros / 1000;
+        match stored {
+            None if self.synced && self.pos == 0 => {}
+            None => {
+                if self.synced {
+                    tracing::warn!(
+                        prefix = %self.hot.prefix(),
+                        position = self.pos,
+                        "hot projector: {}pos vanished (Redis flushed or restarted?); rebuilding the hot state from position 1",
+                        self.hot.prefix()
+                    );
+                } else {
+                    tracing::info!(prefix = %self.hot.prefix(), "hot projector: no projected position; projecting from position 1");
+                }
+                self.reset_hot(self.synced).await?;
+            }
+            Some(p) if self.synced && p == self.pos => {}
+            Some(p) => {
+                if self.synced {
+                    tracing::warn!(
+                        prefix = %self.hot.prefix(),
+                        ours = self.pos,
+                        stored = p,
+                        "hot projector: {}pos changed under us (another projector?); resynchronizing",
+                        self.hot.prefix()
+                    );
+                }
+                if p > self.log.head() {
+                    tracing::warn!(
+                        prefix = %self.hot.prefix(),
+                        stored = p,
+                        head = self.log.head(),
+                        "hot projector: Redis is ahead of the log; rebuilding from position 1"
+                    );
+                    self.reset_hot(true).await?;
+                } else {
+                    self.refold(p)?;
+                }
+            }
+        }
+
+        let events = self.log.read_all(self.pos + 1, BATCH)?;
+        let Some(last) = events.last().map(|r| r.position) else {
+            return Ok(false);
+        };
+        let n = events.len() as u64;
+        // The in-memory states move ahead of Redis now; they are only right again once the
+        // transaction committed (else the next step refolds up to what Redis holds).
+        self.synced = false;
+        let pipe = self.plan(events, now_ms)?;
+        let result: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
+        result.map_err(rerr("MULTI/EXEC batch"))?;
+        self.pos = last;
+        self.synced = true;
+        self.stats.events.fetch_add(n, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.position.store(last, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Rebuild the in-memory workflow states by folding positions 1..=`to` (no Redis writes).
+    fn refold(&mut self, to: u64) -> Result<(), HotError> {
+        self.wfs.clear();
+        let mut next = 1;
+        while next <= to {
+            let chunk = self
+                .log
+                .read_all(next, BATCH.min((to - next + 1) as usize))?;
+            if chunk.is_empty() {
+                break;
+            }
+            for rec in chunk {
+                next = rec.position + 1;
+                let event = rec.event;
+                let id = event.stream;
+                let wf = self
+                    .wfs
+                    .entry(id)
+                    .or_insert_with(|| Workflow::empty(event.stream));
+                // Finished workflows were dropped: one that comes back (rerun, deletion) is
+                // reloaded from its stream.
+                if wf.version + 1 != event.seq {
+                    *wf = load_until(&*self.log, id, event.seq)?;
+                }
+                if let Err(e) = wf.apply_owned(event) {
+                    tracing::warn!(workflow = %id, position = next - 1, error = %e, "hot projector: event does not apply; skipped");
+                }
+                if wf.is_finished() {
+                    self.wfs.remove(&id);
+                }
+            }
+        }
+        self.pos = to;
+        self.synced = true;
+        self.stats.position.store(to, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Fold a batch into the in-memory states and build its transaction.
+    fn plan(&mut self, events: Vec<Recorded>, now_ms: u64) -> Result<redis::Pipeline, HotError> {
+        let hot = &self.hot;
+        let cfg = hot.config();
+        let (tail, jobs, jobdata, claims, stop) = (
+            hot.key("tail"),
+            hot.key("jobs"),
+            hot.key("jobdata"),
+            hot.key("claims"),
+            hot.key("stop"),
+        );
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut touched: BTreeMap<WorkflowId, Touched> = BTreeMap::new();
+        let mut jobs_added = 0usize;
+        let mut last = 0;
+        for rec in events {
+            let Recorded { position, event } = rec;
+            last = position;
+            let id = event.stream;
+            let node = event.payload.node();
+            pipe.cmd("XADD")
+                .arg(&tail)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(cfg.tail_len)
+                .arg(format!("{position}-0"))
+                .arg("position")
+                .arg(position)
+                .arg("stream")
+                .arg(id.to_string())
+                .arg("seq")
+                .arg(event.seq)
+                .arg("kind")
+                .arg(event.payload.kind())
+                .arg("node")
+                .arg(node.map(|n| n.to_string()).unwrap_or_default())
+                .ignore();
+
+            let mut reloaded = false;
+            let wf = match self.wfs.get_mut(&id) {
+                Some(wf) if wf.version + 1 == event.seq => wf,
+                _ => {
+                    reloaded = event.seq > 1;
+                    let wf = load_until(&*self.log, id, event.seq)?;
+                    self.wfs.entry(id).insert_entry(wf).into_mut()
+                }
+            };
+            let before = node
+                .and_then(|i| wf.node(i))
+                .map(|n| (n.in_flight, n.attempt));
+            let len_before = wf.nodes.len();
+            let revoke = matches!(
+                event.payload,
+                Payload::Interrupted { .. }
+                    | Payload::Canceled { .. }
+                    | Payload::RetryScheduled { lost: true, .. }
+            );
+            let started = match event.payload {
+                Payload::Started { attempt, .. } => Some(attempt),
+                _ => None,
+            };
+            let whole = matches!(
+                event.payload,
+                Payload::WorkflowCreated { .. }
+                    | Payload::MarkedForDeletion { .. }
+                    | Payload::Restored { .. }
+                    | Payload::Rerun { .. }
+                    | Payload::Purged { .. }
+            );
+            if let Err(e) = apply(wf, event) {
+                tracing::warn!(workflow = %id, position, error = %e, "hot projector: event does not apply; skipped");
+                continue;
+            }
+            let t = touched.entry(id).or_default();
+            t.reloaded |= reloaded;
+            t.all |= whole;
+            t.nodes.extend(node);
+            t.nodes.extend(len_before as u32..wf.nodes.len() as u32);
+
+            let Some(i) = node else { continue };
+            let Some(after) = wf.node(i) else { continue };
+            let sig = wf.sig(i);
+            if let Some((true, old)) = before {
+                if !after.in_flight || after.attempt != old {
+                    let member = JobKey { sig, attempt: old }.to_string();
+                    pipe.cmd("ZREM").arg(&jobs).arg(&member).ignore();
+                    pipe.cmd("HDEL").arg(&jobdata).arg(&member).ignore();
+                    pipe.cmd("HDEL").arg(&claims).arg(&member).ignore();
+                    if revoke {
+                        pipe.cmd("PUBLISH").arg(&stop).arg(&member).ignore();
+                    }
+                }
+            }
+            if let Some(attempt) = started {
+                let member = JobKey { sig, attempt }.to_string();
+                let data = JobData {
+                    task: after.spec.task_name().unwrap_or_default().to_owned(),
+                    input: wf.effective_input(i),
+                    checkpoint: after.checkpoint.clone(),
+                };
+                let data = serde_json::to_string(&data).map_err(|source| HotError::Encode {
+                    what: "job data",
+                    source,
+                })?;
+                pipe.cmd("ZADD")
+                    .arg(&jobs)
+                    .arg(now_ms)
+                    .arg(&member)
+                    .ignore();
+                pipe.cmd("HSET")
+                    .arg(&jobdata)
+                    .arg(&member)
+                    .arg(data)
+                    .ignore();
+                jobs_added += 1;
+            }
+        }
+
+        for (id, t) in touched {
+            let Some(wf) = self.wfs.get(&id) else {
+                continue;
+            };
+            let wf_key = hot.wf_key(id);
+            let write_all = t.all || t.reloaded;
+            let indexes: Vec<u32> = if write_all {
+                (0..wf.nodes.len() as u32).collect()
+            } else {
+                t.nodes.iter().copied().collect()
+            };
+            let mut swarms = BTreeSet::new();
+            let mut hset = redis::cmd("HSET");
+            hset.arg(&wf_key);
+            let mut fields = 0;
+            for &i in &indexes {
+                let Some(n) = wf.node(i) else { continue };
+                let view = node_view(n);
+                let view = serde_json::to_string(&view).map_err(|source| HotError::Encode {
+                    what: "signature view",
+                    source,
+                })?;
+                hset.arg(i).arg(view);
+                fields += 1;
+                if matches!(n.spec.kind, KindSpec::Swarm { .. }) {
+                    swarms.insert(i);
+                }
+                if let Some(Link {
+                    node: p,
+                    role: Role::Child,
+                }) = n.spec.parent
+                {
+                    if wf
+                        .node(p)
+                        .is_some_and(|p| matches!(p.spec.kind, KindSpec::Swarm { .. }))
+                    {
+                        swarms.insert(p);
+                    }
+                }
+            }
+            if fields > 0 {
+                pipe.add_command(hset).ignore();
+            }
+            for &s in &swarms {
+                let Some(n) = wf.node(s) else { continue };
+                pipe.cmd("HSET")
+                    .arg(hot.key(&format!("swarm:{}", wf.sig(s))))
+                    .arg("dispatched")
+                    .arg(n.swarm.dispatched)
+                    .arg("running")
+                    .arg(n.swarm.running)
+                    .arg("succeeded")
+                    .arg(n.swarm.succeeded)
+                    .arg("failed")
+                    .arg(n.swarm.failed)
+                    .ignore();
+            }
+            let all_swarm_keys = || {
+                wf.nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| matches!(n.spec.kind, KindSpec::Swarm { .. }))
+                    .map(|(i, _)| hot.key(&format!("swarm:{}", wf.sig(i as u32))))
+            };
+            if wf.is_finished() {
+                let kind = wf.root().map(kind_name).unwrap_or("task");
+                let ttl_ms = cfg.done_ttl_for(kind).as_millis().max(1) as u64;
+                pipe.cmd("PEXPIRE").arg(&wf_key).arg(ttl_ms).ignore();
+                for k in all_swarm_keys() {
+                    pipe.cmd("PEXPIRE").arg(k).arg(ttl_ms).ignore();
+                }
+                self.wfs.remove(&id);
+            } else if t.reloaded {
+                pipe.cmd("PERSIST").arg(&wf_key).ignore();
+                for k in all_swarm_keys() {
+                    pipe.cmd("PERSIST").arg(k).ignore();
+                }
+            }
+        }
+
+        if jobs_added > 0 {
+            let wake = hot.key("wake");
+            let mut push = redis::cmd("LPUSH");
+            push.arg(&wake);
+            for _ in 0..jobs_added.min(WAKE_MAX) {
+                push.arg(1);
+            }
+            pipe.add_command(push).ignore();
+            pipe.cmd("LTRIM")
+                .arg(&wake)
+                .arg(0)
+                .arg(WAKE_MAX - 1)
+                .ignore();
+        }
+        pipe.cmd("SET").arg(hot.key("pos")).arg(last).ignore();
+        Ok(pipe)
+    }
+}
+
+fn apply(wf: &mut Workflow, event: Event) -> Result<(), mageflow_core::ApplyError> {
+    wf.apply_owned(event)
+}
+
+/// The state of workflow `id` just before its event `seq` (read from the log).
+fn load_until(log: &dyn EventLog, id: WorkflowId, seq: u64) -> Result<Workflow, HotError> {
+    let mut wf = Workflow::empty(id);
+    if seq <= 1 {
+        return Ok(wf);
+    }
+    for event in log.read_stream(id, 1)? {
+        if event.seq >= seq {
+            break;
+        }
+        if let Err(e) = wf.apply_owned(event) {
+            tracing::warn!(workflow = %id, error = %e, "hot projector: event does not apply while reloading; skipped");
+        }
+    }
+    Ok(wf)
+}
+
+fn kind_name(n: &Node) -> &'static str {
+    match n.spec.kind {
+        KindSpec::Task { .. } => "task",
+        KindSpec::Chain { .. } => "chain",
+        KindSpec::Swarm { .. } => "swarm",
+    }
+}
+
+fn node_view(n: &Node) -> NodeView {
+    NodeView {
+        name: n.spec.name.clone(),
+        kind: kind_name(n).to_owned(),
+        task: n.spec.task_name().map(str::to_owned),
+        status: n.visible_status().name().to_owned(),
+        attempt: n.attempt,
+    }
+}

@@ -1,0 +1,326 @@
+//! Multi-process mode: one orchestrating process and any number of worker processes (on any
+//! machines) sharing one PostgreSQL (the durable log) and one Redis (the hot tier), with no other
+//! coordination.
+//!
+//! - The orchestrator ([`open_cluster`]) decides everything and appends to the log; its
+//!   projector applies the log to Redis (live state, the job queue, the event tail), and its
+//!   report intake turns workers' reports into commands.
+//! - A worker ([`run_worker_process`]) claims jobs from Redis (visibility timeout: a job whose
+//!   worker died reappears after its lease), runs the handlers, and reports back through Redis.
+//!
+//! Redis is disposable: the projector rebuilds it from the log when its position key vanishes,
+//! and completion is idempotent per attempt, so a job run twice is recorded once.
+
+use crate::{Config, Engine, Error, Handle, Registry, Result};
+use mageflow_core::SignatureId;
+use mageflow_engine::worker::{self, Job, JobSource, Outcome, WorkerConfig, WorkerStats};
+use mageflow_engine::{Dispatch, TaskFailure, WorkerLink};
+use mageflow_hot::{Hot, HotConfig, JobKey, Projector, ProjectorStats, Report, ReportOutcome};
+use mageflow_store::BoxFuture;
+use mageflow_store_pg::{PgLog, PgOptions};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Reports taken from Redis per read.
+const REPORTS_PER_READ: usize = 4_096;
+/// Longest a report read blocks (the intake also checks for shutdown this often).
+const REPORT_BLOCK: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Where the tiers are.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// `postgres://user@host:port/database`.
+    pub postgres: String,
+    pub pg: PgOptions,
+    pub hot: HotConfig,
+    /// Attempts started and not yet reported, at most (see [`Dispatch::Remote`]).
+    pub window: usize,
+}
+
+impl ClusterConfig {
+    pub fn new(postgres: impl Into<String>, redis: impl Into<String>, prefix: &str) -> Self {
+        Self {
+            postgres: postgres.into(),
+            pg: PgOptions::default(),
+            hot: HotConfig::new(redis, prefix),
+            window: 1_024,
+        }
+    }
+}
+
+fn hot_error(e: mageflow_hot::HotError) -> Error {
+    Error::Hot(e.to_string())
+}
+
+/// The orchestrating process: engine on the PostgreSQL log, projector, report intake.
+pub struct Cluster {
+    engine: Engine,
+    hot: Hot,
+    log: Arc<PgLog>,
+    projector: Arc<ProjectorStats>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Start the orchestrator of a cluster. Fails naming the URL and the cause when PostgreSQL or
+/// Redis cannot be reached. Unfinished work in the log is resumed: attempts that were running
+/// stay with their workers (or reappear as jobs once the hot tier is rebuilt).
+pub async fn open_cluster(
+    cluster: ClusterConfig,
+    registry: Registry,
+    mut config: Config,
+) -> Result<Cluster> {
+    let log = Arc::new(PgLog::open(&cluster.postgres, cluster.pg.clone()).await?);
+    let hot = Hot::connect(cluster.hot.clone()).await.map_err(hot_error)?;
+    config.dispatch = Dispatch::Remote {
+        window: cluster.window.max(1),
+    };
+    let engine = Engine::start(log.clone(), registry, config).await?;
+    let stop = CancellationToken::new();
+    let projector = Projector::new(hot.clone(), log.clone());
+    let projector_stats = projector.stats();
+    let mut tasks = Vec::new();
+    {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = projector.run(stop).await {
+                tracing::error!(error = %e, "the hot-tier projector stopped");
+            }
+        }));
+    }
+    tasks.push(tokio::spawn(intake(
+        hot.clone(),
+        engine.handle(),
+        stop.clone(),
+    )));
+    Ok(Cluster {
+        engine,
+        hot,
+        log,
+        projector: projector_stats,
+        stop,
+        tasks,
+    })
+}
+
+impl Cluster {
+    pub fn handle(&self) -> Handle {
+        self.engine.handle()
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn hot(&self) -> &Hot {
+        &self.hot
+    }
+
+    /// The PostgreSQL log (backend pids for operators, stats).
+    pub fn pg(&self) -> &Arc<PgLog> {
+        &self.log
+    }
+
+    pub fn projector_stats(&self) -> &Arc<ProjectorStats> {
+        &self.projector
+    }
+
+    /// Stop the report intake and the projector, then the engine.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.engine.shutdown().await;
+    }
+}
+
+/// Turn workers' reports into commands. Reports are trimmed from Redis only once everything
+/// they caused is durable in the log; after a restart the untrimmed ones are read again, which
+/// is harmless (completion is idempotent per attempt).
+async fn intake(hot: Hot, h: Handle, stop: CancellationToken) {
+    let mut after = String::from("0");
+    let mut backoff = Duration::from_millis(20);
+    while !stop.is_cancelled() {
+        let read = tokio::select! {
+            r = hot.read_reports(&after, REPORTS_PER_READ, REPORT_BLOCK) => r,
+            _ = stop.cancelled() => return,
+        };
+        let reports = match read {
+            Ok(r) => {
+                backoff = Duration::from_millis(20);
+                r
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reading workers' reports from Redis failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        let Some((last_id, last)) = reports.last().map(|(id, r)| (id.clone(), r.key.sig)) else {
+            continue;
+        };
+        for (_, r) in reports {
+            let (sig, attempt) = (r.key.sig, r.key.attempt);
+            let sent = match r.outcome {
+                ReportOutcome::Succeeded(v) => h.report(sig, attempt, Ok(v)).await,
+                ReportOutcome::Failed { message, retryable } => {
+                    let f = TaskFailure { message, retryable };
+                    h.report(sig, attempt, Err(f)).await
+                }
+                ReportOutcome::Stopped => h.report_stopped(sig, attempt).await,
+                ReportOutcome::Checkpoint(data) => match h.checkpoint(sig, attempt, data).await {
+                    Err(Error::ShutDown) => Err(Error::ShutDown),
+                    Err(e) => {
+                        tracing::info!(%sig, attempt, error = %e, "checkpoint refused");
+                        Ok(())
+                    }
+                    Ok(()) => Ok(()),
+                },
+            };
+            if sent.is_err() {
+                return; // the engine is shutting down
+            }
+        }
+        // A read answers once everything decided before it is durable: the reports above too.
+        if let Err(Error::ShutDown) = h.workflow(last.workflow).await {
+            return;
+        }
+        if let Err(e) = hot.trim_reports(&last_id).await {
+            tracing::warn!(error = %e, "trimming handled reports failed (they will be read again)");
+        }
+        after = last_id;
+    }
+}
+
+/// The worker side of the hot tier.
+struct HotJobs {
+    hot: Hot,
+    worker: String,
+}
+
+impl WorkerLink for HotJobs {
+    fn checkpoint(
+        &self,
+        sig: SignatureId,
+        attempt: u32,
+        data: Value,
+    ) -> BoxFuture<'static, Result<()>> {
+        let (hot, worker) = (self.hot.clone(), self.worker.clone());
+        Box::pin(async move {
+            let report = Report {
+                key: JobKey { sig, attempt },
+                worker,
+                outcome: ReportOutcome::Checkpoint(data),
+            };
+            hot.report(&report).await.map(drop).map_err(hot_error)
+        })
+    }
+}
+
+impl JobSource for HotJobs {
+    fn claim(&self, worker: &str) -> BoxFuture<'static, Result<Option<Job>>> {
+        let (hot, worker) = (self.hot.clone(), worker.to_owned());
+        Box::pin(async move {
+            let job = hot.claim(&worker).await.map_err(hot_error)?;
+            Ok(job.map(|j| Job {
+                sig: j.key.sig,
+                attempt: j.key.attempt,
+                task: j.task,
+                input: j.input,
+                checkpoint: j.checkpoint,
+            }))
+        })
+    }
+
+    fn wait_for_work(&self, timeout: Duration) -> BoxFuture<'static, Result<()>> {
+        let hot = self.hot.clone();
+        Box::pin(async move { hot.wait_for_work(timeout).await.map_err(hot_error) })
+    }
+
+    fn heartbeat(&self, sig: SignatureId, attempt: u32) -> BoxFuture<'static, Result<bool>> {
+        let hot = self.hot.clone();
+        Box::pin(async move {
+            hot.heartbeat(&JobKey { sig, attempt })
+                .await
+                .map_err(hot_error)
+        })
+    }
+
+    fn report(
+        &self,
+        worker: &str,
+        sig: SignatureId,
+        attempt: u32,
+        outcome: Outcome,
+    ) -> BoxFuture<'static, Result<()>> {
+        let hot = self.hot.clone();
+        let report = Report {
+            key: JobKey { sig, attempt },
+            worker: worker.to_owned(),
+            outcome: match outcome {
+                Outcome::Succeeded(v) => ReportOutcome::Succeeded(v),
+                Outcome::Failed(f) => ReportOutcome::Failed {
+                    message: f.message,
+                    retryable: f.retryable,
+                },
+                Outcome::Stopped => ReportOutcome::Stopped,
+            },
+        };
+        Box::pin(async move { hot.report(&report).await.map(drop).map_err(hot_error) })
+    }
+}
+
+/// Run a worker process's runtime against the hot tier until `shutdown` fires (then finish or
+/// abandon running handlers within `config.grace`). Fails at start naming the URL and the
+/// cause when Redis cannot be reached; later connection losses are retried.
+pub async fn run_worker_process(
+    hot: HotConfig,
+    registry: Registry,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) -> Result<Arc<WorkerStats>> {
+    // Renew well within the lease, whatever the worker config says.
+    let renew_every = config
+        .renew_every
+        .min(hot.lease / 3)
+        .max(Duration::from_millis(10));
+    let hot = Hot::connect(hot).await.map_err(hot_error)?;
+    let mut revoked = hot.stops().await.map_err(hot_error)?;
+    let (stops, stops_rx) = mpsc::unbounded_channel();
+    let forward = tokio::spawn(async move {
+        while let Some(k) = revoked.recv().await {
+            if stops.send((k.sig, k.attempt)).is_err() {
+                return;
+            }
+        }
+    });
+    let source = Arc::new(HotJobs {
+        hot,
+        worker: config.worker_id.clone(),
+    });
+    let stats = Arc::new(WorkerStats::default());
+    let config = WorkerConfig {
+        renew_every,
+        ..config
+    };
+    worker::run_worker(
+        source,
+        Arc::new(registry),
+        config,
+        stops_rx,
+        shutdown,
+        stats.clone(),
+    )
+    .await;
+    forward.abort();
+    Ok(stats)
+}
