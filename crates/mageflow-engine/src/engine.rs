@@ -543,12 +543,7 @@ impl Handle {
 
     /// Record a checkpoint of `attempt` (what [`TaskContext::save_checkpoint`] does; for worker
     /// processes reporting through the hot tier). Stale attempts are refused.
-    pub async fn checkpoint(
-        &self,
-        sig: SignatureId,
-        attempt: u32,
-        data: Value,
-    ) -> Result<()> {
+    pub async fn checkpoint(&self, sig: SignatureId, attempt: u32, data: Value) -> Result<()> {
         crate::sig::check_depth("checkpoint", &data)?;
         let op = Op::Checkpoint {
             node: sig.index,
