@@ -87,11 +87,27 @@ impl Deployment {
             .args(["--concurrency", "32", "--id", name])
             .args(["--lease-ms", &LEASE_MS.to_string()])
             .env("MAGEFLOW_LOG", "warn")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .context("cannot start a mageflow worker process")?;
         self.workers.push(child);
         Ok(())
+    }
+
+    /// Stop worker `i` with SIGTERM (graceful) and return its closing line of counters.
+    fn stop_worker(&mut self, i: usize) -> Result<String> {
+        let pid = self.workers[i].id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        let mut out = String::new();
+        if let Some(mut stdout) = self.workers[i].stdout.take() {
+            use std::io::Read;
+            stdout.read_to_string(&mut out)?;
+        }
+        self.workers[i].wait()?;
+        Ok(out)
     }
 
     /// Wait (re-checking every 50 ms) until `pred` holds for the workflow's durable state.
@@ -234,6 +250,47 @@ async fn redis_wiped_and_postgres_connections_killed_midway_the_run_completes() 
         assert!(
             stats.rebuilds.load(std::sync::atomic::Ordering::Relaxed) >= 1,
             "the projector rebuilt the wiped hot tier"
+        );
+        d.finish().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupt_stops_a_handler_in_a_worker_process_and_resume_continues_from_its_checkpoint(
+) -> Result<()> {
+    guard(async {
+        let mut d = Deployment::start().await?;
+        d.spawn_worker("w1")?;
+        let h = d.cluster().handle();
+        let task = sign("steps").kwarg("steps", 40).kwarg("ms", 25);
+        let wf = h.submit(task, json!({})).await?;
+        let sig = mageflow::SignatureId::root(wf);
+        let at_step = |w: &Workflow| w.nodes[0].checkpoint.as_ref().and_then(|c| c.as_u64());
+        d.wait_for(wf, |w| at_step(w).is_some_and(|s| s >= 3))
+            .await?;
+        h.interrupt(sig).await?;
+        let interrupted = h.workflow(wf).await?;
+        assert_eq!(interrupted.nodes[0].status, Status::Interrupted);
+        let stopped_at = at_step(&interrupted).context("a checkpoint was saved")?;
+        h.resume(sig).await?;
+        let done = h.wait(wf).await?;
+        assert_eq!(done.nodes[0].status, Status::Done);
+        let result = done.nodes[0].outcome.as_ref().map(|o| format!("{o:?}"));
+        let from = stopped_at.to_string();
+        assert!(
+            result
+                .as_deref()
+                .is_some_and(|r| r.contains("resumed_from") && r.contains(&from)),
+            "the resumed attempt continued from step {stopped_at}: {result:?}"
+        );
+        // The worker heard of the interrupt by push and stopped the first handler (it failed
+        // "stopped at step N"); had it not, that handler would have run all its steps and
+        // succeeded too.
+        let counters = d.stop_worker(0)?;
+        assert!(
+            counters.contains("claimed=2 succeeded=1 failed=1"),
+            "the interrupted handler was stopped: {counters}"
         );
         d.finish().await
     })
