@@ -227,17 +227,20 @@ impl WorkerLink for HotJobs {
 }
 
 impl JobSource for HotJobs {
-    fn claim(&self, worker: &str) -> BoxFuture<'static, Result<Option<Job>>> {
+    fn claim(&self, worker: &str, max: usize) -> BoxFuture<'static, Result<Vec<Job>>> {
         let (hot, worker) = (self.hot.clone(), worker.to_owned());
         Box::pin(async move {
-            let job = hot.claim(&worker).await.map_err(hot_error)?;
-            Ok(job.map(|j| Job {
-                sig: j.key.sig,
-                attempt: j.key.attempt,
-                task: j.task,
-                input: j.input,
-                checkpoint: j.checkpoint,
-            }))
+            let jobs = hot.claim_many(&worker, max).await.map_err(hot_error)?;
+            Ok(jobs
+                .into_iter()
+                .map(|j| Job {
+                    sig: j.key.sig,
+                    attempt: j.key.attempt,
+                    task: j.task,
+                    input: j.input,
+                    checkpoint: j.checkpoint,
+                })
+                .collect())
         })
     }
 

@@ -90,7 +90,7 @@ pub async fn run(
     n: Option<u32>,
     worker_processes: usize,
 ) -> Result<String> {
-    let r = start(base, worker_processes, 256).await?;
+    let r = start(base, worker_processes, 1024).await?;
     let h = r.cluster()?.handle();
     let t0 = Instant::now();
     let line = match scenario {

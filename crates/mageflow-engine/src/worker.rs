@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest pause between two attempts to reach the job source after an error.
 const SOURCE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Jobs taken in one claim at most.
+const CLAIM_BATCH_MAX: usize = 64;
 /// How long an idle worker waits for a wake-up before looking for work again (jobs whose
 /// lease expired become visible without one).
 const IDLE_WAIT: Duration = Duration::from_millis(500);
@@ -45,8 +47,8 @@ pub enum Outcome {
 
 /// Where a worker process takes work from and reports to (the Redis hot tier in production).
 pub trait JobSource: WorkerLink {
-    /// Take one visible job and hide it from other workers for the lease period.
-    fn claim(&self, worker: &str) -> BoxFuture<'static, Result<Option<Job>>>;
+    /// Take up to `max` visible jobs and hide them from other workers for the lease period.
+    fn claim(&self, worker: &str, max: usize) -> BoxFuture<'static, Result<Vec<Job>>>;
     /// Return when work may be there, or after `timeout`.
     fn wait_for_work(&self, timeout: Duration) -> BoxFuture<'static, Result<()>>;
     /// Extend the lease of a claimed job. `Ok(false)`: the job is gone (revoked) — stop it.
@@ -128,21 +130,29 @@ pub async fn run_worker(
         })
     };
     let mut backoff = Duration::from_millis(20);
-    loop {
-        let permit = tokio::select! {
+    'claiming: loop {
+        // One free slot at least, then every other free one (up to a batch): one round trip
+        // claims a job for each.
+        let mut permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = shutdown.cancelled() => break,
         };
+        let more = slots.available_permits().min(CLAIM_BATCH_MAX - 1) as u32;
+        if more > 0 {
+            if let Ok(extra) = slots.clone().try_acquire_many_owned(more) {
+                permit.merge(extra);
+            }
+        }
         let claimed = tokio::select! {
-            c = source.claim(&config.worker_id) => c,
+            c = source.claim(&config.worker_id, permit.num_permits()) => c,
             _ = shutdown.cancelled() => break,
         };
-        let job = match claimed {
-            Ok(Some(job)) => {
+        let jobs = match claimed {
+            Ok(jobs) if !jobs.is_empty() => {
                 backoff = Duration::from_millis(20);
-                job
+                jobs
             }
-            Ok(None) => {
+            Ok(_) => {
                 drop(permit);
                 tokio::select! {
                     r = source.wait_for_work(IDLE_WAIT) => if let Err(e) = r {
@@ -158,29 +168,15 @@ pub async fn run_worker(
                 continue;
             }
         };
-        stats.claimed.fetch_add(1, Ordering::Relaxed);
-        let token = CancellationToken::new();
-        tokens(&running).insert((job.sig, job.attempt), token.clone());
-        let (source, registry, config, running, stats) = (
-            source.clone(),
-            registry.clone(),
-            config.clone(),
-            running.clone(),
-            stats.clone(),
-        );
-        tasks.spawn(async move {
-            let key = (job.sig, job.attempt);
-            let outcome = run_job(&source, &registry, &config, job, token).await;
-            tokens(&running).remove(&key);
-            match &outcome {
-                Outcome::Succeeded(_) => &stats.succeeded,
-                Outcome::Failed(_) => &stats.failed,
-                Outcome::Stopped => &stats.stopped,
-            }
-            .fetch_add(1, Ordering::Relaxed);
-            report(&source, &config.worker_id, key, outcome, &stats).await;
-            drop(permit);
-        });
+        for job in jobs {
+            // One slot per job; the unused rest goes back when `permit` drops.
+            let Some(permit) = permit.split(1) else {
+                break 'claiming;
+            };
+            spawn_job(
+                &mut tasks, job, permit, &source, &registry, &config, &running, &stats,
+            );
+        }
         // Reap finished tasks so the set does not grow with every job.
         while tasks.try_join_next().is_some() {}
     }
@@ -198,6 +194,42 @@ pub async fn run_worker(
         tasks.abort_all();
     }
     stopper.abort();
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_job(
+    tasks: &mut tokio::task::JoinSet<()>,
+    job: Job,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    source: &Arc<dyn JobSource>,
+    registry: &Arc<Registry>,
+    config: &WorkerConfig,
+    running: &Tokens,
+    stats: &Arc<WorkerStats>,
+) {
+    stats.claimed.fetch_add(1, Ordering::Relaxed);
+    let token = CancellationToken::new();
+    tokens(running).insert((job.sig, job.attempt), token.clone());
+    let (source, registry, config, running, stats) = (
+        source.clone(),
+        registry.clone(),
+        config.clone(),
+        running.clone(),
+        stats.clone(),
+    );
+    tasks.spawn(async move {
+        let key = (job.sig, job.attempt);
+        let outcome = run_job(&source, &registry, &config, job, token).await;
+        tokens(&running).remove(&key);
+        match &outcome {
+            Outcome::Succeeded(_) => &stats.succeeded,
+            Outcome::Failed(_) => &stats.failed,
+            Outcome::Stopped => &stats.stopped,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        report(&source, &config.worker_id, key, outcome, &stats).await;
+        drop(permit);
+    });
 }
 
 async fn source_error(

@@ -19,24 +19,28 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Take the first due job, make it invisible for the lease, record the claimant.
-/// KEYS: jobs, jobdata, claims. ARGV: lease ms, worker.
+/// Take up to ARGV[3] due jobs (oldest first), make them invisible for the lease, record the
+/// claimant. Returns member, data, member, data, ... KEYS: jobs, jobdata, claims.
+/// ARGV: lease ms, worker, max jobs.
 const CLAIM_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for _ = 1, 16 do
-  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now), 'LIMIT', 0, 1)
-  if #due == 0 then return false end
-  local m = due[1]
+local max = tonumber(ARGV[3])
+local until_ms = string.format('%.0f', now + tonumber(ARGV[1]))
+local out = {}
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now), 'LIMIT', 0, max)
+for _, m in ipairs(due) do
   local data = redis.call('HGET', KEYS[2], m)
   if data then
-    redis.call('ZADD', KEYS[1], string.format('%.0f', now + tonumber(ARGV[1])), m)
+    redis.call('ZADD', KEYS[1], until_ms, m)
     redis.call('HSET', KEYS[3], m, ARGV[2])
-    return {m, data}
+    out[#out + 1] = m
+    out[#out + 1] = data
+  else
+    redis.call('ZREM', KEYS[1], m)
   end
-  redis.call('ZREM', KEYS[1], m)
 end
-return false
+return out
 "#;
 
 /// Extend the invisibility of a job that still exists. KEYS: jobs. ARGV: member, lease ms.
@@ -152,7 +156,12 @@ impl Hot {
     /// Atomically take the first job whose visibility time has passed and make it invisible
     /// until now + lease (Redis clock). `None` when no job is due.
     pub async fn claim(&self, worker: &str) -> Result<Option<Job>, HotError> {
-        let reply: Option<(String, String)> = self
+        Ok(self.claim_many(worker, 1).await?.pop())
+    }
+
+    /// Like [`Hot::claim`], up to `max` jobs in one round trip (oldest first).
+    pub async fn claim_many(&self, worker: &str, max: usize) -> Result<Vec<Job>, HotError> {
+        let reply: Vec<String> = self
             .inner
             .claim
             .key(self.key("jobs"))
@@ -160,23 +169,31 @@ impl Hot {
             .key(self.key("claims"))
             .arg(self.lease_ms())
             .arg(worker)
+            .arg(max.max(1))
             .invoke_async(&mut self.conn())
             .await
             .map_err(rerr("claim"))?;
-        let Some((member, data)) = reply else {
-            return Ok(None);
-        };
-        let key: JobKey = member.parse()?;
-        let data: JobData = serde_json::from_str(&data).map_err(|e| HotError::Malformed {
-            what: "job data",
-            detail: format!("{member}: {e}"),
-        })?;
-        Ok(Some(Job {
-            key,
-            task: data.task,
-            input: data.input,
-            checkpoint: data.checkpoint,
-        }))
+        let mut jobs = Vec::with_capacity(reply.len() / 2);
+        for pair in reply.chunks(2) {
+            let [member, data] = pair else {
+                return Err(HotError::Malformed {
+                    what: "claim reply",
+                    detail: "an odd number of items".into(),
+                });
+            };
+            let key: JobKey = member.parse()?;
+            let data: JobData = serde_json::from_str(data).map_err(|e| HotError::Malformed {
+                what: "job data",
+                detail: format!("{member}: {e}"),
+            })?;
+            jobs.push(Job {
+                key,
+                task: data.task,
+                input: data.input,
+                checkpoint: data.checkpoint,
+            });
+        }
+        Ok(jobs)
     }
 
     /// Wait until work may be there (a token on the wake list) or `timeout` passed. Either way
