@@ -15,6 +15,11 @@ all_stores!(
     chain_stops_at_a_fatal_failure,
     chain_stops_when_retries_run_out,
 );
+on_cluster!(
+    chain_passes_results_to_its_success_callback,
+    chain_stops_at_a_fatal_failure,
+    chain_stops_when_retries_run_out,
+);
 
 #[derive(Deserialize)]
 struct Add {

@@ -24,6 +24,13 @@ all_stores!(
     interrupted_handler_that_lingers_keeps_its_worker_slot_accounted,
     cancel_needs_confirmation_and_is_final,
 );
+on_cluster!(
+    suspend_in_the_middle_of_a_chain,
+    suspend_in_the_middle_of_a_swarm,
+    interrupt_fires_the_token_and_resume_gets_the_checkpoint,
+    interrupted_handler_that_lingers_keeps_its_worker_slot_accounted,
+    cancel_needs_confirmation_and_is_final,
+);
 
 #[derive(Deserialize)]
 struct Step {

@@ -7,6 +7,7 @@ use mageflow::{sign, swarm, Registry, TaskFailure};
 use serde_json::{json, Value};
 
 all_stores!(wait_answers_with_durable_state_only);
+on_cluster!(wait_answers_with_durable_state_only);
 
 /// Rounds of the scenario; each gives the race below one chance.
 const ROUNDS: usize = 50;

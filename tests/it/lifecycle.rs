@@ -20,6 +20,14 @@ all_stores!(
     rerun_and_purge_race_and_exactly_one_wins,
     a_purge_due_while_stopped_happens_after_restart,
 );
+on_cluster!(
+    cleanup_runs_once_after_success_and_failure,
+    cleanup_runs_once_after_interrupt_and_cancel,
+    a_failing_cleanup_never_changes_the_outcome,
+    a_running_task_marked_for_deletion_finishes_and_is_purged_at_expiry,
+    rerun_before_expiry_restores_and_runs_again,
+    rerun_and_purge_race_and_exactly_one_wins,
+);
 
 /// `cleanup` reports the `mageflow_cleanup` field it receives.
 fn with_cleanup(tasks: &mut Registry) -> mpsc::UnboundedReceiver<Value> {

@@ -20,6 +20,15 @@ all_stores!(
     a_handler_that_stops_heartbeating_loses_its_lease_and_is_retried,
     a_large_swarm_created_by_a_retried_handler_is_not_duplicated,
 );
+// The three scenarios left out use `ctx.engine()` / `ctx.submit()`, which a handler in a worker
+// process does not have (it has no engine); the last scenario checks that it says so.
+on_cluster!(
+    duplicate_report_after_completion_is_a_no_op,
+    retryable_failures_are_retried_until_success,
+    a_panicking_handler_is_a_retryable_failure,
+    a_handler_that_stops_heartbeating_loses_its_lease_and_is_retried,
+    a_handler_in_a_worker_process_cannot_reach_the_engine,
+);
 
 /// `callback` tells the test each time it runs.
 fn with_callback(tasks: &mut Registry, tx: mpsc::UnboundedSender<Value>) {
@@ -322,6 +331,28 @@ async fn a_large_swarm_created_by_a_retried_handler_is_not_duplicated(store: Sto
         "items added once"
     );
     assert_eq!(swarm.nodes[0].status, Status::Done);
+    env.shutdown().await;
+    Ok(())
+}
+
+/// In a worker process a handler has no engine: creating a workflow from it fails the task with
+/// a message saying why (not a hang, not a silent no-op).
+async fn a_handler_in_a_worker_process_cannot_reach_the_engine(store: Store) -> Result<()> {
+    let mut tasks = Registry::new();
+    tasks.task("creator", |_: Value, ctx| async move {
+        ctx.submit(sign("creator"), json!({})).await?;
+        Ok::<_, TaskFailure>(0)
+    });
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let wf = h.submit(sign("creator"), json!({})).await?;
+    let done = h.wait(wf).await?;
+    assert_eq!(done.nodes[0].status, Status::Failed);
+    let message = match &done.nodes[0].outcome {
+        Some(Outcome::Err(e)) => e.message.clone(),
+        other => panic!("expected a failure, got {other:?}"),
+    };
+    assert!(message.contains("worker process"), "{message}");
     env.shutdown().await;
     Ok(())
 }

@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use std::sync::atomic::Ordering::SeqCst;
 
 all_stores!(a_finished_workflow_is_counted_once);
+on_cluster!(a_finished_workflow_is_counted_once);
 
 async fn a_finished_workflow_is_counted_once(store: Store) -> Result<()> {
     let mut tasks = Registry::new();

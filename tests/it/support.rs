@@ -37,13 +37,109 @@ macro_rules! all_stores {
     )*};
 }
 
+/// Run scenarios once more on the PostgreSQL + Redis deployment, as `on_cluster::name`: the
+/// orchestrator on the PostgreSQL log with remote dispatch, the Redis hot tier (projector, job
+/// queue, report intake), and the handlers in a worker runtime taking jobs from Redis — in this
+/// process, so the scenario's handlers and channels still work.
+macro_rules! on_cluster {
+    ($($name:ident),* $(,)?) => {
+        mod on_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    crate::support::guard(super::$name(crate::support::Store::Cluster)).await
+                }
+            )*
+        }
+    };
+}
+
 /// Which event log backs the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Store {
     Memory,
     Sled,
-    /// The PostgreSQL log, in a schema of the test's own (dropped afterwards).
+    /// The PostgreSQL log, in a schema of its own per test (dropped afterwards).
     Postgres,
+    /// PostgreSQL + Redis with remote dispatch (see [`on_cluster!`]).
+    Cluster,
+}
+
+const REDIS_URL_ENV: &str = "MAGEFLOW_TEST_REDIS";
+const REDIS_URL_DEFAULT: &str = "redis://127.0.0.1:6379";
+
+/// A deployment for one scenario: orchestrator + projector + report intake, and a worker
+/// runtime in this process. Its schema and Redis keys are removed afterwards.
+pub struct ClusterEnv {
+    cluster: Option<mageflow::cluster::Cluster>,
+    worker: Option<(
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    )>,
+    _schema: PgSchema,
+}
+
+impl ClusterEnv {
+    async fn start(registry: Registry, config: Config) -> Result<Self> {
+        let schema = PgSchema::new();
+        let redis = std::env::var(REDIS_URL_ENV).unwrap_or_else(|_| REDIS_URL_DEFAULT.into());
+        let prefix = format!("mf:it:{}:", schema.name);
+        let mut c =
+            mageflow::cluster::ClusterConfig::new(schema.url.clone(), redis.clone(), &prefix);
+        c.pg.schema = Some(schema.name.clone());
+        // Short leases: a job whose handler was abandoned runs again soon.
+        c.hot.lease = Duration::from_secs(2);
+        let worker_config = mageflow::engine::worker::WorkerConfig {
+            worker_id: "it-worker".into(),
+            concurrency: config.workers,
+            grace: config.grace,
+            ..Default::default()
+        };
+        let hot = c.hot.clone();
+        let cluster = mageflow::cluster::open_cluster(c, registry.clone(), config)
+            .await
+            .with_context(|| {
+                format!(
+                    "this test needs PostgreSQL at {} and Redis at {redis} ({REDIS_URL_ENV}); \
+                     start Redis with: redis-server --daemonize yes",
+                    schema.url
+                )
+            })?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let worker = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    mageflow::cluster::run_worker_process(hot, registry, worker_config, stop).await
+                {
+                    eprintln!("the scenario's worker runtime failed: {e}");
+                }
+            })
+        };
+        Ok(Self {
+            cluster: Some(cluster),
+            worker: Some((stop, worker)),
+            _schema: schema,
+        })
+    }
+
+    fn handle(&self) -> Option<Handle> {
+        self.cluster.as_ref().map(|c| c.handle())
+    }
+
+    async fn shutdown(mut self) {
+        if let Some((stop, worker)) = self.worker.take() {
+            stop.cancel();
+            let _ = worker.await;
+        }
+        if let Some(c) = self.cluster.take() {
+            let hot = c.hot().clone();
+            c.shutdown().await;
+            if let Err(e) = hot.clear().await {
+                eprintln!("could not clear the test's Redis keys: {e}");
+            }
+        }
+    }
 }
 
 const POSTGRES_URL_ENV: &str = "MAGEFLOW_TEST_POSTGRES";
@@ -52,8 +148,8 @@ const POSTGRES_URL_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/test";
 /// A fresh schema for one scenario's PostgreSQL log, dropped with everything in it on drop.
 /// Declared after the engine in every struct holding both, so the engine is dropped first.
 pub struct PgSchema {
-    url: String,
-    name: String,
+    pub url: String,
+    pub name: String,
 }
 
 impl PgSchema {
@@ -132,15 +228,21 @@ impl Backend {
             Store::Memory => Engine::start(self.memory.clone(), registry, config).await?,
             Store::Sled => mageflow::open_embedded(self.dir.path(), registry, config).await?,
             Store::Postgres => self.schema.open(registry, config).await?,
+            Store::Cluster => bail!("restart scenarios run on the log backends, not on_cluster"),
         })
     }
 }
 
 /// One engine on a fresh log of the given kind, through the public constructors.
 pub struct Env {
-    pub engine: Engine,
+    engine: Running,
     _dir: Option<tempfile::TempDir>,
     _schema: Option<PgSchema>,
+}
+
+enum Running {
+    Engine(Engine),
+    Cluster(ClusterEnv),
 }
 
 impl Env {
@@ -151,14 +253,16 @@ impl Env {
     pub async fn with_config(store: Store, registry: Registry, config: Config) -> Result<Self> {
         Ok(match store {
             Store::Memory => Self {
-                engine: mageflow::open_in_memory(registry, config).await?,
+                engine: Running::Engine(mageflow::open_in_memory(registry, config).await?),
                 _dir: None,
                 _schema: None,
             },
             Store::Sled => {
                 let dir = tempfile::tempdir()?;
                 Self {
-                    engine: mageflow::open_embedded(dir.path(), registry, config).await?,
+                    engine: Running::Engine(
+                        mageflow::open_embedded(dir.path(), registry, config).await?,
+                    ),
                     _dir: Some(dir),
                     _schema: None,
                 }
@@ -166,20 +270,34 @@ impl Env {
             Store::Postgres => {
                 let schema = PgSchema::new();
                 Self {
-                    engine: schema.open(registry, config).await?,
+                    engine: Running::Engine(schema.open(registry, config).await?),
                     _dir: None,
                     _schema: Some(schema),
                 }
             }
+            Store::Cluster => Self {
+                engine: Running::Cluster(ClusterEnv::start(registry, config).await?),
+                _dir: None,
+                _schema: None,
+            },
         })
     }
 
     pub fn handle(&self) -> Handle {
-        self.engine.handle()
+        match &self.engine {
+            Running::Engine(e) => e.handle(),
+            Running::Cluster(c) => match c.handle() {
+                Some(h) => h,
+                None => unreachable!("a cluster env runs until shutdown consumes it"),
+            },
+        }
     }
 
     pub async fn shutdown(self) {
-        self.engine.shutdown().await;
+        match self.engine {
+            Running::Engine(e) => e.shutdown().await,
+            Running::Cluster(c) => c.shutdown().await,
+        }
     }
 }
 

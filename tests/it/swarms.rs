@@ -22,6 +22,13 @@ all_stores!(
     a_swarm_too_large_for_one_event_is_created_in_chunks_atomically,
     a_tree_too_large_for_one_event_is_refused_before_anything_is_written,
 );
+on_cluster!(
+    swarm_never_exceeds_max_concurrency,
+    swarm_stops_dispatching_after_n_failures,
+    open_swarm_takes_items_until_closed,
+    a_swarm_too_large_for_one_event_is_created_in_chunks_atomically,
+    a_tree_too_large_for_one_event_is_refused_before_anything_is_written,
+);
 
 #[derive(Deserialize)]
 struct Item {

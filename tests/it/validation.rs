@@ -13,6 +13,11 @@ all_stores!(
     update_kwargs_applies_all_updates_or_none,
     run_checks_the_input_of_a_containers_first_tasks,
 );
+on_cluster!(
+    bad_signatures_and_inputs_are_refused_with_typed_errors,
+    update_kwargs_applies_all_updates_or_none,
+    run_checks_the_input_of_a_containers_first_tasks,
+);
 
 #[derive(Deserialize)]
 struct Add {
