@@ -191,7 +191,7 @@ async fn intake(hot: Hot, h: Handle, stop: CancellationToken) {
             }
         }
         // A read answers once everything decided before it is durable: the reports above too.
-        if let Err(Error::ShutDown) = h.workflow(last.workflow).await {
+        if let Err(Error::ShutDown) = h.inspect(last.workflow, |_| ()).await {
             return;
         }
         if let Err(e) = hot.trim_reports(&last_id).await {

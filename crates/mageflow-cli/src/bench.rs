@@ -85,7 +85,7 @@ fn run_all(store: Option<&str>, n: Option<u32>) -> Result<()> {
 }
 
 /// Peak resident set size of this process (VmHWM), in MiB.
-fn peak_rss_mib() -> f64 {
+pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
