@@ -157,7 +157,11 @@ pub async fn run(
     // Once finished workflows are trimmed (their hot state expires after HOT_DONE_TTL).
     tokio::time::sleep(HOT_DONE_TTL + Duration::from_millis(500)).await;
     let trimmed = hot.memory_used().await.unwrap_or(0);
-    let projected = r.cluster()?.projector_stats().events.load(Ordering::Relaxed);
+    let projected = r
+        .cluster()?
+        .projector_stats()
+        .events
+        .load(Ordering::Relaxed);
     r.stop().await?;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     Ok(format!(
