@@ -37,14 +37,19 @@ struct Deployment {
     workers: Vec<Child>,
     schema: String,
     prefix: String,
+    redis: String,
 }
 
 impl Deployment {
     async fn start() -> Result<Self> {
+        Self::start_on(redis_url()).await
+    }
+
+    async fn start_on(redis: String) -> Result<Self> {
         let id = uuid::Uuid::now_v7().simple().to_string();
         let schema = format!("mf_cluster_{id}");
         let prefix = format!("mf:test:cluster:{id}:");
-        let mut config = ClusterConfig::new(postgres_url(), redis_url(), &prefix);
+        let mut config = ClusterConfig::new(postgres_url(), redis.clone(), &prefix);
         config.pg = PgOptions {
             schema: Some(schema.clone()),
             ..PgOptions::default()
@@ -67,6 +72,7 @@ impl Deployment {
             workers: Vec::new(),
             schema,
             prefix,
+            redis,
         })
     }
 
@@ -81,7 +87,7 @@ impl Deployment {
                 "--postgres",
                 &postgres_url(),
                 "--redis",
-                &redis_url(),
+                &self.redis,
             ])
             .args(["--schema", &self.schema, "--prefix", &self.prefix])
             .args(["--concurrency", "32", "--id", name])
@@ -292,6 +298,95 @@ async fn interrupt_stops_a_handler_in_a_worker_process_and_resume_continues_from
             counters.contains("claimed=2 succeeded=1 failed=1"),
             "the interrupted handler was stopped: {counters}"
         );
+        d.finish().await
+    })
+    .await
+}
+
+/// A Redis server of this test's own (so it can be killed without touching other tests' data):
+/// no persistence, like the shared one.
+struct PrivateRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    fn start(port: u16) -> Result<Self> {
+        let mut r = Self { port, child: None };
+        r.restart()?;
+        Ok(r)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("this test starts a redis-server of its own: install Redis (redis-server)")?;
+        self.child = Some(child);
+        // Ready once it answers.
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        bail!("redis-server on port {} did not start", self.port)
+    }
+
+    /// SIGKILL: everything in it is gone.
+    fn kill(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_empty_midway_the_run_completes() -> Result<()> {
+    guard(async {
+        const TASKS: usize = 3_000;
+        // A port derived from the process id, away from the usual ones.
+        let port = 20_000 + (std::process::id() % 20_000) as u16;
+        let mut redis = PrivateRedis::start(port)?;
+        let mut d = Deployment::start_on(redis.url()).await?;
+        d.spawn_worker("w1")?;
+        d.spawn_worker("w2")?;
+        let wf = submit_swarm(&d, TASKS, 1).await?;
+        d.wait_for(wf, |w| succeeded(w) >= TASKS / 4).await?;
+        // Redis dies with everything in it: jobs, claims, reports not yet taken, hot state.
+        // Every process loses its connection and retries; the restarted server is empty.
+        redis.kill()?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        redis.restart()?;
+        let h = d.cluster().handle();
+        let done = h.wait(wf).await?;
+        check_once_each(&h.history(wf)?, &done, TASKS)?;
+        let rebuilds = d
+            .cluster()
+            .projector_stats()
+            .rebuilds
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(rebuilds >= 1, "the projector rebuilt the emptied hot tier");
         d.finish().await
     })
     .await
