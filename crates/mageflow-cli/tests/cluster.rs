@@ -46,6 +46,14 @@ impl Deployment {
     }
 
     async fn start_on(redis: String) -> Result<Self> {
+        // The orchestrator's own log lines (retries, rebuilds) show up in a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("MAGEFLOW_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
         let id = uuid::Uuid::now_v7().simple().to_string();
         let schema = format!("mf_cluster_{id}");
         let prefix = format!("mf:test:cluster:{id}:");

@@ -168,7 +168,9 @@ impl Projector {
         match stored {
             None if self.synced && self.pos == 0 => {}
             None => {
-                if self.synced {
+                // Something was projected before (synced or not): Redis lost it.
+                let lost = self.pos > 0;
+                if lost {
                     tracing::warn!(
                         prefix = %self.hot.prefix(),
                         position = self.pos,
@@ -178,7 +180,7 @@ impl Projector {
                 } else {
                     tracing::info!(prefix = %self.hot.prefix(), "hot projector: no projected position; projecting from position 1");
                 }
-                self.reset_hot(self.synced).await?;
+                self.reset_hot(lost).await?;
             }
             Some(p) if self.synced && p == self.pos => {}
             Some(p) => {
