@@ -39,14 +39,31 @@ pub(crate) struct Job {
 /// by. One round trip (simple query protocol).
 const LOCK_HEAD: &str =
     "BEGIN; SELECT position, txid_current() AS xid FROM mageflow_head FOR UPDATE";
-/// Current version of each stream, read after the lock is held (a fresh snapshot).
-const VERSIONS: &str = "SELECT s.stream, COALESCE((SELECT max(e.seq) FROM mageflow_events e \
-                        WHERE e.stream = s.stream), 0) FROM unnest($1::uuid[]) AS s(stream)";
+/// Current version of each stream, read after the lock is held (a fresh snapshot): the greater
+/// of its last live seq and its last archived seq (`PgLog::compact` moves a stream's oldest
+/// events to `mageflow_archive`; a stream whose events are all archived keeps its version).
+/// One statement, so one snapshot: a concurrent compaction is seen whole or not at all, and
+/// either way the version is the same.
+const VERSIONS: &str = "SELECT s.stream, GREATEST(\
+                        COALESCE((SELECT max(e.seq) FROM mageflow_events e \
+                        WHERE e.stream = s.stream), 0), \
+                        COALESCE((SELECT a.last_seq FROM mageflow_archive a \
+                        WHERE a.stream = s.stream), 0)) \
+                        FROM unnest($1::uuid[]) AS s(stream)";
 
 /// The last version of every stream written at positions `(from, to]`: what other processes
-/// committed since this committer last held the lock.
-const FOREIGN_VERSIONS: &str = "SELECT stream, max(seq) FROM mageflow_events \
-                                WHERE position > $1 AND position <= $2 GROUP BY stream";
+/// committed since this committer last held the lock. Those rows may have been compacted away
+/// since (by any process): an archive row whose highest archived position lies in the range
+/// holds the version its events reached, so both are read (in one statement, one snapshot).
+/// Compaction never moves an event above the head read under the lock, so an archive row's
+/// last position in `(from, to]` is exactly "some event of that range was archived".
+const FOREIGN_VERSIONS: &str = "SELECT stream, max(seq) FROM (\
+                                SELECT stream, seq FROM mageflow_events \
+                                WHERE position > $1 AND position <= $2 \
+                                UNION ALL \
+                                SELECT stream, last_seq FROM mageflow_archive \
+                                WHERE last_position > $1 AND last_position <= $2\
+                                ) AS written GROUP BY stream";
 /// Streams whose versions the committer remembers between groups; past this it forgets them all.
 pub const VERSION_CACHE_STREAMS_MAX: usize = 256 * 1024;
 /// Most events of other processes' commits the committer reads to keep its version cache; past

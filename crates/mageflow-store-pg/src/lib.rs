@@ -6,7 +6,8 @@
 //! `mageflow_events` has one row per event: `position` (bigint, primary key), `stream` (uuid),
 //! `seq` (bigint), `payload` (bytea, `mageflow_core::codec::encode`), `crc32`, `recorded_at`,
 //! with `UNIQUE (stream, seq)`. `mageflow_head` is a single row holding the last committed
-//! position. The log lives in one schema (`PgOptions::schema`, or the connection's
+//! position. `mageflow_archive` has one row per compacted stream (see **Compaction**). The log
+//! lives in one schema (`PgOptions::schema`, or the connection's
 //! `search_path`): several logs can share a database.
 //!
 //! **Group commit.** `append` checks each request's shape and encodes its events into binary
@@ -68,6 +69,20 @@
 //! computes CRC-32 of the encoded event (4 bytes a row, no measurable cost) and every read
 //! checks it, as the sled backend does for its blocks.
 //!
+//! **Compaction (cold storage).** [`PgLog::compact`] moves a stream's oldest live events (all,
+//! or up to a seq) into its row of `mageflow_archive`: one zstd-compressed segment of the
+//! events' codec bytes, seqs dense from 1, with a CRC-32, the highest position archived and an
+//! optional opaque snapshot; the rows leave `mageflow_events` in the same transaction (format,
+//! checks and locking: the `archive` module). Afterwards `read_stream` decodes the archived
+//! part from the segment then reads the live rows, with the same density checks, and a stream's
+//! version (`stream_version`, and the committer's check of `expected_version`) is the greater
+//! of its last live seq and its last archived seq, so appends after a compaction continue at
+//! the next seq and stale ones still conflict. `read_all` serves live events only: compaction
+//! leaves gaps in its positions (it still checks that positions increase, that one stream's
+//! seqs are consecutive within a batch, and that every gap lies at or below the highest
+//! archived position). `verify` checks archive rows too. The head row is unaffected: positions
+//! go on from where they were.
+//!
 //! **Limits and trade-offs.** The queue from `append` to the committer is unbounded (like
 //! sled's); callers bound it by awaiting their appends. A process's `head()` learns of other
 //! processes' commits one notification later. One committer per process and one lock for all
@@ -76,12 +91,14 @@
 //! `idle_in_transaction_session_timeout` (60 s, set on the committer's connection), so a
 //! vanished process cannot hold the head lock for long.
 //!
-//! Invariant: positions are dense from 1 and in commit order; seqs are dense per stream.
+//! Invariant: positions are dense from 1 and in commit order, counting archived events; seqs
+//! are dense per stream, archived seqs (from 1) followed by live ones.
 //! Invariant: a call's requests are all written in one transaction, or none.
 //! Invariant: `append` resolves `Ok` only after its transaction committed (for an unknown
 //! outcome, only after `txid_status` says `committed`); appends complete in call order.
 //! Invariant: the watch never runs ahead of committed data and never moves backwards.
 
+mod archive;
 mod committer;
 pub mod copy;
 #[cfg(feature = "fault-injection")]
@@ -91,6 +108,8 @@ mod listener;
 #[cfg(feature = "fault-injection")]
 pub use faults::Faults;
 
+pub use archive::{ArchiveInfo, CompactStats, ARCHIVE_RAW_BYTES_MAX, ZSTD_LEVEL};
+use archive::{Segment, SEGMENT_COLUMNS};
 use committer::{Committer, Job, Prepared};
 pub use committer::{CATCH_UP_EVENTS_MAX, VERSION_CACHE_STREAMS_MAX};
 use copy::{decode_row, Row, Tuples};
@@ -432,48 +451,73 @@ impl PgLog {
         self.shared.listener_pid.load(Ordering::Acquire)
     }
 
-    /// Check the whole log: positions dense from 1 to the head row, seqs dense per stream, every
-    /// row's checksum, decoding and stream/seq. Returns the number of events.
+    /// Check the whole log, in one consistent snapshot (REPEATABLE READ): every archive row
+    /// (checksum, decompression, framing, every event decoding as its stream's next seq from 1,
+    /// last position at most the head), then every live row in position order (checksum,
+    /// decoding, stream/seq, positions increasing up to the head row, each stream's live seqs
+    /// continuing densely after its archived ones), and finally that live plus archived events
+    /// account for every position up to the head (positions are dense from 1 when nothing was
+    /// compacted). Returns the number of events, live and archived.
     pub fn verify(&self) -> Result<u64> {
-        const CHUNK_ROWS: i64 = 4096;
-        let mut versions: HashMap<WorkflowId, u64> = HashMap::new();
-        let mut next = 1u64;
-        loop {
-            let rows = self.fetch_rows_from(next, CHUNK_ROWS)?;
-            let n = rows.len();
-            for row in &rows {
-                let r = decode_row(row)?;
-                if r.position != next {
-                    return Err(Error::Corrupt(format!(
-                        "event at position {next} is missing"
-                    )));
-                }
-                let v = versions.entry(r.event.stream).or_default();
-                if r.event.seq != *v + 1 {
-                    return Err(Error::Corrupt(format!(
-                        "event at position {} is {} seq {}, but that stream's previous event has seq {v}",
-                        r.position, r.event.stream, r.event.seq
-                    )));
-                }
-                *v += 1;
-                next += 1;
-            }
-            if (n as i64) < CHUNK_ROWS {
-                break;
-            }
-        }
-        let head: i64 = self.read("read the head row", |pool| async move {
-            sqlx::query_scalar("SELECT position FROM mageflow_head")
-                .fetch_one(&pool)
+        self.read("verify the log", |pool| async move {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+            let checked = verify_in(&mut tx).await?;
+            tx.rollback().await?;
+            Ok(checked)
+        })?
+    }
+
+    /// Move `stream`'s live events with `seq <= up_to_seq` (all of them if `None`) into its
+    /// archive row, in one transaction: the stream's segment becomes its previously archived
+    /// events followed by these (seqs stay dense from 1), and their rows are deleted from
+    /// `mageflow_events`. `snapshot`, if given, replaces the row's snapshot (opaque bytes, e.g.
+    /// the final state of a finished workflow); `None` keeps the one stored before. A stream
+    /// with nothing archived and nothing to archive gets no row (its snapshot is not kept).
+    ///
+    /// Reads are unchanged by compaction (`read_stream`, `stream_version`, appends' version
+    /// checks), except `read_all`, which serves live events only. Safe against concurrent
+    /// appends and compactions of the same stream, from any process (see the `archive`
+    /// module: a per-stream advisory lock, not the head lock). Damage found in the rows or
+    /// segment being merged is `Error::Corrupt` and nothing changes. A lost connection is
+    /// retried like a read: the transaction either did not commit, or did and the retry finds
+    /// nothing left to move (then `events` is 0). Blocks the calling thread, like the reads.
+    pub fn compact(
+        &self,
+        stream: WorkflowId,
+        up_to_seq: Option<u64>,
+        snapshot: Option<Vec<u8>>,
+    ) -> Result<CompactStats> {
+        let snapshot = Arc::new(snapshot);
+        self.read("compact a stream", move |pool| {
+            let snapshot = snapshot.clone();
+            async move { archive::compact_on(&pool, stream, up_to_seq, snapshot.as_deref()).await }
+        })?
+    }
+
+    /// `stream`'s archive row, if it was ever compacted.
+    pub fn archived(&self, stream: WorkflowId) -> Result<Option<ArchiveInfo>> {
+        let row = self.read("read an archive row", move |pool| async move {
+            sqlx::query_as::<_, archive::InfoRow>(archive::INFO_QUERY)
+                .bind(stream.0)
+                .fetch_optional(&pool)
                 .await
         })?;
-        if head as u64 != next - 1 {
-            return Err(Error::Corrupt(format!(
-                "the log ends at position {}, but its head row says {head}",
-                next - 1
-            )));
-        }
-        Ok(next - 1)
+        Ok(row.map(archive::info_from_row))
+    }
+
+    /// The snapshot stored by the last compaction of `stream` that gave one.
+    pub fn snapshot(&self, stream: WorkflowId) -> Result<Option<Vec<u8>>> {
+        let snapshot: Option<Option<Vec<u8>>> =
+            self.read("read a snapshot", move |pool| async move {
+                sqlx::query_scalar("SELECT snapshot FROM mageflow_archive WHERE stream = $1")
+                    .bind(stream.0)
+                    .fetch_optional(&pool)
+                    .await
+            })?;
+        Ok(snapshot.flatten())
     }
 
     /// Run `fut` on the log's runtime and wait for it on this thread.
@@ -702,6 +746,177 @@ fn prepare(requests: &[AppendRequest]) -> (Vec<Prepared>, Option<Error>, usize, 
     (prepared, None, events, bytes)
 }
 
+/// A stream's version, in one statement (one snapshot): the greater of its last live seq and
+/// its last archived seq (archived seqs all lie below live ones; either may be absent).
+const STREAM_VERSION: &str = "SELECT GREATEST(\
+     COALESCE((SELECT max(seq) FROM mageflow_events WHERE stream = $1), 0), \
+     COALESCE((SELECT last_seq FROM mageflow_archive WHERE stream = $1), 0))";
+
+/// A row of `read_stream`'s query: (kind, position, payload, row crc32, then the archive's
+/// segment columns; a live row's seq is in the `last_seq` column).
+type StreamRow = (
+    i16,
+    Option<i64>,
+    Option<Vec<u8>>,
+    Option<i32>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<Vec<u8>>,
+    Option<i32>,
+);
+
+/// Split `read_stream`'s rows into the archive row (if any) and the live rows.
+fn split_stream_rows(
+    stream: WorkflowId,
+    mixed: Vec<StreamRow>,
+) -> Result<(Option<Segment>, Vec<Row>)> {
+    let mut archive = None;
+    let mut rows = Vec::with_capacity(mixed.len());
+    for row in mixed {
+        match row {
+            (
+                0,
+                _,
+                _,
+                _,
+                Some(first),
+                Some(last),
+                Some(events),
+                Some(raw),
+                Some(segment),
+                Some(crc),
+            ) => {
+                archive = Some((first, last, events, raw, segment, crc));
+            }
+            (1, Some(position), Some(payload), Some(crc), _, Some(seq), ..) => {
+                rows.push((position, stream.0, seq, payload, crc));
+            }
+            _ => {
+                return Err(Error::Corrupt(format!(
+                    "stream {stream}: a row of its archive or events has NULL columns"
+                )))
+            }
+        }
+    }
+    Ok((archive, rows))
+}
+
+/// An archive row with its stream, as `verify` reads them.
+type StreamArchiveRow = (uuid::Uuid, i64, i64, i64, i64, Vec<u8>, i32, i64);
+
+/// `verify`'s work inside its snapshot. The outer error is PostgreSQL's, the inner one damage.
+async fn verify_in(conn: &mut PgConnection) -> Result<Result<u64>, sqlx::Error> {
+    const ARCHIVE_CHUNK_ROWS: i64 = 64;
+    const CHUNK_ROWS: i64 = 4096;
+    let head: i64 = sqlx::query_scalar("SELECT position FROM mageflow_head")
+        .fetch_one(&mut *conn)
+        .await?;
+    let head = head.max(0) as u64;
+
+    let mut versions: HashMap<WorkflowId, u64> = HashMap::new();
+    let (mut archived, mut archived_position_max) = (0u64, 0u64);
+    let mut after: Option<uuid::Uuid> = None;
+    loop {
+        let rows: Vec<StreamArchiveRow> = sqlx::query_as(&format!(
+            "SELECT stream, {SEGMENT_COLUMNS}, last_position FROM mageflow_archive \
+                 WHERE $1::uuid IS NULL OR stream > $1 ORDER BY stream LIMIT $2"
+        ))
+        .bind(after)
+        .bind(ARCHIVE_CHUNK_ROWS)
+        .fetch_all(&mut *conn)
+        .await?;
+        let n = rows.len();
+        for (id, first, last, events, raw, segment, crc, last_position) in rows {
+            let stream = WorkflowId(id);
+            let segment: Segment = (first, last, events, raw, segment, crc);
+            let count =
+                match tokio::task::block_in_place(|| archive::check_segment(stream, &segment)) {
+                    Ok(count) => count,
+                    Err(e) => return Ok(Err(e)),
+                };
+            let last_position = last_position.max(0) as u64;
+            if last_position > head || last_position < count {
+                return Ok(Err(Error::Corrupt(format!(
+                    "archive of stream {stream}: its {count} events end at position \
+                     {last_position}, but the head row says {head}"
+                ))));
+            }
+            versions.insert(stream, count);
+            archived += count;
+            archived_position_max = archived_position_max.max(last_position);
+            after = Some(id);
+        }
+        if (n as i64) < ARCHIVE_CHUNK_ROWS {
+            break;
+        }
+    }
+
+    let (mut live, mut previous) = (0u64, 0u64);
+    loop {
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT position, stream, seq, payload, crc32 FROM mageflow_events \
+             WHERE position > $1 ORDER BY position LIMIT $2",
+        )
+        .bind(previous as i64)
+        .bind(CHUNK_ROWS)
+        .fetch_all(&mut *conn)
+        .await?;
+        let n = rows.len();
+        for row in &rows {
+            let r = match decode_row(row) {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(e)),
+            };
+            if r.position <= previous || r.position > head {
+                return Ok(Err(Error::Corrupt(format!(
+                    "event at position {} is out of order (after {previous}) or past the head \
+                     row ({head})",
+                    r.position
+                ))));
+            }
+            // A gap no compaction explains (with no archive: any gap).
+            if r.position > previous + 1 && previous + 1 > archived_position_max {
+                return Ok(Err(Error::Corrupt(format!(
+                    "event at position {} is missing",
+                    previous + 1
+                ))));
+            }
+            let v = versions.entry(r.event.stream).or_default();
+            if r.event.seq != *v + 1 {
+                return Ok(Err(Error::Corrupt(format!(
+                    "event at position {} is {} seq {}, but that stream's previous event \
+                     (archived or live) has seq {v}",
+                    r.position, r.event.stream, r.event.seq
+                ))));
+            }
+            *v += 1;
+            live += 1;
+            previous = r.position;
+        }
+        if (n as i64) < CHUNK_ROWS {
+            break;
+        }
+    }
+    if live + archived != head {
+        return Ok(Err(Error::Corrupt(if archived == 0 {
+            format!(
+                "the log ends at position {previous}, but its head row says {head}: event at \
+                 position {} is missing",
+                previous + 1
+            )
+        } else {
+            format!(
+                "the log holds {} events ({live} live, {archived} archived), but its head row \
+                 says {head}",
+                live + archived
+            )
+        })));
+    }
+    Ok(Ok(live + archived))
+}
+
 fn decode_all(rows: &[Row]) -> Result<Vec<Recorded>> {
     rows.iter().map(decode_row).collect()
 }
@@ -730,25 +945,40 @@ impl EventLog for PgLog {
         mageflow_store::committed_reply(sent, rx)
     }
 
+    /// The stream's archived events (if it was compacted: decoded from its segment, every
+    /// check of a live row applied to them too) followed by its live rows, read in one
+    /// statement (one snapshot: a concurrent compaction is seen whole or not at all). The seqs
+    /// must run densely from `from_seq` across both.
     fn read_stream(&self, stream: WorkflowId, from_seq: u64) -> Result<Vec<Event>> {
         let first_seq = from_seq.max(1);
         let Ok(from) = i64::try_from(first_seq) else {
             return Ok(Vec::new());
         };
-        let rows = self.read("read a stream", move |pool| async move {
-            sqlx::query_as::<_, Row>(
-                "SELECT position, stream, seq, payload, crc32 FROM mageflow_events \
-                 WHERE stream = $1 AND seq >= $2 ORDER BY seq",
-            )
+        let (archive, rows) = self.read("read a stream", move |pool| async move {
+            // Kind 0: the archive row (only if it holds seqs >= from), as its segment columns;
+            // kind 1: live rows. Unused columns are NULL.
+            let mixed: Vec<StreamRow> = sqlx::query_as(&format!(
+                "SELECT 0::smallint AS kind, NULL::bigint AS position, NULL::bytea AS payload, \
+                 NULL::integer AS row_crc, {SEGMENT_COLUMNS} FROM mageflow_archive \
+                 WHERE stream = $1 AND last_seq >= $2 \
+                 UNION ALL \
+                 SELECT 1::smallint, position, payload, crc32, NULL, seq, NULL, NULL, NULL, NULL \
+                 FROM mageflow_events WHERE stream = $1 AND seq >= $2 \
+                 ORDER BY kind, last_seq"
+            ))
             .bind(stream.0)
             .bind(from)
             .fetch_all(&pool)
-            .await
-        })?;
-        let mut events = Vec::with_capacity(rows.len());
-        for (i, row) in rows.iter().enumerate() {
+            .await?;
+            Ok(split_stream_rows(stream, mixed))
+        })??;
+        let mut events = match &archive {
+            Some(segment) => archive::decode_segment(stream, segment, first_seq)?,
+            None => Vec::new(),
+        };
+        for row in &rows {
             let r = decode_row(row)?;
-            let seq = first_seq + i as u64;
+            let seq = first_seq + events.len() as u64;
             if r.event.seq != seq {
                 return Err(Error::Corrupt(format!(
                     "stream {stream} has no event with seq {seq} (the next one, at position {}, \
@@ -761,6 +991,9 @@ impl EventLog for PgLog {
         Ok(events)
     }
 
+    /// Up to `limit` **live** events with `position >= from`, in position order. Events moved to
+    /// the archive by [`PgLog::compact`] are no longer in the table: they leave gaps in the
+    /// positions returned here, and are read (in full) through `read_stream`.
     fn read_all(&self, from: u64, limit: usize) -> Result<Vec<Recorded>> {
         let from = from.max(1);
         let Ok(from_i) = i64::try_from(from) else {
@@ -772,25 +1005,73 @@ impl EventLog for PgLog {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self.fetch_rows_from(from_i as u64, limit)?;
         let records = decode_all(&rows)?;
-        for (i, r) in records.iter().enumerate() {
-            if r.position != from + i as u64 {
+        // Compaction leaves gaps (archived events are read with `read_stream`), so positions
+        // need not be consecutive. They must still increase strictly from `from`; a stream's
+        // live events are always a suffix of it, so the events of one stream in this batch must
+        // have consecutive seqs; and a missing position must be at or below the highest
+        // position ever archived (with no archive at all, positions must be dense).
+        let mut previous = from - 1;
+        let mut gaps: Vec<(u64, u64)> = Vec::new();
+        let mut last_of: HashMap<WorkflowId, (u64, u64)> = HashMap::new();
+        let mut broken_stream = None;
+        for r in &records {
+            if r.position <= previous {
                 return Err(Error::Corrupt(format!(
-                    "event at position {} is missing",
-                    from + i as u64
+                    "event at position {} follows position {previous} in a read by position",
+                    r.position
+                )));
+            }
+            if r.position > previous + 1 {
+                gaps.push((previous + 1, r.position - 1));
+            }
+            previous = r.position;
+            let (stream, seq) = (r.event.stream, r.event.seq);
+            if let Some((last_seq, last_position)) = last_of.insert(stream, (seq, r.position)) {
+                if seq != last_seq + 1 && broken_stream.is_none() {
+                    broken_stream = Some(Error::Corrupt(format!(
+                        "stream {stream} has no event with seq {} (seq {last_seq} is at position \
+                         {last_position}, the next one, at position {}, has seq {seq})",
+                        last_seq + 1,
+                        r.position
+                    )));
+                }
+            }
+        }
+        // A missing position is reported first (it explains a stream's missing seq).
+        if let Some(&(_, last_missing)) = gaps.last() {
+            let archived_max: i64 =
+                self.read("read the archive's last position", |pool| async move {
+                    sqlx::query_scalar(
+                        "SELECT COALESCE(max(last_position), 0) FROM mageflow_archive",
+                    )
+                    .fetch_one(&pool)
+                    .await
+                })?;
+            if last_missing > archived_max as u64 {
+                // Report the first missing position that no compaction can explain.
+                let above = archived_max as u64 + 1;
+                let shown = gaps
+                    .iter()
+                    .find(|&&(_, last)| last >= above)
+                    .map_or(above, |&(first, _)| first.max(above));
+                return Err(Error::Corrupt(format!(
+                    "event at position {shown} is missing (not in the table, and no archived \
+                     event lies at or above it)"
                 )));
             }
         }
-        Ok(records)
+        match broken_stream {
+            Some(e) => Err(e),
+            None => Ok(records),
+        }
     }
 
     fn stream_version(&self, stream: WorkflowId) -> Result<u64> {
         let v: i64 = self.read("read a stream version", move |pool| async move {
-            sqlx::query_scalar(
-                "SELECT COALESCE(max(seq), 0) FROM mageflow_events WHERE stream = $1",
-            )
-            .bind(stream.0)
-            .fetch_one(&pool)
-            .await
+            sqlx::query_scalar(STREAM_VERSION)
+                .bind(stream.0)
+                .fetch_one(&pool)
+                .await
         })?;
         Ok(v as u64)
     }

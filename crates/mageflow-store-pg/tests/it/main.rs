@@ -1,12 +1,14 @@
 //! Integration tests of the PostgreSQL event log against a real server: the conformance suite
 //! every backend runs, migrations from an empty schema, several processes sharing one log,
-//! corruption, and connection loss (terminated backends, lost COMMIT replies).
+//! corruption, connection loss (terminated backends, lost COMMIT replies), and compaction into
+//! cold storage.
 //!
 //! Each test works in its own freshly created schema (`mageflow_test_<uuid>`), dropped at the
 //! end even if the test fails, so tests run in parallel and leave nothing behind. The server is
 //! `$MAGEFLOW_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/test`); if it cannot
 //! be reached, every test fails saying so: none is skipped.
 
+mod compaction;
 mod conformance;
 mod connection_loss;
 mod open;

@@ -26,7 +26,12 @@ async fn migrations_set_up_an_empty_schema() {
     let log = schema.open().await;
     assert_eq!(
         tables(&mut admin, &schema.name).await,
-        ["_sqlx_migrations", "mageflow_events", "mageflow_head"]
+        [
+            "_sqlx_migrations",
+            "mageflow_archive",
+            "mageflow_events",
+            "mageflow_head"
+        ]
     );
     let applied: Vec<(i64, bool)> =
         sqlx::query_as("SELECT version, success FROM _sqlx_migrations ORDER BY version")

@@ -1,0 +1,490 @@
+//! Cold storage: [`crate::PgLog::compact`] moves a stream's oldest events out of
+//! `mageflow_events` into one row of `mageflow_archive` (`migrations/0002_archive.sql`), a
+//! zstd-compressed *segment*, and the reads put them back in front of the live rows.
+//!
+//! **Segment format.** The concatenation, in seq order, of every archived event of the stream as
+//! a 4-byte little-endian length followed by the event's codec bytes (exactly the payload its
+//! `mageflow_events` row held: events are never re-encoded), compressed with zstd. The row
+//! keeps the uncompressed size (`raw_bytes`), the number of events, their seqs (always
+//! `1..=last_seq`), the CRC-32 of the compressed bytes and the highest position archived.
+//! Every read checks all of it: CRC, decompression (bounded by `raw_bytes`), framing, event
+//! count, decoding and each event's stream and seq; damage is `Error::Corrupt` naming the
+//! stream, never a panic.
+//!
+//! **Locking.** A compaction runs in one READ COMMITTED transaction holding a transaction-level
+//! advisory lock keyed by (schema, stream). Why not the committer's head row lock: compaction
+//! never changes a stream's version nor assigns positions, so it need not be ordered with
+//! appends, and taking the head lock would stall every append of every process for the length
+//! of a compression. What it must exclude is a second compaction of the same stream (both would
+//! read the same archive row and live rows and the second would overwrite the first's merge):
+//! the per-stream advisory lock does that, and is taken before anything is read, so the second
+//! one reads what the first committed. A row lock on the archive row cannot serve: the first
+//! compaction of a stream has no row to lock yet. Appends are safe without a lock: the
+//! committer only inserts seqs above the stream's version, while compaction only reads and
+//! deletes committed seqs at or below it; each compaction commits its archive row and its
+//! DELETE atomically, so any single statement (the committer's version probe, `read_stream`,
+//! `stream_version`) sees the stream's events either all live or moved, never half.
+
+use crate::copy::{decode_row, Row};
+use mageflow_core::{codec, Event, Timestamp, WorkflowId};
+use mageflow_store::{Error, Result};
+use sqlx::postgres::PgPool;
+use sqlx::PgConnection;
+use std::io::Read;
+
+/// Largest uncompressed segment a compaction writes (PostgreSQL's `bytea` stops at 1 GiB, and a
+/// read holds the whole segment in memory). A compaction that would exceed it fails with
+/// `Error::Storage` and changes nothing.
+pub const ARCHIVE_RAW_BYTES_MAX: u64 = 256 * 1024 * 1024;
+
+/// zstd level of the segments: the library's default, a good ratio at several hundred MB/s.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// What one [`crate::PgLog::compact`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompactStats {
+    /// Events this call moved out of `mageflow_events` (0: nothing to move).
+    pub events: u64,
+    /// Uncompressed size of the stream's whole segment after this call (all its archived
+    /// events, not only the ones this call moved); 0 if the stream has no archive.
+    pub raw_bytes: u64,
+    /// Stored (compressed) size of that segment.
+    pub compressed_bytes: u64,
+}
+
+/// A stream's archive row, as [`crate::PgLog::archived`] describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchiveInfo {
+    /// Archived seqs are `first_seq..=last_seq` (`first_seq` is always 1).
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub events: u64,
+    /// Segment size before compression.
+    pub raw_bytes: u64,
+    /// Segment size as stored.
+    pub compressed_bytes: u64,
+    /// Highest global position among the archived events.
+    pub last_position: u64,
+    pub has_snapshot: bool,
+    /// Size of the snapshot, if any.
+    pub snapshot_bytes: Option<u64>,
+    /// When the last compaction of the stream committed.
+    pub compacted_at: Timestamp,
+}
+
+/// An archive row as read for decoding: (first_seq, last_seq, events, raw_bytes, segment,
+/// crc32).
+pub(crate) type Segment = (i64, i64, i64, i64, Vec<u8>, i32);
+
+/// An archive row as compaction and `verify` read it: [`Segment`]'s columns, then
+/// `last_position`.
+pub(crate) type ArchiveRow = (i64, i64, i64, i64, Vec<u8>, i32, i64);
+
+/// Columns of [`Segment`], in order.
+pub(crate) const SEGMENT_COLUMNS: &str = "first_seq, last_seq, events, raw_bytes, segment, crc32";
+
+pub(crate) const INFO_QUERY: &str = "SELECT first_seq, last_seq, events, raw_bytes, \
+     octet_length(segment)::bigint, last_position, octet_length(snapshot)::bigint, \
+     (extract(epoch FROM compacted_at) * 1000000)::bigint \
+     FROM mageflow_archive WHERE stream = $1";
+
+pub(crate) type InfoRow = (i64, i64, i64, i64, i64, i64, Option<i64>, i64);
+
+pub(crate) fn info_from_row(row: InfoRow) -> ArchiveInfo {
+    let (first_seq, last_seq, events, raw, compressed, last_position, snapshot, at) = row;
+    ArchiveInfo {
+        first_seq: first_seq as u64,
+        last_seq: last_seq as u64,
+        events: events as u64,
+        raw_bytes: raw as u64,
+        compressed_bytes: compressed as u64,
+        last_position: last_position as u64,
+        has_snapshot: snapshot.is_some(),
+        snapshot_bytes: snapshot.map(|n| n as u64),
+        compacted_at: Timestamp::from_micros(at),
+    }
+}
+
+fn corrupt(stream: WorkflowId, what: impl std::fmt::Display) -> Error {
+    Error::Corrupt(format!("archive of stream {stream}: {what}"))
+}
+
+/// Check an archive row's header and CRC, and decompress its segment (never more than its
+/// stated `raw_bytes`, so a damaged segment cannot make a read allocate without bound).
+pub(crate) fn raw_segment(stream: WorkflowId, row: &Segment) -> Result<Vec<u8>> {
+    let (first_seq, last_seq, events, raw_bytes, segment, stored) = row;
+    if *first_seq != 1 || *last_seq < *first_seq || *events != *last_seq - *first_seq + 1 {
+        return Err(corrupt(
+            stream,
+            format!("row says seqs {first_seq}..={last_seq} and {events} events"),
+        ));
+    }
+    let raw_bytes = u64::try_from(*raw_bytes)
+        .ok()
+        .filter(|&n| n <= ARCHIVE_RAW_BYTES_MAX)
+        .ok_or_else(|| corrupt(stream, format!("row says {raw_bytes} raw bytes")))?;
+    let computed = crc32fast::hash(segment) as i32;
+    if computed != *stored {
+        return Err(corrupt(
+            stream,
+            format!(
+                "segment fails its checksum (stored {:08x}, computed {:08x}): altered bytes",
+                *stored as u32, computed as u32
+            ),
+        ));
+    }
+    let mut raw = Vec::with_capacity(raw_bytes.min(64 * 1024 * 1024) as usize);
+    zstd::stream::read::Decoder::new(segment.as_slice())
+        .and_then(|d| d.take(raw_bytes + 1).read_to_end(&mut raw))
+        .map_err(|e| corrupt(stream, format!("segment does not decompress: {e}")))?;
+    if raw.len() as u64 != raw_bytes {
+        return Err(corrupt(
+            stream,
+            format!(
+                "segment decompresses to {} bytes, its row says {raw_bytes}",
+                raw.len()
+            ),
+        ));
+    }
+    Ok(raw)
+}
+
+/// Split a decompressed segment into its events' bytes; exactly `events` frames.
+pub(crate) fn frames(stream: WorkflowId, raw: &[u8], events: u64) -> Result<Vec<&[u8]>> {
+    let mut out = Vec::with_capacity(events.min(1 << 20) as usize);
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+            return Err(corrupt(stream, "segment ends inside a length prefix"));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > tail.len() {
+            return Err(corrupt(
+                stream,
+                format!(
+                    "event {} of the segment claims {len} bytes, {} remain",
+                    out.len() + 1,
+                    tail.len()
+                ),
+            ));
+        }
+        let (frame, tail) = tail.split_at(len);
+        out.push(frame);
+        rest = tail;
+    }
+    if out.len() as u64 != events {
+        return Err(corrupt(
+            stream,
+            format!("segment holds {} events, its row says {events}", out.len()),
+        ));
+    }
+    Ok(out)
+}
+
+/// Decode one archived event, checking it is `stream`'s event `seq`.
+fn decode_frame(stream: WorkflowId, seq: u64, frame: &[u8]) -> Result<Event> {
+    let event = codec::decode(frame)
+        .map_err(|e| corrupt(stream, format!("event with seq {seq} does not decode: {e}")))?;
+    if event.stream != stream || event.seq != seq {
+        return Err(corrupt(
+            stream,
+            format!(
+                "event with seq {seq} decodes as {} seq {}",
+                event.stream, event.seq
+            ),
+        ));
+    }
+    Ok(event)
+}
+
+/// The archived events of `stream` with `seq >= from_seq`, checked.
+pub(crate) fn decode_segment(
+    stream: WorkflowId,
+    row: &Segment,
+    from_seq: u64,
+) -> Result<Vec<Event>> {
+    let raw = raw_segment(stream, row)?;
+    let frames = frames(stream, &raw, row.2 as u64)?;
+    let skip = from_seq.saturating_sub(1).min(frames.len() as u64) as usize;
+    frames
+        .iter()
+        .enumerate()
+        .skip(skip)
+        .map(|(i, frame)| decode_frame(stream, 1 + i as u64, frame))
+        .collect()
+}
+
+fn compress(stream: WorkflowId, raw: &[u8]) -> Result<Vec<u8>> {
+    zstd::bulk::compress(raw, ZSTD_LEVEL)
+        .map_err(|e| Error::Storage(format!("cannot compress the archive of {stream}: {e}")))
+}
+
+/// CPU-heavy work inside the log's (multi-thread) runtime without stalling its other tasks.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// One compaction, in one transaction on a connection of `pool`. The outer error is PostgreSQL's (the caller
+/// retries a lost connection: the transaction then did not commit, or committed and the retry
+/// finds nothing left to move); the inner one is the compaction's own refusal (corrupt data,
+/// size limit), after which the transaction was rolled back.
+pub(crate) async fn compact_on(
+    pool: &PgPool,
+    stream: WorkflowId,
+    up_to_seq: Option<u64>,
+    snapshot: Option<&[u8]>,
+) -> Result<Result<CompactStats>, sqlx::Error> {
+    let up_to = up_to_seq.map_or(i64::MAX, |s| i64::try_from(s).unwrap_or(i64::MAX));
+    // Dropped without commit (an error, a lost connection): rolled back.
+    let mut tx = pool.begin().await?;
+    match compact_in_transaction(&mut tx, stream, up_to, snapshot).await? {
+        Ok(stats) => {
+            tx.commit().await?;
+            Ok(Ok(stats))
+        }
+        Err(refusal) => {
+            tx.rollback().await?;
+            Ok(Err(refusal))
+        }
+    }
+}
+
+async fn compact_in_transaction(
+    conn: &mut PgConnection,
+    stream: WorkflowId,
+    up_to: i64,
+    snapshot: Option<&[u8]>,
+) -> Result<Result<CompactStats>, sqlx::Error> {
+    // Without waiting for the WAL flush: a compaction is one transaction that changes no
+    // stream's content or version, so if the server crashes before its commit record is on
+    // disk it is undone whole (the events are simply still live), never half-applied; any
+    // later synchronous commit (an append) flushes it with everything before it. It saves a
+    // WAL flush per compaction, the largest fixed cost of a small one.
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *conn)
+        .await?;
+    // Per (schema, stream): another schema's log on the same database does not share the key.
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended(\
+         'mageflow_compact ' || current_schema() || ' ' || $1::text, 0))",
+    )
+    .bind(stream.0)
+    .execute(&mut *conn)
+    .await?;
+    // Read after the lock: a compaction of the same stream that held it has committed.
+    let archived: Option<ArchiveRow> = sqlx::query_as(&format!(
+        "SELECT {SEGMENT_COLUMNS}, last_position FROM mageflow_archive WHERE stream = $1"
+    ))
+    .bind(stream.0)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT position, stream, seq, payload, crc32 FROM mageflow_events \
+         WHERE stream = $1 AND seq <= $2 ORDER BY seq",
+    )
+    .bind(stream.0)
+    .bind(up_to)
+    .fetch_all(&mut *conn)
+    .await?;
+
+    if rows.is_empty() {
+        let Some((.., raw_bytes, segment, _, _)) = &archived else {
+            // Nothing archived, nothing to archive: no row (a snapshot alone is not kept).
+            return Ok(Ok(CompactStats::default()));
+        };
+        if let Some(snapshot) = snapshot {
+            sqlx::query("UPDATE mageflow_archive SET snapshot = $2 WHERE stream = $1")
+                .bind(stream.0)
+                .bind(snapshot)
+                .execute(&mut *conn)
+                .await?;
+        }
+        return Ok(Ok(CompactStats {
+            events: 0,
+            raw_bytes: *raw_bytes as u64,
+            compressed_bytes: segment.len() as u64,
+        }));
+    }
+
+    let built = blocking(|| build_segment(stream, archived.as_ref(), &rows));
+    let (raw_len, segment, last_seq, events, last_position) = match built {
+        Ok(b) => b,
+        Err(e) => return Ok(Err(e)),
+    };
+    let crc = crc32fast::hash(&segment) as i32;
+    sqlx::query(
+        "INSERT INTO mageflow_archive (stream, first_seq, last_seq, events, raw_bytes, segment, \
+         crc32, snapshot, last_position, compacted_at) \
+         VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, now()) \
+         ON CONFLICT (stream) DO UPDATE SET last_seq = EXCLUDED.last_seq, \
+         events = EXCLUDED.events, raw_bytes = EXCLUDED.raw_bytes, segment = EXCLUDED.segment, \
+         crc32 = EXCLUDED.crc32, \
+         snapshot = COALESCE(EXCLUDED.snapshot, mageflow_archive.snapshot), \
+         last_position = EXCLUDED.last_position, compacted_at = now()",
+    )
+    .bind(stream.0)
+    .bind(last_seq)
+    .bind(events)
+    .bind(raw_len as i64)
+    .bind(&segment)
+    .bind(crc)
+    .bind(snapshot)
+    .bind(last_position)
+    .execute(&mut *conn)
+    .await?;
+    let moved = rows.len() as u64;
+    let deleted = sqlx::query("DELETE FROM mageflow_events WHERE stream = $1 AND seq <= $2")
+        .bind(stream.0)
+        .bind(last_seq)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if deleted != moved {
+        // Cannot happen while appends only add seqs above the version and compactions of the
+        // stream are serialised; refuse rather than lose or duplicate anything.
+        return Ok(Err(Error::Storage(format!(
+            "compaction of stream {stream}: read {moved} live events but would delete {deleted}; \
+             rolled back"
+        ))));
+    }
+    Ok(Ok(CompactStats {
+        events: moved,
+        raw_bytes: raw_len as u64,
+        compressed_bytes: segment.len() as u64,
+    }))
+}
+
+/// The merged segment: the archived events (checked: CRC, size, framing) followed by the live
+/// `rows` (checked like every read: CRC, decoding, stream and seq, dense after the archive).
+/// Returns (raw length, compressed segment, last seq, events, last position).
+fn build_segment(
+    stream: WorkflowId,
+    archived: Option<&ArchiveRow>,
+    rows: &[Row],
+) -> Result<(usize, Vec<u8>, i64, i64, i64)> {
+    let (mut raw, mut last_seq, mut last_position) = match archived {
+        Some((first, last, events, raw_bytes, segment, crc, last_position)) => {
+            let row: Segment = (*first, *last, *events, *raw_bytes, segment.clone(), *crc);
+            let raw = raw_segment(stream, &row)?;
+            frames(stream, &raw, *events as u64)?;
+            (raw, *last as u64, *last_position as u64)
+        }
+        None => (Vec::new(), 0, 0),
+    };
+    for row in rows {
+        let r = decode_row(row)?;
+        if r.event.seq != last_seq + 1 {
+            return Err(Error::Corrupt(format!(
+                "stream {stream}: event at position {} has seq {}, but the stream's previous \
+                 event (archived or live) has seq {last_seq}",
+                r.position, r.event.seq
+            )));
+        }
+        let payload = &row.3;
+        raw.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        raw.extend_from_slice(payload);
+        last_seq += 1;
+        last_position = last_position.max(r.position);
+        if raw.len() as u64 > ARCHIVE_RAW_BYTES_MAX {
+            return Err(Error::Storage(format!(
+                "compaction of stream {stream}: its segment would exceed \
+                 {ARCHIVE_RAW_BYTES_MAX} bytes; nothing was moved"
+            )));
+        }
+    }
+    let segment = compress(stream, &raw)?;
+    Ok((
+        raw.len(),
+        segment,
+        last_seq as i64,
+        last_seq as i64,
+        last_position as i64,
+    ))
+}
+
+/// Check a whole archive row for `verify`: everything a read checks, for every event. Returns
+/// the number of events.
+pub(crate) fn check_segment(stream: WorkflowId, row: &Segment) -> Result<u64> {
+    Ok(decode_segment(stream, row, 1)?.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mageflow_core::{Actor, Payload, SCHEMA_VERSION};
+
+    fn event(stream: WorkflowId, seq: u64) -> Event {
+        Event {
+            stream,
+            seq,
+            at: Timestamp::from_micros(1_700_000_000_000_000 + seq as i64),
+            actor: Actor::worker("t"),
+            schema: SCHEMA_VERSION,
+            payload: Payload::KwargsUpdated {
+                node: 0,
+                kwargs: serde_json::json!({ "seq": seq }),
+            },
+        }
+    }
+
+    fn segment_of(stream: WorkflowId, n: u64) -> Result<Segment> {
+        let mut raw = Vec::new();
+        for seq in 1..=n {
+            let bytes =
+                codec::encode(&event(stream, seq)).map_err(|e| Error::Storage(e.to_string()))?;
+            raw.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            raw.extend_from_slice(&bytes);
+        }
+        let segment = compress(stream, &raw)?;
+        let crc = crc32fast::hash(&segment) as i32;
+        Ok((1, n as i64, n as i64, raw.len() as i64, segment, crc))
+    }
+
+    #[test]
+    fn segments_round_trip_and_damage_is_typed() -> Result<()> {
+        let s = WorkflowId::from_u128(7);
+        let row = segment_of(s, 5)?;
+        let events = decode_segment(s, &row, 1)?;
+        assert_eq!(events, (1..=5).map(|q| event(s, q)).collect::<Vec<_>>());
+        assert_eq!(decode_segment(s, &row, 4)?.len(), 2);
+        assert_eq!(decode_segment(s, &row, 9)?.len(), 0);
+
+        let mut bad_crc = row.clone();
+        bad_crc.5 ^= 1;
+        let mut bad_zstd = row.clone();
+        bad_zstd.4 = vec![1, 2, 3];
+        bad_zstd.5 = crc32fast::hash(&bad_zstd.4) as i32;
+        let mut bad_count = row.clone();
+        bad_count.1 = 6;
+        bad_count.2 = 6;
+        let mut bad_size = row.clone();
+        bad_size.3 += 1;
+        let mut bad_seqs = row.clone();
+        bad_seqs.0 = 2;
+        let other = WorkflowId::from_u128(8);
+        let wrong_stream = segment_of(other, 5)?;
+        for (name, stream, row) in [
+            ("crc", s, &bad_crc),
+            ("zstd", s, &bad_zstd),
+            ("count", s, &bad_count),
+            ("size", s, &bad_size),
+            ("seqs", s, &bad_seqs),
+            ("stream", s, &wrong_stream),
+        ] {
+            match decode_segment(stream, row, 1) {
+                Err(Error::Corrupt(m)) => assert!(m.contains(&s.to_string()), "{name}: {m}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        // Bytes that are not events, with a valid frame and checksum.
+        let raw = [3u8, 0, 0, 0, 0xc1, 0xc1, 0xc1];
+        let segment = compress(s, &raw)?;
+        let crc = crc32fast::hash(&segment) as i32;
+        let garbage: Segment = (1, 1, 1, raw.len() as i64, segment, crc);
+        assert!(matches!(
+            decode_segment(s, &garbage, 1),
+            Err(Error::Corrupt(_))
+        ));
+        Ok(())
+    }
+}
