@@ -143,6 +143,10 @@ impl Hot {
         format!("{}{suffix}", self.inner.cfg.prefix)
     }
 
+    pub(crate) fn client(&self) -> &redis::Client {
+        &self.inner.client
+    }
+
     pub(crate) fn conn(&self) -> ConnectionManager {
         self.inner.conn.clone()
     }

@@ -47,6 +47,11 @@ pub struct Projector {
     /// `wfs` and `pos` match what Redis holds. False at start and after a failed batch.
     synced: bool,
     stats: Arc<ProjectorStats>,
+    /// The projector's own connection, never reconnected behind its back: the position check
+    /// (WATCH + GET) and the batch (MULTI/EXEC) of a step go over one TCP connection, so a
+    /// Redis restarted or flushed in between aborts the batch instead of landing it, with a
+    /// plausible `pos`, on an empty server. Dropped on any error; the next step opens another.
+    conn: Option<redis::aio::MultiplexedConnection>,
 }
 
 /// What a batch touched in one workflow.
@@ -67,6 +72,7 @@ impl Projector {
             pos: 0,
             synced: false,
             stats: Arc::new(ProjectorStats::default()),
+            conn: None,
         }
     }
 
@@ -156,14 +162,35 @@ impl Projector {
 
     /// Check the position in Redis, then project the next batch. `Ok(false)`: nothing new.
     async fn step(&mut self) -> Result<bool, HotError> {
-        let mut conn = self.hot.conn();
+        let result = self.step_on_own_connection().await;
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+
+    async fn step_on_own_connection(&mut self) -> Result<bool, HotError> {
+        let mut conn = match self.conn.take() {
+            Some(c) => c,
+            None => self
+                .hot
+                .client()
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(rerr("connect (projector)"))?,
+        };
+        self.conn = Some(conn.clone());
+        // Any change to `pos` from here to EXEC (FLUSHALL, another projector) aborts the batch.
         let (stored, (secs, micros)): (Option<u64>, (u64, u64)) = redis::pipe()
+            .cmd("WATCH")
+            .arg(self.hot.key("pos"))
+            .ignore()
             .cmd("GET")
             .arg(self.hot.key("pos"))
             .cmd("TIME")
             .query_async(&mut conn)
             .await
-            .map_err(rerr("GET pos"))?;
+            .map_err(rerr("WATCH/GET pos"))?;
         let now_ms = secs * 1000 + micros / 1000;
         match stored {
             None if self.synced && self.pos == 0 => {}
@@ -209,6 +236,10 @@ impl Projector {
 
         let events = self.log.read_all(self.pos + 1, BATCH)?;
         let Some(last) = events.last().map(|r| r.position) else {
+            redis::cmd("UNWATCH")
+                .exec_async(&mut conn)
+                .await
+                .map_err(rerr("UNWATCH"))?;
             return Ok(false);
         };
         let n = events.len() as u64;
@@ -216,8 +247,16 @@ impl Projector {
         // transaction committed (else the next step refolds up to what Redis holds).
         self.synced = false;
         let pipe = self.plan(events, now_ms)?;
-        let result: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
-        result.map_err(rerr("MULTI/EXEC batch"))?;
+        let reply: redis::Value = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(rerr("MULTI/EXEC batch"))?;
+        if matches!(reply, redis::Value::Nil) {
+            // `pos` changed after the check: nothing of the batch was applied; the next step
+            // looks again (and rebuilds if the hot state is gone).
+            tracing::warn!(prefix = %self.hot.prefix(), "hot projector: the position changed under a batch; it was not applied");
+            return Ok(true);
+        }
         self.pos = last;
         self.synced = true;
         self.stats.events.fetch_add(n, Ordering::Relaxed);
