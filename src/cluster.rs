@@ -12,13 +12,15 @@
 //! and completion is idempotent per attempt, so a job run twice is recorded once.
 
 use crate::{Config, Engine, Error, Handle, Registry, Result};
-use mageflow_core::SignatureId;
+use mageflow_core::{SignatureId, WorkflowId};
 use mageflow_engine::worker::{self, Job, JobSource, Outcome, WorkerConfig, WorkerStats};
 use mageflow_engine::{Dispatch, TaskFailure, WorkerLink};
 use mageflow_hot::{Hot, HotConfig, JobKey, Projector, ProjectorStats, Report, ReportOutcome};
 use mageflow_store::BoxFuture;
 use mageflow_store_pg::{PgLog, PgOptions};
 use serde_json::Value;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -29,6 +31,18 @@ const REPORTS_PER_READ: usize = 4_096;
 /// Longest a report read blocks (the intake also checks for shutdown this often).
 const REPORT_BLOCK: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Default delay between a workflow finishing and its compaction.
+pub const COMPACT_AFTER_DEFAULT: Duration = Duration::from_secs(300);
+
+/// What compaction did since the orchestrator started.
+#[derive(Debug, Default)]
+pub struct CompactionStats {
+    pub workflows: AtomicU64,
+    pub events: AtomicU64,
+    pub raw_bytes: AtomicU64,
+    pub compressed_bytes: AtomicU64,
+    pub failures: AtomicU64,
+}
 
 /// Where the tiers are.
 #[derive(Clone, Debug)]
@@ -39,6 +53,11 @@ pub struct ClusterConfig {
     pub hot: HotConfig,
     /// Attempts started and not yet reported, at most (see [`Dispatch::Remote`]).
     pub window: usize,
+    /// Compact a finished workflow this long after it finished: its events move into a
+    /// compressed archive segment with a snapshot of its final state (`None`: never; operators
+    /// can still call [`Cluster::compact`]). Reads of its events are unchanged; a compacted
+    /// workflow touched again (read, rerun, resumed) is loaded back from the archive.
+    pub compact_after: Option<Duration>,
 }
 
 impl ClusterConfig {
@@ -48,6 +67,7 @@ impl ClusterConfig {
             pg: PgOptions::default(),
             hot: HotConfig::new(redis, prefix),
             window: 1_024,
+            compact_after: Some(COMPACT_AFTER_DEFAULT),
         }
     }
 }
@@ -62,6 +82,7 @@ pub struct Cluster {
     hot: Hot,
     log: Arc<PgLog>,
     projector: Arc<ProjectorStats>,
+    compaction: Arc<CompactionStats>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -79,8 +100,13 @@ pub async fn open_cluster(
     config.dispatch = Dispatch::Remote {
         window: cluster.window.max(1),
     };
+    let (finished_tx, finished) = mpsc::unbounded_channel();
+    if cluster.compact_after.is_some() {
+        config.on_finished = Some(finished_tx);
+    }
     let engine = Engine::start(log.clone(), registry, config).await?;
     let stop = CancellationToken::new();
+    let compaction = Arc::new(CompactionStats::default());
     let projector = Projector::new(hot.clone(), log.clone());
     let projector_stats = projector.stats();
     let mut tasks = Vec::new();
@@ -97,11 +123,22 @@ pub async fn open_cluster(
         engine.handle(),
         stop.clone(),
     )));
+    if let Some(after) = cluster.compact_after {
+        tasks.push(tokio::spawn(compactor(
+            finished,
+            log.clone(),
+            engine.handle(),
+            after,
+            compaction.clone(),
+            stop.clone(),
+        )));
+    }
     Ok(Cluster {
         engine,
         hot,
         log,
         projector: projector_stats,
+        compaction,
         stop,
         tasks,
     })
@@ -129,6 +166,16 @@ impl Cluster {
         &self.projector
     }
 
+    pub fn compaction_stats(&self) -> &Arc<CompactionStats> {
+        &self.compaction
+    }
+
+    /// Compact one finished workflow now (what the background job does `compact_after` after it
+    /// finished). Returns `None` if it is not finished (running again after a rerun, say).
+    pub async fn compact(&self, wf: WorkflowId) -> Result<Option<mageflow_store_pg::CompactStats>> {
+        compact_one(&self.log, &self.engine.handle(), wf, &self.compaction).await
+    }
+
     /// Stop the report intake and the projector, then the engine.
     pub async fn shutdown(self) {
         self.stop.cancel();
@@ -137,6 +184,76 @@ impl Cluster {
         }
         self.engine.shutdown().await;
     }
+}
+
+/// The compaction job: each finished workflow, `after` its finish, is compacted.
+async fn compactor(
+    mut finished: mpsc::UnboundedReceiver<WorkflowId>,
+    log: Arc<PgLog>,
+    h: Handle,
+    after: Duration,
+    stats: Arc<CompactionStats>,
+    stop: CancellationToken,
+) {
+    let mut due: VecDeque<(tokio::time::Instant, WorkflowId)> = VecDeque::new();
+    loop {
+        let next = due.front().map(|(at, _)| *at);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            wf = finished.recv() => match wf {
+                Some(wf) => due.push_back((tokio::time::Instant::now() + after, wf)),
+                None => return,
+            },
+            _ = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                while let Some((at, wf)) = due.front().copied() {
+                    if at > tokio::time::Instant::now() {
+                        break;
+                    }
+                    due.pop_front();
+                    if let Err(e) = compact_one(&log, &h, wf, &stats).await {
+                        stats.failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%wf, error = %e, "compaction failed; the workflow stays in the live log");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Snapshot the durable state of `wf` and move its events up to that state's version into the
+/// archive. Events appended meanwhile (a rerun) stay live.
+async fn compact_one(
+    log: &Arc<PgLog>,
+    h: &Handle,
+    wf: WorkflowId,
+    stats: &CompactionStats,
+) -> Result<Option<mageflow_store_pg::CompactStats>> {
+    let state = h.workflow(wf).await?;
+    if !state.is_finished() {
+        return Ok(None);
+    }
+    let snapshot = state
+        .to_snapshot()
+        .map_err(|e| Error::Hot(format!("cannot snapshot {wf}: {e}")))?;
+    let (log, version) = (log.clone(), state.version);
+    let compacted =
+        tokio::task::spawn_blocking(move || log.compact(wf, Some(version), Some(snapshot)))
+            .await
+            .map_err(|e| Error::Hot(format!("the compaction of {wf} stopped: {e}")))??;
+    stats.workflows.fetch_add(1, Ordering::Relaxed);
+    stats.events.fetch_add(compacted.events, Ordering::Relaxed);
+    stats
+        .raw_bytes
+        .fetch_add(compacted.raw_bytes, Ordering::Relaxed);
+    stats
+        .compressed_bytes
+        .fetch_add(compacted.compressed_bytes, Ordering::Relaxed);
+    Ok(Some(compacted))
 }
 
 /// Turn workers' reports into commands. Reports are trimmed from Redis only once everything

@@ -7,6 +7,7 @@
 #[macro_use]
 mod support;
 
+mod auto_resume;
 mod chains;
 mod control;
 mod durability;

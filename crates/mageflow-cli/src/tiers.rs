@@ -206,7 +206,10 @@ pub async fn worker(
     eprintln!("worker {} taking jobs (Ctrl-C to stop)", config.worker_id);
     let stats = cluster::run_worker_process(c.hot, builtins(), config, shutdown).await?;
     stopper.abort();
-    println!(
+    // Not println!: a closed stdout (the parent went away) must not turn a clean stop into a panic.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stdout(),
         "worker stopped: claimed={} succeeded={} failed={} stopped={}",
         stats.claimed.load(Ordering::Relaxed),
         stats.succeeded.load(Ordering::Relaxed),

@@ -187,6 +187,14 @@ impl Workflow {
 
     /// The envelope checks: the event belongs to this stream and is the next one.
     fn check_next(&self, event: &Event) -> Result<(), ApplyError> {
+        // The system stream holds engine records, not a workflow: nothing of it folds.
+        if event.stream.is_system() || self.id.is_system() {
+            return Err(ApplyError::Invalid {
+                kind: event.payload.kind(),
+                node: 0,
+                reason: "the system stream holds no workflow".into(),
+            });
+        }
         if event.stream != self.id {
             return Err(ApplyError::WrongStream {
                 expected: self.id,
@@ -533,6 +541,13 @@ impl Workflow {
                     n.swarm = Default::default();
                     n.deletion = None;
                 }
+            }
+            Payload::ResumeReport { .. } => {
+                return Err(ApplyError::Invalid {
+                    kind,
+                    node: 0,
+                    reason: "a resume report belongs to the system stream".into(),
+                });
             }
             Payload::Purged { node } => {
                 self.check_root(kind, node)?;

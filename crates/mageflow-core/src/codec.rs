@@ -478,6 +478,9 @@ mod fast {
                     self.uint(u64::from(*attempt));
                     self.task_error(error);
                 }
+                Payload::ResumeReport { report } => {
+                    self.variant(name, 1).value(report);
+                }
                 Payload::Resumed { node, status } => {
                     self.variant(name, 2).uint(u64::from(*node));
                     match status {
@@ -908,6 +911,12 @@ mod fast {
                 "purged" => {
                     self.fields(1)?;
                     Payload::Purged { node: self.u32()? }
+                }
+                "resume_report" => {
+                    self.fields(1)?;
+                    Payload::ResumeReport {
+                        report: self.value(VALUE_DEPTH_MAX)?,
+                    }
                 }
                 _ => return None,
             })

@@ -71,6 +71,14 @@ impl Decider<'_> {
     }
 
     fn run(&mut self, op: &Op) -> Result<(), Rejection> {
+        if self.wf.id.is_system() {
+            return Err(match op {
+                Op::Create { .. } => {
+                    Rejection::InvalidTree("the nil id is reserved for the system stream".into())
+                }
+                _ => Rejection::NoSuchWorkflow,
+            });
+        }
         if !matches!(op, Op::Create { .. }) && !self.wf.exists() {
             return Err(Rejection::NoSuchWorkflow);
         }

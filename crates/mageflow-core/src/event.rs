@@ -9,7 +9,8 @@ use serde_json::Value;
 use std::fmt;
 
 /// Version of the event schema written by this build. Older versions must keep decoding.
-pub const SCHEMA_VERSION: u16 = 1;
+/// History: 1 = the first schema; 2 = adds [`Payload::ResumeReport`].
+pub const SCHEMA_VERSION: u16 = 2;
 
 /// Who caused an event.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -168,6 +169,13 @@ pub enum Payload {
     Purged {
         node: NodeIndex,
     },
+    /// What an engine's recovery pass found in the log and did about it (schema 2). Only ever
+    /// in the system stream ([`WorkflowId::SYSTEM`]), never folded into a workflow. `report`
+    /// is a JSON object whose shape the engine owns (its `RecoveryReport`), so the report can
+    /// gain fields without a codec change.
+    ResumeReport {
+        report: Value,
+    },
 }
 
 impl Payload {
@@ -175,7 +183,7 @@ impl Payload {
     pub fn node(&self) -> Option<NodeIndex> {
         use Payload::*;
         match self {
-            WorkflowCreated { .. } => None,
+            WorkflowCreated { .. } | ResumeReport { .. } => None,
             SwarmItemsAdded { swarm, .. }
             | SwarmClosed { swarm }
             | SwarmDispatched { swarm, .. } => Some(*swarm),
@@ -222,6 +230,7 @@ impl Payload {
             Restored { .. } => "restored",
             Rerun { .. } => "rerun",
             Purged { .. } => "purged",
+            ResumeReport { .. } => "resume_report",
         }
     }
 }

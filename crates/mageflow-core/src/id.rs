@@ -14,6 +14,17 @@ use uuid::Uuid;
 pub struct WorkflowId(pub Uuid);
 
 impl WorkflowId {
+    /// The reserved system stream (the nil UUID): engine records such as resume reports
+    /// ([`crate::Payload::ResumeReport`]). It holds no workflow: [`crate::Workflow::apply`]
+    /// refuses its events and `decide` refuses every command on it. Fresh ids (UUIDv7) and
+    /// derived ones (UUIDv8) are never nil.
+    pub const SYSTEM: WorkflowId = WorkflowId(Uuid::nil());
+
+    /// Whether this is the reserved [`WorkflowId::SYSTEM`] stream.
+    pub fn is_system(&self) -> bool {
+        *self == Self::SYSTEM
+    }
+
     pub fn from_u128(v: u128) -> Self {
         Self(Uuid::from_u128(v))
     }

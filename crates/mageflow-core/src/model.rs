@@ -272,7 +272,7 @@ pub struct SwarmProgress {
 }
 
 /// One signature with its runtime state.
-#[derive(Clone, PartialEq, Debug)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 pub struct Node {
     pub spec: NodeSpec,
     pub status: Status,
@@ -364,8 +364,9 @@ pub fn deep_merge_owned(base: Value, over: Value) -> Value {
     }
 }
 
-/// The state of one workflow: the fold of its stream.
-#[derive(Clone, PartialEq, Debug)]
+/// The state of one workflow: the fold of its stream. Serializable for snapshots (see
+/// [`Workflow::to_snapshot`]); the log of events stays the source of truth.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 pub struct Workflow {
     pub id: WorkflowId,
     /// Sequence number of the last applied event (0 = empty stream).
@@ -378,6 +379,17 @@ pub struct Workflow {
 }
 
 impl Workflow {
+    /// The state as MessagePack (named fields), stored beside archived events so an auditor can
+    /// read the final state without replaying; replaying the events gives the same state.
+    pub fn to_snapshot(&self) -> Result<Vec<u8>, crate::CodecError> {
+        rmp_serde::to_vec_named(self).map_err(|e| crate::CodecError::Encode(e.to_string()))
+    }
+
+    /// Decode a snapshot made by [`Workflow::to_snapshot`]; bad bytes are an error, not a panic.
+    pub fn from_snapshot(bytes: &[u8]) -> Result<Self, crate::CodecError> {
+        rmp_serde::from_slice(bytes).map_err(|e| crate::CodecError::Malformed(e.to_string()))
+    }
+
     pub fn empty(id: WorkflowId) -> Self {
         Self {
             id,

@@ -34,7 +34,7 @@ use mageflow_core::{
     Status, TaskError, Timestamp, Workflow, WorkflowId,
 };
 use mageflow_store::{AppendRequest, BoxFuture, EventLog};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::any::Any;
 use std::borrow::Cow;
@@ -55,6 +55,11 @@ pub const QUEUE_DEPTH_MAX: usize = 65_536;
 const PURGE_RETRY_MS: u64 = 1_000;
 /// Events read per chunk when recovering from the log.
 const RECOVERY_CHUNK_EVENTS: usize = 16_384;
+/// Most corrupt workflows a recovery report lists by id (all are counted).
+pub const RECOVERY_CORRUPT_LISTED_MAX: usize = 100;
+/// Attempts at appending the recovery's events when the system stream moved under us (another
+/// engine on the same log wrote a report at the same time).
+const RECOVERY_APPEND_TRIES: usize = 5;
 
 /// Where handlers run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +92,74 @@ pub struct Config {
     pub deletion_ttl: Duration,
     /// Per root kind (`"task"`, `"chain"`, `"swarm"`): overrides `deletion_ttl`.
     pub deletion_ttl_by_kind: BTreeMap<String, Duration>,
+    /// What the start-up recovery resumes of the unfinished work it finds in the log.
+    pub auto_resume: AutoResume,
+    /// Told the id of every workflow that finishes, once the events that finished it are
+    /// durable (the cluster's compaction job listens here).
+    pub on_finished: Option<mpsc::UnboundedSender<WorkflowId>>,
+}
+
+/// What [`Engine::start`] does with the unfinished work it finds in the log (see
+/// [`RecoveryReport`] for what it counts). Per signature:
+///
+/// - an attempt that was **running** when the previous process stopped (in flight in the log,
+///   nobody left to report it) runs again: a new attempt is queued (a `retry_scheduled` event
+///   with `lost: true`, not counted against the retry budget) and receives the last checkpoint;
+///   with [`Dispatch::Remote`] it is left to the worker processes instead, as always;
+/// - a **queued** task (triggered, waiting for a slot) is started; one waiting for its retry
+///   backoff starts when the backoff ends (not staggered);
+/// - a **suspended** or **interrupted** signature stays as it is;
+/// - a **failed** one is left alone (only counted).
+///
+/// Work the settings below leave out is *held*: nothing of it starts — an in-flight attempt
+/// stays recorded as running (in the log and in `Handle::workflow`), a queued task stays
+/// queued — until a user calls [`Handle::resume`] (on any signature of the workflow that is not
+/// finished; a no-op resume is fine) or [`Handle::run`] on it, which releases everything held in
+/// that workflow. Everything else about a held workflow works as usual (suspend, interrupt,
+/// cancel, delete, inspect, wait — which waits until it is released and finishes).
+/// Deletion windows are rescheduled whatever these settings say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AutoResume {
+    /// Global switch. Off: every recovered unfinished workflow is held whole: no attempt is
+    /// requeued, no queued task is put on the ready queue, and nothing new starts in it (not
+    /// even tasks triggered later by adding swarm items) until it is released. (With
+    /// [`Dispatch::Remote`], attempts in flight belong to worker processes and go on.)
+    pub enabled: bool,
+    /// Only the in-flight and queued tasks whose task name is in this set are resumed; the
+    /// others are held (alone: the rest of their workflow goes on). `None`: every task.
+    pub tasks: Option<BTreeSet<String>>,
+    /// Only workflows whose root is of one of these kinds (`"task"`, `"chain"`, `"swarm"`)
+    /// are resumed; the others are held whole. `None`: every kind.
+    pub kinds: Option<BTreeSet<String>>,
+    /// Spread the resumed starts (requeued attempts and queued tasks, in workflow id then
+    /// signature order): the k-th (from 0) does not start before `k × stagger` after the
+    /// recovery (the `at` of its resume report event). Start-up does not wait for it: the
+    /// starts are timers of the orchestrator. Zero: all at once (as worker slots allow).
+    pub stagger: Duration,
+}
+
+impl Default for AutoResume {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            tasks: None,
+            kinds: None,
+            stagger: Duration::ZERO,
+        }
+    }
+}
+
+impl AutoResume {
+    /// Whether a workflow whose root is of `kind` is resumed (else it is held whole).
+    pub fn resumes_kind(&self, kind: &str) -> bool {
+        self.enabled && self.kinds.as_ref().is_none_or(|k| k.contains(kind))
+    }
+
+    /// Whether an in-flight or queued task running `task` is resumed (its workflow's kind
+    /// aside).
+    pub fn resumes_task(&self, task: &str) -> bool {
+        self.enabled && self.tasks.as_ref().is_none_or(|t| t.contains(task))
+    }
 }
 
 impl Default for Config {
@@ -99,6 +172,8 @@ impl Default for Config {
             worker_id: format!("embedded-{}", std::process::id()),
             deletion_ttl: Duration::from_secs(24 * 3600),
             deletion_ttl_by_kind: BTreeMap::new(),
+            auto_resume: AutoResume::default(),
+            on_finished: None,
         }
     }
 }
@@ -127,10 +202,19 @@ pub struct Stats {
     pub running_peak: AtomicU64,
 }
 
-/// What the engine found in the log when it started, and what it did about it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+/// What the engine found in the log when it started, and what it did about it (see
+/// [`AutoResume`]). When it found unfinished work or skipped a corrupt workflow it is also
+/// written to the log, as one `resume_report` event of the system stream
+/// ([`WorkflowId::SYSTEM`]), in the same atomic append as the requeues it made; read them
+/// back with [`Handle::resume_reports`]. Counts are of signatures unless said otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RecoveryReport {
     pub events_read: u64,
+    /// Position of the last event read (0: empty log): the state recovered is the log up to
+    /// here.
+    pub log_position: u64,
+    /// Workflows not finished (corrupt ones excluded).
     pub workflows_unfinished: u64,
     /// Attempts that were running when the previous process stopped: queued again.
     pub attempts_requeued: u64,
@@ -142,8 +226,52 @@ pub struct RecoveryReport {
     pub retries_waiting: u64,
     /// Suspended or interrupted signatures, left as they are.
     pub paused: u64,
+    /// Failed tasks of unfinished workflows: not resumed (only counted).
+    pub failed: u64,
+    /// In-flight attempts and queued tasks held because auto-resume is off or its filters leave
+    /// them out ([`AutoResume`]).
+    pub skipped_by_filter: u64,
+    /// Workflows held whole (auto-resume off, or their root kind filtered out).
+    pub workflows_held: u64,
+    /// Workflows whose events do not fold (a corrupt or forged log): left out of the hot
+    /// state; requests about them fail as a read of them does.
+    pub skipped_corrupt: u64,
+    /// The first [`RECOVERY_CORRUPT_LISTED_MAX`] of them, with the reason.
+    pub corrupt: Vec<SkippedWorkflow>,
+    /// Resume actions refused (a requeue the workflow's state did not accept): logged, the
+    /// attempt stays as it was.
+    pub failures: u64,
     /// Workflows marked for deletion whose purge is (re)scheduled.
     pub deletions_pending: u64,
+    /// [`AutoResume::enabled`] of the engine that recovered.
+    pub auto_resume: bool,
+    /// [`AutoResume::stagger`] in milliseconds.
+    pub stagger_ms: u64,
+}
+
+/// A workflow recovery left out, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedWorkflow {
+    pub workflow: WorkflowId,
+    pub reason: String,
+}
+
+/// One resume report read back from the log ([`Handle::resume_reports`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StoredResumeReport {
+    /// Its sequence number in the system stream.
+    pub seq: u64,
+    /// When the recovery pass ran (the reference of [`AutoResume::stagger`]).
+    pub at: Timestamp,
+    /// The engine that wrote it (`system:recovery`).
+    pub actor: Actor,
+    pub report: RecoveryReport,
+}
+
+/// How much of a recovered workflow auto-resume holds back (see [`AutoResume`]).
+enum Hold {
+    Whole,
+    Nodes(HashSet<NodeIndex>),
 }
 
 pub fn now() -> Timestamp {
@@ -252,6 +380,7 @@ impl Engine {
             purges: BTreeSet::new(),
             running: HashMap::new(),
             deferred: HashSet::new(),
+            held: HashMap::new(),
             waiters: HashMap::new(),
             seq: 0,
             last_touch: HashMap::new(),
@@ -491,7 +620,9 @@ impl Handle {
         self.op(sig, Op::Suspend { node: sig.index }).await
     }
 
-    /// Continue a suspended or interrupted signature from where it stopped.
+    /// Continue a suspended or interrupted signature from where it stopped. On a workflow
+    /// whose work the start-up recovery held ([`AutoResume`]), it also releases all of that
+    /// work (even when `sig` itself was not paused).
     pub async fn resume(&self, sig: SignatureId) -> Result<()> {
         self.op(sig, Op::Resume { node: sig.index }).await
     }
@@ -508,13 +639,7 @@ impl Handle {
     /// kind runs out, then purged by the cleanup job. A running part keeps running to completion
     /// (and its callbacks fire). Until then it can be restored or rerun.
     pub async fn delete(&self, wf: WorkflowId) -> Result<mageflow_core::Timestamp> {
-        let kind = self
-            .inspect(wf, |w| match w.nodes[0].spec.kind {
-                mageflow_core::KindSpec::Task { .. } => "task",
-                mageflow_core::KindSpec::Chain { .. } => "chain",
-                mageflow_core::KindSpec::Swarm { .. } => "swarm",
-            })
-            .await?;
+        let kind = self.inspect(wf, |w| root_kind(&w.nodes[0])).await?;
         let ttl = self.config.deletion_ttl_for(kind);
         let expires_at = now().saturating_add_millis(ttl.as_millis() as u64);
         self.op(SignatureId::root(wf), Op::Delete { expires_at })
@@ -613,9 +738,48 @@ impl Handle {
         self.call(Request::Wait { wf, reply }, rx).await
     }
 
-    /// Every event of a workflow, in order, from the log.
+    /// Every event of a workflow, in order, from the log. The system stream
+    /// ([`WorkflowId::SYSTEM`]) is no workflow: its history is empty (see
+    /// [`Handle::resume_reports`]).
     pub fn history(&self, wf: WorkflowId) -> Result<Vec<Event>> {
+        if wf.is_system() {
+            return Ok(Vec::new());
+        }
         Ok(self.log.read_stream(wf, 1)?)
+    }
+
+    /// The reports of every recovery pass that found unfinished work or skipped a corrupt
+    /// workflow, oldest first, as written to the log's system stream.
+    pub fn resume_reports(&self) -> Result<Vec<StoredResumeReport>> {
+        let events = self.log.read_stream(WorkflowId::SYSTEM, 1)?;
+        let mut out = Vec::new();
+        for e in events {
+            let Payload::ResumeReport { report } = e.payload else {
+                continue;
+            };
+            let report = serde_json::from_value(report).map_err(|err| {
+                Error::Rejected(Rejection::Internal(format!(
+                    "resume report {} of the system stream does not read: {err}",
+                    e.seq
+                )))
+            })?;
+            out.push(StoredResumeReport {
+                seq: e.seq,
+                at: e.at,
+                actor: e.actor,
+                report,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Kind name of a (root) signature: `"task"`, `"chain"` or `"swarm"`.
+fn root_kind(n: &mageflow_core::Node) -> &'static str {
+    match n.spec.kind {
+        mageflow_core::KindSpec::Task { .. } => "task",
+        mageflow_core::KindSpec::Chain { .. } => "chain",
+        mageflow_core::KindSpec::Swarm { .. } => "swarm",
     }
 }
 
@@ -823,6 +987,9 @@ struct Orchestrator {
     /// Queued signatures whose previous attempt still holds a slot: put back on the ready queue
     /// when that attempt's handler reports, so one signature never holds two slots.
     deferred: HashSet<SignatureId>,
+    /// Recovered work auto-resume leaves alone until a resume or run of its workflow
+    /// ([`AutoResume`]): `start_ready` drops held signatures instead of starting them.
+    held: HashMap<WorkflowId, Hold>,
     waiters: HashMap<WorkflowId, Vec<oneshot::Sender<Result<Workflow>>>>,
     /// Sequence number of the last step decided.
     seq: u64,
@@ -838,28 +1005,83 @@ struct Orchestrator {
 }
 
 impl Orchestrator {
-    /// Rebuild unfinished workflows from the whole log and requeue lost attempts.
+    /// Rebuild unfinished workflows from the whole log and resume them as
+    /// [`Config::auto_resume`] says; skip (and report) workflows whose events do not fold; write
+    /// the report to the system stream when there was anything to report.
     async fn recover(&mut self) -> Result<RecoveryReport> {
-        let mut report = RecoveryReport::default();
+        let settings = self.config.auto_resume.clone();
+        let mut report = RecoveryReport {
+            auto_resume: settings.enabled,
+            stagger_ms: settings.stagger.as_millis() as u64,
+            ..RecoveryReport::default()
+        };
         let mut states: HashMap<WorkflowId, Workflow> = HashMap::new();
+        let mut corrupt: BTreeMap<WorkflowId, String> = BTreeMap::new();
         let mut from = 1;
         loop {
             let chunk = self.log.read_all(from, RECOVERY_CHUNK_EVENTS)?;
             let Some(last) = chunk.last() else { break };
             from = last.position + 1;
+            report.log_position = last.position;
             report.events_read += chunk.len() as u64;
             for rec in chunk {
                 let stream = rec.event.stream;
-                let wf = states
-                    .entry(stream)
-                    .or_insert_with(|| Workflow::empty(stream));
-                wf.apply_owned(rec.event)
-                    .map_err(|e| Error::Replay(stream, e))?;
+                if stream.is_system() || corrupt.contains_key(&stream) {
+                    continue;
+                }
+                let (seq, kind) = (rec.event.seq, rec.event.payload.kind());
+                let wf = match states.entry(stream) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    // The first live event of a stream whose earlier events were compacted into
+                    // the archive (a compacted workflow touched again): read its history through
+                    // `read_stream`, which merges the archive, up to just before this event.
+                    std::collections::hash_map::Entry::Vacant(v) if seq > 1 => {
+                        let mut wf = Workflow::empty(stream);
+                        let earlier = self.log.read_stream(stream, 1)?;
+                        let mut earlier = earlier.into_iter().take_while(|e| e.seq < seq);
+                        let folded = earlier.try_for_each(|e| wf.apply_owned(e));
+                        if let Err(e) = folded {
+                            let reason = format!("its archived history does not fold: {e}");
+                            tracing::error!(workflow = %stream, %reason, "recovery: skipping a workflow whose history is corrupt");
+                            corrupt.insert(stream, reason);
+                            continue;
+                        }
+                        v.insert(wf)
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(Workflow::empty(stream))
+                    }
+                };
+                if let Err(e) = wf.apply_owned(rec.event) {
+                    let reason = format!(
+                        "event {kind} at position {} (seq {seq}) does not fold: {e}",
+                        rec.position
+                    );
+                    tracing::error!(workflow = %stream, %reason, "recovery: skipping a workflow whose history is corrupt");
+                    states.remove(&stream);
+                    corrupt.insert(stream, reason);
+                }
             }
         }
-        let mut step = Step::default();
+        report.skipped_corrupt = corrupt.len() as u64;
+        report.corrupt = corrupt
+            .into_iter()
+            .take(RECOVERY_CORRUPT_LISTED_MAX)
+            .map(|(workflow, reason)| SkippedWorkflow { workflow, reason })
+            .collect();
+
+        // The reference time of the stagger, and of the report event.
+        let t0 = now();
+        let mut appends: Vec<AppendRequest> = Vec::new();
         let actor = Actor::system("recovery");
-        for (id, mut wf) in states {
+        // Resumed starts, in order (the stagger spreads them).
+        let mut resumed: Vec<SignatureId> = Vec::new();
+        let mut ids: Vec<WorkflowId> = states.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let Some(mut wf) = states.remove(&id) else {
+                continue;
+            };
             if let Some(expires_at) = wf.root().and_then(|r| r.deletion).filter(|_| !wf.purged) {
                 self.purges.insert((expires_at, id));
                 report.deletions_pending += 1;
@@ -868,9 +1090,15 @@ impl Orchestrator {
                 continue;
             }
             report.workflows_unfinished += 1;
+            let whole = !wf
+                .root()
+                .is_some_and(|r| settings.resumes_kind(root_kind(r)));
+            let mut held_nodes = HashSet::new();
             let mut ops = Vec::new();
             for (i, n) in wf.nodes.iter().enumerate() {
-                let sig = wf.sig(i as NodeIndex);
+                let index = i as NodeIndex;
+                let sig = wf.sig(index);
+                let resumable = n.in_flight || n.status == Status::Queued;
                 if n.in_flight && self.remote() {
                     // Its job is still in the hot tier (or comes back with a rebuild of it): a
                     // worker finishes it, or takes it over once its lease expires.
@@ -884,12 +1112,13 @@ impl Orchestrator {
                     self.free_slots = self.free_slots.saturating_sub(1);
                     self.count_running();
                     report.attempts_resumed += 1;
+                } else if resumable
+                    && (whole || !settings.resumes_task(n.spec.task_name().unwrap_or_default()))
+                {
+                    held_nodes.insert(index);
+                    report.skipped_by_filter += 1;
                 } else if n.in_flight {
-                    ops.push(Op::Requeue {
-                        node: i as NodeIndex,
-                        attempt: n.attempt,
-                    });
-                    report.attempts_requeued += 1;
+                    ops.push((index, n.attempt));
                 } else if n.status == Status::Queued {
                     match n.not_before {
                         Some(t) => {
@@ -897,34 +1126,167 @@ impl Orchestrator {
                             report.retries_waiting += 1;
                         }
                         None => {
-                            self.ready.push_back(sig);
+                            resumed.push(sig);
                             report.tasks_queued += 1;
                         }
                     }
                 } else if matches!(n.status, Status::Suspended | Status::Interrupted) {
                     report.paused += 1;
+                } else if n.status == Status::Failed && !n.is_container() {
+                    report.failed += 1;
                 }
             }
             let expected = wf.version;
-            for op in ops {
+            let mut events = Vec::new();
+            for (node, attempt) in ops {
                 let cmd = Command {
                     actor: actor.clone(),
-                    at: now(),
-                    op,
+                    at: t0,
+                    op: Op::Requeue { node, attempt },
                 };
-                let events = execute(&mut wf, &cmd)?;
-                self.scan(&wf, &events, &mut step);
-                step.add_events(id, expected, events);
+                match execute(&mut wf, &cmd) {
+                    Ok(new) => {
+                        // A requeue is one `retry_scheduled` (lost) event: its timer is the
+                        // stagger's, set below.
+                        self.stats
+                            .retries_scheduled
+                            .fetch_add(new.len() as u64, Ordering::Relaxed);
+                        events.extend(new);
+                        resumed.push(wf.sig(node));
+                        report.attempts_requeued += 1;
+                    }
+                    Err(e) => {
+                        tracing::error!(workflow = %id, node, attempt, error = %e, "recovery: requeue refused; the attempt stays in flight");
+                        report.failures += 1;
+                    }
+                }
+            }
+            if !events.is_empty() {
+                appends.push(AppendRequest {
+                    stream: id,
+                    expected_version: expected,
+                    events,
+                });
+            }
+            if whole {
+                self.held.insert(id, Hold::Whole);
+                report.workflows_held += 1;
+            } else if !held_nodes.is_empty() {
+                self.held.insert(id, Hold::Nodes(held_nodes));
             }
             self.hot.insert(id, wf);
         }
-        if !step.appends.is_empty() {
-            self.log.append(step.appends).await?;
+        for (k, sig) in resumed.into_iter().enumerate() {
+            if settings.stagger.is_zero() {
+                self.ready.push_back(sig);
+            } else {
+                let delay = settings.stagger.saturating_mul(k as u32).as_micros();
+                let at = Timestamp::from_micros(
+                    t0.as_micros()
+                        .saturating_add(i64::try_from(delay).unwrap_or(i64::MAX)),
+                );
+                self.timers.insert((at, sig));
+            }
         }
-        if report != RecoveryReport::default() {
+        if report.workflows_unfinished > 0 || report.skipped_corrupt > 0 {
+            self.append_with_report(appends, &report, t0, &actor)
+                .await?;
             tracing::info!(?report, "recovered unfinished work from the log");
+        } else if !appends.is_empty() {
+            self.log.append(appends).await?;
         }
         Ok(report)
+    }
+
+    /// Append the recovery's events together with its report (one event of the system
+    /// stream), atomically; retried if another engine wrote to the system stream meanwhile.
+    async fn append_with_report(
+        &self,
+        appends: Vec<AppendRequest>,
+        report: &RecoveryReport,
+        at: Timestamp,
+        actor: &Actor,
+    ) -> Result<()> {
+        let payload = Payload::ResumeReport {
+            report: serde_json::to_value(report).map_err(|e| {
+                Error::Rejected(Rejection::Internal(format!(
+                    "recovery report does not serialize: {e}"
+                )))
+            })?,
+        };
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let version = self.log.stream_version(WorkflowId::SYSTEM)?;
+            let report_event = Event {
+                stream: WorkflowId::SYSTEM,
+                seq: version + 1,
+                at,
+                actor: actor.clone(),
+                schema: mageflow_core::SCHEMA_VERSION,
+                payload: payload.clone(),
+            };
+            let mut requests = appends.clone();
+            requests.push(AppendRequest {
+                stream: WorkflowId::SYSTEM,
+                expected_version: version,
+                events: vec![report_event],
+            });
+            match self.log.append(requests).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_conflict() && tries < RECOVERY_APPEND_TRIES => {
+                    // Only the system stream can have moved: workflows are this engine's.
+                    tracing::warn!(error = %e, "recovery: the system stream moved; retrying");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// A resume or run of `wf`: start what auto-resume held of it (see [`AutoResume`]).
+    fn release(&mut self, wf: WorkflowId, step: &mut Step) {
+        let Some(hold) = self.held.remove(&wf) else {
+            return;
+        };
+        let mut requeue = Vec::new();
+        if let Ok(state) = self.load(wf) {
+            let held = |i: NodeIndex| match &hold {
+                Hold::Whole => true,
+                Hold::Nodes(nodes) => nodes.contains(&i),
+            };
+            let mut ready = Vec::new();
+            let mut timers = Vec::new();
+            for (i, n) in state.nodes.iter().enumerate() {
+                let index = i as NodeIndex;
+                if !held(index) {
+                    continue;
+                }
+                if n.in_flight {
+                    requeue.push((index, n.attempt));
+                } else if n.status == Status::Queued {
+                    match n.not_before {
+                        Some(t) => timers.push((t, state.sig(index))),
+                        None => ready.push(state.sig(index)),
+                    }
+                }
+            }
+            self.ready.extend(ready);
+            self.timers.extend(timers);
+        }
+        let actor = Actor::system("resume");
+        for (node, attempt) in requeue {
+            if self.running.contains_key(&SignatureId {
+                workflow: wf,
+                index: node,
+            }) {
+                continue;
+            }
+            let actions = vec![(wf, Action::Core(Op::Requeue { node, attempt }))];
+            if let Err(e) = self.exec(actions, &actor, false, step) {
+                tracing::warn!(%wf, node, attempt, error = %e, "requeue of a held attempt refused");
+            }
+        }
+        step.touched.push(wf);
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
@@ -1008,6 +1370,9 @@ impl Orchestrator {
     /// Load a workflow into the hot state (from the log if needed). A missing stream gives an
     /// empty workflow (for create).
     fn load(&mut self, wf: WorkflowId) -> Result<&mut Workflow> {
+        if wf.is_system() {
+            return Err(Error::NoSuchWorkflow(wf));
+        }
         if !self.hot.contains_key(&wf) {
             let events = self.log.read_stream(wf, 1)?;
             let state = Workflow::replay(wf, events).map_err(|e| Error::Replay(wf, e))?;
@@ -1168,7 +1533,21 @@ impl Orchestrator {
                     reply,
                 } => {
                     let touched: Vec<WorkflowId> = actions.iter().map(|(w, _)| *w).collect();
+                    // A resume or run releases what auto-resume held of the workflow.
+                    let releases: Vec<WorkflowId> = actions
+                        .iter()
+                        .filter(|(w, a)| {
+                            matches!(a, Action::Core(Op::Resume { .. } | Op::Run { .. }))
+                                && self.held.contains_key(w)
+                        })
+                        .map(|(w, _)| *w)
+                        .collect();
                     let res = self.exec(actions, &actor, idempotent, &mut step);
+                    if res.is_ok() {
+                        for wf in releases {
+                            self.release(wf, &mut step);
+                        }
+                    }
                     step.touched.extend(touched);
                     if let Some(reply) = reply {
                         step.replies.push(Reply::Unit(reply, res));
@@ -1315,6 +1694,10 @@ impl Orchestrator {
             let Some(sig) = self.ready.pop_front() else {
                 break;
             };
+            if self.is_held(sig) {
+                // Auto-resume left it for a resume or run of its workflow, which puts it back.
+                continue;
+            }
             if self.running.contains_key(&sig) {
                 // An older attempt's handler still holds a slot (revoked, within its grace).
                 self.deferred.insert(sig);
@@ -1392,6 +1775,11 @@ impl Orchestrator {
                 self.stats
                     .workflows_finished
                     .fetch_add(finished.len() as u64, Ordering::Relaxed);
+                if let Some(tx) = &self.config.on_finished {
+                    for wf in &finished {
+                        let _ = tx.send(*wf);
+                    }
+                }
                 for l in launches {
                     self.launch(l);
                 }
@@ -1489,10 +1877,19 @@ impl Orchestrator {
             }
         }
         self.hot.remove(&wf);
+        self.held.remove(&wf);
     }
 
     fn remote(&self) -> bool {
         matches!(self.config.dispatch, Dispatch::Remote { .. })
+    }
+
+    fn is_held(&self, sig: SignatureId) -> bool {
+        match self.held.get(&sig.workflow) {
+            None => false,
+            Some(Hold::Whole) => true,
+            Some(Hold::Nodes(nodes)) => nodes.contains(&sig.index),
+        }
     }
 
     /// Count an attempt as running, from its start until its slot is given back.

@@ -11,7 +11,10 @@ mod sig;
 pub mod worker;
 
 pub use context::{TaskContext, WorkerLink};
-pub use engine::{now, Config, Dispatch, Engine, Handle, RecoveryReport, Stats, INPUT_BYTES_MAX};
+pub use engine::{
+    now, AutoResume, Config, Dispatch, Engine, Handle, RecoveryReport, SkippedWorkflow, Stats,
+    StoredResumeReport, INPUT_BYTES_MAX, RECOVERY_CORRUPT_LISTED_MAX,
+};
 pub use error::{Error, Result};
 pub use registry::{Registry, TaskDef, TaskFailure};
 pub use sig::{

@@ -280,6 +280,10 @@ impl Projector {
                 next = rec.position + 1;
                 let event = rec.event;
                 let id = event.stream;
+                // The system stream (engine records such as resume reports) is no workflow.
+                if id.is_system() {
+                    continue;
+                }
                 let wf = self
                     .wfs
                     .entry(id)
@@ -323,6 +327,11 @@ impl Projector {
             let Recorded { position, event } = rec;
             last = position;
             let id = event.stream;
+            // The system stream (engine records such as resume reports) is no workflow: nothing
+            // of it is projected, not even into the tail.
+            if id.is_system() {
+                continue;
+            }
             let node = event.payload.node();
             pipe.cmd("XADD")
                 .arg(&tail)

@@ -9,6 +9,10 @@
 //!   arrays, see `mageflow_core::codec`). These must also be exactly what `encode` writes today,
 //!   and the codec's direct reader (not only its serde fallback) must read them.
 //!
+//! - `events-v2-compact/<kind>.msgpack`: schema 2 (adds `resume_report`) in the compact layout:
+//!   the current one. The schema-1 directories hold the variants that existed then, with
+//!   `schema: 1` in their envelope.
+//!
 //! The current layout's files are written once, by
 //! `MAGEFLOW_BLESS=1 cargo test -p mageflow-core golden`. Never re-bless a directory to make a
 //! failing test pass: old logs contain these bytes. A new schema version or layout gets a new
@@ -29,8 +33,12 @@ const AT_MICROS: i64 = 1_795_679_904_000_000;
 
 /// The frozen directory of the first (named) layout.
 const NAMED_DIR: &str = "events-v1";
-/// The directory of the current layout, the one `MAGEFLOW_BLESS=1` writes.
-const CURRENT_DIR: &str = "events-v1-compact";
+/// The frozen directory of schema 1 in the compact layout.
+const V1_COMPACT_DIR: &str = "events-v1-compact";
+/// Variants schema 1 had (the first ones in the list below).
+const V1_VARIANTS: usize = 20;
+/// The directory of the current schema and layout, the one `MAGEFLOW_BLESS=1` writes.
+const CURRENT_DIR: &str = "events-v2-compact";
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/golden")).join(name)
@@ -60,12 +68,19 @@ fn variant(payload: &Payload) -> usize {
         Payload::Restored { .. } => 17,
         Payload::Rerun { .. } => 18,
         Payload::Purged { .. } => 19,
+        Payload::ResumeReport { .. } => 20,
     }
 }
-const VARIANTS: usize = 20;
+const VARIANTS: usize = 21;
 
-/// The golden events, in variant order, with fixed ids, times and actors.
+/// The golden events of the current schema, in variant order.
 fn expected() -> Vec<Event> {
+    expected_of(SCHEMA_VERSION, VARIANTS)
+}
+
+/// The golden events of schema `schema`: its first `variants` variants, in variant order, with
+/// fixed ids, times and actors.
+fn expected_of(schema: u16, variants: usize) -> Vec<Event> {
     let tree = chain(
         "ingest",
         [
@@ -154,9 +169,19 @@ fn expected() -> Vec<Event> {
         Payload::Restored { node: 0 },
         Payload::Rerun { node: 0 },
         Payload::Purged { node: 0 },
+        Payload::ResumeReport {
+            report: json!({
+                "events_read": 81_920,
+                "workflows_unfinished": 3,
+                "attempts_requeued": 2,
+                "skipped_by_filter": 1,
+                "corrupt": [{"workflow": "0192f3a4-0000-7000-8000-000000000001", "reason": "event at position 7 does not fold"}],
+            }),
+        },
     ];
     payloads
         .into_iter()
+        .take(variants)
         .enumerate()
         .map(|(i, payload)| Event {
             stream: WorkflowId::from_u128(STREAM),
@@ -167,7 +192,7 @@ fn expected() -> Vec<Event> {
                 1 => Actor::worker("host-1/slot-3"),
                 _ => Actor::system("timers"),
             },
-            schema: SCHEMA_VERSION,
+            schema,
             payload,
         })
         .collect()
@@ -206,11 +231,10 @@ fn bless_golden_files() {
 
 /// Every file of `dir` decodes to its expected event, and every variant has a file. Returns the
 /// files' bytes in variant order.
-fn check_dir(name: &str) -> Vec<Vec<u8>> {
+fn check_dir(name: &str, expected: Vec<Event>) -> Vec<Vec<u8>> {
     let dir = dir(name);
     let entries = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("golden dir {} is missing: {e}", dir.display()));
-    let expected = expected();
     let mut seen = vec![None; expected.len()];
     for entry in entries {
         let path = entry.expect("read golden dir").path();
@@ -247,8 +271,9 @@ fn check_dir(name: &str) -> Vec<Vec<u8>> {
 #[test]
 fn golden_files_still_decode_to_the_same_events() {
     bless_if_asked();
-    check_dir(NAMED_DIR);
-    check_dir(CURRENT_DIR);
+    check_dir(NAMED_DIR, expected_of(1, V1_VARIANTS));
+    check_dir(V1_COMPACT_DIR, expected_of(1, V1_VARIANTS));
+    check_dir(CURRENT_DIR, expected());
 }
 
 /// The current layout is stable (encoding the expected events gives the committed bytes) and is
@@ -256,7 +281,7 @@ fn golden_files_still_decode_to_the_same_events() {
 #[test]
 fn golden_files_of_the_current_layout_are_what_encode_writes() {
     bless_if_asked();
-    let files = check_dir(CURRENT_DIR);
+    let files = check_dir(CURRENT_DIR, expected());
     for (event, bytes) in expected().iter().zip(&files) {
         let kind = event.payload.kind();
         assert_eq!(
@@ -269,5 +294,17 @@ fn golden_files_of_the_current_layout_are_what_encode_writes() {
             Some(event),
             "{kind}: the direct reader does not read it"
         );
+    }
+}
+
+/// Schema-1 events in the compact layout (logs written before schema 2) are still what `encode`
+/// writes for them and still read by the direct reader.
+#[test]
+fn golden_files_of_schema_1_compact_are_still_read_directly() {
+    let files = check_dir(V1_COMPACT_DIR, expected_of(1, V1_VARIANTS));
+    for (event, bytes) in expected_of(1, V1_VARIANTS).iter().zip(&files) {
+        let kind = event.payload.kind();
+        assert_eq!(&encode(event).expect("encodes"), bytes, "{kind}");
+        assert_eq!(check::decode_direct(bytes).as_ref(), Some(event), "{kind}");
     }
 }
