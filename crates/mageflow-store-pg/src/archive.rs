@@ -197,6 +197,24 @@ fn decode_frame(stream: WorkflowId, seq: u64, frame: &[u8]) -> Result<Event> {
     Ok(event)
 }
 
+/// Decode a stored archive segment of `stream` with the row's `events`, `raw_bytes` and
+/// `crc32` columns: every check a read makes (checksum, bounded decompression, framing, event
+/// decoding, stream and seqs). For the fuzz target and tools; damaged input is an
+/// `Error::Corrupt`, never a panic.
+pub fn decode_archive_segment(
+    stream: WorkflowId,
+    events: u64,
+    raw_bytes: u64,
+    crc32: u32,
+    segment: &[u8],
+) -> Result<Vec<Event>> {
+    let events = i64::try_from(events).map_err(|_| corrupt(stream, "event count out of range"))?;
+    let raw_bytes =
+        i64::try_from(raw_bytes).map_err(|_| corrupt(stream, "raw size out of range"))?;
+    let row: Segment = (1, events, events, raw_bytes, segment.to_vec(), crc32 as i32);
+    decode_segment(stream, &row, 1)
+}
+
 /// The archived events of `stream` with `seq >= from_seq`, checked.
 pub(crate) fn decode_segment(
     stream: WorkflowId,

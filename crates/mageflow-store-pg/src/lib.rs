@@ -108,7 +108,9 @@ mod listener;
 #[cfg(feature = "fault-injection")]
 pub use faults::Faults;
 
-pub use archive::{ArchiveInfo, CompactStats, ARCHIVE_RAW_BYTES_MAX, ZSTD_LEVEL};
+pub use archive::{
+    decode_archive_segment, ArchiveInfo, CompactStats, ARCHIVE_RAW_BYTES_MAX, ZSTD_LEVEL,
+};
 use archive::{Segment, SEGMENT_COLUMNS};
 use committer::{Committer, Job, Prepared};
 pub use committer::{CATCH_UP_EVENTS_MAX, VERSION_CACHE_STREAMS_MAX};
