@@ -75,6 +75,8 @@ enum Cmd {
         /// Handlers running at once (embedded store only).
         #[arg(long, default_value_t = 64)]
         workers: usize,
+        #[command(flatten)]
+        resume: tiers::ResumeArgs,
     },
     /// Run handlers of the built-in tasks for jobs from Redis (PostgreSQL + Redis deployments).
     Worker {
@@ -167,7 +169,11 @@ fn main() -> Result<()> {
             },
             Cmd::History { store, id, json } => inspect::history(&store, &id, json),
             Cmd::Verify { store } => inspect::verify(&store),
-            Cmd::Serve { tiers, workers } => tiers::serve(&tiers, workers).await,
+            Cmd::Serve {
+                tiers,
+                workers,
+                resume,
+            } => tiers::serve(&tiers, workers, &resume).await,
             Cmd::Worker {
                 tiers,
                 concurrency,

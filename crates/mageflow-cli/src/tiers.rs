@@ -135,6 +135,43 @@ impl StoreArgs {
     }
 }
 
+/// What `serve` resumes of the unfinished work it finds (see `mageflow::engine::AutoResume`).
+#[derive(Args, Clone, Debug, Default)]
+pub struct ResumeArgs {
+    /// Resume nothing on start: unfinished work stays held until resumed or run.
+    #[arg(long, env = "MAGEFLOW_NO_AUTO_RESUME")]
+    pub no_auto_resume: bool,
+    /// Only resume tasks with these names (comma-separated).
+    #[arg(long, env = "MAGEFLOW_RESUME_TASKS", value_delimiter = ',')]
+    pub resume_tasks: Vec<String>,
+    /// Only resume workflows whose root is of these kinds: task, chain, swarm (comma-separated).
+    #[arg(long, env = "MAGEFLOW_RESUME_KINDS", value_delimiter = ',')]
+    pub resume_kinds: Vec<String>,
+    /// Spread resumed starts this far apart, so a restart does not stampede.
+    #[arg(long, env = "MAGEFLOW_RESUME_STAGGER_MS", default_value_t = 0)]
+    pub resume_stagger_ms: u64,
+}
+
+impl ResumeArgs {
+    fn auto_resume(&self) -> Result<mageflow::engine::AutoResume> {
+        for k in &self.resume_kinds {
+            if !["task", "chain", "swarm"].contains(&k.as_str()) {
+                bail!("--resume-kinds: unknown kind {k:?} (task, chain or swarm)");
+            }
+        }
+        let set = |v: &Vec<String>| (!v.is_empty()).then(|| v.iter().cloned().collect());
+        Ok(mageflow::engine::AutoResume {
+            enabled: !self.no_auto_resume,
+            tasks: set(&self.resume_tasks),
+            kinds: set(&self.resume_kinds),
+            stagger: std::time::Duration::from_millis(self.resume_stagger_ms),
+        })
+    }
+}
+
+/// How often `serve` logs the state of the hot tier and compaction.
+const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The tasks the binary's own processes know: the built-in ones.
 pub fn builtins() -> Registry {
     let mut r = Registry::new();
@@ -145,10 +182,11 @@ pub fn builtins() -> Registry {
 /// `mageflow serve`: the orchestrator. On PostgreSQL + Redis it decides, projects and takes
 /// workers' reports; on an embedded store it also runs the handlers. Either way unfinished work
 /// in the log is resumed first, and what was found is printed.
-pub async fn serve(args: &StoreArgs, workers: usize) -> Result<()> {
+pub async fn serve(args: &StoreArgs, workers: usize, resume: &ResumeArgs) -> Result<()> {
     let config = Config {
         workers,
         principal: "serve".into(),
+        auto_resume: resume.auto_resume()?,
         ..Config::default()
     };
     match args.resolve()? {
@@ -168,7 +206,14 @@ pub async fn serve(args: &StoreArgs, workers: usize) -> Result<()> {
                 serde_json::to_string(c.engine().recovery())?
             );
             println!("serving: orchestrator + projector + report intake (Ctrl-C to stop)");
-            crate::stop_signal().await;
+            let stop = crate::stop_signal();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = tokio::time::sleep(STATUS_EVERY) => log_status(&c).await,
+                }
+            }
             let projected = c.projector_stats().events.load(Ordering::Relaxed);
             c.shutdown().await;
             println!("stopped; {projected} events projected to Redis");
@@ -176,6 +221,26 @@ pub async fn serve(args: &StoreArgs, workers: usize) -> Result<()> {
         None => bail!("`mageflow serve` needs --store embedded:PATH, or --postgres and --redis"),
     }
     Ok(())
+}
+
+/// One line on the tiers: projection, hot-tier memory and read hit rate, compaction.
+async fn log_status(c: &cluster::Cluster) {
+    let p = c.projector_stats();
+    let k = c.compaction_stats();
+    let (hits, misses) = c.hot().read_stats();
+    let memory = c.hot().memory_used().await.unwrap_or(0);
+    tracing::info!(
+        projected_position = p.position.load(Ordering::Relaxed),
+        events_projected = p.events.load(Ordering::Relaxed),
+        rebuilds = p.rebuilds.load(Ordering::Relaxed),
+        redis_used_bytes = memory,
+        hot_reads_hit = hits,
+        hot_reads_missed = misses,
+        workflows_compacted = k.workflows.load(Ordering::Relaxed),
+        compacted_raw_bytes = k.raw_bytes.load(Ordering::Relaxed),
+        compacted_stored_bytes = k.compressed_bytes.load(Ordering::Relaxed),
+        "status"
+    );
 }
 
 /// `mageflow worker`: run built-in task handlers for jobs from the hot tier until SIGINT or

@@ -480,3 +480,85 @@ async fn a_compacted_workflow_reads_the_same_and_is_loaded_back_when_touched() -
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanups_run_once_even_when_the_worker_running_their_task_was_killed() -> Result<()> {
+    guard(async {
+        const ITEMS: usize = 300;
+        let mut d = Deployment::start().await?;
+        d.spawn_worker("w1")?;
+        d.spawn_worker("w2")?;
+        let items: Vec<_> = (0..ITEMS)
+            .map(|i| {
+                sign("sleep")
+                    .kwarg("ms", 20)
+                    .kwarg("i", i)
+                    .on_cleanup(sign("noop"))
+            })
+            .collect();
+        let h = d.cluster().handle();
+        let wf = h.submit(swarm(items), json!({})).await?;
+        d.wait_for(wf, |w| succeeded(w) >= ITEMS / 4).await?;
+        d.workers[0].kill()?;
+        d.workers[0].wait()?;
+        let done = h.wait(wf).await?;
+        let history = h.history(wf)?;
+        // Every item ran to success once, and its cleanup ran once after it.
+        let mut cleanups = 0;
+        for &item in done.nodes[0].spec.children() {
+            let node = &done.nodes[item as usize];
+            assert_eq!(node.status, Status::Done);
+            for &c in &node.spec.on_cleanup {
+                cleanups += 1;
+                let ran = history
+                    .iter()
+                    .filter(|e| e.payload.kind() == "succeeded" && e.payload.node() == Some(c))
+                    .count();
+                assert_eq!(ran, 1, "cleanup {c} of item {item} succeeded {ran} times");
+            }
+        }
+        assert_eq!(cleanups, ITEMS);
+        d.finish().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rebuild_hot_restores_the_hot_tier_from_the_log() -> Result<()> {
+    guard(async {
+        let mut d = Deployment::start().await?;
+        d.spawn_worker("w1")?;
+        let h = d.cluster().handle();
+        let wf = h.submit(sign("echo").kwarg("x", 1), json!({})).await?;
+        h.wait(wf).await?;
+        let head = {
+            use mageflow::store::EventLog;
+            d.cluster().pg().head()
+        };
+        let hot = d.cluster().hot().clone();
+        if let Some(c) = d.cluster.take() {
+            c.shutdown().await;
+        }
+        hot.clear().await?;
+        assert_eq!(hot.projected_position().await?, None);
+        let out = Command::new(env!("CARGO_BIN_EXE_mageflow"))
+            .args(["replay", "--rebuild-hot", "--no-progress"])
+            .args(["--postgres", &postgres_url(), "--schema", &d.schema])
+            .args(["--redis", &d.redis, "--prefix", &d.prefix])
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(hot.projected_position().await?, Some(head));
+        let root = hot
+            .signature(mageflow::SignatureId::root(wf))
+            .await?
+            .context("the workflow is back in the hot tier")?;
+        assert_eq!(root.status, "done");
+        hot.clear().await?;
+        d.finish().await
+    })
+    .await
+}
