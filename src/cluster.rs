@@ -34,6 +34,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Default delay between a workflow finishing and its compaction.
 pub const COMPACT_AFTER_DEFAULT: Duration = Duration::from_secs(300);
 
+/// Workers' reports the intake has taken from Redis (each once per read; a report read again
+/// after a restart counts again).
+#[derive(Debug, Default)]
+pub struct IntakeStats {
+    pub reports: AtomicU64,
+}
+
 /// What compaction did since the orchestrator started.
 #[derive(Debug, Default)]
 pub struct CompactionStats {
@@ -83,6 +90,7 @@ pub struct Cluster {
     log: Arc<PgLog>,
     projector: Arc<ProjectorStats>,
     compaction: Arc<CompactionStats>,
+    intake: Arc<IntakeStats>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -118,9 +126,11 @@ pub async fn open_cluster(
             }
         }));
     }
+    let intake_stats = Arc::new(IntakeStats::default());
     tasks.push(tokio::spawn(intake(
         hot.clone(),
         engine.handle(),
+        intake_stats.clone(),
         stop.clone(),
     )));
     if let Some(after) = cluster.compact_after {
@@ -139,6 +149,7 @@ pub async fn open_cluster(
         log,
         projector: projector_stats,
         compaction,
+        intake: intake_stats,
         stop,
         tasks,
     })
@@ -168,6 +179,10 @@ impl Cluster {
 
     pub fn compaction_stats(&self) -> &Arc<CompactionStats> {
         &self.compaction
+    }
+
+    pub fn intake_stats(&self) -> &Arc<IntakeStats> {
+        &self.intake
     }
 
     /// Compact one finished workflow now (what the background job does `compact_after` after it
@@ -259,7 +274,7 @@ async fn compact_one(
 /// Turn workers' reports into commands. Reports are trimmed from Redis only once everything
 /// they caused is durable in the log; after a restart the untrimmed ones are read again, which
 /// is harmless (completion is idempotent per attempt).
-async fn intake(hot: Hot, h: Handle, stop: CancellationToken) {
+async fn intake(hot: Hot, h: Handle, stats: Arc<IntakeStats>, stop: CancellationToken) {
     let mut after = String::from("0");
     let mut backoff = Duration::from_millis(20);
     while !stop.is_cancelled() {
@@ -286,6 +301,7 @@ async fn intake(hot: Hot, h: Handle, stop: CancellationToken) {
             continue;
         };
         for (_, r) in reports {
+            stats.reports.fetch_add(1, Ordering::Relaxed);
             let (sig, attempt) = (r.key.sig, r.key.attempt);
             let sent = match r.outcome {
                 ReportOutcome::Succeeded(v) => h.report(sig, attempt, Ok(v)).await,

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-pub const SCENARIOS: [&str; 3] = ["flat", "chain", "fanout"];
+pub const SCENARIOS: [&str; 4] = ["flat", "chain", "fanout", "interrupt"];
 /// Hot state of a finished workflow is trimmed from Redis this long after it finishes.
 const HOT_DONE_TTL: Duration = Duration::from_secs(1);
 
@@ -146,6 +146,52 @@ pub async fn run(
             let wf = h.submit(swarm(items), json!({})).await?;
             h.wait(wf).await?;
             format!("n={n} seconds_to_done={:.3}", t0.elapsed().as_secs_f64())
+        }
+        "interrupt" => {
+            // Long handlers, RUNNING of them at once in the worker processes; interrupt the swarm
+            // and time, per handler, from the command to its stop report reaching the
+            // orchestrator (an upper bound of the stop itself).
+            const RUNNING: u32 = 50;
+            let n = n.unwrap_or(10_000);
+            let items: Vec<_> = (0..n).map(|_| sign("sleep").kwarg("ms", 600_000)).collect();
+            let s = swarm(items).max_concurrency(RUNNING);
+            let wf = h.submit(s, json!({})).await?;
+            let running =
+                |w: &mageflow::Workflow| w.nodes.iter().filter(|n| n.in_flight).count() as u32;
+            while h.inspect(wf, running).await? < RUNNING {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Let the workers claim and start all of them.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let intake = r.cluster()?.intake_stats().clone();
+            let before = intake.reports.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            h.interrupt(mageflow::SignatureId::root(wf)).await?;
+            let call_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            let mut stopped_ms = Vec::new();
+            let deadline = t0 + Duration::from_secs(30);
+            while stopped_ms.len() < RUNNING as usize && Instant::now() < deadline {
+                let got = intake
+                    .reports
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(before);
+                while (stopped_ms.len() as u64) < got.min(u64::from(RUNNING)) {
+                    stopped_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            let pct = |p: f64| {
+                stopped_ms
+                    .get(((stopped_ms.len().max(1) - 1) as f64 * p) as usize)
+                    .copied()
+                    .unwrap_or(f64::NAN)
+            };
+            format!(
+                "n={n} running={RUNNING} call_ms={call_ms:.1} stopped={} stop_p50_ms={:.1} stop_p99_ms={:.1}",
+                stopped_ms.len(),
+                pct(0.5),
+                pct(0.99)
+            )
         }
         other => bail!(
             "scenario {other:?} does not run on PostgreSQL + Redis; known there: {}",
