@@ -121,17 +121,7 @@ async fn flat(dir: &PathBuf, n: u32) -> Result<String> {
     let engine = open(dir, builtins(), 1024).await?;
     let h = engine.handle();
     let t0 = Instant::now();
-    // Enqueued in bulk: atomic submissions of FLAT_BULK workflows each.
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(FLAT_BULK);
-        h.submit_many((0..k).map(|_| (sign("noop").into(), json!({}))))
-            .await?;
-        left -= k;
-    }
-    while h.stats().workflows_finished.load(Ordering::Relaxed) < u64::from(n) {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    run_flat(&h, n).await?;
     let secs = t0.elapsed().as_secs_f64();
     let events = h.stats().events_written.load(Ordering::Relaxed);
     let appends = h.stats().appends.load(Ordering::Relaxed);
@@ -142,7 +132,40 @@ async fn flat(dir: &PathBuf, n: u32) -> Result<String> {
     ))
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// Submit `n` no-op workflows in bulks (atomic submissions of FLAT_BULK each) and wait until
+/// all have finished.
+pub async fn run_flat(h: &Handle, n: u32) -> Result<()> {
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(FLAT_BULK);
+        h.submit_many((0..k).map(|_| (sign("noop").into(), json!({}))))
+            .await?;
+        left -= k;
+    }
+    while h.stats().workflows_finished.load(Ordering::Relaxed) < u64::from(n) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+/// Step latencies of a finished chain, from the log: time between consecutive task successes,
+/// in ms, sorted.
+pub fn chain_step_ms(h: &Handle, wf: WorkflowId) -> Result<Vec<f64>> {
+    let done: Vec<i64> = h
+        .history(wf)?
+        .iter()
+        .filter(|e| matches!(e.payload, Payload::Succeeded { attempt, .. } if attempt > 0))
+        .map(|e| e.at.as_micros())
+        .collect();
+    let mut steps_ms: Vec<f64> = done
+        .windows(2)
+        .map(|w| (w[1] - w[0]) as f64 / 1000.0)
+        .collect();
+    steps_ms.sort_by(f64::total_cmp);
+    Ok(steps_ms)
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -158,19 +181,8 @@ async fn chain_steps(dir: &PathBuf, n: u32) -> Result<String> {
     let wf = h.submit(mageflow::chain(steps), json!({})).await?;
     h.wait(wf).await?;
     let secs = t0.elapsed().as_secs_f64();
-    // Step latency from the log: time between consecutive task successes.
-    let done: Vec<i64> = h
-        .history(wf)?
-        .iter()
-        .filter(|e| matches!(e.payload, Payload::Succeeded { attempt, .. } if attempt > 0))
-        .map(|e| e.at.as_micros())
-        .collect();
+    let steps_ms = chain_step_ms(&h, wf)?;
     engine.shutdown().await;
-    let mut steps_ms: Vec<f64> = done
-        .windows(2)
-        .map(|w| (w[1] - w[0]) as f64 / 1000.0)
-        .collect();
-    steps_ms.sort_by(f64::total_cmp);
     Ok(format!(
         "n={n} store=embedded seconds={secs:.3} step_p50_ms={:.3} step_p99_ms={:.3}",
         percentile(&steps_ms, 0.5),

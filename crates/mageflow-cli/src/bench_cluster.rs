@@ -2,10 +2,10 @@
 //! — this process orchestrates, `--worker-processes` `mageflow worker` processes run the handlers.
 //! Each run uses a fresh schema and key prefix (under the given ones) and removes both after.
 
+use crate::bench::{chain_step_ms, percentile, run_flat};
 use crate::tiers::builtins;
 use anyhow::{bail, Context, Result};
 use mageflow::cluster::{open_cluster, Cluster, ClusterConfig};
-use mageflow::core::Payload;
 use mageflow::{sign, swarm, Config};
 use serde_json::json;
 use std::process::{Child, Command, Stdio};
@@ -100,16 +100,7 @@ pub async fn run(
     let line = match scenario {
         "flat" => {
             let n = n.unwrap_or(50_000);
-            let mut left = n;
-            while left > 0 {
-                let k = left.min(10_000);
-                h.submit_many((0..k).map(|_| (sign("noop").into(), json!({}))))
-                    .await?;
-                left -= k;
-            }
-            while h.stats().workflows_finished.load(Ordering::Relaxed) < u64::from(n) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            run_flat(&h, n).await?;
             let secs = t0.elapsed().as_secs_f64();
             format!(
                 "n={n} seconds={secs:.3} tasks_per_s={:.0}",
@@ -121,23 +112,12 @@ pub async fn run(
             let steps: Vec<_> = (0..n).map(|_| sign("noop")).collect();
             let wf = h.submit(mageflow::chain(steps), json!({})).await?;
             h.wait(wf).await?;
-            let done: Vec<i64> = h
-                .history(wf)?
-                .iter()
-                .filter(|e| matches!(e.payload, Payload::Succeeded { attempt, .. } if attempt > 0))
-                .map(|e| e.at.as_micros())
-                .collect();
-            let mut ms: Vec<f64> = done
-                .windows(2)
-                .map(|w| (w[1] - w[0]) as f64 / 1000.0)
-                .collect();
-            ms.sort_by(f64::total_cmp);
-            let pct = |p: f64| ms.get(((ms.len().max(1) - 1) as f64 * p) as usize).copied();
+            let ms = chain_step_ms(&h, wf)?;
             format!(
                 "n={n} seconds={:.3} step_p50_ms={:.3} step_p99_ms={:.3}",
                 t0.elapsed().as_secs_f64(),
-                pct(0.5).unwrap_or(0.0),
-                pct(0.99).unwrap_or(0.0)
+                percentile(&ms, 0.5),
+                percentile(&ms, 0.99)
             )
         }
         "fanout" => {
@@ -180,17 +160,11 @@ pub async fn run(
                 }
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
-            let pct = |p: f64| {
-                stopped_ms
-                    .get(((stopped_ms.len().max(1) - 1) as f64 * p) as usize)
-                    .copied()
-                    .unwrap_or(f64::NAN)
-            };
             format!(
                 "n={n} running={RUNNING} call_ms={call_ms:.1} stopped={} stop_p50_ms={:.1} stop_p99_ms={:.1}",
                 stopped_ms.len(),
-                pct(0.5),
-                pct(0.99)
+                percentile(&stopped_ms, 0.5),
+                percentile(&stopped_ms, 0.99)
             )
         }
         other => bail!(
