@@ -49,6 +49,8 @@ pub struct CompactionStats {
     pub raw_bytes: AtomicU64,
     pub compressed_bytes: AtomicU64,
     pub failures: AtomicU64,
+    /// Workflows whose canceled signatures had their task data redacted from the log.
+    pub redacted_workflows: AtomicU64,
 }
 
 /// Where the tiers are.
@@ -109,9 +111,7 @@ pub async fn open_cluster(
         window: cluster.window.max(1),
     };
     let (finished_tx, finished) = mpsc::unbounded_channel();
-    if cluster.compact_after.is_some() {
-        config.on_finished = Some(finished_tx);
-    }
+    config.on_finished = Some(finished_tx);
     let engine = Engine::start(log.clone(), registry, config).await?;
     let stop = CancellationToken::new();
     let compaction = Arc::new(CompactionStats::default());
@@ -133,16 +133,14 @@ pub async fn open_cluster(
         intake_stats.clone(),
         stop.clone(),
     )));
-    if let Some(after) = cluster.compact_after {
-        tasks.push(tokio::spawn(compactor(
-            finished,
-            log.clone(),
-            engine.handle(),
-            after,
-            compaction.clone(),
-            stop.clone(),
-        )));
-    }
+    tasks.push(tokio::spawn(compactor(
+        finished,
+        log.clone(),
+        engine.handle(),
+        cluster.compact_after,
+        compaction.clone(),
+        stop.clone(),
+    )));
     Ok(Cluster {
         engine,
         hot,
@@ -201,12 +199,15 @@ impl Cluster {
     }
 }
 
-/// The compaction job: each finished workflow, `after` its finish, is compacted.
+/// The job that follows finished workflows: at once, the task data of their canceled
+/// signatures (and of everything under them: children, callbacks, cleanups) is redacted from the
+/// log, leaving the audit record (who canceled what, when; what ran); `after` their finish (if
+/// set), they are compacted.
 async fn compactor(
     mut finished: mpsc::UnboundedReceiver<WorkflowId>,
     log: Arc<PgLog>,
     h: Handle,
-    after: Duration,
+    after: Option<Duration>,
     stats: Arc<CompactionStats>,
     stop: CancellationToken,
 ) {
@@ -216,7 +217,15 @@ async fn compactor(
         tokio::select! {
             _ = stop.cancelled() => return,
             wf = finished.recv() => match wf {
-                Some(wf) => due.push_back((tokio::time::Instant::now() + after, wf)),
+                Some(wf) => {
+                    if let Err(e) = redact_canceled(&log, &h, wf, &stats).await {
+                        stats.failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%wf, error = %e, "redacting canceled signatures failed; their data stays in the log");
+                    }
+                    if let Some(after) = after {
+                        due.push_back((tokio::time::Instant::now() + after, wf));
+                    }
+                }
                 None => return,
             },
             _ = async {
@@ -238,6 +247,46 @@ async fn compactor(
             }
         }
     }
+}
+
+/// Redact the task data of `wf`'s canceled signatures and of every signature under them.
+async fn redact_canceled(
+    log: &Arc<PgLog>,
+    h: &Handle,
+    wf: WorkflowId,
+    stats: &CompactionStats,
+) -> Result<()> {
+    let state = match h.workflow(wf).await {
+        Ok(s) => s,
+        Err(Error::NoSuchWorkflow(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let canceled = |i: usize| state.nodes[i].status == mageflow_core::Status::Canceled;
+    let under_canceled = |mut i: usize| loop {
+        if canceled(i) {
+            return true;
+        }
+        match state.nodes[i].spec.parent {
+            Some(link) => i = link.node as usize,
+            None => return false,
+        }
+    };
+    let nodes: Vec<u32> = (0..state.nodes.len())
+        .filter(|&i| under_canceled(i))
+        .map(|i| i as u32)
+        .collect();
+    if nodes.is_empty() {
+        return Ok(());
+    }
+    // The whole workflow when its root was canceled.
+    let nodes = if canceled(0) { Vec::new() } else { nodes };
+    let log = log.clone();
+    tokio::task::spawn_blocking(move || log.redact(wf, nodes))
+        .await
+        .map_err(|e| Error::Hot(format!("the redaction of {wf} stopped: {e}")))??;
+    stats.redacted_workflows.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(%wf, "task data of canceled signatures redacted from the log");
+    Ok(())
 }
 
 /// Snapshot the durable state of `wf` and move its events up to that state's version into the

@@ -562,3 +562,134 @@ async fn replay_rebuild_hot_restores_the_hot_tier_from_the_log() -> Result<()> {
     })
     .await
 }
+
+/// Every value stored under `prefix` in Redis, as text (test-only: KEYS is fine here).
+async fn redis_contents(url: &str, prefix: &str) -> Result<String> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await?;
+    let mut out = String::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await?;
+        let value: redis::Value = match kind.as_str() {
+            "hash" => {
+                redis::cmd("HGETALL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await?
+            }
+            "stream" => {
+                redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut conn)
+                    .await?
+            }
+            "zset" => {
+                redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await?
+            }
+            "list" => {
+                redis::cmd("LRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await?
+            }
+            _ => redis::cmd("GET").arg(&key).query_async(&mut conn).await?,
+        };
+        out.push_str(&format!("{key}: {value:?}\n"));
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_cancel_leaves_only_the_audit_record() -> Result<()> {
+    guard(async {
+        const SECRET: &str = "SECRET-kwarg-7f3a91";
+        let mut d = Deployment::start().await?;
+        d.spawn_worker("w1")?;
+        let h = d.cluster().handle();
+        let items: Vec<_> = (0..200)
+            .map(|i| {
+                sign("sleep")
+                    .kwarg("ms", 50)
+                    .kwarg("secret", SECRET)
+                    .kwarg("i", i)
+                    .on_cleanup(sign("noop").kwarg("secret", SECRET))
+            })
+            .collect();
+        let flow = swarm(items)
+            .max_concurrency(8)
+            .on_success(sign("noop").kwarg("secret", SECRET));
+        let wf = h.submit(flow, json!({ "input": SECRET })).await?;
+        d.wait_for(wf, |w| succeeded(w) >= 10).await?;
+        let root = mageflow::SignatureId::root(wf);
+        // Without confirmation: refused, nothing changes.
+        let before = h.history(wf)?.len();
+        let refused = h.cancel(root, false).await;
+        assert!(refused.is_err(), "a cancel without confirmation is refused");
+        assert!(h.history(wf)?[before..]
+            .iter()
+            .all(|e| e.payload.kind() != "canceled"));
+        let data = |history: &[Event]| format!("{history:?}");
+        assert!(
+            data(&h.history(wf)?).contains(SECRET),
+            "the data was there before"
+        );
+
+        h.cancel(root, true).await?;
+        h.wait(wf).await?;
+        let stats = d.cluster().compaction_stats().clone();
+        while stats
+            .redacted_workflows
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The log: who canceled what and when stays; the task data does not.
+        let history = h.history(wf)?;
+        assert!(
+            !data(&history).contains(SECRET),
+            "task data left in the log"
+        );
+        let canceled: Vec<&Event> = history
+            .iter()
+            .filter(|e| e.payload.kind() == "canceled")
+            .collect();
+        assert!(!canceled.is_empty());
+        assert!(canceled
+            .iter()
+            .all(|e| e.actor == mageflow::Actor::api("cluster-test")));
+        // The archive, once compacted: same.
+        d.cluster().compact(wf).await?;
+        assert!(
+            !data(&h.history(wf)?).contains(SECRET),
+            "task data left in the archive"
+        );
+        let pg = d.cluster().pg().clone();
+        let snapshot = tokio::task::spawn_blocking(move || pg.snapshot(wf)).await??;
+        if let Some(bytes) = snapshot {
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains(SECRET), "task data left in the snapshot");
+        }
+        // The hot tier.
+        let hot = redis_contents(&d.redis, &d.prefix).await?;
+        assert!(!hot.contains(SECRET), "task data left in Redis: {hot}");
+        // And it cannot be resumed or rerun.
+        assert!(h.resume(root).await.is_err());
+        assert!(h.rerun(wf).await.is_err());
+        d.finish().await
+    })
+    .await
+}

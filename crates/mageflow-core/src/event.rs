@@ -234,3 +234,465 @@ impl Payload {
         }
     }
 }
+
+/// What a redacted error message reads (see [`Payload::redact`]).
+pub const REDACTED_ERROR: &str = "[redacted]";
+
+/// Set `slot` to `value`; whether that changed it.
+fn replace_with<T: PartialEq>(slot: &mut T, value: T) -> bool {
+    let changed = *slot != value;
+    if changed {
+        *slot = value;
+    }
+    changed
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+impl Payload {
+    /// Number of signatures this event creates: the length of the batch of a
+    /// [`Payload::WorkflowCreated`] or [`Payload::SwarmItemsAdded`], 0 otherwise.
+    pub fn created_nodes(&self) -> usize {
+        match self {
+            Payload::WorkflowCreated { nodes } | Payload::SwarmItemsAdded { nodes, .. } => {
+                nodes.len()
+            }
+            _ => 0,
+        }
+    }
+
+    /// Drop the task data this event carries about the signatures `selected` picks, in place,
+    /// keeping what an auditor needs: the kind of event, node indexes, attempts, statuses,
+    /// retry timing and `lost`, swarm counts, `parked`, the signatures' names, task names, retry
+    /// policies, swarm configs, links and return fields, and whether a message is a result
+    /// (`as_result`) or an error retryable. Replaced:
+    ///
+    /// - kwargs of the specs of [`Payload::WorkflowCreated`] / [`Payload::SwarmItemsAdded`]
+    ///   and of [`Payload::KwargsUpdated`] → `{}`;
+    /// - the message value of [`Payload::Queued`] / [`Payload::ContainerStarted`] → `null`;
+    /// - the result of [`Payload::Succeeded`], the data of [`Payload::Checkpointed`] → `null`;
+    /// - the error message of [`Payload::RetryScheduled`] / [`Payload::Failed`] →
+    ///   [`REDACTED_ERROR`].
+    ///
+    /// Only the event's own node is looked at: data of a selected signature that was copied
+    /// into ANOTHER signature's event (a callback's or the next chain step's message, a
+    /// container's result) stays unless that signature is selected too. A spec of a batch gets
+    /// index `first_index + offset` (0 for [`Payload::WorkflowCreated`]; for
+    /// [`Payload::SwarmItemsAdded`] the number of signatures the workflow had before the event:
+    /// [`Redactor`] keeps count). [`Payload::ResumeReport`] is left alone. Idempotent; a
+    /// redacted event still encodes, and a redacted stream folds to the same statuses. Returns
+    /// whether anything changed.
+    pub fn redact(&mut self, first_index: NodeIndex, selected: &dyn Fn(NodeIndex) -> bool) -> bool {
+        use Payload::*;
+        match self {
+            WorkflowCreated { nodes } | SwarmItemsAdded { nodes, .. } => {
+                let mut changed = false;
+                for (offset, spec) in nodes.iter_mut().enumerate() {
+                    let index = u64::from(first_index) + offset as u64;
+                    if NodeIndex::try_from(index).is_ok_and(selected) {
+                        changed |= replace_with(&mut spec.kwargs, empty_object());
+                    }
+                }
+                changed
+            }
+            KwargsUpdated { node, kwargs } if selected(*node) => {
+                replace_with(kwargs, empty_object())
+            }
+            Queued { node, message, .. } | ContainerStarted { node, message, .. }
+                if selected(*node) =>
+            {
+                replace_with(&mut message.value, Value::Null)
+            }
+            Checkpointed { node, data, .. } if selected(*node) => replace_with(data, Value::Null),
+            Succeeded { node, result, .. } if selected(*node) => replace_with(result, Value::Null),
+            RetryScheduled { node, error, .. } | Failed { node, error, .. } if selected(*node) => {
+                replace_with(&mut error.message, REDACTED_ERROR.to_owned())
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Event {
+    /// This event with the task data about the `selected` signatures dropped: see
+    /// [`Payload::redact`] (`first_index`: index of the first spec of a batch event). Stream,
+    /// seq, time, actor and schema are kept. To redact a whole stream, use [`Redactor`], which
+    /// tracks `first_index`.
+    pub fn redacted(&self, first_index: NodeIndex, selected: &dyn Fn(NodeIndex) -> bool) -> Event {
+        let mut event = self.clone();
+        event.payload.redact(first_index, selected);
+        event
+    }
+}
+
+/// Redacts one stream's events, fed in seq order from seq 1 (archived then live), counting
+/// the signatures each batch creates so that every spec is matched against its own index.
+pub struct Redactor<'a> {
+    selected: &'a dyn Fn(NodeIndex) -> bool,
+    /// Index the next created signature gets (the number of signatures so far).
+    next_index: u64,
+}
+
+impl<'a> Redactor<'a> {
+    pub fn new(selected: &'a dyn Fn(NodeIndex) -> bool) -> Self {
+        Self {
+            selected,
+            next_index: 0,
+        }
+    }
+
+    /// Redact the stream's next event in place ([`Payload::redact`]); whether it changed.
+    pub fn redact(&mut self, event: &mut Event) -> bool {
+        let first = match event.payload {
+            Payload::WorkflowCreated { .. } => 0,
+            _ => self.next_index,
+        };
+        let changed = event.payload.redact(
+            NodeIndex::try_from(first).unwrap_or(NodeIndex::MAX),
+            self.selected,
+        );
+        self.next_index = first + event.payload.created_nodes() as u64;
+        changed
+    }
+}
+
+/// Redact a whole stream (its events in seq order from seq 1) in place; returns how many
+/// events changed.
+pub fn redact_stream(events: &mut [Event], selected: &dyn Fn(NodeIndex) -> bool) -> usize {
+    let mut redactor = Redactor::new(selected);
+    let mut changed = 0;
+    for event in events {
+        if redactor.redact(event) {
+            changed += 1;
+        }
+    }
+    changed
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+    use crate::codec;
+    use crate::command::{Command, Op};
+    use crate::decide::execute;
+    use crate::model::{KindSpec, Link, RetryPolicy, Role, SwarmConfig, Workflow};
+    use serde_json::json;
+
+    fn spec(name: &str, kind: KindSpec, parent: Option<(NodeIndex, Role)>) -> NodeSpec {
+        NodeSpec {
+            name: name.to_owned(),
+            kind,
+            kwargs: json!({ "secret": format!("SECRET-kwargs-{name}") }),
+            parent: parent.map(|(node, role)| Link { node, role }),
+            on_success: Vec::new(),
+            on_error: Vec::new(),
+            return_field: crate::model::RETURN_FIELD_DEFAULT.to_owned(),
+            on_cleanup: Vec::new(),
+        }
+    }
+
+    fn task(name: &str, parent: (NodeIndex, Role)) -> NodeSpec {
+        let kind = KindSpec::Task {
+            task: format!("task_{name}"),
+            retry: RetryPolicy {
+                max_retries: 1,
+                backoff_ms: 10,
+                backoff_max_ms: 10,
+            },
+        };
+        spec(name, kind, Some(parent))
+    }
+
+    /// A workflow that goes through every kind of event that carries task data: created with
+    /// an input, kwargs updated, a checkpoint, a retried failure, a success feeding the next
+    /// chain step (an open swarm), swarm items added, a confirmed cancel of the swarm (its
+    /// cleanup callback and the chain's error callback fire), a final failure. Nodes: 0 chain
+    /// [1 a, 2 swarm], 3 error callback of 0, 4 cleanup of 2, then items 5 x and 6 y of 2.
+    fn scenario() -> (Workflow, Vec<Event>) {
+        let id = WorkflowId::from_u128(42);
+        let mut root = spec(
+            "root",
+            KindSpec::Chain {
+                children: vec![1, 2],
+            },
+            None,
+        );
+        root.on_error = vec![3];
+        let mut swarm = spec(
+            "fan",
+            KindSpec::Swarm {
+                children: Vec::new(),
+                config: SwarmConfig::default(),
+                closed: false,
+            },
+            Some((0, Role::Child)),
+        );
+        swarm.on_cleanup = vec![4];
+        let nodes = vec![
+            root,
+            task("a", (0, Role::Child)),
+            swarm,
+            task("on_err", (0, Role::ErrorCallback)),
+            task("cleanup", (2, Role::Cleanup)),
+        ];
+        let error = |m: &str, retryable| TaskError {
+            message: m.to_owned(),
+            retryable,
+        };
+        let ops = vec![
+            Op::Create {
+                nodes,
+                start: Some(Message::input(json!({ "in": "SECRET-input" }))),
+            },
+            Op::UpdateKwargs {
+                node: 1,
+                kwargs: json!({ "more": "SECRET-update" }),
+            },
+            Op::Start { node: 1 },
+            Op::Checkpoint {
+                node: 1,
+                attempt: 1,
+                data: json!({ "at": "SECRET-checkpoint" }),
+            },
+            Op::Fail {
+                node: 1,
+                attempt: 1,
+                error: error("SECRET-error-a", true),
+            },
+            Op::Start { node: 1 },
+            Op::Complete {
+                node: 1,
+                attempt: 2,
+                result: json!({ "r": "SECRET-result-a" }),
+            },
+            Op::AddSwarmItems {
+                swarm: 2,
+                nodes: vec![task("x", (2, Role::Child)), task("y", (2, Role::Child))],
+                close: false,
+            },
+            Op::Start { node: 5 },
+            Op::Complete {
+                node: 5,
+                attempt: 1,
+                result: json!("SECRET-result-x"),
+            },
+            Op::Start { node: 6 },
+            Op::Cancel {
+                node: 2,
+                confirmed: true,
+            },
+            Op::Start { node: 3 },
+            Op::Fail {
+                node: 3,
+                attempt: 1,
+                error: error("SECRET-error-on-err", false),
+            },
+            Op::Start { node: 4 },
+            Op::Complete {
+                node: 4,
+                attempt: 1,
+                result: json!("SECRET-result-cleanup"),
+            },
+        ];
+        let mut wf = Workflow::empty(id);
+        let mut events = Vec::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            let cmd = Command {
+                actor: Actor::api("auditor"),
+                at: Timestamp::from_micros(1_700_000_000_000_000 + i as i64 * 1_000_000),
+                op,
+            };
+            let out = execute(&mut wf, &cmd).unwrap_or_else(|r| panic!("step {i}: {r:?}"));
+            assert!(!out.is_empty(), "step {i} emitted nothing");
+            events.extend(out);
+        }
+        (wf, events)
+    }
+
+    fn encoded(events: &[Event]) -> Vec<Vec<u8>> {
+        events
+            .iter()
+            .map(|e| codec::encode(e).expect("encode"))
+            .collect()
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    fn kinds(events: &[Event]) -> Vec<&'static str> {
+        events.iter().map(|e| e.payload.kind()).collect()
+    }
+
+    #[test]
+    fn the_scenario_covers_every_kind_with_data() {
+        let (wf, events) = scenario();
+        for kind in [
+            "workflow_created",
+            "swarm_items_added",
+            "kwargs_updated",
+            "queued",
+            "container_started",
+            "checkpointed",
+            "succeeded",
+            "retry_scheduled",
+            "failed",
+            "canceled",
+        ] {
+            assert!(kinds(&events).contains(&kind), "no {kind} event");
+        }
+        assert_eq!(wf.nodes.len(), 7);
+        assert!(wf.is_finished());
+    }
+
+    #[test]
+    fn redacting_every_node_keeps_the_audit_trail_and_drops_the_data() {
+        let (wf, events) = scenario();
+        assert!(encoded(&events).iter().any(|b| contains(b, "SECRET")));
+        let mut redacted = events.clone();
+        let changed = redact_stream(&mut redacted, &|_| true);
+        assert!(changed > 0);
+
+        // Same envelope, same kinds, same nodes, attempts and retry timing.
+        assert_eq!(redacted.len(), events.len());
+        for (r, e) in redacted.iter().zip(&events) {
+            assert_eq!(
+                (r.stream, r.seq, r.at, &r.actor, r.schema),
+                (e.stream, e.seq, e.at, &e.actor, e.schema)
+            );
+            assert_eq!(r.payload.kind(), e.payload.kind());
+            assert_eq!(r.payload.node(), e.payload.node());
+            match (&r.payload, &e.payload) {
+                (
+                    Payload::RetryScheduled {
+                        attempt: a,
+                        retry_at: t,
+                        lost: l,
+                        error: er,
+                        ..
+                    },
+                    Payload::RetryScheduled {
+                        attempt: b,
+                        retry_at: u,
+                        lost: m,
+                        error: ee,
+                        ..
+                    },
+                ) => {
+                    assert_eq!((a, t, l, er.retryable), (b, u, m, ee.retryable));
+                    assert_eq!(er.message, REDACTED_ERROR);
+                }
+                (Payload::Started { attempt: a, .. }, Payload::Started { attempt: b, .. }) => {
+                    assert_eq!(a, b)
+                }
+                _ => {}
+            }
+        }
+
+        // Every redacted event round-trips through the codec; none holds task data, but the
+        // names of the signatures and their tasks are still there.
+        let bytes = encoded(&redacted);
+        for (b, r) in bytes.iter().zip(&redacted) {
+            assert_eq!(&codec::decode(b).expect("decode"), r);
+            assert!(!contains(b, "SECRET"), "{:?}", r.payload);
+        }
+        let all: Vec<u8> = bytes.concat();
+        for name in ["root", "fan", "task_a", "task_x", "task_y", "task_cleanup"] {
+            assert!(contains(&all, name), "{name} was dropped");
+        }
+
+        // The redacted stream folds, in order, to the same statuses and attempts.
+        let replayed = Workflow::replay(wf.id, &redacted).expect("replay");
+        assert_eq!(replayed.version, wf.version);
+        assert_eq!(replayed.nodes.len(), wf.nodes.len());
+        for (r, n) in replayed.nodes.iter().zip(&wf.nodes) {
+            assert_eq!(r.status, n.status, "{}", n.spec.name);
+            assert_eq!(
+                (r.attempt, r.failures, r.in_flight, &r.swarm, r.not_before),
+                (n.attempt, n.failures, n.in_flight, &n.swarm, n.not_before)
+            );
+            assert_eq!((&r.spec.name, &r.spec.kind), (&n.spec.name, &n.spec.kind));
+            assert_eq!(r.spec.kwargs, json!({}));
+            assert!(r.checkpoint.as_ref().is_none_or(Value::is_null));
+        }
+
+        // Idempotent.
+        let mut again = redacted.clone();
+        assert_eq!(redact_stream(&mut again, &|_| true), 0);
+        assert_eq!(again, redacted);
+    }
+
+    #[test]
+    fn redacting_some_nodes_leaves_the_others_data() {
+        let (_, events) = scenario();
+        // The canceled swarm and its items: 2, 5 and 6 (items of a later batch).
+        let selected = |n: NodeIndex| matches!(n, 2 | 5 | 6);
+        let mut redacted = events.clone();
+        redact_stream(&mut redacted, &selected);
+        let replayed = Workflow::replay(WorkflowId::from_u128(42), &redacted).expect("replay");
+        for (index, n) in replayed.nodes.iter().enumerate() {
+            let secret = json!({ "secret": format!("SECRET-kwargs-{}", n.spec.name) });
+            if selected(index as NodeIndex) {
+                assert_eq!(n.spec.kwargs, json!({}), "{}", n.spec.name);
+            } else if n.spec.name == "a" {
+                assert_eq!(n.spec.kwargs["secret"], secret["secret"]);
+                assert_eq!(n.spec.kwargs["more"], "SECRET-update");
+            } else {
+                assert_eq!(n.spec.kwargs, secret, "{}", n.spec.name);
+            }
+        }
+        for (r, e) in redacted.iter().zip(&events) {
+            let batch = matches!(
+                r.payload,
+                Payload::WorkflowCreated { .. } | Payload::SwarmItemsAdded { .. }
+            );
+            if !batch && !r.payload.node().is_some_and(selected) {
+                assert_eq!(r, e, "an event of an unselected node changed");
+            }
+        }
+        let bytes = encoded(&redacted).concat();
+        assert!(contains(&bytes, "SECRET-result-a"));
+        assert!(!contains(&bytes, "SECRET-kwargs-x"));
+        assert!(!contains(&bytes, "SECRET-result-x"));
+        assert!(contains(&bytes, "SECRET-kwargs-cleanup"));
+
+        // Only y (index 6, second spec of the swarm batch): x keeps its kwargs, so the batch's
+        // specs are matched by their own index, not their offset.
+        let mut only_y = events.clone();
+        redact_stream(&mut only_y, &|n| n == 6);
+        let added = only_y
+            .iter()
+            .find_map(|e| match &e.payload {
+                Payload::SwarmItemsAdded { nodes, .. } => Some(nodes.clone()),
+                _ => None,
+            })
+            .expect("a swarm_items_added event");
+        assert_eq!(added[0].kwargs, json!({ "secret": "SECRET-kwargs-x" }));
+        assert_eq!(added[1].kwargs, json!({}));
+        let created = &only_y[0];
+        assert_eq!(created, &events[0], "node 6 is not in the created batch");
+        assert_eq!(
+            events[0].redacted(0, &|n| n == 6),
+            events[0],
+            "Event::redacted agrees"
+        );
+    }
+
+    #[test]
+    fn resume_reports_are_left_alone() {
+        let mut p = Payload::ResumeReport {
+            report: json!({ "streams": 3 }),
+        };
+        assert!(!p.redact(0, &|_| true));
+        assert_eq!(
+            p,
+            Payload::ResumeReport {
+                report: json!({ "streams": 3 })
+            }
+        );
+    }
+}

@@ -16,7 +16,7 @@ pub use apply::{ApplyError, ReplayEvent};
 pub use codec::CodecError;
 pub use command::{Command, Op, Rejection};
 pub use decide::{decide, execute};
-pub use event::{Actor, Event, Payload, SCHEMA_VERSION};
+pub use event::{redact_stream, Actor, Event, Payload, Redactor, REDACTED_ERROR, SCHEMA_VERSION};
 pub use id::{NodeIndex, ParseIdError, SignatureId, WorkflowId};
 pub use model::{
     KindSpec, Link, Message, Node, NodeSpec, Outcome, RetryPolicy, Role, Status, SwarmConfig,

@@ -4,7 +4,7 @@
 //!
 //! **Segment format.** The concatenation, in seq order, of every archived event of the stream as
 //! a 4-byte little-endian length followed by the event's codec bytes (exactly the payload its
-//! `mageflow_events` row held: events are never re-encoded), compressed with zstd. The row
+//! `mageflow_events` row held: events are never re-encoded, except by a redaction), compressed with zstd. The row
 //! keeps the uncompressed size (`raw_bytes`), the number of events, their seqs (always
 //! `1..=last_seq`), the CRC-32 of the compressed bytes and the highest position archived.
 //! Every read checks all of it: CRC, decompression (bounded by `raw_bytes`), framing, event
@@ -24,9 +24,23 @@
 //! deletes committed seqs at or below it; each compaction commits its archive row and its
 //! DELETE atomically, so any single statement (the committer's version probe, `read_stream`,
 //! `stream_version`) sees the stream's events either all live or moved, never half.
+//!
+//! **Redaction.** [`crate::PgLog::redact`] drops the task data of some (or all) signatures of
+//! a workflow from its stream for good (`mageflow_core::Payload::redact`: kwargs, messages,
+//! results, checkpoints, error messages), keeping the audit trail: every event stays, at its
+//! position and seq, with its kind, time, actor, node, attempt and status. In one transaction
+//! holding the same per-stream advisory lock as compaction (so it never interleaves with a
+//! compaction of the stream), it reads the archive row and every live row of the stream,
+//! checks them like a read, redacts them in seq order, rewrites the live rows whose event
+//! changed (payload and CRC, by position) and, if an archived event changed, the segment
+//! (re-encoded frames for the changed events, the stored bytes for the others, recompressed,
+//! new CRC and raw size); it sets the archive row's snapshot to NULL (a snapshot is a state,
+//! with the task data in it). Positions, seqs, versions, row counts and the head do not
+//! change, so appends, version checks, `verify` and readers are unaffected. Its commit is
+//! synchronous (unlike compaction's): an acknowledged redaction stays done.
 
 use crate::copy::{decode_row, Row};
-use mageflow_core::{codec, Event, Timestamp, WorkflowId};
+use mageflow_core::{codec, Event, NodeIndex, Redactor, Timestamp, WorkflowId};
 use mageflow_store::{Error, Result};
 use sqlx::postgres::PgPool;
 use sqlx::PgConnection;
@@ -267,6 +281,20 @@ pub(crate) async fn compact_on(
     }
 }
 
+/// The per-stream, transaction-level advisory lock that compactions and redactions of a stream
+/// hold (keyed by schema and stream: another schema's log on the same database does not share
+/// the key). Released at COMMIT or ROLLBACK.
+async fn lock_stream(conn: &mut PgConnection, stream: WorkflowId) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended(\
+         'mageflow_compact ' || current_schema() || ' ' || $1::text, 0))",
+    )
+    .bind(stream.0)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 async fn compact_in_transaction(
     conn: &mut PgConnection,
     stream: WorkflowId,
@@ -281,14 +309,7 @@ async fn compact_in_transaction(
     sqlx::query("SET LOCAL synchronous_commit = off")
         .execute(&mut *conn)
         .await?;
-    // Per (schema, stream): another schema's log on the same database does not share the key.
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock(hashtextextended(\
-         'mageflow_compact ' || current_schema() || ' ' || $1::text, 0))",
-    )
-    .bind(stream.0)
-    .execute(&mut *conn)
-    .await?;
+    lock_stream(conn, stream).await?;
     // Read after the lock: a compaction of the same stream that held it has committed.
     let archived: Option<ArchiveRow> = sqlx::query_as(&format!(
         "SELECT {SEGMENT_COLUMNS}, last_position FROM mageflow_archive WHERE stream = $1"
@@ -418,6 +439,218 @@ fn build_segment(
         last_seq as i64,
         last_position as i64,
     ))
+}
+
+/// What one [`crate::PgLog::redact`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedactStats {
+    /// Live rows of `mageflow_events` whose payload (and CRC) were rewritten.
+    pub events_rewritten: u64,
+    /// Events of the stream's archive segment that were rewritten (the segment is re-encoded
+    /// and recompressed if this is not 0).
+    pub archived_rewritten: u64,
+    /// The archive row's snapshot was dropped (set to NULL: it holds task data).
+    pub snapshot_dropped: bool,
+}
+
+/// An archive row as a redaction reads it: [`Segment`]'s columns, then whether it has a
+/// snapshot.
+type RedactArchiveRow = (i64, i64, i64, i64, Vec<u8>, i32, bool);
+
+/// A live row rewritten by a redaction: (position, payload, crc32).
+type Rewrite = (i64, Vec<u8>, i32);
+
+/// What a redaction writes: the new segment (raw length, compressed bytes) if any archived
+/// event changed, how many did, and the live rows to rewrite.
+#[derive(Default)]
+struct RedactPlan {
+    segment: Option<(usize, Vec<u8>)>,
+    archived_changed: u64,
+    rows: Vec<Rewrite>,
+}
+
+/// One redaction of `stream`, in one transaction on a connection of `pool` (errors as in
+/// [`compact_on`]). `nodes` empty: every signature of the workflow.
+pub(crate) async fn redact_on(
+    pool: &PgPool,
+    stream: WorkflowId,
+    nodes: &[NodeIndex],
+) -> Result<Result<RedactStats>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    match redact_in_transaction(&mut tx, stream, nodes).await? {
+        Ok(stats) => {
+            tx.commit().await?;
+            Ok(Ok(stats))
+        }
+        Err(refusal) => {
+            tx.rollback().await?;
+            Ok(Err(refusal))
+        }
+    }
+}
+
+async fn redact_in_transaction(
+    conn: &mut PgConnection,
+    stream: WorkflowId,
+    nodes: &[NodeIndex],
+) -> Result<Result<RedactStats>, sqlx::Error> {
+    // Unlike compaction, synchronous commit stays on: a redaction undone by a crash after it
+    // was acknowledged would bring the data back.
+    lock_stream(conn, stream).await?;
+    // Read after the lock: no compaction or redaction of the stream is half done.
+    let archived: Option<RedactArchiveRow> = sqlx::query_as(&format!(
+        "SELECT {SEGMENT_COLUMNS}, snapshot IS NOT NULL FROM mageflow_archive WHERE stream = $1"
+    ))
+    .bind(stream.0)
+    .fetch_optional(&mut *conn)
+    .await?;
+    // Every live row of the stream. Appends only add rows above the stream's version, and
+    // events appended after this read are not redacted: call this once the events it must
+    // cover are committed.
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT position, stream, seq, payload, crc32 FROM mageflow_events \
+         WHERE stream = $1 ORDER BY seq",
+    )
+    .bind(stream.0)
+    .fetch_all(&mut *conn)
+    .await?;
+
+    let all = nodes.is_empty();
+    let wanted: std::collections::HashSet<NodeIndex> = nodes.iter().copied().collect();
+    let selected = |n: NodeIndex| all || wanted.contains(&n);
+    let segment = archived
+        .as_ref()
+        .map(|(first, last, events, raw, segment, crc, _)| -> Segment {
+            (*first, *last, *events, *raw, segment.clone(), *crc)
+        });
+    let plan = match blocking(|| plan_redaction(stream, segment.as_ref(), &rows, &selected)) {
+        Ok(plan) => plan,
+        Err(e) => return Ok(Err(e)),
+    };
+
+    let mut stats = RedactStats {
+        events_rewritten: 0,
+        archived_rewritten: plan.archived_changed,
+        snapshot_dropped: archived.as_ref().is_some_and(|a| a.6),
+    };
+    if let Some((raw_len, segment)) = &plan.segment {
+        let crc = crc32fast::hash(segment) as i32;
+        sqlx::query(
+            "UPDATE mageflow_archive SET segment = $2, raw_bytes = $3, crc32 = $4, \
+             snapshot = NULL WHERE stream = $1",
+        )
+        .bind(stream.0)
+        .bind(segment)
+        .bind(*raw_len as i64)
+        .bind(crc)
+        .execute(&mut *conn)
+        .await?;
+    } else if stats.snapshot_dropped {
+        sqlx::query("UPDATE mageflow_archive SET snapshot = NULL WHERE stream = $1")
+            .bind(stream.0)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !plan.rows.is_empty() {
+        let mut positions = Vec::with_capacity(plan.rows.len());
+        let mut payloads = Vec::with_capacity(plan.rows.len());
+        let mut crcs = Vec::with_capacity(plan.rows.len());
+        for (position, payload, crc) in plan.rows {
+            positions.push(position);
+            payloads.push(payload);
+            crcs.push(crc);
+        }
+        let updated = sqlx::query(
+            "UPDATE mageflow_events AS e SET payload = u.payload, crc32 = u.crc32 \
+             FROM UNNEST($2::bigint[], $3::bytea[], $4::integer[]) AS u(position, payload, crc32) \
+             WHERE e.position = u.position AND e.stream = $1",
+        )
+        .bind(stream.0)
+        .bind(&positions)
+        .bind(&payloads)
+        .bind(&crcs)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if updated != positions.len() as u64 {
+            // Cannot happen while rows are only ever removed under the same lock.
+            return Ok(Err(Error::Storage(format!(
+                "redaction of stream {stream}: {} live events to rewrite but {updated} rows \
+                 matched; rolled back",
+                positions.len()
+            ))));
+        }
+        stats.events_rewritten = updated;
+    }
+    Ok(Ok(stats))
+}
+
+fn encode_error(event: &Event, source: codec::CodecError) -> Error {
+    Error::Encode {
+        stream: event.stream,
+        seq: event.seq,
+        source,
+    }
+}
+
+/// Redact the stream's archived events (checked like a read) then its live rows (checked like
+/// a read, seqs continuing densely after the archive), in seq order. Unchanged events keep
+/// their stored bytes.
+fn plan_redaction(
+    stream: WorkflowId,
+    archived: Option<&Segment>,
+    rows: &[Row],
+    selected: &dyn Fn(NodeIndex) -> bool,
+) -> Result<RedactPlan> {
+    let mut redactor = Redactor::new(selected);
+    let mut plan = RedactPlan::default();
+    let mut last_seq = 0u64;
+    if let Some(row) = archived {
+        let raw = raw_segment(stream, row)?;
+        let frames = frames(stream, &raw, row.2 as u64)?;
+        let mut rewritten = Vec::with_capacity(raw.len());
+        for (i, frame) in frames.iter().enumerate() {
+            let mut event = decode_frame(stream, 1 + i as u64, frame)?;
+            let start = rewritten.len();
+            rewritten.extend_from_slice(&[0; 4]);
+            if redactor.redact(&mut event) {
+                codec::encode_into(&event, &mut rewritten).map_err(|e| encode_error(&event, e))?;
+                plan.archived_changed += 1;
+            } else {
+                rewritten.extend_from_slice(frame);
+            }
+            let len = (rewritten.len() - start - 4) as u32;
+            rewritten[start..start + 4].copy_from_slice(&len.to_le_bytes());
+            if rewritten.len() as u64 > ARCHIVE_RAW_BYTES_MAX {
+                return Err(Error::Storage(format!(
+                    "redaction of stream {stream}: its segment would exceed \
+                     {ARCHIVE_RAW_BYTES_MAX} bytes; nothing was changed"
+                )));
+            }
+        }
+        last_seq = frames.len() as u64;
+        if plan.archived_changed > 0 {
+            plan.segment = Some((rewritten.len(), compress(stream, &rewritten)?));
+        }
+    }
+    for row in rows {
+        let r = decode_row(row)?;
+        if r.event.seq != last_seq + 1 {
+            return Err(Error::Corrupt(format!(
+                "stream {stream}: event at position {} has seq {}, but the stream's previous \
+                 event (archived or live) has seq {last_seq}",
+                r.position, r.event.seq
+            )));
+        }
+        last_seq += 1;
+        let mut event = r.event;
+        if redactor.redact(&mut event) {
+            let payload = codec::encode(&event).map_err(|e| encode_error(&event, e))?;
+            let crc = crc32fast::hash(&payload) as i32;
+            plan.rows.push((row.0, payload, crc));
+        }
+    }
+    Ok(plan)
 }
 
 /// Check a whole archive row for `verify`: everything a read checks, for every event. Returns

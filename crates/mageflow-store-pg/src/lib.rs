@@ -109,13 +109,14 @@ mod listener;
 pub use faults::Faults;
 
 pub use archive::{
-    decode_archive_segment, ArchiveInfo, CompactStats, ARCHIVE_RAW_BYTES_MAX, ZSTD_LEVEL,
+    decode_archive_segment, ArchiveInfo, CompactStats, RedactStats, ARCHIVE_RAW_BYTES_MAX,
+    ZSTD_LEVEL,
 };
 use archive::{Segment, SEGMENT_COLUMNS};
 use committer::{Committer, Job, Prepared};
 pub use committer::{CATCH_UP_EVENTS_MAX, VERSION_CACHE_STREAMS_MAX};
 use copy::{decode_row, Row, Tuples};
-use mageflow_core::{Event, WorkflowId};
+use mageflow_core::{Event, NodeIndex, WorkflowId};
 use mageflow_store::{check_request, AppendRequest, BoxFuture, Error, EventLog, Recorded, Result};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, PgConnection};
@@ -496,6 +497,32 @@ impl PgLog {
         self.read("compact a stream", move |pool| {
             let snapshot = snapshot.clone();
             async move { archive::compact_on(&pool, stream, up_to_seq, snapshot.as_deref()).await }
+        })?
+    }
+
+    /// Drop the task data of the signatures `nodes` of workflow `stream` (all of them if
+    /// `nodes` is empty) from the log for good, leaving the audit trail: every event of the
+    /// stream, archived or live, is replaced by its `mageflow_core::Payload::redact`ed form
+    /// (kwargs → `{}`, message values, results and checkpoints → `null`, error messages →
+    /// `"[redacted]"`, for those signatures only; kinds, nodes, attempts, statuses, times,
+    /// actors, names and task names are kept), and the archive row's snapshot is dropped.
+    /// Positions, seqs, versions and event counts do not change; the redacted stream replays
+    /// to the same statuses.
+    ///
+    /// One transaction under the stream's compaction lock (see the `archive` module); only
+    /// events committed before it runs are redacted, so call it after the events it must
+    /// cover (e.g. a cancel's) are committed. Damage found in the stream is `Error::Corrupt`
+    /// and nothing changes. Idempotent: a lost connection is retried like a read (a retry after
+    /// an unseen commit rewrites nothing and reports 0). The system stream holds no task data
+    /// and is left alone. Blocks the calling thread, like the reads.
+    pub fn redact(&self, stream: WorkflowId, nodes: Vec<NodeIndex>) -> Result<RedactStats> {
+        if stream.is_system() {
+            return Ok(RedactStats::default());
+        }
+        let nodes = Arc::new(nodes);
+        self.read("redact a stream", move |pool| {
+            let nodes = nodes.clone();
+            async move { archive::redact_on(&pool, stream, &nodes).await }
         })?
     }
 
