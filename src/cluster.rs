@@ -204,7 +204,7 @@ impl Cluster {
 /// log, leaving the audit record (who canceled what, when; what ran); `after` their finish (if
 /// set), they are compacted.
 async fn compactor(
-    mut finished: mpsc::UnboundedReceiver<WorkflowId>,
+    mut finished: mpsc::UnboundedReceiver<mageflow_engine::Finished>,
     log: Arc<PgLog>,
     h: Handle,
     after: Option<Duration>,
@@ -216,11 +216,14 @@ async fn compactor(
         let next = due.front().map(|(at, _)| *at);
         tokio::select! {
             _ = stop.cancelled() => return,
-            wf = finished.recv() => match wf {
-                Some(wf) => {
-                    if let Err(e) = redact_canceled(&log, &h, wf, &stats).await {
-                        stats.failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%wf, error = %e, "redacting canceled signatures failed; their data stays in the log");
+            f = finished.recv() => match f {
+                Some(f) => {
+                    let wf = f.workflow;
+                    if f.canceled_or_purged {
+                        if let Err(e) = redact_canceled(&log, &h, wf, &stats).await {
+                            stats.failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%wf, error = %e, "redacting canceled signatures failed; their data stays in the log");
+                        }
                     }
                     if let Some(after) = after {
                         due.push_back((tokio::time::Instant::now() + after, wf));
@@ -249,7 +252,9 @@ async fn compactor(
     }
 }
 
-/// Redact the task data of `wf`'s canceled signatures and of every signature under them.
+/// Redact from the log the task data of `wf`'s canceled signatures and of every signature under
+/// them (children, callbacks, cleanups) — of the whole workflow if its root was canceled or it
+/// was purged. What stays is the audit record: which signatures ran, who did what, when.
 async fn redact_canceled(
     log: &Arc<PgLog>,
     h: &Handle,
@@ -271,21 +276,25 @@ async fn redact_canceled(
             None => return false,
         }
     };
-    let nodes: Vec<u32> = (0..state.nodes.len())
-        .filter(|&i| under_canceled(i))
-        .map(|i| i as u32)
-        .collect();
-    if nodes.is_empty() {
-        return Ok(());
-    }
-    // The whole workflow when its root was canceled.
-    let nodes = if canceled(0) { Vec::new() } else { nodes };
+    // An empty list redacts the whole workflow.
+    let nodes: Vec<u32> = if state.purged || canceled(0) {
+        Vec::new()
+    } else {
+        let nodes: Vec<u32> = (0..state.nodes.len())
+            .filter(|&i| under_canceled(i))
+            .map(|i| i as u32)
+            .collect();
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        nodes
+    };
     let log = log.clone();
     tokio::task::spawn_blocking(move || log.redact(wf, nodes))
         .await
         .map_err(|e| Error::Hot(format!("the redaction of {wf} stopped: {e}")))??;
     stats.redacted_workflows.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(%wf, "task data of canceled signatures redacted from the log");
+    tracing::info!(%wf, "task data of canceled or purged signatures redacted from the log");
     Ok(())
 }
 

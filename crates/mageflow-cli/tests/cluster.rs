@@ -82,6 +82,8 @@ impl Deployment {
         mageflow::engine::builtin::register(&mut registry);
         let engine_config = Config {
             principal: "cluster-test".into(),
+            // Deleted workflows are purged soon after (the purge test waits for it).
+            deletion_ttl: Duration::from_millis(300),
             ..Config::default()
         };
         open_cluster(config.clone(), registry, engine_config)
@@ -689,6 +691,39 @@ async fn a_confirmed_cancel_leaves_only_the_audit_record() -> Result<()> {
         // And it cannot be resumed or rerun.
         assert!(h.resume(root).await.is_err());
         assert!(h.rerun(wf).await.is_err());
+        d.finish().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_workflow_keeps_no_task_data() -> Result<()> {
+    guard(async {
+        const SECRET: &str = "SECRET-purged-52be";
+        let mut d = Deployment::start().await?;
+        d.spawn_worker("w1")?;
+        let h = d.cluster().handle();
+        let wf = h
+            .submit(sign("echo").kwarg("secret", SECRET), json!({}))
+            .await?;
+        h.wait(wf).await?;
+        assert!(format!("{:?}", h.history(wf)?).contains(SECRET));
+        h.delete(wf).await?;
+        d.wait_for(wf, |w| w.purged).await?;
+        let stats = d.cluster().compaction_stats().clone();
+        while stats
+            .redacted_workflows
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let history = h.history(wf)?;
+        assert!(
+            !format!("{history:?}").contains(SECRET),
+            "task data left after the purge"
+        );
+        assert_eq!(history.last().map(|e| e.payload.kind()), Some("purged"));
         d.finish().await
     })
     .await

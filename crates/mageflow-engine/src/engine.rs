@@ -94,9 +94,18 @@ pub struct Config {
     pub deletion_ttl_by_kind: BTreeMap<String, Duration>,
     /// What the start-up recovery resumes of the unfinished work it finds in the log.
     pub auto_resume: AutoResume,
-    /// Told the id of every workflow that finishes, once the events that finished it are
-    /// durable (the cluster's compaction job listens here).
-    pub on_finished: Option<mpsc::UnboundedSender<WorkflowId>>,
+    /// Told of every workflow that finishes or is purged, once the events that did it are
+    /// durable (the cluster's redaction and compaction job listens here).
+    pub on_finished: Option<mpsc::UnboundedSender<Finished>>,
+}
+
+/// A workflow that finished (or was purged), as [`Config::on_finished`] tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finished {
+    pub workflow: WorkflowId,
+    /// Some signature of it was canceled, or the whole workflow was purged: its task data is due
+    /// for redaction.
+    pub canceled_or_purged: bool,
 }
 
 /// What [`Engine::start`] does with the unfinished work it finds in the log (see
@@ -930,6 +939,8 @@ struct Step {
     touched: Vec<WorkflowId>,
     /// Workflows this step's events finish (counted once those events are durable).
     finished: Vec<WorkflowId>,
+    /// Workflows this step purges (told to `Config::on_finished` too, once durable).
+    purged: Vec<WorkflowId>,
     /// Events in `appends` (counted before they are handed to the log).
     events: usize,
 }
@@ -1415,6 +1426,7 @@ impl Orchestrator {
                 Payload::MarkedForDeletion { expires_at, .. } => {
                     self.purges.insert((*expires_at, wf.id));
                 }
+                Payload::Purged { .. } => step.purged.push(wf.id),
                 Payload::Failed { attempt, .. } if *attempt > 0 => {
                     self.stats.tasks_failed.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1762,6 +1774,7 @@ impl Orchestrator {
             stops,
             touched,
             finished,
+            purged,
             ..
         } = step;
         match outcome {
@@ -1776,8 +1789,15 @@ impl Orchestrator {
                     .workflows_finished
                     .fetch_add(finished.len() as u64, Ordering::Relaxed);
                 if let Some(tx) = &self.config.on_finished {
-                    for wf in &finished {
-                        let _ = tx.send(*wf);
+                    for wf in finished.iter().chain(&purged) {
+                        // Still in the hot state: settling comes after the effects.
+                        let canceled_or_purged = self.hot.get(wf).is_some_and(|s| {
+                            s.purged || s.nodes.iter().any(|n| n.status == Status::Canceled)
+                        });
+                        let _ = tx.send(Finished {
+                            workflow: *wf,
+                            canceled_or_purged,
+                        });
                     }
                 }
                 for l in launches {
