@@ -252,49 +252,19 @@ async fn compactor(
     }
 }
 
-/// Redact from the log the task data of `wf`'s canceled signatures and of every signature under
-/// them (children, callbacks, cleanups) — of the whole workflow if its root was canceled or it
-/// was purged. What stays is the audit record: which signatures ran, who did what, when.
+/// Redact from the log the task data of `wf`'s canceled signatures and of everything under
+/// them ([`mageflow_core::Workflow::redaction_targets`]). What stays is the audit record: which
+/// signatures ran, who did what, when.
 async fn redact_canceled(
     log: &Arc<PgLog>,
     h: &Handle,
     wf: WorkflowId,
     stats: &CompactionStats,
 ) -> Result<()> {
-    let state = match h.workflow(wf).await {
-        Ok(s) => s,
-        Err(Error::NoSuchWorkflow(_)) => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    let canceled = |i: usize| state.nodes[i].status == mageflow_core::Status::Canceled;
-    let under_canceled = |mut i: usize| loop {
-        if canceled(i) {
-            return true;
-        }
-        match state.nodes[i].spec.parent {
-            Some(link) => i = link.node as usize,
-            None => return false,
-        }
-    };
-    // An empty list redacts the whole workflow.
-    let nodes: Vec<u32> = if state.purged || canceled(0) {
-        Vec::new()
-    } else {
-        let nodes: Vec<u32> = (0..state.nodes.len())
-            .filter(|&i| under_canceled(i))
-            .map(|i| i as u32)
-            .collect();
-        if nodes.is_empty() {
-            return Ok(());
-        }
-        nodes
-    };
     let log = log.clone();
-    tokio::task::spawn_blocking(move || log.redact(wf, nodes))
-        .await
-        .map_err(|e| Error::Hot(format!("the redaction of {wf} stopped: {e}")))??;
-    stats.redacted_workflows.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(%wf, "task data of canceled or purged signatures redacted from the log");
+    if crate::redact_finished(h, wf, move |nodes| Ok(log.redact(wf, nodes).map(drop)?)).await? {
+        stats.redacted_workflows.fetch_add(1, Ordering::Relaxed);
+    }
     Ok(())
 }
 
@@ -317,7 +287,11 @@ async fn compact_one(
     let compacted =
         tokio::task::spawn_blocking(move || log.compact(wf, Some(version), Some(snapshot)))
             .await
-            .map_err(|e| Error::Hot(format!("the compaction of {wf} stopped: {e}")))??;
+            .map_err(|e| {
+                Error::Store(mageflow_store::Error::Storage(format!(
+                    "the compaction of {wf} stopped: {e}"
+                )))
+            })??;
     stats.workflows.fetch_add(1, Ordering::Relaxed);
     stats.events.fetch_add(compacted.events, Ordering::Relaxed);
     stats

@@ -419,6 +419,30 @@ impl Workflow {
         }
     }
 
+    /// Signatures whose task data is due for redaction once the workflow has finished: every
+    /// canceled one and everything under it (children, callbacks, cleanups). `Some(empty)`: the
+    /// whole workflow (its root was canceled, or it was purged); `None`: nothing.
+    pub fn redaction_targets(&self) -> Option<Vec<NodeIndex>> {
+        let canceled = |i: usize| self.nodes[i].status == Status::Canceled;
+        if self.purged || (!self.nodes.is_empty() && canceled(0)) {
+            return Some(Vec::new());
+        }
+        let under_canceled = |mut i: usize| loop {
+            if canceled(i) {
+                return true;
+            }
+            match self.nodes[i].spec.parent {
+                Some(link) => i = link.node as usize,
+                None => return false,
+            }
+        };
+        let nodes: Vec<NodeIndex> = (0..self.nodes.len())
+            .filter(|&i| under_canceled(i))
+            .map(|i| i as NodeIndex)
+            .collect();
+        (!nodes.is_empty()).then_some(nodes)
+    }
+
     /// The workflow is finished when its root and every callback triggered from it are
     /// terminal, and no attempt is still in flight — or when it was purged (nothing in it can
     /// move again, whatever status its signatures were left in).
