@@ -12,8 +12,8 @@ mod sled_log;
 
 pub use memory::MemoryLog;
 pub use sled_log::{
-    block_entries, decode_block, encode_block, Durability, Entry, SledLog, SledOptions,
-    BLOCK_BYTES_MAX, BLOCK_EVENTS_MAX,
+    block_entries, decode_block, encode_block, Durability, Entry, RedactStats, SledLog,
+    SledOptions, BLOCK_BYTES_MAX, BLOCK_EVENTS_MAX,
 };
 
 use mageflow_core::{CodecError, Event, WorkflowId};

@@ -27,8 +27,8 @@
 //! serving a shortened log.
 
 use crate::{check_request, AppendRequest, BoxFuture, Error, EventLog, Recorded, Result};
-use mageflow_core::{codec, Event, WorkflowId};
-use std::collections::HashMap;
+use mageflow_core::{codec, Event, NodeIndex, Redactor, WorkflowId};
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +86,27 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<u64>>>,
 }
 
+/// What the committer is asked to do: commit appends (grouped with others), or redact a stream
+/// between two groups.
+enum Work {
+    Append(Job),
+    Redact {
+        stream: WorkflowId,
+        nodes: Vec<NodeIndex>,
+        reply: mpsc::SyncSender<Result<RedactStats>>,
+    },
+}
+
+/// What one [`SledLog::redact`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedactStats {
+    /// Events of the stream whose stored bytes were rewritten (0: nothing to redact, e.g. a
+    /// second call).
+    pub events_rewritten: u64,
+    /// Blocks rewritten in place to do so.
+    pub blocks_rewritten: u64,
+}
+
 /// What open learns from the block headers, kept up to date by the committer. Committed only.
 #[derive(Default)]
 struct Index {
@@ -128,7 +149,7 @@ impl Shared {
 
 pub struct SledLog {
     shared: Arc<Shared>,
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    jobs: Mutex<Option<mpsc::Sender<Work>>>,
     committer: Mutex<Option<JoinHandle<()>>>,
     _db: sled::Db,
 }
@@ -447,7 +468,7 @@ impl SledLog {
         &self.shared.path
     }
 
-    fn lock_jobs(&self) -> MutexGuard<'_, Option<mpsc::Sender<Job>>> {
+    fn lock_jobs(&self) -> MutexGuard<'_, Option<mpsc::Sender<Work>>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -462,6 +483,54 @@ impl SledLog {
         if let Some(h) = handle {
             let _ = h.join();
         }
+    }
+
+    /// Drop the task data of the signatures `nodes` of workflow `stream` (all of them if `nodes`
+    /// is empty) from the log for good, leaving the audit trail, like `PgLog::redact`: every
+    /// event of the stream is replaced by its `mageflow_core::Payload::redact`ed form (kwargs →
+    /// `{}`, message values, results and checkpoints → `null`, error messages → `"[redacted]"`,
+    /// for those signatures only; kinds, nodes, attempts, statuses, times, actors, names and
+    /// task names are kept). Positions, seqs, versions and event counts do not change; the
+    /// redacted stream replays to the same statuses.
+    ///
+    /// Every block holding an event of the stream whose bytes change is rewritten in place
+    /// (same key, same entries in the same order; the other streams' entries byte for byte; a
+    /// new checksum), then sled is flushed, whatever the durability mode: an acknowledged
+    /// redaction stays done. The committer thread does it between two groups, so no block is
+    /// written by anyone else meanwhile; each block is replaced by one atomic sled write, so
+    /// readers see every block either old or new, and so does a reopen after a crash in the
+    /// middle (both are valid blocks); calling this again then finishes the job. Only events
+    /// committed before it runs are redacted (appends made after it are not): call it once
+    /// the events it must cover (e.g. a cancel's) are committed.
+    ///
+    /// Sled is log-structured: the old block versions stay in its segment files until sled
+    /// reuses those segments, so the dropped data may remain in the files on disk for a while
+    /// (it is no longer reachable through the log).
+    ///
+    /// Idempotent: a second call rewrites nothing and reports 0. Damage found in a block it
+    /// reads is `Error::Corrupt`: blocks before it may already be redacted (each valid), none
+    /// from it on is touched. The
+    /// system stream holds no task data and is left alone. Blocks the calling thread until the
+    /// redaction is durable.
+    pub fn redact(&self, stream: WorkflowId, nodes: Vec<NodeIndex>) -> Result<RedactStats> {
+        if stream.is_system() {
+            return Ok(RedactStats::default());
+        }
+        let (reply, rx) = mpsc::sync_channel(1);
+        let sent = match &*self.lock_jobs() {
+            Some(tx) => tx
+                .send(Work::Redact {
+                    stream,
+                    nodes,
+                    reply,
+                })
+                .is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Err(Error::Closed);
+        }
+        rx.recv().unwrap_or(Err(Error::Closed))
     }
 
     /// Check every event: block checksums, full decode, headers matching the events, dense
@@ -625,15 +694,41 @@ struct Staged<'a> {
 }
 
 impl Committer {
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
-        while let Ok(first) = rx.recv() {
+    fn run(mut self, rx: mpsc::Receiver<Work>) {
+        // Work taken from the queue while a group was being gathered, not part of that group.
+        let mut next: Option<Work> = None;
+        loop {
+            let work = match next.take() {
+                Some(w) => w,
+                None => match rx.recv() {
+                    Ok(w) => w,
+                    Err(_) => break,
+                },
+            };
+            let first = match work {
+                Work::Append(job) => job,
+                Work::Redact {
+                    stream,
+                    nodes,
+                    reply,
+                } => {
+                    // Between groups: no block is being written, and appends queued after the
+                    // redaction wait for it (they are not covered by it).
+                    let _ = reply.send(self.redact(stream, &nodes));
+                    continue;
+                }
+            };
             let mut jobs = vec![first];
             let mut events: usize = jobs[0].requests.iter().map(|r| r.events.len()).sum();
             while events < GROUP_EVENTS_MAX {
                 match rx.try_recv() {
-                    Ok(job) => {
+                    Ok(Work::Append(job)) => {
                         events += job.requests.iter().map(|r| r.events.len()).sum::<usize>();
                         jobs.push(job);
+                    }
+                    Ok(other) => {
+                        next = Some(other);
+                        break;
                     }
                     Err(_) => break,
                 }
@@ -726,6 +821,106 @@ impl Committer {
         Ok(blocks)
     }
 
+    /// Redact `stream` (see [`SledLog::redact`]), between two groups.
+    fn redact(&self, stream: WorkflowId, nodes: &[NodeIndex]) -> Result<RedactStats> {
+        let positions: Vec<u64> = match self.shared.index().streams.get(&stream) {
+            Some(p) => p.clone(),
+            None => return Ok(RedactStats::default()),
+        };
+        let all = nodes.is_empty();
+        let wanted: HashSet<NodeIndex> = nodes.iter().copied().collect();
+        let selected = |n: NodeIndex| all || wanted.contains(&n);
+        let mut redactor = Redactor::new(&selected);
+        let mut stats = RedactStats::default();
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        let mut i = 0;
+        while i < positions.len() {
+            let first = self.shared.index().block_of(positions[i]).ok_or_else(|| {
+                Error::Corrupt(format!("no block holds position {}", positions[i]))
+            })?;
+            let bytes = self.shared.block(first)?;
+            let entries = block_entries(first, &bytes)?;
+            let mut rewritten = Vec::with_capacity(bytes.len());
+            rewritten.extend_from_slice(&bytes[..BLOCK_HEADER_BYTES]);
+            let mut changed = 0u64;
+            for e in &entries {
+                // Stream id and seq of the entry, as stored.
+                rewritten.extend_from_slice(&bytes[e.start - ENTRY_HEADER_BYTES..e.start - 4]);
+                let mut encoded = None;
+                if e.stream == stream {
+                    let seq = i as u64 + 1;
+                    if positions.get(i) != Some(&e.position) || e.seq != seq {
+                        return Err(Error::Corrupt(format!(
+                            "event at position {} is {} seq {}, but the index has seq {seq} of \
+                             that stream at position {}",
+                            e.position,
+                            e.stream,
+                            e.seq,
+                            positions.get(i).copied().unwrap_or(0)
+                        )));
+                    }
+                    let mut event = decode_entry(&bytes, e)?;
+                    if redactor.redact(&mut event) {
+                        encoded = Some(codec::encode(&event).map_err(|source| Error::Encode {
+                            stream,
+                            seq,
+                            source,
+                        })?);
+                        changed += 1;
+                    }
+                    i += 1;
+                }
+                let event_bytes = encoded.as_deref().unwrap_or(&bytes[e.start..e.end]);
+                let len = u32::try_from(event_bytes.len()).map_err(|_| {
+                    Error::Storage(format!(
+                        "redaction of stream {stream}: the event at position {} would exceed \
+                         4 GiB",
+                        e.position
+                    ))
+                })?;
+                rewritten.extend_from_slice(&len.to_le_bytes());
+                rewritten.extend_from_slice(event_bytes);
+            }
+            if changed == 0 {
+                continue;
+            }
+            let crc = crc32fast::hash(&rewritten[4..]);
+            rewritten[..4].copy_from_slice(&crc.to_le_bytes());
+            // The new block must read back exactly like the old one, headers included.
+            let check = block_entries(first, &rewritten)?;
+            if check.len() != entries.len()
+                || check
+                    .iter()
+                    .zip(&entries)
+                    .any(|(a, b)| (a.position, a.stream, a.seq) != (b.position, b.stream, b.seq))
+            {
+                return Err(Error::Storage(format!(
+                    "redaction of stream {stream}: the rewritten block at position {first} \
+                     does not match the old one"
+                )));
+            }
+            batch.insert(&block_key(first), rewritten);
+            in_batch += 1;
+            stats.events_rewritten += changed;
+            stats.blocks_rewritten += 1;
+            if in_batch == CHUNK_INSERTS_MAX {
+                self.shared
+                    .tree
+                    .apply_batch(std::mem::take(&mut batch))
+                    .map_err(storage)?;
+                in_batch = 0;
+            }
+        }
+        if in_batch > 0 {
+            self.shared.tree.apply_batch(batch).map_err(storage)?;
+        }
+        if stats.blocks_rewritten > 0 {
+            self.db.flush().map_err(storage)?;
+        }
+        Ok(stats)
+    }
+
     /// Remove every block past position `head`.
     fn remove_past(&self, head: u64) -> Result<()> {
         let tree = &self.shared.tree;
@@ -803,7 +998,7 @@ impl EventLog for SledLog {
     fn append(&self, requests: Vec<AppendRequest>) -> BoxFuture<'static, Result<Vec<u64>>> {
         let (reply, rx) = oneshot::channel();
         let sent = match &*self.lock_jobs() {
-            Some(tx) => tx.send(Job { requests, reply }).is_ok(),
+            Some(tx) => tx.send(Work::Append(Job { requests, reply })).is_ok(),
             None => false,
         };
         crate::committed_reply(sent, rx)

@@ -1,10 +1,12 @@
 //! Integration tests of the event log backends: one conformance suite every backend runs,
 //! corruption of sled's stored bytes, and a real `kill -9` crash test. One binary (this one) keeps
-//! link times down; the crash test re-executes it as its child process.
+//! link times down; the crash test re-executes it as its child process. Redaction of a stream in
+//! the sled log has its own module.
 
 mod conformance;
 mod corruption;
 mod crash;
+mod redaction;
 
 use mageflow_store::{Durability, SledLog, SledOptions};
 use std::path::Path;
