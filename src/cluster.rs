@@ -49,8 +49,6 @@ pub struct CompactionStats {
     pub raw_bytes: AtomicU64,
     pub compressed_bytes: AtomicU64,
     pub failures: AtomicU64,
-    /// Workflows whose canceled signatures had their task data redacted from the log.
-    pub redacted_workflows: AtomicU64,
 }
 
 /// Where the tiers are.
@@ -199,10 +197,8 @@ impl Cluster {
     }
 }
 
-/// The job that follows finished workflows: at once, the task data of their canceled
-/// signatures (and of everything under them: children, callbacks, cleanups) is redacted from the
-/// log, leaving the audit record (who canceled what, when; what ran); `after` their finish (if
-/// set), they are compacted.
+/// The compaction job: each finished workflow, `after` its finish (if set), is compacted. (The
+/// engine itself redacts canceled and purged task data, `Config::redact_canceled`.)
 async fn compactor(
     mut finished: mpsc::UnboundedReceiver<mageflow_engine::Finished>,
     log: Arc<PgLog>,
@@ -219,12 +215,6 @@ async fn compactor(
             f = finished.recv() => match f {
                 Some(f) => {
                     let wf = f.workflow;
-                    if f.canceled_or_purged {
-                        if let Err(e) = redact_canceled(&log, &h, wf, &stats).await {
-                            stats.failures.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(%wf, error = %e, "redacting canceled signatures failed; their data stays in the log");
-                        }
-                    }
                     if let Some(after) = after {
                         due.push_back((tokio::time::Instant::now() + after, wf));
                     }
@@ -250,22 +240,6 @@ async fn compactor(
             }
         }
     }
-}
-
-/// Redact from the log the task data of `wf`'s canceled signatures and of everything under
-/// them ([`mageflow_core::Workflow::redaction_targets`]). What stays is the audit record: which
-/// signatures ran, who did what, when.
-async fn redact_canceled(
-    log: &Arc<PgLog>,
-    h: &Handle,
-    wf: WorkflowId,
-    stats: &CompactionStats,
-) -> Result<()> {
-    let log = log.clone();
-    if crate::redact_finished(h, wf, move |nodes| Ok(log.redact(wf, nodes).map(drop)?)).await? {
-        stats.redacted_workflows.fetch_add(1, Ordering::Relaxed);
-    }
-    Ok(())
 }
 
 /// Snapshot the durable state of `wf` and move its events up to that state's version into the

@@ -69,33 +69,6 @@ pub async fn open_postgres(
     Engine::start(Arc::new(log), registry, config).await
 }
 
-/// Redact, with `redact`, the task data that `wf`'s canceled signatures (or its purge) leave in
-/// the log, if any ([`Workflow::redaction_targets`]); `redact` gets the signatures (empty: the
-/// whole workflow) and runs on a blocking thread. `Ok(false)`: nothing to redact.
-pub(crate) async fn redact_finished(
-    h: &Handle,
-    wf: WorkflowId,
-    redact: impl FnOnce(Vec<core::NodeIndex>) -> Result<()> + Send + 'static,
-) -> Result<bool> {
-    let targets = match h.inspect(wf, Workflow::redaction_targets).await {
-        Ok(t) => t,
-        Err(Error::NoSuchWorkflow(_)) => None,
-        Err(e) => return Err(e),
-    };
-    let Some(nodes) = targets else {
-        return Ok(false);
-    };
-    tokio::task::spawn_blocking(move || redact(nodes))
-        .await
-        .map_err(|e| {
-            Error::Store(mageflow_store::Error::Storage(format!(
-                "the redaction of {wf} stopped: {e}"
-            )))
-        })??;
-    tracing::info!(%wf, "task data of canceled or purged signatures redacted from the log");
-    Ok(true)
-}
-
 /// Start an engine on an in-memory log (nothing survives the process).
 pub async fn open_in_memory(registry: Registry, config: Config) -> Result<Engine> {
     Engine::start(Arc::new(mageflow_store::MemoryLog::new()), registry, config).await

@@ -322,3 +322,80 @@ async fn a_purge_due_while_stopped_happens_after_restart(store: Store) -> Result
     b.shutdown().await;
     Ok(())
 }
+
+/// Logs that can redact (sled, PostgreSQL; the deployment is covered in the CLI's cluster
+/// tests). The in-memory log keeps task data.
+mod redaction {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sled() -> anyhow::Result<()> {
+        crate::support::guard(super::a_confirmed_cancel_leaves_only_the_audit_record(
+            crate::support::Store::Sled,
+        ))
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() -> anyhow::Result<()> {
+        crate::support::guard(super::a_confirmed_cancel_leaves_only_the_audit_record(
+            crate::support::Store::Postgres,
+        ))
+        .await
+    }
+}
+
+/// A confirmed cancel: once the workflow has finished, the log holds who canceled what and when,
+/// and which signatures ran — no kwargs, inputs or results of them.
+async fn a_confirmed_cancel_leaves_only_the_audit_record(store: Store) -> Result<()> {
+    const SECRET: &str = "SECRET-embedded-c41d";
+    let mut tasks = Registry::new();
+    mageflow::engine::builtin::register(&mut tasks);
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let items: Vec<_> = (0..20)
+        .map(|i| {
+            sign("sleep")
+                .kwarg("ms", 60_000)
+                .kwarg("secret", SECRET)
+                .kwarg("i", i)
+                .on_cleanup(sign("noop").kwarg("secret", SECRET))
+        })
+        .collect();
+    let wf = h
+        .submit(
+            mageflow::swarm(items).max_concurrency(4),
+            json!({ "in": SECRET }),
+        )
+        .await?;
+    wait_until(&h, wf, |w| {
+        w.nodes.iter().filter(|n| n.in_flight).count() == 4
+    })
+    .await?;
+    assert!(format!("{:?}", h.history(wf)?).contains(SECRET));
+    h.cancel(SignatureId::root(wf), true).await?;
+    h.wait(wf).await?;
+    while h.stats().workflows_redacted.load(SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let history = h.history(wf)?;
+    assert!(
+        !format!("{history:?}").contains(SECRET),
+        "task data left in the log"
+    );
+    let canceled = history.iter().filter(|e| e.payload.kind() == "canceled");
+    assert!(canceled.clone().count() > 0);
+    assert!(canceled
+        .clone()
+        .all(|e| e.actor == mageflow::Actor::api("it")));
+    // The audit record still says what ran.
+    assert_eq!(
+        history
+            .iter()
+            .filter(|e| e.payload.kind() == "started")
+            .count(),
+        4 + 4,
+        "the 4 running items and their cleanups started (items never dispatched had nothing to \
+         clean up after)"
+    );
+    env.shutdown().await;
+    Ok(())
+}

@@ -651,9 +651,9 @@ async fn a_confirmed_cancel_leaves_only_the_audit_record() -> Result<()> {
 
         h.cancel(root, true).await?;
         h.wait(wf).await?;
-        let stats = d.cluster().compaction_stats().clone();
+        let stats = h.stats();
         while stats
-            .redacted_workflows
+            .workflows_redacted
             .load(std::sync::atomic::Ordering::Relaxed)
             == 0
         {
@@ -710,9 +710,9 @@ async fn a_purged_workflow_keeps_no_task_data() -> Result<()> {
         assert!(format!("{:?}", h.history(wf)?).contains(SECRET));
         h.delete(wf).await?;
         d.wait_for(wf, |w| w.purged).await?;
-        let stats = d.cluster().compaction_stats().clone();
+        let stats = h.stats();
         while stats
-            .redacted_workflows
+            .workflows_redacted
             .load(std::sync::atomic::Ordering::Relaxed)
             == 0
         {

@@ -95,8 +95,12 @@ pub struct Config {
     /// What the start-up recovery resumes of the unfinished work it finds in the log.
     pub auto_resume: AutoResume,
     /// Told of every workflow that finishes or is purged, once the events that did it are
-    /// durable (the cluster's redaction and compaction job listens here).
+    /// durable (the cluster's compaction job listens here).
     pub on_finished: Option<mpsc::UnboundedSender<Finished>>,
+    /// When a workflow with canceled signatures finishes, or one is purged, redact their task
+    /// data from the log ([`Workflow::redaction_targets`], `EventLog::redact`), leaving the
+    /// audit record. Logs that cannot redact (in-memory) keep it. Default: on.
+    pub redact_canceled: bool,
 }
 
 /// A workflow that finished (or was purged), as [`Config::on_finished`] tells it.
@@ -183,6 +187,7 @@ impl Default for Config {
             deletion_ttl_by_kind: BTreeMap::new(),
             auto_resume: AutoResume::default(),
             on_finished: None,
+            redact_canceled: true,
         }
     }
 }
@@ -209,6 +214,8 @@ pub struct Stats {
     pub workflows_finished: AtomicU64,
     pub running: AtomicU64,
     pub running_peak: AtomicU64,
+    /// Workflows whose canceled or purged task data was redacted from the log.
+    pub workflows_redacted: AtomicU64,
 }
 
 /// What the engine found in the log when it started, and what it did about it (see
@@ -1788,15 +1795,16 @@ impl Orchestrator {
                 self.stats
                     .workflows_finished
                     .fetch_add(finished.len() as u64, Ordering::Relaxed);
-                if let Some(tx) = &self.config.on_finished {
-                    for wf in finished.iter().chain(&purged) {
-                        // Still in the hot state: settling comes after the effects.
-                        let canceled_or_purged = self.hot.get(wf).is_some_and(|s| {
-                            s.purged || s.nodes.iter().any(|n| n.status == Status::Canceled)
-                        });
+                for wf in finished.iter().chain(&purged) {
+                    // Still in the hot state: settling comes after the effects.
+                    let targets = self.hot.get(wf).and_then(Workflow::redaction_targets);
+                    if let (Some(nodes), true) = (&targets, self.config.redact_canceled) {
+                        self.redact(*wf, nodes.clone());
+                    }
+                    if let Some(tx) = &self.config.on_finished {
                         let _ = tx.send(Finished {
                             workflow: *wf,
-                            canceled_or_purged,
+                            canceled_or_purged: targets.is_some(),
                         });
                     }
                 }
@@ -1898,6 +1906,22 @@ impl Orchestrator {
         }
         self.hot.remove(&wf);
         self.held.remove(&wf);
+    }
+
+    /// Redact `wf`'s canceled or purged task data on a blocking thread (the log's `redact`
+    /// blocks); its events are durable and nothing more will be decided about those signatures.
+    fn redact(&self, wf: WorkflowId, nodes: Vec<NodeIndex>) {
+        let (log, stats) = (self.log.clone(), self.stats.clone());
+        tokio::task::spawn_blocking(move || match log.redact(wf, nodes) {
+            Ok(Some(_)) => {
+                stats.workflows_redacted.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%wf, "task data of canceled or purged signatures redacted from the log");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(%wf, error = %e, "redacting canceled or purged task data failed; it stays in the log")
+            }
+        });
     }
 
     fn remote(&self) -> bool {

@@ -1112,6 +1112,10 @@ impl EventLog for PgLog {
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.head.subscribe()
     }
+
+    fn redact(&self, stream: WorkflowId, nodes: Vec<NodeIndex>) -> Result<Option<u64>> {
+        PgLog::redact(self, stream, nodes).map(|r| Some(r.events_rewritten + r.archived_rewritten))
+    }
 }
 
 #[cfg(test)]

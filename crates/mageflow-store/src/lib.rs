@@ -100,6 +100,19 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Watch the head: changes after every commit. Catch up with [`EventLog::read_all`].
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Rewrite `stream`'s stored events with the task data of `nodes` (empty: every signature)
+    /// dropped (`mageflow_core::Payload::redact`), keeping the audit record; positions, seqs and
+    /// versions do not change. Blocking. Returns how many events were rewritten, or `None` if
+    /// this log cannot redact (the default).
+    fn redact(
+        &self,
+        stream: WorkflowId,
+        nodes: Vec<mageflow_core::NodeIndex>,
+    ) -> Result<Option<u64>> {
+        let _ = (stream, nodes);
+        Ok(None)
+    }
 }
 
 /// The future an `append` returns once its job was (`sent`) or could not be handed to a
