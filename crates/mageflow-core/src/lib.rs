@@ -8,6 +8,7 @@ pub mod codec;
 pub mod command;
 pub mod decide;
 pub mod event;
+pub mod fixtures;
 pub mod id;
 pub mod model;
 pub mod time;

@@ -3,144 +3,18 @@
 //! same events at the same positions and seqs, which still replay to the same statuses.
 
 use crate::TestSchema;
+use mageflow_core::fixtures::{data_rich_ops, fixture_command};
 use mageflow_core::{
-    codec, execute, redact_stream, Actor, Command, Event, KindSpec, Link, Message, NodeIndex,
-    NodeSpec, Op, Payload, RetryPolicy, Role, SwarmConfig, TaskError, Timestamp, Workflow,
-    WorkflowId,
+    codec, execute, redact_stream, Event, NodeIndex, Op, Payload, Timestamp, Workflow, WorkflowId,
 };
 use mageflow_store::conformance::{request, stream};
 use mageflow_store::{AppendRequest, Error, EventLog, Recorded};
 use mageflow_store_pg::{decode_archive_segment, PgLog, RedactStats};
-use serde_json::json;
 use sqlx::PgConnection;
 
 /// Every piece of task data of the scenario contains this.
-const MARK: &str = "SECRET-";
-
-fn spec(name: &str, kind: KindSpec, parent: Option<(NodeIndex, Role)>) -> NodeSpec {
-    NodeSpec {
-        name: name.to_owned(),
-        kind,
-        kwargs: json!({ "secret": format!("{MARK}kwarg-{name}-123") }),
-        parent: parent.map(|(node, role)| Link { node, role }),
-        on_success: Vec::new(),
-        on_error: Vec::new(),
-        return_field: "mageflow_results".to_owned(),
-        on_cleanup: Vec::new(),
-    }
-}
-
-fn task(name: &str, parent: (NodeIndex, Role)) -> NodeSpec {
-    let kind = KindSpec::Task {
-        task: format!("task_{name}"),
-        retry: RetryPolicy {
-            max_retries: 1,
-            backoff_ms: 10,
-            backoff_max_ms: 10,
-        },
-    };
-    spec(name, kind, Some(parent))
-}
-
-/// The commands of a workflow whose events carry every kind of task data: an input, updated
-/// kwargs, a checkpoint, a retried failure, a result passed down a chain to an open swarm,
-/// swarm items added in a later batch, a confirmed CANCEL of the swarm (its cleanup callback
-/// and the chain's error callback fire with data), a final failure and a result.
-/// Nodes: 0 chain [1 a, 2 fan], 3 error callback of 0, 4 cleanup of 2, items 5 x and 6 y of 2.
-/// Each element is one command (so one append).
-fn scenario_ops() -> Vec<Op> {
-    let mut root = spec(
-        "root",
-        KindSpec::Chain {
-            children: vec![1, 2],
-        },
-        None,
-    );
-    root.on_error = vec![3];
-    let mut fan = spec(
-        "fan",
-        KindSpec::Swarm {
-            children: Vec::new(),
-            config: SwarmConfig::default(),
-            closed: false,
-        },
-        Some((0, Role::Child)),
-    );
-    fan.on_cleanup = vec![4];
-    let error = |m: &str, retryable| TaskError {
-        message: format!("{MARK}{m}"),
-        retryable,
-    };
-    vec![
-        Op::Create {
-            nodes: vec![
-                root,
-                task("a", (0, Role::Child)),
-                fan,
-                task("on_err", (0, Role::ErrorCallback)),
-                task("cleanup", (2, Role::Cleanup)),
-            ],
-            start: Some(Message::input(json!({ "in": format!("{MARK}input") }))),
-        },
-        Op::UpdateKwargs {
-            node: 1,
-            kwargs: json!({ "more": format!("{MARK}update") }),
-        },
-        Op::Start { node: 1 },
-        Op::Checkpoint {
-            node: 1,
-            attempt: 1,
-            data: json!({ "at": format!("{MARK}checkpoint") }),
-        },
-        Op::Fail {
-            node: 1,
-            attempt: 1,
-            error: error("error-a", true),
-        },
-        Op::Start { node: 1 },
-        Op::Complete {
-            node: 1,
-            attempt: 2,
-            result: json!({ "r": format!("{MARK}result-a") }),
-        },
-        Op::AddSwarmItems {
-            swarm: 2,
-            nodes: vec![task("x", (2, Role::Child)), task("y", (2, Role::Child))],
-            close: false,
-        },
-        Op::Start { node: 5 },
-        Op::Complete {
-            node: 5,
-            attempt: 1,
-            result: json!(format!("{MARK}result-x")),
-        },
-        Op::Start { node: 6 },
-        Op::Cancel {
-            node: 2,
-            confirmed: true,
-        },
-        Op::Start { node: 3 },
-        Op::Fail {
-            node: 3,
-            attempt: 1,
-            error: error("error-on-err", false),
-        },
-        Op::Start { node: 4 },
-        Op::Complete {
-            node: 4,
-            attempt: 1,
-            result: json!(format!("{MARK}result-cleanup")),
-        },
-    ]
-}
-
-fn command(i: usize, op: Op) -> Command {
-    Command {
-        actor: Actor::api("auditor"),
-        at: Timestamp::from_micros(1_700_000_000_000_000 + i as i64 * 1_000_000),
-        op,
-    }
-}
+/// What every piece of task data of the fixture starts with.
+const MARK: &str = "SECRET";
 
 /// Run the scenario on stream `s` of `log`, one append per command, interleaved with
 /// appends to `other` (so the stream's positions have gaps). Returns the final state and the
@@ -148,9 +22,10 @@ fn command(i: usize, op: Op) -> Command {
 async fn write_scenario(log: &PgLog, s: WorkflowId, other: WorkflowId) -> (Workflow, Vec<Event>) {
     let mut wf = Workflow::empty(s);
     let mut events = Vec::new();
-    for (i, op) in scenario_ops().into_iter().enumerate() {
+    for (i, op) in data_rich_ops(MARK).into_iter().enumerate() {
         let version = wf.version;
-        let out = execute(&mut wf, &command(i, op)).unwrap_or_else(|r| panic!("step {i}: {r:?}"));
+        let out =
+            execute(&mut wf, &fixture_command(i, op)).unwrap_or_else(|r| panic!("step {i}: {r:?}"));
         assert!(!out.is_empty(), "step {i} emitted nothing");
         let other_version = log.stream_version(other).expect("version");
         log.append(vec![
@@ -260,7 +135,7 @@ async fn assert_appends_continue(log: &PgLog, s: WorkflowId, version: u64) {
     assert_eq!(log.stream_version(s).expect("version"), version);
     let mut wf = Workflow::replay(s, log.read_stream(s, 1).expect("read")).expect("replay");
     let expires_at = Timestamp::from_micros(1_800_000_000_000_000);
-    let more = execute(&mut wf, &command(99, Op::Delete { expires_at })).expect("delete");
+    let more = execute(&mut wf, &fixture_command(99, Op::Delete { expires_at })).expect("delete");
     assert_eq!(more.first().map(|e| e.seq), Some(version + 1));
     log.append(vec![AppendRequest {
         stream: s,
@@ -471,8 +346,8 @@ async fn redacting_some_nodes_leaves_the_others_data() {
         log.read_stream(s, 1).expect("read"),
         redacted(&events, &[6])
     );
-    assert_stored_without(&mut admin, &log, s, "kwarg-y-").await;
-    assert!(live_rows_containing(&mut admin, s, "kwarg-x-").await > 0);
+    assert_stored_without(&mut admin, &log, s, "kwargs-y").await;
+    assert!(live_rows_containing(&mut admin, s, "kwargs-x").await > 0);
 
     // The canceled swarm and its items.
     let canceled: Vec<NodeIndex> = vec![2, 5, 6];
@@ -481,12 +356,12 @@ async fn redacting_some_nodes_leaves_the_others_data() {
     let want = redacted(&events, &canceled);
     let read = log.read_stream(s, 1).expect("read");
     assert_eq!(read, want);
-    for gone in ["kwarg-fan-", "kwarg-x-", "kwarg-y-", "result-x"] {
+    for gone in ["kwargs-fan", "kwargs-x", "kwargs-y", "result-x"] {
         assert_stored_without(&mut admin, &log, s, gone).await;
     }
     // The other signatures' data stays, archived and live.
     let archived = encoded(&archived_events(&mut admin, s).await);
-    for kept in ["kwarg-root-", "kwarg-a-", "input", "checkpoint", "error-a"] {
+    for kept in ["kwargs-root", "kwargs-a", "input", "checkpoint", "error-a"] {
         assert!(contains(&archived, kept), "{kept}");
     }
     for kept in ["result-cleanup", "error-on-err"] {

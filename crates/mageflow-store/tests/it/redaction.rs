@@ -3,12 +3,7 @@
 //! and the log still verifies, reopens, replays and takes appends at the same versions.
 
 use crate::{event_with, open_sled, runtime, stream};
-use mageflow_core::model::RETURN_FIELD_DEFAULT;
-use mageflow_core::{
-    codec, execute, Actor, Command, Event, KindSpec, Link, Message, NodeIndex, NodeSpec, Op,
-    Payload, RetryPolicy, Role, SwarmConfig, TaskError, Timestamp, Workflow, WorkflowId,
-    REDACTED_ERROR,
-};
+use mageflow_core::{codec, Event, NodeIndex, Payload, Workflow, WorkflowId, REDACTED_ERROR};
 use mageflow_store::{
     block_entries, decode_block, encode_block, AppendRequest, Error, EventLog, Recorded,
     RedactStats, SledLog, SledOptions,
@@ -23,131 +18,12 @@ const MARKER: &str = "ZQX-MARKER-7731";
 const WF: u128 = 0x77;
 const OTHER: u128 = 0x78;
 
-fn spec(name: &str, kind: KindSpec, parent: Option<(NodeIndex, Role)>) -> NodeSpec {
-    NodeSpec {
-        name: name.to_owned(),
-        kind,
-        kwargs: json!({ "secret": format!("{MARKER}-kwargs-{name}") }),
-        parent: parent.map(|(node, role)| Link { node, role }),
-        on_success: Vec::new(),
-        on_error: Vec::new(),
-        return_field: RETURN_FIELD_DEFAULT.to_owned(),
-        on_cleanup: Vec::new(),
-    }
-}
-
-fn task(name: &str, parent: (NodeIndex, Role)) -> NodeSpec {
-    let kind = KindSpec::Task {
-        task: format!("task_{name}"),
-        retry: RetryPolicy {
-            max_retries: 1,
-            backoff_ms: 10,
-            backoff_max_ms: 10,
-        },
-    };
-    spec(name, kind, Some(parent))
-}
-
-/// A workflow going through every kind of event with task data, ending in a confirmed cancel
-/// of its swarm. Nodes: 0 chain [1 a, 2 swarm], 3 error callback of 0, 4 cleanup of 2, then
-/// items 5 x and 6 y of 2.
+/// The core fixture: every kind of event with task data, ending in a confirmed cancel of its
+/// swarm (nodes: 0 chain [1 a, 2 swarm], 3 error callback of 0, 4 cleanup of 2, items 5 x and
+/// 6 y of 2).
 fn scenario(id: WorkflowId) -> (Workflow, Vec<Event>) {
-    let mut root = spec(
-        "root",
-        KindSpec::Chain {
-            children: vec![1, 2],
-        },
-        None,
-    );
-    root.on_error = vec![3];
-    let mut swarm = spec(
-        "fan",
-        KindSpec::Swarm {
-            children: Vec::new(),
-            config: SwarmConfig::default(),
-            closed: false,
-        },
-        Some((0, Role::Child)),
-    );
-    swarm.on_cleanup = vec![4];
-    let nodes = vec![
-        root,
-        task("a", (0, Role::Child)),
-        swarm,
-        task("on_err", (0, Role::ErrorCallback)),
-        task("cleanup", (2, Role::Cleanup)),
-    ];
-    let error = |m: &str, retryable| TaskError {
-        message: format!("{MARKER}-{m}"),
-        retryable,
-    };
-    let ops = vec![
-        Op::Create {
-            nodes,
-            start: Some(Message::input(json!({ "in": format!("{MARKER}-input") }))),
-        },
-        Op::UpdateKwargs {
-            node: 1,
-            kwargs: json!({ "more": format!("{MARKER}-update") }),
-        },
-        Op::Start { node: 1 },
-        Op::Checkpoint {
-            node: 1,
-            attempt: 1,
-            data: json!({ "at": format!("{MARKER}-checkpoint") }),
-        },
-        Op::Fail {
-            node: 1,
-            attempt: 1,
-            error: error("error-a", true),
-        },
-        Op::Start { node: 1 },
-        Op::Complete {
-            node: 1,
-            attempt: 2,
-            result: json!({ "r": format!("{MARKER}-result-a") }),
-        },
-        Op::AddSwarmItems {
-            swarm: 2,
-            nodes: vec![task("x", (2, Role::Child)), task("y", (2, Role::Child))],
-            close: false,
-        },
-        Op::Start { node: 5 },
-        Op::Complete {
-            node: 5,
-            attempt: 1,
-            result: json!(format!("{MARKER}-result-x")),
-        },
-        Op::Start { node: 6 },
-        Op::Cancel {
-            node: 2,
-            confirmed: true,
-        },
-        Op::Start { node: 3 },
-        Op::Fail {
-            node: 3,
-            attempt: 1,
-            error: error("error-on-err", false),
-        },
-        Op::Start { node: 4 },
-        Op::Complete {
-            node: 4,
-            attempt: 1,
-            result: json!(format!("{MARKER}-result-cleanup")),
-        },
-    ];
-    let mut wf = Workflow::empty(id);
-    let mut events = Vec::new();
-    for (i, op) in ops.into_iter().enumerate() {
-        let cmd = Command {
-            actor: Actor::api("auditor"),
-            at: Timestamp::from_micros(1_700_000_000_000_000 + i as i64 * 1_000_000),
-            op,
-        };
-        let out = execute(&mut wf, &cmd).unwrap_or_else(|r| panic!("step {i}: {r:?}"));
-        assert!(!out.is_empty(), "step {i} emitted nothing");
-        events.extend(out);
-    }
+    let (wf, events) = mageflow_core::fixtures::data_rich_workflow(id, MARKER)
+        .unwrap_or_else(|r| panic!("the fixture runs: {r:?}"));
     assert!(wf.is_finished());
     (wf, events)
 }
