@@ -69,6 +69,7 @@ async fn cleanup_runs_once_after_success_and_failure(store: Store) -> Result<()>
     assert_eq!(seen["outcome"], "failed");
     assert_eq!(seen["error"], "broken");
     assert!(cleanups.try_recv().is_err(), "each cleanup ran once");
+    env.shutdown().await;
     Ok(())
 }
 
@@ -109,6 +110,7 @@ async fn cleanup_runs_once_after_interrupt_and_cancel(store: Store) -> Result<()
         assert_eq!(state.nodes[0].status, expected);
     }
     assert!(cleanups.try_recv().is_err(), "each cleanup ran once");
+    env.shutdown().await;
     Ok(())
 }
 
@@ -142,6 +144,7 @@ async fn a_failing_cleanup_never_changes_the_outcome(store: Store) -> Result<()>
         .filter(|e| matches!(e.payload, Payload::Failed { node: 1, .. }))
         .count();
     assert_eq!(failed, 1, "the cleanup's failure is recorded");
+    env.shutdown().await;
     Ok(())
 }
 
@@ -211,6 +214,7 @@ async fn a_running_task_marked_for_deletion_finishes_and_is_purged_at_expiry(
         Err(Error::Rejected(Rejection::Purged)) => {}
         other => panic!("rerun after purge: expected Purged, got {other:?}"),
     }
+    env.shutdown().await;
     Ok(())
 }
 
@@ -240,6 +244,7 @@ async fn rerun_before_expiry_restores_and_runs_again(store: Store) -> Result<()>
         Err(Error::Rejected(Rejection::NotMarked)) => {}
         other => panic!("restore of an unmarked workflow: expected NotMarked, got {other:?}"),
     }
+    env.shutdown().await;
     Ok(())
 }
 
@@ -287,6 +292,7 @@ async fn rerun_and_purge_race_and_exactly_one_wins(store: Store) -> Result<()> {
         }
     }
     assert_eq!(reruns + purges, PAIRS);
+    env.shutdown().await;
     Ok(())
 }
 

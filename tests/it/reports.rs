@@ -238,6 +238,7 @@ async fn a_panicking_handler_is_a_retryable_failure(store: Store) -> Result<()> 
         })
         .expect("a retry was scheduled");
     assert!(retry.contains("shaky broke"), "{retry}");
+    env.shutdown().await;
     Ok(())
 }
 
@@ -292,6 +293,7 @@ async fn a_handler_that_stops_heartbeating_loses_its_lease_and_is_retried(
         })
         .expect("the silent attempt was retried");
     assert!(retry.contains("lease expired"), "{retry}");
+    env.shutdown().await;
     Ok(())
 }
 

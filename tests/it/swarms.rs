@@ -317,6 +317,7 @@ async fn a_swarm_too_large_for_one_event_is_created_in_chunks_atomically(
         assert_eq!(r, &json!({ "ok": n }), "outcome {n} out of order");
     }
     h.wait(wf).await?;
+    env.shutdown().await;
     Ok(())
 }
 
@@ -341,5 +342,6 @@ async fn a_tree_too_large_for_one_event_is_refused_before_anything_is_written(
     assert_eq!(err.code(), "too_many", "{err}");
     assert!(matches!(err, Error::TooMany { .. }));
     assert_eq!(h.log().head(), head, "nothing was written");
+    env.shutdown().await;
     Ok(())
 }
