@@ -268,7 +268,7 @@ pub async fn worker(
             shutdown.cancel();
         })
     };
-    eprintln!("worker {} taking jobs (Ctrl-C to stop)", config.worker_id);
+    eprintln!("worker {} starting (Ctrl-C to stop)", config.worker_id);
     let stats = cluster::run_worker_process(c.hot, builtins(), config, shutdown).await?;
     stopper.abort();
     // Not println!: a closed stdout (the parent went away) must not turn a clean stop into a panic.
