@@ -96,20 +96,11 @@ pub struct Config {
     pub auto_resume: AutoResume,
     /// Told of every workflow that finishes or is purged, once the events that did it are
     /// durable (the cluster's compaction job listens here).
-    pub on_finished: Option<mpsc::UnboundedSender<Finished>>,
+    pub on_finished: Option<mpsc::UnboundedSender<WorkflowId>>,
     /// When a workflow with canceled signatures finishes, or one is purged, redact their task
     /// data from the log ([`Workflow::redaction_targets`], `EventLog::redact`), leaving the
     /// audit record. Logs that cannot redact (in-memory) keep it. Default: on.
     pub redact_canceled: bool,
-}
-
-/// A workflow that finished (or was purged), as [`Config::on_finished`] tells it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Finished {
-    pub workflow: WorkflowId,
-    /// Some signature of it was canceled, or the whole workflow was purged: its task data is due
-    /// for redaction.
-    pub canceled_or_purged: bool,
 }
 
 /// What [`Engine::start`] does with the unfinished work it finds in the log (see
@@ -1709,6 +1700,7 @@ impl Orchestrator {
     fn start_ready(&mut self, step: &mut Step) {
         let at = now();
         let actor = self.worker_actor.clone();
+        let remote = self.remote();
         while self.free_slots > 0 {
             let Some(sig) = self.ready.pop_front() else {
                 break;
@@ -1746,12 +1738,21 @@ impl Orchestrator {
                 continue;
             };
             let node = &state.nodes[sig.index as usize];
+            // With remote dispatch the projector builds the job from the log: no input here.
             let launch = Launch {
                 sig,
                 attempt: node.attempt,
                 task: node.spec.task_name().unwrap_or_default().to_owned(),
-                input: state.effective_input(sig.index),
-                checkpoint: node.checkpoint.clone(),
+                input: if remote {
+                    Value::Null
+                } else {
+                    state.effective_input(sig.index)
+                },
+                checkpoint: if remote {
+                    None
+                } else {
+                    node.checkpoint.clone()
+                },
             };
             step.add_events(sig.workflow, expected, events);
             self.free_slots -= 1;
@@ -1796,16 +1797,15 @@ impl Orchestrator {
                     .workflows_finished
                     .fetch_add(finished.len() as u64, Ordering::Relaxed);
                 for wf in finished.iter().chain(&purged) {
-                    // Still in the hot state: settling comes after the effects.
-                    let targets = self.hot.get(wf).and_then(Workflow::redaction_targets);
-                    if let (Some(nodes), true) = (&targets, self.config.redact_canceled) {
-                        self.redact(*wf, nodes.clone());
+                    if self.config.redact_canceled {
+                        // Still in the hot state: settling comes after the effects.
+                        if let Some(nodes) = self.hot.get(wf).and_then(Workflow::redaction_targets)
+                        {
+                            self.redact(*wf, nodes);
+                        }
                     }
                     if let Some(tx) = &self.config.on_finished {
-                        let _ = tx.send(Finished {
-                            workflow: *wf,
-                            canceled_or_purged: targets.is_some(),
-                        });
+                        let _ = tx.send(*wf);
                     }
                 }
                 for l in launches {

@@ -12,8 +12,8 @@ pub mod worker;
 
 pub use context::{TaskContext, WorkerLink};
 pub use engine::{
-    now, AutoResume, Config, Dispatch, Engine, Finished, Handle, RecoveryReport, SkippedWorkflow,
-    Stats, StoredResumeReport, INPUT_BYTES_MAX, RECOVERY_CORRUPT_LISTED_MAX,
+    now, AutoResume, Config, Dispatch, Engine, Handle, RecoveryReport, SkippedWorkflow, Stats,
+    StoredResumeReport, INPUT_BYTES_MAX, RECOVERY_CORRUPT_LISTED_MAX,
 };
 pub use error::{Error, Result};
 pub use registry::{Registry, TaskDef, TaskFailure};

@@ -269,16 +269,36 @@ pub(crate) async fn compact_on(
     let up_to = up_to_seq.map_or(i64::MAX, |s| i64::try_from(s).unwrap_or(i64::MAX));
     // Dropped without commit (an error, a lost connection): rolled back.
     let mut tx = pool.begin().await?;
-    match compact_in_transaction(&mut tx, stream, up_to, snapshot).await? {
-        Ok(stats) => {
-            tx.commit().await?;
-            Ok(Ok(stats))
-        }
-        Err(refusal) => {
-            tx.rollback().await?;
-            Ok(Err(refusal))
-        }
+    let outcome = compact_in_transaction(&mut tx, stream, up_to, snapshot).await?;
+    settle(tx, outcome).await
+}
+
+/// Commit the transaction if its work succeeded, roll it back if it was refused.
+async fn settle<T>(
+    tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    outcome: Result<T>,
+) -> Result<Result<T>, sqlx::Error> {
+    match outcome {
+        Ok(_) => tx.commit().await?,
+        Err(_) => tx.rollback().await?,
     }
+    Ok(outcome)
+}
+
+/// The live rows of `stream` with `seq <= up_to`, in seq order (read under the stream's lock).
+async fn live_rows(
+    conn: &mut PgConnection,
+    stream: WorkflowId,
+    up_to: i64,
+) -> Result<Vec<Row>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT position, stream, seq, payload, crc32 FROM mageflow_events \
+         WHERE stream = $1 AND seq <= $2 ORDER BY seq",
+    )
+    .bind(stream.0)
+    .bind(up_to)
+    .fetch_all(&mut *conn)
+    .await
 }
 
 /// The per-stream, transaction-level advisory lock that compactions and redactions of a stream
@@ -317,14 +337,7 @@ async fn compact_in_transaction(
     .bind(stream.0)
     .fetch_optional(&mut *conn)
     .await?;
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT position, stream, seq, payload, crc32 FROM mageflow_events \
-         WHERE stream = $1 AND seq <= $2 ORDER BY seq",
-    )
-    .bind(stream.0)
-    .bind(up_to)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = live_rows(conn, stream, up_to).await?;
 
     if rows.is_empty() {
         let Some((.., raw_bytes, segment, _, _)) = &archived else {
@@ -477,16 +490,8 @@ pub(crate) async fn redact_on(
     nodes: &[NodeIndex],
 ) -> Result<Result<RedactStats>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    match redact_in_transaction(&mut tx, stream, nodes).await? {
-        Ok(stats) => {
-            tx.commit().await?;
-            Ok(Ok(stats))
-        }
-        Err(refusal) => {
-            tx.rollback().await?;
-            Ok(Err(refusal))
-        }
-    }
+    let outcome = redact_in_transaction(&mut tx, stream, nodes).await?;
+    settle(tx, outcome).await
 }
 
 async fn redact_in_transaction(
@@ -507,13 +512,7 @@ async fn redact_in_transaction(
     // Every live row of the stream. Appends only add rows above the stream's version, and
     // events appended after this read are not redacted: call this once the events it must
     // cover are committed.
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT position, stream, seq, payload, crc32 FROM mageflow_events \
-         WHERE stream = $1 ORDER BY seq",
-    )
-    .bind(stream.0)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = live_rows(conn, stream, i64::MAX).await?;
 
     let all = nodes.is_empty();
     let wanted: std::collections::HashSet<NodeIndex> = nodes.iter().copied().collect();
