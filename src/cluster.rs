@@ -31,6 +31,8 @@ const REPORTS_PER_READ: usize = 4_096;
 /// Longest a report read blocks (the intake also checks for shutdown this often).
 const REPORT_BLOCK: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a worker's `save_checkpoint` waits for the orchestrator to make it durable.
+const CHECKPOINT_ANSWER_WAIT: Duration = Duration::from_secs(30);
 /// Default delay between a workflow finishing and its compaction.
 pub const COMPACT_AFTER_DEFAULT: Duration = Duration::from_secs(300);
 
@@ -109,7 +111,9 @@ pub async fn open_cluster(
         window: cluster.window.max(1),
     };
     let (finished_tx, finished) = mpsc::unbounded_channel();
-    config.on_finished = Some(finished_tx);
+    if cluster.compact_after.is_some() {
+        config.on_finished = Some(finished_tx);
+    }
     let engine = Engine::start(log.clone(), registry, config).await?;
     let stop = CancellationToken::new();
     let compaction = Arc::new(CompactionStats::default());
@@ -131,14 +135,16 @@ pub async fn open_cluster(
         intake_stats.clone(),
         stop.clone(),
     )));
-    tasks.push(tokio::spawn(compactor(
-        finished,
-        log.clone(),
-        engine.handle(),
-        cluster.compact_after,
-        compaction.clone(),
-        stop.clone(),
-    )));
+    if let Some(after) = cluster.compact_after {
+        tasks.push(tokio::spawn(compactor(
+            finished,
+            log.clone(),
+            engine.handle(),
+            after,
+            compaction.clone(),
+            stop.clone(),
+        )));
+    }
     Ok(Cluster {
         engine,
         hot,
@@ -197,13 +203,13 @@ impl Cluster {
     }
 }
 
-/// The compaction job: each finished workflow, `after` its finish (if set), is compacted. (The
-/// engine itself redacts canceled and purged task data, `Config::redact_canceled`.)
+/// The compaction job: each finished workflow is compacted `after` its finish. (The engine
+/// itself redacts canceled and purged task data, `Config::redact_canceled`.)
 async fn compactor(
-    mut finished: mpsc::UnboundedReceiver<mageflow_engine::Finished>,
+    mut finished: mpsc::UnboundedReceiver<WorkflowId>,
     log: Arc<PgLog>,
     h: Handle,
-    after: Option<Duration>,
+    after: Duration,
     stats: Arc<CompactionStats>,
     stop: CancellationToken,
 ) {
@@ -212,13 +218,8 @@ async fn compactor(
         let next = due.front().map(|(at, _)| *at);
         tokio::select! {
             _ = stop.cancelled() => return,
-            f = finished.recv() => match f {
-                Some(f) => {
-                    let wf = f.workflow;
-                    if let Some(after) = after {
-                        due.push_back((tokio::time::Instant::now() + after, wf));
-                    }
-                }
+            wf = finished.recv() => match wf {
+                Some(wf) => due.push_back((tokio::time::Instant::now() + after, wf)),
                 None => return,
             },
             _ = async {
@@ -306,7 +307,7 @@ async fn intake(hot: Hot, h: Handle, stats: Arc<IntakeStats>, stop: Cancellation
         let Some((last_id, last)) = reports.last().map(|(id, r)| (id.clone(), r.key.sig)) else {
             continue;
         };
-        for (_, r) in reports {
+        for (id, r) in reports {
             stats.reports.fetch_add(1, Ordering::Relaxed);
             let (sig, attempt) = (r.key.sig, r.key.attempt);
             let sent = match r.outcome {
@@ -316,14 +317,21 @@ async fn intake(hot: Hot, h: Handle, stats: Arc<IntakeStats>, stop: Cancellation
                     h.report(sig, attempt, Err(f)).await
                 }
                 ReportOutcome::Stopped => h.report_stopped(sig, attempt).await,
-                ReportOutcome::Checkpoint(data) => match h.checkpoint(sig, attempt, data).await {
-                    Err(Error::ShutDown) => Err(Error::ShutDown),
-                    Err(e) => {
-                        tracing::info!(%sig, attempt, error = %e, "checkpoint refused");
-                        Ok(())
+                ReportOutcome::Checkpoint(data) => {
+                    // Durable once this returns; the worker's save_checkpoint waits for the answer.
+                    let durable = match h.checkpoint(sig, attempt, data).await {
+                        Err(Error::ShutDown) => return,
+                        Err(e) => {
+                            tracing::info!(%sig, attempt, error = %e, "checkpoint refused");
+                            false
+                        }
+                        Ok(()) => true,
+                    };
+                    if let Err(e) = hot.answer_report(&id, durable).await {
+                        tracing::warn!(%sig, attempt, error = %e, "could not answer a checkpoint");
                     }
-                    Ok(()) => Ok(()),
-                },
+                    Ok(())
+                }
             };
             if sent.is_err() {
                 return; // the engine is shutting down
@@ -360,7 +368,20 @@ impl WorkerLink for HotJobs {
                 worker,
                 outcome: ReportOutcome::Checkpoint(data),
             };
-            hot.report(&report).await.map(drop).map_err(hot_error)
+            // Durable only once the orchestrator has appended it and answered.
+            let id = hot.report(&report).await.map_err(hot_error)?;
+            match hot.wait_answer(&id, CHECKPOINT_ANSWER_WAIT).await {
+                Ok(Some(true)) => Ok(()),
+                Ok(Some(false)) => Err(Error::Hot(format!(
+                    "the checkpoint of {sig} attempt {attempt} was refused: the attempt is no \
+                     longer current"
+                ))),
+                Ok(None) => Err(Error::Hot(format!(
+                    "no answer to the checkpoint of {sig} attempt {attempt} within {} s",
+                    CHECKPOINT_ANSWER_WAIT.as_secs()
+                ))),
+                Err(e) => Err(hot_error(e)),
+            }
         })
     }
 }

@@ -64,6 +64,9 @@ end
 return id
 "#;
 
+/// How long an answer to a report waits to be read.
+const ANSWER_TTL_SECS: u64 = 60;
+
 pub(crate) fn rerr(op: &'static str) -> impl FnOnce(RedisError) -> HotError {
     move |source| HotError::Redis { op, source }
 }
@@ -208,6 +211,40 @@ impl Hot {
             .arg(format!("{:.3}", timeout.as_secs_f64().max(0.001)));
         let _: Option<(String, String)> = self.blocking_query("BLPOP wake", &cmd, timeout).await?;
         Ok(())
+    }
+
+    /// Tell the worker waiting on report `report_id` (a checkpoint) whether what it reported
+    /// is durable in the log (`true`) or was refused (`false`). Unread answers expire.
+    pub async fn answer_report(&self, report_id: &str, durable: bool) -> Result<(), HotError> {
+        let key = self.key(&format!("answer:{report_id}"));
+        let _: () = redis::pipe()
+            .cmd("LPUSH")
+            .arg(&key)
+            .arg(if durable { "1" } else { "0" })
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(ANSWER_TTL_SECS)
+            .ignore()
+            .query_async(&mut self.conn())
+            .await
+            .map_err(rerr("LPUSH answer"))?;
+        Ok(())
+    }
+
+    /// Wait up to `timeout` for the answer to report `report_id` ([`Hot::answer_report`]);
+    /// `None` if none came.
+    pub async fn wait_answer(
+        &self,
+        report_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<bool>, HotError> {
+        let mut cmd = redis::cmd("BLPOP");
+        cmd.arg(self.key(&format!("answer:{report_id}")))
+            .arg(format!("{:.3}", timeout.as_secs_f64().max(0.001)));
+        let reply: Option<(String, String)> =
+            self.blocking_query("BLPOP answer", &cmd, timeout).await?;
+        Ok(reply.map(|(_, v)| v == "1"))
     }
 
     /// Extend the job's invisibility by the lease. `Ok(false)`: the job is gone (revoked or
