@@ -41,50 +41,11 @@
 
 use crate::copy::{decode_row, Row};
 use mageflow_core::{codec, Event, NodeIndex, Redactor, Timestamp, WorkflowId};
-use mageflow_store::{Error, Result};
+use mageflow_store::{segment, Error, Result};
 use sqlx::postgres::PgPool;
 use sqlx::PgConnection;
-use std::io::Read;
 
-/// Largest uncompressed segment a compaction writes (PostgreSQL's `bytea` stops at 1 GiB, and a
-/// read holds the whole segment in memory). A compaction that would exceed it fails with
-/// `Error::Storage` and changes nothing.
-pub const ARCHIVE_RAW_BYTES_MAX: u64 = 256 * 1024 * 1024;
-
-/// zstd level of the segments: the library's default, a good ratio at several hundred MB/s.
-pub const ZSTD_LEVEL: i32 = 3;
-
-/// What one [`crate::PgLog::compact`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CompactStats {
-    /// Events this call moved out of `mageflow_events` (0: nothing to move).
-    pub events: u64,
-    /// Uncompressed size of the stream's whole segment after this call (all its archived
-    /// events, not only the ones this call moved); 0 if the stream has no archive.
-    pub raw_bytes: u64,
-    /// Stored (compressed) size of that segment.
-    pub compressed_bytes: u64,
-}
-
-/// A stream's archive row, as [`crate::PgLog::archived`] describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ArchiveInfo {
-    /// Archived seqs are `first_seq..=last_seq` (`first_seq` is always 1).
-    pub first_seq: u64,
-    pub last_seq: u64,
-    pub events: u64,
-    /// Segment size before compression.
-    pub raw_bytes: u64,
-    /// Segment size as stored.
-    pub compressed_bytes: u64,
-    /// Highest global position among the archived events.
-    pub last_position: u64,
-    pub has_snapshot: bool,
-    /// Size of the snapshot, if any.
-    pub snapshot_bytes: Option<u64>,
-    /// When the last compaction of the stream committed.
-    pub compacted_at: Timestamp,
-}
+pub use mageflow_store::segment::{ArchiveInfo, CompactStats, ARCHIVE_RAW_BYTES_MAX, ZSTD_LEVEL};
 
 /// An archive row as read for decoding: (first_seq, last_seq, events, raw_bytes, segment,
 /// crc32).
@@ -123,10 +84,10 @@ fn corrupt(stream: WorkflowId, what: impl std::fmt::Display) -> Error {
     Error::Corrupt(format!("archive of stream {stream}: {what}"))
 }
 
-/// Check an archive row's header and CRC, and decompress its segment (never more than its
-/// stated `raw_bytes`, so a damaged segment cannot make a read allocate without bound).
+/// Check an archive row's header, then its segment's CRC, and decompress it (bounded by the
+/// row's `raw_bytes`).
 pub(crate) fn raw_segment(stream: WorkflowId, row: &Segment) -> Result<Vec<u8>> {
-    let (first_seq, last_seq, events, raw_bytes, segment, stored) = row;
+    let (first_seq, last_seq, events, raw_bytes, segment, crc) = row;
     if *first_seq != 1 || *last_seq < *first_seq || *events != *last_seq - *first_seq + 1 {
         return Err(corrupt(
             stream,
@@ -134,81 +95,8 @@ pub(crate) fn raw_segment(stream: WorkflowId, row: &Segment) -> Result<Vec<u8>> 
         ));
     }
     let raw_bytes = u64::try_from(*raw_bytes)
-        .ok()
-        .filter(|&n| n <= ARCHIVE_RAW_BYTES_MAX)
-        .ok_or_else(|| corrupt(stream, format!("row says {raw_bytes} raw bytes")))?;
-    let computed = crc32fast::hash(segment) as i32;
-    if computed != *stored {
-        return Err(corrupt(
-            stream,
-            format!(
-                "segment fails its checksum (stored {:08x}, computed {:08x}): altered bytes",
-                *stored as u32, computed as u32
-            ),
-        ));
-    }
-    let mut raw = Vec::with_capacity(raw_bytes.min(64 * 1024 * 1024) as usize);
-    zstd::stream::read::Decoder::new(segment.as_slice())
-        .and_then(|d| d.take(raw_bytes + 1).read_to_end(&mut raw))
-        .map_err(|e| corrupt(stream, format!("segment does not decompress: {e}")))?;
-    if raw.len() as u64 != raw_bytes {
-        return Err(corrupt(
-            stream,
-            format!(
-                "segment decompresses to {} bytes, its row says {raw_bytes}",
-                raw.len()
-            ),
-        ));
-    }
-    Ok(raw)
-}
-
-/// Split a decompressed segment into its events' bytes; exactly `events` frames.
-pub(crate) fn frames(stream: WorkflowId, raw: &[u8], events: u64) -> Result<Vec<&[u8]>> {
-    let mut out = Vec::with_capacity(events.min(1 << 20) as usize);
-    let mut rest = raw;
-    while !rest.is_empty() {
-        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
-            return Err(corrupt(stream, "segment ends inside a length prefix"));
-        };
-        let len = u32::from_le_bytes(*len) as usize;
-        if len > tail.len() {
-            return Err(corrupt(
-                stream,
-                format!(
-                    "event {} of the segment claims {len} bytes, {} remain",
-                    out.len() + 1,
-                    tail.len()
-                ),
-            ));
-        }
-        let (frame, tail) = tail.split_at(len);
-        out.push(frame);
-        rest = tail;
-    }
-    if out.len() as u64 != events {
-        return Err(corrupt(
-            stream,
-            format!("segment holds {} events, its row says {events}", out.len()),
-        ));
-    }
-    Ok(out)
-}
-
-/// Decode one archived event, checking it is `stream`'s event `seq`.
-fn decode_frame(stream: WorkflowId, seq: u64, frame: &[u8]) -> Result<Event> {
-    let event = codec::decode(frame)
-        .map_err(|e| corrupt(stream, format!("event with seq {seq} does not decode: {e}")))?;
-    if event.stream != stream || event.seq != seq {
-        return Err(corrupt(
-            stream,
-            format!(
-                "event with seq {seq} decodes as {} seq {}",
-                event.stream, event.seq
-            ),
-        ));
-    }
-    Ok(event)
+        .map_err(|_| corrupt(stream, format!("row says {raw_bytes} raw bytes")))?;
+    segment::raw_segment(stream, raw_bytes, *crc as u32, segment)
 }
 
 /// Decode a stored archive segment of `stream` with the row's `events`, `raw_bytes` and
@@ -222,11 +110,7 @@ pub fn decode_archive_segment(
     crc32: u32,
     segment: &[u8],
 ) -> Result<Vec<Event>> {
-    let events = i64::try_from(events).map_err(|_| corrupt(stream, "event count out of range"))?;
-    let raw_bytes =
-        i64::try_from(raw_bytes).map_err(|_| corrupt(stream, "raw size out of range"))?;
-    let row: Segment = (1, events, events, raw_bytes, segment.to_vec(), crc32 as i32);
-    decode_segment(stream, &row, 1)
+    segment::decode_segment(stream, events, raw_bytes, crc32, segment, 1)
 }
 
 /// The archived events of `stream` with `seq >= from_seq`, checked.
@@ -236,19 +120,18 @@ pub(crate) fn decode_segment(
     from_seq: u64,
 ) -> Result<Vec<Event>> {
     let raw = raw_segment(stream, row)?;
-    let frames = frames(stream, &raw, row.2 as u64)?;
+    let frames = segment::frames(stream, &raw, row.2 as u64)?;
     let skip = from_seq.saturating_sub(1).min(frames.len() as u64) as usize;
     frames
         .iter()
         .enumerate()
         .skip(skip)
-        .map(|(i, frame)| decode_frame(stream, 1 + i as u64, frame))
+        .map(|(i, frame)| segment::decode_frame(stream, 1 + i as u64, frame))
         .collect()
 }
 
 fn compress(stream: WorkflowId, raw: &[u8]) -> Result<Vec<u8>> {
-    zstd::bulk::compress(raw, ZSTD_LEVEL)
-        .map_err(|e| Error::Storage(format!("cannot compress the archive of {stream}: {e}")))
+    Ok(segment::compress(stream, raw)?.0)
 }
 
 /// CPU-heavy work inside the log's (multi-thread) runtime without stalling its other tasks.
@@ -418,7 +301,7 @@ fn build_segment(
         Some((first, last, events, raw_bytes, segment, crc, last_position)) => {
             let row: Segment = (*first, *last, *events, *raw_bytes, segment.clone(), *crc);
             let raw = raw_segment(stream, &row)?;
-            frames(stream, &raw, *events as u64)?;
+            segment::frames(stream, &raw, *events as u64)?;
             (raw, *last as u64, *last_position as u64)
         }
         None => (Vec::new(), 0, 0),
@@ -432,17 +315,9 @@ fn build_segment(
                 r.position, r.event.seq
             )));
         }
-        let payload = &row.3;
-        raw.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        raw.extend_from_slice(payload);
+        segment::push_frame(stream, &mut raw, &row.3)?;
         last_seq += 1;
         last_position = last_position.max(r.position);
-        if raw.len() as u64 > ARCHIVE_RAW_BYTES_MAX {
-            return Err(Error::Storage(format!(
-                "compaction of stream {stream}: its segment would exceed \
-                 {ARCHIVE_RAW_BYTES_MAX} bytes; nothing was moved"
-            )));
-        }
     }
     let segment = compress(stream, &raw)?;
     Ok((
@@ -606,10 +481,10 @@ fn plan_redaction(
     let mut last_seq = 0u64;
     if let Some(row) = archived {
         let raw = raw_segment(stream, row)?;
-        let frames = frames(stream, &raw, row.2 as u64)?;
+        let frames = segment::frames(stream, &raw, row.2 as u64)?;
         let mut rewritten = Vec::with_capacity(raw.len());
         for (i, frame) in frames.iter().enumerate() {
-            let mut event = decode_frame(stream, 1 + i as u64, frame)?;
+            let mut event = segment::decode_frame(stream, 1 + i as u64, frame)?;
             let start = rewritten.len();
             rewritten.extend_from_slice(&[0; 4]);
             if redactor.redact(&mut event) {

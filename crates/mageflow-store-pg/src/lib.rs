@@ -1116,6 +1116,15 @@ impl EventLog for PgLog {
     fn redact(&self, stream: WorkflowId, nodes: Vec<NodeIndex>) -> Result<Option<u64>> {
         PgLog::redact(self, stream, nodes).map(|r| Some(r.events_rewritten + r.archived_rewritten))
     }
+
+    fn compact(
+        &self,
+        stream: WorkflowId,
+        up_to_seq: Option<u64>,
+        snapshot: Option<Vec<u8>>,
+    ) -> Result<Option<CompactStats>> {
+        PgLog::compact(self, stream, up_to_seq, snapshot).map(Some)
+    }
 }
 
 #[cfg(test)]

@@ -8,11 +8,13 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod memory;
+pub mod segment;
 mod sled_log;
 
 pub use memory::MemoryLog;
+pub use segment::{ArchiveInfo, CompactStats};
 pub use sled_log::{
-    block_entries, decode_block, encode_block, Durability, Entry, RedactStats, SledLog,
+    block_entries, decode_archive_record, decode_block, encode_block, Durability, Entry, RedactStats, SledLog, ARCHIVED_LEN,
     SledOptions, BLOCK_BYTES_MAX, BLOCK_EVENTS_MAX,
 };
 
@@ -111,6 +113,22 @@ pub trait EventLog: Send + Sync + 'static {
         nodes: Vec<mageflow_core::NodeIndex>,
     ) -> Result<Option<u64>> {
         let _ = (stream, nodes);
+        Ok(None)
+    }
+
+    /// Move `stream`'s events with `seq <= up_to_seq` (all of them if `None`) out of the live
+    /// log into its compressed archive segment ([`segment`]), with `snapshot` (encoded final
+    /// state; `None` keeps the one stored before) beside it, in one atomic step. `read_stream`,
+    /// `stream_version` and appends' version checks are unchanged by it; `read_all` serves
+    /// live events only. Blocking. Returns what it did, or `None` if this log cannot compact
+    /// (the default).
+    fn compact(
+        &self,
+        stream: WorkflowId,
+        up_to_seq: Option<u64>,
+        snapshot: Option<Vec<u8>>,
+    ) -> Result<Option<CompactStats>> {
+        let _ = (stream, up_to_seq, snapshot);
         Ok(None)
     }
 }

@@ -6,12 +6,27 @@
 //!   encoded event]`. A group commit is cut into blocks of at most [`BLOCK_EVENTS_MAX`] events
 //!   or [`BLOCK_BYTES_MAX`] bytes: one sled insert per block instead of per event (sled's cost is
 //!   per key), and positions only grow, so inserts land at the right edge of the tree;
-//! - `b'h'` → the last committed position (u64 BE), written with the last chunk of every group.
+//! - `b'h'` → the last committed position (u64 BE), written with the last chunk of every group;
+//! - `b'a' ++ stream(16 bytes)` → the stream's archive (see *Compaction*);
+//! - `b's' ++ stream(16 bytes)` → the snapshot stored by its last compaction: `crc32(LE u32,
+//!   over the rest) ++ snapshot bytes`.
+//!
+//! **Compaction** ([`SledLog::compact`]) moves a stream's oldest events into one archive
+//! record: `crc32(LE u32, over the next 36 bytes) ++ events(u64 BE) ++ raw_bytes(u64 BE) ++
+//! last_position(u64 BE) ++ compacted_at(i64 BE, µs) ++ segment_crc32(LE u32) ++ segment`,
+//! the segment in the shared format of [`crate::segment`] (zstd over the events' stored
+//! bytes). In its blocks each moved event's entry keeps its stream and seq but loses its bytes:
+//! its length field becomes [`ARCHIVED_LEN`]. Positions stay dense and every check of the
+//! headers below still holds; `read_all` skips archived entries, `read_stream` reads the
+//! archive first. What an archived event still costs in the live log is its 28-byte entry
+//! header (the block is rewritten without its bytes).
 //!
 //! The block directory (first positions) and the per-stream index (stream → positions) live in
 //! memory. They are rebuilt at open from the block headers, which doubles as an integrity check
-//! of the whole log: every block's checksum, dense positions, dense sequence numbers per stream.
-//! Open time is therefore proportional to the log's size; compaction will bound it.
+//! of the whole log: every block's checksum, dense positions, dense sequence numbers per stream,
+//! and every archived entry covered by its stream's archive record (whose header is checked;
+//! `verify` decodes the segments too). Open time is therefore proportional to the number of
+//! events, archived or not; compaction shrinks what is read, not the count.
 //!
 //! Appenders hand their requests to one committer thread. It takes everything waiting (up to
 //! [`GROUP_EVENTS_MAX`] events), checks versions, writes the group's blocks in sled batches of at
@@ -26,8 +41,9 @@
 //! log that ends before that position has lost acknowledged events, and open says so instead of
 //! serving a shortened log.
 
+use crate::segment::{self, ArchiveInfo, CompactStats};
 use crate::{check_request, AppendRequest, BoxFuture, Error, EventLog, Recorded, Result};
-use mageflow_core::{codec, Event, NodeIndex, Redactor, WorkflowId};
+use mageflow_core::{codec, Event, NodeIndex, Redactor, Timestamp, WorkflowId};
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -46,6 +62,13 @@ pub const BLOCK_BYTES_MAX: usize = 32 * 1024;
 pub const CHUNK_INSERTS_MAX: usize = 64;
 
 const BLOCK_PREFIX: u8 = b'b';
+const ARCHIVE_PREFIX: u8 = b'a';
+const SNAPSHOT_PREFIX: u8 = b's';
+/// The length field of an entry whose event moved into its stream's archive (no bytes follow).
+pub const ARCHIVED_LEN: u32 = u32::MAX;
+/// Archive record header: crc32 + events + raw_bytes + last_position + compacted_at +
+/// segment crc32.
+const ARCHIVE_HEADER_BYTES: usize = 4 + 8 + 8 + 8 + 8 + 4;
 const HEAD_KEY: &[u8] = b"h";
 const HEAD_FILE: &str = "mageflow.head";
 /// crc32 + count.
@@ -95,6 +118,12 @@ enum Work {
         nodes: Vec<NodeIndex>,
         reply: mpsc::SyncSender<Result<RedactStats>>,
     },
+    Compact {
+        stream: WorkflowId,
+        up_to_seq: Option<u64>,
+        snapshot: Option<Vec<u8>>,
+        reply: mpsc::SyncSender<Result<CompactStats>>,
+    },
 }
 
 /// What one [`SledLog::redact`] did.
@@ -105,6 +134,11 @@ pub struct RedactStats {
     pub events_rewritten: u64,
     /// Blocks rewritten in place to do so.
     pub blocks_rewritten: u64,
+    /// Events of the stream's archive that were rewritten (the segment is re-encoded and
+    /// recompressed if this is not 0).
+    pub archived_rewritten: u64,
+    /// The stream's snapshot was deleted (it holds task data).
+    pub snapshot_dropped: bool,
 }
 
 /// What open learns from the block headers, kept up to date by the committer. Committed only.
@@ -112,8 +146,10 @@ pub struct RedactStats {
 struct Index {
     /// First position of every block, ascending.
     blocks: Vec<u64>,
-    /// Positions of each stream's events, in seq order (`positions[seq - 1]`).
+    /// Positions of each stream's events, in seq order (`positions[seq - 1]`), archived or not.
     streams: HashMap<WorkflowId, Vec<u64>>,
+    /// Per compacted stream, how many of its first events are in its archive record.
+    archived: HashMap<WorkflowId, u64>,
 }
 
 impl Index {
@@ -171,15 +207,111 @@ fn key_position(key: &[u8]) -> Result<u64> {
     Ok(u64::from_be_bytes(arr))
 }
 
+/// Key of a stream's archive record or snapshot.
+fn stream_key(prefix: u8, stream: WorkflowId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = prefix;
+    k[1..].copy_from_slice(stream.as_bytes());
+    k
+}
+
+fn key_stream(key: &[u8]) -> Result<WorkflowId> {
+    let arr: [u8; 16] = key
+        .get(1..)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| Error::Corrupt(format!("a stream key has {} bytes, expected 17", key.len())))?;
+    Ok(WorkflowId::from_u128(u128::from_be_bytes(arr)))
+}
+
+/// The header of a stream's archive record (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ArchiveHeader {
+    events: u64,
+    raw_bytes: u64,
+    last_position: u64,
+    compacted_at: Timestamp,
+    segment_crc: u32,
+}
+
+impl ArchiveHeader {
+    fn encode(&self, segment: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ARCHIVE_HEADER_BYTES + segment.len());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&self.events.to_be_bytes());
+        out.extend_from_slice(&self.raw_bytes.to_be_bytes());
+        out.extend_from_slice(&self.last_position.to_be_bytes());
+        out.extend_from_slice(&self.compacted_at.as_micros().to_be_bytes());
+        out.extend_from_slice(&self.segment_crc.to_le_bytes());
+        let crc = crc32fast::hash(&out[4..ARCHIVE_HEADER_BYTES]);
+        out[..4].copy_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(segment);
+        out
+    }
+
+    /// Check and read a stored record's header; returns it and the segment's bytes.
+    fn decode(stream: WorkflowId, bytes: &[u8]) -> Result<(Self, &[u8])> {
+        let corrupt = |what: String| Error::Corrupt(format!("archive of stream {stream}: {what}"));
+        let (header, segment) = bytes
+            .split_at_checked(ARCHIVE_HEADER_BYTES)
+            .ok_or_else(|| corrupt(format!("record of {} bytes is truncated", bytes.len())))?;
+        let field = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&header[at..at + 8]);
+            b
+        };
+        let stored = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let computed = crc32fast::hash(&header[4..]);
+        if stored != computed {
+            return Err(corrupt(format!(
+                "record header fails its checksum (stored {stored:08x}, computed {computed:08x})"
+            )));
+        }
+        let h = Self {
+            events: u64::from_be_bytes(field(4)),
+            raw_bytes: u64::from_be_bytes(field(12)),
+            last_position: u64::from_be_bytes(field(20)),
+            compacted_at: Timestamp::from_micros(i64::from_be_bytes(field(28))),
+            segment_crc: u32::from_le_bytes([header[36], header[37], header[38], header[39]]),
+        };
+        if h.events == 0 || h.raw_bytes > segment::ARCHIVE_RAW_BYTES_MAX {
+            return Err(corrupt(format!(
+                "record says {} events of {} raw bytes",
+                h.events, h.raw_bytes
+            )));
+        }
+        Ok((h, segment))
+    }
+
+    fn raw(&self, stream: WorkflowId, segment: &[u8]) -> Result<Vec<u8>> {
+        segment::raw_segment(stream, self.raw_bytes, self.segment_crc, segment)
+    }
+}
+
+/// Decode a stored archive record of `stream` from untrusted bytes: header checksum, then
+/// every check a read makes of the segment. For the fuzz target and tools.
+pub fn decode_archive_record(stream: WorkflowId, bytes: &[u8]) -> Result<Vec<Event>> {
+    let (h, seg) = ArchiveHeader::decode(stream, bytes)?;
+    segment::decode_segment(stream, h.events, h.raw_bytes, h.segment_crc, seg, 1)
+}
+
+fn now() -> Timestamp {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    Timestamp::from_micros(micros)
+}
+
 /// One event's place in a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub position: u64,
     pub stream: WorkflowId,
     pub seq: u64,
-    /// Byte range of the encoded event inside the block.
+    /// Byte range of the encoded event inside the block (empty if archived).
     pub start: usize,
     pub end: usize,
+    /// The event moved into its stream's archive; the block keeps only this header.
+    pub archived: bool,
 }
 
 /// Check a stored block's checksum and read its entry headers, naming positions in every error.
@@ -216,10 +348,11 @@ pub fn block_entries(first: u64, bytes: &[u8]) -> Result<Vec<Entry>> {
         id.copy_from_slice(&header[..16]);
         let mut seq = [0u8; 8];
         seq.copy_from_slice(&header[16..24]);
-        let len = u32::from_le_bytes([header[24], header[25], header[26], header[27]]) as usize;
+        let len = u32::from_le_bytes([header[24], header[25], header[26], header[27]]);
+        let archived = len == ARCHIVED_LEN;
         let start = at + ENTRY_HEADER_BYTES;
         let end = start
-            .checked_add(len)
+            .checked_add(if archived { 0 } else { len as usize })
             .filter(|&e| e <= bytes.len())
             .ok_or_else(|| corrupt(format!("event at position {position} is truncated")))?;
         entries.push(Entry {
@@ -228,6 +361,7 @@ pub fn block_entries(first: u64, bytes: &[u8]) -> Result<Vec<Entry>> {
             seq: u64::from_be_bytes(seq),
             start,
             end,
+            archived,
         });
         at = end;
     }
@@ -242,6 +376,12 @@ pub fn block_entries(first: u64, bytes: &[u8]) -> Result<Vec<Entry>> {
 
 /// Decode one entry of a block whose headers were read by [`block_entries`].
 fn decode_entry(bytes: &[u8], e: &Entry) -> Result<Event> {
+    if e.archived {
+        return Err(Error::Corrupt(format!(
+            "event at position {} ({} seq {}) is archived, but was read as live",
+            e.position, e.stream, e.seq
+        )));
+    }
     let event = codec::decode(&bytes[e.start..e.end]).map_err(|err| {
         Error::Corrupt(format!(
             "event at position {} does not decode: {err}",
@@ -257,10 +397,12 @@ fn decode_entry(bytes: &[u8], e: &Entry) -> Result<Event> {
     Ok(event)
 }
 
-/// Decode a whole stored block from untrusted bytes (checksum, headers, every event).
+/// Decode a whole stored block from untrusted bytes (checksum, headers, every live event;
+/// archived entries have no event here and are left out).
 pub fn decode_block(first: u64, bytes: &[u8]) -> Result<Vec<Recorded>> {
     block_entries(first, bytes)?
         .iter()
+        .filter(|e| !e.archived)
         .map(|e| {
             Ok(Recorded {
                 position: e.position,
@@ -517,27 +659,138 @@ impl SledLog {
             return Ok(RedactStats::default());
         }
         let (reply, rx) = mpsc::sync_channel(1);
-        let sent = match &*self.lock_jobs() {
-            Some(tx) => tx
-                .send(Work::Redact {
-                    stream,
-                    nodes,
-                    reply,
-                })
-                .is_ok(),
-            None => false,
-        };
-        if !sent {
-            return Err(Error::Closed);
-        }
+        self.send(Work::Redact {
+            stream,
+            nodes,
+            reply,
+        })?;
         rx.recv().unwrap_or(Err(Error::Closed))
     }
 
-    /// Check every event: block checksums, full decode, headers matching the events, dense
-    /// positions, dense sequence numbers per stream, and agreement with the in-memory index.
+    /// Move `stream`'s events with `seq <= up_to_seq` (all if `None`) into its archive record,
+    /// like `PgLog::compact`: a zstd segment of their stored bytes (merged with what an earlier
+    /// compaction archived), with `snapshot` (the encoded final state; `None` keeps the one
+    /// stored before) beside it. Their entries stay in their blocks without their bytes (see
+    /// the module doc), so positions, seqs, versions, appends and `read_stream` are unchanged;
+    /// `read_all` serves live events only. A stream with nothing archived and nothing to
+    /// archive gets no record (its snapshot is not kept).
+    ///
+    /// The committer thread does it between two groups, in one atomic sled batch followed by
+    /// a flush whatever the durability mode: after a crash the stream is either compacted or
+    /// not, never half. Damage found in what it moves is `Error::Corrupt` and nothing changes.
+    /// Idempotent: a second call moves nothing and reports `events: 0`. Blocks the calling
+    /// thread until it is durable.
+    pub fn compact(
+        &self,
+        stream: WorkflowId,
+        up_to_seq: Option<u64>,
+        snapshot: Option<Vec<u8>>,
+    ) -> Result<CompactStats> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Work::Compact {
+            stream,
+            up_to_seq,
+            snapshot,
+            reply,
+        })?;
+        rx.recv().unwrap_or(Err(Error::Closed))
+    }
+
+    /// `stream`'s archive, if it was ever compacted.
+    pub fn archived(&self, stream: WorkflowId) -> Result<Option<ArchiveInfo>> {
+        let tree = &self.shared.tree;
+        let Some(record) = tree
+            .get(stream_key(ARCHIVE_PREFIX, stream))
+            .map_err(storage)?
+        else {
+            return Ok(None);
+        };
+        let (h, seg) = ArchiveHeader::decode(stream, &record)?;
+        let snapshot = tree
+            .get(stream_key(SNAPSHOT_PREFIX, stream))
+            .map_err(storage)?;
+        Ok(Some(ArchiveInfo {
+            first_seq: 1,
+            last_seq: h.events,
+            events: h.events,
+            raw_bytes: h.raw_bytes,
+            compressed_bytes: seg.len() as u64,
+            last_position: h.last_position,
+            has_snapshot: snapshot.is_some(),
+            snapshot_bytes: snapshot.map(|s| s.len().saturating_sub(4) as u64),
+            compacted_at: h.compacted_at,
+        }))
+    }
+
+    /// The snapshot stored by the last compaction of `stream` that gave one (checksum checked).
+    pub fn snapshot(&self, stream: WorkflowId) -> Result<Option<Vec<u8>>> {
+        let Some(value) = self
+            .shared
+            .tree
+            .get(stream_key(SNAPSHOT_PREFIX, stream))
+            .map_err(storage)?
+        else {
+            return Ok(None);
+        };
+        let (crc, bytes) = value.split_first_chunk::<4>().ok_or_else(|| {
+            Error::Corrupt(format!("the snapshot of stream {stream} is truncated"))
+        })?;
+        if u32::from_le_bytes(*crc) != crc32fast::hash(bytes) {
+            return Err(Error::Corrupt(format!(
+                "the snapshot of stream {stream} fails its checksum"
+            )));
+        }
+        Ok(Some(bytes.to_vec()))
+    }
+
+    /// Hand work to the committer.
+    fn send(&self, work: Work) -> Result<()> {
+        match &*self.lock_jobs() {
+            Some(tx) if tx.send(work).is_ok() => Ok(()),
+            _ => Err(Error::Closed),
+        }
+    }
+
+    /// The archived events of `stream` from `from_seq` to `upto` (its archive holds at least
+    /// `upto`).
+    fn archived_events(&self, stream: WorkflowId, from_seq: u64, upto: u64) -> Result<Vec<Event>> {
+        let record = self
+            .shared
+            .tree
+            .get(stream_key(ARCHIVE_PREFIX, stream))
+            .map_err(storage)?
+            .ok_or_else(|| Error::Corrupt(format!("the archive of stream {stream} is missing")))?;
+        let (h, seg) = ArchiveHeader::decode(stream, &record)?;
+        if h.events < upto {
+            return Err(Error::Corrupt(format!(
+                "the archive of stream {stream} holds {} events, the index {upto}",
+                h.events
+            )));
+        }
+        let mut events =
+            segment::decode_segment(stream, h.events, h.raw_bytes, h.segment_crc, &seg, from_seq)?;
+        events.truncate(upto.saturating_sub(from_seq - 1) as usize);
+        Ok(events)
+    }
+
+    /// Check every event: block checksums, full decode (of the archives too), headers matching
+    /// the events, dense positions, dense sequence numbers per stream, archived entries exactly
+    /// the ones their stream's archive holds, and agreement with the in-memory index.
     /// Returns the number of events.
     pub fn verify(&self) -> Result<u64> {
         let committed = self.shared.committed.load(Ordering::Acquire);
+        // Every archive decodes whole, to the count its header (and the index) says.
+        let mut archived = HashMap::new();
+        for entry in self.shared.tree.scan_prefix([ARCHIVE_PREFIX]) {
+            let (k, v) = entry.map_err(storage)?;
+            let stream = key_stream(&k)?;
+            archived.insert(stream, decode_archive_record(stream, &v)?.len() as u64);
+        }
+        if archived != self.shared.index().archived {
+            return Err(Error::Corrupt(
+                "the archives in the log do not match the index".into(),
+            ));
+        }
         let mut versions: HashMap<WorkflowId, u64> = HashMap::new();
         let mut expected = 1u64;
         for entry in self.shared.tree.scan_prefix([BLOCK_PREFIX]) {
@@ -548,16 +801,20 @@ impl SledLog {
                     "event at position {expected} is missing"
                 )));
             }
-            for rec in decode_block(first, &v)? {
-                let version = versions.entry(rec.event.stream).or_default();
-                if rec.event.seq != *version + 1 {
+            for e in block_entries(first, &v)? {
+                let version = versions.entry(e.stream).or_default();
+                if e.seq != *version + 1 {
                     return Err(Error::Corrupt(format!(
                         "event at position {} is {} seq {}, but that stream's previous event has seq {version}",
-                        rec.position, rec.event.stream, rec.event.seq
+                        e.position, e.stream, e.seq
                     )));
                 }
-                *version = rec.event.seq;
-                expected = rec.position + 1;
+                check_archived(&archived, &e)?;
+                if !e.archived {
+                    decode_entry(&v, &e)?;
+                }
+                *version = e.seq;
+                expected = e.position + 1;
             }
         }
         if expected != committed + 1 {
@@ -584,8 +841,9 @@ impl SledLog {
         Ok(committed)
     }
 
-    /// Decode the events at `positions` (ascending), reading each block once.
-    fn events_at(&self, positions: &[u64]) -> Result<Vec<Event>> {
+    /// Decode the live events at `positions` (ascending), reading each block once. `None` if
+    /// one of them has been archived meanwhile (a compaction ran since the positions were read).
+    fn events_at(&self, positions: &[u64]) -> Result<Option<Vec<Event>>> {
         let mut out = Vec::with_capacity(positions.len());
         let mut i = 0;
         while i < positions.len() {
@@ -597,11 +855,14 @@ impl SledLog {
             let last = first + entries.len() as u64 - 1;
             while i < positions.len() && positions[i] <= last {
                 let e = &entries[(positions[i] - first) as usize];
+                if e.archived {
+                    return Ok(None);
+                }
                 out.push(decode_entry(&bytes, e)?);
                 i += 1;
             }
         }
-        Ok(out)
+        Ok(Some(out))
     }
 }
 
@@ -643,6 +904,12 @@ fn discard_torn_tail(tree: &sled::Tree, head: u64) -> Result<()> {
 /// Read every block header up to `head`: checksums, dense positions, dense seqs per stream.
 fn build_index(tree: &sled::Tree, head: u64) -> Result<Index> {
     let mut index = Index::default();
+    for entry in tree.scan_prefix([ARCHIVE_PREFIX]) {
+        let (k, v) = entry.map_err(storage)?;
+        let stream = key_stream(&k)?;
+        let (h, _) = ArchiveHeader::decode(stream, &v)?;
+        index.archived.insert(stream, h.events);
+    }
     let mut expected = 1u64;
     for entry in tree.range(block_key(1)..=block_key(head)) {
         let (k, v) = entry.map_err(storage)?;
@@ -664,8 +931,17 @@ fn build_index(tree: &sled::Tree, head: u64) -> Result<Index> {
                     positions.len()
                 )));
             }
+            check_archived(&index.archived, &e)?;
             positions.push(e.position);
             expected = e.position + 1;
+        }
+    }
+    for (stream, archived) in &index.archived {
+        let version = index.streams.get(stream).map_or(0, |p| p.len() as u64);
+        if *archived > version {
+            return Err(Error::Corrupt(format!(
+                "the archive of stream {stream} holds {archived} events, the log only {version}"
+            )));
         }
     }
     // `expected - 1`, not `head + 1`: a damaged marker may say u64::MAX.
@@ -676,6 +952,111 @@ fn build_index(tree: &sled::Tree, head: u64) -> Result<Index> {
         )));
     }
     Ok(index)
+}
+
+/// What [`rewrite_block`] does to one entry.
+enum Change {
+    Keep,
+    /// Drop its bytes: the event moved into its stream's archive.
+    Archive,
+    /// New bytes for the same event (a redaction).
+    Replace(Vec<u8>),
+}
+
+/// Rebuild a stored block entry by entry, asking `change` about each live one in order (it may
+/// fail, and then nothing is written). Returns the new block and how many entries changed, or
+/// `None` if none did. The new block must read back with the same positions, streams and seqs.
+fn rewrite_block(
+    first: u64,
+    bytes: &[u8],
+    entries: &[Entry],
+    mut change: impl FnMut(&Entry) -> Result<Change>,
+) -> Result<Option<(Vec<u8>, u64)>> {
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..BLOCK_HEADER_BYTES]);
+    let mut changed = 0u64;
+    for e in entries {
+        // Stream id and seq of the entry, as stored.
+        out.extend_from_slice(&bytes[e.start - ENTRY_HEADER_BYTES..e.start - 4]);
+        let what = if e.archived {
+            Change::Archive
+        } else {
+            change(e)?
+        };
+        let new: Option<&[u8]> = match &what {
+            Change::Keep => Some(&bytes[e.start..e.end]),
+            Change::Archive => None,
+            Change::Replace(b) => Some(b),
+        };
+        if !e.archived && !matches!(what, Change::Keep) {
+            changed += 1;
+        }
+        match new {
+            None => out.extend_from_slice(&ARCHIVED_LEN.to_le_bytes()),
+            Some(b) => {
+                let len = u32::try_from(b.len())
+                    .ok()
+                    .filter(|&n| n != ARCHIVED_LEN)
+                    .ok_or_else(|| {
+                        Error::Storage(format!(
+                            "the event at position {} would exceed 4 GiB",
+                            e.position
+                        ))
+                    })?;
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(b);
+            }
+        }
+    }
+    if changed == 0 {
+        return Ok(None);
+    }
+    let crc = crc32fast::hash(&out[4..]);
+    out[..4].copy_from_slice(&crc.to_le_bytes());
+    let check = block_entries(first, &out)?;
+    if check.len() != entries.len()
+        || check
+            .iter()
+            .zip(entries)
+            .any(|(a, b)| (a.position, a.stream, a.seq) != (b.position, b.stream, b.seq))
+    {
+        return Err(Error::Storage(format!(
+            "the rewritten block at position {first} does not match the old one"
+        )));
+    }
+    Ok(Some((out, changed)))
+}
+
+/// Check that entry `e` of `stream` is where the index puts its `i`-th event (seq `i + 1`).
+fn check_position(positions: &[u64], i: usize, e: &Entry) -> Result<()> {
+    let seq = i as u64 + 1;
+    if positions.get(i) != Some(&e.position) || e.seq != seq {
+        return Err(Error::Corrupt(format!(
+            "event at position {} is {} seq {}, but the index has seq {seq} of that stream at \
+             position {}",
+            e.position,
+            e.stream,
+            e.seq,
+            positions.get(i).copied().unwrap_or(0)
+        )));
+    }
+    Ok(())
+}
+
+/// An entry is archived exactly when its seq is within its stream's archive record.
+fn check_archived(archived: &HashMap<WorkflowId, u64>, e: &Entry) -> Result<()> {
+    let n = archived.get(&e.stream).copied().unwrap_or(0);
+    if e.archived != (e.seq <= n) {
+        return Err(Error::Corrupt(format!(
+            "event at position {} ({} seq {}) is {} in its block, but the stream's archive \
+             holds its first {n} events",
+            e.position,
+            e.stream,
+            e.seq,
+            if e.archived { "archived" } else { "live" }
+        )));
+    }
+    Ok(())
 }
 
 struct Committer {
@@ -715,6 +1096,16 @@ impl Committer {
                     // Between groups: no block is being written, and appends queued after the
                     // redaction wait for it (they are not covered by it).
                     let _ = reply.send(self.redact(stream, &nodes));
+                    continue;
+                }
+                Work::Compact {
+                    stream,
+                    up_to_seq,
+                    snapshot,
+                    reply,
+                } => {
+                    // Between groups too: the blocks it rewrites are not being written.
+                    let _ = reply.send(self.compact(stream, up_to_seq, snapshot));
                     continue;
                 }
             };
@@ -821,103 +1212,216 @@ impl Committer {
         Ok(blocks)
     }
 
-    /// Redact `stream` (see [`SledLog::redact`]), between two groups.
+    /// Redact `stream` (see [`SledLog::redact`]), between two groups: its archive first, then
+    /// its live events, in seq order (the redactor follows the stream).
     fn redact(&self, stream: WorkflowId, nodes: &[NodeIndex]) -> Result<RedactStats> {
-        let positions: Vec<u64> = match self.shared.index().streams.get(&stream) {
-            Some(p) => p.clone(),
-            None => return Ok(RedactStats::default()),
+        let (positions, archived) = {
+            let index = self.shared.index();
+            match index.streams.get(&stream) {
+                Some(p) => (p.clone(), index.archived.get(&stream).copied().unwrap_or(0)),
+                None => return Ok(RedactStats::default()),
+            }
         };
         let all = nodes.is_empty();
         let wanted: HashSet<NodeIndex> = nodes.iter().copied().collect();
         let selected = |n: NodeIndex| all || wanted.contains(&n);
         let mut redactor = Redactor::new(&selected);
         let mut stats = RedactStats::default();
+        let tree = &self.shared.tree;
+        if archived > 0 {
+            let key = stream_key(ARCHIVE_PREFIX, stream);
+            let record = tree.get(key).map_err(storage)?.ok_or_else(|| {
+                Error::Corrupt(format!("the archive of stream {stream} is missing"))
+            })?;
+            let (h, seg) = ArchiveHeader::decode(stream, &record)?;
+            let raw = h.raw(stream, seg)?;
+            let frames = segment::frames(stream, &raw, h.events)?;
+            let mut rewritten = Vec::with_capacity(raw.len());
+            for (i, frame) in frames.iter().enumerate() {
+                let seq = 1 + i as u64;
+                let mut event = segment::decode_frame(stream, seq, frame)?;
+                if redactor.redact(&mut event) {
+                    let bytes = codec::encode(&event).map_err(|source| Error::Encode {
+                        stream,
+                        seq,
+                        source,
+                    })?;
+                    segment::push_frame(stream, &mut rewritten, &bytes)?;
+                    stats.archived_rewritten += 1;
+                } else {
+                    segment::push_frame(stream, &mut rewritten, frame)?;
+                }
+            }
+            if stats.archived_rewritten > 0 {
+                let (seg, segment_crc) = segment::compress(stream, &rewritten)?;
+                let header = ArchiveHeader {
+                    raw_bytes: rewritten.len() as u64,
+                    segment_crc,
+                    ..h
+                };
+                tree.insert(key, header.encode(&seg)).map_err(storage)?;
+            }
+        }
+        let snapshot_key = stream_key(SNAPSHOT_PREFIX, stream);
+        stats.snapshot_dropped = tree.remove(snapshot_key).map_err(storage)?.is_some();
         let mut batch = sled::Batch::default();
         let mut in_batch = 0;
-        let mut i = 0;
+        let mut i = archived as usize;
         while i < positions.len() {
             let first = self.shared.index().block_of(positions[i]).ok_or_else(|| {
                 Error::Corrupt(format!("no block holds position {}", positions[i]))
             })?;
             let bytes = self.shared.block(first)?;
             let entries = block_entries(first, &bytes)?;
-            let mut rewritten = Vec::with_capacity(bytes.len());
-            rewritten.extend_from_slice(&bytes[..BLOCK_HEADER_BYTES]);
-            let mut changed = 0u64;
-            for e in &entries {
-                // Stream id and seq of the entry, as stored.
-                rewritten.extend_from_slice(&bytes[e.start - ENTRY_HEADER_BYTES..e.start - 4]);
-                let mut encoded = None;
-                if e.stream == stream {
-                    let seq = i as u64 + 1;
-                    if positions.get(i) != Some(&e.position) || e.seq != seq {
-                        return Err(Error::Corrupt(format!(
-                            "event at position {} is {} seq {}, but the index has seq {seq} of \
-                             that stream at position {}",
-                            e.position,
-                            e.stream,
-                            e.seq,
-                            positions.get(i).copied().unwrap_or(0)
-                        )));
-                    }
-                    let mut event = decode_entry(&bytes, e)?;
-                    if redactor.redact(&mut event) {
-                        encoded = Some(codec::encode(&event).map_err(|source| Error::Encode {
-                            stream,
-                            seq,
-                            source,
-                        })?);
-                        changed += 1;
-                    }
-                    i += 1;
+            let rewritten = rewrite_block(first, &bytes, &entries, |e| {
+                if e.stream != stream {
+                    return Ok(Change::Keep);
                 }
-                let event_bytes = encoded.as_deref().unwrap_or(&bytes[e.start..e.end]);
-                let len = u32::try_from(event_bytes.len()).map_err(|_| {
-                    Error::Storage(format!(
-                        "redaction of stream {stream}: the event at position {} would exceed \
-                         4 GiB",
-                        e.position
-                    ))
-                })?;
-                rewritten.extend_from_slice(&len.to_le_bytes());
-                rewritten.extend_from_slice(event_bytes);
-            }
-            if changed == 0 {
+                let seq = i as u64 + 1;
+                check_position(&positions, i, e)?;
+                i += 1;
+                let mut event = decode_entry(&bytes, e)?;
+                if !redactor.redact(&mut event) {
+                    return Ok(Change::Keep);
+                }
+                codec::encode(&event)
+                    .map(Change::Replace)
+                    .map_err(|source| Error::Encode {
+                        stream,
+                        seq,
+                        source,
+                    })
+            })?;
+            let Some((rewritten, changed)) = rewritten else {
                 continue;
-            }
-            let crc = crc32fast::hash(&rewritten[4..]);
-            rewritten[..4].copy_from_slice(&crc.to_le_bytes());
-            // The new block must read back exactly like the old one, headers included.
-            let check = block_entries(first, &rewritten)?;
-            if check.len() != entries.len()
-                || check
-                    .iter()
-                    .zip(&entries)
-                    .any(|(a, b)| (a.position, a.stream, a.seq) != (b.position, b.stream, b.seq))
-            {
-                return Err(Error::Storage(format!(
-                    "redaction of stream {stream}: the rewritten block at position {first} \
-                     does not match the old one"
-                )));
-            }
+            };
             batch.insert(&block_key(first), rewritten);
             in_batch += 1;
             stats.events_rewritten += changed;
             stats.blocks_rewritten += 1;
             if in_batch == CHUNK_INSERTS_MAX {
-                self.shared
-                    .tree
-                    .apply_batch(std::mem::take(&mut batch))
+                tree.apply_batch(std::mem::take(&mut batch))
                     .map_err(storage)?;
                 in_batch = 0;
             }
         }
         if in_batch > 0 {
-            self.shared.tree.apply_batch(batch).map_err(storage)?;
+            tree.apply_batch(batch).map_err(storage)?;
         }
-        if stats.blocks_rewritten > 0 {
+        if stats.blocks_rewritten > 0 || stats.archived_rewritten > 0 || stats.snapshot_dropped {
             self.db.flush().map_err(storage)?;
         }
+        Ok(stats)
+    }
+
+    /// Compact `stream` (see [`SledLog::compact`]), between two groups: the archive record,
+    /// the snapshot and every block that loses an event's bytes go in one atomic sled batch,
+    /// then a flush; the index learns of it last.
+    fn compact(
+        &self,
+        stream: WorkflowId,
+        up_to_seq: Option<u64>,
+        snapshot: Option<Vec<u8>>,
+    ) -> Result<CompactStats> {
+        let (positions, archived) = {
+            let index = self.shared.index();
+            match index.streams.get(&stream) {
+                Some(p) => (p.clone(), index.archived.get(&stream).copied().unwrap_or(0)),
+                None => return Ok(CompactStats::default()),
+            }
+        };
+        let version = positions.len() as u64;
+        let up_to = up_to_seq.unwrap_or(version).min(version);
+        let tree = &self.shared.tree;
+        let archive_key = stream_key(ARCHIVE_PREFIX, stream);
+        let existing = tree.get(archive_key).map_err(storage)?;
+        let (mut raw, mut last_position, mut stats) = match &existing {
+            Some(record) => {
+                let (h, seg) = ArchiveHeader::decode(stream, record)?;
+                if h.events != archived {
+                    return Err(Error::Corrupt(format!(
+                        "the archive of stream {stream} holds {} events, the index {archived}",
+                        h.events
+                    )));
+                }
+                let raw = h.raw(stream, seg)?;
+                segment::frames(stream, &raw, h.events)?;
+                let stats = CompactStats {
+                    events: 0,
+                    raw_bytes: h.raw_bytes,
+                    compressed_bytes: seg.len() as u64,
+                };
+                (raw, h.last_position, stats)
+            }
+            None if archived == 0 => (Vec::new(), 0, CompactStats::default()),
+            None => {
+                return Err(Error::Corrupt(format!(
+                    "the archive of stream {stream} is missing"
+                )))
+            }
+        };
+        let mut batch = sled::Batch::default();
+        let has_archive = existing.is_some() || up_to > archived;
+        if let (Some(snapshot), true) = (&snapshot, has_archive) {
+            let mut value = crc32fast::hash(snapshot).to_le_bytes().to_vec();
+            value.extend_from_slice(snapshot);
+            batch.insert(&stream_key(SNAPSHOT_PREFIX, stream), value);
+        }
+        if up_to <= archived {
+            // Nothing to move; a new snapshot of an archived stream is still kept (a stream
+            // with nothing archived gets none, like PostgreSQL's).
+            if existing.is_some() && snapshot.is_some() {
+                tree.apply_batch(batch).map_err(storage)?;
+                self.db.flush().map_err(storage)?;
+            }
+            return Ok(stats);
+        }
+        let moving = &positions[archived as usize..up_to as usize];
+        let mut i = 0;
+        while i < moving.len() {
+            let first = self.shared.index().block_of(moving[i]).ok_or_else(|| {
+                Error::Corrupt(format!("no block holds position {}", moving[i]))
+            })?;
+            let bytes = self.shared.block(first)?;
+            let entries = block_entries(first, &bytes)?;
+            let rewritten = rewrite_block(first, &bytes, &entries, |e| {
+                if e.stream != stream || i == moving.len() {
+                    return Ok(Change::Keep);
+                }
+                check_position(&positions, archived as usize + i, e)?;
+                // Checked like a read before it moves; moved as stored, not re-encoded.
+                decode_entry(&bytes, e)?;
+                segment::push_frame(stream, &mut raw, &bytes[e.start..e.end])?;
+                last_position = last_position.max(e.position);
+                i += 1;
+                Ok(Change::Archive)
+            })?;
+            if let Some((rewritten, _)) = rewritten {
+                batch.insert(&block_key(first), rewritten);
+            }
+        }
+        let (seg, segment_crc) = segment::compress(stream, &raw)?;
+        let header = ArchiveHeader {
+            events: up_to,
+            raw_bytes: raw.len() as u64,
+            last_position,
+            compacted_at: now(),
+            segment_crc,
+        };
+        batch.insert(&archive_key, header.encode(&seg));
+        tree.apply_batch(batch).map_err(storage)?;
+        self.db.flush().map_err(storage)?;
+        self.shared
+            .index
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .archived
+            .insert(stream, up_to);
+        stats = CompactStats {
+            events: up_to - archived,
+            raw_bytes: raw.len() as u64,
+            compressed_bytes: seg.len() as u64,
+        };
         Ok(stats)
     }
 
@@ -1005,18 +1509,39 @@ impl EventLog for SledLog {
     }
 
     fn read_stream(&self, stream: WorkflowId, from_seq: u64) -> Result<Vec<Event>> {
-        let positions: Vec<u64> = {
-            let index = self.shared.index();
-            let Some(all) = index.streams.get(&stream) else {
-                return Ok(Vec::new());
+        let from_seq = from_seq.max(1);
+        // A compaction between reading the index and the blocks archives events this read
+        // expected live; it then reads again (the index is updated after the blocks, so the
+        // second read sees the new archive).
+        let mut attempts = 0;
+        let (mut events, live_from, positions, live) = loop {
+            let (archived, positions) = {
+                let index = self.shared.index();
+                let Some(all) = index.streams.get(&stream) else {
+                    return Ok(Vec::new());
+                };
+                let archived = index.archived.get(&stream).copied().unwrap_or(0);
+                let skip = (from_seq.max(archived + 1) - 1).min(all.len() as u64) as usize;
+                (archived, all[skip..].to_vec())
             };
-            let skip = (from_seq.max(1) - 1).min(all.len() as u64) as usize;
-            all[skip..].to_vec()
+            let events = if from_seq <= archived {
+                self.archived_events(stream, from_seq, archived)?
+            } else {
+                Vec::new()
+            };
+            attempts += 1;
+            match self.events_at(&positions)? {
+                Some(live) => break (events, from_seq.max(archived + 1), positions, live),
+                None if attempts < 3 => continue,
+                None => {
+                    return Err(Error::Corrupt(format!(
+                        "stream {stream}: events the index has live are archived in their blocks"
+                    )))
+                }
+            }
         };
-        let events = self.events_at(&positions)?;
-        let first_seq = from_seq.max(1);
-        for (i, (event, pos)) in events.iter().zip(&positions).enumerate() {
-            let seq = first_seq + i as u64;
+        for (i, (event, pos)) in live.iter().zip(&positions).enumerate() {
+            let seq = live_from + i as u64;
             if event.stream != stream || event.seq != seq {
                 return Err(Error::Corrupt(format!(
                     "position {pos} holds {} seq {}, but the index says {stream} seq {seq}",
@@ -1024,6 +1549,7 @@ impl EventLog for SledLog {
                 )));
             }
         }
+        events.extend(live);
         Ok(events)
     }
 
@@ -1054,7 +1580,8 @@ impl EventLog for SledLog {
             }
             for e in block_entries(first, &v)? {
                 want = e.position + 1;
-                if e.position < from || e.position > committed {
+                // Archived events are served by `read_stream` only (like PostgreSQL's).
+                if e.archived || e.position < from || e.position > committed {
                     continue;
                 }
                 out.push(Recorded {
@@ -1092,6 +1619,15 @@ impl EventLog for SledLog {
     }
 
     fn redact(&self, stream: WorkflowId, nodes: Vec<NodeIndex>) -> Result<Option<u64>> {
-        SledLog::redact(self, stream, nodes).map(|r| Some(r.events_rewritten))
+        SledLog::redact(self, stream, nodes).map(|r| Some(r.events_rewritten + r.archived_rewritten))
+    }
+
+    fn compact(
+        &self,
+        stream: WorkflowId,
+        up_to_seq: Option<u64>,
+        snapshot: Option<Vec<u8>>,
+    ) -> Result<Option<CompactStats>> {
+        SledLog::compact(self, stream, up_to_seq, snapshot).map(Some)
     }
 }

@@ -2,7 +2,7 @@
 //! script every backend must answer exactly like the in-memory reference.
 
 use crate::TestSchema;
-use mageflow_store::conformance::{agrees_with_memory, run_suite};
+use mageflow_store::conformance::{agrees_with_memory, compaction_suite, run_suite};
 use mageflow_store::EventLog;
 use std::sync::Arc;
 
@@ -19,5 +19,13 @@ async fn pg_log_agrees_with_memory_on_a_script() {
     let schema = TestSchema::new().await;
     let log = schema.open().await;
     agrees_with_memory(&log).await;
+    assert_eq!(log.verify().expect("verify"), log.head());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_log_passes_the_compaction_suite() {
+    let schema = TestSchema::new().await;
+    let log = schema.open().await;
+    assert!(compaction_suite(&log).await);
     assert_eq!(log.verify().expect("verify"), log.head());
 }

@@ -5,7 +5,7 @@
 
 use crate::{event, open_sled, request, runtime, stream};
 use mageflow_store::conformance::{
-    agrees_with_memory, all, assert_conflict, check_consistent, run_suite,
+    agrees_with_memory, all, assert_conflict, check_consistent, compaction_suite, run_suite,
 };
 use mageflow_store::{Error, EventLog, MemoryLog};
 use std::sync::Arc;
@@ -21,6 +21,33 @@ async fn sled_log_conforms() {
     let log = Arc::new(open_sled(dir.path()));
     run_suite(log.clone()).await;
     assert_eq!(log.verify().expect("verify"), log.head());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_log_says_it_cannot_compact() {
+    assert!(!compaction_suite(&MemoryLog::new()).await);
+}
+
+#[test]
+fn sled_log_compacts_and_reopens_with_the_same_reads() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (streams, live, head) = {
+        let log = open_sled(dir.path());
+        assert!(rt.block_on(compaction_suite(&log)));
+        assert_eq!(log.verify().expect("verify"), log.head());
+        let streams: Vec<_> = (101..=104)
+            .map(|n| log.read_stream(stream(n), 1).expect("read"))
+            .collect();
+        (streams, all(&log), log.head())
+    };
+    let log = open_sled(dir.path());
+    assert_eq!(log.head(), head);
+    assert_eq!(log.verify().expect("verify"), head);
+    assert_eq!(all(&log), live);
+    for (i, events) in streams.iter().enumerate() {
+        assert_eq!(&log.read_stream(stream(101 + i as u128), 1).expect("read"), events);
+    }
 }
 
 #[test]

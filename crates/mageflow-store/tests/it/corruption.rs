@@ -12,7 +12,7 @@ use crate::{event_with, runtime, stream};
 use mageflow_core::{Event, WorkflowId};
 use mageflow_store::{
     block_entries, decode_block, encode_block, AppendRequest, Error, EventLog, Recorded, SledLog,
-    SledOptions, BLOCK_BYTES_MAX, BLOCK_EVENTS_MAX,
+    SledOptions, ARCHIVED_LEN, BLOCK_BYTES_MAX, BLOCK_EVENTS_MAX,
 };
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -438,9 +438,29 @@ fn block_headers_that_lie_fail_open_despite_a_valid_checksum() {
         &[at5, "bytes after its last event"],
     );
     lying_block(
-        "first entry's length u32::MAX",
-        |v| set_len(v, 0, u32::MAX),
+        "first entry's length u32::MAX - 1",
+        |v| set_len(v, 0, u32::MAX - 1),
         &[at5, "event at position 5 is truncated"],
+    );
+    // The length that marks an archived entry (no bytes follow): the event's bytes then read
+    // as the next entry's header.
+    lying_block(
+        "last entry marked archived",
+        |v| set_len(v, 2, ARCHIVED_LEN),
+        &[at5, "bytes after its last event"],
+    );
+    // A well-formed archived entry whose stream has no archive: its event is lost.
+    damaged_fails_open(
+        "an entry archived without an archive",
+        |tree| {
+            let mut v = get_block(tree, 5);
+            let e = block_entries(5, &v).expect("entries")[2];
+            v.drain(e.start..e.end);
+            v[e.start - 4..e.start].copy_from_slice(&ARCHIVED_LEN.to_le_bytes());
+            reseal(&mut v);
+            put_block(tree, 5, &v);
+        },
+        &["event at position 7", "is archived in its block"],
     );
     lying_block(
         "last entry's length one past the end",
