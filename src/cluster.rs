@@ -12,14 +12,13 @@
 //! and completion is idempotent per attempt, so a job run twice is recorded once.
 
 use crate::{Config, Engine, Error, Handle, Registry, Result};
-use mageflow_core::{SignatureId, WorkflowId};
+use mageflow_core::SignatureId;
 use mageflow_engine::worker::{self, Job, JobSource, Outcome, WorkerConfig, WorkerStats};
 use mageflow_engine::{Dispatch, TaskFailure, WorkerLink};
 use mageflow_hot::{Hot, HotConfig, JobKey, Projector, ProjectorStats, Report, ReportOutcome};
 use mageflow_store::BoxFuture;
 use mageflow_store_pg::{PgLog, PgOptions};
 use serde_json::Value;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,24 +32,12 @@ const REPORT_BLOCK: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long a worker's `save_checkpoint` waits for the orchestrator to make it durable.
 const CHECKPOINT_ANSWER_WAIT: Duration = Duration::from_secs(30);
-/// Default delay between a workflow finishing and its compaction.
-pub const COMPACT_AFTER_DEFAULT: Duration = Duration::from_secs(300);
 
 /// Workers' reports the intake has taken from Redis (each once per read; a report read again
 /// after a restart counts again).
 #[derive(Debug, Default)]
 pub struct IntakeStats {
     pub reports: AtomicU64,
-}
-
-/// What compaction did since the orchestrator started.
-#[derive(Debug, Default)]
-pub struct CompactionStats {
-    pub workflows: AtomicU64,
-    pub events: AtomicU64,
-    pub raw_bytes: AtomicU64,
-    pub compressed_bytes: AtomicU64,
-    pub failures: AtomicU64,
 }
 
 /// Where the tiers are.
@@ -62,11 +49,6 @@ pub struct ClusterConfig {
     pub hot: HotConfig,
     /// Attempts started and not yet reported, at most (see [`Dispatch::Remote`]).
     pub window: usize,
-    /// Compact a finished workflow this long after it finished: its events move into a
-    /// compressed archive segment with a snapshot of its final state (`None`: never; operators
-    /// can still call [`Cluster::compact`]). Reads of its events are unchanged; a compacted
-    /// workflow touched again (read, rerun, resumed) is loaded back from the archive.
-    pub compact_after: Option<Duration>,
 }
 
 impl ClusterConfig {
@@ -76,7 +58,6 @@ impl ClusterConfig {
             pg: PgOptions::default(),
             hot: HotConfig::new(redis, prefix),
             window: 1_024,
-            compact_after: Some(COMPACT_AFTER_DEFAULT),
         }
     }
 }
@@ -91,7 +72,6 @@ pub struct Cluster {
     hot: Hot,
     log: Arc<PgLog>,
     projector: Arc<ProjectorStats>,
-    compaction: Arc<CompactionStats>,
     intake: Arc<IntakeStats>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -110,13 +90,8 @@ pub async fn open_cluster(
     config.dispatch = Dispatch::Remote {
         window: cluster.window.max(1),
     };
-    let (finished_tx, finished) = mpsc::unbounded_channel();
-    if cluster.compact_after.is_some() {
-        config.on_finished = Some(finished_tx);
-    }
     let engine = Engine::start(log.clone(), registry, config).await?;
     let stop = CancellationToken::new();
-    let compaction = Arc::new(CompactionStats::default());
     let projector = Projector::new(hot.clone(), log.clone());
     let projector_stats = projector.stats();
     let mut tasks = Vec::new();
@@ -135,22 +110,11 @@ pub async fn open_cluster(
         intake_stats.clone(),
         stop.clone(),
     )));
-    if let Some(after) = cluster.compact_after {
-        tasks.push(tokio::spawn(compactor(
-            finished,
-            log.clone(),
-            engine.handle(),
-            after,
-            compaction.clone(),
-            stop.clone(),
-        )));
-    }
     Ok(Cluster {
         engine,
         hot,
         log,
         projector: projector_stats,
-        compaction,
         intake: intake_stats,
         stop,
         tasks,
@@ -179,18 +143,8 @@ impl Cluster {
         &self.projector
     }
 
-    pub fn compaction_stats(&self) -> &Arc<CompactionStats> {
-        &self.compaction
-    }
-
     pub fn intake_stats(&self) -> &Arc<IntakeStats> {
         &self.intake
-    }
-
-    /// Compact one finished workflow now (what the background job does `compact_after` after it
-    /// finished). Returns `None` if it is not finished (running again after a rerun, say).
-    pub async fn compact(&self, wf: WorkflowId) -> Result<Option<mageflow_store_pg::CompactStats>> {
-        compact_one(&self.log, &self.engine.handle(), wf, &self.compaction).await
     }
 
     /// Stop the report intake and the projector, then the engine.
@@ -201,81 +155,6 @@ impl Cluster {
         }
         self.engine.shutdown().await;
     }
-}
-
-/// The compaction job: each finished workflow is compacted `after` its finish. (The engine
-/// itself redacts canceled and purged task data, `Config::redact_canceled`.)
-async fn compactor(
-    mut finished: mpsc::UnboundedReceiver<WorkflowId>,
-    log: Arc<PgLog>,
-    h: Handle,
-    after: Duration,
-    stats: Arc<CompactionStats>,
-    stop: CancellationToken,
-) {
-    let mut due: VecDeque<(tokio::time::Instant, WorkflowId)> = VecDeque::new();
-    loop {
-        let next = due.front().map(|(at, _)| *at);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            wf = finished.recv() => match wf {
-                Some(wf) => due.push_back((tokio::time::Instant::now() + after, wf)),
-                None => return,
-            },
-            _ = async {
-                match next {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                while let Some((at, wf)) = due.front().copied() {
-                    if at > tokio::time::Instant::now() {
-                        break;
-                    }
-                    due.pop_front();
-                    if let Err(e) = compact_one(&log, &h, wf, &stats).await {
-                        stats.failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%wf, error = %e, "compaction failed; the workflow stays in the live log");
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Snapshot the durable state of `wf` and move its events up to that state's version into the
-/// archive. Events appended meanwhile (a rerun) stay live.
-async fn compact_one(
-    log: &Arc<PgLog>,
-    h: &Handle,
-    wf: WorkflowId,
-    stats: &CompactionStats,
-) -> Result<Option<mageflow_store_pg::CompactStats>> {
-    let state = h.workflow(wf).await?;
-    if !state.is_finished() {
-        return Ok(None);
-    }
-    let snapshot = state
-        .to_snapshot()
-        .map_err(|e| Error::Hot(format!("cannot snapshot {wf}: {e}")))?;
-    let (log, version) = (log.clone(), state.version);
-    let compacted =
-        tokio::task::spawn_blocking(move || log.compact(wf, Some(version), Some(snapshot)))
-            .await
-            .map_err(|e| {
-                Error::Store(mageflow_store::Error::Storage(format!(
-                    "the compaction of {wf} stopped: {e}"
-                )))
-            })??;
-    stats.workflows.fetch_add(1, Ordering::Relaxed);
-    stats.events.fetch_add(compacted.events, Ordering::Relaxed);
-    stats
-        .raw_bytes
-        .fetch_add(compacted.raw_bytes, Ordering::Relaxed);
-    stats
-        .compressed_bytes
-        .fetch_add(compacted.compressed_bytes, Ordering::Relaxed);
-    Ok(Some(compacted))
 }
 
 /// Turn workers' reports into commands. Reports are trimmed from Redis only once everything

@@ -9,6 +9,7 @@ mod support;
 
 mod auto_resume;
 mod chains;
+mod compaction;
 mod control;
 mod durability;
 mod lifecycle;

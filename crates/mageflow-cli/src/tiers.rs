@@ -226,7 +226,8 @@ pub async fn serve(args: &StoreArgs, workers: usize, resume: &ResumeArgs) -> Res
 /// One line on the tiers: projection, hot-tier memory and read hit rate, compaction.
 async fn log_status(c: &cluster::Cluster) {
     let p = c.projector_stats();
-    let k = c.compaction_stats();
+    let h = c.handle();
+    let k = &h.stats().compaction;
     let (hits, misses) = c.hot().read_stats();
     let memory = c.hot().memory_used().await.unwrap_or(0);
     tracing::info!(

@@ -64,8 +64,6 @@ impl Deployment {
             ..PgOptions::default()
         };
         config.window = 256;
-        // Compaction is driven by the test that checks it (Cluster::compact).
-        config.compact_after = None;
         let cluster = Self::open(&config).await?;
         Ok(Self {
             cluster: Some(cluster),
@@ -84,6 +82,8 @@ impl Deployment {
             principal: "cluster-test".into(),
             // Deleted workflows are purged soon after (the purge test waits for it).
             deletion_ttl: Duration::from_millis(300),
+            // Compaction is driven by the test that checks it (Handle::compact).
+            compact_after: None,
             ..Config::default()
         };
         open_cluster(config.clone(), registry, engine_config)
@@ -436,6 +436,7 @@ async fn a_compacted_workflow_reads_the_same_and_is_loaded_back_when_touched() -
 
         let stats = d
             .cluster()
+            .handle()
             .compact(wf)
             .await?
             .context("a finished workflow is compacted")?;
@@ -674,7 +675,7 @@ async fn a_confirmed_cancel_leaves_only_the_audit_record() -> Result<()> {
             .iter()
             .all(|e| e.actor == mageflow::Actor::api("cluster-test")));
         // The archive, once compacted: same.
-        d.cluster().compact(wf).await?;
+        d.cluster().handle().compact(wf).await?;
         assert!(
             !data(&h.history(wf)?).contains(SECRET),
             "task data left in the archive"

@@ -25,6 +25,7 @@
 //! [`Handle::report`] of the same attempt does not). A signature queued again while an older
 //! attempt of it still holds a slot waits until that attempt's handler reports.
 
+use crate::compaction::CompactionStats;
 use crate::context::{Backing, TaskContext};
 use crate::error::{Error, Result};
 use crate::registry::{Registry, TaskFailure};
@@ -94,13 +95,16 @@ pub struct Config {
     pub deletion_ttl_by_kind: BTreeMap<String, Duration>,
     /// What the start-up recovery resumes of the unfinished work it finds in the log.
     pub auto_resume: AutoResume,
-    /// Told of every workflow that finishes or is purged, once the events that did it are
-    /// durable (the cluster's compaction job listens here).
-    pub on_finished: Option<mpsc::UnboundedSender<WorkflowId>>,
     /// When a workflow with canceled signatures finishes, or one is purged, redact their task
     /// data from the log ([`Workflow::redaction_targets`], `EventLog::redact`), leaving the
     /// audit record. Logs that cannot redact (in-memory) keep it. Default: on.
     pub redact_canceled: bool,
+    /// Compact a finished workflow this long after it finished: its events move into the log's
+    /// compressed archive with a snapshot of its final state (`EventLog::compact`; a log that
+    /// cannot compact keeps them). Reads of its events are unchanged; a compacted workflow
+    /// touched again (read, rerun, resumed) is loaded back from the archive. `None`: never
+    /// (callers can still use [`Handle::compact`]). Default: 5 minutes.
+    pub compact_after: Option<Duration>,
 }
 
 /// What [`Engine::start`] does with the unfinished work it finds in the log (see
@@ -177,8 +181,8 @@ impl Default for Config {
             deletion_ttl: Duration::from_secs(24 * 3600),
             deletion_ttl_by_kind: BTreeMap::new(),
             auto_resume: AutoResume::default(),
-            on_finished: None,
             redact_canceled: true,
+            compact_after: Some(crate::compaction::COMPACT_AFTER_DEFAULT),
         }
     }
 }
@@ -207,6 +211,8 @@ pub struct Stats {
     pub running_peak: AtomicU64,
     /// Workflows whose canceled or purged task data was redacted from the log.
     pub workflows_redacted: AtomicU64,
+    /// What compaction did.
+    pub compaction: CompactionStats,
 }
 
 /// What the engine found in the log when it started, and what it did about it (see
@@ -350,6 +356,8 @@ pub struct Engine {
     handle: Handle,
     task: tokio::task::JoinHandle<()>,
     recovery: RecoveryReport,
+    /// The compaction job, if `Config::compact_after` is set.
+    compactor: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 impl Engine {
@@ -362,6 +370,7 @@ impl Engine {
     ) -> Result<Engine> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
         let stats = Arc::new(Stats::default());
+        let (compact_tx, compact_rx) = mpsc::unbounded_channel();
         let handle = Handle {
             tx: tx.clone(),
             registry: Arc::new(registry),
@@ -394,13 +403,21 @@ impl Engine {
             shutdown_at: None,
             shutdown_replies: Vec::new(),
             tx,
+            compact_tx: handle.config.compact_after.map(|_| compact_tx),
+            background: Vec::new(),
         };
         let recovery = orch.recover().await?;
         let task = tokio::spawn(orch.run(rx));
+        let compactor = handle.config.compact_after.map(|after| {
+            let stop = CancellationToken::new();
+            let job = crate::compaction::run(compact_rx, handle.clone(), after, stop.clone());
+            (stop, tokio::spawn(job))
+        });
         Ok(Engine {
             handle,
             task,
             recovery,
+            compactor,
         })
     }
 
@@ -415,6 +432,11 @@ impl Engine {
     /// Stop taking work, give running handlers the grace period to finish, stop the rest
     /// (their attempts are requeued by the next start), and stop the orchestrator.
     pub async fn shutdown(self) {
+        if let Some((stop, job)) = self.compactor {
+            // A compaction in progress finishes first (it is one atomic step).
+            stop.cancel();
+            let _ = job.await;
+        }
         let (reply, rx) = oneshot::channel();
         if self
             .handle
@@ -715,6 +737,14 @@ impl Handle {
         self.tx.send(req).await.map_err(|_| Error::ShutDown)
     }
 
+    /// Compact a finished workflow now (what the compaction job does `Config::compact_after`
+    /// after it finished): its events move into the log's archive with a snapshot of its final
+    /// state. `None` if it is not finished (running again after a rerun, say) or the log cannot
+    /// compact.
+    pub async fn compact(&self, wf: WorkflowId) -> Result<Option<mageflow_store::CompactStats>> {
+        crate::compaction::compact(self, wf).await
+    }
+
     /// Current state of a workflow (durable state: nothing not yet committed).
     pub async fn workflow(&self, wf: WorkflowId) -> Result<Workflow> {
         self.inspect(wf, Workflow::clone).await
@@ -937,7 +967,7 @@ struct Step {
     touched: Vec<WorkflowId>,
     /// Workflows this step's events finish (counted once those events are durable).
     finished: Vec<WorkflowId>,
-    /// Workflows this step purges (told to `Config::on_finished` too, once durable).
+    /// Workflows this step purges (told to the compaction job too, once durable).
     purged: Vec<WorkflowId>,
     /// Events in `appends` (counted before they are handed to the log).
     events: usize,
@@ -1011,6 +1041,10 @@ struct Orchestrator {
     shutdown_at: Option<tokio::time::Instant>,
     shutdown_replies: Vec<oneshot::Sender<()>>,
     tx: mpsc::Sender<Request>,
+    /// Told of every finished or purged workflow, for the compaction job.
+    compact_tx: Option<mpsc::UnboundedSender<WorkflowId>>,
+    /// Redactions running on blocking threads; shutdown waits for them (they hold the log).
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Orchestrator {
@@ -1309,6 +1343,11 @@ impl Orchestrator {
                 if idle {
                     if let Some(prev) = inflight.take() {
                         self.finish(prev).await;
+                    }
+                    // A redaction under way finishes: it is one durable step, and the log
+                    // (a sled directory, say) is free for the next engine once shutdown returns.
+                    for job in self.background.drain(..) {
+                        let _ = job.await;
                     }
                     // Handlers still running past the grace period are stopped; their
                     // attempts stay in flight in the log and the next start requeues them.
@@ -1804,7 +1843,7 @@ impl Orchestrator {
                             self.redact(*wf, nodes);
                         }
                     }
-                    if let Some(tx) = &self.config.on_finished {
+                    if let Some(tx) = &self.compact_tx {
                         let _ = tx.send(*wf);
                     }
                 }
@@ -1910,9 +1949,10 @@ impl Orchestrator {
 
     /// Redact `wf`'s canceled or purged task data on a blocking thread (the log's `redact`
     /// blocks); its events are durable and nothing more will be decided about those signatures.
-    fn redact(&self, wf: WorkflowId, nodes: Vec<NodeIndex>) {
+    fn redact(&mut self, wf: WorkflowId, nodes: Vec<NodeIndex>) {
         let (log, stats) = (self.log.clone(), self.stats.clone());
-        tokio::task::spawn_blocking(move || match log.redact(wf, nodes) {
+        self.background.retain(|job| !job.is_finished());
+        let job = tokio::task::spawn_blocking(move || match log.redact(wf, nodes) {
             Ok(Some(_)) => {
                 stats.workflows_redacted.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%wf, "task data of canceled or purged signatures redacted from the log");
@@ -1922,6 +1962,7 @@ impl Orchestrator {
                 tracing::warn!(%wf, error = %e, "redacting canceled or purged task data failed; it stays in the log")
             }
         });
+        self.background.push(job);
     }
 
     fn remote(&self) -> bool {

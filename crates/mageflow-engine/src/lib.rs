@@ -3,6 +3,7 @@
 //! runs registered handlers, and the user-facing builders for signatures, chains and swarms.
 
 pub mod builtin;
+mod compaction;
 mod context;
 mod engine;
 mod error;
@@ -10,6 +11,7 @@ mod registry;
 mod sig;
 pub mod worker;
 
+pub use compaction::{CompactionStats, COMPACT_AFTER_DEFAULT};
 pub use context::{TaskContext, WorkerLink};
 pub use engine::{
     now, AutoResume, Config, Dispatch, Engine, Handle, RecoveryReport, SkippedWorkflow, Stats,

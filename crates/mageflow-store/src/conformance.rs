@@ -659,11 +659,17 @@ pub async fn compaction_suite(log: &dyn EventLog) -> bool {
     let everything = all(log);
     let (a, b, c) = (ids[0], ids[1], ids[2]);
 
-    let Some(first) = log.compact(a, Some(5), Some(b"state-a".to_vec())).expect("compact") else {
+    let Some(first) = log
+        .compact(a, Some(5), Some(b"state-a".to_vec()))
+        .expect("compact")
+    else {
         return false;
     };
     assert_eq!(first.events, 5);
-    assert!(first.raw_bytes > 0 && first.compressed_bytes > 0, "{first:?}");
+    assert!(
+        first.raw_bytes > 0 && first.compressed_bytes > 0,
+        "{first:?}"
+    );
     let mut archived = BTreeMap::from([(a, 5u64)]);
     for s in &ids {
         assert_reads(log, *s, &before[s]);
@@ -680,7 +686,10 @@ pub async fn compaction_suite(log: &dyn EventLog) -> bool {
     archived.insert(a, versions[0]);
     // `b` whole, `c` up to past its end (clamped), the fourth stream not at all.
     log.compact(b, None, None).expect("compact");
-    let past = log.compact(c, Some(10_000), None).expect("compact").expect("some");
+    let past = log
+        .compact(c, Some(10_000), None)
+        .expect("compact")
+        .expect("some");
     assert_eq!(past.events, versions[2]);
     archived.insert(b, versions[1]);
     archived.insert(c, versions[2]);

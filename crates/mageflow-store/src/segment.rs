@@ -118,7 +118,10 @@ pub fn frames(stream: WorkflowId, raw: &[u8], events: u64) -> Result<Vec<&[u8]>>
     if out.len() as u64 != events {
         return Err(corrupt(
             stream,
-            format!("segment holds {} events, its header says {events}", out.len()),
+            format!(
+                "segment holds {} events, its header says {events}",
+                out.len()
+            ),
         ));
     }
     Ok(out)

@@ -219,7 +219,9 @@ fn key_stream(key: &[u8]) -> Result<WorkflowId> {
     let arr: [u8; 16] = key
         .get(1..)
         .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| Error::Corrupt(format!("a stream key has {} bytes, expected 17", key.len())))?;
+        .ok_or_else(|| {
+            Error::Corrupt(format!("a stream key has {} bytes, expected 17", key.len()))
+        })?;
     Ok(WorkflowId::from_u128(u128::from_be_bytes(arr)))
 }
 
@@ -1379,9 +1381,10 @@ impl Committer {
         let moving = &positions[archived as usize..up_to as usize];
         let mut i = 0;
         while i < moving.len() {
-            let first = self.shared.index().block_of(moving[i]).ok_or_else(|| {
-                Error::Corrupt(format!("no block holds position {}", moving[i]))
-            })?;
+            let first =
+                self.shared.index().block_of(moving[i]).ok_or_else(|| {
+                    Error::Corrupt(format!("no block holds position {}", moving[i]))
+                })?;
             let bytes = self.shared.block(first)?;
             let entries = block_entries(first, &bytes)?;
             let rewritten = rewrite_block(first, &bytes, &entries, |e| {
@@ -1619,7 +1622,8 @@ impl EventLog for SledLog {
     }
 
     fn redact(&self, stream: WorkflowId, nodes: Vec<NodeIndex>) -> Result<Option<u64>> {
-        SledLog::redact(self, stream, nodes).map(|r| Some(r.events_rewritten + r.archived_rewritten))
+        SledLog::redact(self, stream, nodes)
+            .map(|r| Some(r.events_rewritten + r.archived_rewritten))
     }
 
     fn compact(

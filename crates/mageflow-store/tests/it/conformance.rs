@@ -46,7 +46,10 @@ fn sled_log_compacts_and_reopens_with_the_same_reads() {
     assert_eq!(log.verify().expect("verify"), head);
     assert_eq!(all(&log), live);
     for (i, events) in streams.iter().enumerate() {
-        assert_eq!(&log.read_stream(stream(101 + i as u128), 1).expect("read"), events);
+        assert_eq!(
+            &log.read_stream(stream(101 + i as u128), 1).expect("read"),
+            events
+        );
     }
 }
 
