@@ -12,9 +12,9 @@
 //! and completion is idempotent per attempt, so a job run twice is recorded once.
 
 use crate::{Config, Engine, Error, Handle, Registry, Result};
-use mageflow_core::SignatureId;
+use mageflow_core::{SignatureId, WorkflowId};
 use mageflow_engine::worker::{self, Job, JobSource, Outcome, WorkerConfig, WorkerStats};
-use mageflow_engine::{Dispatch, TaskFailure, WorkerLink};
+use mageflow_engine::{Dispatch, Sig, SubmitAnswer, TaskFailure, WireError, WorkerLink};
 use mageflow_hot::{Hot, HotConfig, JobKey, Projector, ProjectorStats, Report, ReportOutcome};
 use mageflow_store::BoxFuture;
 use mageflow_store_pg::{PgLog, PgOptions};
@@ -32,6 +32,14 @@ const REPORT_BLOCK: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long a worker's `save_checkpoint` waits for the orchestrator to make it durable.
 const CHECKPOINT_ANSWER_WAIT: Duration = Duration::from_secs(30);
+/// How long a worker's `TaskContext::submit` waits for the orchestrator to make the creation
+/// durable (a large swarm takes a while; answers in Redis expire after a minute).
+const SUBMIT_ANSWER_WAIT: Duration = Duration::from_secs(50);
+/// Deepest JSON a report may be: the orchestrator reads reports with serde_json, which refuses
+/// more than 127 nested arrays/objects (its guard against unbounded recursion on outside bytes).
+const REPORT_DEPTH_MAX: usize = 127;
+/// Levels a submit report adds above its signature tree and input (report, outcome, submit).
+const SUBMIT_REPORT_NESTING: usize = 3;
 
 /// Workers' reports the intake has taken from Redis (each once per read; a report read again
 /// after a restart counts again).
@@ -211,6 +219,39 @@ async fn intake(hot: Hot, h: Handle, stats: Arc<IntakeStats>, stop: Cancellation
                     }
                     Ok(())
                 }
+                ReportOutcome::Submit {
+                    workflow,
+                    sig: tree,
+                    input,
+                } => {
+                    // Validated and made durable like any submit; idempotent, so a retried
+                    // handler (or this report read again after a restart) finds the workflow.
+                    let created = match serde_json::from_value::<Sig>(tree) {
+                        Ok(tree) => h.submit_idempotent(workflow, tree, input).await,
+                        Err(e) => Err(Error::Rejected(mageflow_core::Rejection::InvalidTree(
+                            format!("unreadable signature tree from a worker: {e}"),
+                        ))),
+                    };
+                    let answer = match created {
+                        Err(Error::ShutDown) => return,
+                        Ok(()) => SubmitAnswer::Created,
+                        Err(e) => {
+                            tracing::info!(%sig, attempt, %workflow, error = %e, "a worker's submit refused");
+                            SubmitAnswer::Refused(WireError::from(&e))
+                        }
+                    };
+                    match serde_json::to_string(&answer) {
+                        Ok(answer) => {
+                            if let Err(e) = hot.answer_report_with(&id, &answer).await {
+                                tracing::warn!(%sig, attempt, %workflow, error = %e, "could not answer a submit");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(%sig, attempt, %workflow, error = %e, "could not encode the answer to a submit")
+                        }
+                    }
+                    Ok(())
+                }
             };
             if sent.is_err() {
                 return; // the engine is shutting down
@@ -258,6 +299,60 @@ impl WorkerLink for HotJobs {
                 Ok(None) => Err(Error::Hot(format!(
                     "no answer to the checkpoint of {sig} attempt {attempt} within {} s",
                     CHECKPOINT_ANSWER_WAIT.as_secs()
+                ))),
+                Err(e) => Err(hot_error(e)),
+            }
+        })
+    }
+
+    fn submit(
+        &self,
+        sig: SignatureId,
+        attempt: u32,
+        id: WorkflowId,
+        tree: Sig,
+        input: Value,
+    ) -> BoxFuture<'static, Result<()>> {
+        let (hot, worker) = (self.hot.clone(), self.worker.clone());
+        Box::pin(async move {
+            let tree = serde_json::to_value(&tree).map_err(|e| Error::InvalidInput {
+                task: "(submit)".into(),
+                reason: format!("the signature tree cannot be encoded: {e}"),
+            })?;
+            // Refused here rather than sent: the orchestrator could not read it back, and
+            // would never answer.
+            let depth = mageflow_engine::value_depth(&tree)
+                .max(mageflow_engine::value_depth(&input))
+                + SUBMIT_REPORT_NESTING;
+            if depth > REPORT_DEPTH_MAX {
+                return Err(Error::TooDeep {
+                    what: "submit request",
+                    depth,
+                    max: REPORT_DEPTH_MAX,
+                });
+            }
+            let report = Report {
+                key: JobKey { sig, attempt },
+                worker,
+                outcome: ReportOutcome::Submit {
+                    workflow: id,
+                    sig: tree,
+                    input,
+                },
+            };
+            let report_id = hot.report(&report).await.map_err(hot_error)?;
+            match hot.wait_answer_raw(&report_id, SUBMIT_ANSWER_WAIT).await {
+                Ok(Some(raw)) => match serde_json::from_str::<SubmitAnswer>(&raw) {
+                    Ok(SubmitAnswer::Created) => Ok(()),
+                    Ok(SubmitAnswer::Refused(e)) => Err(e.into()),
+                    Err(e) => Err(Error::Hot(format!(
+                        "unreadable answer to the submit of workflow {id}: {e}"
+                    ))),
+                },
+                Ok(None) => Err(Error::Hot(format!(
+                    "no answer to the submit of workflow {id} by {sig} attempt {attempt} within \
+                     {} s (it may still be created; a retry of the handler finds it)",
+                    SUBMIT_ANSWER_WAIT.as_secs()
                 ))),
                 Err(e) => Err(hot_error(e)),
             }

@@ -111,15 +111,69 @@ fn decode_snapshot_corpus() {
 
 #[test]
 fn decode_hot_corpus() {
+    use mageflow::engine::SubmitAnswer;
+    use mageflow::hot::{Report, ReportOutcome};
+    use mageflow::{Registry, Sig};
     let ok = replay("decode_hot", |b| match std::str::from_utf8(b) {
         Ok(s) => {
             let key = s.parse::<mageflow::hot::JobKey>().is_ok();
-            let report = serde_json::from_str::<mageflow::hot::Report>(s).is_ok();
-            key || report
+            let report = serde_json::from_str::<Report>(s);
+            let mut tree = false;
+            if let Ok(Report {
+                outcome: ReportOutcome::Submit { sig, .. },
+                ..
+            }) = &report
+            {
+                // What the orchestrator's intake does with a worker's submit.
+                if let Ok(sig) = serde_json::from_value::<Sig>(sig.clone()) {
+                    let _ = sig.validate(&Registry::new());
+                    tree = true;
+                }
+            }
+            let answer = match serde_json::from_str::<SubmitAnswer>(s) {
+                Ok(SubmitAnswer::Refused(e)) => {
+                    let _ = mageflow::Error::from(e);
+                    true
+                }
+                Ok(SubmitAnswer::Created) => true,
+                Err(_) => false,
+            };
+            key || report.is_ok() || tree || answer
         }
         Err(_) => false,
     });
     assert!(ok > 0, "no hot-tier seed parsed");
+}
+
+/// The submit seeds stay meaningful: the tree in the report decodes and encodes back to the
+/// same JSON (the wire form of a signature is stable), and the answers decode.
+#[test]
+fn hot_submit_seeds_decode() {
+    use mageflow::engine::SubmitAnswer;
+    use mageflow::hot::{Report, ReportOutcome};
+    use mageflow::Sig;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode_hot");
+    let read = |name: &str| {
+        std::fs::read_to_string(root.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let report: Report = serde_json::from_str(&read("submit_report")).expect("submit seed");
+    let ReportOutcome::Submit { sig, .. } = report.outcome else {
+        panic!("not a submit: {:?}", report.outcome);
+    };
+    let tree: Sig = serde_json::from_value(sig.clone()).expect("tree decodes");
+    assert_eq!(serde_json::to_value(&tree).expect("encodes"), sig);
+    let created: SubmitAnswer =
+        serde_json::from_str(&read("submit_answer_created")).expect("answer");
+    assert_eq!(created, SubmitAnswer::Created);
+    let refused: SubmitAnswer =
+        serde_json::from_str(&read("submit_answer_refused")).expect("answer");
+    let SubmitAnswer::Refused(e) = refused else {
+        panic!("not a refusal");
+    };
+    assert!(matches!(
+        mageflow::Error::from(e),
+        mageflow::Error::UnknownTask { name } if name == "nowhere"
+    ));
 }
 
 #[test]

@@ -19,15 +19,22 @@ all_stores!(
     a_panicking_handler_is_a_retryable_failure,
     a_handler_that_stops_heartbeating_loses_its_lease_and_is_retried,
     a_large_swarm_created_by_a_retried_handler_is_not_duplicated,
+    a_handler_submitting_an_invalid_workflow_gets_the_validation_error,
 );
-// The three scenarios left out use `ctx.engine()` / `ctx.submit()`, which a handler in a worker
-// process does not have (it has no engine); the last scenario checks that it says so.
+// Left out: `duplicate_report_while_running_records_one_success` fakes a redelivered copy of the
+// attempt with `ctx.engine()?.report(..)`, and a handler in a worker process has no engine (the
+// last scenario checks that it says so). `ctx.submit()` works there: it goes to the orchestrator
+// through the hot tier.
 on_cluster!(
     duplicate_report_after_completion_is_a_no_op,
     retryable_failures_are_retried_until_success,
+    workflows_created_by_a_retried_handler_are_not_duplicated,
     a_panicking_handler_is_a_retryable_failure,
     a_handler_that_stops_heartbeating_loses_its_lease_and_is_retried,
+    a_large_swarm_created_by_a_retried_handler_is_not_duplicated,
+    a_handler_submitting_an_invalid_workflow_gets_the_validation_error,
     a_handler_in_a_worker_process_cannot_reach_the_engine,
+    a_submit_too_deep_to_send_is_refused_in_the_worker,
 );
 
 /// `callback` tells the test each time it runs.
@@ -337,14 +344,133 @@ async fn a_large_swarm_created_by_a_retried_handler_is_not_duplicated(store: Sto
     Ok(())
 }
 
-/// In a worker process a handler has no engine: creating a workflow from it fails the task with
-/// a message saying why (not a hang, not a silent no-op).
+/// A handler's submit is validated like any other: an unknown task, kwargs that do not fit, an
+/// empty chain come back to the handler as the typed errors a submit from outside gets, and
+/// nothing is created (wherever the handler runs).
+async fn a_handler_submitting_an_invalid_workflow_gets_the_validation_error(
+    store: Store,
+) -> Result<()> {
+    let mut tasks = Registry::new();
+    tasks.task(
+        "creator",
+        |_: Value, ctx: mageflow::TaskContext| async move {
+            let mut seen = Vec::new();
+            let unknown = ctx.submit(sign("nowhere"), json!({})).await;
+            seen.push(match unknown {
+                Err(mageflow::Error::UnknownTask { name }) => format!("unknown_task {name}"),
+                other => format!("unexpected {other:?}"),
+            });
+            let bad_kwargs = ctx
+                .submit(sign("typed").kwarg("n", "not a number"), json!({}))
+                .await;
+            seen.push(match bad_kwargs {
+                Err(e @ mageflow::Error::InvalidKwargs { .. }) => e.code().to_owned(),
+                other => format!("unexpected {other:?}"),
+            });
+            let empty = ctx
+                .submit(chain(Vec::<mageflow::Sig>::new()), json!({}))
+                .await;
+            seen.push(match empty {
+                Err(e @ mageflow::Error::Rejected(_)) => e.code().to_owned(),
+                other => format!("unexpected {other:?}"),
+            });
+            // Still usable after the refusals: a valid one is created.
+            let ok = ctx.submit(sign("typed").kwarg("n", 3), json!({})).await?;
+            seen.push(ok.to_string());
+            Ok::<_, TaskFailure>(json!(seen))
+        },
+    );
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        n: u32,
+    }
+    tasks.task("typed", |i: Typed, _ctx| async move {
+        Ok::<_, TaskFailure>(i.n)
+    });
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let wf = h.submit(sign("creator"), json!({})).await?;
+    let done = h.wait(wf).await?;
+    let Some(Outcome::Ok(Value::Array(seen))) = &done.nodes[0].outcome else {
+        panic!("creator: {:?}", done.nodes[0].outcome);
+    };
+    assert_eq!(
+        seen[..3],
+        [
+            json!("unknown_task nowhere"),
+            json!("invalid_kwargs"),
+            json!("invalid_tree")
+        ]
+    );
+    let child: mageflow::WorkflowId = seen[3].as_str().unwrap_or_default().parse()?;
+    let child = h.wait(child).await?;
+    assert_eq!(child.nodes[0].outcome, Some(Outcome::Ok(json!(3))));
+    let created = h
+        .log()
+        .read_all(1, usize::MAX)?
+        .into_iter()
+        .filter(|r| matches!(r.event.payload, Payload::WorkflowCreated { .. }))
+        .count();
+    assert_eq!(created, 2, "the creator's workflow and its one valid child");
+    env.shutdown().await;
+    Ok(())
+}
+
+/// The orchestrator reads a worker's report with a bounded nesting depth; a submit whose input
+/// would not fit is refused in the worker with `TooDeep` instead of waiting for an answer that
+/// would never come. One just within the bound goes through.
+async fn a_submit_too_deep_to_send_is_refused_in_the_worker(store: Store) -> Result<()> {
+    fn nested(depth: usize) -> Value {
+        (1..depth).fold(json!({}), |v, _| json!({ "v": v }))
+    }
+    let mut tasks = Registry::new();
+    tasks.task(
+        "creator",
+        |_: Value, ctx: mageflow::TaskContext| async move {
+            // Within the bound (the report adds 3 levels above the input).
+            let fits = ctx.submit(sign("sink"), nested(124)).await?;
+            let refused = match ctx.submit(sign("sink"), nested(125)).await {
+                Err(e @ mageflow::Error::TooDeep { .. }) => e.to_string(),
+                other => format!("unexpected {other:?}"),
+            };
+            Ok::<_, TaskFailure>(json!([fits.to_string(), refused]))
+        },
+    );
+    tasks.task("sink", |_: Value, _ctx| async move {
+        Ok::<_, TaskFailure>(Value::Null)
+    });
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let wf = h.submit(sign("creator"), json!({})).await?;
+    let done = h.wait(wf).await?;
+    let Some(Outcome::Ok(Value::Array(out))) = &done.nodes[0].outcome else {
+        panic!("creator: {:?}", done.nodes[0].outcome);
+    };
+    let fits: mageflow::WorkflowId = out[0].as_str().unwrap_or_default().parse()?;
+    h.wait(fits).await?;
+    let refused = out[1].as_str().unwrap_or_default();
+    assert!(
+        refused.contains("submit request is nested 128 levels"),
+        "{refused}"
+    );
+    env.shutdown().await;
+    Ok(())
+}
+
+/// In a worker process a handler has no engine: `ctx.engine()` says so (a typed error that
+/// fails the task with a message saying why, not a hang, not a silent no-op).
 async fn a_handler_in_a_worker_process_cannot_reach_the_engine(store: Store) -> Result<()> {
     let mut tasks = Registry::new();
-    tasks.task("creator", |_: Value, ctx| async move {
-        ctx.submit(sign("creator"), json!({})).await?;
-        Ok::<_, TaskFailure>(0)
-    });
+    tasks.task(
+        "creator",
+        |_: Value, ctx: mageflow::TaskContext| async move {
+            match ctx.engine() {
+                Err(e @ mageflow::Error::NeedsEngine) => Err(TaskFailure::fatal(e.to_string())),
+                Err(other) => Err(TaskFailure::fatal(format!("unexpected {other:?}"))),
+                Ok(_) => Ok::<_, TaskFailure>(0),
+            }
+        },
+    );
     let env = Env::start(store, tasks).await?;
     let h = env.handle();
     let wf = h.submit(sign("creator"), json!({})).await?;

@@ -20,6 +20,19 @@ pub trait WorkerLink: Send + Sync + 'static {
         attempt: u32,
         data: Value,
     ) -> mageflow_store::BoxFuture<'static, Result<()>>;
+
+    /// Create workflow `id` from `tree` with `input`, idempotently (an existing `id` is found,
+    /// not duplicated): sent to the orchestrator, which validates it like any submit. Returns
+    /// once the creation is durable; a refusal comes back as the error an in-process submit
+    /// gives. `sig` and `attempt` say which handler asks.
+    fn submit(
+        &self,
+        sig: SignatureId,
+        attempt: u32,
+        id: WorkflowId,
+        tree: Sig,
+        input: Value,
+    ) -> mageflow_store::BoxFuture<'static, Result<()>>;
 }
 
 /// Who carries out a context's requests.
@@ -91,18 +104,28 @@ impl TaskContext {
 
     /// Create and run a workflow from inside a handler. Idempotent across retries: the n-th
     /// workflow an attempt creates gets the same id on every attempt, so a retried handler
-    /// finds the workflow its earlier attempt created instead of duplicating it. Only for
-    /// handlers running inside the engine's process (`Error::NeedsEngine` in a worker process).
+    /// finds the workflow its earlier attempt created instead of duplicating it. Returns once
+    /// the creation is durable. In a worker process the request goes to the orchestrator
+    /// through the hot tier and is validated there, with the same errors; one nested too deep
+    /// for the hot tier to carry fails with `Error::TooDeep` in the worker, and if no answer
+    /// comes in time it fails with `Error::Hot` (the workflow may exist: a retry finds it).
     pub async fn submit(&self, sig: impl Into<Sig>, input: impl Serialize) -> Result<WorkflowId> {
         let n = self.created.fetch_add(1, Ordering::Relaxed);
         let id = WorkflowId::derive(self.sig, n);
-        self.engine()?
-            .submit_with_id(id, sig.into(), input, true)
-            .await
+        match &self.backing {
+            Backing::Engine(h) => h.submit_with_id(id, sig.into(), input, true).await,
+            Backing::Worker(link) => {
+                let input = crate::engine::to_input(input)?;
+                link.submit(self.sig, self.attempt, id, sig.into(), input)
+                    .await?;
+                Ok(id)
+            }
+        }
     }
 
     /// The engine, for anything else (status queries, controlling other workflows); only for
-    /// handlers running inside the engine's process (`Error::NeedsEngine` in a worker process).
+    /// handlers running inside the engine's process (`Error::NeedsEngine` in a worker process,
+    /// where [`TaskContext::submit`] and [`TaskContext::save_checkpoint`] still work).
     pub fn engine(&self) -> Result<&Handle> {
         match &self.backing {
             Backing::Engine(h) => Ok(h),

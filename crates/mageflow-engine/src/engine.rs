@@ -553,6 +553,13 @@ impl Handle {
         Ok(id)
     }
 
+    /// Create workflow `id` and run it, idempotently: if `id` exists, nothing is written and
+    /// this succeeds. What [`crate::TaskContext::submit`] does; for the submits handlers in
+    /// worker processes send through the hot tier. Validated and durable like [`Handle::submit`].
+    pub async fn submit_idempotent(&self, id: WorkflowId, sig: Sig, input: Value) -> Result<()> {
+        self.submit_with_id(id, sig, input, true).await.map(drop)
+    }
+
     /// Submit many workflows in one atomic append (all are created, or none).
     pub async fn submit_many(
         &self,
@@ -834,7 +841,7 @@ fn check_input(input: &Value) -> Result<()> {
     Ok(())
 }
 
-fn to_input(input: impl Serialize) -> Result<Value> {
+pub(crate) fn to_input(input: impl Serialize) -> Result<Value> {
     serde_json::to_value(input).map_err(|e| Error::InvalidInput {
         task: "(submit)".into(),
         reason: e.to_string(),

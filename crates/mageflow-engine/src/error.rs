@@ -1,6 +1,7 @@
 //! The engine's error type: every refusal a caller can get, typed, with a stable code.
 
 use mageflow_core::{Rejection, SignatureId, WorkflowId};
+use serde::{Deserialize, Serialize};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -43,8 +44,8 @@ pub enum Error {
     #[error("state of workflow {0} could not be rebuilt from its events: {1}")]
     Replay(WorkflowId, mageflow_core::ApplyError),
     #[error(
-        "this handler runs in a worker process: creating workflows and reaching the engine from a \
-         handler needs the engine's process (run the task there, or call the engine's API)"
+        "this handler runs in a worker process: reaching the engine from a handler needs the \
+         engine's process (run the task there, or call the engine's API)"
     )]
     NeedsEngine,
     #[error("hot tier: {0}")]
@@ -72,4 +73,144 @@ impl Error {
             Error::Hot(_) => "hot_tier",
         }
     }
+}
+
+/// An error answered across processes: the orchestrator's refusal of a request a worker sent
+/// through the hot tier (a handler's submit). Validation errors keep their variant, so a handler
+/// in a worker process gets the same typed error as one inside the engine's process; anything
+/// else keeps its code and message.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireError {
+    UnknownTask {
+        name: String,
+    },
+    InvalidKwargs {
+        task: String,
+        reason: String,
+    },
+    InvalidInput {
+        task: String,
+        reason: String,
+    },
+    TooLarge {
+        what: String,
+        bytes: usize,
+        max: usize,
+    },
+    TooDeep {
+        what: String,
+        depth: usize,
+        max: usize,
+    },
+    TooMany {
+        what: String,
+        count: usize,
+        max: usize,
+    },
+    InvalidTree(String),
+    Other {
+        code: String,
+        message: String,
+    },
+}
+
+/// Every `what` of the size errors, so one that crossed processes gets its `&'static str` back.
+/// One missing here is not lost: it arrives as [`WireError::Other`], code and message intact.
+const WHATS: &[&str] = &[
+    "input",
+    "kwargs",
+    "checkpoint",
+    "result",
+    "submit request",
+    "items of a swarm added inside another swarm's items (add them separately)",
+    "signatures in one event (swarm items are split automatically; chain steps and callbacks are not)",
+];
+
+fn known_what(what: &str) -> Option<&'static str> {
+    WHATS.iter().copied().find(|w| *w == what)
+}
+
+impl From<&Error> for WireError {
+    fn from(e: &Error) -> Self {
+        match e {
+            Error::UnknownTask { name } => WireError::UnknownTask { name: name.clone() },
+            Error::InvalidKwargs { task, reason } => WireError::InvalidKwargs {
+                task: task.clone(),
+                reason: reason.clone(),
+            },
+            Error::InvalidInput { task, reason } => WireError::InvalidInput {
+                task: task.clone(),
+                reason: reason.clone(),
+            },
+            Error::TooLarge { what, bytes, max } => WireError::TooLarge {
+                what: (*what).to_owned(),
+                bytes: *bytes,
+                max: *max,
+            },
+            Error::TooDeep { what, depth, max } => WireError::TooDeep {
+                what: (*what).to_owned(),
+                depth: *depth,
+                max: *max,
+            },
+            Error::TooMany { what, count, max } => WireError::TooMany {
+                what: (*what).to_owned(),
+                count: *count,
+                max: *max,
+            },
+            Error::Rejected(Rejection::InvalidTree(reason)) => {
+                WireError::InvalidTree(reason.clone())
+            }
+            other => WireError::Other {
+                code: other.code().to_owned(),
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+impl From<WireError> for Error {
+    fn from(e: WireError) -> Self {
+        let other = |code: &str, message: String| match code {
+            "shut_down" => Error::ShutDown,
+            _ => Error::Hot(format!("the orchestrator refused ({code}): {message}")),
+        };
+        match e {
+            WireError::UnknownTask { name } => Error::UnknownTask { name },
+            WireError::InvalidKwargs { task, reason } => Error::InvalidKwargs { task, reason },
+            WireError::InvalidInput { task, reason } => Error::InvalidInput { task, reason },
+            WireError::TooLarge { what, bytes, max } => match known_what(&what) {
+                Some(what) => Error::TooLarge { what, bytes, max },
+                None => other(
+                    "too_large",
+                    format!("{what} is {bytes} bytes, more than the limit of {max}"),
+                ),
+            },
+            WireError::TooDeep { what, depth, max } => match known_what(&what) {
+                Some(what) => Error::TooDeep { what, depth, max },
+                None => other(
+                    "too_deep",
+                    format!("{what} is nested {depth} levels deep, more than the limit of {max}"),
+                ),
+            },
+            WireError::TooMany { what, count, max } => match known_what(&what) {
+                Some(what) => Error::TooMany { what, count, max },
+                None => other(
+                    "too_many",
+                    format!("too many {what}: {count}, the limit is {max}"),
+                ),
+            },
+            WireError::InvalidTree(reason) => Error::Rejected(Rejection::InvalidTree(reason)),
+            WireError::Other { code, message } => other(&code, message),
+        }
+    }
+}
+
+/// The orchestrator's answer to a worker's submit, as JSON in the hot tier.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubmitAnswer {
+    /// The workflow exists and its creation is durable (created now, or by an earlier attempt).
+    Created,
+    Refused(WireError),
 }

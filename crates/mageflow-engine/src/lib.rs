@@ -17,7 +17,7 @@ pub use engine::{
     now, AutoResume, Config, Dispatch, Engine, Handle, RecoveryReport, SkippedWorkflow, Stats,
     StoredResumeReport, INPUT_BYTES_MAX, RECOVERY_CORRUPT_LISTED_MAX,
 };
-pub use error::{Error, Result};
+pub use error::{Error, Result, SubmitAnswer, WireError};
 pub use registry::{Registry, TaskDef, TaskFailure};
 pub use sig::{
     chain, sign, swarm, value_depth, ChainSig, Sig, SwarmSig, TaskSig, CREATE_NODES_MAX,

@@ -1,11 +1,13 @@
 //! Building signatures: tasks, chains and swarms, with callbacks, composed freely (a chain can
 //! hold swarms, a swarm chains, a callback can be a chain). A built [`Sig`] is plain data; it is
 //! validated against the registry and flattened into the core's `NodeSpec` list when submitted.
+//! It also has a JSON form (serde), in which a handler in a worker process sends the tree it
+//! submits to the orchestrator; the orchestrator validates it like any other submit.
 
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 use mageflow_core::{KindSpec, Link, NodeIndex, NodeSpec, RetryPolicy, Role, SwarmConfig};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Largest encoded kwargs of one signature, in bytes.
@@ -58,43 +60,67 @@ pub(crate) fn check_depth(what: &'static str, v: &Value) -> Result<()> {
 }
 
 /// Any signature.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Sig {
     Task(TaskSig),
     Chain(ChainSig),
     Swarm(SwarmSig),
 }
 
-#[derive(Clone, Debug, Default)]
+// The JSON form leaves out what is empty: a swarm of many plain tasks stays small on the wire.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Common {
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
     kwargs: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     on_cleanup: Vec<Sig>,
-    /// A kwarg that could not be serialized; reported by `validate`.
+    /// A kwarg that could not be serialized; reported by `validate` (also on the orchestrator,
+    /// for a tree a worker sent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     unserializable: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     on_success: Vec<Sig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     on_error: Vec<Sig>,
 }
 
-#[derive(Clone, Debug)]
+impl Common {
+    fn is_empty(&self) -> bool {
+        self.kwargs.is_empty()
+            && self.on_cleanup.is_empty()
+            && self.unserializable.is_none()
+            && self.on_success.is_empty()
+            && self.on_error.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TaskSig {
     task: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     retry: Option<RetryPolicy>,
+    #[serde(default, skip_serializing_if = "Common::is_empty")]
     common: Common,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ChainSig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     name: Option<String>,
     steps: Vec<Sig>,
+    #[serde(default, skip_serializing_if = "Common::is_empty")]
     common: Common,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SwarmSig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     name: Option<String>,
     items: Vec<Sig>,
     config: SwarmConfig,
     closed: bool,
+    #[serde(default, skip_serializing_if = "Common::is_empty")]
     common: Common,
 }
 

@@ -216,11 +216,18 @@ impl Hot {
     /// Tell the worker waiting on report `report_id` (a checkpoint) whether what it reported
     /// is durable in the log (`true`) or was refused (`false`). Unread answers expire.
     pub async fn answer_report(&self, report_id: &str, durable: bool) -> Result<(), HotError> {
+        self.answer_report_with(report_id, if durable { "1" } else { "0" })
+            .await
+    }
+
+    /// Answer report `report_id` with `answer` (what it means is up to the request: a
+    /// submit's answer is JSON). Unread answers expire.
+    pub async fn answer_report_with(&self, report_id: &str, answer: &str) -> Result<(), HotError> {
         let key = self.key(&format!("answer:{report_id}"));
         let _: () = redis::pipe()
             .cmd("LPUSH")
             .arg(&key)
-            .arg(if durable { "1" } else { "0" })
+            .arg(answer)
             .ignore()
             .cmd("EXPIRE")
             .arg(&key)
@@ -239,12 +246,25 @@ impl Hot {
         report_id: &str,
         timeout: Duration,
     ) -> Result<Option<bool>, HotError> {
+        Ok(self
+            .wait_answer_raw(report_id, timeout)
+            .await?
+            .map(|v| v == "1"))
+    }
+
+    /// Wait up to `timeout` for the answer to report `report_id`, as it was written
+    /// ([`Hot::answer_report_with`]); `None` if none came.
+    pub async fn wait_answer_raw(
+        &self,
+        report_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<String>, HotError> {
         let mut cmd = redis::cmd("BLPOP");
         cmd.arg(self.key(&format!("answer:{report_id}")))
             .arg(format!("{:.3}", timeout.as_secs_f64().max(0.001)));
         let reply: Option<(String, String)> =
             self.blocking_query("BLPOP answer", &cmd, timeout).await?;
-        Ok(reply.map(|(_, v)| v == "1"))
+        Ok(reply.map(|(_, v)| v))
     }
 
     /// Extend the job's invisibility by the lease. `Ok(false)`: the job is gone (revoked or
@@ -262,8 +282,9 @@ impl Hot {
         Ok(alive == 1)
     }
 
-    /// Atomically append the report to the reports stream and, unless it is a checkpoint,
-    /// remove the job of that attempt. Returns the stream id of the report.
+    /// Atomically append the report to the reports stream and, if it ends the attempt
+    /// ([`crate::ReportOutcome::ends_attempt`]), remove the job of that attempt. Returns the
+    /// stream id of the report.
     pub async fn report(&self, report: &Report) -> Result<String, HotError> {
         let json = serde_json::to_string(report).map_err(|source| HotError::Encode {
             what: "report",

@@ -22,6 +22,7 @@
 //! | `wake` | list | tokens pushed when jobs are added; workers `BLPOP` it |
 //! | `stop` | pub/sub channel | job keys of revoked attempts |
 //! | `reports` | stream | field `report`: JSON [`Report`]; written by workers, trimmed by the orchestrator |
+//! | `answer:<report id>` | list | the orchestrator's answer to a checkpoint (`1`/`0`) or a submit (JSON); expires after a minute |
 
 mod hot;
 mod projector;
@@ -29,7 +30,7 @@ mod projector;
 pub use hot::Hot;
 pub use projector::{Projector, ProjectorStats};
 
-use mageflow_core::SignatureId;
+use mageflow_core::{SignatureId, WorkflowId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -175,12 +176,23 @@ pub enum ReportOutcome {
     Stopped,
     /// A checkpoint the handler saved; the job stays claimed.
     Checkpoint(Value),
+    /// The handler creates workflow `workflow` from signature tree `sig` (the engine's JSON
+    /// form of a signature) with `input`, idempotently; the job stays claimed. The orchestrator
+    /// answers once the creation is durable or refused.
+    Submit {
+        workflow: WorkflowId,
+        sig: Value,
+        input: Value,
+    },
 }
 
 impl ReportOutcome {
     /// Whether this report ends the attempt on the worker side (the job leaves the queue).
     pub fn ends_attempt(&self) -> bool {
-        !matches!(self, ReportOutcome::Checkpoint(_))
+        !matches!(
+            self,
+            ReportOutcome::Checkpoint(_) | ReportOutcome::Submit { .. }
+        )
     }
 }
 
