@@ -54,6 +54,31 @@ fn decode_block_corpus() {
     assert!(decoded > 0, "no corpus entry decoded");
 }
 
+#[test]
+fn decode_sled_archive_corpus() {
+    let stream = mageflow::WorkflowId::SYSTEM;
+    let ok = replay("decode_sled_archive", |data| {
+        let whole = mageflow::store::decode_archive_record(stream, data).is_ok();
+        let wrapped = match data {
+            [a, b, c, d, events, segment @ ..] => {
+                let raw = u64::from(u32::from_le_bytes([*a, *b, *c, *d]));
+                let at = mageflow::Timestamp::from_micros(0);
+                let record = mageflow::store::encode_archive_record(
+                    u64::from(*events),
+                    raw,
+                    0,
+                    at,
+                    segment,
+                );
+                mageflow::store::decode_archive_record(stream, &record).is_ok()
+            }
+            _ => false,
+        };
+        whole || wrapped
+    });
+    assert!(ok >= 2, "the record seed and the wrapped seed decode");
+}
+
 /// `MAGEFLOW_BLESS=1 cargo test --test fuzz_corpus` writes the block seeds: one block per golden
 /// event, exactly as the sled log stores it.
 #[test]
@@ -241,5 +266,15 @@ fn bless_tier_seeds() {
     let mut seed = (raw.len() as u32).to_le_bytes().to_vec();
     seed.push(1);
     seed.extend_from_slice(&segment);
-    std::fs::write(root.join("decode_archive").join("one_event"), seed).expect("write seed");
+    std::fs::write(root.join("decode_archive").join("one_event"), &seed).expect("write seed");
+    let sled = root.join("decode_sled_archive");
+    std::fs::write(sled.join("one_event_wrapped"), &seed).expect("write seed");
+    let record = mageflow::store::encode_archive_record(
+        1,
+        raw.len() as u64,
+        1,
+        mageflow::Timestamp::from_micros(0),
+        &segment,
+    );
+    std::fs::write(sled.join("one_event_record"), record).expect("write seed");
 }

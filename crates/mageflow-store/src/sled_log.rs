@@ -289,6 +289,25 @@ impl ArchiveHeader {
     }
 }
 
+/// An archive record as compaction stores it: `events` events whose concatenated frames are
+/// `raw_bytes` long, compressed into `segment` (for tools and the fuzz target).
+pub fn encode_archive_record(
+    events: u64,
+    raw_bytes: u64,
+    last_position: u64,
+    compacted_at: Timestamp,
+    segment: &[u8],
+) -> Vec<u8> {
+    ArchiveHeader {
+        events,
+        raw_bytes,
+        last_position,
+        compacted_at,
+        segment_crc: crc32fast::hash(segment),
+    }
+    .encode(segment)
+}
+
 /// Decode a stored archive record of `stream` from untrusted bytes: header checksum, then
 /// every check a read makes of the segment. For the fuzz target and tools.
 pub fn decode_archive_record(stream: WorkflowId, bytes: &[u8]) -> Result<Vec<Event>> {
