@@ -1,23 +1,25 @@
-//! Compaction of finished workflows into the PostgreSQL log's cold storage (`PgLog::compact`):
-//! throughput in events/s and the compression ratio (raw segment bytes / stored bytes).
+//! Compaction of finished workflows into cold storage (`EventLog::compact`), on the embedded
+//! sled log and on the PostgreSQL log: throughput in events/s and the compression ratio (raw
+//! segment bytes / stored bytes).
 //!
 //! Workflows are real: chains created, started and run to completion through
 //! `mageflow_core::execute` (the events the engine writes), about 50 events each, appended in
 //! one request per workflow. A first pass compacts `MAGEFLOW_BENCH_WORKFLOWS` of them (default
-//! 500) one after the other and prints both figures; then criterion times the compaction of one
-//! workflow (its setup, appending the workflows to compact, is not timed).
+//! 500) one after the other on each log and prints both figures; then criterion times the
+//! compaction of one workflow on each (its setup, appending the workflows to compact, is not
+//! timed).
 //!
-//! `cargo bench -p mageflow-store-pg --bench compact`; `-- --test` is a quick smoke run (CI).
-//! The server is `$MAGEFLOW_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/test`),
-//! in a schema created and dropped by the run.
+//! `cargo bench --bench compact`; `-- --test` is a quick smoke run (CI). The PostgreSQL server
+//! is `$MAGEFLOW_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/test`), in a schema
+//! created and dropped by the run; the sled log is in a temporary directory.
 
 use criterion::Criterion;
-use mageflow_core::{
+use mageflow::core::{
     execute, Actor, Command, Event, KindSpec, Link, Message, NodeSpec, Op, Role, Status, Timestamp,
     Workflow, WorkflowId,
 };
-use mageflow_store::{AppendRequest, EventLog};
-use mageflow_store_pg::{PgLog, PgOptions};
+use mageflow::store::{AppendRequest, EventLog, SledLog, SledOptions};
+use mageflow::store_pg::{PgLog, PgOptions};
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -102,7 +104,11 @@ fn workflow_events(id: WorkflowId) -> Vec<Event> {
 
 /// Append `n` finished workflows (one request each, in calls of 100); return their ids and
 /// their total number of events.
-fn write_workflows(rt: &tokio::runtime::Runtime, log: &PgLog, n: u64) -> (Vec<WorkflowId>, u64) {
+fn write_workflows(
+    rt: &tokio::runtime::Runtime,
+    log: &dyn EventLog,
+    n: u64,
+) -> (Vec<WorkflowId>, u64) {
     let mut ids = Vec::with_capacity(n as usize);
     let mut events = 0;
     let mut pending = Vec::new();
@@ -137,7 +143,7 @@ struct Schema {
 
 impl Drop for Schema {
     fn drop(&mut self) {
-        let _ = mageflow_store_pg::drop_schema_blocking(&self.url, &self.name);
+        let _ = mageflow::store_pg::drop_schema_blocking(&self.url, &self.name);
     }
 }
 
@@ -177,12 +183,40 @@ fn main() {
             )
         });
 
-    // 1. The figures: compact `workflows` finished workflows one after the other.
-    let (ids, events) = write_workflows(&rt, &log, workflows);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sled = SledLog::open(dir.path(), SledOptions::default()).expect("open the sled log");
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    run(&rt, &mut c, "sled", &sled, workflows);
+    run(&rt, &mut c, "postgres", &log, workflows);
+    c.final_summary();
+    assert_eq!(sled.verify().expect("verify"), sled.head());
+    assert_eq!(log.verify().expect("verify"), log.head());
+    drop(log);
+    drop(schema);
+}
+
+/// Print the figures for `workflows` compactions on `log`, then let criterion time one.
+fn run(
+    rt: &tokio::runtime::Runtime,
+    c: &mut Criterion,
+    name: &str,
+    log: &dyn EventLog,
+    workflows: u64,
+) {
+    let compact = |id| {
+        log.compact(id, None, None)
+            .expect("compact")
+            .expect("this log compacts")
+    };
+    let (ids, events) = write_workflows(rt, log, workflows);
     let (mut raw, mut stored) = (0u64, 0u64);
     let start = Instant::now();
     for &id in &ids {
-        let stats = log.compact(id, None, None).expect("compact");
+        let stats = compact(id);
         raw += stats.raw_bytes;
         stored += stats.compressed_bytes;
     }
@@ -194,7 +228,7 @@ fn main() {
         );
     }
     println!(
-        "compact: {workflows} workflows of {:.1} events ({:.0} raw bytes) each",
+        "compact ({name}): {workflows} workflows of {:.1} events ({:.0} raw bytes) each",
         events as f64 / workflows as f64,
         raw as f64 / workflows as f64
     );
@@ -208,25 +242,14 @@ fn main() {
         "  compression ratio (raw / compressed): {:.2} ({raw} -> {stored} bytes)",
         raw as f64 / stored.max(1) as f64
     );
-
-    // 2. Criterion: the time to compact one ~50-event workflow.
-    let mut c = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
-    c.bench_function("compact one finished workflow", |b| {
+    c.bench_function(&format!("compact one finished workflow ({name})"), |b| {
         b.iter_custom(|iters| {
-            let (ids, _) = write_workflows(&rt, &log, iters);
+            let (ids, _) = write_workflows(rt, log, iters);
             let start = Instant::now();
             for id in ids {
-                log.compact(id, None, None).expect("compact");
+                compact(id);
             }
             start.elapsed()
         })
     });
-    c.final_summary();
-    assert_eq!(log.verify().expect("verify"), log.head());
-    drop(log);
-    drop(schema);
 }
