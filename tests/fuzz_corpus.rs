@@ -58,19 +58,20 @@ fn decode_block_corpus() {
 fn decode_sled_archive_corpus() {
     let stream = mageflow::WorkflowId::SYSTEM;
     let ok = replay("decode_sled_archive", |data| {
-        let whole = mageflow::store::decode_archive_record(stream, data).is_ok();
+        let whole = mageflow::store::decode_archive_record(stream, 1, data).is_ok();
         let wrapped = match data {
             [a, b, c, d, events, segment @ ..] => {
                 let raw = u64::from(u32::from_le_bytes([*a, *b, *c, *d]));
                 let at = mageflow::Timestamp::from_micros(0);
                 let record = mageflow::store::encode_archive_record(
+                    1,
                     u64::from(*events),
                     raw,
                     0,
                     at,
                     segment,
                 );
-                mageflow::store::decode_archive_record(stream, &record).is_ok()
+                mageflow::store::decode_archive_record(stream, 1, &record).is_ok()
             }
             _ => false,
         };
@@ -270,6 +271,7 @@ fn bless_tier_seeds() {
     let sled = root.join("decode_sled_archive");
     std::fs::write(sled.join("one_event_wrapped"), &seed).expect("write seed");
     let record = mageflow::store::encode_archive_record(
+        1,
         1,
         raw.len() as u64,
         1,

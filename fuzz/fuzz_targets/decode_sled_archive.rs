@@ -6,11 +6,11 @@
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let stream = mageflow_core::WorkflowId::SYSTEM;
-    let _ = mageflow_store::decode_archive_record(stream, data);
+    let _ = mageflow_store::decode_archive_record(stream, 1, data);
     if let [a, b, c, d, events, segment @ ..] = data {
         let raw = u64::from(u32::from_le_bytes([*a, *b, *c, *d]));
         let at = mageflow_core::Timestamp::from_micros(0);
-        let record = mageflow_store::encode_archive_record(u64::from(*events), raw, 0, at, segment);
-        let _ = mageflow_store::decode_archive_record(stream, &record);
+        let record = mageflow_store::encode_archive_record(1, u64::from(*events), raw, 0, at, segment);
+        let _ = mageflow_store::decode_archive_record(stream, 1, &record);
     }
 });

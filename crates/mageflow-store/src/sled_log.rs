@@ -7,15 +7,16 @@
 //!   or [`BLOCK_BYTES_MAX`] bytes: one sled insert per block instead of per event (sled's cost is
 //!   per key), and positions only grow, so inserts land at the right edge of the tree;
 //! - `b'h'` → the last committed position (u64 BE), written with the last chunk of every group;
-//! - `b'a' ++ stream(16 bytes)` → the stream's archive (see *Compaction*);
+//! - `b'a' ++ stream(16 bytes) ++ first_seq(u64 BE)` → one segment of the stream's archive
+//!   (see *Compaction*);
 //! - `b's' ++ stream(16 bytes)` → the snapshot stored by its last compaction: `crc32(LE u32,
 //!   over the rest) ++ snapshot bytes`.
 //!
-//! **Compaction** ([`SledLog::compact`]) moves a stream's oldest events into one archive
-//! record: `crc32(LE u32, over the next 36 bytes) ++ events(u64 BE) ++ raw_bytes(u64 BE) ++
-//! last_position(u64 BE) ++ compacted_at(i64 BE, µs) ++ segment_crc32(LE u32) ++ segment`,
-//! the segment in the shared format of [`crate::segment`] (zstd over the events' stored
-//! bytes). In its blocks each moved event's entry keeps its stream and seq but loses its bytes:
+//! **Compaction** ([`SledLog::compact`]) moves a stream's oldest events into archive segments
+//! (the shared format of [`crate::segment`]: zstd over the events' stored bytes, seqs dense
+//! from 1 across a stream's segments), one record per segment: `crc32(LE u32, over the next 36
+//! bytes) ++ events(u64 BE) ++ raw_bytes(u64 BE) ++ last_position(u64 BE) ++ compacted_at(i64
+//! BE, µs) ++ segment_crc32(LE u32) ++ segment`. In its blocks each moved event's entry keeps its stream and seq but loses its bytes:
 //! its length field becomes [`ARCHIVED_LEN`]. Positions stay dense and every check of the
 //! headers below still holds; `read_all` skips archived entries, `read_stream` reads the
 //! archive first. What an archived event still costs in the live log is its 28-byte entry
@@ -24,8 +25,8 @@
 //! The block directory (first positions) and the per-stream index (stream → positions) live in
 //! memory. They are rebuilt at open from the block headers, which doubles as an integrity check
 //! of the whole log: every block's checksum, dense positions, dense sequence numbers per stream,
-//! and every archived entry covered by its stream's archive record (whose header is checked;
-//! `verify` decodes the segments too). Open time is therefore proportional to the number of
+//! and every archived entry covered by its stream's archive segments (whose headers are checked,
+//! seqs dense from 1; `verify` decodes the segments too). Open time is therefore proportional to the number of
 //! events, archived or not; compaction shrinks what is read, not the count.
 //!
 //! Appenders hand their requests to one committer thread. It takes everything waiting (up to
@@ -41,7 +42,7 @@
 //! log that ends before that position has lost acknowledged events, and open says so instead of
 //! serving a shortened log.
 
-use crate::segment::{self, ArchiveInfo, CompactStats};
+use crate::segment::{self, ArchiveInfo, CompactStats, SegmentHeader, Segmenter};
 use crate::{check_request, AppendRequest, BoxFuture, Error, EventLog, Recorded, Result};
 use mageflow_core::{codec, Event, NodeIndex, Redactor, Timestamp, WorkflowId};
 use std::collections::{HashMap, HashSet};
@@ -66,8 +67,8 @@ const ARCHIVE_PREFIX: u8 = b'a';
 const SNAPSHOT_PREFIX: u8 = b's';
 /// The length field of an entry whose event moved into its stream's archive (no bytes follow).
 pub const ARCHIVED_LEN: u32 = u32::MAX;
-/// Archive record header: crc32 + events + raw_bytes + last_position + compacted_at +
-/// segment crc32.
+/// Archive segment record header: crc32 + events + raw_bytes + last_position + compacted_at
+/// + segment crc32.
 const ARCHIVE_HEADER_BYTES: usize = 4 + 8 + 8 + 8 + 8 + 4;
 const HEAD_KEY: &[u8] = b"h";
 const HEAD_FILE: &str = "mageflow.head";
@@ -148,7 +149,7 @@ struct Index {
     blocks: Vec<u64>,
     /// Positions of each stream's events, in seq order (`positions[seq - 1]`), archived or not.
     streams: HashMap<WorkflowId, Vec<u64>>,
-    /// Per compacted stream, how many of its first events are in its archive record.
+    /// Per compacted stream, how many of its first events are in its archive segments.
     archived: HashMap<WorkflowId, u64>,
 }
 
@@ -173,6 +174,28 @@ impl Shared {
     fn index(&self) -> RwLockReadGuard<'_, Index> {
         // Only the committer writes the index, between complete updates.
         self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `stream`'s archive segments in seq order, headers checked, seqs dense from 1.
+    fn segments(&self, stream: WorkflowId) -> Result<Vec<(StoredSegment, sled::IVec)>> {
+        let mut out: Vec<(StoredSegment, sled::IVec)> = Vec::new();
+        let mut prefix = [0u8; 17];
+        prefix[0] = ARCHIVE_PREFIX;
+        prefix[1..].copy_from_slice(stream.as_bytes());
+        for entry in self.tree.scan_prefix(prefix) {
+            let (k, v) = entry.map_err(storage)?;
+            let (_, first_seq) = parse_segment_key(&k)?;
+            let next = out.last().map_or(1, |(s, _)| s.header.last_seq() + 1);
+            if first_seq != next {
+                return Err(Error::Corrupt(format!(
+                    "the archive of stream {stream} has a segment from seq {first_seq} where \
+                     seq {next} was expected"
+                )));
+            }
+            let (segment, _) = StoredSegment::decode(stream, first_seq, &v)?;
+            out.push((segment, v));
+        }
+        Ok(out)
     }
 
     fn block(&self, first: u64) -> Result<sled::IVec> {
@@ -215,35 +238,46 @@ fn stream_key(prefix: u8, stream: WorkflowId) -> [u8; 17] {
     k
 }
 
-fn key_stream(key: &[u8]) -> Result<WorkflowId> {
-    let arr: [u8; 16] = key
-        .get(1..)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| {
-            Error::Corrupt(format!("a stream key has {} bytes, expected 17", key.len()))
-        })?;
-    Ok(WorkflowId::from_u128(u128::from_be_bytes(arr)))
+/// Key of one archive segment of a stream: `a ++ stream ++ first_seq(u64 BE)` (a stream's
+/// segments sort by their first seq).
+fn segment_key(stream: WorkflowId, first_seq: u64) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    k[0] = ARCHIVE_PREFIX;
+    k[1..17].copy_from_slice(stream.as_bytes());
+    k[17..].copy_from_slice(&first_seq.to_be_bytes());
+    k
 }
 
-/// The header of a stream's archive record (see the module doc).
+fn parse_segment_key(key: &[u8]) -> Result<(WorkflowId, u64)> {
+    let bad = || Error::Corrupt(format!("an archive key has {} bytes, expected 25", key.len()));
+    let id: [u8; 16] = key.get(1..17).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+    let seq: [u8; 8] = key.get(17..25).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+    if key.len() != 25 {
+        return Err(bad());
+    }
+    Ok((
+        WorkflowId::from_u128(u128::from_be_bytes(id)),
+        u64::from_be_bytes(seq),
+    ))
+}
+
+/// One stored archive segment's header (see the module doc; its first seq is in its key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ArchiveHeader {
-    events: u64,
-    raw_bytes: u64,
+struct StoredSegment {
+    header: SegmentHeader,
     last_position: u64,
     compacted_at: Timestamp,
-    segment_crc: u32,
 }
 
-impl ArchiveHeader {
+impl StoredSegment {
     fn encode(&self, segment: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(ARCHIVE_HEADER_BYTES + segment.len());
         out.extend_from_slice(&[0; 4]);
-        out.extend_from_slice(&self.events.to_be_bytes());
-        out.extend_from_slice(&self.raw_bytes.to_be_bytes());
+        out.extend_from_slice(&self.header.events.to_be_bytes());
+        out.extend_from_slice(&self.header.raw_bytes.to_be_bytes());
         out.extend_from_slice(&self.last_position.to_be_bytes());
         out.extend_from_slice(&self.compacted_at.as_micros().to_be_bytes());
-        out.extend_from_slice(&self.segment_crc.to_le_bytes());
+        out.extend_from_slice(&self.header.crc32.to_le_bytes());
         let crc = crc32fast::hash(&out[4..ARCHIVE_HEADER_BYTES]);
         out[..4].copy_from_slice(&crc.to_le_bytes());
         out.extend_from_slice(segment);
@@ -251,8 +285,12 @@ impl ArchiveHeader {
     }
 
     /// Check and read a stored record's header; returns it and the segment's bytes.
-    fn decode(stream: WorkflowId, bytes: &[u8]) -> Result<(Self, &[u8])> {
-        let corrupt = |what: String| Error::Corrupt(format!("archive of stream {stream}: {what}"));
+    fn decode(stream: WorkflowId, first_seq: u64, bytes: &[u8]) -> Result<(Self, &[u8])> {
+        let corrupt = |what: String| {
+            Error::Corrupt(format!(
+                "archive of stream {stream}, segment from seq {first_seq}: {what}"
+            ))
+        };
         let (header, segment) = bytes
             .split_at_checked(ARCHIVE_HEADER_BYTES)
             .ok_or_else(|| corrupt(format!("record of {} bytes is truncated", bytes.len())))?;
@@ -268,51 +306,54 @@ impl ArchiveHeader {
                 "record header fails its checksum (stored {stored:08x}, computed {computed:08x})"
             )));
         }
-        let h = Self {
-            events: u64::from_be_bytes(field(4)),
-            raw_bytes: u64::from_be_bytes(field(12)),
+        let s = Self {
+            header: SegmentHeader {
+                first_seq,
+                events: u64::from_be_bytes(field(4)),
+                raw_bytes: u64::from_be_bytes(field(12)),
+                crc32: u32::from_le_bytes([header[36], header[37], header[38], header[39]]),
+            },
             last_position: u64::from_be_bytes(field(20)),
             compacted_at: Timestamp::from_micros(i64::from_be_bytes(field(28))),
-            segment_crc: u32::from_le_bytes([header[36], header[37], header[38], header[39]]),
         };
-        if h.events == 0 || h.raw_bytes > segment::ARCHIVE_RAW_BYTES_MAX {
-            return Err(corrupt(format!(
-                "record says {} events of {} raw bytes",
-                h.events, h.raw_bytes
-            )));
-        }
-        Ok((h, segment))
-    }
-
-    fn raw(&self, stream: WorkflowId, segment: &[u8]) -> Result<Vec<u8>> {
-        segment::raw_segment(stream, self.raw_bytes, self.segment_crc, segment)
+        s.header.check(stream)?;
+        Ok((s, segment))
     }
 }
 
-/// An archive record as compaction stores it: `events` events whose concatenated frames are
-/// `raw_bytes` long, compressed into `segment` (for tools and the fuzz target).
+/// An archive segment record as compaction stores it under its key (whose last part is
+/// `first_seq`): `events` events whose frames are `raw_bytes` long, compressed into `segment`
+/// (for tools and the fuzz target).
 pub fn encode_archive_record(
+    first_seq: u64,
     events: u64,
     raw_bytes: u64,
     last_position: u64,
     compacted_at: Timestamp,
     segment: &[u8],
 ) -> Vec<u8> {
-    ArchiveHeader {
-        events,
-        raw_bytes,
+    StoredSegment {
+        header: SegmentHeader {
+            first_seq,
+            events,
+            raw_bytes,
+            crc32: crc32fast::hash(segment),
+        },
         last_position,
         compacted_at,
-        segment_crc: crc32fast::hash(segment),
     }
     .encode(segment)
 }
 
-/// Decode a stored archive record of `stream` from untrusted bytes: header checksum, then
-/// every check a read makes of the segment. For the fuzz target and tools.
-pub fn decode_archive_record(stream: WorkflowId, bytes: &[u8]) -> Result<Vec<Event>> {
-    let (h, seg) = ArchiveHeader::decode(stream, bytes)?;
-    segment::decode_segment(stream, h.events, h.raw_bytes, h.segment_crc, seg, 1)
+/// Decode a stored archive segment record of `stream` starting at `first_seq` from untrusted
+/// bytes: header checksum and shape, then every check a read makes of the segment.
+pub fn decode_archive_record(
+    stream: WorkflowId,
+    first_seq: u64,
+    bytes: &[u8],
+) -> Result<Vec<Event>> {
+    let (s, seg) = StoredSegment::decode(stream, first_seq, bytes)?;
+    s.header.decode(stream, seg, first_seq)
 }
 
 fn now() -> Timestamp {
@@ -688,13 +729,13 @@ impl SledLog {
         rx.recv().unwrap_or(Err(Error::Closed))
     }
 
-    /// Move `stream`'s events with `seq <= up_to_seq` (all if `None`) into its archive record,
-    /// like `PgLog::compact`: a zstd segment of their stored bytes (merged with what an earlier
-    /// compaction archived), with `snapshot` (the encoded final state; `None` keeps the one
-    /// stored before) beside it. Their entries stay in their blocks without their bytes (see
-    /// the module doc), so positions, seqs, versions, appends and `read_stream` are unchanged;
-    /// `read_all` serves live events only. A stream with nothing archived and nothing to
-    /// archive gets no record (its snapshot is not kept).
+    /// Move `stream`'s events with `seq <= up_to_seq` (all if `None`) into its archive, like
+    /// `PgLog::compact`: new zstd segments of their stored bytes after the ones an earlier
+    /// compaction wrote (never rewritten), with `snapshot` (the encoded final state; `None`
+    /// keeps the one stored before) beside them. Their entries stay in their blocks without
+    /// their bytes (see the module doc), so positions, seqs, versions, appends and
+    /// `read_stream` are unchanged; `read_all` serves live events only. A stream with nothing
+    /// archived and nothing to archive gets no segment (its snapshot is not kept).
     ///
     /// The committer thread does it between two groups, in one atomic sled batch followed by
     /// a flush whatever the durability mode: after a crash the stream is either compacted or
@@ -719,27 +760,29 @@ impl SledLog {
 
     /// `stream`'s archive, if it was ever compacted.
     pub fn archived(&self, stream: WorkflowId) -> Result<Option<ArchiveInfo>> {
-        let tree = &self.shared.tree;
-        let Some(record) = tree
-            .get(stream_key(ARCHIVE_PREFIX, stream))
-            .map_err(storage)?
-        else {
+        let segments = self.shared.segments(stream)?;
+        let Some((last, _)) = segments.last() else {
             return Ok(None);
         };
-        let (h, seg) = ArchiveHeader::decode(stream, &record)?;
-        let snapshot = tree
+        let snapshot = self
+            .shared
+            .tree
             .get(stream_key(SNAPSHOT_PREFIX, stream))
             .map_err(storage)?;
         Ok(Some(ArchiveInfo {
             first_seq: 1,
-            last_seq: h.events,
-            events: h.events,
-            raw_bytes: h.raw_bytes,
-            compressed_bytes: seg.len() as u64,
-            last_position: h.last_position,
+            last_seq: last.header.last_seq(),
+            events: segments.iter().map(|(s, _)| s.header.events).sum(),
+            segments: segments.len() as u64,
+            raw_bytes: segments.iter().map(|(s, _)| s.header.raw_bytes).sum(),
+            compressed_bytes: segments
+                .iter()
+                .map(|(_, v)| (v.len() - ARCHIVE_HEADER_BYTES) as u64)
+                .sum(),
+            last_position: last.last_position,
             has_snapshot: snapshot.is_some(),
             snapshot_bytes: snapshot.map(|s| s.len().saturating_sub(4) as u64),
-            compacted_at: h.compacted_at,
+            compacted_at: last.compacted_at,
         }))
     }
 
@@ -775,23 +818,25 @@ impl SledLog {
     /// The archived events of `stream` from `from_seq` to `upto` (its archive holds at least
     /// `upto`).
     fn archived_events(&self, stream: WorkflowId, from_seq: u64, upto: u64) -> Result<Vec<Event>> {
-        let record = self
-            .shared
-            .tree
-            .get(stream_key(ARCHIVE_PREFIX, stream))
-            .map_err(storage)?
-            .ok_or_else(|| Error::Corrupt(format!("the archive of stream {stream} is missing")))?;
-        let (h, seg) = ArchiveHeader::decode(stream, &record)?;
-        if h.events < upto {
+        let mut out = Vec::new();
+        let mut covered = 0;
+        for (s, v) in self.shared.segments(stream)? {
+            covered = s.header.last_seq();
+            if covered < from_seq {
+                continue;
+            }
+            if s.header.first_seq > upto {
+                break;
+            }
+            out.extend(s.header.decode(stream, &v[ARCHIVE_HEADER_BYTES..], from_seq)?);
+        }
+        if covered < upto {
             return Err(Error::Corrupt(format!(
-                "the archive of stream {stream} holds {} events, the index {upto}",
-                h.events
+                "the archive of stream {stream} holds {covered} events, the index {upto}"
             )));
         }
-        let mut events =
-            segment::decode_segment(stream, h.events, h.raw_bytes, h.segment_crc, &seg, from_seq)?;
-        events.truncate(upto.saturating_sub(from_seq - 1) as usize);
-        Ok(events)
+        out.truncate(upto.saturating_sub(from_seq - 1) as usize);
+        Ok(out)
     }
 
     /// Check every event: block checksums, full decode (of the archives too), headers matching
@@ -800,12 +845,20 @@ impl SledLog {
     /// Returns the number of events.
     pub fn verify(&self) -> Result<u64> {
         let committed = self.shared.committed.load(Ordering::Acquire);
-        // Every archive decodes whole, to the count its header (and the index) says.
+        // Every archive decodes whole, seqs dense from 1, to the count the index says.
         let mut archived = HashMap::new();
         for entry in self.shared.tree.scan_prefix([ARCHIVE_PREFIX]) {
             let (k, v) = entry.map_err(storage)?;
-            let stream = key_stream(&k)?;
-            archived.insert(stream, decode_archive_record(stream, &v)?.len() as u64);
+            let (stream, first_seq) = parse_segment_key(&k)?;
+            let next = archived.get(&stream).copied().unwrap_or(0) + 1;
+            if first_seq != next {
+                return Err(Error::Corrupt(format!(
+                    "the archive of stream {stream} has a segment from seq {first_seq} where \
+                     seq {next} was expected"
+                )));
+            }
+            let events = decode_archive_record(stream, first_seq, &v)?.len() as u64;
+            archived.insert(stream, first_seq + events - 1);
         }
         if archived != self.shared.index().archived {
             return Err(Error::Corrupt(
@@ -927,9 +980,17 @@ fn build_index(tree: &sled::Tree, head: u64) -> Result<Index> {
     let mut index = Index::default();
     for entry in tree.scan_prefix([ARCHIVE_PREFIX]) {
         let (k, v) = entry.map_err(storage)?;
-        let stream = key_stream(&k)?;
-        let (h, _) = ArchiveHeader::decode(stream, &v)?;
-        index.archived.insert(stream, h.events);
+        let (stream, first_seq) = parse_segment_key(&k)?;
+        let (segment, _) = StoredSegment::decode(stream, first_seq, &v)?;
+        let archived = index.archived.entry(stream).or_default();
+        if first_seq != *archived + 1 {
+            return Err(Error::Corrupt(format!(
+                "the archive of stream {stream} has a segment from seq {first_seq} where seq {} \
+                 was expected",
+                *archived + 1
+            )));
+        }
+        *archived = segment.header.last_seq();
     }
     let mut expected = 1u64;
     for entry in tree.range(block_key(1)..=block_key(head)) {
@@ -1250,37 +1311,31 @@ impl Committer {
         let mut stats = RedactStats::default();
         let tree = &self.shared.tree;
         if archived > 0 {
-            let key = stream_key(ARCHIVE_PREFIX, stream);
-            let record = tree.get(key).map_err(storage)?.ok_or_else(|| {
-                Error::Corrupt(format!("the archive of stream {stream} is missing"))
-            })?;
-            let (h, seg) = ArchiveHeader::decode(stream, &record)?;
-            let raw = h.raw(stream, seg)?;
-            let frames = segment::frames(stream, &raw, h.events)?;
-            let mut rewritten = Vec::with_capacity(raw.len());
-            for (i, frame) in frames.iter().enumerate() {
-                let seq = 1 + i as u64;
-                let mut event = segment::decode_frame(stream, seq, frame)?;
-                if redactor.redact(&mut event) {
-                    let bytes = codec::encode(&event).map_err(|source| Error::Encode {
-                        stream,
-                        seq,
-                        source,
-                    })?;
-                    segment::push_frame(stream, &mut rewritten, &bytes)?;
-                    stats.archived_rewritten += 1;
-                } else {
-                    segment::push_frame(stream, &mut rewritten, frame)?;
+            for (seg, value) in self.shared.segments(stream)? {
+                let first_seq = seg.header.first_seq;
+                let rewritten = segment::rewrite(
+                    stream,
+                    &seg.header,
+                    &value[ARCHIVE_HEADER_BYTES..],
+                    |mut event| {
+                        if !redactor.redact(&mut event) {
+                            return Ok(None);
+                        }
+                        codec::encode(&event)
+                            .map(Some)
+                            .map_err(|source| Error::Encode {
+                                stream,
+                                seq: event.seq,
+                                source,
+                            })
+                    },
+                )?;
+                if let Some((header, bytes, changed)) = rewritten {
+                    let record = StoredSegment { header, ..seg }.encode(&bytes);
+                    tree.insert(segment_key(stream, first_seq), record)
+                        .map_err(storage)?;
+                    stats.archived_rewritten += changed;
                 }
-            }
-            if stats.archived_rewritten > 0 {
-                let (seg, segment_crc) = segment::compress(stream, &rewritten)?;
-                let header = ArchiveHeader {
-                    raw_bytes: rewritten.len() as u64,
-                    segment_crc,
-                    ..h
-                };
-                tree.insert(key, header.encode(&seg)).map_err(storage)?;
             }
         }
         let snapshot_key = stream_key(SNAPSHOT_PREFIX, stream);
@@ -1335,8 +1390,8 @@ impl Committer {
         Ok(stats)
     }
 
-    /// Compact `stream` (see [`SledLog::compact`]), between two groups: the archive record,
-    /// the snapshot and every block that loses an event's bytes go in one atomic sled batch,
+    /// Compact `stream` (see [`SledLog::compact`]), between two groups: the new segments, the
+    /// snapshot and every block that loses an event's bytes go in one atomic sled batch,
     /// then a flush; the index learns of it last.
     fn compact(
         &self,
@@ -1354,36 +1409,8 @@ impl Committer {
         let version = positions.len() as u64;
         let up_to = up_to_seq.unwrap_or(version).min(version);
         let tree = &self.shared.tree;
-        let archive_key = stream_key(ARCHIVE_PREFIX, stream);
-        let existing = tree.get(archive_key).map_err(storage)?;
-        let (mut raw, mut last_position, mut stats) = match &existing {
-            Some(record) => {
-                let (h, seg) = ArchiveHeader::decode(stream, record)?;
-                if h.events != archived {
-                    return Err(Error::Corrupt(format!(
-                        "the archive of stream {stream} holds {} events, the index {archived}",
-                        h.events
-                    )));
-                }
-                let raw = h.raw(stream, seg)?;
-                segment::frames(stream, &raw, h.events)?;
-                let stats = CompactStats {
-                    events: 0,
-                    raw_bytes: h.raw_bytes,
-                    compressed_bytes: seg.len() as u64,
-                };
-                (raw, h.last_position, stats)
-            }
-            None if archived == 0 => (Vec::new(), 0, CompactStats::default()),
-            None => {
-                return Err(Error::Corrupt(format!(
-                    "the archive of stream {stream} is missing"
-                )))
-            }
-        };
         let mut batch = sled::Batch::default();
-        let has_archive = existing.is_some() || up_to > archived;
-        if let (Some(snapshot), true) = (&snapshot, has_archive) {
+        if let (Some(snapshot), true) = (&snapshot, archived > 0 || up_to > archived) {
             let mut value = crc32fast::hash(snapshot).to_le_bytes().to_vec();
             value.extend_from_slice(snapshot);
             batch.insert(&stream_key(SNAPSHOT_PREFIX, stream), value);
@@ -1391,19 +1418,19 @@ impl Committer {
         if up_to <= archived {
             // Nothing to move; a new snapshot of an archived stream is still kept (a stream
             // with nothing archived gets none, like PostgreSQL's).
-            if existing.is_some() && snapshot.is_some() {
+            if archived > 0 && snapshot.is_some() {
                 tree.apply_batch(batch).map_err(storage)?;
                 self.db.flush().map_err(storage)?;
             }
-            return Ok(stats);
+            return Ok(CompactStats::default());
         }
         let moving = &positions[archived as usize..up_to as usize];
+        let mut segments = Segmenter::new(stream, archived + 1);
         let mut i = 0;
         while i < moving.len() {
-            let first =
-                self.shared.index().block_of(moving[i]).ok_or_else(|| {
-                    Error::Corrupt(format!("no block holds position {}", moving[i]))
-                })?;
+            let first = self.shared.index().block_of(moving[i]).ok_or_else(|| {
+                Error::Corrupt(format!("no block holds position {}", moving[i]))
+            })?;
             let bytes = self.shared.block(first)?;
             let entries = block_entries(first, &bytes)?;
             let rewritten = rewrite_block(first, &bytes, &entries, |e| {
@@ -1413,8 +1440,7 @@ impl Committer {
                 check_position(&positions, archived as usize + i, e)?;
                 // Checked like a read before it moves; moved as stored, not re-encoded.
                 decode_entry(&bytes, e)?;
-                segment::push_frame(stream, &mut raw, &bytes[e.start..e.end])?;
-                last_position = last_position.max(e.position);
+                segments.push(&bytes[e.start..e.end], e.position)?;
                 i += 1;
                 Ok(Change::Archive)
             })?;
@@ -1422,15 +1448,25 @@ impl Committer {
                 batch.insert(&block_key(first), rewritten);
             }
         }
-        let (seg, segment_crc) = segment::compress(stream, &raw)?;
-        let header = ArchiveHeader {
-            events: up_to,
-            raw_bytes: raw.len() as u64,
-            last_position,
-            compacted_at: now(),
-            segment_crc,
+        let compacted_at = now();
+        let mut stats = CompactStats {
+            events: up_to - archived,
+            ..CompactStats::default()
         };
-        batch.insert(&archive_key, header.encode(&seg));
+        for built in segments.finish()? {
+            let record = StoredSegment {
+                header: built.header,
+                last_position: built.last_position,
+                compacted_at,
+            };
+            batch.insert(
+                &segment_key(stream, built.header.first_seq),
+                record.encode(&built.bytes),
+            );
+            stats.segments += 1;
+            stats.raw_bytes += built.header.raw_bytes;
+            stats.compressed_bytes += built.bytes.len() as u64;
+        }
         tree.apply_batch(batch).map_err(storage)?;
         self.db.flush().map_err(storage)?;
         self.shared
@@ -1439,11 +1475,6 @@ impl Committer {
             .unwrap_or_else(|p| p.into_inner())
             .archived
             .insert(stream, up_to);
-        stats = CompactStats {
-            events: up_to - archived,
-            raw_bytes: raw.len() as u64,
-            compressed_bytes: seg.len() as u64,
-        };
         Ok(stats)
     }
 
