@@ -1,27 +1,30 @@
 //! Cold storage: [`crate::PgLog::compact`] moves a stream's oldest events out of
-//! `mageflow_events` into one row of `mageflow_archive` (`migrations/0002_archive.sql`), a
-//! zstd-compressed *segment*, and the reads put them back in front of the live rows.
+//! `mageflow_events` into rows of `mageflow_archive` (`migrations/0002_archive.sql`,
+//! `0003_archive_segments.sql`), zstd-compressed *segments* in the shared format of
+//! `mageflow_store::segment`, and the reads put them back in front of the live rows.
 //!
-//! **Segment format.** The concatenation, in seq order, of every archived event of the stream as
-//! a 4-byte little-endian length followed by the event's codec bytes (exactly the payload its
-//! `mageflow_events` row held: events are never re-encoded, except by a redaction), compressed with zstd. The row
-//! keeps the uncompressed size (`raw_bytes`), the number of events, their seqs (always
-//! `1..=last_seq`), the CRC-32 of the compressed bytes and the highest position archived.
-//! Every read checks all of it: CRC, decompression (bounded by `raw_bytes`), framing, event
-//! count, decoding and each event's stream and seq; damage is `Error::Corrupt` naming the
-//! stream, never a panic.
+//! **Segments.** Each row holds one segment: the events `first_seq..=last_seq` of the stream, as
+//! 4-byte little-endian lengths followed by the events' codec bytes (exactly the payloads their
+//! `mageflow_events` rows held: events are never re-encoded, except by a redaction), compressed
+//! with zstd; the row keeps the uncompressed size (`raw_bytes`), the number of events, the
+//! CRC-32 of the compressed bytes and the highest position archived. A stream's rows cover its
+//! seqs densely from 1. A compaction adds rows of about `SEGMENT_TARGET_BYTES` each for the
+//! events it moves and never rewrites earlier ones. Every read checks all of it: CRC,
+//! decompression (bounded), framing, event count, decoding, each event's stream and seq, and
+//! the density of the segments; damage is `Error::Corrupt` naming the stream, never a panic.
+//! The stream's snapshot (opaque bytes given to `compact`) is a row of `mageflow_snapshot`.
 //!
 //! **Locking.** A compaction runs in one READ COMMITTED transaction holding a transaction-level
 //! advisory lock keyed by (schema, stream). Why not the committer's head row lock: compaction
 //! never changes a stream's version nor assigns positions, so it need not be ordered with
 //! appends, and taking the head lock would stall every append of every process for the length
 //! of a compression. What it must exclude is a second compaction of the same stream (both would
-//! read the same archive row and live rows and the second would overwrite the first's merge):
-//! the per-stream advisory lock does that, and is taken before anything is read, so the second
-//! one reads what the first committed. A row lock on the archive row cannot serve: the first
-//! compaction of a stream has no row to lock yet. Appends are safe without a lock: the
+//! read the same last archived seq and live rows and write the same segments twice): the
+//! per-stream advisory lock does that, and is taken before anything is read, so the second
+//! one reads what the first committed. A row lock cannot serve: the first compaction of a
+//! stream has no row to lock yet. Appends are safe without a lock: the
 //! committer only inserts seqs above the stream's version, while compaction only reads and
-//! deletes committed seqs at or below it; each compaction commits its archive row and its
+//! deletes committed seqs at or below it; each compaction commits its archive rows and its
 //! DELETE atomically, so any single statement (the committer's version probe, `read_stream`,
 //! `stream_version`) sees the stream's events either all live or moved, never half.
 //!
@@ -30,12 +33,12 @@
 //! results, checkpoints, error messages), keeping the audit trail: every event stays, at its
 //! position and seq, with its kind, time, actor, node, attempt and status. In one transaction
 //! holding the same per-stream advisory lock as compaction (so it never interleaves with a
-//! compaction of the stream), it reads the archive row and every live row of the stream,
+//! compaction of the stream), it reads the archive rows and every live row of the stream,
 //! checks them like a read, redacts them in seq order, rewrites the live rows whose event
-//! changed (payload and CRC, by position) and, if an archived event changed, the segment
-//! (re-encoded frames for the changed events, the stored bytes for the others, recompressed,
-//! new CRC and raw size); it sets the archive row's snapshot to NULL (a snapshot is a state,
-//! with the task data in it). Positions, seqs, versions, row counts and the head do not
+//! changed (payload and CRC, by position) and each segment holding an archived event that
+//! changed (re-encoded frames for the changed events, the stored bytes for the others,
+//! recompressed, new CRC and raw size); it deletes the stream's snapshot (a snapshot is a
+//! state, with the task data in it). Positions, seqs, versions, row counts and the head do not
 //! change, so appends, version checks, `verify` and readers are unaffected. Its commit is
 //! synchronous (unlike compaction's): an acknowledged redaction stays done.
 
@@ -45,32 +48,33 @@ use mageflow_store::{segment, Error, Result};
 use sqlx::postgres::PgPool;
 use sqlx::PgConnection;
 
-pub use mageflow_store::segment::{ArchiveInfo, CompactStats, ARCHIVE_RAW_BYTES_MAX, ZSTD_LEVEL};
+pub use mageflow_store::segment::{ArchiveInfo, CompactStats, SEGMENT_TARGET_BYTES, ZSTD_LEVEL};
+use mageflow_store::segment::{SegmentHeader, Segmenter};
 
 /// An archive row as read for decoding: (first_seq, last_seq, events, raw_bytes, segment,
 /// crc32).
 pub(crate) type Segment = (i64, i64, i64, i64, Vec<u8>, i32);
 
-/// An archive row as compaction and `verify` read it: [`Segment`]'s columns, then
-/// `last_position`.
-pub(crate) type ArchiveRow = (i64, i64, i64, i64, Vec<u8>, i32, i64);
-
 /// Columns of [`Segment`], in order.
 pub(crate) const SEGMENT_COLUMNS: &str = "first_seq, last_seq, events, raw_bytes, segment, crc32";
 
-pub(crate) const INFO_QUERY: &str = "SELECT first_seq, last_seq, events, raw_bytes, \
-     octet_length(segment)::bigint, last_position, octet_length(snapshot)::bigint, \
-     (extract(epoch FROM compacted_at) * 1000000)::bigint \
-     FROM mageflow_archive WHERE stream = $1";
+/// A stream's archive summed over its segments (no row if it has none).
+pub(crate) const INFO_QUERY: &str = "SELECT min(first_seq), max(last_seq), \
+     sum(events)::bigint, count(*)::bigint, sum(raw_bytes)::bigint, \
+     sum(octet_length(segment))::bigint, max(last_position), \
+     (SELECT octet_length(snapshot)::bigint FROM mageflow_snapshot WHERE stream = $1), \
+     (extract(epoch FROM max(compacted_at)) * 1000000)::bigint \
+     FROM mageflow_archive WHERE stream = $1 HAVING count(*) > 0";
 
-pub(crate) type InfoRow = (i64, i64, i64, i64, i64, i64, Option<i64>, i64);
+pub(crate) type InfoRow = (i64, i64, i64, i64, i64, i64, i64, Option<i64>, i64);
 
 pub(crate) fn info_from_row(row: InfoRow) -> ArchiveInfo {
-    let (first_seq, last_seq, events, raw, compressed, last_position, snapshot, at) = row;
+    let (first_seq, last_seq, events, segments, raw, compressed, last_position, snapshot, at) = row;
     ArchiveInfo {
         first_seq: first_seq as u64,
         last_seq: last_seq as u64,
         events: events as u64,
+        segments: segments as u64,
         raw_bytes: raw as u64,
         compressed_bytes: compressed as u64,
         last_position: last_position as u64,
@@ -84,25 +88,41 @@ fn corrupt(stream: WorkflowId, what: impl std::fmt::Display) -> Error {
     Error::Corrupt(format!("archive of stream {stream}: {what}"))
 }
 
-/// Check an archive row's header, then its segment's CRC, and decompress it (bounded by the
-/// row's `raw_bytes`).
-pub(crate) fn raw_segment(stream: WorkflowId, row: &Segment) -> Result<Vec<u8>> {
-    let (first_seq, last_seq, events, raw_bytes, segment, crc) = row;
-    if *first_seq != 1 || *last_seq < *first_seq || *events != *last_seq - *first_seq + 1 {
-        return Err(corrupt(
+/// An archive row's header, checked: its seqs agree with its event count.
+pub(crate) fn header(stream: WorkflowId, row: &Segment) -> Result<SegmentHeader> {
+    let (first_seq, last_seq, events, raw_bytes, _, crc) = row;
+    let bad = || {
+        corrupt(
             stream,
-            format!("row says seqs {first_seq}..={last_seq} and {events} events"),
-        ));
+            format!(
+                "a row says seqs {first_seq}..={last_seq}, {events} events, {raw_bytes} raw bytes"
+            ),
+        )
+    };
+    let (Ok(first), Ok(events), Ok(raw_bytes)) = (
+        u64::try_from(*first_seq),
+        u64::try_from(*events),
+        u64::try_from(*raw_bytes),
+    ) else {
+        return Err(bad());
+    };
+    let header = SegmentHeader {
+        first_seq: first,
+        events,
+        raw_bytes,
+        crc32: *crc as u32,
+    };
+    header.check(stream)?;
+    if header.last_seq() as i64 != *last_seq {
+        return Err(bad());
     }
-    let raw_bytes = u64::try_from(*raw_bytes)
-        .map_err(|_| corrupt(stream, format!("row says {raw_bytes} raw bytes")))?;
-    segment::raw_segment(stream, raw_bytes, *crc as u32, segment)
+    Ok(header)
 }
 
-/// Decode a stored archive segment of `stream` with the row's `events`, `raw_bytes` and
-/// `crc32` columns: every check a read makes (checksum, bounded decompression, framing, event
-/// decoding, stream and seqs). For the fuzz target and tools; damaged input is an
-/// `Error::Corrupt`, never a panic.
+/// Decode a stored archive segment of `stream` holding seqs from 1, with the row's `events`,
+/// `raw_bytes` and `crc32` columns: every check a read makes (checksum, bounded decompression,
+/// framing, event decoding, stream and seqs). For the fuzz target and tools; damaged input is
+/// an `Error::Corrupt`, never a panic.
 pub fn decode_archive_segment(
     stream: WorkflowId,
     events: u64,
@@ -110,28 +130,58 @@ pub fn decode_archive_segment(
     crc32: u32,
     segment: &[u8],
 ) -> Result<Vec<Event>> {
-    segment::decode_segment(stream, events, raw_bytes, crc32, segment, 1)
+    let header = SegmentHeader {
+        first_seq: 1,
+        events,
+        raw_bytes,
+        crc32,
+    };
+    header.decode(stream, segment, 1)
 }
 
-/// The archived events of `stream` with `seq >= from_seq`, checked.
+/// The archived events of one segment row of `stream` with `seq >= from_seq`, checked.
 pub(crate) fn decode_segment(
     stream: WorkflowId,
     row: &Segment,
     from_seq: u64,
 ) -> Result<Vec<Event>> {
-    let raw = raw_segment(stream, row)?;
-    let frames = segment::frames(stream, &raw, row.2 as u64)?;
-    let skip = from_seq.saturating_sub(1).min(frames.len() as u64) as usize;
-    frames
-        .iter()
-        .enumerate()
-        .skip(skip)
-        .map(|(i, frame)| segment::decode_frame(stream, 1 + i as u64, frame))
-        .collect()
+    header(stream, row)?.decode(stream, &row.4, from_seq)
 }
 
-fn compress(stream: WorkflowId, raw: &[u8]) -> Result<Vec<u8>> {
-    Ok(segment::compress(stream, raw)?.0)
+/// Decode a stream's segment rows in seq order, checking they run densely from 1 (as far as
+/// `from_seq` needs: rows wholly below it may have been left out by the query).
+pub(crate) fn decode_segments(
+    stream: WorkflowId,
+    rows: &[Segment],
+    from_seq: u64,
+) -> Result<Vec<Event>> {
+    let mut events = Vec::new();
+    let mut next: Option<u64> = None;
+    for row in rows {
+        let h = header(stream, row)?;
+        if let Some(next) = next.filter(|&n| n != h.first_seq) {
+            return Err(corrupt(
+                stream,
+                format!(
+                    "a segment starts at seq {} where seq {next} was expected",
+                    h.first_seq
+                ),
+            ));
+        }
+        if next.is_none() && h.first_seq > from_seq.max(1) {
+            return Err(corrupt(
+                stream,
+                format!(
+                    "its first segment read starts at seq {}, after seq {}",
+                    h.first_seq,
+                    from_seq.max(1)
+                ),
+            ));
+        }
+        next = Some(h.last_seq() + 1);
+        events.extend(h.decode(stream, &row.4, from_seq)?);
+    }
+    Ok(events)
 }
 
 /// CPU-heavy work inside the log's (multi-thread) runtime without stalling its other tasks.
@@ -214,98 +264,81 @@ async fn compact_in_transaction(
         .await?;
     lock_stream(conn, stream).await?;
     // Read after the lock: a compaction of the same stream that held it has committed.
-    let archived: Option<ArchiveRow> = sqlx::query_as(&format!(
-        "SELECT {SEGMENT_COLUMNS}, last_position FROM mageflow_archive WHERE stream = $1"
-    ))
+    let archived: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(max(last_seq), 0) FROM mageflow_archive WHERE stream = $1",
+    )
     .bind(stream.0)
-    .fetch_optional(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
     let rows = live_rows(conn, stream, up_to).await?;
-
+    if let (Some(snapshot), true) = (snapshot, archived > 0 || !rows.is_empty()) {
+        // A stream with nothing archived and nothing to archive gets no snapshot.
+        sqlx::query(
+            "INSERT INTO mageflow_snapshot (stream, snapshot) VALUES ($1, $2) \
+             ON CONFLICT (stream) DO UPDATE SET snapshot = EXCLUDED.snapshot, taken_at = now()",
+        )
+        .bind(stream.0)
+        .bind(snapshot)
+        .execute(&mut *conn)
+        .await?;
+    }
     if rows.is_empty() {
-        let Some((.., raw_bytes, segment, _, _)) = &archived else {
-            // Nothing archived, nothing to archive: no row (a snapshot alone is not kept).
-            return Ok(Ok(CompactStats::default()));
-        };
-        if let Some(snapshot) = snapshot {
-            sqlx::query("UPDATE mageflow_archive SET snapshot = $2 WHERE stream = $1")
-                .bind(stream.0)
-                .bind(snapshot)
-                .execute(&mut *conn)
-                .await?;
-        }
-        return Ok(Ok(CompactStats {
-            events: 0,
-            raw_bytes: *raw_bytes as u64,
-            compressed_bytes: segment.len() as u64,
-        }));
+        return Ok(Ok(CompactStats::default()));
     }
 
-    let built = blocking(|| build_segment(stream, archived.as_ref(), &rows));
-    let (raw_len, segment, last_seq, events, last_position) = match built {
+    let built = match blocking(|| build_segments(stream, archived as u64, &rows)) {
         Ok(b) => b,
         Err(e) => return Ok(Err(e)),
     };
-    let crc = crc32fast::hash(&segment) as i32;
-    sqlx::query(
-        "INSERT INTO mageflow_archive (stream, first_seq, last_seq, events, raw_bytes, segment, \
-         crc32, snapshot, last_position, compacted_at) \
-         VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, now()) \
-         ON CONFLICT (stream) DO UPDATE SET last_seq = EXCLUDED.last_seq, \
-         events = EXCLUDED.events, raw_bytes = EXCLUDED.raw_bytes, segment = EXCLUDED.segment, \
-         crc32 = EXCLUDED.crc32, \
-         snapshot = COALESCE(EXCLUDED.snapshot, mageflow_archive.snapshot), \
-         last_position = EXCLUDED.last_position, compacted_at = now()",
-    )
-    .bind(stream.0)
-    .bind(last_seq)
-    .bind(events)
-    .bind(raw_len as i64)
-    .bind(&segment)
-    .bind(crc)
-    .bind(snapshot)
-    .bind(last_position)
-    .execute(&mut *conn)
-    .await?;
-    let moved = rows.len() as u64;
+    let mut stats = CompactStats {
+        events: rows.len() as u64,
+        ..CompactStats::default()
+    };
+    for segment in &built {
+        let h = &segment.header;
+        sqlx::query(
+            "INSERT INTO mageflow_archive (stream, first_seq, last_seq, events, raw_bytes, \
+             segment, crc32, last_position, compacted_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())",
+        )
+        .bind(stream.0)
+        .bind(h.first_seq as i64)
+        .bind(h.last_seq() as i64)
+        .bind(h.events as i64)
+        .bind(h.raw_bytes as i64)
+        .bind(&segment.bytes)
+        .bind(h.crc32 as i32)
+        .bind(segment.last_position as i64)
+        .execute(&mut *conn)
+        .await?;
+        stats.segments += 1;
+        stats.raw_bytes += h.raw_bytes;
+        stats.compressed_bytes += segment.bytes.len() as u64;
+    }
+    let last_seq = archived + rows.len() as i64;
     let deleted = sqlx::query("DELETE FROM mageflow_events WHERE stream = $1 AND seq <= $2")
         .bind(stream.0)
         .bind(last_seq)
         .execute(&mut *conn)
         .await?
         .rows_affected();
-    if deleted != moved {
+    if deleted != stats.events {
         // Cannot happen while appends only add seqs above the version and compactions of the
         // stream are serialised; refuse rather than lose or duplicate anything.
         return Ok(Err(Error::Storage(format!(
-            "compaction of stream {stream}: read {moved} live events but would delete {deleted}; \
-             rolled back"
+            "compaction of stream {stream}: read {} live events but would delete {deleted}; \
+             rolled back",
+            stats.events
         ))));
     }
-    Ok(Ok(CompactStats {
-        events: moved,
-        raw_bytes: raw_len as u64,
-        compressed_bytes: segment.len() as u64,
-    }))
+    Ok(Ok(stats))
 }
 
-/// The merged segment: the archived events (checked: CRC, size, framing) followed by the live
-/// `rows` (checked like every read: CRC, decoding, stream and seq, dense after the archive).
-/// Returns (raw length, compressed segment, last seq, events, last position).
-fn build_segment(
-    stream: WorkflowId,
-    archived: Option<&ArchiveRow>,
-    rows: &[Row],
-) -> Result<(usize, Vec<u8>, i64, i64, i64)> {
-    let (mut raw, mut last_seq, mut last_position) = match archived {
-        Some((first, last, events, raw_bytes, segment, crc, last_position)) => {
-            let row: Segment = (*first, *last, *events, *raw_bytes, segment.clone(), *crc);
-            let raw = raw_segment(stream, &row)?;
-            segment::frames(stream, &raw, *events as u64)?;
-            (raw, *last as u64, *last_position as u64)
-        }
-        None => (Vec::new(), 0, 0),
-    };
+/// New segments for the live `rows` (checked like every read: CRC, decoding, stream and seq,
+/// dense after the `archived` seqs), their stored bytes unchanged.
+fn build_segments(stream: WorkflowId, archived: u64, rows: &[Row]) -> Result<Vec<segment::Built>> {
+    let mut segments = Segmenter::new(stream, archived + 1);
+    let mut last_seq = archived;
     for row in rows {
         let r = decode_row(row)?;
         if r.event.seq != last_seq + 1 {
@@ -315,18 +348,10 @@ fn build_segment(
                 r.position, r.event.seq
             )));
         }
-        segment::push_frame(stream, &mut raw, &row.3)?;
+        segments.push(&row.3, r.position)?;
         last_seq += 1;
-        last_position = last_position.max(r.position);
     }
-    let segment = compress(stream, &raw)?;
-    Ok((
-        raw.len(),
-        segment,
-        last_seq as i64,
-        last_seq as i64,
-        last_position as i64,
-    ))
+    segments.finish()
 }
 
 /// What one [`crate::PgLog::redact`] did.
@@ -334,25 +359,21 @@ fn build_segment(
 pub struct RedactStats {
     /// Live rows of `mageflow_events` whose payload (and CRC) were rewritten.
     pub events_rewritten: u64,
-    /// Events of the stream's archive segment that were rewritten (the segment is re-encoded
-    /// and recompressed if this is not 0).
+    /// Events of the stream's archive segments that were rewritten (each segment holding one
+    /// is re-encoded and recompressed).
     pub archived_rewritten: u64,
-    /// The archive row's snapshot was dropped (set to NULL: it holds task data).
+    /// The stream's snapshot was deleted (it holds task data).
     pub snapshot_dropped: bool,
 }
-
-/// An archive row as a redaction reads it: [`Segment`]'s columns, then whether it has a
-/// snapshot.
-type RedactArchiveRow = (i64, i64, i64, i64, Vec<u8>, i32, bool);
 
 /// A live row rewritten by a redaction: (position, payload, crc32).
 type Rewrite = (i64, Vec<u8>, i32);
 
-/// What a redaction writes: the new segment (raw length, compressed bytes) if any archived
-/// event changed, how many did, and the live rows to rewrite.
+/// What a redaction writes: the rewritten segments (header and compressed bytes), how many
+/// archived events changed, and the live rows to rewrite.
 #[derive(Default)]
 struct RedactPlan {
-    segment: Option<(usize, Vec<u8>)>,
+    segments: Vec<(SegmentHeader, Vec<u8>)>,
     archived_changed: u64,
     rows: Vec<Rewrite>,
 }
@@ -378,11 +399,11 @@ async fn redact_in_transaction(
     // was acknowledged would bring the data back.
     lock_stream(conn, stream).await?;
     // Read after the lock: no compaction or redaction of the stream is half done.
-    let archived: Option<RedactArchiveRow> = sqlx::query_as(&format!(
-        "SELECT {SEGMENT_COLUMNS}, snapshot IS NOT NULL FROM mageflow_archive WHERE stream = $1"
+    let archived: Vec<Segment> = sqlx::query_as(&format!(
+        "SELECT {SEGMENT_COLUMNS} FROM mageflow_archive WHERE stream = $1 ORDER BY first_seq"
     ))
     .bind(stream.0)
-    .fetch_optional(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
     // Every live row of the stream. Appends only add rows above the stream's version, and
     // events appended after this read are not redacted: call this once the events it must
@@ -392,38 +413,33 @@ async fn redact_in_transaction(
     let all = nodes.is_empty();
     let wanted: std::collections::HashSet<NodeIndex> = nodes.iter().copied().collect();
     let selected = |n: NodeIndex| all || wanted.contains(&n);
-    let segment = archived
-        .as_ref()
-        .map(|(first, last, events, raw, segment, crc, _)| -> Segment {
-            (*first, *last, *events, *raw, segment.clone(), *crc)
-        });
-    let plan = match blocking(|| plan_redaction(stream, segment.as_ref(), &rows, &selected)) {
+    let plan = match blocking(|| plan_redaction(stream, &archived, &rows, &selected)) {
         Ok(plan) => plan,
         Err(e) => return Ok(Err(e)),
     };
 
+    let dropped = sqlx::query("DELETE FROM mageflow_snapshot WHERE stream = $1")
+        .bind(stream.0)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     let mut stats = RedactStats {
         events_rewritten: 0,
         archived_rewritten: plan.archived_changed,
-        snapshot_dropped: archived.as_ref().is_some_and(|a| a.6),
+        snapshot_dropped: dropped > 0,
     };
-    if let Some((raw_len, segment)) = &plan.segment {
-        let crc = crc32fast::hash(segment) as i32;
+    for (h, segment) in &plan.segments {
         sqlx::query(
-            "UPDATE mageflow_archive SET segment = $2, raw_bytes = $3, crc32 = $4, \
-             snapshot = NULL WHERE stream = $1",
+            "UPDATE mageflow_archive SET segment = $3, raw_bytes = $4, crc32 = $5 \
+             WHERE stream = $1 AND first_seq = $2",
         )
         .bind(stream.0)
+        .bind(h.first_seq as i64)
         .bind(segment)
-        .bind(*raw_len as i64)
-        .bind(crc)
+        .bind(h.raw_bytes as i64)
+        .bind(h.crc32 as i32)
         .execute(&mut *conn)
         .await?;
-    } else if stats.snapshot_dropped {
-        sqlx::query("UPDATE mageflow_archive SET snapshot = NULL WHERE stream = $1")
-            .bind(stream.0)
-            .execute(&mut *conn)
-            .await?;
     }
     if !plan.rows.is_empty() {
         let mut positions = Vec::with_capacity(plan.rows.len());
@@ -467,44 +483,42 @@ fn encode_error(event: &Event, source: codec::CodecError) -> Error {
     }
 }
 
-/// Redact the stream's archived events (checked like a read) then its live rows (checked like
-/// a read, seqs continuing densely after the archive), in seq order. Unchanged events keep
-/// their stored bytes.
+/// Redact the stream's archived events (checked like a read, segments dense from seq 1) then
+/// its live rows (checked like a read, seqs continuing densely after the archive), in seq
+/// order. Unchanged events keep their stored bytes; unchanged segments are not rewritten.
 fn plan_redaction(
     stream: WorkflowId,
-    archived: Option<&Segment>,
+    archived: &[Segment],
     rows: &[Row],
     selected: &dyn Fn(NodeIndex) -> bool,
 ) -> Result<RedactPlan> {
     let mut redactor = Redactor::new(selected);
     let mut plan = RedactPlan::default();
     let mut last_seq = 0u64;
-    if let Some(row) = archived {
-        let raw = raw_segment(stream, row)?;
-        let frames = segment::frames(stream, &raw, row.2 as u64)?;
-        let mut rewritten = Vec::with_capacity(raw.len());
-        for (i, frame) in frames.iter().enumerate() {
-            let mut event = segment::decode_frame(stream, 1 + i as u64, frame)?;
-            let start = rewritten.len();
-            rewritten.extend_from_slice(&[0; 4]);
-            if redactor.redact(&mut event) {
-                codec::encode_into(&event, &mut rewritten).map_err(|e| encode_error(&event, e))?;
-                plan.archived_changed += 1;
-            } else {
-                rewritten.extend_from_slice(frame);
-            }
-            let len = (rewritten.len() - start - 4) as u32;
-            rewritten[start..start + 4].copy_from_slice(&len.to_le_bytes());
-            if rewritten.len() as u64 > ARCHIVE_RAW_BYTES_MAX {
-                return Err(Error::Storage(format!(
-                    "redaction of stream {stream}: its segment would exceed \
-                     {ARCHIVE_RAW_BYTES_MAX} bytes; nothing was changed"
-                )));
-            }
+    for row in archived {
+        let h = header(stream, row)?;
+        if h.first_seq != last_seq + 1 {
+            return Err(corrupt(
+                stream,
+                format!(
+                    "a segment starts at seq {} where seq {} was expected",
+                    h.first_seq,
+                    last_seq + 1
+                ),
+            ));
         }
-        last_seq = frames.len() as u64;
-        if plan.archived_changed > 0 {
-            plan.segment = Some((rewritten.len(), compress(stream, &rewritten)?));
+        last_seq = h.last_seq();
+        let rewritten = segment::rewrite(stream, &h, &row.4, |mut event| {
+            if !redactor.redact(&mut event) {
+                return Ok(None);
+            }
+            codec::encode(&event)
+                .map(Some)
+                .map_err(|e| encode_error(&event, e))
+        })?;
+        if let Some((h, bytes, changed)) = rewritten {
+            plan.archived_changed += changed;
+            plan.segments.push((h, bytes));
         }
     }
     for row in rows {
@@ -560,7 +574,7 @@ mod tests {
             raw.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
             raw.extend_from_slice(&bytes);
         }
-        let segment = compress(stream, &raw)?;
+        let segment = segment::compress(stream, &raw)?.0;
         let crc = crc32fast::hash(&segment) as i32;
         Ok((1, n as i64, n as i64, raw.len() as i64, segment, crc))
     }
@@ -603,7 +617,7 @@ mod tests {
         }
         // Bytes that are not events, with a valid frame and checksum.
         let raw = [3u8, 0, 0, 0, 0xc1, 0xc1, 0xc1];
-        let segment = compress(s, &raw)?;
+        let segment = segment::compress(s, &raw)?.0;
         let crc = crc32fast::hash(&segment) as i32;
         let garbage: Segment = (1, 1, 1, raw.len() as i64, segment, crc);
         assert!(matches!(

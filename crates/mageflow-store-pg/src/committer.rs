@@ -47,7 +47,7 @@ const LOCK_HEAD: &str =
 const VERSIONS: &str = "SELECT s.stream, GREATEST(\
                         COALESCE((SELECT max(e.seq) FROM mageflow_events e \
                         WHERE e.stream = s.stream), 0), \
-                        COALESCE((SELECT a.last_seq FROM mageflow_archive a \
+                        COALESCE((SELECT max(a.last_seq) FROM mageflow_archive a \
                         WHERE a.stream = s.stream), 0)) \
                         FROM unnest($1::uuid[]) AS s(stream)";
 

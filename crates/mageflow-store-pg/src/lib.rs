@@ -70,11 +70,12 @@
 //! checks it, as the sled backend does for its blocks.
 //!
 //! **Compaction (cold storage).** [`PgLog::compact`] moves a stream's oldest live events (all,
-//! or up to a seq) into its row of `mageflow_archive`: one zstd-compressed segment of the
-//! events' codec bytes, seqs dense from 1, with a CRC-32, the highest position archived and an
-//! optional opaque snapshot; the rows leave `mageflow_events` in the same transaction (format,
+//! or up to a seq) into new rows of `mageflow_archive`: zstd-compressed segments of the
+//! events' codec bytes, a stream's segments covering its seqs densely from 1, each with a
+//! CRC-32 and the highest position it holds, and an optional opaque snapshot in
+//! `mageflow_snapshot`; the rows leave `mageflow_events` in the same transaction (format,
 //! checks and locking: the `archive` module). Afterwards `read_stream` decodes the archived
-//! part from the segment then reads the live rows, with the same density checks, and a stream's
+//! part from the segments then reads the live rows, with the same density checks, and a stream's
 //! version (`stream_version`, and the committer's check of `expected_version`) is the greater
 //! of its last live seq and its last archived seq, so appends after a compaction continue at
 //! the next seq and stale ones still conflict. `read_all` serves live events only: compaction
@@ -109,7 +110,7 @@ mod listener;
 pub use faults::Faults;
 
 pub use archive::{
-    decode_archive_segment, ArchiveInfo, CompactStats, RedactStats, ARCHIVE_RAW_BYTES_MAX,
+    decode_archive_segment, ArchiveInfo, CompactStats, RedactStats, SEGMENT_TARGET_BYTES,
     ZSTD_LEVEL,
 };
 use archive::{Segment, SEGMENT_COLUMNS};
@@ -474,17 +475,18 @@ impl PgLog {
     }
 
     /// Move `stream`'s live events with `seq <= up_to_seq` (all of them if `None`) into its
-    /// archive row, in one transaction: the stream's segment becomes its previously archived
-    /// events followed by these (seqs stay dense from 1), and their rows are deleted from
-    /// `mageflow_events`. `snapshot`, if given, replaces the row's snapshot (opaque bytes, e.g.
-    /// the final state of a finished workflow); `None` keeps the one stored before. A stream
-    /// with nothing archived and nothing to archive gets no row (its snapshot is not kept).
+    /// archive, in one transaction: new segment rows after the ones archived before (seqs stay
+    /// dense from 1; earlier rows are not rewritten), and their rows are deleted from
+    /// `mageflow_events`. `snapshot`, if given, replaces the stream's snapshot (opaque bytes,
+    /// e.g. the final state of a finished workflow); `None` keeps the one stored before. A
+    /// stream with nothing archived and nothing to archive gets no row (its snapshot is not
+    /// kept).
     ///
     /// Reads are unchanged by compaction (`read_stream`, `stream_version`, appends' version
     /// checks), except `read_all`, which serves live events only. Safe against concurrent
     /// appends and compactions of the same stream, from any process (see the `archive`
-    /// module: a per-stream advisory lock, not the head lock). Damage found in the rows or
-    /// segment being merged is `Error::Corrupt` and nothing changes. A lost connection is
+    /// module: a per-stream advisory lock, not the head lock). Damage found in the rows being
+    /// moved is `Error::Corrupt` and nothing changes. A lost connection is
     /// retried like a read: the transaction either did not commit, or did and the retry finds
     /// nothing left to move (then `events` is 0). Blocks the calling thread, like the reads.
     pub fn compact(
@@ -505,7 +507,7 @@ impl PgLog {
     /// stream, archived or live, is replaced by its `mageflow_core::Payload::redact`ed form
     /// (kwargs → `{}`, message values, results and checkpoints → `null`, error messages →
     /// `"[redacted]"`, for those signatures only; kinds, nodes, attempts, statuses, times,
-    /// actors, names and task names are kept), and the archive row's snapshot is dropped.
+    /// actors, names and task names are kept), and the stream's snapshot is dropped.
     /// Positions, seqs, versions and event counts do not change; the redacted stream replays
     /// to the same statuses.
     ///
@@ -526,7 +528,7 @@ impl PgLog {
         })?
     }
 
-    /// `stream`'s archive row, if it was ever compacted.
+    /// `stream`'s archive (summed over its segments), if it was ever compacted.
     pub fn archived(&self, stream: WorkflowId) -> Result<Option<ArchiveInfo>> {
         let row = self.read("read an archive row", move |pool| async move {
             sqlx::query_as::<_, archive::InfoRow>(archive::INFO_QUERY)
@@ -541,7 +543,7 @@ impl PgLog {
     pub fn snapshot(&self, stream: WorkflowId) -> Result<Option<Vec<u8>>> {
         let snapshot: Option<Option<Vec<u8>>> =
             self.read("read a snapshot", move |pool| async move {
-                sqlx::query_scalar("SELECT snapshot FROM mageflow_archive WHERE stream = $1")
+                sqlx::query_scalar("SELECT snapshot FROM mageflow_snapshot WHERE stream = $1")
                     .bind(stream.0)
                     .fetch_optional(&pool)
                     .await
@@ -779,7 +781,7 @@ fn prepare(requests: &[AppendRequest]) -> (Vec<Prepared>, Option<Error>, usize, 
 /// its last archived seq (archived seqs all lie below live ones; either may be absent).
 const STREAM_VERSION: &str = "SELECT GREATEST(\
      COALESCE((SELECT max(seq) FROM mageflow_events WHERE stream = $1), 0), \
-     COALESCE((SELECT last_seq FROM mageflow_archive WHERE stream = $1), 0))";
+     COALESCE((SELECT max(last_seq) FROM mageflow_archive WHERE stream = $1), 0))";
 
 /// A row of `read_stream`'s query: (kind, position, payload, row crc32, then the archive's
 /// segment columns; a live row's seq is in the `last_seq` column).
@@ -796,12 +798,12 @@ type StreamRow = (
     Option<i32>,
 );
 
-/// Split `read_stream`'s rows into the archive row (if any) and the live rows.
+/// Split `read_stream`'s rows into the archive's segment rows (in seq order) and the live rows.
 fn split_stream_rows(
     stream: WorkflowId,
     mixed: Vec<StreamRow>,
-) -> Result<(Option<Segment>, Vec<Row>)> {
-    let mut archive = None;
+) -> Result<(Vec<Segment>, Vec<Row>)> {
+    let mut archive = Vec::new();
     let mut rows = Vec::with_capacity(mixed.len());
     for row in mixed {
         match row {
@@ -817,7 +819,7 @@ fn split_stream_rows(
                 Some(segment),
                 Some(crc),
             ) => {
-                archive = Some((first, last, events, raw, segment, crc));
+                archive.push((first, last, events, raw, segment, crc));
             }
             (1, Some(position), Some(payload), Some(crc), _, Some(seq), ..) => {
                 rows.push((position, stream.0, seq, payload, crc));
@@ -846,13 +848,15 @@ async fn verify_in(conn: &mut PgConnection) -> Result<Result<u64>, sqlx::Error> 
 
     let mut versions: HashMap<WorkflowId, u64> = HashMap::new();
     let (mut archived, mut archived_position_max) = (0u64, 0u64);
-    let mut after: Option<uuid::Uuid> = None;
+    let mut after: (Option<uuid::Uuid>, i64) = (None, 0);
     loop {
         let rows: Vec<StreamArchiveRow> = sqlx::query_as(&format!(
             "SELECT stream, {SEGMENT_COLUMNS}, last_position FROM mageflow_archive \
-                 WHERE $1::uuid IS NULL OR stream > $1 ORDER BY stream LIMIT $2"
+                 WHERE $1::uuid IS NULL OR (stream, first_seq) > ($1, $2) \
+                 ORDER BY stream, first_seq LIMIT $3"
         ))
-        .bind(after)
+        .bind(after.0)
+        .bind(after.1)
         .bind(ARCHIVE_CHUNK_ROWS)
         .fetch_all(&mut *conn)
         .await?;
@@ -865,17 +869,26 @@ async fn verify_in(conn: &mut PgConnection) -> Result<Result<u64>, sqlx::Error> 
                     Ok(count) => count,
                     Err(e) => return Ok(Err(e)),
                 };
-            let last_position = last_position.max(0) as u64;
-            if last_position > head || last_position < count {
+            // Segments run densely from seq 1 (rows come in (stream, first_seq) order).
+            let version = versions.entry(stream).or_default();
+            if first != *version as i64 + 1 {
                 return Ok(Err(Error::Corrupt(format!(
-                    "archive of stream {stream}: its {count} events end at position \
-                     {last_position}, but the head row says {head}"
+                    "archive of stream {stream}: a segment starts at seq {first} where seq {} \
+                     was expected",
+                    *version + 1
                 ))));
             }
-            versions.insert(stream, count);
+            *version += count;
+            let last_position = last_position.max(0) as u64;
+            if last_position > head || last_position < *version {
+                return Ok(Err(Error::Corrupt(format!(
+                    "archive of stream {stream}: its events up to seq {version} end at \
+                     position {last_position}, but the head row says {head}"
+                ))));
+            }
             archived += count;
             archived_position_max = archived_position_max.max(last_position);
-            after = Some(id);
+            after = (Some(id), first);
         }
         if (n as i64) < ARCHIVE_CHUNK_ROWS {
             break;
@@ -984,8 +997,8 @@ impl EventLog for PgLog {
             return Ok(Vec::new());
         };
         let (archive, rows) = self.read("read a stream", move |pool| async move {
-            // Kind 0: the archive row (only if it holds seqs >= from), as its segment columns;
-            // kind 1: live rows. Unused columns are NULL.
+            // Kind 0: the archive's segment rows holding seqs >= from, as their columns; kind
+            // 1: live rows. Unused columns are NULL.
             let mixed: Vec<StreamRow> = sqlx::query_as(&format!(
                 "SELECT 0::smallint AS kind, NULL::bigint AS position, NULL::bytea AS payload, \
                  NULL::integer AS row_crc, {SEGMENT_COLUMNS} FROM mageflow_archive \
@@ -1001,10 +1014,7 @@ impl EventLog for PgLog {
             .await?;
             Ok(split_stream_rows(stream, mixed))
         })??;
-        let mut events = match &archive {
-            Some(segment) => archive::decode_segment(stream, segment, first_seq)?,
-            None => Vec::new(),
-        };
+        let mut events = archive::decode_segments(stream, &archive, first_seq)?;
         for row in &rows {
             let r = decode_row(row)?;
             let seq = first_seq + events.len() as u64;

@@ -747,7 +747,10 @@ pub async fn compaction_suite(log: &dyn EventLog) -> bool {
         .expect("append");
         version += 400;
     }
-    let split = log.compact(big, None, None).expect("compact").expect("some");
+    let split = log
+        .compact(big, None, None)
+        .expect("compact")
+        .expect("some");
     assert_eq!(split.events, big_events.len() as u64);
     assert!(
         split.segments >= 2 && split.raw_bytes > crate::segment::SEGMENT_TARGET_BYTES,

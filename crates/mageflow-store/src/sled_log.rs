@@ -249,9 +249,20 @@ fn segment_key(stream: WorkflowId, first_seq: u64) -> [u8; 25] {
 }
 
 fn parse_segment_key(key: &[u8]) -> Result<(WorkflowId, u64)> {
-    let bad = || Error::Corrupt(format!("an archive key has {} bytes, expected 25", key.len()));
-    let id: [u8; 16] = key.get(1..17).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
-    let seq: [u8; 8] = key.get(17..25).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+    let bad = || {
+        Error::Corrupt(format!(
+            "an archive key has {} bytes, expected 25",
+            key.len()
+        ))
+    };
+    let id: [u8; 16] = key
+        .get(1..17)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(bad)?;
+    let seq: [u8; 8] = key
+        .get(17..25)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(bad)?;
     if key.len() != 25 {
         return Err(bad());
     }
@@ -828,7 +839,10 @@ impl SledLog {
             if s.header.first_seq > upto {
                 break;
             }
-            out.extend(s.header.decode(stream, &v[ARCHIVE_HEADER_BYTES..], from_seq)?);
+            out.extend(
+                s.header
+                    .decode(stream, &v[ARCHIVE_HEADER_BYTES..], from_seq)?,
+            );
         }
         if covered < upto {
             return Err(Error::Corrupt(format!(
@@ -1428,9 +1442,10 @@ impl Committer {
         let mut segments = Segmenter::new(stream, archived + 1);
         let mut i = 0;
         while i < moving.len() {
-            let first = self.shared.index().block_of(moving[i]).ok_or_else(|| {
-                Error::Corrupt(format!("no block holds position {}", moving[i]))
-            })?;
+            let first =
+                self.shared.index().block_of(moving[i]).ok_or_else(|| {
+                    Error::Corrupt(format!("no block holds position {}", moving[i]))
+                })?;
             let bytes = self.shared.block(first)?;
             let entries = block_entries(first, &bytes)?;
             let rewritten = rewrite_block(first, &bytes, &entries, |e| {

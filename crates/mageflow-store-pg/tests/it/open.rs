@@ -30,7 +30,8 @@ async fn migrations_set_up_an_empty_schema() {
             "_sqlx_migrations",
             "mageflow_archive",
             "mageflow_events",
-            "mageflow_head"
+            "mageflow_head",
+            "mageflow_snapshot"
         ]
     );
     let applied: Vec<(i64, bool)> =
