@@ -125,7 +125,23 @@ pub async fn run(
             let items: Vec<_> = (0..n).map(|_| sign("noop")).collect();
             let wf = h.submit(swarm(items), json!({})).await?;
             h.wait(wf).await?;
-            format!("n={n} seconds_to_done={:.3}", t0.elapsed().as_secs_f64())
+            let done = t0.elapsed().as_secs_f64();
+            // Then into cold storage at once (what the compaction job does later).
+            let t1 = Instant::now();
+            let c = h
+                .compact(wf)
+                .await?
+                .context("the finished swarm is compacted")?;
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            format!(
+                "n={n} seconds_to_done={done:.3} compact_seconds={:.2} compacted_events={} \
+                 segments={} archive_raw_mib={:.1} archive_stored_mib={:.1}",
+                t1.elapsed().as_secs_f64(),
+                c.events,
+                c.segments,
+                mib(c.raw_bytes),
+                mib(c.compressed_bytes)
+            )
         }
         "interrupt" => {
             // Long handlers, RUNNING of them at once in the worker processes; interrupt the swarm
