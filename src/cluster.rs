@@ -11,6 +11,7 @@
 //! Redis is disposable: the projector rebuilds it from the log when its position key vanishes,
 //! and completion is idempotent per attempt, so a job run twice is recorded once.
 
+use crate::control::{self, ControlAnswer, ControlOp};
 use crate::{Config, Engine, Error, Handle, Registry, Result};
 use mageflow_core::{SignatureId, WorkflowId};
 use mageflow_engine::worker::{self, Job, JobSource, Outcome, WorkerConfig, WorkerStats};
@@ -219,6 +220,36 @@ async fn intake(hot: Hot, h: Handle, stats: Arc<IntakeStats>, stop: Cancellation
                     }
                     Ok(())
                 }
+                ReportOutcome::Control {
+                    op,
+                    confirmed,
+                    principal,
+                } => {
+                    // An operator's command: carried out as the operator, answered once durable
+                    // (or refused). A command read again after a restart is carried out again
+                    // and refused or a no-op where that matters (a second cancel is a no-op).
+                    let done = match op.parse::<ControlOp>() {
+                        Ok(op) => {
+                            control::apply(&h.as_principal(&principal), op, sig, confirmed).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(Error::ShutDown) = done {
+                        return;
+                    }
+                    tracing::info!(%sig, %op, %principal, outcome = ?done, "operator command");
+                    match serde_json::to_string(&ControlAnswer::of(done)) {
+                        Ok(answer) => {
+                            if let Err(e) = hot.answer_report_with(&id, &answer).await {
+                                tracing::warn!(%sig, %op, error = %e, "could not answer an operator command");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(%sig, %op, error = %e, "could not encode the answer to an operator command")
+                        }
+                    }
+                    Ok(())
+                }
                 ReportOutcome::Submit {
                     workflow,
                     sig: tree,
@@ -419,6 +450,43 @@ impl JobSource for HotJobs {
 /// Run a worker process's runtime against the hot tier until `shutdown` fires (then finish or
 /// abandon running handlers within `config.grace`). Fails at start naming the URL and the
 /// cause when Redis cannot be reached; later connection losses are retried.
+/// Send an operator's command to the orchestrator of the deployment `hot` belongs to, and wait
+/// (up to `wait`) for its answer: what was done, or the refusal (the same error the API gives,
+/// or its code and message).
+pub async fn relay_control(
+    hot: &Hot,
+    op: ControlOp,
+    target: SignatureId,
+    confirmed: bool,
+    principal: &str,
+    wait: Duration,
+) -> Result<String> {
+    let report = Report {
+        key: JobKey {
+            sig: target,
+            attempt: 0,
+        },
+        worker: format!("operator:{principal}"),
+        outcome: ReportOutcome::Control {
+            op: op.name().into(),
+            confirmed,
+            principal: principal.into(),
+        },
+    };
+    let id = hot.report(&report).await.map_err(hot_error)?;
+    match hot.wait_answer_raw(&id, wait).await.map_err(hot_error)? {
+        Some(raw) => serde_json::from_str::<ControlAnswer>(&raw)
+            .map_err(|e| Error::Hot(format!("unreadable answer to {op} {target}: {e}")))?
+            .into_result(),
+        None => Err(Error::Hot(format!(
+            "no answer to {op} {target} within {} s: is the orchestrator (`mageflow serve`) \
+             running on this deployment? The command stays queued and is carried out when it \
+             reads it",
+            wait.as_secs()
+        ))),
+    }
+}
+
 pub async fn run_worker_process(
     hot: HotConfig,
     registry: Registry,

@@ -25,6 +25,7 @@
 //! ```
 
 pub mod cluster;
+pub mod control;
 pub mod testing;
 
 pub use mageflow_core as core;

@@ -5,12 +5,14 @@
 
 mod bench;
 mod bench_cluster;
+mod control_cmd;
 mod demo;
 mod inspect;
 mod tiers;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use mageflow::control::ControlOp;
 pub use tiers::embedded_path;
 
 #[derive(Parser)]
@@ -98,6 +100,22 @@ enum Cmd {
         #[command(flatten)]
         tiers: tiers::StoreArgs,
     },
+    /// Stop a signature and everything under it and delete it for good (only the audit record
+    /// stays). Refused without --confirm.
+    Cancel(control_cmd::ControlArgs),
+    /// Stop a signature whatever its status, keeping it (resume runs it again from its last
+    /// checkpoint, best effort).
+    Interrupt(control_cmd::ControlArgs),
+    /// Hold a signature: nothing new of it starts until it is resumed.
+    Suspend(control_cmd::ControlArgs),
+    /// Resume a suspended or interrupted signature.
+    Resume(control_cmd::ControlArgs),
+    /// Mark a workflow for deletion: purged when its window ends unless restored or rerun.
+    Delete(control_cmd::ControlArgs),
+    /// Lift a workflow's deletion mark.
+    Restore(control_cmd::ControlArgs),
+    /// Run a workflow again (lifts a deletion mark).
+    Rerun(control_cmd::ControlArgs),
     /// Re-project the log: `--rebuild-hot` clears the deployment's Redis keys and rebuilds them.
     Replay {
         #[command(flatten)]
@@ -186,6 +204,13 @@ fn main() -> Result<()> {
                 rebuild_hot: _,
                 no_progress,
             } => tiers::rebuild_hot(&tiers, !no_progress).await,
+            Cmd::Cancel(a) => control_cmd::run(ControlOp::Cancel, &a).await,
+            Cmd::Interrupt(a) => control_cmd::run(ControlOp::Interrupt, &a).await,
+            Cmd::Suspend(a) => control_cmd::run(ControlOp::Suspend, &a).await,
+            Cmd::Resume(a) => control_cmd::run(ControlOp::Resume, &a).await,
+            Cmd::Delete(a) => control_cmd::run(ControlOp::Delete, &a).await,
+            Cmd::Restore(a) => control_cmd::run(ControlOp::Restore, &a).await,
+            Cmd::Rerun(a) => control_cmd::run(ControlOp::Rerun, &a).await,
         }
     })
 }

@@ -729,3 +729,75 @@ async fn a_purged_workflow_keeps_no_task_data() -> Result<()> {
     })
     .await
 }
+
+/// `mageflow <command> ID --postgres … --redis …` for an operator: relayed to the orchestrator.
+fn operator(d: &Deployment, args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_mageflow"))
+        .args(args)
+        .args(["--postgres", &postgres_url(), "--schema", &d.schema])
+        .args(["--redis", &d.redis, "--prefix", &d.prefix])
+        .args(["--principal", "alice"])
+        .output()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_are_relayed_to_the_orchestrator() -> Result<()> {
+    guard(async {
+        let mut d = Deployment::start().await?;
+        d.spawn_worker("w1")?;
+        let h = d.cluster().handle();
+        let wf = submit_swarm(&d, 20, 600_000).await?;
+        let root = mageflow::SignatureId::root(wf).to_string();
+
+        let out = operator(&d, &["suspend", &root])?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(said.contains("suspended"), "{said}");
+        assert_eq!(h.workflow(wf).await?.nodes[0].status, Status::Suspended);
+        let out = operator(&d, &["resume", &wf.to_string()])?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // Cancel without confirmation: refused by the CLI, nothing sent, nothing changed.
+        let before = h.history(wf)?.len();
+        let out = operator(&d, &["cancel", &root])?;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--confirm") && err.contains("Nothing was changed"),
+            "{err}"
+        );
+        assert_eq!(h.history(wf)?.len(), before);
+
+        // Confirmed: done by the orchestrator as the operator.
+        let out = operator(&d, &["cancel", &root, "--confirm"])?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let done = h.wait(wf).await?;
+        assert_eq!(done.nodes[0].status, Status::Canceled);
+        let canceled = h
+            .history(wf)?
+            .into_iter()
+            .find(|e| e.payload.kind() == "canceled")
+            .context("a canceled event")?;
+        assert_eq!(canceled.actor, mageflow::Actor::api("alice"));
+
+        // The orchestrator's refusal comes back, with its reason.
+        let out = operator(&d, &["rerun", &wf.to_string()])?;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cancel"), "{err}");
+        d.finish().await
+    })
+    .await
+}

@@ -452,6 +452,16 @@ impl Engine {
 }
 
 impl Handle {
+    /// This handle acting for `principal`: the commands it sends are recorded with that actor
+    /// (the audit trail says who did what, e.g. the user of a CLI command relayed by the
+    /// orchestrator).
+    pub fn as_principal(&self, principal: impl Into<String>) -> Handle {
+        Handle {
+            actor: Actor::api(principal),
+            ..self.clone()
+        }
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }

@@ -184,6 +184,16 @@ pub enum ReportOutcome {
         sig: Value,
         input: Value,
     },
+    /// Not from a worker: an operator's command (`mageflow cancel …` and the like) on the
+    /// signature of the report's key (its attempt is 0), relayed to the orchestrator, which
+    /// carries it out as `principal` and answers once it is durable or refused.
+    Control {
+        /// `cancel`, `interrupt`, `suspend`, `resume`, `delete`, `restore` or `rerun`.
+        op: String,
+        /// For `cancel`: the operator confirmed it.
+        confirmed: bool,
+        principal: String,
+    },
 }
 
 impl ReportOutcome {
@@ -191,7 +201,9 @@ impl ReportOutcome {
     pub fn ends_attempt(&self) -> bool {
         !matches!(
             self,
-            ReportOutcome::Checkpoint(_) | ReportOutcome::Submit { .. }
+            ReportOutcome::Checkpoint(_)
+                | ReportOutcome::Submit { .. }
+                | ReportOutcome::Control { .. }
         )
     }
 }

@@ -338,18 +338,18 @@ async fn compact_in_transaction(
 /// dense after the `archived` seqs), their stored bytes unchanged.
 fn build_segments(stream: WorkflowId, archived: u64, rows: &[Row]) -> Result<Vec<segment::Built>> {
     let mut segments = Segmenter::new(stream, archived + 1);
-    let mut last_seq = archived;
-    for row in rows {
+    for (seq, row) in (archived + 1..).zip(rows) {
         let r = decode_row(row)?;
-        if r.event.seq != last_seq + 1 {
+        if r.event.seq != seq {
             return Err(Error::Corrupt(format!(
                 "stream {stream}: event at position {} has seq {}, but the stream's previous \
-                 event (archived or live) has seq {last_seq}",
-                r.position, r.event.seq
+                 event (archived or live) has seq {}",
+                r.position,
+                r.event.seq,
+                seq - 1
             )));
         }
         segments.push(&row.3, r.position)?;
-        last_seq += 1;
     }
     segments.finish()
 }

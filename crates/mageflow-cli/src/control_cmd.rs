@@ -1,0 +1,88 @@
+//! `mageflow cancel|interrupt|suspend|resume|delete|restore|rerun ID`: an operator's command.
+//! On an embedded store the command is carried out by an engine opened on the store for the
+//! purpose (nothing else runs in it: no handlers, no resumes, no compaction); on PostgreSQL +
+//! Redis it is relayed to the orchestrator (`mageflow serve`), which answers once it is durable.
+
+use crate::tiers::{builtins, StoreArgs, Tiers};
+use anyhow::{bail, Context, Result};
+use mageflow::control::{self, ControlOp};
+use mageflow::engine::AutoResume;
+use mageflow::Config;
+use std::time::Duration;
+
+/// How long a relayed command waits for the orchestrator's answer (Redis keeps an answer 60 s).
+const ANSWER_WAIT: Duration = Duration::from_secs(50);
+
+#[derive(clap::Args)]
+pub struct ControlArgs {
+    /// Signature id (`sig_…`), or workflow id (`wf_…`) for its root signature.
+    id: String,
+    /// Cancel only: confirm that the signature, everything under it and their data are to be
+    /// deleted for good (only the audit record stays; it cannot be resumed or rerun).
+    #[arg(long)]
+    confirm: bool,
+    /// Recorded as the actor of the command (the audit trail's "who").
+    #[arg(long, env = "USER", default_value = "cli")]
+    principal: String,
+    #[command(flatten)]
+    tiers: StoreArgs,
+}
+
+pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
+    let target = control::parse_target(&args.id)?;
+    if op == ControlOp::Cancel && !args.confirm {
+        bail!(
+            "refusing to cancel {target} without --confirm: cancel stops it and everything \
+             under it and deletes their task data for good (only the audit record of who \
+             canceled what, and when, stays); a canceled signature cannot be resumed or rerun. \
+             `mageflow interrupt` stops it and keeps it. Nothing was changed."
+        );
+    }
+    let done = match args.tiers.resolve()? {
+        Some(Tiers::Embedded(dir)) => {
+            if !dir.exists() {
+                bail!("no store at {}", dir.display());
+            }
+            let config = Config {
+                workers: 0,
+                principal: args.principal.clone(),
+                auto_resume: AutoResume {
+                    enabled: false,
+                    ..AutoResume::default()
+                },
+                compact_after: None,
+                ..Config::default()
+            };
+            let engine = mageflow::open_embedded(&dir, builtins(), config)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot open the embedded store at {} (if `mageflow serve` runs on it, \
+                         stop it first: an embedded store belongs to one process)",
+                        dir.display()
+                    )
+                })?;
+            let done = control::apply(&engine.handle(), op, target, args.confirm).await;
+            engine.shutdown().await;
+            done?
+        }
+        Some(Tiers::Cluster { .. }) => {
+            let c = args.tiers.cluster(op.name())?;
+            let hot = mageflow::hot::Hot::connect(c.hot.clone())
+                .await
+                .with_context(|| format!("cannot reach Redis at {}", c.hot.url))?;
+            mageflow::cluster::relay_control(
+                &hot,
+                op,
+                target,
+                args.confirm,
+                &args.principal,
+                ANSWER_WAIT,
+            )
+            .await?
+        }
+        None => bail!("`mageflow {op}` needs --store embedded:PATH, or --postgres and --redis"),
+    };
+    println!("{done}");
+    Ok(())
+}
