@@ -63,13 +63,8 @@ fn decode_sled_archive_corpus() {
             [a, b, c, d, events, segment @ ..] => {
                 let raw = u64::from(u32::from_le_bytes([*a, *b, *c, *d]));
                 let at = mageflow::Timestamp::from_micros(0);
-                let record = mageflow::store::encode_archive_record(
-                    u64::from(*events),
-                    raw,
-                    0,
-                    at,
-                    segment,
-                );
+                let record =
+                    mageflow::store::encode_archive_record(u64::from(*events), raw, 0, at, segment);
                 mageflow::store::decode_archive_record(stream, &record).is_ok()
             }
             _ => false,

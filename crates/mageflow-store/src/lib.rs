@@ -14,8 +14,9 @@ mod sled_log;
 pub use memory::MemoryLog;
 pub use segment::{ArchiveInfo, CompactStats};
 pub use sled_log::{
-    block_entries, decode_archive_record, decode_block, encode_archive_record, encode_block, Durability, Entry,
-    RedactStats, SledLog, SledOptions, ARCHIVED_LEN, BLOCK_BYTES_MAX, BLOCK_EVENTS_MAX,
+    block_entries, decode_archive_record, decode_block, encode_archive_record, encode_block,
+    Durability, Entry, RedactStats, SledLog, SledOptions, ARCHIVED_LEN, BLOCK_BYTES_MAX,
+    BLOCK_EVENTS_MAX,
 };
 
 use mageflow_core::{CodecError, Event, WorkflowId};

@@ -789,7 +789,7 @@ impl SledLog {
             )));
         }
         let mut events =
-            segment::decode_segment(stream, h.events, h.raw_bytes, h.segment_crc, &seg, from_seq)?;
+            segment::decode_segment(stream, h.events, h.raw_bytes, h.segment_crc, seg, from_seq)?;
         events.truncate(upto.saturating_sub(from_seq - 1) as usize);
         Ok(events)
     }
