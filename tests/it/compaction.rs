@@ -20,6 +20,7 @@ all_stores!(
 on_cluster!(
     a_compacted_workflow_reads_the_same_and_can_be_rerun,
     finished_workflows_are_compacted_after_the_configured_delay,
+    a_compacted_workflow_survives_a_restart,
 );
 
 #[derive(Deserialize)]

@@ -27,6 +27,7 @@ on_cluster!(
     a_running_task_marked_for_deletion_finishes_and_is_purged_at_expiry,
     rerun_before_expiry_restores_and_runs_again,
     rerun_and_purge_race_and_exactly_one_wins,
+    a_purge_due_while_stopped_happens_after_restart,
 );
 
 /// `cleanup` reports the `mageflow_cleanup` field it receives.

@@ -5,6 +5,7 @@
 use anyhow::{anyhow, bail, Context as _, Result};
 use mageflow::core::Node;
 use mageflow::core::NodeIndex;
+use mageflow::engine::RecoveryReport;
 use mageflow::{Config, Engine, Event, Handle, Registry, TaskFailure, Workflow, WorkflowId};
 use serde_json::Value;
 use std::future::Future;
@@ -68,77 +69,128 @@ pub enum Store {
 const REDIS_URL_ENV: &str = "MAGEFLOW_TEST_REDIS";
 const REDIS_URL_DEFAULT: &str = "redis://127.0.0.1:6379";
 
-/// A deployment for one scenario: orchestrator + projector + report intake, and a worker
-/// runtime in this process. Its schema and Redis keys are removed afterwards.
-pub struct ClusterEnv {
-    cluster: Option<mageflow::cluster::Cluster>,
-    worker: Option<(
-        tokio_util::sync::CancellationToken,
-        tokio::task::JoinHandle<()>,
-    )>,
-    _schema: PgSchema,
+/// Where one scenario's deployment lives: a PostgreSQL schema and a Redis key prefix of its own.
+/// Orchestrators and worker runtimes can be started on it more than once ([`Deployment::start`]:
+/// a restart); its Redis keys and its schema are removed when it is dropped.
+pub struct Deployment {
+    cluster: mageflow::cluster::ClusterConfig,
+    /// Starts so far: each worker runtime gets an id of its own, like a new process would.
+    starts: std::sync::atomic::AtomicU32,
+    /// Declared last: the schema is dropped after the Redis keys are cleared.
+    schema: PgSchema,
 }
 
-impl ClusterEnv {
-    async fn start(registry: Registry, config: Config) -> Result<Self> {
+impl Deployment {
+    pub fn new() -> Self {
         let schema = PgSchema::new();
         let redis = std::env::var(REDIS_URL_ENV).unwrap_or_else(|_| REDIS_URL_DEFAULT.into());
         let prefix = format!("mf:it:{}:", schema.name);
-        let mut c =
-            mageflow::cluster::ClusterConfig::new(schema.url.clone(), redis.clone(), &prefix);
-        c.pg.schema = Some(schema.name.clone());
-        // Short leases: a job whose handler was abandoned runs again soon.
-        c.hot.lease = Duration::from_secs(2);
+        let mut cluster = mageflow::cluster::ClusterConfig::new(schema.url.clone(), redis, &prefix);
+        cluster.pg.schema = Some(schema.name.clone());
+        // Short leases: a job whose handler was abandoned (its worker stopped) runs again soon.
+        cluster.hot.lease = Duration::from_secs(2);
+        Self {
+            cluster,
+            starts: Default::default(),
+            schema,
+        }
+    }
+
+    /// Start an orchestrator (projector, report intake) and a worker runtime in this process on
+    /// this deployment. `config.workers` is the worker runtime's concurrency; 0 starts no worker
+    /// runtime (record-only, as on the log backends: the orchestrator still hands jobs to Redis,
+    /// and they wait there for the next start's workers).
+    pub async fn start(&self, registry: Registry, config: Config) -> Result<ClusterEnv> {
+        let n = self
+            .starts
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
         let worker_config = mageflow::engine::worker::WorkerConfig {
-            worker_id: "it-worker".into(),
+            worker_id: format!("it-worker-{n}"),
             concurrency: config.workers,
             grace: config.grace,
             ..Default::default()
         };
-        let hot = c.hot.clone();
-        let cluster = mageflow::cluster::open_cluster(c, registry.clone(), config)
-            .await
-            .with_context(|| {
-                format!(
-                    "this test needs PostgreSQL at {} and Redis at {redis} ({REDIS_URL_ENV}); \
+        let records_only = config.workers == 0;
+        let cluster =
+            mageflow::cluster::open_cluster(self.cluster.clone(), registry.clone(), config)
+                .await
+                .with_context(|| {
+                    format!(
+                        "this test needs PostgreSQL at {} and Redis at {} ({REDIS_URL_ENV}); \
                      start Redis with: redis-server --daemonize yes",
-                    schema.url
-                )
-            })?;
-        let stop = tokio_util::sync::CancellationToken::new();
-        let worker = {
-            let stop = stop.clone();
-            tokio::spawn(async move {
+                        self.schema.url, self.cluster.hot.url
+                    )
+                })?;
+        let worker = (!records_only).then(|| {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let hot = self.cluster.hot.clone();
+            let token = stop.clone();
+            let job = tokio::spawn(async move {
                 if let Err(e) =
-                    mageflow::cluster::run_worker_process(hot, registry, worker_config, stop).await
+                    mageflow::cluster::run_worker_process(hot, registry, worker_config, token).await
                 {
                     eprintln!("the scenario's worker runtime failed: {e}");
                 }
+            });
+            (stop, job)
+        });
+        Ok(ClusterEnv { cluster, worker })
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        // On a thread of its own with its own runtime: drops run inside the test's runtime.
+        let hot = self.cluster.hot.clone();
+        let cleared = std::thread::spawn(move || -> Result<u64> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let hot = mageflow::hot::Hot::connect(hot).await?;
+                Ok(hot.clear().await?)
             })
-        };
-        Ok(Self {
-            cluster: Some(cluster),
-            worker: Some((stop, worker)),
-            _schema: schema,
         })
+        .join();
+        match cleared {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("could not clear the test's Redis keys: {e}"),
+            Err(_) => eprintln!("the thread clearing the test's Redis keys panicked"),
+        }
+    }
+}
+
+/// One start on a [`Deployment`]: the orchestrator (engine, projector, report intake) and the
+/// worker runtime taking its jobs from Redis, in this process so the scenario's handlers and
+/// channels still work.
+pub struct ClusterEnv {
+    cluster: mageflow::cluster::Cluster,
+    worker: Option<(
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+impl ClusterEnv {
+    fn handle(&self) -> Handle {
+        self.cluster.handle()
     }
 
-    fn handle(&self) -> Option<Handle> {
-        self.cluster.as_ref().map(|c| c.handle())
+    fn recovery(&self) -> &RecoveryReport {
+        self.cluster.engine().recovery()
     }
 
-    async fn shutdown(mut self) {
-        if let Some((stop, worker)) = self.worker.take() {
+    /// Stop the worker runtime, then the orchestrator: the whole deployment goes down, as in a
+    /// reboot. The worker gives running handlers `grace`, then abandons them without a report:
+    /// their jobs stay in Redis, leased to a worker that is gone, and reappear to the next
+    /// start's workers once the lease expires. Redis keeps everything else.
+    async fn shutdown(self) {
+        if let Some((stop, worker)) = self.worker {
             stop.cancel();
             let _ = worker.await;
         }
-        if let Some(c) = self.cluster.take() {
-            let hot = c.hot().clone();
-            c.shutdown().await;
-            if let Err(e) = hot.clear().await {
-                eprintln!("could not clear the test's Redis keys: {e}");
-            }
-        }
+        self.cluster.shutdown().await;
     }
 }
 
@@ -204,12 +256,17 @@ pub fn config() -> Config {
     }
 }
 
-/// Where one scenario's log lives; engines can be started on it more than once (recovery).
+/// Where one scenario's log lives; engines can be started on it more than once (recovery). On
+/// [`Store::Cluster`] a start is a new orchestrator and a new worker runtime on the same
+/// deployment (same schema, same Redis keys), and a shutdown stops both.
 pub struct Backend {
     store: Store,
     dir: tempfile::TempDir,
     memory: Arc<mageflow::store::MemoryLog>,
-    schema: PgSchema,
+    /// Only for [`Store::Postgres`].
+    schema: Option<PgSchema>,
+    /// Only for [`Store::Cluster`].
+    deployment: Option<Deployment>,
 }
 
 impl Backend {
@@ -218,18 +275,50 @@ impl Backend {
             store,
             dir: tempfile::tempdir()?,
             memory: Arc::new(mageflow::store::MemoryLog::new()),
-            schema: PgSchema::new(),
+            schema: (store == Store::Postgres).then(PgSchema::new),
+            deployment: (store == Store::Cluster).then(Deployment::new),
         })
     }
 
     /// Start an engine on this backend's log (the same log every time).
-    pub async fn start(&self, registry: Registry, config: Config) -> Result<Engine> {
-        Ok(match self.store {
-            Store::Memory => Engine::start(self.memory.clone(), registry, config).await?,
-            Store::Sled => mageflow::open_embedded(self.dir.path(), registry, config).await?,
-            Store::Postgres => self.schema.open(registry, config).await?,
-            Store::Cluster => bail!("restart scenarios run on the log backends, not on_cluster"),
-        })
+    pub async fn start(&self, registry: Registry, config: Config) -> Result<Started> {
+        let running = match (self.store, &self.schema, &self.deployment) {
+            (Store::Memory, _, _) => {
+                Running::Engine(Engine::start(self.memory.clone(), registry, config).await?)
+            }
+            (Store::Sled, _, _) => {
+                Running::Engine(mageflow::open_embedded(self.dir.path(), registry, config).await?)
+            }
+            (Store::Postgres, Some(schema), _) => {
+                Running::Engine(schema.open(registry, config).await?)
+            }
+            (Store::Cluster, _, Some(deployment)) => {
+                Running::Cluster(deployment.start(registry, config).await?)
+            }
+            (store, _, _) => bail!("no log for {store:?}"),
+        };
+        Ok(Started(running))
+    }
+}
+
+/// What [`Backend::start`] started: an engine, or an orchestrator and its worker runtime.
+pub struct Started(Running);
+
+impl Started {
+    pub fn handle(&self) -> Handle {
+        self.0.handle()
+    }
+
+    /// What the engine (the orchestrator, on the deployment) recovered from the log.
+    pub fn recovery(&self) -> &RecoveryReport {
+        match &self.0 {
+            Running::Engine(e) => e.recovery(),
+            Running::Cluster(c) => c.recovery(),
+        }
+    }
+
+    pub async fn shutdown(self) {
+        self.0.shutdown().await
     }
 }
 
@@ -238,11 +327,28 @@ pub struct Env {
     engine: Running,
     _dir: Option<tempfile::TempDir>,
     _schema: Option<PgSchema>,
+    _deployment: Option<Deployment>,
 }
 
 enum Running {
     Engine(Engine),
     Cluster(ClusterEnv),
+}
+
+impl Running {
+    fn handle(&self) -> Handle {
+        match self {
+            Running::Engine(e) => e.handle(),
+            Running::Cluster(c) => c.handle(),
+        }
+    }
+
+    async fn shutdown(self) {
+        match self {
+            Running::Engine(e) => e.shutdown().await,
+            Running::Cluster(c) => c.shutdown().await,
+        }
+    }
 }
 
 impl Env {
@@ -256,6 +362,7 @@ impl Env {
                 engine: Running::Engine(mageflow::open_in_memory(registry, config).await?),
                 _dir: None,
                 _schema: None,
+                _deployment: None,
             },
             Store::Sled => {
                 let dir = tempfile::tempdir()?;
@@ -265,6 +372,7 @@ impl Env {
                     ),
                     _dir: Some(dir),
                     _schema: None,
+                    _deployment: None,
                 }
             }
             Store::Postgres => {
@@ -273,31 +381,27 @@ impl Env {
                     engine: Running::Engine(schema.open(registry, config).await?),
                     _dir: None,
                     _schema: Some(schema),
+                    _deployment: None,
                 }
             }
-            Store::Cluster => Self {
-                engine: Running::Cluster(ClusterEnv::start(registry, config).await?),
-                _dir: None,
-                _schema: None,
-            },
+            Store::Cluster => {
+                let deployment = Deployment::new();
+                Self {
+                    engine: Running::Cluster(deployment.start(registry, config).await?),
+                    _dir: None,
+                    _schema: None,
+                    _deployment: Some(deployment),
+                }
+            }
         })
     }
 
     pub fn handle(&self) -> Handle {
-        match &self.engine {
-            Running::Engine(e) => e.handle(),
-            Running::Cluster(c) => match c.handle() {
-                Some(h) => h,
-                None => unreachable!("a cluster env runs until shutdown consumes it"),
-            },
-        }
+        self.engine.handle()
     }
 
     pub async fn shutdown(self) {
-        match self.engine {
-            Running::Engine(e) => e.shutdown().await,
-            Running::Cluster(c) => c.shutdown().await,
-        }
+        self.engine.shutdown().await
     }
 }
 

@@ -296,14 +296,25 @@ async fn run_job(
         config.grace,
     );
     // The renewal ends with the run; a revoke it notices fires the token, and the handler gets
-    // its grace period like any stopped handler.
-    let renewal = tokio::spawn(renew);
+    // its grace period like any stopped handler. It also ends when the run is dropped (a handler
+    // abandoned at shutdown): else it would go on renewing the lease of a job nobody runs, and
+    // no other worker could ever take it over.
+    let renewal = AbortOnDrop(tokio::spawn(renew));
     let result = run.await;
-    renewal.abort();
+    drop(renewal);
     match result {
         Some(Ok(v)) => Outcome::Succeeded(v),
         Some(Err(f)) => Outcome::Failed(f),
         None => Outcome::Stopped,
+    }
+}
+
+/// Aborts its task when dropped (a spawned task outlives the future that spawned it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
