@@ -1512,6 +1512,13 @@ impl Orchestrator {
                 continue;
             }
             let registry = self.registry.clone();
+            if !idempotent && matches!(action, Action::Core(Op::Create { .. })) {
+                // A non-idempotent creation has a fresh id (UUIDv7, made by the caller's
+                // handle): it has no stream yet, so the log is not asked (on PostgreSQL that
+                // was a round trip per workflow, on the orchestrator's one thread). Were the
+                // stream there after all, the append's expected version 0 would conflict.
+                self.hot.entry(wf).or_insert_with(|| Workflow::empty(wf));
+            }
             let state = match self.load(wf) {
                 Ok(s) => s,
                 Err(e) => {
