@@ -230,7 +230,7 @@ fn key_position(key: &[u8]) -> Result<u64> {
     Ok(u64::from_be_bytes(arr))
 }
 
-/// Key of a stream's archive record or snapshot.
+/// Key `prefix ++ stream` (a stream's snapshot: `s ++ stream`).
 fn stream_key(prefix: u8, stream: WorkflowId) -> [u8; 17] {
     let mut k = [0u8; 17];
     k[0] = prefix;
