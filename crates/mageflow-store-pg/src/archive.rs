@@ -43,7 +43,7 @@
 //! synchronous (unlike compaction's): an acknowledged redaction stays done.
 
 use crate::copy::{decode_row, Row};
-use mageflow_core::{codec, Event, NodeIndex, Redactor, Timestamp, WorkflowId};
+use mageflow_core::{Event, NodeIndex, Redactor, Timestamp, WorkflowId};
 use mageflow_store::{segment, Error, Result};
 use sqlx::postgres::PgPool;
 use sqlx::PgConnection;
@@ -475,14 +475,6 @@ async fn redact_in_transaction(
     Ok(Ok(stats))
 }
 
-fn encode_error(event: &Event, source: codec::CodecError) -> Error {
-    Error::Encode {
-        stream: event.stream,
-        seq: event.seq,
-        source,
-    }
-}
-
 /// Redact the stream's archived events (checked like a read, segments dense from seq 1) then
 /// its live rows (checked like a read, seqs continuing densely after the archive), in seq
 /// order. Unchanged events keep their stored bytes; unchanged segments are not rewritten.
@@ -508,14 +500,7 @@ fn plan_redaction(
             ));
         }
         last_seq = h.last_seq();
-        let rewritten = segment::rewrite(stream, &h, &row.4, |mut event| {
-            if !redactor.redact(&mut event) {
-                return Ok(None);
-            }
-            codec::encode(&event)
-                .map(Some)
-                .map_err(|e| encode_error(&event, e))
-        })?;
+        let rewritten = segment::redact(stream, &h, &row.4, &mut redactor)?;
         if let Some((h, bytes, changed)) = rewritten {
             plan.archived_changed += changed;
             plan.segments.push((h, bytes));
@@ -531,9 +516,7 @@ fn plan_redaction(
             )));
         }
         last_seq += 1;
-        let mut event = r.event;
-        if redactor.redact(&mut event) {
-            let payload = codec::encode(&event).map_err(|e| encode_error(&event, e))?;
+        if let Some(payload) = mageflow_store::redact_encoded(&mut redactor, r.event)? {
             let crc = crc32fast::hash(&payload) as i32;
             plan.rows.push((row.0, payload, crc));
         }
@@ -550,7 +533,7 @@ pub(crate) fn check_segment(stream: WorkflowId, row: &Segment) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mageflow_core::{Actor, Payload, SCHEMA_VERSION};
+    use mageflow_core::{codec, Actor, Payload, SCHEMA_VERSION};
 
     fn event(stream: WorkflowId, seq: u64) -> Event {
         Event {

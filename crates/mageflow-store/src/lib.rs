@@ -134,6 +134,24 @@ pub trait EventLog: Send + Sync + 'static {
     }
 }
 
+/// Feed the stream's next event to `redactor` ([`mageflow_core::Redactor`], events in seq
+/// order); if it changed, its new stored bytes. Every backend's redaction goes through here.
+pub fn redact_encoded(
+    redactor: &mut mageflow_core::Redactor<'_>,
+    mut event: Event,
+) -> Result<Option<Vec<u8>>> {
+    if !redactor.redact(&mut event) {
+        return Ok(None);
+    }
+    mageflow_core::codec::encode(&event)
+        .map(Some)
+        .map_err(|source| Error::Encode {
+            stream: event.stream,
+            seq: event.seq,
+            source,
+        })
+}
+
 /// The future an `append` returns once its job was (`sent`) or could not be handed to a
 /// committer: the committer's answer, or `Error::Closed`.
 pub fn committed_reply(

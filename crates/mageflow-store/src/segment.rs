@@ -289,14 +289,15 @@ impl Segmenter {
     }
 }
 
-/// Re-encode a segment with some events replaced (a redaction): `change` gets each event in
-/// seq order and returns its new bytes, or `None` to keep the stored ones. Returns the new
-/// segment and how many events changed (`None` if none did).
-pub fn rewrite(
+/// Redact a stored segment: its events go through `redactor` in seq order (the stream's
+/// earlier events must have gone through it first); changed ones are re-encoded, the others
+/// keep their stored bytes. Returns the new segment and how many events changed (`None` if
+/// none did).
+pub fn redact(
     stream: WorkflowId,
     header: &SegmentHeader,
     bytes: &[u8],
-    mut change: impl FnMut(Event) -> Result<Option<Vec<u8>>>,
+    redactor: &mut mageflow_core::Redactor<'_>,
 ) -> Result<Option<(SegmentHeader, Vec<u8>, u64)>> {
     header.check(stream)?;
     let raw = raw_segment(stream, header.raw_bytes, header.crc32, bytes)?;
@@ -305,7 +306,7 @@ pub fn rewrite(
     let mut changed = 0;
     for (i, frame) in frames.iter().enumerate() {
         let event = decode_frame(stream, header.first_seq + i as u64, frame)?;
-        let new = change(event)?;
+        let new = crate::redact_encoded(redactor, event)?;
         let bytes = new.as_deref().unwrap_or(frame);
         changed += u64::from(new.is_some());
         out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());

@@ -179,10 +179,7 @@ impl Shared {
     /// `stream`'s archive segments in seq order, headers checked, seqs dense from 1.
     fn segments(&self, stream: WorkflowId) -> Result<Vec<(StoredSegment, sled::IVec)>> {
         let mut out: Vec<(StoredSegment, sled::IVec)> = Vec::new();
-        let mut prefix = [0u8; 17];
-        prefix[0] = ARCHIVE_PREFIX;
-        prefix[1..].copy_from_slice(stream.as_bytes());
-        for entry in self.tree.scan_prefix(prefix) {
+        for entry in self.tree.scan_prefix(stream_key(ARCHIVE_PREFIX, stream)) {
             let (k, v) = entry.map_err(storage)?;
             let (_, first_seq) = parse_segment_key(&k)?;
             let next = out.last().map_or(1, |(s, _)| s.header.last_seq() + 1);
@@ -230,7 +227,7 @@ fn key_position(key: &[u8]) -> Result<u64> {
     Ok(u64::from_be_bytes(arr))
 }
 
-/// Key `prefix ++ stream` (a stream's snapshot: `s ++ stream`).
+/// Key `prefix ++ stream`: a stream's snapshot (`s`), the prefix of its archive segments (`a`).
 fn stream_key(prefix: u8, stream: WorkflowId) -> [u8; 17] {
     let mut k = [0u8; 17];
     k[0] = prefix;
@@ -242,8 +239,7 @@ fn stream_key(prefix: u8, stream: WorkflowId) -> [u8; 17] {
 /// segments sort by their first seq).
 fn segment_key(stream: WorkflowId, first_seq: u64) -> [u8; 25] {
     let mut k = [0u8; 25];
-    k[0] = ARCHIVE_PREFIX;
-    k[1..17].copy_from_slice(stream.as_bytes());
+    k[..17].copy_from_slice(&stream_key(ARCHIVE_PREFIX, stream));
     k[17..].copy_from_slice(&first_seq.to_be_bytes());
     k
 }
@@ -1327,22 +1323,11 @@ impl Committer {
         if archived > 0 {
             for (seg, value) in self.shared.segments(stream)? {
                 let first_seq = seg.header.first_seq;
-                let rewritten = segment::rewrite(
+                let rewritten = segment::redact(
                     stream,
                     &seg.header,
                     &value[ARCHIVE_HEADER_BYTES..],
-                    |mut event| {
-                        if !redactor.redact(&mut event) {
-                            return Ok(None);
-                        }
-                        codec::encode(&event)
-                            .map(Some)
-                            .map_err(|source| Error::Encode {
-                                stream,
-                                seq: event.seq,
-                                source,
-                            })
-                    },
+                    &mut redactor,
                 )?;
                 if let Some((header, bytes, changed)) = rewritten {
                     let record = StoredSegment { header, ..seg }.encode(&bytes);
@@ -1367,20 +1352,11 @@ impl Committer {
                 if e.stream != stream {
                     return Ok(Change::Keep);
                 }
-                let seq = i as u64 + 1;
                 check_position(&positions, i, e)?;
                 i += 1;
-                let mut event = decode_entry(&bytes, e)?;
-                if !redactor.redact(&mut event) {
-                    return Ok(Change::Keep);
-                }
-                codec::encode(&event)
-                    .map(Change::Replace)
-                    .map_err(|source| Error::Encode {
-                        stream,
-                        seq,
-                        source,
-                    })
+                let event = decode_entry(&bytes, e)?;
+                Ok(crate::redact_encoded(&mut redactor, event)?
+                    .map_or(Change::Keep, Change::Replace))
             })?;
             let Some((rewritten, changed)) = rewritten else {
                 continue;
