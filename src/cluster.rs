@@ -15,7 +15,9 @@ use crate::control::{self, ControlAnswer, ControlOp};
 use crate::{Config, Engine, Error, Handle, Registry, Result};
 use mageflow_core::{SignatureId, WorkflowId};
 use mageflow_engine::worker::{self, Job, JobSource, Outcome, WorkerConfig, WorkerStats};
-use mageflow_engine::{Dispatch, Sig, SubmitAnswer, TaskFailure, WireError, WorkerLink};
+use mageflow_engine::{
+    Dispatch, PositionFloor, Sig, SubmitAnswer, TaskFailure, WireError, WorkerLink,
+};
 use mageflow_hot::{Hot, HotConfig, JobKey, Projector, ProjectorStats, Report, ReportOutcome};
 use mageflow_store::BoxFuture;
 use mageflow_store_pg::{PgLog, PgOptions};
@@ -99,10 +101,18 @@ pub async fn open_cluster(
     config.dispatch = Dispatch::Remote {
         window: cluster.window.max(1),
     };
-    let engine = Engine::start(log.clone(), registry, config).await?;
-    let stop = CancellationToken::new();
     let projector = Projector::new(hot.clone(), log.clone());
     let projector_stats = projector.stats();
+    // The projector tails the live log: the old history of running workflows is compacted only
+    // once it has projected it.
+    let projected = projector_stats.clone();
+    config.compaction_floor = Some(PositionFloor(Arc::new(move || {
+        projected
+            .position
+            .load(std::sync::atomic::Ordering::Relaxed)
+    })));
+    let engine = Engine::start(log.clone(), registry, config).await?;
+    let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     {
         let stop = stop.clone();

@@ -2,25 +2,32 @@
 //! log's compressed archive with a snapshot of its final state (`Handle::compact`, and the job
 //! `Config::compact_after` runs). Its history and state read the same afterwards, it can be
 //! deleted and rerun (its new events are compacted into the same archive later), and it
-//! survives a restart. The in-memory log cannot compact and says so (`None`).
+//! survives a restart. The old history of a running workflow is compacted too
+//! (`Handle::compact_history`): it reads the same, survives a restart and a rebuilt hot tier,
+//! and finishes. The in-memory log cannot compact and says so (`None`).
 
-use crate::support::{config, wait_until, Backend, Env, Store};
+use crate::support::{config, wait_until, Backend, Env, Gate, Store};
 use anyhow::{Context as _, Result};
-use mageflow::{chain, sign, swarm, Config, Registry, Status, TaskFailure};
+use mageflow::engine::{HistoryCompaction, PositionFloor};
+use mageflow::{chain, sign, swarm, Config, Payload, Registry, Status, TaskFailure};
 use serde::Deserialize;
 use serde_json::json;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
 use std::time::Duration;
 
 all_stores!(
     a_compacted_workflow_reads_the_same_and_can_be_rerun,
     finished_workflows_are_compacted_after_the_configured_delay,
     a_compacted_workflow_survives_a_restart,
+    the_old_history_of_a_running_workflow_is_compacted,
 );
 on_cluster!(
     a_compacted_workflow_reads_the_same_and_can_be_rerun,
     finished_workflows_are_compacted_after_the_configured_delay,
     a_compacted_workflow_survives_a_restart,
+    the_old_history_of_a_running_workflow_is_compacted,
 );
 
 #[derive(Deserialize)]
@@ -159,6 +166,117 @@ async fn a_compacted_workflow_survives_a_restart(store: Store) -> Result<()> {
     })
     .await?;
     assert_eq!(rerun.nodes[0].outcome, live.nodes[0].outcome);
+    engine.shutdown().await;
+    Ok(())
+}
+
+/// A swarm of 40 tasks, 30 done and 10 still running (held at a gate), has its old history
+/// moved into the archive while it runs: its events and state read the same, the tasks held
+/// while their `started` events were archived still finish — after a restart, and on the
+/// deployment after the hot tier was wiped and rebuilt from the live log alone — and each task
+/// succeeds exactly once.
+async fn the_old_history_of_a_running_workflow_is_compacted(store: Store) -> Result<()> {
+    const ITEMS: usize = 40;
+    const HELD: usize = 10;
+    let gate = Gate::new();
+    let registry = || {
+        let mut tasks = Registry::new();
+        let gate = gate.clone();
+        tasks.task("held", move |i: Double, _ctx| {
+            let gate = gate.clone();
+            async move {
+                gate.pass().await?;
+                Ok::<_, TaskFailure>(i.x)
+            }
+        });
+        tasks
+    };
+    let settings = HistoryCompaction {
+        live_events_over: 20,
+        keep_live: 5,
+        every: Duration::from_secs(1),
+    };
+    // What the test lets the compaction reach (the deployment sets its projector's position).
+    let floor = Arc::new(AtomicU64::new(0));
+    let config = || Config {
+        compact_after: None,
+        compact_history: None,
+        compaction_floor: Some(PositionFloor({
+            let floor = floor.clone();
+            Arc::new(move || floor.load(SeqCst))
+        })),
+        ..config()
+    };
+    let done = |w: &mageflow::Workflow| {
+        w.nodes
+            .iter()
+            .filter(|n| n.spec.task_name() == Some("held") && n.status == Status::Done)
+            .count()
+    };
+    let backend = Backend::new(store)?;
+    let engine = backend.start(registry(), config()).await?;
+    let h = engine.handle();
+    let wf = h
+        .submit(
+            swarm((0..ITEMS as i64).map(|x| sign("held").kwarg("x", x))),
+            json!({}),
+        )
+        .await?;
+    gate.open(ITEMS - HELD);
+    let running = wait_until(&h, wf, |w| {
+        done(w) == ITEMS - HELD && w.nodes.iter().filter(|n| n.in_flight).count() == HELD
+    })
+    .await?;
+    let history = h.history(wf)?;
+    let version = running.version;
+    assert_eq!(history.len() as u64, version);
+
+    if store != Store::Cluster {
+        // Nothing moves before the floor has reached the log's head.
+        let pass = h.compact_history(&settings).await?;
+        assert_eq!((pass.candidates, pass.deferred), (1, 1), "{pass:?}");
+        assert_eq!(h.stats().compaction.events.load(SeqCst), 0);
+        floor.store(u64::MAX, SeqCst);
+    }
+    let pass = h.compact_history(&settings).await?;
+    assert_eq!(pass.candidates, 1, "{pass:?}");
+    if store == Store::Memory {
+        assert_eq!((pass.compacted, pass.deferred), (0, 1), "{pass:?}");
+        engine.shutdown().await;
+        return Ok(());
+    }
+    assert_eq!(pass.compacted, 1, "{pass:?}");
+    assert_eq!(pass.events, version - settings.keep_live, "{pass:?}");
+    let stats = &h.stats().compaction;
+    assert_eq!(stats.running_workflows.load(SeqCst), 1);
+    assert_eq!(stats.workflows.load(SeqCst), 0);
+    assert_eq!(h.history(wf)?, history);
+    assert_eq!(h.workflow(wf).await?, running);
+    // Fewer live events than the threshold now: nothing to do.
+    assert_eq!(h.compact_history(&settings).await?.candidates, 0);
+
+    // The hot tier rebuilt from the live log: the held tasks' jobs come back although their
+    // `started` events are in the archive.
+    engine.flush_hot().await?;
+    drop(h);
+    engine.shutdown().await;
+
+    let engine = backend.start(registry(), config()).await?;
+    let h = engine.handle();
+    assert_eq!(h.history(wf)?[..history.len()], history[..]);
+    gate.open(2 * HELD);
+    let finished = h.wait(wf).await?;
+    assert_eq!(done(&finished), ITEMS);
+    let mut succeeded = std::collections::BTreeMap::new();
+    for e in h.history(wf)? {
+        if let Payload::Succeeded { node, .. } = e.payload {
+            if finished.nodes[node as usize].spec.task_name() == Some("held") {
+                *succeeded.entry(node).or_insert(0) += 1;
+            }
+        }
+    }
+    assert_eq!(succeeded.len(), ITEMS, "{succeeded:?}");
+    assert!(succeeded.values().all(|n| *n == 1), "{succeeded:?}");
     engine.shutdown().await;
     Ok(())
 }

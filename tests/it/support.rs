@@ -320,6 +320,23 @@ impl Started {
     pub async fn shutdown(self) {
         self.0.shutdown().await
     }
+
+    /// On the deployment: delete the hot tier's keys (what `FLUSHALL` does to it) and wait
+    /// until the projector has started rebuilding it from the log. `false` elsewhere (no hot
+    /// tier).
+    pub async fn flush_hot(&self) -> Result<bool> {
+        let Running::Cluster(c) = &self.0 else {
+            return Ok(false);
+        };
+        let stats = c.cluster.projector_stats().clone();
+        let rebuilds = || stats.rebuilds.load(std::sync::atomic::Ordering::SeqCst);
+        let before = rebuilds();
+        c.cluster.hot().clear().await?;
+        while rebuilds() == before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(true)
+    }
 }
 
 /// One engine on a fresh log of the given kind, through the public constructors.

@@ -238,6 +238,7 @@ async fn log_status(c: &cluster::Cluster) {
         hot_reads_hit = hits,
         hot_reads_missed = misses,
         workflows_compacted = k.workflows.load(Ordering::Relaxed),
+        running_workflows_compacted = k.running_workflows.load(Ordering::Relaxed),
         compacted_raw_bytes = k.raw_bytes.load(Ordering::Relaxed),
         compacted_stored_bytes = k.compressed_bytes.load(Ordering::Relaxed),
         "status"

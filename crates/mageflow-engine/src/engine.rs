@@ -105,6 +105,49 @@ pub struct Config {
     /// touched again (read, rerun, resumed) is loaded back from the archive. `None`: never
     /// (callers can still use [`Handle::compact`]). Default: 5 minutes.
     pub compact_after: Option<Duration>,
+    /// Compact the old history of workflows that are still running (`None`: only finished
+    /// workflows are compacted). Default: on (see [`HistoryCompaction`]).
+    pub compact_history: Option<HistoryCompaction>,
+    /// The highest log position the compaction of running workflows may move events from. Set
+    /// it when something tails the live log with `EventLog::read_all` (which serves no archived
+    /// event) and must see every event first — the hot-tier projector of a deployment. `None`:
+    /// no such reader (the log's head).
+    pub compaction_floor: Option<PositionFloor>,
+}
+
+/// When the compaction job moves the old history of a running workflow into the archive (no
+/// snapshot: the workflow is not done). Reads, recovery and the hot tier see the same events
+/// and state afterwards; what it saves is the live log's size (and PostgreSQL's index) for
+/// workflows that run long or grow large, such as a swarm of a million tasks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryCompaction {
+    /// A running workflow is compacted once this many of its events are live (not archived).
+    pub live_events_over: u64,
+    /// Its newest events that stay live (at least 1: recovery finds a running workflow by its
+    /// live events).
+    pub keep_live: u64,
+    /// How often the job looks for such workflows.
+    pub every: Duration,
+}
+
+impl Default for HistoryCompaction {
+    fn default() -> Self {
+        Self {
+            live_events_over: 50_000,
+            keep_live: 1_000,
+            every: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A log position read when it is needed ([`Config::compaction_floor`]).
+#[derive(Clone)]
+pub struct PositionFloor(pub Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl std::fmt::Debug for PositionFloor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PositionFloor({})", (self.0)())
+    }
 }
 
 /// What [`Engine::start`] does with the unfinished work it finds in the log (see
@@ -183,6 +226,8 @@ impl Default for Config {
             auto_resume: AutoResume::default(),
             redact_canceled: true,
             compact_after: Some(crate::compaction::COMPACT_AFTER_DEFAULT),
+            compact_history: Some(HistoryCompaction::default()),
+            compaction_floor: None,
         }
     }
 }
@@ -333,6 +378,12 @@ enum Request {
         f: Inspector,
         reply: oneshot::Sender<Result<Box<dyn Any + Send>>>,
     },
+    /// The unfinished workflows whose version is at least `min_version`, with that version
+    /// (the compaction of running workflows' old history).
+    Long {
+        min_version: u64,
+        reply: oneshot::Sender<Vec<(WorkflowId, u64)>>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -349,6 +400,9 @@ pub struct Handle {
     stats: Arc<Stats>,
     actor: Actor,
     config: Arc<Config>,
+    /// Per running workflow, the seq up to which this process moved its history into the
+    /// archive (the compaction of running workflows).
+    archived_to: Arc<std::sync::Mutex<HashMap<WorkflowId, u64>>>,
 }
 
 /// A running engine: orchestrator plus in-process workers.
@@ -356,7 +410,7 @@ pub struct Engine {
     handle: Handle,
     task: tokio::task::JoinHandle<()>,
     recovery: RecoveryReport,
-    /// The compaction job, if `Config::compact_after` is set.
+    /// The compaction job, if `Config::compact_after` or `Config::compact_history` is set.
     compactor: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
@@ -378,6 +432,7 @@ impl Engine {
             stats: stats.clone(),
             actor: Actor::api(config.principal.clone()),
             config: Arc::new(config.clone()),
+            archived_to: Arc::default(),
         };
         let mut orch = Orchestrator {
             log,
@@ -408,9 +463,11 @@ impl Engine {
         };
         let recovery = orch.recover().await?;
         let task = tokio::spawn(orch.run(rx));
-        let compactor = handle.config.compact_after.map(|after| {
+        let compactor = (handle.config.compact_after.is_some()
+            || handle.config.compact_history.is_some())
+        .then(|| {
             let stop = CancellationToken::new();
-            let job = crate::compaction::run(compact_rx, handle.clone(), after, stop.clone());
+            let job = crate::compaction::run(compact_rx, handle.clone(), stop.clone());
             (stop, tokio::spawn(job))
         });
         Ok(Engine {
@@ -472,6 +529,11 @@ impl Handle {
 
     pub fn log(&self) -> &Arc<dyn EventLog> {
         &self.log
+    }
+
+    /// The settings the engine was started with.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     async fn call<T>(&self, req: Request, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
@@ -760,6 +822,31 @@ impl Handle {
     /// compact.
     pub async fn compact(&self, wf: WorkflowId) -> Result<Option<mageflow_store::CompactStats>> {
         crate::compaction::compact(self, wf).await
+    }
+
+    /// Compact the old history of running workflows now, as `settings` say (what the job does
+    /// every `Config::compact_history.every`): each running workflow with more than
+    /// `live_events_over` live events has all but its newest `keep_live` moved into the archive,
+    /// once `Config::compaction_floor` has passed them.
+    pub async fn compact_history(
+        &self,
+        settings: &crate::engine::HistoryCompaction,
+    ) -> Result<crate::compaction::HistoryPass> {
+        crate::compaction::compact_history(self, settings).await
+    }
+
+    /// The unfinished workflows whose version is at least `min_version`.
+    pub(crate) async fn long_running(&self, min_version: u64) -> Result<Vec<(WorkflowId, u64)>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Long { min_version, reply })
+            .await
+            .map_err(|_| Error::ShutDown)?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    pub(crate) fn archived_to(&self) -> &std::sync::Mutex<HashMap<WorkflowId, u64>> {
+        &self.archived_to
     }
 
     /// Current state of a workflow (durable state: nothing not yet committed).
@@ -1696,6 +1783,15 @@ impl Orchestrator {
                     };
                     step.touched.push(wf);
                     step.replies.push(Reply::Any(reply, res));
+                }
+                Request::Long { min_version, reply } => {
+                    let long = self
+                        .hot
+                        .iter()
+                        .filter(|(_, w)| w.version >= min_version && !w.is_finished())
+                        .map(|(id, w)| (*id, w.version))
+                        .collect();
+                    let _ = reply.send(long);
                 }
                 Request::Shutdown { reply } => {
                     if self.shutdown_at.is_none() {

@@ -11,11 +11,12 @@ mod registry;
 mod sig;
 pub mod worker;
 
-pub use compaction::{CompactionStats, COMPACT_AFTER_DEFAULT};
+pub use compaction::{CompactionStats, HistoryPass, COMPACT_AFTER_DEFAULT};
 pub use context::{TaskContext, WorkerLink};
 pub use engine::{
-    now, AutoResume, Config, Dispatch, Engine, Handle, RecoveryReport, SkippedWorkflow, Stats,
-    StoredResumeReport, INPUT_BYTES_MAX, RECOVERY_CORRUPT_LISTED_MAX,
+    now, AutoResume, Config, Dispatch, Engine, Handle, HistoryCompaction, PositionFloor,
+    RecoveryReport, SkippedWorkflow, Stats, StoredResumeReport, INPUT_BYTES_MAX,
+    RECOVERY_CORRUPT_LISTED_MAX,
 };
 pub use error::{Error, Result, SubmitAnswer, WireError};
 pub use registry::{Registry, TaskDef, TaskFailure};

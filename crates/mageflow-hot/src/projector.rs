@@ -357,6 +357,18 @@ impl Projector {
                 _ => {
                     reloaded = event.seq > 1;
                     let wf = load_until(&*self.log, id, event.seq)?;
+                    // Attempts in flight there may have been started by events this projector
+                    // never saw: the old history of a running workflow is compacted into the
+                    // archive, and a rebuild reads only the live log (`read_all`). Their jobs go
+                    // on the queue as their `started` events would have put them — unless the
+                    // queue has them already (claimed by a worker, say).
+                    for (i, n) in wf.nodes.iter().enumerate() {
+                        if n.in_flight {
+                            let (i, attempt) = (i as u32, n.attempt);
+                            add_job(&mut pipe, &jobs, &jobdata, &wf, i, attempt, now_ms, true)?;
+                            jobs_added += 1;
+                        }
+                    }
                     self.wfs.entry(id).insert_entry(wf).into_mut()
                 }
             };
@@ -407,26 +419,7 @@ impl Projector {
                 }
             }
             if let Some(attempt) = started {
-                let member = JobKey { sig, attempt }.to_string();
-                let data = JobData {
-                    task: after.spec.task_name().unwrap_or_default().to_owned(),
-                    input: wf.effective_input(i),
-                    checkpoint: after.checkpoint.clone(),
-                };
-                let data = serde_json::to_string(&data).map_err(|source| HotError::Encode {
-                    what: "job data",
-                    source,
-                })?;
-                pipe.cmd("ZADD")
-                    .arg(&jobs)
-                    .arg(now_ms)
-                    .arg(&member)
-                    .ignore();
-                pipe.cmd("HSET")
-                    .arg(&jobdata)
-                    .arg(&member)
-                    .arg(data)
-                    .ignore();
+                add_job(&mut pipe, &jobs, &jobdata, wf, i, attempt, now_ms, false)?;
                 jobs_added += 1;
             }
         }
@@ -535,6 +528,51 @@ fn apply(wf: &mut Workflow, event: Event) -> Result<(), mageflow_core::ApplyErro
 }
 
 /// The state of workflow `id` just before its event `seq` (read from the log).
+/// Queue the job of attempt `attempt` of node `i` (it is in flight in `wf`); `if_absent`: leave
+/// a job already queued or claimed as it is.
+#[allow(clippy::too_many_arguments)]
+fn add_job(
+    pipe: &mut redis::Pipeline,
+    jobs: &str,
+    jobdata: &str,
+    wf: &Workflow,
+    i: u32,
+    attempt: u32,
+    now_ms: u64,
+    if_absent: bool,
+) -> Result<(), HotError> {
+    let Some(node) = wf.node(i) else {
+        return Ok(());
+    };
+    let member = JobKey {
+        sig: wf.sig(i),
+        attempt,
+    }
+    .to_string();
+    let data = JobData {
+        task: node.spec.task_name().unwrap_or_default().to_owned(),
+        input: wf.effective_input(i),
+        checkpoint: node.checkpoint.clone(),
+    };
+    let data = serde_json::to_string(&data).map_err(|source| HotError::Encode {
+        what: "job data",
+        source,
+    })?;
+    let (zadd, hset) = if if_absent {
+        (&["NX"][..], "HSETNX")
+    } else {
+        (&[][..], "HSET")
+    };
+    pipe.cmd("ZADD")
+        .arg(jobs)
+        .arg(zadd)
+        .arg(now_ms)
+        .arg(&member)
+        .ignore();
+    pipe.cmd(hset).arg(jobdata).arg(&member).arg(data).ignore();
+    Ok(())
+}
+
 fn load_until(log: &dyn EventLog, id: WorkflowId, seq: u64) -> Result<Workflow, HotError> {
     let mut wf = Workflow::empty(id);
     if seq <= 1 {
