@@ -96,6 +96,8 @@ pub async fn run(
 ) -> Result<String> {
     let r = start(base, worker_processes, 1024).await?;
     let h = r.cluster()?.handle();
+    let workers: Vec<u32> = r.workers.iter().map(Child::id).collect();
+    let cpu0 = cpu_seconds(&workers);
     let t0 = Instant::now();
     let line = match scenario {
         "flat" => {
@@ -188,6 +190,8 @@ pub async fn run(
             SCENARIOS.join(", ")
         ),
     };
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(&workers).since(&cpu0);
     let hot = r.cluster()?.hot().clone();
     let at_end = hot.memory_used().await.unwrap_or(0);
     // Once finished workflows are trimmed (their hot state expires after HOT_DONE_TTL).
@@ -202,9 +206,89 @@ pub async fn run(
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     Ok(format!(
         "{line} store=postgres+redis worker_processes={worker_processes} events_projected={projected} \
-         redis_used_mib_at_end={:.1} redis_used_mib_trimmed={:.1} peak_rss_mib={:.0}",
+         redis_used_mib_at_end={:.1} redis_used_mib_trimmed={:.1} peak_rss_mib={:.0} {}",
         mib(at_end),
         mib(trimmed),
-        crate::bench::peak_rss_mib()
+        crate::bench::peak_rss_mib(),
+        cpu.describe(wall)
     ))
+}
+
+/// CPU time (user + system) used so far by the processes of a deployment on this machine, in
+/// seconds: this process (the orchestrator), the worker processes, every `postgres` process and
+/// every `redis-server` process (other users of the same servers count too). Read from `/proc`;
+/// all zero where there is none.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    orchestrator: f64,
+    workers: f64,
+    postgres: f64,
+    redis: f64,
+}
+
+impl Cpu {
+    fn since(&self, before: &Cpu) -> Cpu {
+        Cpu {
+            orchestrator: self.orchestrator - before.orchestrator,
+            workers: self.workers - before.workers,
+            postgres: self.postgres - before.postgres,
+            redis: self.redis - before.redis,
+        }
+    }
+
+    /// `cpu_s_...=` per process group, and the share of the machine's cores they kept busy
+    /// over `wall` seconds.
+    fn describe(&self, wall: f64) -> String {
+        let total = self.orchestrator + self.workers + self.postgres + self.redis;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        format!(
+            "cpu_s_orchestrator={:.2} cpu_s_workers={:.2} cpu_s_postgres={:.2} cpu_s_redis={:.2} \
+             cpu_busy_share={:.2}",
+            self.orchestrator,
+            self.workers,
+            self.postgres,
+            self.redis,
+            total / (wall * cores).max(f64::MIN_POSITIVE)
+        )
+    }
+}
+
+fn cpu_seconds(workers: &[u32]) -> Cpu {
+    // USER_HZ: the unit of /proc/*/stat times, 100 on Linux's user-space ABI.
+    const TICKS_PER_S: f64 = 100.0;
+    let mut cpu = Cpu::default();
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return cpu;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ...`: comm may hold spaces; fields resume after the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after `state`.
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+        let (Some(user), Some(system)) = (ticks(11), ticks(12)) else {
+            continue;
+        };
+        let secs = (user + system) / TICKS_PER_S;
+        if pid == me {
+            cpu.orchestrator += secs;
+        } else if workers.contains(&pid) {
+            cpu.workers += secs;
+        } else if comm == "postgres" {
+            cpu.postgres += secs;
+        } else if comm == "redis-server" {
+            cpu.redis += secs;
+        }
+    }
+    cpu
 }
