@@ -195,6 +195,8 @@ async fn the_old_history_of_a_running_workflow_is_compacted(store: Store) -> Res
         live_events_over: 20,
         keep_live: 5,
         every: Duration::from_secs(1),
+        // Several `EventLog::compact` calls for the one pass.
+        chunk_events: 7,
     };
     // What the test lets the compaction reach (the deployment sets its projector's position).
     let floor = Arc::new(AtomicU64::new(0));

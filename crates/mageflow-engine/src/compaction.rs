@@ -131,7 +131,7 @@ pub(crate) async fn compact_history(
             let version = log.stream_version(wf)?;
             let done = archived.get(&wf).copied().unwrap_or(0);
             if version.saturating_sub(done) > over && version > keep {
-                targets.push((wf, version - keep));
+                targets.push((wf, done, version - keep));
             }
         }
         Ok::<_, mageflow_store::Error>((targets, log.head()))
@@ -156,20 +156,32 @@ pub(crate) async fn compact_history(
             tokio::time::sleep(FLOOR_POLL).await;
         }
     }
-    for (wf, up_to) in targets {
-        let log = h.log().clone();
-        let Some(c) = blocking(move || log.compact(wf, Some(up_to), None)).await?? else {
-            pass.deferred += 1;
+    for (wf, mut done, target) in targets {
+        let mut moved = CompactStats::default();
+        while done < target {
+            let up_to = target.min(done.saturating_add(settings.chunk_events.max(1)));
+            let log = h.log().clone();
+            let Some(c) = blocking(move || log.compact(wf, Some(up_to), None)).await?? else {
+                break;
+            };
+            done = up_to;
+            h.archived_to()
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(wf, done);
+            moved.events += c.events;
+            moved.segments += c.segments;
+            moved.raw_bytes += c.raw_bytes;
+            moved.compressed_bytes += c.compressed_bytes;
+        }
+        if done < target {
+            pass.deferred += 1; // the log cannot compact
             continue;
-        };
-        h.archived_to()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(wf, up_to);
-        count(h, &c, &h.stats().compaction.running_workflows);
+        }
+        count(h, &moved, &h.stats().compaction.running_workflows);
         pass.compacted += 1;
-        pass.events += c.events;
-        tracing::debug!(%wf, up_to, events = c.events, "old history of a running workflow compacted");
+        pass.events += moved.events;
+        tracing::debug!(%wf, up_to = target, events = moved.events, "old history of a running workflow compacted");
     }
     Ok(pass)
 }

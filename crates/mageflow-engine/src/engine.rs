@@ -128,6 +128,10 @@ pub struct HistoryCompaction {
     pub keep_live: u64,
     /// How often the job looks for such workflows.
     pub every: Duration,
+    /// Events moved by one `EventLog::compact` call at most: a workflow far over the threshold
+    /// (the first pass over a swarm of a million tasks) is compacted in several calls, so no
+    /// call holds more than this many events in memory.
+    pub chunk_events: u64,
 }
 
 impl Default for HistoryCompaction {
@@ -136,6 +140,7 @@ impl Default for HistoryCompaction {
             live_events_over: 50_000,
             keep_live: 1_000,
             every: Duration::from_secs(30),
+            chunk_events: 256 * 1024,
         }
     }
 }

@@ -527,7 +527,6 @@ fn apply(wf: &mut Workflow, event: Event) -> Result<(), mageflow_core::ApplyErro
     wf.apply_owned(event)
 }
 
-/// The state of workflow `id` just before its event `seq` (read from the log).
 /// Queue the job of attempt `attempt` of node `i` (it is in flight in `wf`); `if_absent`: leave
 /// a job already queued or claimed as it is.
 #[allow(clippy::too_many_arguments)]
@@ -573,6 +572,7 @@ fn add_job(
     Ok(())
 }
 
+/// The state of workflow `id` just before its event `seq` (read from the log).
 fn load_until(log: &dyn EventLog, id: WorkflowId, seq: u64) -> Result<Workflow, HotError> {
     let mut wf = Workflow::empty(id);
     if seq <= 1 {
