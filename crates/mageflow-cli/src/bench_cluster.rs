@@ -124,10 +124,18 @@ pub async fn run(
         }
         "fanout" => {
             let n = n.unwrap_or(5_000);
+            // As the embedded `fanout`: every item dispatched at once (the default
+            // max_concurrency, 30, would make it a different scenario), and a success callback
+            // that receives all the results; done once the callback has run.
             let items: Vec<_> = (0..n).map(|_| sign("noop")).collect();
-            let wf = h.submit(swarm(items), json!({})).await?;
+            let s = swarm(items)
+                .max_concurrency(n.max(1))
+                .on_success(sign("noop"));
+            let wf = h.submit(s, json!({})).await?;
             h.wait(wf).await?;
             let done = t0.elapsed().as_secs_f64();
+            // Old history compacted while it ran (`Config::compact_history`).
+            let while_running = h.stats().compaction.events.load(Ordering::Relaxed);
             // Then into cold storage at once (what the compaction job does later).
             let t1 = Instant::now();
             let c = h
@@ -136,7 +144,8 @@ pub async fn run(
                 .context("the finished swarm is compacted")?;
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
             format!(
-                "n={n} seconds_to_done={done:.3} compact_seconds={:.2} compacted_events={} \
+                "n={n} seconds_to_done={done:.3} compacted_events_while_running={while_running} \
+                 compact_seconds={:.2} compacted_events={} \
                  segments={} archive_raw_mib={:.1} archive_stored_mib={:.1}",
                 t1.elapsed().as_secs_f64(),
                 c.events,
@@ -197,15 +206,15 @@ pub async fn run(
     // Once finished workflows are trimmed (their hot state expires after HOT_DONE_TTL).
     tokio::time::sleep(HOT_DONE_TTL + Duration::from_millis(500)).await;
     let trimmed = hot.memory_used().await.unwrap_or(0);
-    let projected = r
-        .cluster()?
-        .projector_stats()
-        .events
-        .load(Ordering::Relaxed);
+    let projector = r.cluster()?.projector_stats().clone();
+    let projected = projector.events.load(Ordering::Relaxed);
+    let batches = projector.batches.load(Ordering::Relaxed);
+    let commits = r.cluster()?.pg().stats().commits;
     r.stop().await?;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     Ok(format!(
-        "{line} store=postgres+redis worker_processes={worker_processes} events_projected={projected} \
+        "{line} store=postgres+redis worker_processes={worker_processes} commits={commits} \
+         events_projected={projected} projector_batches={batches} \
          redis_used_mib_at_end={:.1} redis_used_mib_trimmed={:.1} peak_rss_mib={:.0} {}",
         mib(at_end),
         mib(trimmed),
@@ -262,7 +271,11 @@ fn cpu_seconds(workers: &[u32]) -> Cpu {
         return cpu;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
