@@ -2,7 +2,7 @@
 //! retried handler that creates a workflow finds the one its first attempt created.
 
 use crate::support::{
-    assert_one_success_each, assert_silent, count, kinds, next, task, Env, Store,
+    assert_one_success_each, assert_silent, count, kinds, next, task, wait_until, Env, Gate, Store,
 };
 use anyhow::Result;
 use mageflow::{chain, sign, Outcome, Payload, Registry, SignatureId, Status, TaskFailure};
@@ -21,12 +21,11 @@ all_stores!(
     a_large_swarm_created_by_a_retried_handler_is_not_duplicated,
     a_handler_submitting_an_invalid_workflow_gets_the_validation_error,
 );
-// Left out: `duplicate_report_while_running_records_one_success` fakes a redelivered copy of the
-// attempt with `ctx.engine()?.report(..)`, and a handler in a worker process has no engine (the
-// last scenario checks that it says so). `ctx.submit()` works there: it goes to the orchestrator
-// through the hot tier.
+// A handler in a worker process has no engine (`ctx.engine()`; a scenario checks that it says
+// so); `ctx.submit()` works there: it goes to the orchestrator through the hot tier.
 on_cluster!(
     duplicate_report_after_completion_is_a_no_op,
+    duplicate_report_while_running_records_one_success,
     retryable_failures_are_retried_until_success,
     workflows_created_by_a_retried_handler_are_not_duplicated,
     a_panicking_handler_is_a_retryable_failure,
@@ -87,13 +86,17 @@ async fn duplicate_report_while_running_records_one_success(store: Store) -> Res
     let mut tasks = Registry::new();
     with_callback(&mut tasks, tx);
     let r = runs.clone();
-    // A redelivered copy of the same attempt completes first; then this one does.
+    // A redelivered copy of the same attempt completes first (the test reports it, as the
+    // report intake does for a worker); then this one returns.
+    let (running_tx, mut running) = mpsc::unbounded_channel();
+    let release = Gate::new();
+    let gate = release.clone();
     tasks.task("twice", move |_: Value, ctx| {
         r.fetch_add(1, SeqCst);
+        let (running_tx, gate) = (running_tx.clone(), gate.clone());
         async move {
-            ctx.engine()?
-                .report(ctx.signature(), ctx.attempt(), Ok(json!(5)))
-                .await?;
+            let _ = running_tx.send((ctx.signature(), ctx.attempt()));
+            gate.pass().await?;
             Ok::<_, TaskFailure>(5)
         }
     });
@@ -104,8 +107,15 @@ async fn duplicate_report_while_running_records_one_success(store: Store) -> Res
     let h = env.handle();
     let sig = chain([sign("twice"), sign("after")]).on_success(sign("callback"));
     let wf = h.submit(sig, json!({})).await?;
-    // The handler's own report completed the task; the runtime's report of the same attempt,
-    // sent when the handler returns, is a no-op whenever it is processed.
+    let (twice, attempt) = next(&mut running).await?;
+    h.report(twice, attempt, Ok(json!(5))).await?;
+    wait_until(&h, wf, |w| {
+        w.nodes[twice.index as usize].status == Status::Done
+    })
+    .await?;
+    // The copy completed the task; the runtime's report of the same attempt, sent when the
+    // handler returns, is a no-op whenever it is processed.
+    release.open(1);
     let state = h.wait(wf).await?;
 
     assert_eq!(state.nodes[0].outcome, Some(Outcome::Ok(json!(6))));
