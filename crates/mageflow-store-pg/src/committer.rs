@@ -82,10 +82,12 @@ pub(crate) struct VersionCache {
 
 /// One try at committing a group.
 enum Attempt {
-    /// Committed (or nothing to write: `end` is `None`). Outcomes per job.
+    /// Committed (or nothing to write: `end` is `None`). Outcomes per job; the requests
+    /// written, as (job, request, first position).
     Done {
         outcomes: Vec<Result<Vec<u64>>>,
         end: Option<u64>,
+        written: Vec<(usize, usize, u64)>,
     },
     /// The connection failed before COMMIT was sent: nothing was written; try again.
     Retry {
@@ -280,7 +282,23 @@ impl Committer {
         let mut backoff = Backoff::new(self.backoff_max);
         let result = loop {
             match self.attempt(&jobs).await {
-                Attempt::Done { outcomes, end } => break Ok((outcomes, end)),
+                Attempt::Done {
+                    outcomes,
+                    end,
+                    written,
+                } => {
+                    // Recorded for `read_all` before the head moves past it.
+                    if let Some(&(_, _, first)) = written.first() {
+                        let events = written.iter().flat_map(|&(j, r, _)| {
+                            let req = &jobs[j].requests[r];
+                            let seqs = req.expected + 1..;
+                            seqs.zip(req.tuples.payloads())
+                                .map(|(seq, payload)| (req.stream, seq, payload))
+                        });
+                        crate::lock(&self.shared.recent).committed(first, events);
+                    }
+                    break Ok((outcomes, end));
+                }
                 Attempt::Failed(e) => {
                     self.drop_connection();
                     break Err(match e {
@@ -471,6 +489,7 @@ impl Committer {
             return Attempt::Done {
                 outcomes,
                 end: None,
+                written: Vec::new(),
             };
         }
 
@@ -532,6 +551,7 @@ impl Committer {
                 Attempt::Done {
                     outcomes,
                     end: Some(end),
+                    written: writes,
                 }
             }
             // The server answered with an error: with the statements before COMMIT failing, the

@@ -106,6 +106,17 @@ impl Tuples {
     pub fn bytes_len(&self) -> usize {
         self.bytes.len()
     }
+
+    /// Each tuple's encoded event, in order.
+    pub(crate) fn payloads(&self) -> impl Iterator<Item = &[u8]> {
+        self.starts.iter().map(|&start| {
+            let len_at = start + PAYLOAD_LEN_AT;
+            let mut len = [0; 4];
+            len.copy_from_slice(&self.bytes[len_at..len_at + 4]);
+            let len = i32::from_be_bytes(len) as usize;
+            &self.bytes[len_at + 4..len_at + 4 + len]
+        })
+    }
 }
 
 /// One `COPY` data stream: header, tuples with their positions filled in, trailer.
