@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 const BATCH: usize = 4096;
 /// How often an idle projector checks that its position is still in Redis.
 const IDLE_CHECK: Duration = Duration::from_millis(200);
+/// How long a position check sent right after a batch stands in for the next step's own.
+const PREWATCH_FOR: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Wake tokens kept at most (one per job added, up to this).
@@ -52,6 +54,10 @@ pub struct Projector {
     /// Redis restarted or flushed in between aborts the batch instead of landing it, with a
     /// plausible `pos`, on an empty server. Dropped on any error; the next step opens another.
     conn: Option<redis::aio::MultiplexedConnection>,
+    /// The position check of the next step, already made on `conn` (WATCH still armed): sent
+    /// with the last batch, or left by a step that found nothing to project. (stored `pos`,
+    /// Redis time in ms, when.)
+    prewatched: Option<(Option<u64>, u64, std::time::Instant)>,
 }
 
 /// What a batch touched in one workflow.
@@ -73,6 +79,7 @@ impl Projector {
             synced: false,
             stats: Arc::new(ProjectorStats::default()),
             conn: None,
+            prewatched: None,
         }
     }
 
@@ -110,7 +117,8 @@ impl Projector {
                                 tokio::time::sleep(IDLE_CHECK).await;
                             }
                         }
-                        _ = tokio::time::sleep(IDLE_CHECK) => {}
+                        // The idle check: a position check of its own.
+                        _ = tokio::time::sleep(IDLE_CHECK) => self.prewatched = None,
                     }
                 }
                 Err(e) => {
@@ -165,6 +173,7 @@ impl Projector {
         let result = self.step_on_own_connection().await;
         if result.is_err() {
             self.conn = None;
+            self.prewatched = None;
         }
         result
     }
@@ -180,18 +189,13 @@ impl Projector {
                 .map_err(rerr("connect (projector)"))?,
         };
         self.conn = Some(conn.clone());
-        // Any change to `pos` from here to EXEC (FLUSHALL, another projector) aborts the batch.
-        let (stored, (secs, micros)): (Option<u64>, (u64, u64)) = redis::pipe()
-            .cmd("WATCH")
-            .arg(self.hot.key("pos"))
-            .ignore()
-            .cmd("GET")
-            .arg(self.hot.key("pos"))
-            .cmd("TIME")
-            .query_async(&mut conn)
-            .await
-            .map_err(rerr("WATCH/GET pos"))?;
-        let now_ms = secs * 1000 + micros / 1000;
+        // Any change to `pos` from the WATCH to EXEC (FLUSHALL, another projector) aborts the
+        // batch. The check sent with the previous batch serves if it is recent (one round trip
+        // less on the path of every task).
+        let (stored, now_ms) = match self.prewatched.take() {
+            Some((stored, now_ms, at)) if at.elapsed() < PREWATCH_FOR => (stored, now_ms),
+            _ => check_position(&self.hot, &mut conn).await?,
+        };
         match stored {
             None if self.synced && self.pos == 0 => {}
             None => {
@@ -236,21 +240,26 @@ impl Projector {
 
         let events = self.log.read_all(self.pos + 1, BATCH)?;
         let Some(last) = events.last().map(|r| r.position) else {
-            redis::cmd("UNWATCH")
-                .exec_async(&mut conn)
-                .await
-                .map_err(rerr("UNWATCH"))?;
+            // The WATCH stays armed: the check stands for the next step (if soon enough).
+            self.prewatched = Some((stored, now_ms, std::time::Instant::now()));
             return Ok(false);
         };
         let n = events.len() as u64;
         // The in-memory states move ahead of Redis now; they are only right again once the
         // transaction committed (else the next step refolds up to what Redis holds).
         self.synced = false;
-        let pipe = self.plan(events, now_ms)?;
-        let reply: redis::Value = pipe
+        // The batch, then the next step's position check, in one pipeline: EXEC ends this
+        // WATCH, the next WATCH starts right after it.
+        let mut pipe = self.plan(events, now_ms)?;
+        pipe.cmd("WATCH").arg(self.hot.key("pos")).ignore();
+        pipe.cmd("GET").arg(self.hot.key("pos"));
+        pipe.cmd("TIME");
+        type Replies = (redis::Value, Option<u64>, (u64, u64));
+        let (reply, stored_next, (secs, micros)): Replies = pipe
             .query_async(&mut conn)
             .await
             .map_err(rerr("MULTI/EXEC batch"))?;
+        let next = (stored_next, secs * 1000 + micros / 1000);
         if matches!(reply, redis::Value::Nil) {
             // `pos` changed after the check: nothing of the batch was applied; the next step
             // looks again (and rebuilds if the hot state is gone).
@@ -259,6 +268,7 @@ impl Projector {
         }
         self.pos = last;
         self.synced = true;
+        self.prewatched = Some((next.0, next.1, std::time::Instant::now()));
         self.stats.events.fetch_add(n, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.position.store(last, Ordering::Relaxed);
@@ -318,8 +328,10 @@ impl Projector {
             hot.key("claims"),
             hot.key("stop"),
         );
+        // MULTI/EXEC written out rather than `atomic()`: the next step's position check follows
+        // EXEC in the same pipeline (see `step_on_own_connection`).
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        pipe.cmd("MULTI").ignore();
         let mut touched: BTreeMap<WorkflowId, Touched> = BTreeMap::new();
         let mut jobs_added = 0usize;
         let mut last = 0;
@@ -519,12 +531,31 @@ impl Projector {
                 .ignore();
         }
         pipe.cmd("SET").arg(hot.key("pos")).arg(last).ignore();
+        pipe.cmd("EXEC");
         Ok(pipe)
     }
 }
 
 fn apply(wf: &mut Workflow, event: Event) -> Result<(), mageflow_core::ApplyError> {
     wf.apply_owned(event)
+}
+
+/// WATCH `pos`, then read it and Redis's clock (ms): the check that starts every step.
+async fn check_position(
+    hot: &Hot,
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> Result<(Option<u64>, u64), HotError> {
+    let (stored, (secs, micros)): (Option<u64>, (u64, u64)) = redis::pipe()
+        .cmd("WATCH")
+        .arg(hot.key("pos"))
+        .ignore()
+        .cmd("GET")
+        .arg(hot.key("pos"))
+        .cmd("TIME")
+        .query_async(conn)
+        .await
+        .map_err(rerr("WATCH/GET pos"))?;
+    Ok((stored, secs * 1000 + micros / 1000))
 }
 
 /// Queue the job of attempt `attempt` of node `i` (it is in flight in `wf`); `if_absent`: leave
