@@ -97,14 +97,58 @@ enum Attempt {
     /// PostgreSQL refused the transaction (not a connection problem): nothing was written and
     /// trying again would fail the same way.
     Failed(Error),
-    /// The connection failed while COMMIT was in flight: transaction `xid` may have committed.
+    /// The connection failed while COMMIT was in flight: the group may have committed.
     InDoubt {
-        xid: i64,
+        by: Resolve,
         outcomes: Vec<Result<Vec<u64>>>,
         end: u64,
         error: String,
     },
 }
+
+/// How an in-doubt commit's outcome is found.
+#[derive(Debug)]
+enum Resolve {
+    /// `txid_status` of the transaction id taken under the head lock.
+    Xid(i64),
+    /// A one-statement commit has no transaction id the committer knows: once the session that
+    /// ran it is gone (its statement either committed or was rolled back), whether the group's
+    /// first row is there. (Compaction only moves a running workflow's older events, never the
+    /// newest ones, so a row just committed is still live.)
+    Row {
+        backend: Backend,
+        position: u64,
+        stream: Uuid,
+        seq: u64,
+    },
+}
+
+/// A server session: process id and start time (a pid alone can be reused).
+#[derive(Clone, Debug)]
+struct Backend {
+    pid: i32,
+    started: String,
+}
+
+/// One statement, in autocommit, for a group whose stream versions the committer knows as of
+/// head `$1`: moves the head to `$2` only if it is still `$1` (the row lock serialises it with
+/// every other committer), writes the rows only if it moved, and notifies. One row back if it
+/// committed (with the rows written); none if another process had committed since: nothing was
+/// written, and the group goes the long way.
+const FAST_COMMIT: &str = "WITH moved AS (\
+                           UPDATE mageflow_head SET position = $2 WHERE position = $1 \
+                           RETURNING position), \
+                           written AS (\
+                           INSERT INTO mageflow_events (position, stream, seq, payload, crc32) \
+                           SELECT * FROM unnest($3::bigint[], $4::uuid[], $5::bigint[], \
+                           $6::bytea[], $7::int[]) WHERE EXISTS (SELECT 1 FROM moved) \
+                           RETURNING 1), \
+                           notified AS (SELECT pg_notify($8, $2::text) FROM moved) \
+                           SELECT (SELECT count(*) FROM written), \
+                           (SELECT count(*) FROM notified) FROM moved";
+/// Groups of at most this many events take [`FAST_COMMIT`] when they can (one round trip
+/// instead of four); larger ones are written faster by `COPY`.
+pub const FAST_COMMIT_EVENTS_MAX: usize = 1024;
 
 /// A group's accepted requests and the answers to its calls.
 struct Staged {
@@ -187,6 +231,9 @@ pub(crate) struct Committer {
     shared: Arc<Shared>,
     connect: PgConnectOptions,
     conn: Option<PgConnection>,
+    /// The session of `conn`, once known.
+    backend: Option<Backend>,
+    fast_commit_events_max: usize,
     cache: VersionCache,
     copy_sql: String,
     connect_timeout: Duration,
@@ -207,6 +254,8 @@ impl Committer {
             shared,
             connect,
             conn: Some(conn),
+            backend: None,
+            fast_commit_events_max: options.fast_commit_events_max,
             cache: VersionCache::default(),
             copy_sql: copy_statement("mageflow_events"),
             connect_timeout: Duration::from_millis(options.connect_timeout_ms.max(1)),
@@ -269,10 +318,21 @@ impl Committer {
         Ok(conn)
     }
 
+    /// The session `conn` is: what an in-doubt one-statement commit is resolved by.
+    async fn backend_of(conn: &mut PgConnection) -> Result<Backend, sqlx::Error> {
+        let (pid, started): (i32, String) = sqlx::query_as(
+            "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+        )
+        .fetch_one(conn)
+        .await?;
+        Ok(Backend { pid, started })
+    }
+
     /// Forget the connection (closing its socket): PostgreSQL rolls back whatever transaction
     /// it had open.
     fn drop_connection(&mut self) {
         self.conn = None;
+        self.backend = None;
         self.shared.committer_pid.store(0, Ordering::Release);
     }
 
@@ -330,7 +390,7 @@ impl Committer {
                     tokio::time::sleep(wait).await;
                 }
                 Attempt::InDoubt {
-                    xid,
+                    by,
                     outcomes,
                     end,
                     error,
@@ -342,18 +402,35 @@ impl Committer {
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         url = %self.shared.url,
-                        xid,
+                        ?by,
                         error = %error,
                         "event log lost its PostgreSQL connection while COMMIT was in flight; \
                          asking the server whether the transaction committed"
                     );
-                    match self.resolve(xid, deadline, &mut backoff).await {
+                    let resolved = match &by {
+                        Resolve::Xid(xid) => self.resolve(*xid, deadline, &mut backoff).await,
+                        Resolve::Row {
+                            backend,
+                            position,
+                            stream,
+                            seq,
+                        } => {
+                            let row = (*position, *stream, *seq);
+                            self.resolve_by_row(backend, row, deadline, &mut backoff)
+                                .await
+                        }
+                    };
+                    match resolved {
                         Ok(true) => {
-                            tracing::info!(xid, end, "the in-doubt commit had committed");
+                            tracing::info!(?by, end, "the in-doubt commit had committed");
+                            if let Resolve::Row { .. } = by {
+                                let fast = &self.shared.counters.fast_commits;
+                                fast.fetch_add(1, Ordering::Relaxed);
+                            }
                             break Ok((outcomes, Some(end)));
                         }
                         Ok(false) => {
-                            tracing::info!(xid, "the in-doubt commit was rolled back; retrying");
+                            tracing::info!(?by, "the in-doubt commit was rolled back; retrying");
                         }
                         Err(e) => break Err(e),
                     }
@@ -397,6 +474,12 @@ impl Committer {
                 Err(error) => return self.classify("connect", error),
             },
         };
+        if self.backend.is_none() && self.fast_commit_events_max > 0 {
+            match Self::backend_of(&mut conn).await {
+                Ok(b) => self.backend = Some(b),
+                Err(error) => return self.classify("identify the session", error),
+            }
+        }
         let mut cache = std::mem::take(&mut self.cache);
         let attempt = self.attempt_on(&mut conn, &mut cache, jobs).await;
         if matches!(attempt, Attempt::Done { .. }) {
@@ -421,6 +504,9 @@ impl Committer {
         cache: &mut VersionCache,
         jobs: &[Job],
     ) -> Attempt {
+        if let Some(done) = self.attempt_fast(conn, cache, jobs).await {
+            return done;
+        }
         let row = match conn.fetch_one(LOCK_HEAD).await {
             Ok(row) => row,
             Err(e) => return self.classify("lock the head row", e),
@@ -528,18 +614,20 @@ impl Committer {
             self.shared.channel
         );
         #[cfg(feature = "fault-injection")]
-        if let Some(faults) = &self.faults {
-            if let Some(injected) = faults.before_commit(&mut *conn, &finish).await {
-                return match injected {
-                    Ok(error) => Attempt::InDoubt {
-                        xid,
-                        outcomes,
-                        end,
-                        error,
-                    },
-                    Err(e) => self.classify("injected fault", e),
-                };
-            }
+        if let Some(fault) = self.faults.as_ref().and_then(|f| f.take()) {
+            let injected = match fault {
+                crate::faults::CommitFault::RollBack => conn.execute("ROLLBACK").await,
+                crate::faults::CommitFault::LoseReply => conn.execute(finish.as_str()).await,
+            };
+            return match injected {
+                Ok(_) => Attempt::InDoubt {
+                    by: Resolve::Xid(xid),
+                    outcomes,
+                    end,
+                    error: "injected: connection lost while COMMIT was in flight".into(),
+                },
+                Err(e) => self.classify("injected fault", e),
+            };
         }
         match conn.execute(finish.as_str()).await {
             Ok(_) => {
@@ -560,11 +648,174 @@ impl Committer {
                 Attempt::Failed(self.shared.storage("update the head and commit", &e))
             }
             Err(e) => Attempt::InDoubt {
-                xid,
+                by: Resolve::Xid(xid),
                 outcomes,
                 end,
                 error: e.to_string(),
             },
+        }
+    }
+
+    /// The group in one statement ([`FAST_COMMIT`]), if it is small, every stream's version is
+    /// cached as of the head the committer last wrote, and every call passes against those
+    /// versions. `None`: take the long way (the head had moved — nothing was written — or the
+    /// group does not qualify).
+    async fn attempt_fast(
+        &self,
+        conn: &mut PgConnection,
+        cache: &mut VersionCache,
+        jobs: &[Job],
+    ) -> Option<Attempt> {
+        let at = cache.at?;
+        let backend = self.backend.clone()?;
+        let events: usize = jobs.iter().map(|j| j.events).sum();
+        if events == 0 || events > self.fast_commit_events_max {
+            return None;
+        }
+        let mut versions = HashMap::new();
+        for req in jobs.iter().flat_map(|j| &j.requests) {
+            versions.insert(req.stream.0, *cache.versions.get(&req.stream.0)?);
+        }
+        let Staged {
+            outcomes,
+            versions,
+            writes,
+            end,
+        } = stage(jobs, versions, at);
+        // A refusal must be decided under the lock, against versions known to be current.
+        if writes.is_empty() || outcomes.iter().any(|o| o.is_err()) {
+            return None;
+        }
+        let rows = (end - at) as usize;
+        let (mut positions, mut streams, mut seqs, mut payloads, mut crcs) = (
+            Vec::with_capacity(rows),
+            Vec::with_capacity(rows),
+            Vec::with_capacity(rows),
+            Vec::with_capacity(rows),
+            Vec::with_capacity(rows),
+        );
+        for &(j, r, first) in &writes {
+            let req = &jobs[j].requests[r];
+            for (i, (payload, crc)) in req.tuples.rows().enumerate() {
+                positions.push((first + i as u64) as i64);
+                streams.push(req.stream.0);
+                seqs.push((req.expected + 1 + i as u64) as i64);
+                payloads.push(payload);
+                crcs.push(crc);
+            }
+        }
+        let by = Resolve::Row {
+            backend,
+            position: at + 1,
+            stream: streams[0],
+            seq: seqs[0] as u64,
+        };
+        let statement = sqlx::query_as::<_, (i64, i64)>(FAST_COMMIT)
+            .bind(at as i64)
+            .bind(end as i64)
+            .bind(&positions)
+            .bind(&streams)
+            .bind(&seqs)
+            .bind(&payloads)
+            .bind(&crcs)
+            .bind(&self.shared.channel);
+        #[cfg(feature = "fault-injection")]
+        if let Some(fault) = self.faults.as_ref().and_then(|f| f.take()) {
+            if let crate::faults::CommitFault::LoseReply = fault {
+                if let Err(e) = statement.fetch_optional(&mut *conn).await {
+                    return Some(self.classify("injected fault", e));
+                }
+            }
+            return Some(Attempt::InDoubt {
+                by,
+                outcomes,
+                end,
+                error: "injected: connection lost while the commit was in flight".into(),
+            });
+        }
+        match statement.fetch_optional(&mut *conn).await {
+            Ok(Some((written, _))) if written as usize == rows => {
+                if cache.versions.len() + versions.len() > VERSION_CACHE_STREAMS_MAX {
+                    cache.versions.clear();
+                }
+                cache.versions.extend(versions);
+                cache.at = Some(end);
+                let fast = &self.shared.counters.fast_commits;
+                fast.fetch_add(1, Ordering::Relaxed);
+                Some(Attempt::Done {
+                    outcomes,
+                    end: Some(end),
+                    written: writes,
+                })
+            }
+            Ok(Some((written, _))) => Some(Attempt::Failed(Error::Storage(format!(
+                "PostgreSQL at {}: a commit wrote {written} rows, expected {rows}",
+                self.shared.url
+            )))),
+            // Another process moved the head: nothing was written.
+            Ok(None) => None,
+            // Refused by the server, so rolled back as a whole: the long way decides, under
+            // the lock. (Any other failure may come after the commit: resolved below.)
+            Err(e @ sqlx::Error::Database(_)) if !is_connection_error(&e) => {
+                tracing::debug!(error = %e, "one-statement commit refused; taking the long way");
+                None
+            }
+            Err(e) => Some(Attempt::InDoubt {
+                by,
+                outcomes,
+                end,
+                error: e.to_string(),
+            }),
+        }
+    }
+
+    /// Whether a one-statement commit whose first row is `(position, stream, seq)` committed:
+    /// once the session that ran it (`backend`) is gone, the statement has either committed or
+    /// been rolled back, and the row tells which. Asked on a new connection until it is known.
+    async fn resolve_by_row(
+        &mut self,
+        backend: &Backend,
+        (position, stream, seq): (u64, Uuid, u64),
+        deadline: Instant,
+        backoff: &mut Backoff,
+    ) -> Result<bool, String> {
+        loop {
+            let asked: Result<Option<bool>, sqlx::Error> = match self.connection().await {
+                Ok(conn) => ask_by_row(conn, backend, position, stream, seq).await,
+                Err(e) => Err(e),
+            };
+            match asked {
+                Ok(Some(committed)) => return Ok(committed),
+                Ok(None) => {
+                    tracing::info!(
+                        pid = backend.pid,
+                        "waiting for the in-doubt commit's session to end"
+                    );
+                }
+                Err(e) if is_connection_error(&e) => {
+                    self.drop_connection();
+                    tracing::warn!(url = %self.shared.url, error = %e,
+                        "cannot reach PostgreSQL to resolve an in-doubt commit; retrying");
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "PostgreSQL at {}: cannot ask whether an in-doubt commit committed: \
+                         {e}; these appends are not acknowledged",
+                        self.shared.url
+                    ))
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "PostgreSQL at {}: the outcome of a commit is still unknown after {} ms \
+                     (session {} still running it); these appends are not acknowledged (they \
+                     may be in the log)",
+                    self.shared.url,
+                    self.retry_for.as_millis(),
+                    backend.pid
+                ));
+            }
+            tokio::time::sleep(backoff.next_wait()).await;
         }
     }
 
@@ -623,4 +874,33 @@ impl Committer {
             tokio::time::sleep(backoff.next_wait()).await;
         }
     }
+}
+
+/// `None` while `backend` still runs; then whether the row `(position, stream, seq)` is there.
+async fn ask_by_row(
+    conn: &mut PgConnection,
+    backend: &Backend,
+    position: u64,
+    stream: Uuid,
+    seq: u64,
+) -> Result<Option<bool>, sqlx::Error> {
+    let alive: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND backend_start::text = $2)",
+    )
+    .bind(backend.pid)
+    .bind(&backend.started)
+    .fetch_one(&mut *conn)
+    .await?;
+    if alive {
+        return Ok(None);
+    }
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM mageflow_events WHERE position = $1 AND stream = $2 AND seq = $3)",
+    )
+    .bind(position as i64)
+    .bind(stream)
+    .bind(seq as i64)
+    .fetch_one(&mut *conn)
+    .await
+    .map(Some)
 }

@@ -109,12 +109,21 @@ impl Tuples {
 
     /// Each tuple's encoded event, in order.
     pub(crate) fn payloads(&self) -> impl Iterator<Item = &[u8]> {
-        self.starts.iter().map(|&start| {
+        self.rows().map(|(payload, _)| payload)
+    }
+
+    /// Each tuple's encoded event and its CRC-32 column, in order.
+    pub(crate) fn rows(&self) -> impl Iterator<Item = (&[u8], i32)> {
+        let int = |at: usize| {
+            let mut b = [0; 4];
+            b.copy_from_slice(&self.bytes[at..at + 4]);
+            i32::from_be_bytes(b)
+        };
+        self.starts.iter().map(move |&start| {
             let len_at = start + PAYLOAD_LEN_AT;
-            let mut len = [0; 4];
-            len.copy_from_slice(&self.bytes[len_at..len_at + 4]);
-            let len = i32::from_be_bytes(len) as usize;
-            &self.bytes[len_at + 4..len_at + 4 + len]
+            let end = len_at + 4 + int(len_at) as usize;
+            // After the payload: the CRC's length (4), then the CRC.
+            (&self.bytes[len_at + 4..end], int(end + 4))
         })
     }
 }

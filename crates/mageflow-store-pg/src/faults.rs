@@ -1,13 +1,21 @@
 //! Deterministic faults in the committer, for this crate's tests only (feature
 //! `fault-injection`): the cases that random connection kills reach only by luck.
 
-use sqlx::{Executor, PgConnection};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 #[derive(Debug, Default)]
 pub struct Faults {
     lose_commit_replies: AtomicU32,
     roll_back_silently: AtomicU32,
+}
+
+/// What the committer does instead of committing normally.
+pub(crate) enum CommitFault {
+    /// Commit, then behave as if the connection died before the answer arrived.
+    LoseReply,
+    /// Write nothing (roll back), then behave as if the connection died while COMMIT was in
+    /// flight.
+    RollBack,
 }
 
 fn take(counter: &AtomicU32) -> bool {
@@ -29,25 +37,11 @@ impl Faults {
         self.roll_back_silently.fetch_add(n, Ordering::AcqRel);
     }
 
-    /// Called with the final statement (head, notify, COMMIT). `Some(Ok(message))`: the fault
-    /// happened, report an unknown outcome; `Some(Err)`: a real error while injecting.
-    pub(crate) async fn before_commit(
-        &self,
-        conn: &mut PgConnection,
-        finish: &str,
-    ) -> Option<Result<String, sqlx::Error>> {
+    /// The fault armed for the commit about to happen, if any.
+    pub(crate) fn take(&self) -> Option<CommitFault> {
         if take(&self.roll_back_silently) {
-            return Some(conn.execute("ROLLBACK").await.map(|_| {
-                "injected: connection lost while COMMIT was in flight (rolled back)".into()
-            }));
+            return Some(CommitFault::RollBack);
         }
-        if take(&self.lose_commit_replies) {
-            return Some(
-                conn.execute(finish)
-                    .await
-                    .map(|_| "injected: connection lost after COMMIT was sent (committed)".into()),
-            );
-        }
-        None
+        take(&self.lose_commit_replies).then_some(CommitFault::LoseReply)
     }
 }

@@ -20,6 +20,20 @@
 //! does not affect the others), writes the rest with one binary `COPY`, then `UPDATE
 //! mageflow_head; SELECT pg_notify(..); COMMIT`. Each call resolves only after that COMMIT.
 //!
+//! **One-statement commits.** That is four round trips. A small group (up to
+//! `PgOptions::fast_commit_events_max`, default 1 024 events) whose streams' versions the
+//! committer has cached as of the head it last wrote, and whose calls all pass against them,
+//! is committed with ONE statement in autocommit instead: `UPDATE mageflow_head SET position =
+//! end WHERE position = <that head>`, the rows inserted from arrays (`unnest`) only if that
+//! update found the row, and the notification, in one `WITH` (the update takes the same row
+//! lock, so commit order and density are as above). If another process committed since, the
+//! update matches nothing, nothing is written, and the group goes the long way (which catches
+//! the cache up). The chain step on PostgreSQL + Redis went from 1.46–1.49 to 1.12–1.14 ms with
+//! it. Its outcome, if the connection dies with the statement in flight, has no transaction id
+//! to ask about: the committer waits until the old session is gone from `pg_stat_activity`
+//! (by pid and start time: its statement has then committed or rolled back for good) and looks
+//! for the group's first row.
+//!
 //! **Versions** come from a cache the committer keeps of the streams it has seen, valid as of
 //! the head it last committed: when the head row (read under the lock) still says that, no one
 //! else has written since and the cache is exact; when another process has committed, the
@@ -45,10 +59,12 @@
 //! re-reading versions, for up to `PgOptions::retry_for_ms`; then the group's calls fail with
 //! `Error::Storage`. If the connection dies while COMMIT is in flight the outcome is unknown:
 //! the committer reconnects and asks `txid_status(xid)` for the transaction id it took under
-//! the lock. `committed` → the calls are acknowledged (and not written twice); `aborted` → the
-//! group is redone; `in progress` → asked again. Reading back stream versions instead would be
-//! ambiguous when another process may have appended the same seqs since; the transaction id is
-//! exact. A call is never acknowledged unless its transaction committed.
+//! the lock (one-statement commits: above). `committed` → the calls are acknowledged (and not
+//! written twice); `aborted` → the group is redone; `in progress` → asked again. Reading back
+//! stream versions instead would be ambiguous when another process may have appended the same
+//! seqs since; the transaction id is exact, and so is the group's first row (position, stream
+//! and seq) once the session is gone. A call is never acknowledged unless its transaction
+//! committed.
 //!
 //! **Head and subscribers.** [`EventLog::head`] and [`EventLog::subscribe`] read a watch that
 //! the committer moves after each COMMIT (before answering the calls) and a listener task moves
@@ -168,6 +184,9 @@ pub struct PgOptions {
     pub backoff_max_ms: u64,
     /// Worker threads of the log's own I/O runtime.
     pub worker_threads: usize,
+    /// Groups of at most this many events are committed with one statement when the committer
+    /// knows the head and the streams' versions (see the crate doc); 0: always the long way.
+    pub fast_commit_events_max: usize,
     /// Deterministic faults for tests.
     #[cfg(feature = "fault-injection")]
     pub faults: Option<Arc<Faults>>,
@@ -182,6 +201,7 @@ impl Default for PgOptions {
             retry_for_ms: 120_000,
             backoff_max_ms: 2_000,
             worker_threads: 2,
+            fast_commit_events_max: committer::FAST_COMMIT_EVENTS_MAX,
             #[cfg(feature = "fault-injection")]
             faults: None,
         }
@@ -193,6 +213,8 @@ impl Default for PgOptions {
 pub struct PgStats {
     /// Transactions committed (groups that wrote something).
     pub commits: u64,
+    /// Of those, the ones committed in one statement (see `PgOptions::fast_commit_events_max`).
+    pub fast_commits: u64,
     /// Events written by those commits.
     pub events: u64,
     /// Group attempts abandoned because the connection was lost before COMMIT was sent.
@@ -205,6 +227,7 @@ pub struct PgStats {
 #[derive(Default)]
 pub(crate) struct Counters {
     pub commits: AtomicU64,
+    pub fast_commits: AtomicU64,
     pub events: AtomicU64,
     pub retries: AtomicU64,
     pub in_doubt: AtomicU64,
@@ -453,6 +476,7 @@ impl PgLog {
         let c = &self.shared.counters;
         PgStats {
             commits: c.commits.load(Ordering::Relaxed),
+            fast_commits: c.fast_commits.load(Ordering::Relaxed),
             events: c.events.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
             in_doubt: c.in_doubt.load(Ordering::Relaxed),

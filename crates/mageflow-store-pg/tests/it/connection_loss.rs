@@ -145,12 +145,19 @@ async fn terminated_committer_loses_no_acknowledged_append() {
     );
 }
 
-async fn open_with_faults(schema: &TestSchema) -> (PgLog, Arc<Faults>) {
+/// `fast`: small groups may be committed in one statement (the default).
+async fn open_with_faults(schema: &TestSchema, fast: bool) -> (PgLog, Arc<Faults>) {
     let faults = Arc::new(Faults::default());
+    let defaults = schema.options();
     let log = schema
         .open_with(PgOptions {
             faults: Some(faults.clone()),
-            ..schema.options()
+            fast_commit_events_max: if fast {
+                defaults.fast_commit_events_max
+            } else {
+                0
+            },
+            ..defaults
         })
         .await;
     (log, faults)
@@ -158,9 +165,11 @@ async fn open_with_faults(schema: &TestSchema) -> (PgLog, Arc<Faults>) {
 
 /// Pipelined appends of one stream, the first group's COMMIT answer lost (or the commit rolled
 /// back with its answer lost): every append resolves Ok, in order, each event written once.
-async fn in_doubt_group(arm: impl FnOnce(&Faults)) {
+/// `fast`: that group is committed in one statement (resolved by its first row once the old
+/// session is gone) or the long way (resolved by its transaction id).
+async fn in_doubt_group(arm: impl FnOnce(&Faults), fast: bool) {
     let schema = TestSchema::new().await;
-    let (log, faults) = open_with_faults(&schema).await;
+    let (log, faults) = open_with_faults(&schema, fast).await;
     let s = stream(1);
     log.append(vec![request(s, 0, 1)]).await.expect("append");
     let pid = log.committer_backend_pid();
@@ -190,16 +199,27 @@ async fn in_doubt_group(arm: impl FnOnce(&Faults)) {
         log.append(vec![request(s, 11, 1)]).await.expect("append"),
         vec![12]
     );
+    assert_eq!(log.stats().fast_commits > 0, fast, "{:?}", log.stats());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_with_a_lost_answer_is_acknowledged_once() {
-    in_doubt_group(|f| f.lose_commit_replies(1)).await;
+    in_doubt_group(|f| f.lose_commit_replies(1), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_statement_commit_with_a_lost_answer_is_acknowledged_once() {
+    in_doubt_group(|f| f.lose_commit_replies(1), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_one_statement_commit_with_a_lost_answer_is_redone() {
+    in_doubt_group(|f| f.roll_back_silently(1), true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolled_back_commit_with_a_lost_answer_is_redone() {
-    in_doubt_group(|f| f.roll_back_silently(1)).await;
+    in_doubt_group(|f| f.roll_back_silently(1), false).await;
 }
 
 /// Another process commits while this one's listener is disconnected: the listener reconnects,
