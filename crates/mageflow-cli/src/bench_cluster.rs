@@ -13,6 +13,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub const SCENARIOS: [&str; 4] = ["flat", "chain", "fanout", "interrupt"];
+/// Items of `fanout` dispatched at once, at most.
+const FANOUT_AT_ONCE_MAX: u32 = 10_000;
 /// Hot state of a finished workflow is trimmed from Redis this long after it finishes.
 const HOT_DONE_TTL: Duration = Duration::from_secs(1);
 
@@ -126,10 +128,12 @@ pub async fn run(
             let n = n.unwrap_or(5_000);
             // As the embedded `fanout`: every item dispatched at once (the default
             // max_concurrency, 30, would make it a different scenario), and a success callback
-            // that receives all the results; done once the callback has run.
+            // that receives all the results; done once the callback has run. Past
+            // FANOUT_AT_ONCE_MAX items, that many at a time: queuing a million items in the
+            // creation step would be one append of over `APPEND_EVENTS_MAX` events.
             let items: Vec<_> = (0..n).map(|_| sign("noop")).collect();
             let s = swarm(items)
-                .max_concurrency(n.max(1))
+                .max_concurrency(n.clamp(1, FANOUT_AT_ONCE_MAX))
                 .on_success(sign("noop"));
             let wf = h.submit(s, json!({})).await?;
             h.wait(wf).await?;
