@@ -54,9 +54,16 @@ fn flow() -> mageflow::Sig {
         .into()
 }
 
+/// No compaction job; `Handle::compact` moves a finished workflow in calls of 3 events (the
+/// snapshot with the last), as it moves a large one in chunks.
 fn no_auto_compaction() -> Config {
     Config {
         compact_after: None,
+        compact_history: Some(HistoryCompaction {
+            live_events_over: u64::MAX,
+            chunk_events: 3,
+            ..HistoryCompaction::default()
+        }),
         ..config()
     }
 }

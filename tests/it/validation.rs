@@ -1,7 +1,7 @@
 //! Refusals before anything is written: unknown tasks, kwargs or input that do not fit the
 //! task's input type; and `update_kwargs` on several signatures is all-or-nothing.
 
-use crate::support::{Env, Store};
+use crate::support::{config, Env, Store};
 use anyhow::Result;
 use mageflow::core::Rejection;
 use mageflow::{chain, sign, swarm, Error, Outcome, Registry, SignatureId, Status, TaskFailure};
@@ -12,11 +12,13 @@ all_stores!(
     bad_signatures_and_inputs_are_refused_with_typed_errors,
     update_kwargs_applies_all_updates_or_none,
     run_checks_the_input_of_a_containers_first_tasks,
+    a_creation_over_the_step_limit_is_refused_alone,
 );
 on_cluster!(
     bad_signatures_and_inputs_are_refused_with_typed_errors,
     update_kwargs_applies_all_updates_or_none,
     run_checks_the_input_of_a_containers_first_tasks,
+    a_creation_over_the_step_limit_is_refused_alone,
 );
 
 #[derive(Deserialize)]
@@ -245,6 +247,48 @@ async fn run_checks_the_input_of_a_containers_first_tasks(store: Store) -> Resul
             "{what} was not run"
         );
     }
+    env.shutdown().await;
+    Ok(())
+}
+
+/// A creation that would take more events in its first step than `Config::creation_events_max`
+/// (a swarm allowed to queue every item at once) is refused on its own, writing nothing, while
+/// calls decided in the same step go through; with a lower max_concurrency it runs.
+async fn a_creation_over_the_step_limit_is_refused_alone(store: Store) -> Result<()> {
+    let config = mageflow::Config {
+        creation_events_max: 60,
+        ..config()
+    };
+    let env = Env::with_config(store, adder(), config).await?;
+    let h = env.handle();
+    let log = h.log().clone();
+    let items = || (0..100).map(|x| sign("add").kwarg("x", x));
+    let (big, small) = tokio::join!(
+        h.submit(swarm(items()).max_concurrency(100), json!({})),
+        h.submit(sign("add").kwarg("x", 1), json!({})),
+    );
+    let small = small?;
+    let err = match big {
+        Ok(wf) => panic!("expected a refusal, got {wf}"),
+        Err(e) => e,
+    };
+    assert_eq!(err.code(), "invalid_tree", "{err}");
+    assert!(err.to_string().contains("limit of 60"), "{err}");
+    assert_eq!(h.wait(small).await?.nodes[0].status, Status::Done);
+    // Nothing of the refused swarm was written: the log holds only the small workflow.
+    let streams: std::collections::BTreeSet<_> = log
+        .read_all(1, usize::MAX)?
+        .into_iter()
+        .map(|r| r.event.stream)
+        .filter(|s| !s.is_system())
+        .collect();
+    assert_eq!(streams.into_iter().collect::<Vec<_>>(), vec![small]);
+
+    let wf = h
+        .submit(swarm(items()).max_concurrency(10), json!({}))
+        .await?;
+    let done = h.wait(wf).await?;
+    assert_eq!(done.nodes[0].status, Status::Done);
     env.shutdown().await;
     Ok(())
 }

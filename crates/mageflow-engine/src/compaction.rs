@@ -156,28 +156,16 @@ pub(crate) async fn compact_history(
             tokio::time::sleep(FLOOR_POLL).await;
         }
     }
-    for (wf, mut done, target) in targets {
-        let mut moved = CompactStats::default();
-        while done < target {
-            let up_to = target.min(done.saturating_add(settings.chunk_events.max(1)));
-            let log = h.log().clone();
-            let Some(c) = blocking(move || log.compact(wf, Some(up_to), None)).await?? else {
-                break;
-            };
-            done = up_to;
-            h.archived_to()
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(wf, done);
-            moved.events += c.events;
-            moved.segments += c.segments;
-            moved.raw_bytes += c.raw_bytes;
-            moved.compressed_bytes += c.compressed_bytes;
-        }
-        if done < target {
+    for (wf, done, target) in targets {
+        let chunked = compact_chunked(h, wf, done, target, settings.chunk_events, None).await?;
+        let Some(moved) = chunked else {
             pass.deferred += 1; // the log cannot compact
             continue;
-        }
+        };
+        h.archived_to()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(wf, target);
         count(h, &moved, &h.stats().compaction.running_workflows);
         pass.compacted += 1;
         pass.events += moved.events;
@@ -207,14 +195,50 @@ pub(crate) async fn compact(h: &Handle, wf: WorkflowId) -> Result<Option<Compact
             "cannot snapshot {wf}: {e}"
         )))
     })?;
-    let log = h.log().clone();
-    let compacted = blocking(move || log.compact(wf, Some(version), Some(snapshot))).await??;
-    let Some(c) = compacted else {
+    let chunk = h
+        .config()
+        .compact_history
+        .as_ref()
+        .map_or(HistoryCompaction::default().chunk_events, |s| {
+            s.chunk_events
+        });
+    let Some(c) = compact_chunked(h, wf, 0, version, chunk, Some(snapshot)).await? else {
         return Ok(None);
     };
     count(h, &c, &h.stats().compaction.workflows);
     tracing::debug!(%wf, events = c.events, raw_bytes = c.raw_bytes, compressed_bytes = c.compressed_bytes, "workflow compacted");
     Ok(Some(c))
+}
+
+/// Move `wf`'s live events from after seq `done` up to `target` into the archive, at most
+/// `chunk` per `EventLog::compact` call (a call holds what it moves in memory), `snapshot` with
+/// the last call. Summed stats; `None` if the log cannot compact.
+async fn compact_chunked(
+    h: &Handle,
+    wf: WorkflowId,
+    mut done: u64,
+    target: u64,
+    chunk: u64,
+    mut snapshot: Option<Vec<u8>>,
+) -> Result<Option<CompactStats>> {
+    let mut moved = CompactStats::default();
+    loop {
+        let up_to = target.min(done.saturating_add(chunk.max(1)));
+        let last = up_to >= target;
+        let snap = if last { snapshot.take() } else { None };
+        let log = h.log().clone();
+        let Some(c) = blocking(move || log.compact(wf, Some(up_to), snap)).await?? else {
+            return Ok(None);
+        };
+        moved.events += c.events;
+        moved.segments += c.segments;
+        moved.raw_bytes += c.raw_bytes;
+        moved.compressed_bytes += c.compressed_bytes;
+        done = up_to;
+        if last {
+            return Ok(Some(moved));
+        }
+    }
 }
 
 /// Add one compaction to the engine's counters (`which`: the kind of workflow it was).

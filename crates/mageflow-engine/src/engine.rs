@@ -113,6 +113,12 @@ pub struct Config {
     /// event) and must see every event first — the hot-tier projector of a deployment. `None`:
     /// no such reader (the log's head).
     pub compaction_floor: Option<PositionFloor>,
+    /// Most events creating one workflow may take in one step (its first append). A creation
+    /// over it — a swarm of a million items all allowed to run at once queues every item in
+    /// that step — is refused on its own (`InvalidTree`, nothing written) instead of failing
+    /// the whole batch it would share with other calls at the log's limit. Default and upper
+    /// bound: `mageflow_store::APPEND_EVENTS_MAX`.
+    pub creation_events_max: usize,
 }
 
 /// When the compaction job moves the old history of a running workflow into the archive (no
@@ -233,6 +239,7 @@ impl Default for Config {
             compact_after: Some(crate::compaction::COMPACT_AFTER_DEFAULT),
             compact_history: Some(HistoryCompaction::default()),
             compaction_floor: None,
+            creation_events_max: mageflow_store::APPEND_EVENTS_MAX,
         }
     }
 }
@@ -1591,6 +1598,10 @@ impl Orchestrator {
     ) -> Result<()> {
         let at = now();
         let single = actions.len() == 1;
+        let creation_max = self
+            .config
+            .creation_events_max
+            .min(mageflow_store::APPEND_EVENTS_MAX);
         let mut backups: HashMap<WorkflowId, Workflow> = HashMap::new();
         // Whether each workflow was finished before this call.
         let mut was_finished: HashMap<WorkflowId, bool> = HashMap::new();
@@ -1645,6 +1656,18 @@ impl Orchestrator {
                 }
             };
             match execute(state, &cmd) {
+                Ok(events) if expected == 0 && events.len() > creation_max => {
+                    // A new workflow: nothing of it is durable or pending, so dropping the
+                    // state `execute` built is all the undoing there is.
+                    self.hot.remove(&wf);
+                    failure = Some(Error::Rejected(Rejection::InvalidTree(format!(
+                        "creating this workflow takes {} events in one step, more than the \
+                         limit of {creation_max}: give its swarm a lower max_concurrency, or \
+                         add the items in batches",
+                        events.len()
+                    ))));
+                    break;
+                }
                 Ok(events) => produced.push((wf, expected, events)),
                 Err(Rejection::AlreadyExists) if idempotent => existing.push(wf),
                 Err(Rejection::Internal(msg)) => {
