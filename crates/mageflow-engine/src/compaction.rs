@@ -130,8 +130,9 @@ pub(crate) async fn compact_history(
             // Durable versions first, then the head: every event up to them is at or below it.
             let version = log.stream_version(wf)?;
             let done = archived.get(&wf).copied().unwrap_or(0);
-            if version.saturating_sub(done) > over && version > keep {
-                targets.push((wf, done, version - keep));
+            let target = version.saturating_sub(keep);
+            if version.saturating_sub(done) > over && target > done {
+                targets.push((wf, done, target));
             }
         }
         Ok::<_, mageflow_store::Error>((targets, log.head()))
