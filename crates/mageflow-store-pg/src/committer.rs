@@ -407,19 +407,7 @@ impl Committer {
                         "event log lost its PostgreSQL connection while COMMIT was in flight; \
                          asking the server whether the transaction committed"
                     );
-                    let resolved = match &by {
-                        Resolve::Xid(xid) => self.resolve(*xid, deadline, &mut backoff).await,
-                        Resolve::Row {
-                            backend,
-                            position,
-                            stream,
-                            seq,
-                        } => {
-                            let row = (*position, *stream, *seq);
-                            self.resolve_by_row(backend, row, deadline, &mut backoff)
-                                .await
-                        }
-                    };
+                    let resolved = self.resolve(&by, deadline, &mut backoff).await;
                     match resolved {
                         Ok(true) => {
                             tracing::info!(?by, end, "the in-doubt commit had committed");
@@ -769,109 +757,102 @@ impl Committer {
         }
     }
 
-    /// Whether a one-statement commit whose first row is `(position, stream, seq)` committed:
-    /// once the session that ran it (`backend`) is gone, the statement has either committed or
-    /// been rolled back, and the row tells which. Asked on a new connection until it is known.
-    async fn resolve_by_row(
+    /// Whether the in-doubt commit `by` describes committed, asked on a new connection until
+    /// the server knows.
+    async fn resolve(
         &mut self,
-        backend: &Backend,
-        (position, stream, seq): (u64, Uuid, u64),
+        by: &Resolve,
         deadline: Instant,
         backoff: &mut Backoff,
     ) -> Result<bool, String> {
         loop {
-            let asked: Result<Option<bool>, sqlx::Error> = match self.connection().await {
-                Ok(conn) => ask_by_row(conn, backend, position, stream, seq).await,
+            let asked = match self.connection().await {
+                Ok(conn) => by.ask(conn).await,
                 Err(e) => Err(e),
             };
             match asked {
-                Ok(Some(committed)) => return Ok(committed),
-                Ok(None) => {
-                    tracing::info!(
-                        pid = backend.pid,
-                        "waiting for the in-doubt commit's session to end"
-                    );
+                Ok(Asked::Known(committed)) => return Ok(committed),
+                // The old session has not finished yet.
+                Ok(Asked::Pending) => tracing::info!(?by, "waiting for the in-doubt commit"),
+                Ok(Asked::Unknowable) => {
+                    return Err(format!(
+                        "PostgreSQL at {}: cannot tell whether {by} committed (too old for \
+                         txid_status); these appends are not acknowledged",
+                        self.shared.url
+                    ))
                 }
                 Err(e) if is_connection_error(&e) => {
                     self.drop_connection();
-                    tracing::warn!(url = %self.shared.url, error = %e,
+                    tracing::warn!(url = %self.shared.url, ?by, error = %e,
                         "cannot reach PostgreSQL to resolve an in-doubt commit; retrying");
                 }
                 Err(e) => {
                     return Err(format!(
-                        "PostgreSQL at {}: cannot ask whether an in-doubt commit committed: \
-                         {e}; these appends are not acknowledged",
+                        "PostgreSQL at {}: cannot ask whether {by} committed: {e}; these \
+                         appends are not acknowledged",
                         self.shared.url
                     ))
                 }
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "PostgreSQL at {}: the outcome of a commit is still unknown after {} ms \
-                     (session {} still running it); these appends are not acknowledged (they \
-                     may be in the log)",
-                    self.shared.url,
-                    self.retry_for.as_millis(),
-                    backend.pid
-                ));
-            }
-            tokio::time::sleep(backoff.next_wait()).await;
-        }
-    }
-
-    /// Whether transaction `xid` committed, asked on a new connection until the server knows.
-    async fn resolve(
-        &mut self,
-        xid: i64,
-        deadline: Instant,
-        backoff: &mut Backoff,
-    ) -> Result<bool, String> {
-        loop {
-            let status: Result<Option<String>, sqlx::Error> = match self.connection().await {
-                Ok(conn) => {
-                    sqlx::query_scalar("SELECT txid_status($1)")
-                        .bind(xid)
-                        .fetch_one(conn)
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            match status.as_ref().map(|s| s.as_deref()) {
-                Ok(Some("committed")) => return Ok(true),
-                Ok(Some("aborted")) => return Ok(false),
-                Ok(Some(other)) => {
-                    // The old session has not finished yet ("in progress").
-                    tracing::info!(xid, status = other, "waiting for the in-doubt transaction");
-                }
-                Ok(None) => {
-                    return Err(format!(
-                        "PostgreSQL at {}: cannot tell whether transaction {xid} committed (too \
-                         old for txid_status); these appends are not acknowledged",
-                        self.shared.url
-                    ))
-                }
-                Err(e) if is_connection_error(e) => {
-                    self.drop_connection();
-                    tracing::warn!(url = %self.shared.url, xid, error = %e,
-                        "cannot reach PostgreSQL to resolve an in-doubt commit; retrying");
-                }
-                Err(e) => {
-                    return Err(format!(
-                        "PostgreSQL at {}: cannot ask whether transaction {xid} committed: {e}; \
-                         these appends are not acknowledged",
-                        self.shared.url
-                    ))
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "PostgreSQL at {}: the outcome of transaction {xid} is still unknown after \
-                     {} ms; these appends are not acknowledged (they may be in the log)",
+                    "PostgreSQL at {}: the outcome of {by} is still unknown after {} ms; these \
+                     appends are not acknowledged (they may be in the log)",
                     self.shared.url,
                     self.retry_for.as_millis()
                 ));
             }
             tokio::time::sleep(backoff.next_wait()).await;
+        }
+    }
+}
+
+/// What the server says of an in-doubt commit.
+enum Asked {
+    Known(bool),
+    /// Its session is still running it.
+    Pending,
+    /// It can no longer tell (a transaction id too old for `txid_status`).
+    Unknowable,
+}
+
+impl Resolve {
+    async fn ask(&self, conn: &mut PgConnection) -> Result<Asked, sqlx::Error> {
+        match self {
+            Resolve::Xid(xid) => {
+                let status: Option<String> = sqlx::query_scalar("SELECT txid_status($1)")
+                    .bind(xid)
+                    .fetch_one(conn)
+                    .await?;
+                Ok(match status.as_deref() {
+                    Some("committed") => Asked::Known(true),
+                    Some("aborted") => Asked::Known(false),
+                    Some(_) => Asked::Pending,
+                    None => Asked::Unknowable,
+                })
+            }
+            Resolve::Row {
+                backend,
+                position,
+                stream,
+                seq,
+            } => Ok(
+                match ask_by_row(conn, backend, *position, *stream, *seq).await? {
+                    Some(committed) => Asked::Known(committed),
+                    None => Asked::Pending,
+                },
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Resolve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resolve::Xid(xid) => write!(f, "transaction {xid}"),
+            Resolve::Row { backend, .. } => {
+                write!(f, "the one-statement commit of session {}", backend.pid)
+            }
         }
     }
 }
