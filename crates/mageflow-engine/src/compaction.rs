@@ -121,12 +121,12 @@ pub(crate) async fn compact_history(
     let log = h.log().clone();
     let archived = {
         let mut archived = h.archived_to().lock().unwrap_or_else(|p| p.into_inner());
-        archived.retain(|wf, _| long.iter().any(|(id, _)| id == wf));
+        archived.retain(|wf, _| long.contains(wf));
         archived.clone()
     };
     let (targets, head) = blocking(move || {
         let mut targets = Vec::new();
-        for (wf, _) in long {
+        for wf in long {
             // Durable versions first, then the head: every event up to them is at or below it.
             let version = log.stream_version(wf)?;
             let done = archived.get(&wf).copied().unwrap_or(0);

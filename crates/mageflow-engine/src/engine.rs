@@ -390,11 +390,11 @@ enum Request {
         f: Inspector,
         reply: oneshot::Sender<Result<Box<dyn Any + Send>>>,
     },
-    /// The unfinished workflows whose version is at least `min_version`, with that version
-    /// (the compaction of running workflows' old history).
+    /// The unfinished workflows whose version is at least `min_version` (the compaction of
+    /// running workflows' old history).
     Long {
         min_version: u64,
-        reply: oneshot::Sender<Vec<(WorkflowId, u64)>>,
+        reply: oneshot::Sender<Vec<WorkflowId>>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -842,13 +842,13 @@ impl Handle {
     /// once `Config::compaction_floor` has passed them.
     pub async fn compact_history(
         &self,
-        settings: &crate::engine::HistoryCompaction,
+        settings: &HistoryCompaction,
     ) -> Result<crate::compaction::HistoryPass> {
         crate::compaction::compact_history(self, settings).await
     }
 
     /// The unfinished workflows whose version is at least `min_version`.
-    pub(crate) async fn long_running(&self, min_version: u64) -> Result<Vec<(WorkflowId, u64)>> {
+    pub(crate) async fn long_running(&self, min_version: u64) -> Result<Vec<WorkflowId>> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Long { min_version, reply })
@@ -1817,7 +1817,7 @@ impl Orchestrator {
                         .hot
                         .iter()
                         .filter(|(_, w)| w.version >= min_version && !w.is_finished())
-                        .map(|(id, w)| (*id, w.version))
+                        .map(|(id, _)| *id)
                         .collect();
                     let _ = reply.send(long);
                 }
