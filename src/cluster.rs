@@ -402,11 +402,20 @@ impl WorkerLink for HotJobs {
 }
 
 impl JobSource for HotJobs {
-    fn claim(&self, worker: &str, max: usize) -> BoxFuture<'static, Result<Vec<Job>>> {
+    fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        wait: Option<Duration>,
+    ) -> BoxFuture<'static, Result<Vec<Job>>> {
         let (hot, worker) = (self.hot.clone(), worker.to_owned());
         Box::pin(async move {
-            let jobs = hot.claim_many(&worker, max).await.map_err(hot_error)?;
+            let jobs = match wait {
+                None => hot.claim_many(&worker, max).await,
+                Some(timeout) => hot.wait_and_claim(&worker, max, timeout).await,
+            };
             Ok(jobs
+                .map_err(hot_error)?
                 .into_iter()
                 .map(|j| Job {
                     sig: j.key.sig,
@@ -417,11 +426,6 @@ impl JobSource for HotJobs {
                 })
                 .collect())
         })
-    }
-
-    fn wait_for_work(&self, timeout: Duration) -> BoxFuture<'static, Result<()>> {
-        let hot = self.hot.clone();
-        Box::pin(async move { hot.wait_for_work(timeout).await.map_err(hot_error) })
     }
 
     fn heartbeat(&self, sig: SignatureId, attempt: u32) -> BoxFuture<'static, Result<bool>> {

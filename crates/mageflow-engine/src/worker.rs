@@ -48,9 +48,14 @@ pub enum Outcome {
 /// Where a worker process takes work from and reports to (the Redis hot tier in production).
 pub trait JobSource: WorkerLink {
     /// Take up to `max` visible jobs and hide them from other workers for the lease period.
-    fn claim(&self, worker: &str, max: usize) -> BoxFuture<'static, Result<Vec<Job>>>;
-    /// Return when work may be there, or after `timeout`.
-    fn wait_for_work(&self, timeout: Duration) -> BoxFuture<'static, Result<()>>;
+    /// With `wait`, first wait until work may be there (or `wait` passed): a worker that found
+    /// nothing calls this, and the wait and the claim after it are one round trip.
+    fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        wait: Option<Duration>,
+    ) -> BoxFuture<'static, Result<Vec<Job>>>;
     /// Extend the lease of a claimed job. `Ok(false)`: the job is gone (revoked) — stop it.
     fn heartbeat(&self, sig: SignatureId, attempt: u32) -> BoxFuture<'static, Result<bool>>;
     /// Report an attempt's outcome (and release its job).
@@ -130,6 +135,7 @@ pub async fn run_worker(
         })
     };
     let mut backoff = Duration::from_millis(20);
+    let mut idle = false;
     'claiming: loop {
         // One free slot at least, then every other free one (up to a batch): one round trip
         // claims a job for each.
@@ -143,23 +149,22 @@ pub async fn run_worker(
                 permit.merge(extra);
             }
         }
+        // After a claim that found nothing, the next one waits for a wake-up first. The slots
+        // stay taken meanwhile: a handler that ends during the wait frees its slot for the
+        // claim after this one (the wait ends at the next wake-up, `IDLE_WAIT` at most).
+        let wait = idle.then_some(IDLE_WAIT);
         let claimed = tokio::select! {
-            c = source.claim(&config.worker_id, permit.num_permits()) => c,
+            c = source.claim(&config.worker_id, permit.num_permits(), wait) => c,
             _ = shutdown.cancelled() => break,
         };
         let jobs = match claimed {
             Ok(jobs) if !jobs.is_empty() => {
                 backoff = Duration::from_millis(20);
+                idle = false;
                 jobs
             }
             Ok(_) => {
-                drop(permit);
-                tokio::select! {
-                    r = source.wait_for_work(IDLE_WAIT) => if let Err(e) = r {
-                        source_error(&stats, "wait for work", &e, &mut backoff, &shutdown).await;
-                    },
-                    _ = shutdown.cancelled() => break,
-                }
+                idle = true;
                 continue;
             }
             Err(e) => {

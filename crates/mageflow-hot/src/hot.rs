@@ -64,6 +64,12 @@ end
 return id
 "#;
 
+/// What a blocking connection sends: one command, or a pipeline that starts with one.
+enum Query<'a> {
+    Cmd(&'a redis::Cmd),
+    Pipe(&'a redis::Pipeline),
+}
+
 /// How long an answer to a report waits to be read.
 const ANSWER_TTL_SECS: u64 = 60;
 
@@ -180,37 +186,47 @@ impl Hot {
             .invoke_async(&mut self.conn())
             .await
             .map_err(rerr("claim"))?;
-        let mut jobs = Vec::with_capacity(reply.len() / 2);
-        for pair in reply.chunks(2) {
-            let [member, data] = pair else {
-                return Err(HotError::Malformed {
-                    what: "claim reply",
-                    detail: "an odd number of items".into(),
-                });
-            };
-            let key: JobKey = member.parse()?;
-            let data: JobData = serde_json::from_str(data).map_err(|e| HotError::Malformed {
-                what: "job data",
-                detail: format!("{member}: {e}"),
-            })?;
-            jobs.push(Job {
-                key,
-                task: data.task,
-                input: data.input,
-                checkpoint: data.checkpoint,
-            });
-        }
-        Ok(jobs)
+        parse_claimed(&reply)
     }
 
-    /// Wait until work may be there (a token on the wake list) or `timeout` passed. Either way
-    /// the caller tries [`Hot::claim`] next.
-    pub async fn wait_for_work(&self, timeout: Duration) -> Result<(), HotError> {
-        let mut cmd = redis::cmd("BLPOP");
-        cmd.arg(self.key("wake"))
-            .arg(format!("{:.3}", timeout.as_secs_f64().max(0.001)));
-        let _: Option<(String, String)> = self.blocking_query("BLPOP wake", &cmd, timeout).await?;
-        Ok(())
+    /// Wait until work may be there (a token on the wake list) or `timeout` passed, then claim
+    /// up to `max` jobs as [`Hot::claim_many`] does — in the same round trip: the claim is
+    /// pipelined behind the `BLPOP` on one connection, so Redis runs it the moment the wait
+    /// ends. Empty when nothing was due by then.
+    pub async fn wait_and_claim(
+        &self,
+        worker: &str,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Job>, HotError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("BLPOP")
+            .arg(self.key("wake"))
+            .arg(format!("{:.3}", timeout.as_secs_f64().max(0.001)))
+            .ignore()
+            .cmd("EVALSHA")
+            .arg(self.inner.claim.get_hash())
+            .arg(3)
+            .arg(self.key("jobs"))
+            .arg(self.key("jobdata"))
+            .arg(self.key("claims"))
+            .arg(self.lease_ms())
+            .arg(worker)
+            .arg(max.max(1));
+        match self
+            .blocking_query::<(Vec<String>,)>("BLPOP wake and claim", Query::Pipe(&pipe), timeout)
+            .await
+        {
+            Ok((reply,)) => parse_claimed(&reply),
+            // The server does not have the script (restarted, or `SCRIPT FLUSH`): the wait is
+            // over either way; the plain claim loads it.
+            Err(HotError::Redis { source, .. })
+                if source.kind() == redis::ErrorKind::NoScriptError =>
+            {
+                self.claim_many(worker, max).await
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Tell the worker waiting on report `report_id` (a checkpoint) whether what it reported
@@ -262,8 +278,9 @@ impl Hot {
         let mut cmd = redis::cmd("BLPOP");
         cmd.arg(self.key(&format!("answer:{report_id}")))
             .arg(format!("{:.3}", timeout.as_secs_f64().max(0.001)));
-        let reply: Option<(String, String)> =
-            self.blocking_query("BLPOP answer", &cmd, timeout).await?;
+        let reply: Option<(String, String)> = self
+            .blocking_query("BLPOP answer", Query::Cmd(&cmd), timeout)
+            .await?;
         Ok(reply.map(|(_, v)| v))
     }
 
@@ -400,7 +417,8 @@ impl Hot {
                 .await
                 .map_err(rerr("XREAD reports"))?
         } else {
-            self.blocking_query("XREAD reports", &cmd, block).await?
+            self.blocking_query("XREAD reports", Query::Cmd(&cmd), block)
+                .await?
         };
         let mut out = Vec::new();
         for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
@@ -566,7 +584,7 @@ impl Hot {
     async fn blocking_query<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
-        cmd: &redis::Cmd,
+        query: Query<'_>,
         block: Duration,
     ) -> Result<T, HotError> {
         let pooled = self
@@ -587,7 +605,13 @@ impl Hot {
                 .map_err(rerr(op))?,
         };
         let limit = block + RESPONSE_TIMEOUT;
-        let result = match tokio::time::timeout(limit, cmd.query_async::<T>(&mut conn)).await {
+        let sent = async {
+            match query {
+                Query::Cmd(cmd) => cmd.query_async::<T>(&mut conn).await,
+                Query::Pipe(pipe) => pipe.query_async::<T>(&mut conn).await,
+            }
+        };
+        let result = match tokio::time::timeout(limit, sent).await {
             Ok(r) => r.map_err(rerr(op)),
             Err(_) => Err(HotError::Redis {
                 op,
@@ -610,6 +634,31 @@ impl Hot {
         }
         result
     }
+}
+
+/// The claim script's reply: member, data, member, data, ...
+fn parse_claimed(reply: &[String]) -> Result<Vec<Job>, HotError> {
+    let mut jobs = Vec::with_capacity(reply.len() / 2);
+    for pair in reply.chunks(2) {
+        let [member, data] = pair else {
+            return Err(HotError::Malformed {
+                what: "claim reply",
+                detail: "an odd number of items".into(),
+            });
+        };
+        let key: JobKey = member.parse()?;
+        let data: JobData = serde_json::from_str(data).map_err(|e| HotError::Malformed {
+            what: "job data",
+            detail: format!("{member}: {e}"),
+        })?;
+        jobs.push(Job {
+            key,
+            task: data.task,
+            input: data.input,
+            checkpoint: data.checkpoint,
+        });
+    }
+    Ok(jobs)
 }
 
 fn parse_report(entry: &StreamId) -> Result<Report, HotError> {

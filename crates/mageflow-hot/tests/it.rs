@@ -327,12 +327,13 @@ async fn worker_claims_heartbeats_and_reports() {
     let (stop, handle) = env.spawn_projector();
     env.caught_up().await;
 
-    env.hot
-        .wait_for_work(Duration::from_secs(5))
+    let mut claimed = env
+        .hot
+        .wait_and_claim("w1", 8, Duration::from_secs(5))
         .await
-        .expect("wake");
-    let job = env.hot.claim("w1").await.expect("claim");
-    let job = job.expect("a job is due");
+        .expect("wake and claim");
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    let job = claimed.pop().expect("a job is due");
     let key = JobKey {
         sig: sig(wf, 0),
         attempt: 1,
@@ -344,10 +345,24 @@ async fn worker_claims_heartbeats_and_reports() {
     assert_eq!(env.hot.claim("w2").await.expect("claim"), None);
     assert!(env.hot.heartbeat(&key).await.expect("heartbeat"));
 
-    // The lease runs out without heartbeats: another worker gets the same attempt.
+    // The lease runs out without heartbeats: another worker gets the same attempt — here
+    // through a wait that ends with no wake token, on a server that lost its scripts (the
+    // pipelined claim falls back to loading it).
     tokio::time::sleep(Duration::from_millis(350)).await;
-    let again = env.hot.claim("w2").await.expect("claim");
-    assert_eq!(again.map(|j| j.key), Some(key));
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut env.raw().await)
+        .await
+        .expect("SCRIPT FLUSH");
+    let again = env
+        .hot
+        .wait_and_claim("w2", 8, Duration::from_millis(50))
+        .await
+        .expect("claim after the wait");
+    assert_eq!(
+        again.into_iter().map(|j| j.key).collect::<Vec<_>>(),
+        vec![key]
+    );
 
     let report = Report {
         key,
