@@ -80,6 +80,21 @@ pub(crate) struct VersionCache {
     versions: HashMap<Uuid, u64>,
 }
 
+impl VersionCache {
+    /// The versions after a group that committed up to position `end`, while the cache was
+    /// valid as of the group's start (every entry is then exact as of `end`; a cache that was
+    /// not, forgets the rest).
+    fn learn(&mut self, start: u64, versions: HashMap<Uuid, u64>, end: u64) {
+        if self.at != Some(start)
+            || self.versions.len() + versions.len() > VERSION_CACHE_STREAMS_MAX
+        {
+            self.versions.clear();
+        }
+        self.versions.extend(versions);
+        self.at = Some(end);
+    }
+}
+
 /// One try at committing a group.
 enum Attempt {
     /// Committed (or nothing to write: `end` is `None`). Outcomes per job; the requests
@@ -149,6 +164,148 @@ const FAST_COMMIT: &str = "WITH moved AS (\
 /// Groups of at most this many events take [`FAST_COMMIT`] when they can (one round trip
 /// instead of four); larger ones are written faster by `COPY`.
 pub const FAST_COMMIT_EVENTS_MAX: usize = 1024;
+
+/// How long a pipelined group's open transaction may wait for the commit in flight before it
+/// is rolled back (see [`Committer::run`]); a commit takes a few milliseconds.
+const NEXT_HOLD_MAX: Duration = Duration::from_millis(250);
+
+/// A group being committed on a task of its own, with the connection it took.
+struct Flight<T> {
+    jobs: Vec<Job>,
+    group: FastGroup,
+    backend: Backend,
+    task: tokio::task::JoinHandle<(Option<PgConnection>, std::result::Result<T, sqlx::Error>)>,
+    /// Fires when the group's `COPY` is over (pipelined groups; `None` once it has, or when
+    /// the commit has none).
+    copied: Option<oneshot::Receiver<()>>,
+    /// Written by `COPY` behind another group (else: one statement).
+    pipelined: bool,
+}
+
+/// `first` and every call waiting behind it, up to a group's limits.
+fn gather(first: Job, rx: &mut mpsc::UnboundedReceiver<Job>) -> Vec<Job> {
+    let (mut events, mut bytes) = (first.events, first.bytes);
+    let mut jobs = vec![first];
+    while events < GROUP_EVENTS_MAX && bytes < GROUP_BYTES_MAX {
+        match rx.try_recv() {
+            Ok(job) => {
+                events += job.events;
+                bytes += job.bytes;
+                jobs.push(job);
+            }
+            Err(_) => break,
+        }
+    }
+    jobs
+}
+
+/// Roll back a pipelined group's transaction (by dropping its connection) and give back its
+/// calls, unanswered.
+async fn abandon(shared: &Shared, mut n: Flight<()>) -> Vec<Job> {
+    shared
+        .counters
+        .pipeline_rollbacks
+        .fetch_add(1, Ordering::Relaxed);
+    n.task.abort();
+    // Either the task ended (its connection is in the result, dropped here) or it was aborted
+    // (and dropped it).
+    let _ = (&mut n.task).await;
+    n.jobs
+}
+
+/// A group staged against versions the committer knows without asking the server.
+struct FastGroup {
+    outcomes: Vec<Result<Vec<u64>>>,
+    /// Versions after the group, for every stream of the group.
+    versions: HashMap<Uuid, u64>,
+    /// (job, request, first position) of every request, in position order.
+    writes: Vec<(usize, usize, u64)>,
+    /// The head the group follows, and its last position.
+    start: u64,
+    end: u64,
+}
+
+impl FastGroup {
+    /// How the outcome is found if the answer is lost: the group's first row, once the session
+    /// `backend` is gone.
+    fn resolve_by(&self, backend: Backend, jobs: &[Job]) -> Resolve {
+        let (j, r, position) = self.writes[0];
+        let req = &jobs[j].requests[r];
+        Resolve::Row {
+            backend,
+            position,
+            stream: req.stream.0,
+            seq: req.expected + 1,
+        }
+    }
+}
+
+/// How a fast or pipelined commit ended, when the server answered.
+enum Landed {
+    Committed,
+    /// The head was not where the group expected: nothing was written.
+    NotWritten,
+    /// Committed a different number of rows than the group has (never expected).
+    Miswritten(i64),
+}
+
+/// [`FAST_COMMIT`] with its arguments, owned (it can run on a spawned task).
+struct FastStatement {
+    start: i64,
+    end: i64,
+    positions: Vec<i64>,
+    streams: Vec<Uuid>,
+    seqs: Vec<i64>,
+    payloads: Vec<Vec<u8>>,
+    crcs: Vec<i32>,
+    channel: String,
+}
+
+impl FastStatement {
+    fn new(jobs: &[Job], group: &FastGroup, channel: &str) -> Self {
+        let rows = (group.end - group.start) as usize;
+        let mut st = FastStatement {
+            start: group.start as i64,
+            end: group.end as i64,
+            positions: Vec::with_capacity(rows),
+            streams: Vec::with_capacity(rows),
+            seqs: Vec::with_capacity(rows),
+            payloads: Vec::with_capacity(rows),
+            crcs: Vec::with_capacity(rows),
+            channel: channel.to_owned(),
+        };
+        for &(j, r, first) in &group.writes {
+            let req = &jobs[j].requests[r];
+            for (i, (payload, crc)) in req.tuples.rows().enumerate() {
+                st.positions.push((first + i as u64) as i64);
+                st.streams.push(req.stream.0);
+                st.seqs.push((req.expected + 1 + i as u64) as i64);
+                st.payloads.push(payload.to_vec());
+                st.crcs.push(crc);
+            }
+        }
+        st
+    }
+
+    async fn run(&self, conn: &mut PgConnection) -> Result<Landed, sqlx::Error> {
+        let answer = sqlx::query_as::<_, (i64, i64)>(FAST_COMMIT)
+            .bind(self.start)
+            .bind(self.end)
+            .bind(&self.positions)
+            .bind(&self.streams)
+            .bind(&self.seqs)
+            .bind(&self.payloads)
+            .bind(&self.crcs)
+            .bind(&self.channel)
+            .fetch_optional(conn)
+            .await?;
+        Ok(match answer {
+            None => Landed::NotWritten,
+            Some((written, _)) if written == self.end - self.start => Landed::Committed,
+            Some((written, _)) => Landed::Miswritten(written),
+        })
+    }
+}
 
 /// A group's accepted requests and the answers to its calls.
 struct Staged {
@@ -233,6 +390,8 @@ pub(crate) struct Committer {
     conn: Option<PgConnection>,
     /// The session of `conn`, once known.
     backend: Option<Backend>,
+    /// A second connection, for the group committed while another is in flight.
+    spare: Option<(PgConnection, Backend)>,
     fast_commit_events_max: usize,
     cache: VersionCache,
     copy_sql: String,
@@ -255,6 +414,7 @@ impl Committer {
             connect,
             conn: Some(conn),
             backend: None,
+            spare: None,
             fast_commit_events_max: options.fast_commit_events_max,
             cache: VersionCache::default(),
             copy_sql: copy_statement("mageflow_events"),
@@ -267,24 +427,363 @@ impl Committer {
     }
 
     /// Commit groups until every sender is gone and the queue is empty.
+    ///
+    /// Fast groups are pipelined, two at most: while one group's commit is in flight, the next
+    /// one's rows are written by `COPY` in an open transaction on a second connection, and
+    /// that transaction moves the head and commits once the first has committed (see the crate
+    /// doc). Anything else — a group that needs the long way, a commit that failed or whose
+    /// outcome is unknown — waits until nothing is in flight and goes through [`Self::commit`].
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
-        while let Some(first) = rx.recv().await {
-            let (mut events, mut bytes) = (first.events, first.bytes);
-            let mut jobs = vec![first];
-            while events < GROUP_EVENTS_MAX && bytes < GROUP_BYTES_MAX {
-                match rx.try_recv() {
-                    Ok(job) => {
-                        events += job.events;
-                        bytes += job.bytes;
-                        jobs.push(job);
+        let mut current: Option<Flight<Landed>> = None;
+        let mut next: Option<Flight<()>> = None;
+        loop {
+            let Some(cur) = current.as_mut() else {
+                let Some(first) = rx.recv().await else { break };
+                let jobs = gather(first, &mut rx);
+                match self.launch(jobs).await {
+                    Ok(flight) => current = Some(flight),
+                    Err(jobs) => self.commit(jobs, None).await,
+                }
+                continue;
+            };
+            if next.is_none() {
+                // The next group starts once the one in flight has written its rows (one
+                // `COPY` at a time: two would only share the cores), and takes every call that
+                // arrived meanwhile.
+                let copying = cur.copied.is_some();
+                tokio::select! {
+                    biased;
+                    joined = &mut cur.task => {
+                        if let Some(f) = current.take() {
+                            current = self.land(f, joined, &mut next).await;
+                        }
                     }
-                    Err(_) => break,
+                    _ = async { if let Some(c) = cur.copied.as_mut() { let _ = c.await; } }, if copying => {
+                        cur.copied = None;
+                    }
+                    job = rx.recv(), if !copying => {
+                        let Some(first) = job else { break };
+                        let jobs = gather(first, &mut rx);
+                        match self.launch_next(jobs, &cur.group).await {
+                            Ok(flight) => next = Some(flight),
+                            Err(jobs) => {
+                                current = self.drain(current.take(), None).await;
+                                self.commit(jobs, None).await;
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            // Both slots taken: wait for the commit in flight. The next group's transaction
+            // holds row locks meanwhile; if the commit waits too long (on another process's
+            // committer, which may itself wait on those rows: a cycle PostgreSQL cannot see),
+            // that transaction is rolled back and its group goes the long way after.
+            let Some(mut f) = current.take() else {
+                continue;
+            };
+            match tokio::time::timeout(NEXT_HOLD_MAX, &mut f.task).await {
+                Ok(joined) => current = self.land(f, joined, &mut next).await,
+                Err(_) => {
+                    let held = match next.take() {
+                        Some(n) => Some(abandon(&self.shared, n).await),
+                        None => None,
+                    };
+                    tracing::warn!(
+                        url = %self.shared.url,
+                        wait_ms = NEXT_HOLD_MAX.as_millis() as u64,
+                        "event log commit waits on another writer; rolling back the pipelined \
+                         group behind it, which goes the long way"
+                    );
+                    let joined = (&mut f.task).await;
+                    current = self.land(f, joined, &mut None).await;
+                    current = self.drain(current, None).await;
+                    if let Some(jobs) = held {
+                        self.commit(jobs, None).await;
+                    }
                 }
             }
-            self.commit(jobs).await;
         }
+        self.drain(current, next).await;
         if let Some(conn) = self.conn.take() {
             let _ = conn.close().await;
+        }
+        if let Some((conn, _)) = self.spare.take() {
+            let _ = conn.close().await;
+        }
+    }
+
+    /// Whether fast groups may be committed on spawned tasks (and pipelined).
+    fn pipelining(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        if self.faults.is_some() {
+            // Injected faults apply to the commit on the committer's own task.
+            return false;
+        }
+        self.fast_commit_events_max > 0
+    }
+
+    /// Start committing `jobs` in one statement on a task of its own, if they qualify.
+    async fn launch(&mut self, jobs: Vec<Job>) -> std::result::Result<Flight<Landed>, Vec<Job>> {
+        if !self.pipelining() {
+            return Err(jobs);
+        }
+        let Some(group) = self.stage_fast(&jobs, &self.cache, None) else {
+            return Err(jobs);
+        };
+        let Ok((mut conn, backend)) = self.take_connection().await else {
+            // The long way reconnects, with backoff and messages.
+            return Err(jobs);
+        };
+        let statement = FastStatement::new(&jobs, &group, &self.shared.channel);
+        let task = tokio::spawn(async move {
+            let landed = statement.run(&mut conn).await;
+            let keep = match &landed {
+                Ok(_) => true,
+                Err(e) => !is_connection_error(e),
+            };
+            (keep.then_some(conn), landed)
+        });
+        Ok(Flight {
+            jobs,
+            group,
+            backend,
+            task,
+            copied: None,
+            pipelined: false,
+        })
+    }
+
+    /// Start writing `jobs`, the group after `ahead`, in an open transaction: `BEGIN` and a
+    /// binary `COPY` of its rows at the positions after `ahead`'s, on a task of its own. The
+    /// head moves (and the transaction commits) in [`Self::land`], once `ahead` has committed.
+    async fn launch_next(
+        &mut self,
+        jobs: Vec<Job>,
+        ahead: &FastGroup,
+    ) -> std::result::Result<Flight<()>, Vec<Job>> {
+        let Some(group) = self.stage_fast(&jobs, &self.cache, Some(ahead)) else {
+            return Err(jobs);
+        };
+        let Ok((mut conn, backend)) = self.take_connection().await else {
+            return Err(jobs);
+        };
+        let bytes: usize = group
+            .writes
+            .iter()
+            .map(|&(j, r, _)| jobs[j].requests[r].tuples.bytes_len())
+            .sum();
+        let mut data = CopyData::with_capacity(bytes);
+        for &(j, r, first) in &group.writes {
+            data.extend(&jobs[j].requests[r].tuples, first);
+        }
+        let rows = data.rows();
+        let data = data.finish();
+        let copy_sql = self.copy_sql.clone();
+        let task = tokio::spawn(async move {
+            let copied = async {
+                conn.execute("BEGIN").await?;
+                let mut copy = conn.copy_in_raw(&copy_sql).await?;
+                copy.send(data).await?;
+                copy.finish().await
+            }
+            .await;
+            match copied {
+                Ok(n) if n == rows => (Some(conn), Ok(())),
+                Ok(n) => (
+                    None,
+                    Err(sqlx::Error::Protocol(format!(
+                        "COPY wrote {n} rows, expected {rows}"
+                    ))),
+                ),
+                // The connection is dropped: PostgreSQL rolls the transaction back.
+                Err(e) => (None, Err(e)),
+            }
+        });
+        Ok(Flight {
+            jobs,
+            group,
+            backend,
+            task,
+            copied: None,
+            pipelined: true,
+        })
+    }
+
+    /// Settle the commit in flight `f`: answer its calls (through [`Self::commit`], which
+    /// also takes over if it did not commit). If it committed, `next`'s transaction moves the
+    /// head and commits on its task: the new commit in flight. If not, `next` is rolled back
+    /// and committed the long way after it.
+    async fn land(
+        &mut self,
+        f: Flight<Landed>,
+        joined: std::result::Result<
+            (
+                Option<PgConnection>,
+                std::result::Result<Landed, sqlx::Error>,
+            ),
+            tokio::task::JoinError,
+        >,
+        next: &mut Option<Flight<()>>,
+    ) -> Option<Flight<Landed>> {
+        let Flight {
+            jobs,
+            group,
+            backend,
+            pipelined,
+            ..
+        } = f;
+        let landed = match joined {
+            Ok((conn, landed)) => {
+                if let Some(conn) = conn {
+                    self.put_connection(conn, backend.clone());
+                }
+                landed
+            }
+            // The task died, and its connection with it.
+            Err(e) => Err(sqlx::Error::Io(std::io::Error::other(e.to_string()))),
+        };
+        let (start, end, versions) = (group.start, group.end, group.versions.clone());
+        let by = group.resolve_by(backend, &jobs);
+        match self.landed(group, by, landed) {
+            Some(done @ Attempt::Done { .. }) => {
+                if pipelined {
+                    let counters = &self.shared.counters;
+                    counters.pipelined_commits.fetch_add(1, Ordering::Relaxed);
+                }
+                self.cache.learn(start, versions, end);
+                self.commit(jobs, Some(done)).await;
+                next.take().map(|n| self.finish_next(n))
+            }
+            other => {
+                // Not committed, or not known to be: the group behind it cannot follow it.
+                let held = match next.take() {
+                    Some(n) => Some(abandon(&self.shared, n).await),
+                    None => None,
+                };
+                self.cache = VersionCache::default();
+                self.commit(jobs, other).await;
+                if let Some(held) = held {
+                    self.commit(held, None).await;
+                }
+                None
+            }
+        }
+    }
+
+    /// Move the head past `n`'s rows and commit its transaction, now that the group before it
+    /// has committed: on a task that first waits for `n`'s `COPY` to end (the committer goes on
+    /// meanwhile).
+    fn finish_next(&mut self, n: Flight<()>) -> Flight<Landed> {
+        let Flight {
+            jobs,
+            group,
+            backend,
+            task: copying,
+            ..
+        } = n;
+        // `start` and `end` are numbers and the channel a checked name: nothing needs quoting.
+        // No row moved (another process committed meanwhile): division by zero, and the
+        // transaction is rolled back.
+        let finish = format!(
+            "WITH moved AS (UPDATE mageflow_head SET position = {end} WHERE position = {start} \
+             RETURNING 1) SELECT 1 / (SELECT count(*)::int FROM moved), pg_notify('{channel}', \
+             '{end}'); COMMIT",
+            start = group.start,
+            end = group.end,
+            channel = self.shared.channel
+        );
+        let (copied_tx, copied) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let copy = copying.await;
+            let _ = copied_tx.send(());
+            let mut conn = match copy {
+                Ok((Some(conn), Ok(()))) => conn,
+                Ok((_, Err(e))) => return (None, Err(e)),
+                Ok((None, Ok(()))) => return (None, Ok(Landed::NotWritten)),
+                Err(e) => {
+                    return (
+                        None,
+                        Err(sqlx::Error::Io(std::io::Error::other(e.to_string()))),
+                    )
+                }
+            };
+            match conn.execute(finish.as_str()).await {
+                Ok(_) => (Some(conn), Ok(Landed::Committed)),
+                Err(e) if !is_connection_error(&e) => {
+                    tracing::debug!(error = %e, "pipelined commit refused");
+                    let kept = conn.execute("ROLLBACK").await.is_ok().then_some(conn);
+                    (kept, Ok(Landed::NotWritten))
+                }
+                Err(e) => (None, Err(e)),
+            }
+        });
+        Flight {
+            jobs,
+            group,
+            backend,
+            task,
+            copied: Some(copied),
+            pipelined: true,
+        }
+    }
+
+    /// Wait for the flights there are, in order, and settle them.
+    async fn drain(
+        &mut self,
+        mut current: Option<Flight<Landed>>,
+        mut next: Option<Flight<()>>,
+    ) -> Option<Flight<Landed>> {
+        while let Some(mut f) = current.take() {
+            let joined = (&mut f.task).await;
+            current = self.land(f, joined, &mut next).await;
+        }
+        None
+    }
+
+    /// A connection for a flight, and its session: the committer's own, else the spare, else
+    /// a new one. It becomes the one [`crate::PgLog::committer_backend_pid`] reports.
+    async fn take_connection(
+        &mut self,
+    ) -> std::result::Result<(PgConnection, Backend), sqlx::Error> {
+        let taken = self.take_connection_inner().await?;
+        self.shared
+            .committer_pid
+            .store(taken.1.pid, Ordering::Release);
+        Ok(taken)
+    }
+
+    async fn take_connection_inner(
+        &mut self,
+    ) -> std::result::Result<(PgConnection, Backend), sqlx::Error> {
+        if let Some(mut conn) = self.conn.take() {
+            let backend = match self.backend.take() {
+                Some(b) => b,
+                None => match Self::backend_of(&mut conn).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        self.drop_connection();
+                        return Err(e);
+                    }
+                },
+            };
+            return Ok((conn, backend));
+        }
+        if let Some(spare) = self.spare.take() {
+            return Ok(spare);
+        }
+        let mut conn = self.connect().await?;
+        let backend = Self::backend_of(&mut conn).await?;
+        Ok((conn, backend))
+    }
+
+    /// Keep a connection a flight gave back (beyond two, it is closed).
+    fn put_connection(&mut self, conn: PgConnection, backend: Backend) {
+        if self.conn.is_none() {
+            self.conn = Some(conn);
+            self.backend = Some(backend);
+        } else if self.spare.is_none() {
+            self.spare = Some((conn, backend));
         }
     }
 
@@ -337,11 +836,16 @@ impl Committer {
     }
 
     /// Commit one group, retrying through connection loss, then answer its calls in order.
-    async fn commit(&mut self, jobs: Vec<Job>) {
+    /// `first`: the outcome of a try already made (by a flight).
+    async fn commit(&mut self, jobs: Vec<Job>, mut first: Option<Attempt>) {
         let deadline = Instant::now() + self.retry_for;
         let mut backoff = Backoff::new(self.backoff_max);
         let result = loop {
-            match self.attempt(&jobs).await {
+            let attempt = match first.take() {
+                Some(attempt) => attempt,
+                None => self.attempt(&jobs).await,
+            };
+            match attempt {
                 Attempt::Done {
                     outcomes,
                     end,
@@ -384,8 +888,9 @@ impl Committer {
                         error = %error,
                         attempt = backoff.attempts,
                         retry_in_ms = wait.as_millis() as u64,
-                        "event log commit lost its PostgreSQL connection; nothing of the group \
-                         was committed, retrying it on a new connection"
+                        "event log commit lost its PostgreSQL connection (or was rolled back \
+                         to break a deadlock); nothing of the group was committed, retrying it \
+                         on a new connection"
                     );
                     tokio::time::sleep(wait).await;
                 }
@@ -478,8 +983,13 @@ impl Committer {
         attempt
     }
 
+    /// A failure before COMMIT: retried if it was the connection, or a deadlock the server
+    /// broke by rolling this transaction back (another process's commit waiting on rows a
+    /// pipelined group of this one had written, say); anything else fails the group.
     fn classify(&self, step: &'static str, error: sqlx::Error) -> Attempt {
-        if is_connection_error(&error) {
+        let deadlock = matches!(&error, sqlx::Error::Database(db)
+            if db.code().is_some_and(|c| matches!(&*c, "40P01" | "40001")));
+        if is_connection_error(&error) || deadlock {
             Attempt::Retry { step, error }
         } else {
             Attempt::Failed(self.shared.storage(step, &error))
@@ -619,11 +1129,7 @@ impl Committer {
         }
         match conn.execute(finish.as_str()).await {
             Ok(_) => {
-                if cache.versions.len() + versions.len() > VERSION_CACHE_STREAMS_MAX {
-                    cache.versions.clear();
-                }
-                cache.versions.extend(versions);
-                cache.at = Some(end);
+                cache.learn(start, versions, end);
                 Attempt::Done {
                     outcomes,
                     end: Some(end),
@@ -654,104 +1160,113 @@ impl Committer {
         cache: &mut VersionCache,
         jobs: &[Job],
     ) -> Option<Attempt> {
-        let at = cache.at?;
         let backend = self.backend.clone()?;
+        let group = self.stage_fast(jobs, cache, None)?;
+        let statement = FastStatement::new(jobs, &group, &self.shared.channel);
+        let by = group.resolve_by(backend, jobs);
+        #[cfg(feature = "fault-injection")]
+        if let Some(fault) = self.faults.as_ref().and_then(|f| f.take()) {
+            if let crate::faults::CommitFault::LoseReply = fault {
+                if let Err(e) = statement.run(conn).await {
+                    return Some(self.classify("injected fault", e));
+                }
+            }
+            return Some(Attempt::InDoubt {
+                by,
+                outcomes: group.outcomes,
+                end: group.end,
+                error: "injected: connection lost while the commit was in flight".into(),
+            });
+        }
+        let landed = statement.run(conn).await;
+        let (start, end) = (group.start, group.end);
+        let versions = group.versions.clone();
+        let attempt = self.landed(group, by, landed)?;
+        if matches!(attempt, Attempt::Done { .. }) {
+            cache.learn(start, versions, end);
+        }
+        Some(attempt)
+    }
+
+    /// Stage a group against versions known without asking the server: the cache (valid as of
+    /// its head), with `ahead` — the group in flight before this one, if any — applied on top.
+    /// `None` if the group does not qualify for [`FAST_COMMIT`] or a pipelined commit.
+    fn stage_fast(
+        &self,
+        jobs: &[Job],
+        cache: &VersionCache,
+        ahead: Option<&FastGroup>,
+    ) -> Option<FastGroup> {
+        let start = match ahead {
+            Some(g) => g.end,
+            None => cache.at?,
+        };
         let events: usize = jobs.iter().map(|j| j.events).sum();
         if events == 0 || events > self.fast_commit_events_max {
             return None;
         }
         let mut versions = HashMap::new();
         for req in jobs.iter().flat_map(|j| &j.requests) {
-            versions.insert(req.stream.0, *cache.versions.get(&req.stream.0)?);
+            let key = req.stream.0;
+            let known = ahead.and_then(|g| g.versions.get(&key));
+            versions.insert(key, *known.or_else(|| cache.versions.get(&key))?);
         }
         let Staged {
             outcomes,
             versions,
             writes,
             end,
-        } = stage(jobs, versions, at);
+        } = stage(jobs, versions, start);
         // A refusal must be decided under the lock, against versions known to be current.
         if writes.is_empty() || outcomes.iter().any(|o| o.is_err()) {
             return None;
         }
-        let rows = (end - at) as usize;
-        let (mut positions, mut streams, mut seqs, mut payloads, mut crcs) = (
-            Vec::with_capacity(rows),
-            Vec::with_capacity(rows),
-            Vec::with_capacity(rows),
-            Vec::with_capacity(rows),
-            Vec::with_capacity(rows),
-        );
-        for &(j, r, first) in &writes {
-            let req = &jobs[j].requests[r];
-            for (i, (payload, crc)) in req.tuples.rows().enumerate() {
-                positions.push((first + i as u64) as i64);
-                streams.push(req.stream.0);
-                seqs.push((req.expected + 1 + i as u64) as i64);
-                payloads.push(payload);
-                crcs.push(crc);
-            }
-        }
-        let by = Resolve::Row {
-            backend,
-            position: at + 1,
-            stream: streams[0],
-            seq: seqs[0] as u64,
-        };
-        let statement = sqlx::query_as::<_, (i64, i64)>(FAST_COMMIT)
-            .bind(at as i64)
-            .bind(end as i64)
-            .bind(&positions)
-            .bind(&streams)
-            .bind(&seqs)
-            .bind(&payloads)
-            .bind(&crcs)
-            .bind(&self.shared.channel);
-        #[cfg(feature = "fault-injection")]
-        if let Some(fault) = self.faults.as_ref().and_then(|f| f.take()) {
-            if let crate::faults::CommitFault::LoseReply = fault {
-                if let Err(e) = statement.fetch_optional(&mut *conn).await {
-                    return Some(self.classify("injected fault", e));
-                }
-            }
-            return Some(Attempt::InDoubt {
-                by,
-                outcomes,
-                end,
-                error: "injected: connection lost while the commit was in flight".into(),
-            });
-        }
-        match statement.fetch_optional(&mut *conn).await {
-            Ok(Some((written, _))) if written as usize == rows => {
-                if cache.versions.len() + versions.len() > VERSION_CACHE_STREAMS_MAX {
-                    cache.versions.clear();
-                }
-                cache.versions.extend(versions);
-                cache.at = Some(end);
-                let fast = &self.shared.counters.fast_commits;
-                fast.fetch_add(1, Ordering::Relaxed);
+        Some(FastGroup {
+            outcomes,
+            versions,
+            writes,
+            start,
+            end,
+        })
+    }
+
+    /// What a fast or pipelined commit's answer means. `None`: nothing was written, take the
+    /// long way.
+    fn landed(
+        &self,
+        group: FastGroup,
+        by: Resolve,
+        landed: Result<Landed, sqlx::Error>,
+    ) -> Option<Attempt> {
+        match landed {
+            Ok(Landed::Committed) => {
+                self.shared
+                    .counters
+                    .fast_commits
+                    .fetch_add(1, Ordering::Relaxed);
                 Some(Attempt::Done {
-                    outcomes,
-                    end: Some(end),
-                    written: writes,
+                    outcomes: group.outcomes,
+                    end: Some(group.end),
+                    written: group.writes,
                 })
             }
-            Ok(Some((written, _))) => Some(Attempt::Failed(Error::Storage(format!(
-                "PostgreSQL at {}: a commit wrote {written} rows, expected {rows}",
-                self.shared.url
+            Ok(Landed::Miswritten(written)) => Some(Attempt::Failed(Error::Storage(format!(
+                "PostgreSQL at {}: a commit wrote {written} rows, expected {}",
+                self.shared.url,
+                group.end - group.start
             )))),
             // Another process moved the head: nothing was written.
-            Ok(None) => None,
+            Ok(Landed::NotWritten) => None,
             // Refused by the server, so rolled back as a whole: the long way decides, under
-            // the lock. (Any other failure may come after the commit: resolved below.)
+            // the lock. (Any other failure may come after the commit: resolved by the caller.)
             Err(e @ sqlx::Error::Database(_)) if !is_connection_error(&e) => {
-                tracing::debug!(error = %e, "one-statement commit refused; taking the long way");
+                tracing::debug!(error = %e, "fast commit refused; taking the long way");
                 None
             }
             Err(e) => Some(Attempt::InDoubt {
                 by,
-                outcomes,
-                end,
+                outcomes: group.outcomes,
+                end: group.end,
                 error: e.to_string(),
             }),
         }

@@ -213,8 +213,16 @@ impl Default for PgOptions {
 pub struct PgStats {
     /// Transactions committed (groups that wrote something).
     pub commits: u64,
-    /// Of those, the ones committed in one statement (see `PgOptions::fast_commit_events_max`).
+    /// Of those, the ones committed without taking the head lock first: in one statement, or
+    /// pipelined behind another (see `PgOptions::fast_commit_events_max` and the crate doc).
     pub fast_commits: u64,
+    /// Of those, the pipelined ones: rows written by `COPY` while the group before was still
+    /// committing.
+    pub pipelined_commits: u64,
+    /// Pipelined groups rolled back before their commit, because the group before them did not
+    /// commit (or was not known to) or waited too long on another process; they were then
+    /// committed the long way.
+    pub pipeline_rollbacks: u64,
     /// Events written by those commits.
     pub events: u64,
     /// Group attempts abandoned because the connection was lost before COMMIT was sent.
@@ -228,6 +236,8 @@ pub struct PgStats {
 pub(crate) struct Counters {
     pub commits: AtomicU64,
     pub fast_commits: AtomicU64,
+    pub pipelined_commits: AtomicU64,
+    pub pipeline_rollbacks: AtomicU64,
     pub events: AtomicU64,
     pub retries: AtomicU64,
     pub in_doubt: AtomicU64,
@@ -477,6 +487,8 @@ impl PgLog {
         PgStats {
             commits: c.commits.load(Ordering::Relaxed),
             fast_commits: c.fast_commits.load(Ordering::Relaxed),
+            pipelined_commits: c.pipelined_commits.load(Ordering::Relaxed),
+            pipeline_rollbacks: c.pipeline_rollbacks.load(Ordering::Relaxed),
             events: c.events.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
             in_doubt: c.in_doubt.load(Ordering::Relaxed),

@@ -1,7 +1,7 @@
 //! Integration tests of the PostgreSQL event log against a real server: the conformance suite
 //! every backend runs, migrations from an empty schema, several processes sharing one log,
-//! corruption, connection loss (terminated backends, lost COMMIT replies), compaction into
-//! cold storage, and redaction of task data.
+//! corruption, connection loss (terminated backends, lost COMMIT replies), pipelined commits,
+//! compaction into cold storage, and redaction of task data.
 //!
 //! Each test works in its own freshly created schema (`mageflow_test_<uuid>`), dropped at the
 //! end even if the test fails, so tests run in parallel and leave nothing behind. The server is
@@ -12,6 +12,7 @@ mod compaction;
 mod conformance;
 mod connection_loss;
 mod open;
+mod pipeline;
 mod processes;
 mod redaction;
 
