@@ -19,7 +19,7 @@
 //! | `jobs` | sorted set | job key (`sig_<hex>.<i>#<attempt>`) scored by the instant (ms, Redis clock) it becomes visible |
 //! | `jobdata` | hash | job key → JSON `{task, input, checkpoint}` |
 //! | `claims` | hash | job key → worker id of the latest claim |
-//! | `wake` | list | tokens pushed when jobs are added; workers `BLPOP` it |
+//! | `wake` | list | tokens pushed when jobs are added; idle workers `BLPOP` it, the claim pipelined behind |
 //! | `stop` | pub/sub channel | job keys of revoked attempts |
 //! | `reports` | stream | field `report`: JSON [`Report`]; written by workers, trimmed by the orchestrator |
 //! | `answer:<report id>` | list | the orchestrator's answer to a checkpoint (`1`/`0`) or a submit (JSON); expires after a minute |

@@ -34,6 +34,24 @@
 //! (by pid and start time: its statement has then committed or rolled back for good) and looks
 //! for the group's first row.
 //!
+//! **Pipelined commits.** While one fast group's commit is in flight, PostgreSQL's backend was
+//! idle a third of the time (round trips, the WAL flush, the appenders' turnaround). So the
+//! committer takes the calls waiting behind it as the next group, stages it against the cached
+//! versions as they will be once the first commits, and writes its rows on a second connection:
+//! `BEGIN` and a binary `COPY` at the positions after the first group's, with the head row
+//! untouched. Only when the first group's commit has succeeded does that transaction move the
+//! head (`UPDATE mageflow_head … WHERE position = <the first group's end>`; no row matched —
+//! another process committed meanwhile — is a division by zero, rolling it back) and commit;
+//! the group after it starts once its `COPY` is over. So positions still commit in order, each
+//! under the head row lock. If the first group did not commit, or its outcome is unknown, the
+//! second is rolled back (its connection dropped) and goes the long way after it. A pipelined
+//! transaction holds row locks at positions another process's committer may want: if the commit
+//! before it waits over 250 ms (on that other committer, which may be waiting on those rows — a
+//! cycle PostgreSQL cannot see, since the last edge is in this process), it is rolled back; a
+//! cycle PostgreSQL does see ends with one side chosen as the deadlock victim, and that side's
+//! group is retried. `PgStats::pipelined_commits` / `pipeline_rollbacks` count both. Measured:
+//! +8–20 % appended events/s, alternating with the build before it in the same hour.
+//!
 //! **Versions** come from a cache the committer keeps of the streams it has seen, valid as of
 //! the head it last committed: when the head row (read under the lock) still says that, no one
 //! else has written since and the cache is exact; when another process has committed, the
@@ -59,7 +77,7 @@
 //! re-reading versions, for up to `PgOptions::retry_for_ms`; then the group's calls fail with
 //! `Error::Storage`. If the connection dies while COMMIT is in flight the outcome is unknown:
 //! the committer reconnects and asks `txid_status(xid)` for the transaction id it took under
-//! the lock (one-statement commits: above). `committed` → the calls are acknowledged (and not
+//! the lock (one-statement and pipelined commits: above). `committed` → the calls are acknowledged (and not
 //! written twice); `aborted` → the group is redone; `in progress` → asked again. Reading back
 //! stream versions instead would be ambiguous when another process may have appended the same
 //! seqs since; the transaction id is exact, and so is the group's first row (position, stream
