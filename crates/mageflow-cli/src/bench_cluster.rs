@@ -23,6 +23,8 @@ struct Run {
     workers: Vec<Child>,
     url: String,
     schema: String,
+    redis_url: String,
+    prefix: String,
 }
 
 impl Drop for Run {
@@ -33,6 +35,12 @@ impl Drop for Run {
         }
         if let Err(e) = mageflow::store_pg::drop_schema_blocking(&self.url, &self.schema) {
             eprintln!("could not drop the bench schema {}: {e}", self.schema);
+        }
+        // A scenario that failed midway did not get to `stop`: its keys are still there.
+        if self.cluster.take().is_some() {
+            if let Err(e) = mageflow::hot::clear_prefix_blocking(&self.redis_url, &self.prefix) {
+                eprintln!("could not delete the bench keys under {}: {e}", self.prefix);
+            }
         }
     }
 }
@@ -58,6 +66,8 @@ async fn start(base: &ClusterConfig, worker_processes: usize, concurrency: usize
         workers: Vec::new(),
         url: c.postgres.clone(),
         schema: schema.clone(),
+        redis_url: c.hot.url.clone(),
+        prefix: c.hot.prefix.clone(),
     };
     run.cluster = Some(open_cluster(c.clone(), builtins(), config).await?);
     let exe = std::env::current_exe().context("cannot find the mageflow binary")?;

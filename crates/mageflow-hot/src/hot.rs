@@ -687,6 +687,42 @@ fn next_stream_id(id: &str) -> Result<String, HotError> {
     })
 }
 
+/// Delete every key under `prefix` on the Redis at `url`, over a plain blocking connection: for
+/// cleanups where no async runtime can run (a `Drop`). Returns how many keys were deleted.
+pub fn clear_prefix_blocking(url: &str, prefix: &str) -> Result<u64, HotError> {
+    let connect_err = |source| HotError::Connect {
+        url: url.to_owned(),
+        source,
+    };
+    let client = redis::Client::open(url).map_err(connect_err)?;
+    let mut conn = client
+        .get_connection_with_timeout(CONNECT_TIMEOUT)
+        .map_err(connect_err)?;
+    let pattern = format!("{}*", glob_escape(prefix));
+    let (mut cursor, mut deleted) = (0u64, 0u64);
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query(&mut conn)
+            .map_err(rerr("SCAN"))?;
+        if !keys.is_empty() {
+            let n: u64 = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query(&mut conn)
+                .map_err(rerr("UNLINK"))?;
+            deleted += n;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
+
 /// Escape glob metacharacters so the prefix matches literally in `SCAN MATCH`.
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

@@ -27,7 +27,7 @@
 mod hot;
 mod projector;
 
-pub use hot::Hot;
+pub use hot::{clear_prefix_blocking, Hot};
 pub use projector::{Projector, ProjectorStats};
 
 use mageflow_core::{SignatureId, WorkflowId};

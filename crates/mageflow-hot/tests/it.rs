@@ -28,19 +28,11 @@ struct PrefixGuard {
 
 impl Drop for PrefixGuard {
     fn drop(&mut self) {
-        let Ok(client) = redis::Client::open(self.url.as_str()) else {
-            return;
-        };
-        let Ok(mut conn) = client.get_connection() else {
-            return;
-        };
-        let pattern = format!("{}*", self.prefix);
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(&pattern)
-            .query(&mut conn)
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: redis::RedisResult<u64> = redis::cmd("UNLINK").arg(&keys).query(&mut conn);
+        if let Err(e) = mageflow_hot::clear_prefix_blocking(&self.url, &self.prefix) {
+            eprintln!(
+                "could not delete the test's keys under {}: {e}",
+                self.prefix
+            );
         }
     }
 }
