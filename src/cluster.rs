@@ -399,6 +399,19 @@ impl WorkerLink for HotJobs {
             }
         })
     }
+
+    fn control(
+        &self,
+        principal: &str,
+        op: ControlOp,
+        target: SignatureId,
+        confirmed: bool,
+    ) -> BoxFuture<'static, Result<String>> {
+        let (hot, principal) = (self.hot.clone(), principal.to_owned());
+        Box::pin(async move {
+            relay_control(&hot, op, target, confirmed, &principal, SUBMIT_ANSWER_WAIT).await
+        })
+    }
 }
 
 impl JobSource for HotJobs {

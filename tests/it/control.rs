@@ -6,9 +6,11 @@ use crate::support::{
     wait_until, Env, Gate, Store,
 };
 use anyhow::Result;
+use mageflow::control::ControlOp;
 use mageflow::core::Rejection;
 use mageflow::{
-    chain, sign, swarm, Config, Error, Outcome, Registry, SignatureId, Status, TaskFailure,
+    chain, sign, swarm, Actor, Config, Error, Outcome, Registry, SignatureId, Status, TaskContext,
+    TaskFailure,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -23,6 +25,7 @@ all_stores!(
     interrupt_fires_the_token_and_resume_gets_the_checkpoint,
     interrupted_handler_that_lingers_keeps_its_worker_slot_accounted,
     cancel_needs_confirmation_and_is_final,
+    a_handler_controls_another_workflow,
 );
 on_cluster!(
     suspend_in_the_middle_of_a_chain,
@@ -30,6 +33,7 @@ on_cluster!(
     interrupt_fires_the_token_and_resume_gets_the_checkpoint,
     interrupted_handler_that_lingers_keeps_its_worker_slot_accounted,
     cancel_needs_confirmation_and_is_final,
+    a_handler_controls_another_workflow,
 );
 
 #[derive(Deserialize)]
@@ -377,6 +381,76 @@ async fn cancel_needs_confirmation_and_is_final(store: Store) -> Result<()> {
     let history = h.history(wf)?;
     assert_eq!(count(&history, held, "started"), 1);
     assert_eq!(count(&history, 0, "canceled"), 1);
+    env.shutdown().await;
+    Ok(())
+}
+
+/// A handler controls another workflow with `ctx.control` — in a worker process through the
+/// orchestrator: an unconfirmed cancel is refused with the error an in-process call gives, and
+/// a suspend goes through, recorded as done by the handler's signature.
+async fn a_handler_controls_another_workflow(store: Store) -> Result<()> {
+    let (gate, runs) = (Gate::new(), Runs::default());
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let mut tasks = gated_steps(&gate, &runs, tx);
+    tasks.task("controller", |i: Value, ctx: TaskContext| async move {
+        let fatal = |e: String| TaskFailure::fatal(e);
+        let target: SignatureId = i["target"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| fatal(format!("{e}")))?;
+        let refused = match ctx.control(ControlOp::Cancel, target, false).await {
+            Err(e) => e.code().to_owned(),
+            Ok(done) => return Err(fatal(format!("an unconfirmed cancel went through: {done}"))),
+        };
+        let suspended = ctx
+            .control(ControlOp::Suspend, target, false)
+            .await
+            .map_err(|e| fatal(e.to_string()))?;
+        Ok::<_, TaskFailure>(json!({ "refused": refused, "suspended": suspended }))
+    });
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let target_wf = h.submit(chain([step("a"), step("b")]), json!({})).await?;
+    let target = SignatureId::root(target_wf);
+    assert_eq!(next(&mut started).await?, "a");
+
+    let wf = h
+        .submit(sign("controller"), json!({ "target": target.to_string() }))
+        .await?;
+    let done = h.wait(wf).await?;
+    let Some(Outcome::Ok(result)) = &done.nodes[0].outcome else {
+        panic!("the controller failed: {:?}", done.nodes[0].outcome);
+    };
+    assert_eq!(result["refused"], json!("confirmation_required"));
+    assert_eq!(result["suspended"], json!(format!("{target} suspended")));
+
+    // `a` finishes; `b` is parked, as after an operator's suspend.
+    gate.open(1);
+    let state = h.workflow(target_wf).await?;
+    let b = task_with(&state, "step", "name", json!("b"))?;
+    let state = wait_until(&h, target_wf, |w| {
+        w.nodes[b as usize].status == Status::Suspended
+    })
+    .await?;
+    assert_eq!(state.nodes[0].status, Status::Suspended);
+    let controller = SignatureId::root(wf);
+    let suspended: Vec<_> = h
+        .history(target_wf)?
+        .into_iter()
+        .filter(|e| e.payload.kind() == "suspended")
+        .collect();
+    assert!(!suspended.is_empty());
+    for e in &suspended {
+        assert_eq!(e.actor, Actor::api(format!("task:{controller}")));
+    }
+    assert_eq!(count(&h.history(target_wf)?, 0, "canceled"), 0);
+
+    h.resume(target).await?;
+    assert_eq!(next(&mut started).await?, "b");
+    gate.open(1);
+    assert_eq!(h.wait(target_wf).await?.nodes[0].status, Status::Done);
+    assert_each_ran_once(&runs, &["a", "b"]);
     env.shutdown().await;
     Ok(())
 }

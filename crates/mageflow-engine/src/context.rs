@@ -1,6 +1,7 @@
 //! What a running handler sees of the engine: its signature and attempt, the last checkpoint, a
 //! cancellation token (fired on interrupt or shutdown), and idempotent creation of workflows.
 
+use crate::control::ControlOp;
 use crate::engine::Handle;
 use crate::error::{Error, Result};
 use crate::sig::Sig;
@@ -33,6 +34,15 @@ pub trait WorkerLink: Send + Sync + 'static {
         tree: Sig,
         input: Value,
     ) -> mageflow_store::BoxFuture<'static, Result<()>>;
+    /// Have `op` carried out on `target` as `principal`, by the orchestrator; returns what was
+    /// done once it is durable, or the refusal.
+    fn control(
+        &self,
+        principal: &str,
+        op: ControlOp,
+        target: SignatureId,
+        confirmed: bool,
+    ) -> mageflow_store::BoxFuture<'static, Result<String>>;
 }
 
 /// Who carries out a context's requests.
@@ -123,9 +133,31 @@ impl TaskContext {
         }
     }
 
-    /// The engine, for anything else (status queries, controlling other workflows); only for
-    /// handlers running inside the engine's process (`Error::NeedsEngine` in a worker process,
-    /// where [`TaskContext::submit`] and [`TaskContext::save_checkpoint`] still work).
+    /// Cancel, interrupt, suspend, resume, delete, restore or rerun `target` (another
+    /// workflow's signature, or one of this workflow's), as an operator would (`cancel` needs
+    /// `confirmed`; delete, restore and rerun act on `target`'s workflow). Recorded with the
+    /// principal `task:<this signature>`. In a worker process the command goes to the
+    /// orchestrator through the hot tier and returns once it is durable, with the same
+    /// refusals as in process. Returns what was done, in words.
+    pub async fn control(
+        &self,
+        op: ControlOp,
+        target: SignatureId,
+        confirmed: bool,
+    ) -> Result<String> {
+        let principal = format!("task:{}", self.sig);
+        match &self.backing {
+            Backing::Engine(h) => {
+                crate::control::apply(&h.as_principal(principal), op, target, confirmed).await
+            }
+            Backing::Worker(link) => link.control(&principal, op, target, confirmed).await,
+        }
+    }
+
+    /// The engine, for anything else (status queries, the whole `Handle`); only for handlers
+    /// running inside the engine's process (`Error::NeedsEngine` in a worker process, where
+    /// [`TaskContext::submit`], [`TaskContext::control`] and [`TaskContext::save_checkpoint`]
+    /// still work).
     pub fn engine(&self) -> Result<&Handle> {
         match &self.backing {
             Backing::Engine(h) => Ok(h),

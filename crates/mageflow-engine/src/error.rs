@@ -1,6 +1,6 @@
 //! The engine's error type: every refusal a caller can get, typed, with a stable code.
 
-use mageflow_core::{Rejection, SignatureId, WorkflowId};
+use mageflow_core::{NodeIndex, Rejection, SignatureId, Status, Timestamp, WorkflowId};
 use serde::{Deserialize, Serialize};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -76,9 +76,9 @@ impl Error {
 }
 
 /// An error answered across processes: the orchestrator's refusal of a request a worker sent
-/// through the hot tier (a handler's submit). Validation errors keep their variant, so a handler
-/// in a worker process gets the same typed error as one inside the engine's process; anything
-/// else keeps its code and message.
+/// through the hot tier (a handler's submit or control command). Validation errors and domain
+/// refusals keep their variant, so a handler in a worker process gets the same typed error as
+/// one inside the engine's process; anything else keeps its code and message.
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WireError {
@@ -109,10 +109,104 @@ pub enum WireError {
         max: usize,
     },
     InvalidTree(String),
+    /// Any other domain refusal (a control command's, say).
+    Rejected(WireRejection),
     Other {
         code: String,
         message: String,
     },
+}
+
+/// A [`Rejection`] as it crosses processes (owned, so it can be read back).
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireRejection {
+    AlreadyExists,
+    NoSuchWorkflow,
+    NoSuchNode(NodeIndex),
+    InvalidTree(String),
+    InvalidTransition { op: String, status: Status },
+    NotASwarm(NodeIndex),
+    SwarmClosed(NodeIndex),
+    NotARoot(NodeIndex),
+    KwargsNotObject,
+    ConfirmationRequired,
+    Canceled(NodeIndex),
+    NotYet(NodeIndex),
+    NotMarked,
+    NotExpired(Timestamp),
+    Purged,
+    Internal(String),
+}
+
+/// Every `op` of [`Rejection::InvalidTransition`], so one that crossed processes gets its
+/// `&'static str` back (one missing here arrives as [`WireError::Other`], code and message
+/// intact).
+const TRANSITION_OPS: &[&str] = &[
+    "run",
+    "add tasks to",
+    "close",
+    "update kwargs of",
+    "start",
+    "fail",
+    "suspend",
+    "resume",
+    "interrupt",
+    "rerun",
+    "cancel",
+];
+
+impl From<&Rejection> for WireRejection {
+    fn from(r: &Rejection) -> Self {
+        match r {
+            Rejection::AlreadyExists => WireRejection::AlreadyExists,
+            Rejection::NoSuchWorkflow => WireRejection::NoSuchWorkflow,
+            Rejection::NoSuchNode(n) => WireRejection::NoSuchNode(*n),
+            Rejection::InvalidTree(reason) => WireRejection::InvalidTree(reason.clone()),
+            Rejection::InvalidTransition { op, status } => WireRejection::InvalidTransition {
+                op: (*op).to_owned(),
+                status: *status,
+            },
+            Rejection::NotASwarm(n) => WireRejection::NotASwarm(*n),
+            Rejection::SwarmClosed(n) => WireRejection::SwarmClosed(*n),
+            Rejection::NotARoot(n) => WireRejection::NotARoot(*n),
+            Rejection::KwargsNotObject => WireRejection::KwargsNotObject,
+            Rejection::ConfirmationRequired => WireRejection::ConfirmationRequired,
+            Rejection::Canceled(n) => WireRejection::Canceled(*n),
+            Rejection::NotYet(n) => WireRejection::NotYet(*n),
+            Rejection::NotMarked => WireRejection::NotMarked,
+            Rejection::NotExpired(t) => WireRejection::NotExpired(*t),
+            Rejection::Purged => WireRejection::Purged,
+            Rejection::Internal(m) => WireRejection::Internal(m.clone()),
+        }
+    }
+}
+
+impl WireRejection {
+    /// The rejection it stands for; `None` for a transition whose `op` this build does not know.
+    fn into_rejection(self) -> Option<Rejection> {
+        Some(match self {
+            WireRejection::AlreadyExists => Rejection::AlreadyExists,
+            WireRejection::NoSuchWorkflow => Rejection::NoSuchWorkflow,
+            WireRejection::NoSuchNode(n) => Rejection::NoSuchNode(n),
+            WireRejection::InvalidTree(reason) => Rejection::InvalidTree(reason),
+            WireRejection::InvalidTransition { op, status } => Rejection::InvalidTransition {
+                op: TRANSITION_OPS.iter().copied().find(|o| *o == op)?,
+                status,
+            },
+            WireRejection::NotASwarm(n) => Rejection::NotASwarm(n),
+            WireRejection::SwarmClosed(n) => Rejection::SwarmClosed(n),
+            WireRejection::NotARoot(n) => Rejection::NotARoot(n),
+            WireRejection::KwargsNotObject => Rejection::KwargsNotObject,
+            WireRejection::ConfirmationRequired => Rejection::ConfirmationRequired,
+            WireRejection::Canceled(n) => Rejection::Canceled(n),
+            WireRejection::NotYet(n) => Rejection::NotYet(n),
+            WireRejection::NotMarked => Rejection::NotMarked,
+            WireRejection::NotExpired(t) => Rejection::NotExpired(t),
+            WireRejection::Purged => Rejection::Purged,
+            WireRejection::Internal(m) => Rejection::Internal(m),
+        })
+    }
 }
 
 /// Every `what` of the size errors, so one that crossed processes gets its `&'static str` back.
@@ -161,6 +255,7 @@ impl From<&Error> for WireError {
             Error::Rejected(Rejection::InvalidTree(reason)) => {
                 WireError::InvalidTree(reason.clone())
             }
+            Error::Rejected(r) => WireError::Rejected(r.into()),
             other => WireError::Other {
                 code: other.code().to_owned(),
                 message: other.to_string(),
@@ -201,6 +296,13 @@ impl From<WireError> for Error {
                 ),
             },
             WireError::InvalidTree(reason) => Error::Rejected(Rejection::InvalidTree(reason)),
+            WireError::Rejected(r) => {
+                let message = format!("{r:?}");
+                match r.into_rejection() {
+                    Some(r) => Error::Rejected(r),
+                    None => other("invalid_transition", message),
+                }
+            }
             WireError::Other { code, message } => other(&code, message),
         }
     }
@@ -213,4 +315,58 @@ pub enum SubmitAnswer {
     /// The workflow exists and its creation is durable (created now, or by an earlier attempt).
     Created,
     Refused(WireError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn across(e: Error) -> Error {
+        let json = serde_json::to_string(&WireError::from(&e)).expect("encode");
+        Error::from(serde_json::from_str::<WireError>(&json).expect("decode"))
+    }
+
+    #[test]
+    fn rejections_cross_processes_whole() {
+        let mut all = vec![
+            Rejection::AlreadyExists,
+            Rejection::NoSuchWorkflow,
+            Rejection::NoSuchNode(3),
+            Rejection::InvalidTree("a cycle".into()),
+            Rejection::NotASwarm(1),
+            Rejection::SwarmClosed(2),
+            Rejection::NotARoot(4),
+            Rejection::KwargsNotObject,
+            Rejection::ConfirmationRequired,
+            Rejection::Canceled(5),
+            Rejection::NotYet(6),
+            Rejection::NotMarked,
+            Rejection::NotExpired(Timestamp::from_micros(1_700_000_000_000_000)),
+            Rejection::Purged,
+            Rejection::Internal("a bug".into()),
+        ];
+        for op in TRANSITION_OPS {
+            all.push(Rejection::InvalidTransition {
+                op,
+                status: Status::Done,
+            });
+        }
+        for r in all {
+            match across(Error::Rejected(r.clone())) {
+                Error::Rejected(back) => assert_eq!(back, r),
+                other => panic!("{r:?} came back as {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_transition_this_build_does_not_know_keeps_its_code() {
+        let wire = WireError::Rejected(WireRejection::InvalidTransition {
+            op: "teleport".into(),
+            status: Status::Running,
+        });
+        let e = Error::from(wire);
+        assert!(matches!(e, Error::Hot(_)), "{e:?}");
+        assert!(e.to_string().contains("invalid_transition"), "{e}");
+    }
 }

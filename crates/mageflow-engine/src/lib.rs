@@ -5,6 +5,7 @@
 pub mod builtin;
 mod compaction;
 mod context;
+pub mod control;
 mod engine;
 mod error;
 mod registry;
@@ -18,7 +19,7 @@ pub use engine::{
     RecoveryReport, SkippedWorkflow, Stats, StoredResumeReport, INPUT_BYTES_MAX,
     RECOVERY_CORRUPT_LISTED_MAX,
 };
-pub use error::{Error, Result, SubmitAnswer, WireError};
+pub use error::{Error, Result, SubmitAnswer, WireError, WireRejection};
 pub use registry::{Registry, TaskDef, TaskFailure};
 pub use sig::{
     chain, sign, swarm, value_depth, ChainSig, Sig, SwarmSig, TaskSig, CREATE_NODES_MAX,
