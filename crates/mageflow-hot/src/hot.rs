@@ -549,12 +549,7 @@ impl Hot {
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
+            let (next, keys): (u64, Vec<String>) = scan(cursor, &pattern)
                 .query_async(&mut conn)
                 .await
                 .map_err(rerr("SCAN"))?;
@@ -701,12 +696,7 @@ pub fn clear_prefix_blocking(url: &str, prefix: &str) -> Result<u64, HotError> {
     let pattern = format!("{}*", glob_escape(prefix));
     let (mut cursor, mut deleted) = (0u64, 0u64);
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
+        let (next, keys): (u64, Vec<String>) = scan(cursor, &pattern)
             .query(&mut conn)
             .map_err(rerr("SCAN"))?;
         if !keys.is_empty() {
@@ -721,6 +711,17 @@ pub fn clear_prefix_blocking(url: &str, prefix: &str) -> Result<u64, HotError> {
         }
         cursor = next;
     }
+}
+
+/// One step of a `SCAN` over the keys matching `pattern`.
+fn scan(cursor: u64, pattern: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("SCAN");
+    cmd.arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(1000);
+    cmd
 }
 
 /// Escape glob metacharacters so the prefix matches literally in `SCAN MATCH`.
