@@ -2,11 +2,14 @@
 //! `COPY` of the same rows into a table of the same shape with the same indexes.
 //!
 //! `cargo bench -p mageflow-store-pg --bench pg_append` runs 1000 concurrent appenders, each
-//! appending one 200-byte event at a time to its own stream and awaiting it (an append resolves
-//! after its transaction's COMMIT), then COPYs the same rows in one statement, and prints both
-//! rates and their ratio. `-- --test` is a tiny smoke run (CI). `MAGEFLOW_BENCH_EVENTS` sets
-//! the events per appender (default 300); the server is `$MAGEFLOW_TEST_POSTGRES` (default
-//! `postgres://postgres@127.0.0.1:5432/test`), in a schema created and dropped by the run.
+//! appending 200-byte events to its own stream, one call at a time, awaiting each (an append
+//! resolves after its transaction's COMMIT), then COPYs the same rows in one statement, and
+//! prints both rates and their ratio. `-- --test` is a tiny smoke run (CI).
+//! `MAGEFLOW_BENCH_EVENTS` sets the events per appender (default 300), and
+//! `MAGEFLOW_BENCH_PER_CALL` how many of them each call carries (default 1, the worst case; the
+//! engine appends each batch of its work in one call). The server is `$MAGEFLOW_TEST_POSTGRES`
+//! (default `postgres://postgres@127.0.0.1:5432/test`), in a schema created and dropped by the
+//! run.
 
 use mageflow_core::{codec, Actor, Event, Payload, Timestamp, WorkflowId, SCHEMA_VERSION};
 use mageflow_store::{AppendRequest, EventLog};
@@ -59,7 +62,7 @@ impl Drop for Schema {
     }
 }
 
-async fn run(url: String, appenders: u64, per_appender: u64) {
+async fn run(url: String, appenders: u64, per_appender: u64, per_call: u64) {
     let mut admin = PgConnection::connect(&url).await.unwrap_or_else(|e| {
         panic!(
             "PostgreSQL is not reachable at {url}: {e}\nStart it with \
@@ -99,13 +102,18 @@ async fn run(url: String, appenders: u64, per_appender: u64) {
             let log = log.clone();
             tokio::spawn(async move {
                 let s = stream_of(a);
-                for seq in 1..=per_appender {
+                let mut version = 0;
+                while version < per_appender {
+                    let count = per_call.min(per_appender - version);
                     let req = AppendRequest {
                         stream: s,
-                        expected_version: seq - 1,
-                        events: vec![event(s, seq, pad)],
+                        expected_version: version,
+                        events: (version + 1..=version + count)
+                            .map(|seq| event(s, seq, pad))
+                            .collect(),
                     };
                     log.append(vec![req]).await.expect("append");
+                    version += count;
                 }
             })
         })
@@ -153,7 +161,8 @@ async fn run(url: String, appenders: u64, per_appender: u64) {
 
     let rate = |d: Duration| total as f64 / d.as_secs_f64();
     println!(
-        "pg_append: {appenders} appenders x {per_appender} events of {EVENT_BYTES} bytes = {total} events"
+        "pg_append: {appenders} appenders x {per_appender} events of {EVENT_BYTES} bytes, {per_call} \
+         per call = {total} events"
     );
     println!(
         "  group commit, durable appends: {:>9.0} events/s ({:.2} s; {} commits, {} of them \
@@ -185,11 +194,16 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
+    let per_call = std::env::var("MAGEFLOW_BENCH_PER_CALL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1u64)
+        .max(1);
     let (appenders, per_appender) = if smoke { (20, 5) } else { (1000, per_appender) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(run(url, appenders, per_appender));
+    rt.block_on(run(url, appenders, per_appender, per_call));
 }

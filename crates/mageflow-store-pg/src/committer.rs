@@ -464,7 +464,7 @@ impl Committer {
                     job = rx.recv(), if !copying => {
                         let Some(first) = job else { break };
                         let jobs = gather(first, &mut rx);
-                        match self.launch_next(jobs, &cur.group).await {
+                        match self.launch_next(jobs, Some(&cur.group)).await {
                             Ok(flight) => next = Some(flight),
                             Err(jobs) => {
                                 current = self.drain(current.take(), None).await;
@@ -528,6 +528,13 @@ impl Committer {
         if !self.pipelining() {
             return Err(jobs);
         }
+        let events: usize = jobs.iter().map(|j| j.events).sum();
+        if events > self.fast_commit_events_max {
+            // Too large for one statement: written by `COPY`, then committed, as a pipelined
+            // group with nothing ahead of it.
+            let next = self.launch_next(jobs, None).await?;
+            return Ok(self.finish_next(next));
+        }
         let Some(group) = self.stage_fast(&jobs, &self.cache, None) else {
             return Err(jobs);
         };
@@ -560,9 +567,9 @@ impl Committer {
     async fn launch_next(
         &mut self,
         jobs: Vec<Job>,
-        ahead: &FastGroup,
+        ahead: Option<&FastGroup>,
     ) -> std::result::Result<Flight<()>, Vec<Job>> {
-        let Some(group) = self.stage_fast(&jobs, &self.cache, Some(ahead)) else {
+        let Some(group) = self.stage_fast(&jobs, &self.cache, ahead) else {
             return Err(jobs);
         };
         let Ok((mut conn, backend)) = self.take_connection().await else {
@@ -1161,6 +1168,10 @@ impl Committer {
         jobs: &[Job],
     ) -> Option<Attempt> {
         let backend = self.backend.clone()?;
+        let events: usize = jobs.iter().map(|j| j.events).sum();
+        if events > self.fast_commit_events_max {
+            return None;
+        }
         let group = self.stage_fast(jobs, cache, None)?;
         let statement = FastStatement::new(jobs, &group, &self.shared.channel);
         let by = group.resolve_by(backend, jobs);
@@ -1202,7 +1213,7 @@ impl Committer {
             None => cache.at?,
         };
         let events: usize = jobs.iter().map(|j| j.events).sum();
-        if events == 0 || events > self.fast_commit_events_max {
+        if events == 0 || self.fast_commit_events_max == 0 {
             return None;
         }
         let mut versions = HashMap::new();

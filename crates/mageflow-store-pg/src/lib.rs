@@ -42,7 +42,11 @@
 //! untouched. Only when the first group's commit has succeeded does that transaction move the
 //! head (`UPDATE mageflow_head … WHERE position = <the first group's end>`; no row matched —
 //! another process committed meanwhile — is a division by zero, rolling it back) and commit;
-//! the group after it starts once its `COPY` is over. So positions still commit in order, each
+//! the group after it starts once its `COPY` is over. A group too large for one statement is
+//! written the same way when nothing is ahead of it (`COPY`, then the head update guarded by
+//! the head the committer last wrote, and COMMIT), so large groups pipeline too; the long way
+//! remains for groups with streams whose versions are not cached or calls to refuse. So
+//! positions still commit in order, each
 //! under the head row lock. If the first group did not commit, or its outcome is unknown, the
 //! second is rolled back (its connection dropped) and goes the long way after it. A pipelined
 //! transaction holds row locks at positions another process's committer may want: if the commit
