@@ -309,6 +309,46 @@ async fn projects_a_chain_and_a_restarted_projector_continues_from_pos() {
     assert!(env.hot.clear().await.expect("clear") > 0);
 }
 
+/// A worker waiting for work gets the job that appears during its wait, in the same call (the
+/// claim rides behind the wait); a second waiter times out empty-handed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_projected_during_the_wait_is_claimed_when_it_ends() {
+    let mut env = Env::new(test_config(Duration::from_secs(30))).await;
+    let (stop, handle) = env.spawn_projector();
+    let waiting = {
+        let hot = env.hot.clone();
+        tokio::spawn(async move { hot.wait_and_claim("w1", 8, Duration::from_secs(10)).await })
+    };
+    // The wait is under way (nothing to take yet) before the job exists.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "the wait ended with nothing queued");
+    let wf = env
+        .create(vec![NodeSpec::task("resize")], json!({"img": 8}))
+        .await;
+    env.exec(wf, Op::Start { node: 0 }).await;
+    let claimed = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the wait ends when the job is projected")
+        .expect("task")
+        .expect("wait and claim");
+    let keys: Vec<JobKey> = claimed.into_iter().map(|j| j.key).collect();
+    assert_eq!(
+        keys,
+        vec![JobKey {
+            sig: sig(wf, 0),
+            attempt: 1
+        }]
+    );
+    let other = env
+        .hot
+        .wait_and_claim("w2", 8, Duration::from_millis(100))
+        .await
+        .expect("second waiter");
+    assert!(other.is_empty(), "{other:?}");
+    stop.cancel();
+    handle.await.expect("projector task");
+}
+
 #[tokio::test]
 async fn worker_claims_heartbeats_and_reports() {
     let mut env = Env::new(test_config(Duration::from_millis(200))).await;
