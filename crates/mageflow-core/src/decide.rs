@@ -365,18 +365,17 @@ impl Decider<'_> {
             return Ok(());
         }
         let parked = self.wf.is_paused(node);
-        let payload_message = message.clone();
         if !n.is_container() {
             return self.emit(Payload::Queued {
                 node,
-                message: payload_message,
+                message,
                 parked,
             });
         }
         let is_chain = matches!(n.spec.kind, KindSpec::Chain { .. });
         self.emit(Payload::ContainerStarted {
             node,
-            message: payload_message,
+            message: message.clone(),
             parked,
         })?;
         if is_chain {
@@ -501,14 +500,19 @@ impl Decider<'_> {
 
     fn fire_outcome_callbacks(&mut self, node: NodeIndex) -> Result<(), Rejection> {
         let n = &self.wf.nodes[node as usize];
-        match n.outcome.clone() {
-            Some(Outcome::Ok(result)) => {
+        // The result is cloned once per callback, straight from the state: a swarm's can hold a
+        // million items, and every extra copy of it is held at once.
+        match &n.outcome {
+            Some(Outcome::Ok(_)) => {
                 for cb in n.spec.on_success.clone() {
+                    let Some(Outcome::Ok(result)) = &self.wf.nodes[node as usize].outcome else {
+                        break;
+                    };
                     self.trigger(cb, Message::result(result.clone()))?;
                 }
             }
             Some(Outcome::Err(error)) => {
-                let input = self.error_input(node, &error);
+                let input = self.error_input(node, error);
                 for cb in n.spec.on_error.clone() {
                     self.trigger(cb, Message::input(input.clone()))?;
                 }
