@@ -1,8 +1,10 @@
 //! The committer: the one task of a process that writes the log. It takes every waiting call,
-//! checks versions under the head row lock, writes the accepted calls with one binary `COPY`,
-//! moves the head and notifies, commits, and only then answers (see the crate doc). It owns one
-//! connection, replaced after any connection error; it never answers `Ok` for a transaction
-//! that did not commit.
+//! checks versions (cached, or read under the head row lock), writes the accepted calls (one
+//! statement from arrays, or one binary `COPY`), moves the head only if it is where the group
+//! expects, notifies, commits, and only then answers; while one group commits, the next may be
+//! written on a second connection and committed right after it (see the crate doc). It owns two
+//! connections at most, each replaced after a connection error; it never answers `Ok` for a
+//! transaction that did not commit.
 
 use crate::copy::{copy_statement, CopyData, Tuples};
 use crate::{is_connection_error, Backoff, PgOptions, Shared, GROUP_BYTES_MAX, GROUP_EVENTS_MAX};
