@@ -468,6 +468,7 @@ impl Engine {
             seq: 0,
             last_touch: HashMap::new(),
             shutdown_at: None,
+            handlers: tokio_util::task::TaskTracker::new(),
             shutdown_replies: Vec::new(),
             tx,
             compact_tx: handle.config.compact_after.map(|_| compact_tx),
@@ -499,7 +500,9 @@ impl Engine {
     }
 
     /// Stop taking work, give running handlers the grace period to finish, stop the rest
-    /// (their attempts are requeued by the next start), and stop the orchestrator.
+    /// (their attempts are requeued by the next start), and stop the orchestrator. Returns once
+    /// the stopped handlers' futures are dropped too (they get another grace period after their
+    /// token fires), so the log — a sled directory's lock, say — is free for the next opener.
     pub async fn shutdown(self) {
         if let Some((stop, job)) = self.compactor {
             // A compaction in progress finishes first (it is one atomic step).
@@ -1156,6 +1159,8 @@ struct Orchestrator {
     /// Set by shutdown: no new starts; stop once nothing runs or at this instant.
     shutdown_at: Option<tokio::time::Instant>,
     shutdown_replies: Vec<oneshot::Sender<()>>,
+    /// The tasks running handlers in this process.
+    handlers: tokio_util::task::TaskTracker,
     tx: mpsc::Sender<Request>,
     /// Told of every finished or purged workflow, for the compaction job.
     compact_tx: Option<mpsc::UnboundedSender<WorkflowId>>,
@@ -1469,6 +1474,17 @@ impl Orchestrator {
                     // attempts stay in flight in the log and the next start requeues them.
                     for r in self.running.values() {
                         r.token.cancel();
+                    }
+                    // Their futures end within the grace period of the token (`run_attempt`);
+                    // shutdown returns after that, so nothing of this engine (a handler's
+                    // context holds a handle, and the handle the log) outlives it.
+                    self.handlers.close();
+                    let bound = self.config.grace + Duration::from_millis(500);
+                    if tokio::time::timeout(bound, self.handlers.wait()).await.is_err() {
+                        tracing::warn!(
+                            handlers = self.handlers.len(),
+                            "shutdown: handler tasks still running after their grace period"
+                        );
                     }
                     for reply in self.shutdown_replies.drain(..) {
                         let _ = reply.send(());
@@ -2176,7 +2192,7 @@ impl Orchestrator {
         let tx = self.tx.clone();
         let grace = self.config.grace;
         let (sig, attempt) = (l.sig, l.attempt);
-        tokio::spawn(async move {
+        self.handlers.spawn(async move {
             let result = run_attempt(handler, heartbeat_timeout, l.input, ctx, grace).await;
             let _ = tx
                 .send(Request::Done {
