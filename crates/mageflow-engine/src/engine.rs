@@ -1480,7 +1480,10 @@ impl Orchestrator {
                     // context holds a handle, and the handle the log) outlives it.
                     self.handlers.close();
                     let bound = self.config.grace + Duration::from_millis(500);
-                    if tokio::time::timeout(bound, self.handlers.wait()).await.is_err() {
+                    if tokio::time::timeout(bound, self.handlers.wait())
+                        .await
+                        .is_err()
+                    {
                         tracing::warn!(
                             handlers = self.handlers.len(),
                             "shutdown: handler tasks still running after their grace period"
