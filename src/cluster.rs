@@ -407,9 +407,19 @@ impl WorkerLink for HotJobs {
         target: SignatureId,
         confirmed: bool,
     ) -> BoxFuture<'static, Result<String>> {
-        let (hot, principal) = (self.hot.clone(), principal.to_owned());
+        let (hot, worker, principal) =
+            (self.hot.clone(), self.worker.clone(), principal.to_owned());
         Box::pin(async move {
-            relay_control(&hot, op, target, confirmed, &principal, SUBMIT_ANSWER_WAIT).await
+            relay_control(
+                &hot,
+                &worker,
+                op,
+                target,
+                confirmed,
+                &principal,
+                SUBMIT_ANSWER_WAIT,
+            )
+            .await
         })
     }
 }
@@ -474,14 +484,13 @@ impl JobSource for HotJobs {
     }
 }
 
-/// Run a worker process's runtime against the hot tier until `shutdown` fires (then finish or
-/// abandon running handlers within `config.grace`). Fails at start naming the URL and the
-/// cause when Redis cannot be reached; later connection losses are retried.
-/// Send an operator's command to the orchestrator of the deployment `hot` belongs to, and wait
+/// Send a control command to the orchestrator of the deployment `hot` belongs to, and wait
 /// (up to `wait`) for its answer: what was done, or the refusal (the same error the API gives,
-/// or its code and message).
+/// or its code and message). `sender` names the process the report comes from (a worker's id,
+/// or `operator:<principal>` for the CLI); `principal` is recorded as the command's actor.
 pub async fn relay_control(
     hot: &Hot,
+    sender: &str,
     op: ControlOp,
     target: SignatureId,
     confirmed: bool,
@@ -493,7 +502,7 @@ pub async fn relay_control(
             sig: target,
             attempt: 0,
         },
-        worker: format!("operator:{principal}"),
+        worker: sender.to_owned(),
         outcome: ReportOutcome::Control {
             op: op.name().into(),
             confirmed,
@@ -514,6 +523,9 @@ pub async fn relay_control(
     }
 }
 
+/// Run a worker process's runtime against the hot tier until `shutdown` fires (then finish or
+/// abandon running handlers within `config.grace`). Fails at start naming the URL and the
+/// cause when Redis cannot be reached; later connection losses are retried.
 pub async fn run_worker_process(
     hot: HotConfig,
     registry: Registry,

@@ -73,6 +73,7 @@ pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
                 .with_context(|| format!("cannot reach Redis at {}", c.hot.url))?;
             mageflow::cluster::relay_control(
                 &hot,
+                &format!("operator:{}", args.principal),
                 op,
                 target,
                 args.confirm,

@@ -184,9 +184,11 @@ pub enum ReportOutcome {
         sig: Value,
         input: Value,
     },
-    /// Not from a worker: an operator's command (`mageflow cancel …` and the like) on the
-    /// signature of the report's key (its attempt is 0), relayed to the orchestrator, which
-    /// carries it out as `principal` and answers once it is durable or refused.
+    /// A control command on the signature of the report's key (its attempt is 0): an
+    /// operator's (`mageflow cancel …` and the like; the report's `worker` is
+    /// `operator:<principal>`) or a handler's (`TaskContext::control`; its worker's id),
+    /// relayed to the orchestrator, which carries it out as `principal` and answers once it is
+    /// durable or refused.
     Control {
         /// `cancel`, `interrupt`, `suspend`, `resume`, `delete`, `restore` or `rerun`.
         op: String,
