@@ -21,6 +21,7 @@ all_stores!(
     open_swarm_takes_items_until_closed,
     a_swarm_too_large_for_one_event_is_created_in_chunks_atomically,
     a_tree_too_large_for_one_event_is_refused_before_anything_is_written,
+    every_waiter_gets_the_finished_state,
 );
 on_cluster!(
     swarm_never_exceeds_max_concurrency,
@@ -28,6 +29,7 @@ on_cluster!(
     open_swarm_takes_items_until_closed,
     a_swarm_too_large_for_one_event_is_created_in_chunks_atomically,
     a_tree_too_large_for_one_event_is_refused_before_anything_is_written,
+    every_waiter_gets_the_finished_state,
 );
 
 #[derive(Deserialize)]
@@ -84,6 +86,51 @@ async fn swarm_never_exceeds_max_concurrency(store: Store) -> Result<()> {
     let want: Vec<Value> = (0..ITEMS).map(|n| json!({ "ok": n })).collect();
     assert_eq!(next(&mut collected).await?, Value::Array(want));
     assert_one_success_each(&h.history(wf)?, &done);
+    env.shutdown().await;
+    Ok(())
+}
+
+/// Several callers wait on one workflow: each gets the whole finished state (the orchestrator
+/// hands the last one the state it drops instead of a copy).
+async fn every_waiter_gets_the_finished_state(store: Store) -> Result<()> {
+    let gate = Gate::new();
+    let mut tasks = Registry::new();
+    let g = gate.clone();
+    tasks.task("hold_item", move |i: Item, _ctx| {
+        let gate = g.clone();
+        async move {
+            gate.pass().await?;
+            Ok::<_, TaskFailure>(i.n)
+        }
+    });
+    // The callback passes the swarm's results on as its own.
+    tasks.task("pass_on", |i: Value, _ctx| async move {
+        Ok::<_, TaskFailure>(i["mageflow_results"].clone())
+    });
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+    let items = (1..=3).map(|n| sign("hold_item").kwarg("n", n));
+    let wf = h
+        .submit(swarm(items).on_success(sign("pass_on")), json!({}))
+        .await?;
+
+    // The three waits are sent (in order, on the handle's channel) before the inspection that
+    // opens the gate, so all three wait on the running workflow.
+    let (a, b, c, ()) = tokio::join!(h.wait(wf), h.wait(wf), h.wait(wf), async {
+        let _ = h.workflow(wf).await;
+        gate.open(3);
+    });
+    let (a, b, c) = (a?, b?, c?);
+    let results = json!([{ "ok": 1 }, { "ok": 2 }, { "ok": 3 }]);
+    assert_eq!(a.nodes[0].status, Status::Done);
+    assert_eq!(a.nodes[0].outcome, Some(Outcome::Ok(results.clone())));
+    let callback = task(&a, "pass_on")?;
+    assert_eq!(
+        a.nodes[callback as usize].outcome,
+        Some(Outcome::Ok(results))
+    );
+    assert_eq!(a, b);
+    assert_eq!(a, c);
     env.shutdown().await;
     Ok(())
 }

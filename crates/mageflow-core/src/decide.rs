@@ -25,13 +25,21 @@ pub fn decide(state: &Workflow, cmd: &Command) -> Result<Vec<Event>, Rejection> 
 /// path). On a rejection `state` is unchanged. `Rejection::Internal` would mean a bug in decide
 /// (an emitted event that does not apply); the caller must then reload the state from the log.
 pub fn execute(state: &mut Workflow, cmd: &Command) -> Result<Vec<Event>, Rejection> {
+    execute_owned(state, cmd.clone())
+}
+
+/// [`execute`], taking the command: what it carries (a creation's nodes, a completion's result,
+/// a run's input) moves into its event instead of being copied — a success callback passing
+/// a million-item swarm's results along returns them all.
+pub fn execute_owned(state: &mut Workflow, cmd: Command) -> Result<Vec<Event>, Rejection> {
+    let Command { actor, at, op } = cmd;
     let mut d = Decider {
         wf: state,
-        actor: &cmd.actor,
-        at: cmd.at,
+        actor: &actor,
+        at,
         events: Vec::new(),
     };
-    d.run(&cmd.op)?;
+    d.run(op)?;
     Ok(d.events)
 }
 
@@ -70,7 +78,7 @@ impl Decider<'_> {
             .ok_or(Rejection::NoSuchNode(node))
     }
 
-    fn run(&mut self, op: &Op) -> Result<(), Rejection> {
+    fn run(&mut self, op: Op) -> Result<(), Rejection> {
         if self.wf.id.is_system() {
             return Err(match op {
                 Op::Create { .. } => {
@@ -94,12 +102,10 @@ impl Decider<'_> {
                 if self.wf.exists() {
                     return Err(Rejection::AlreadyExists);
                 }
-                validate_nodes(nodes, 0, None).map_err(Rejection::InvalidTree)?;
-                self.emit(Payload::WorkflowCreated {
-                    nodes: nodes.clone(),
-                })?;
+                validate_nodes(&nodes, 0, None).map_err(Rejection::InvalidTree)?;
+                self.emit(Payload::WorkflowCreated { nodes })?;
                 if let Some(message) = start {
-                    self.trigger(0, message.clone())?;
+                    self.trigger(0, message)?;
                 }
             }
             Op::Run { message } => {
@@ -107,88 +113,79 @@ impl Decider<'_> {
                 if root.status != Status::Pending || root.message.is_some() {
                     return Err(invalid("run", root.status));
                 }
-                self.trigger(0, message.clone())?;
+                self.trigger(0, message)?;
             }
             Op::AddSwarmItems {
                 swarm,
                 nodes,
                 close,
             } => {
-                let status = self.node_status(*swarm)?;
-                match &self.wf.nodes[*swarm as usize].spec.kind {
+                let status = self.node_status(swarm)?;
+                match &self.wf.nodes[swarm as usize].spec.kind {
                     KindSpec::Swarm { closed: true, .. } => {
-                        return Err(Rejection::SwarmClosed(*swarm))
+                        return Err(Rejection::SwarmClosed(swarm))
                     }
                     KindSpec::Swarm { .. } => {}
-                    _ => return Err(Rejection::NotASwarm(*swarm)),
+                    _ => return Err(Rejection::NotASwarm(swarm)),
                 }
                 if status.is_terminal() {
                     return Err(invalid("add tasks to", status));
                 }
-                validate_nodes(nodes, self.wf.nodes.len(), Some(*swarm))
+                validate_nodes(&nodes, self.wf.nodes.len(), Some(swarm))
                     .map_err(Rejection::InvalidTree)?;
-                self.emit(Payload::SwarmItemsAdded {
-                    swarm: *swarm,
-                    nodes: nodes.clone(),
-                })?;
-                if *close {
-                    self.emit(Payload::SwarmClosed { swarm: *swarm })?;
+                self.emit(Payload::SwarmItemsAdded { swarm, nodes })?;
+                if close {
+                    self.emit(Payload::SwarmClosed { swarm })?;
                 }
-                self.fill(*swarm)?;
+                self.fill(swarm)?;
             }
             Op::CloseSwarm { swarm } => {
-                let status = self.node_status(*swarm)?;
-                match &self.wf.nodes[*swarm as usize].spec.kind {
+                let status = self.node_status(swarm)?;
+                match &self.wf.nodes[swarm as usize].spec.kind {
                     KindSpec::Swarm { closed: true, .. } => return Ok(()),
                     KindSpec::Swarm { .. } => {}
-                    _ => return Err(Rejection::NotASwarm(*swarm)),
+                    _ => return Err(Rejection::NotASwarm(swarm)),
                 }
                 if status.is_terminal() {
                     return Err(invalid("close", status));
                 }
-                self.emit(Payload::SwarmClosed { swarm: *swarm })?;
-                self.fill(*swarm)?;
+                self.emit(Payload::SwarmClosed { swarm })?;
+                self.fill(swarm)?;
             }
             Op::UpdateKwargs { node, kwargs } => {
-                let status = self.node_status(*node)?;
+                let status = self.node_status(node)?;
                 if !kwargs.is_object() {
                     return Err(Rejection::KwargsNotObject);
                 }
-                let n = &self.wf.nodes[*node as usize];
+                let n = &self.wf.nodes[node as usize];
                 let started = n.attempt > 0 || (n.is_container() && n.message.is_some());
                 if status.is_terminal() || started {
                     return Err(invalid("update kwargs of", status));
                 }
-                self.emit(Payload::KwargsUpdated {
-                    node: *node,
-                    kwargs: kwargs.clone(),
-                })?;
+                self.emit(Payload::KwargsUpdated { node, kwargs })?;
             }
             Op::Start { node } => {
-                let status = self.node_status(*node)?;
-                let n = &self.wf.nodes[*node as usize];
+                let status = self.node_status(node)?;
+                let n = &self.wf.nodes[node as usize];
                 if status != Status::Queued || n.is_container() {
                     return Err(invalid("start", status));
                 }
                 if n.not_before.is_some_and(|t| t > self.at) {
-                    return Err(Rejection::NotYet(*node));
+                    return Err(Rejection::NotYet(node));
                 }
                 let attempt = n.attempt + 1;
-                self.emit(Payload::Started {
-                    node: *node,
-                    attempt,
-                })?;
+                self.emit(Payload::Started { node, attempt })?;
             }
             Op::Checkpoint {
                 node,
                 attempt,
                 data,
             } => {
-                if self.is_current_attempt(*node, *attempt)? {
+                if self.is_current_attempt(node, attempt)? {
                     self.emit(Payload::Checkpointed {
-                        node: *node,
-                        attempt: *attempt,
-                        data: data.clone(),
+                        node,
+                        attempt,
+                        data,
                     })?;
                 }
             }
@@ -198,13 +195,13 @@ impl Decider<'_> {
                 result,
             } => {
                 // A duplicate or stale completion (redelivery, revoked attempt) is a no-op.
-                if self.is_current_attempt(*node, *attempt)? {
+                if self.is_current_attempt(node, attempt)? {
                     self.emit(Payload::Succeeded {
-                        node: *node,
-                        attempt: *attempt,
-                        result: result.clone(),
+                        node,
+                        attempt,
+                        result,
                     })?;
-                    self.finished(*node)?;
+                    self.finished(node)?;
                 }
             }
             Op::Fail {
@@ -212,38 +209,38 @@ impl Decider<'_> {
                 attempt,
                 error,
             } => {
-                if self.is_current_attempt(*node, *attempt)? {
-                    let KindSpec::Task { retry, .. } = &self.wf.nodes[*node as usize].spec.kind
+                if self.is_current_attempt(node, attempt)? {
+                    let KindSpec::Task { retry, .. } = &self.wf.nodes[node as usize].spec.kind
                     else {
                         return Err(invalid("fail", Status::Running));
                     };
-                    let failures = self.wf.nodes[*node as usize].failures;
+                    let failures = self.wf.nodes[node as usize].failures;
                     if error.retryable && failures < retry.max_retries {
                         let retry_at = self
                             .at
                             .saturating_add_millis(retry.backoff_for(attempt + 1));
                         self.emit(Payload::RetryScheduled {
-                            node: *node,
-                            attempt: *attempt,
-                            error: error.clone(),
+                            node,
+                            attempt,
+                            error,
                             retry_at,
                             lost: false,
                         })?;
                     } else {
                         self.emit(Payload::Failed {
-                            node: *node,
-                            attempt: *attempt,
-                            error: error.clone(),
+                            node,
+                            attempt,
+                            error,
                         })?;
-                        self.finished(*node)?;
+                        self.finished(node)?;
                     }
                 }
             }
             Op::Requeue { node, attempt } => {
-                if self.is_current_attempt(*node, *attempt)? {
+                if self.is_current_attempt(node, attempt)? {
                     self.emit(Payload::RetryScheduled {
-                        node: *node,
-                        attempt: *attempt,
+                        node,
+                        attempt,
                         error: TaskError {
                             message: "attempt lost: its worker stopped before reporting".into(),
                             retryable: true,
@@ -254,40 +251,40 @@ impl Decider<'_> {
                 }
             }
             Op::Suspend { node } => {
-                let status = self.node_status(*node)?;
+                let status = self.node_status(node)?;
                 match status {
                     Status::Suspended => {}
                     s if s.is_terminal() || s == Status::Interrupted => {
                         return Err(invalid("suspend", s))
                     }
                     _ => {
-                        self.emit(Payload::Suspended { node: *node })?;
-                        self.suspend_children(*node)?;
+                        self.emit(Payload::Suspended { node })?;
+                        self.suspend_children(node)?;
                     }
                 }
             }
             Op::Resume { node } => {
-                let status = self.node_status(*node)?;
+                let status = self.node_status(node)?;
                 match status {
-                    Status::Canceled => return Err(Rejection::Canceled(*node)),
-                    Status::Suspended | Status::Interrupted => self.resume(*node)?,
+                    Status::Canceled => return Err(Rejection::Canceled(node)),
+                    Status::Suspended | Status::Interrupted => self.resume(node)?,
                     s if s.is_terminal() => return Err(invalid("resume", s)),
                     _ => {}
                 }
             }
             Op::Interrupt { node } => {
-                let status = self.node_status(*node)?;
+                let status = self.node_status(node)?;
                 match status {
                     Status::Interrupted => {}
                     s if s.is_terminal() => return Err(invalid("interrupt", s)),
-                    _ => self.stop_tree(*node, false)?,
+                    _ => self.stop_tree(node, false)?,
                 }
             }
             Op::Delete { expires_at } => {
                 if self.wf.nodes[0].deletion.is_none() {
                     self.emit(Payload::MarkedForDeletion {
                         node: 0,
-                        expires_at: *expires_at,
+                        expires_at,
                     })?;
                 }
             }
@@ -329,13 +326,13 @@ impl Decider<'_> {
                 if !confirmed {
                     return Err(Rejection::ConfirmationRequired);
                 }
-                let status = self.node_status(*node)?;
+                let status = self.node_status(node)?;
                 match status {
                     Status::Canceled => {}
                     s if s.is_terminal() => return Err(invalid("cancel", s)),
                     _ => {
-                        self.stop_tree(*node, true)?;
-                        self.notify_parent(*node)?;
+                        self.stop_tree(node, true)?;
+                        self.notify_parent(node)?;
                     }
                 }
             }

@@ -16,7 +16,7 @@ pub mod time;
 pub use apply::{ApplyError, ReplayEvent};
 pub use codec::CodecError;
 pub use command::{Command, Op, Rejection};
-pub use decide::{decide, execute};
+pub use decide::{decide, execute, execute_owned};
 pub use event::{redact_stream, Actor, Event, Payload, Redactor, REDACTED_ERROR, SCHEMA_VERSION};
 pub use id::{NodeIndex, ParseIdError, SignatureId, WorkflowId};
 pub use model::{

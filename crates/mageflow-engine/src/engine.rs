@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::registry::{Registry, TaskFailure};
 use crate::sig::Sig;
 use mageflow_core::{
-    execute, Actor, Command, Event, Message, NodeIndex, Op, Payload, Rejection, SignatureId,
+    execute_owned, Actor, Command, Event, Message, NodeIndex, Op, Payload, Rejection, SignatureId,
     Status, TaskError, Timestamp, Workflow, WorkflowId,
 };
 use mageflow_store::{AppendRequest, BoxFuture, EventLog};
@@ -1308,7 +1308,7 @@ impl Orchestrator {
                     at: t0,
                     op: Op::Requeue { node, attempt },
                 };
-                match execute(&mut wf, &cmd) {
+                match execute_owned(&mut wf, cmd) {
                     Ok(new) => {
                         // A requeue is one `retry_scheduled` (lost) event: its timer is the
                         // stagger's, set below.
@@ -1674,7 +1674,7 @@ impl Orchestrator {
                     break;
                 }
             };
-            match execute(state, &cmd) {
+            match execute_owned(state, cmd) {
                 Ok(events) if expected == 0 && events.len() > creation_max => {
                     // A new workflow: nothing of it is durable or pending, so dropping the
                     // state `execute` built is all the undoing there is.
@@ -1940,7 +1940,7 @@ impl Orchestrator {
                 at,
                 op: Op::Start { node: sig.index },
             };
-            let Ok(events) = execute(state, &cmd) else {
+            let Ok(events) = execute_owned(state, cmd) else {
                 continue;
             };
             let node = &state.nodes[sig.index as usize];
@@ -2105,12 +2105,18 @@ impl Orchestrator {
         if !state.is_finished() {
             return;
         }
-        if let Some(waiters) = self.waiters.remove(&wf) {
+        // The state leaves the hot set here: the last waiter gets it, the others a copy (a
+        // million-item swarm's state is over a gigabyte; it used to be cloned for every waiter).
+        let state = self.hot.remove(&wf);
+        if let (Some(mut waiters), Some(state)) = (self.waiters.remove(&wf), state) {
+            let last = waiters.pop();
             for w in waiters {
                 let _ = w.send(Ok(state.clone()));
             }
+            if let Some(w) = last {
+                let _ = w.send(Ok(state));
+            }
         }
-        self.hot.remove(&wf);
         self.held.remove(&wf);
     }
 

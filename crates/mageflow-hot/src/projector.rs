@@ -303,7 +303,7 @@ impl Projector {
                 if wf.version + 1 != event.seq {
                     *wf = load_until(&*self.log, id, event.seq)?;
                 }
-                if let Err(e) = wf.apply_owned(event) {
+                if let Err(e) = apply(wf, event) {
                     tracing::warn!(workflow = %id, position = next - 1, error = %e, "hot projector: event does not apply; skipped");
                 }
                 if wf.is_finished() {
@@ -536,7 +536,13 @@ impl Projector {
     }
 }
 
-fn apply(wf: &mut Workflow, event: Event) -> Result<(), mageflow_core::ApplyError> {
+/// Apply `event` to the projector's copy of a workflow, without the result of a `succeeded`
+/// event: the projector never reads one (views show statuses; jobs carry inputs and
+/// checkpoints), and a swarm's result holds every item's, a gigabyte for a million items.
+fn apply(wf: &mut Workflow, mut event: Event) -> Result<(), mageflow_core::ApplyError> {
+    if let Payload::Succeeded { result, .. } = &mut event.payload {
+        *result = serde_json::Value::Null;
+    }
     wf.apply_owned(event)
 }
 
@@ -613,7 +619,7 @@ fn load_until(log: &dyn EventLog, id: WorkflowId, seq: u64) -> Result<Workflow, 
         if event.seq >= seq {
             break;
         }
-        if let Err(e) = wf.apply_owned(event) {
+        if let Err(e) = apply(&mut wf, event) {
             tracing::warn!(workflow = %id, error = %e, "hot projector: event does not apply while reloading; skipped");
         }
     }
@@ -635,5 +641,49 @@ fn node_view(n: &Node) -> NodeView {
         task: n.spec.task_name().map(str::to_owned),
         status: n.visible_status().name().to_owned(),
         attempt: n.attempt,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::apply;
+    use mageflow_core::{
+        execute, Actor, Command, Message, NodeSpec, Op, Outcome, Status, Timestamp, Workflow,
+        WorkflowId,
+    };
+    use serde_json::{json, Value};
+
+    #[test]
+    fn the_projected_state_keeps_statuses_but_no_results() {
+        let id = WorkflowId::from_u128(7);
+        let (mut truth, mut projected) = (Workflow::empty(id), Workflow::empty(id));
+        let result = json!({ "items": [1, 2, 3] });
+        let ops = [
+            Op::Create {
+                nodes: vec![NodeSpec::task("t")],
+                start: Some(Message::input(json!({}))),
+            },
+            Op::Start { node: 0 },
+            Op::Complete {
+                node: 0,
+                attempt: 1,
+                result: result.clone(),
+            },
+        ];
+        for (i, op) in ops.into_iter().enumerate() {
+            let cmd = Command {
+                actor: Actor::api("test"),
+                at: Timestamp::from_micros(i as i64 + 1),
+                op,
+            };
+            let events = execute(&mut truth, &cmd).expect("decided");
+            for event in events {
+                apply(&mut projected, event).expect("applies");
+            }
+        }
+        assert_eq!(truth.nodes[0].outcome, Some(Outcome::Ok(result)));
+        assert_eq!(projected.version, truth.version);
+        assert_eq!(projected.nodes[0].status, Status::Done);
+        assert_eq!(projected.nodes[0].outcome, Some(Outcome::Ok(Value::Null)));
     }
 }
