@@ -20,7 +20,7 @@ use mageflow_engine::{
 };
 use mageflow_hot::{Hot, HotConfig, JobKey, Projector, ProjectorStats, Report, ReportOutcome};
 use mageflow_store::BoxFuture;
-use mageflow_store_pg::{PgLog, PgOptions};
+use mageflow_store_pg::{OrchestratorLock, PgLog, PgOptions};
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -86,11 +86,16 @@ pub struct Cluster {
     intake: Arc<IntakeStats>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Held until the engine has shut down (declared last: dropped last).
+    lock: OrchestratorLock,
 }
 
 /// Start the orchestrator of a cluster. Fails naming the URL and the cause when PostgreSQL or
-/// Redis cannot be reached. Unfinished work in the log is resumed: attempts that were running
-/// stay with their workers (or reappear as jobs once the hot tier is rebuilt).
+/// Redis cannot be reached. One orchestrator runs per log: while another holds the log's
+/// orchestrator lock this waits for it as a standby (saying so once, as a warning), and starts
+/// when that one stops or dies (see [`PgLog::orchestrator_lock`]). Unfinished work in the log
+/// is then resumed: attempts that were running stay with their workers (or reappear as jobs
+/// once the hot tier is rebuilt).
 pub async fn open_cluster(
     cluster: ClusterConfig,
     registry: Registry,
@@ -98,6 +103,12 @@ pub async fn open_cluster(
 ) -> Result<Cluster> {
     let log = Arc::new(PgLog::open(&cluster.postgres, cluster.pg.clone()).await?);
     let hot = Hot::connect(cluster.hot.clone()).await.map_err(hot_error)?;
+    // Before anything of the log is read: a standby starts from what the last one left.
+    let lock = log.orchestrator_lock().await?;
+    tracing::info!(
+        lock_backend_pid = lock.backend_pid(),
+        "this process is the deployment's orchestrator"
+    );
     config.dispatch = Dispatch::Remote {
         window: cluster.window.max(1),
     };
@@ -122,6 +133,19 @@ pub async fn open_cluster(
             }
         }));
     }
+    {
+        let (lost, stop) = (lock.lost(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = lost => {
+                    tracing::error!("another orchestrator took this deployment over: projector \
+                                     and report intake stopped; this process must shut down");
+                    stop.cancel();
+                }
+                _ = stop.cancelled() => {}
+            }
+        }));
+    }
     let intake_stats = Arc::new(IntakeStats::default());
     tasks.push(tokio::spawn(intake(
         hot.clone(),
@@ -137,6 +161,7 @@ pub async fn open_cluster(
         intake: intake_stats,
         stop,
         tasks,
+        lock,
     })
 }
 
@@ -167,12 +192,27 @@ impl Cluster {
     }
 
     /// Stop the report intake and the projector, then the engine.
+    /// The log's orchestrator lock this process holds.
+    pub fn lock(&self) -> &OrchestratorLock {
+        &self.lock
+    }
+
+    /// Resolves if another orchestrator took the log over (this one's lock session ended and a
+    /// standby got the lock first). Its projector and report intake stop at that moment; the
+    /// engine must be shut down ([`Cluster::shutdown`]) — it would otherwise keep deciding, its
+    /// appends conflicting with the new orchestrator's. Never resolves while the lock is held.
+    pub async fn superseded(&self) {
+        self.lock.lost().await
+    }
+
     pub async fn shutdown(self) {
         self.stop.cancel();
         for t in self.tasks {
             let _ = t.await;
         }
         self.engine.shutdown().await;
+        // Only now may a standby start.
+        drop(self.lock);
     }
 }
 

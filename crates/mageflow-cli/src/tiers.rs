@@ -200,22 +200,41 @@ pub async fn serve(args: &StoreArgs, workers: usize, resume: &ResumeArgs) -> Res
             engine.shutdown().await;
         }
         Some(Tiers::Cluster { .. }) => {
-            let c = cluster::open_cluster(args.cluster("serve")?, builtins(), config).await?;
+            let stop = crate::stop_signal();
+            tokio::pin!(stop);
+            // Another orchestrator on the log: this one stands by (open_cluster waits) until it
+            // stops, or until this one is told to stop.
+            let c = tokio::select! {
+                c = cluster::open_cluster(args.cluster("serve")?, builtins(), config) => c?,
+                _ = &mut stop => {
+                    println!("stopped while standing by");
+                    return Ok(());
+                }
+            };
             println!(
                 "recovery: {}",
                 serde_json::to_string(c.engine().recovery())?
             );
             println!("serving: orchestrator + projector + report intake (Ctrl-C to stop)");
-            let stop = crate::stop_signal();
-            tokio::pin!(stop);
+            let mut superseded = false;
             loop {
                 tokio::select! {
                     _ = &mut stop => break,
+                    _ = c.superseded() => {
+                        superseded = true;
+                        break;
+                    }
                     _ = tokio::time::sleep(STATUS_EVERY) => log_status(&c).await,
                 }
             }
             let projected = c.projector_stats().events.load(Ordering::Relaxed);
             c.shutdown().await;
+            if superseded {
+                bail!(
+                    "another orchestrator took this deployment over while this one's PostgreSQL \
+                     session was down; stopped ({projected} events projected to Redis)"
+                );
+            }
             println!("stopped; {projected} events projected to Redis");
         }
         None => bail!("`mageflow serve` needs --store embedded:PATH, or --postgres and --redis"),

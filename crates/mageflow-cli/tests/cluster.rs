@@ -250,6 +250,75 @@ async fn a_worker_killed_midway_loses_no_task_and_none_succeeds_twice() -> Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_orchestrator_takes_over_when_the_first_stops() -> Result<()> {
+    guard(async {
+        const TASKS: usize = 2_000;
+        let mut d = Deployment::start().await?;
+        d.spawn_worker("w1")?;
+        d.spawn_worker("w2")?;
+        // A second orchestrator on the same deployment waits for the log's orchestrator lock.
+        let config = d.config.clone();
+        let standby = tokio::spawn(async move { Deployment::open(&config).await });
+        let wf = submit_swarm(&d, TASKS, 1).await?;
+        d.wait_for(wf, |w| succeeded(w) >= TASKS / 4).await?;
+        assert!(
+            !standby.is_finished(),
+            "the second orchestrator started while the first one ran"
+        );
+        // A rolling restart: the first one stops, the standby takes over and finishes the run.
+        if let Some(c) = d.cluster.take() {
+            c.shutdown().await;
+        }
+        d.cluster = Some(standby.await??);
+        let h = d.cluster().handle();
+        let done = h.wait(wf).await?;
+        check_once_each(&h.history(wf)?, &done, TASKS)?;
+        d.finish().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mageflow_serve_stands_by_while_another_orchestrator_runs() -> Result<()> {
+    guard(async {
+        use std::io::BufRead;
+        let d = Deployment::start().await?;
+        let mut serve = Command::new(env!("CARGO_BIN_EXE_mageflow"))
+            .args(["serve", "--postgres", &postgres_url(), "--redis", &d.redis])
+            .args(["--schema", &d.schema, "--prefix", &d.prefix])
+            .env("MAGEFLOW_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start mageflow serve")?;
+        let stderr = serve.stderr.take().context("serve's stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = tokio::task::spawn_blocking(move || {
+            rx.iter().find(|l| l.contains("standing by"))
+        })
+        .await?
+        .context("mageflow serve ended without saying it stands by")?;
+        assert!(line.contains("another orchestrator runs on this log"), "{line}");
+        let pid = serve.id().to_string();
+        if !Command::new("kill").args(["-TERM", &pid]).status()?.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        let out = serve.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "serve exited {}: {stdout}", out.status);
+        assert!(stdout.contains("stopped while standing by"), "{stdout}");
+        assert!(!stdout.contains("serving"), "{stdout}");
+        d.finish().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_wiped_and_postgres_connections_killed_midway_the_run_completes() -> Result<()> {
     guard(async {
         const TASKS: usize = 4_000;
@@ -263,9 +332,14 @@ async fn redis_wiped_and_postgres_connections_killed_midway_the_run_completes() 
         let deleted = d.cluster().hot().clear().await?;
         assert!(deleted > 0, "the deployment had keys in Redis");
         d.wait_for(wf, |w| succeeded(w) >= TASKS / 2).await?;
-        // Terminate the log's PostgreSQL connections (committer and listener).
+        // Terminate the log's PostgreSQL connections (committer, listener, and the session
+        // holding the orchestrator lock, which takes it again).
         let pg = d.cluster().pg().clone();
-        let pids = [pg.committer_backend_pid(), pg.listener_backend_pid()];
+        let pids = [
+            pg.committer_backend_pid(),
+            pg.listener_backend_pid(),
+            d.cluster().lock().backend_pid(),
+        ];
         let mut conn = {
             use sqlx::Connection;
             sqlx::PgConnection::connect(&postgres_url()).await?

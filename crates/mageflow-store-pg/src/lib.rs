@@ -148,11 +148,13 @@ mod committer;
 pub mod copy;
 #[cfg(feature = "fault-injection")]
 mod faults;
+mod leader;
 mod listener;
 mod recent;
 
 #[cfg(feature = "fault-injection")]
 pub use faults::Faults;
+pub use leader::OrchestratorLock;
 
 pub use archive::{
     decode_archive_segment, ArchiveInfo, CompactStats, RedactStats, SEGMENT_TARGET_BYTES,
@@ -518,6 +520,25 @@ impl PgLog {
     }
 
     /// Backend process id of the listener's current connection (0 before it connected).
+    /// Take this log's orchestrator lock: one orchestrator per log (the `leader` module doc
+    /// says how). Waits as a standby — saying once, as a warning, who holds it — while another
+    /// session holds it. Held until the returned lock is dropped or the log closes.
+    pub async fn orchestrator_lock(&self) -> Result<OrchestratorLock> {
+        let (taken_tx, taken) = oneshot::channel();
+        let (lost_tx, lost) = watch::channel(false);
+        let pid = Arc::new(AtomicI32::new(0));
+        let task = self.handle.spawn(leader::run(
+            self.shared.clone(),
+            pid.clone(),
+            lost_tx,
+            taken_tx,
+        ));
+        match taken.await {
+            Ok(()) => Ok(OrchestratorLock::new(pid, lost, task)),
+            Err(_) => Err(Error::Closed),
+        }
+    }
+
     pub fn listener_backend_pid(&self) -> i32 {
         self.shared.listener_pid.load(Ordering::Acquire)
     }

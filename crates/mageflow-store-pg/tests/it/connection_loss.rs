@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Terminate a backend and wait (up to 5 s) until it is gone (PostgreSQL 14+).
-async fn terminate(admin: &mut PgConnection, pid: i32) {
+pub(crate) async fn terminate(admin: &mut PgConnection, pid: i32) {
     assert_ne!(pid, 0, "no connection to terminate");
     let done: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
         .bind(pid)

@@ -11,6 +11,7 @@
 mod compaction;
 mod conformance;
 mod connection_loss;
+mod leader;
 mod open;
 mod pipeline;
 mod processes;

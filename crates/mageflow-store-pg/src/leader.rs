@@ -1,0 +1,204 @@
+//! One orchestrator per log: a session-level advisory lock, keyed by the log's schema (advisory
+//! locks are per database), held on a connection of its own for as long as the orchestrator
+//! runs. A second orchestrator started on the same log waits for it — a standby, polling every
+//! second and saying once who holds it — and takes over when the holder's session ends: its
+//! process stopped or died (the kernel closes the socket, PostgreSQL ends the session and
+//! releases the lock), or the server restarted.
+//!
+//! The lock is not what keeps the log consistent — positions are assigned under the head row
+//! lock and every append checks its streams' versions, whoever writes — but two orchestrators
+//! would both start the same queued tasks, read the same reports and project the same batches,
+//! each losing half its appends to version conflicts (and reloading the workflows they touch).
+//!
+//! The holder checks its session every second. When it is gone it takes the lock again on a new
+//! connection, unless another session got it first: then the lock is lost for good, and
+//! [`OrchestratorLock::lost`] resolves — the orchestrator must stop. (A holder cut off from the
+//! server without its socket closing keeps the lock until PostgreSQL notices, which the
+//! server's `tcp_keepalives_*` and `client_connection_check_interval` settings bound.)
+
+use crate::{Backoff, Shared};
+use sqlx::PgConnection;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+/// The lock's key: one per schema.
+const KEY: &str = "hashtextextended('mageflow orchestrator ' || current_schema(), 0)";
+/// How often a standby asks for the lock, and how often the holder checks its session.
+const POLL: Duration = Duration::from_secs(1);
+/// Longest wait between reconnection attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The deployment's orchestrator lock, held until dropped (see the module doc).
+pub struct OrchestratorLock {
+    pid: Arc<AtomicI32>,
+    lost: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OrchestratorLock {
+    pub(crate) fn new(
+        pid: Arc<AtomicI32>,
+        lost: watch::Receiver<bool>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        Self { pid, lost, task }
+    }
+
+    /// The PostgreSQL session holding the lock (`pg_stat_activity.pid`); 0 while it is being
+    /// taken again after its session ended.
+    pub fn backend_pid(&self) -> i32 {
+        self.pid.load(Ordering::Acquire)
+    }
+
+    /// Whether another session took the lock after this one's ended.
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// Resolves once the lock is lost for good (another orchestrator holds it); never while it
+    /// is held. Does not borrow the lock.
+    pub fn lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.lost.clone();
+        async move {
+            if rx.wait_for(|lost| *lost).await.is_err() {
+                // The holding task ended without losing it (the log closed): nothing to wait for.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+impl Drop for OrchestratorLock {
+    fn drop(&mut self) {
+        // Dropping the task drops its connection: PostgreSQL ends the session and releases the
+        // lock.
+        self.task.abort();
+    }
+}
+
+/// Take the lock (waiting as a standby while another session holds it), then hold it. Runs on
+/// the log's runtime; `taken` fires once it is held. Gives up if `taken`'s receiver is dropped
+/// before that.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    pid: Arc<AtomicI32>,
+    lost: watch::Sender<bool>,
+    mut taken: oneshot::Sender<()>,
+) {
+    let conn = tokio::select! {
+        conn = take(&shared, &pid) => conn,
+        _ = taken.closed() => return,
+    };
+    if taken.send(()).is_err() {
+        return;
+    }
+    hold(&shared, conn, &pid, &lost).await;
+}
+
+/// One try: `Some(connection)` holding the lock, `None` if another session holds it.
+async fn try_lock(shared: &Shared, pid: &AtomicI32) -> Result<Option<PgConnection>, sqlx::Error> {
+    let mut conn = shared.pool.acquire().await?.detach();
+    let (got, backend): (bool, i32) = sqlx::query_as(&format!(
+        "SELECT pg_try_advisory_lock({KEY}), pg_backend_pid()"
+    ))
+    .fetch_one(&mut conn)
+    .await?;
+    if !got {
+        return Ok(None);
+    }
+    pid.store(backend, Ordering::Release);
+    Ok(Some(conn))
+}
+
+async fn take(shared: &Shared, pid: &AtomicI32) -> PgConnection {
+    let mut backoff = Backoff::new(BACKOFF_MAX);
+    let mut announced = false;
+    loop {
+        match try_lock(shared, pid).await {
+            Ok(Some(conn)) => {
+                if announced {
+                    tracing::info!(url = %shared.url, "the other orchestrator stopped: this one takes over");
+                }
+                return conn;
+            }
+            Ok(None) => {
+                backoff.reset();
+                if !announced {
+                    announced = true;
+                    let holder = holder(shared).await;
+                    tracing::warn!(url = %shared.url, %holder,
+                        "another orchestrator runs on this log; standing by until it stops");
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            Err(e) => {
+                let wait = backoff.next_wait();
+                tracing::warn!(url = %shared.url, error = %e, retry_in_ms = wait.as_millis() as u64,
+                    "cannot ask PostgreSQL for the orchestrator lock; retrying");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+async fn hold(
+    shared: &Shared,
+    mut conn: PgConnection,
+    pid: &AtomicI32,
+    lost: &watch::Sender<bool>,
+) {
+    loop {
+        tokio::time::sleep(POLL).await;
+        let Err(e) = sqlx::query("SELECT 1").execute(&mut conn).await else {
+            continue;
+        };
+        pid.store(0, Ordering::Release);
+        tracing::warn!(url = %shared.url, error = %e,
+            "the orchestrator lock's PostgreSQL session ended; taking the lock again");
+        let mut backoff = Backoff::new(BACKOFF_MAX);
+        conn = loop {
+            match try_lock(shared, pid).await {
+                Ok(Some(conn)) => {
+                    tracing::info!(url = %shared.url, "orchestrator lock taken again");
+                    break conn;
+                }
+                Ok(None) => {
+                    let holder = holder(shared).await;
+                    tracing::error!(url = %shared.url, %holder,
+                        "another orchestrator took this log over while this one's lock session \
+                         was down: this one must stop");
+                    lost.send_replace(true);
+                    return;
+                }
+                Err(e) => {
+                    let wait = backoff.next_wait();
+                    tracing::warn!(url = %shared.url, error = %e, retry_in_ms = wait.as_millis() as u64,
+                        "cannot take the orchestrator lock again yet; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        };
+    }
+}
+
+/// Who holds the lock, for the log line: session pid, client address, since when.
+async fn holder(shared: &Shared) -> String {
+    let found: Result<Option<(i32, String, String)>, sqlx::Error> = sqlx::query_as(&format!(
+        "SELECT a.pid, COALESCE(host(a.client_addr), 'local socket'), a.backend_start::text \
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND ((l.classid::bigint << 32) | l.objid::bigint) = {KEY}"
+    ))
+    .fetch_optional(&shared.pool)
+    .await;
+    match found {
+        Ok(Some((pid, client, since))) => {
+            format!("PostgreSQL session {pid}, client {client}, connected since {since}")
+        }
+        Ok(None) => "a session that just ended".to_owned(),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
