@@ -294,23 +294,36 @@ async fn mageflow_serve_stands_by_while_another_orchestrator_runs() -> Result<()
         let stderr = serve.stderr.take().context("serve's stderr")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 let _ = tx.send(line);
             }
         });
-        let line = tokio::task::spawn_blocking(move || {
-            rx.iter().find(|l| l.contains("standing by"))
-        })
-        .await?
-        .context("mageflow serve ended without saying it stands by")?;
-        assert!(line.contains("another orchestrator runs on this log"), "{line}");
+        let line =
+            tokio::task::spawn_blocking(move || rx.iter().find(|l| l.contains("standing by")))
+                .await?
+                .context("mageflow serve ended without saying it stands by")?;
+        assert!(
+            line.contains("another orchestrator runs on this log"),
+            "{line}"
+        );
         let pid = serve.id().to_string();
-        if !Command::new("kill").args(["-TERM", &pid]).status()?.success() {
+        if !Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?
+            .success()
+        {
             bail!("kill -TERM {pid} failed");
         }
         let out = serve.wait_with_output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "serve exited {}: {stdout}", out.status);
+        assert!(
+            out.status.success(),
+            "serve exited {}: {stdout}",
+            out.status
+        );
         assert!(stdout.contains("stopped while standing by"), "{stdout}");
         assert!(!stdout.contains("serving"), "{stdout}");
         d.finish().await
