@@ -223,6 +223,25 @@ async fn submit_swarm(d: &Deployment, tasks: usize, ms: u64) -> Result<WorkflowI
     Ok(d.cluster().handle().submit(swarm(items), json!({})).await?)
 }
 
+/// A deployment with two worker processes, a swarm of `tasks` one-millisecond sleeps, a quarter
+/// of them done: the moment the fault tests strike.
+async fn swarm_a_quarter_done(tasks: usize) -> Result<(Deployment, WorkflowId)> {
+    let mut d = Deployment::start().await?;
+    d.spawn_worker("w1")?;
+    d.spawn_worker("w2")?;
+    let wf = submit_swarm(&d, tasks, 1).await?;
+    d.wait_for(wf, |w| succeeded(w) >= tasks / 4).await?;
+    Ok((d, wf))
+}
+
+/// The swarm finishes with every task succeeded exactly once; then the deployment is removed.
+async fn finishes_once_each(d: Deployment, wf: WorkflowId, tasks: usize) -> Result<()> {
+    let h = d.cluster().handle();
+    let done = h.wait(wf).await?;
+    check_once_each(&h.history(wf)?, &done, tasks)?;
+    d.finish().await
+}
+
 async fn guard(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
     tokio::time::timeout(Duration::from_secs(RUN_SECS_MAX), f)
         .await
@@ -233,18 +252,11 @@ async fn guard(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
 async fn a_worker_killed_midway_loses_no_task_and_none_succeeds_twice() -> Result<()> {
     guard(async {
         const TASKS: usize = 20_000;
-        let mut d = Deployment::start().await?;
-        d.spawn_worker("w1")?;
-        d.spawn_worker("w2")?;
-        let wf = submit_swarm(&d, TASKS, 1).await?;
-        d.wait_for(wf, |w| succeeded(w) >= TASKS / 4).await?;
+        let (mut d, wf) = swarm_a_quarter_done(TASKS).await?;
         // kill -9: its claimed jobs reappear to the other worker once their lease expires.
         d.workers[0].kill()?;
         d.workers[0].wait()?;
-        let h = d.cluster().handle();
-        let done = h.wait(wf).await?;
-        check_once_each(&h.history(wf)?, &done, TASKS)?;
-        d.finish().await
+        finishes_once_each(d, wf, TASKS).await
     })
     .await
 }
@@ -253,14 +265,11 @@ async fn a_worker_killed_midway_loses_no_task_and_none_succeeds_twice() -> Resul
 async fn a_standby_orchestrator_takes_over_when_the_first_stops() -> Result<()> {
     guard(async {
         const TASKS: usize = 2_000;
-        let mut d = Deployment::start().await?;
-        d.spawn_worker("w1")?;
-        d.spawn_worker("w2")?;
+        let (mut d, wf) = swarm_a_quarter_done(TASKS).await?;
         // A second orchestrator on the same deployment waits for the log's orchestrator lock.
         let config = d.config.clone();
         let standby = tokio::spawn(async move { Deployment::open(&config).await });
-        let wf = submit_swarm(&d, TASKS, 1).await?;
-        d.wait_for(wf, |w| succeeded(w) >= TASKS / 4).await?;
+        d.wait_for(wf, |w| succeeded(w) >= TASKS / 2).await?;
         assert!(
             !standby.is_finished(),
             "the second orchestrator started while the first one ran"
@@ -270,10 +279,7 @@ async fn a_standby_orchestrator_takes_over_when_the_first_stops() -> Result<()> 
             c.shutdown().await;
         }
         d.cluster = Some(standby.await??);
-        let h = d.cluster().handle();
-        let done = h.wait(wf).await?;
-        check_once_each(&h.history(wf)?, &done, TASKS)?;
-        d.finish().await
+        finishes_once_each(d, wf, TASKS).await
     })
     .await
 }
@@ -335,11 +341,7 @@ async fn mageflow_serve_stands_by_while_another_orchestrator_runs() -> Result<()
 async fn redis_wiped_and_postgres_connections_killed_midway_the_run_completes() -> Result<()> {
     guard(async {
         const TASKS: usize = 4_000;
-        let mut d = Deployment::start().await?;
-        d.spawn_worker("w1")?;
-        d.spawn_worker("w2")?;
-        let wf = submit_swarm(&d, TASKS, 1).await?;
-        d.wait_for(wf, |w| succeeded(w) >= TASKS / 4).await?;
+        let (d, wf) = swarm_a_quarter_done(TASKS).await?;
         // What FLUSHALL does to this deployment (a real FLUSHALL would wipe the keys of tests
         // running in parallel on the same Redis).
         let deleted = d.cluster().hot().clear().await?;
