@@ -191,7 +191,6 @@ impl Cluster {
         &self.intake
     }
 
-    /// Stop the report intake and the projector, then the engine.
     /// The log's orchestrator lock this process holds.
     pub fn lock(&self) -> &OrchestratorLock {
         &self.lock
@@ -205,6 +204,7 @@ impl Cluster {
         self.lock.lost().await
     }
 
+    /// Stop the report intake and the projector, then the engine; then let go of the lock.
     pub async fn shutdown(self) {
         self.stop.cancel();
         for t in self.tasks {

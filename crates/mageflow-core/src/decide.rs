@@ -21,8 +21,8 @@ pub fn decide(state: &Workflow, cmd: &Command) -> Result<Vec<Event>, Rejection> 
     execute(&mut scratch, cmd)
 }
 
-/// [`decide`] that also applies the events to `state` as it goes (no clone: the engine's hot
-/// path). On a rejection `state` is unchanged. `Rejection::Internal` would mean a bug in decide
+/// [`decide`] that also applies the events to `state` as it goes (no copy of the state; the
+/// engine's hot path uses [`execute_owned`]). On a rejection `state` is unchanged. `Rejection::Internal` would mean a bug in decide
 /// (an emitted event that does not apply); the caller must then reload the state from the log.
 pub fn execute(state: &mut Workflow, cmd: &Command) -> Result<Vec<Event>, Rejection> {
     execute_owned(state, cmd.clone())

@@ -2106,7 +2106,7 @@ impl Orchestrator {
             return;
         }
         // The state leaves the hot set here: the last waiter gets it, the others a copy (a
-        // million-item swarm's state is over a gigabyte; it used to be cloned for every waiter).
+        // million-item swarm's state is over a gigabyte).
         let state = self.hot.remove(&wf);
         if let (Some(mut waiters), Some(state)) = (self.waiters.remove(&wf), state) {
             let last = waiters.pop();
