@@ -47,6 +47,13 @@ impl Deployment {
     }
 
     async fn start_on(redis: String) -> Result<Self> {
+        let mut d = Self::unopened(redis);
+        d.cluster = Some(Self::open(&d.config).await?);
+        Ok(d)
+    }
+
+    /// A deployment's schema, prefix and configuration, no orchestrator yet.
+    fn unopened(redis: String) -> Self {
         // The orchestrator's own log lines (retries, rebuilds) show up in a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -64,15 +71,14 @@ impl Deployment {
             ..PgOptions::default()
         };
         config.window = 256;
-        let cluster = Self::open(&config).await?;
-        Ok(Self {
-            cluster: Some(cluster),
+        Self {
+            cluster: None,
             config,
             workers: Vec::new(),
             schema,
             prefix,
             redis,
-        })
+        }
     }
 
     async fn open(config: &ClusterConfig) -> Result<Cluster> {
@@ -284,12 +290,16 @@ async fn a_standby_orchestrator_takes_over_when_the_first_stops() -> Result<()> 
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mageflow_serve_stands_by_while_another_orchestrator_runs() -> Result<()> {
-    guard(async {
-        use std::io::BufRead;
-        let d = Deployment::start().await?;
-        let mut serve = Command::new(env!("CARGO_BIN_EXE_mageflow"))
+/// A `mageflow serve` process of the deployment, its output read line by line.
+struct Serve {
+    child: Child,
+    stdout: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl Serve {
+    fn start(d: &Deployment) -> Result<Self> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mageflow"))
             .args(["serve", "--postgres", &postgres_url(), "--redis", &d.redis])
             .args(["--schema", &d.schema, "--prefix", &d.prefix])
             .env("MAGEFLOW_LOG", "warn")
@@ -297,25 +307,37 @@ async fn mageflow_serve_stands_by_while_another_orchestrator_runs() -> Result<()
             .stderr(Stdio::piped())
             .spawn()
             .context("cannot start mageflow serve")?;
-        let stderr = serve.stderr.take().context("serve's stderr")?;
+        let stdout = Self::lines(child.stdout.take().context("serve's stdout")?);
+        let stderr = Self::lines(child.stderr.take().context("serve's stderr")?);
+        Ok(Self {
+            child,
+            stdout,
+            stderr,
+        })
+    }
+
+    fn lines(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+        use std::io::BufRead;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
+            for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
             }
         });
-        let line =
-            tokio::task::spawn_blocking(move || rx.iter().find(|l| l.contains("standing by")))
-                .await?
-                .context("mageflow serve ended without saying it stands by")?;
-        assert!(
-            line.contains("another orchestrator runs on this log"),
-            "{line}"
-        );
-        let pid = serve.id().to_string();
+        rx
+    }
+
+    /// Wait for a line of `out` (this process's stdout or stderr) containing `text`.
+    async fn says(out: &std::sync::mpsc::Receiver<String>, text: &str) -> Result<String> {
+        tokio::task::block_in_place(|| out.iter().find(|l| l.contains(text)))
+            .with_context(|| format!("mageflow serve ended without saying {text:?}"))
+    }
+
+    /// SIGTERM, then its exit; the rest of its stdout.
+    fn stop(mut self) -> Result<String> {
+        let pid = self.child.id().to_string();
         if !Command::new("kill")
             .args(["-TERM", &pid])
             .status()?
@@ -323,16 +345,45 @@ async fn mageflow_serve_stands_by_while_another_orchestrator_runs() -> Result<()
         {
             bail!("kill -TERM {pid} failed");
         }
-        let out = serve.wait_with_output()?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "serve exited {}: {stdout}",
-            out.status
-        );
-        assert!(stdout.contains("stopped while standing by"), "{stdout}");
-        assert!(!stdout.contains("serving"), "{stdout}");
-        d.finish().await
+        let status = self.child.wait()?;
+        let rest = self.stdout.iter().collect::<Vec<_>>().join("\n");
+        if !status.success() {
+            bail!("mageflow serve exited {status}: {rest}");
+        }
+        Ok(rest)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mageflow_serve_stands_by_and_takes_over_when_the_running_one_is_killed() -> Result<()> {
+    guard(async {
+        let d = Deployment::unopened(redis_url());
+        let mut first = Serve::start(&d)?;
+        Serve::says(&first.stdout, "serving").await?;
+        // Two more: both stand by, naming the session that holds the lock.
+        let second = Serve::start(&d)?;
+        let third = Serve::start(&d)?;
+        for s in [&second, &third] {
+            let line = Serve::says(&s.stderr, "standing by").await?;
+            assert!(
+                line.contains("another orchestrator runs on this log"),
+                "{line}"
+            );
+            assert!(line.contains("PostgreSQL session"), "{line}");
+        }
+        // A standby told to stop just stops.
+        let out = third.stop()?;
+        assert!(out.contains("stopped while standing by"), "{out}");
+        // kill -9: the kernel closes its sockets, PostgreSQL ends its session, the lock is free.
+        first.child.kill()?;
+        first.child.wait()?;
+        Serve::says(&second.stdout, "serving").await?;
+        let out = second.stop()?;
+        assert!(out.contains("stopped;"), "{out}");
+        // The orchestrators' keys (the schema goes with `d`).
+        tokio::task::block_in_place(|| mageflow::hot::clear_prefix_blocking(&d.redis, &d.prefix))
+            .map_err(|e| anyhow::anyhow!("cannot delete the test's Redis keys: {e}"))?;
+        Ok(())
     })
     .await
 }
