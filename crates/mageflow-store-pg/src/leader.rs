@@ -10,9 +10,10 @@
 //! would both start the same queued tasks, read the same reports and project the same batches,
 //! each losing half its appends to version conflicts (and reloading the workflows they touch).
 //!
-//! The holder checks its session every second. When it is gone it takes the lock again on a new
-//! connection, unless another session got it first: then the lock is lost for good, and
-//! [`OrchestratorLock::lost`] resolves — the orchestrator must stop. (A holder cut off from the
+//! The holder checks its session every second. When it is gone, the holder leaves standbys two
+//! seconds (two of their polls) to take over — its own connection just failed, theirs work —
+//! then takes the lock again on a new connection, unless a standby got it: then the lock is
+//! lost for good and [`OrchestratorLock::lost`] resolves — the orchestrator must stop. (A holder cut off from the
 //! server without its socket closing keeps the lock until PostgreSQL notices, which the
 //! server's `tcp_keepalives_*` and `client_connection_check_interval` settings bound.)
 
@@ -27,6 +28,8 @@ use tokio::sync::{oneshot, watch};
 const KEY: &str = "hashtextextended('mageflow orchestrator ' || current_schema(), 0)";
 /// How often a standby asks for the lock, and how often the holder checks its session.
 const POLL: Duration = Duration::from_secs(1);
+/// How long a holder whose session ended leaves standbys to take the lock first.
+const STANDBY_FIRST: Duration = Duration::from_secs(2);
 /// Longest wait between reconnection attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -97,33 +100,47 @@ pub(crate) async fn run(
     hold(&shared, conn, &pid, &lost).await;
 }
 
-/// One try: `Some(connection)` holding the lock, `None` if another session holds it.
-async fn try_lock(shared: &Shared, pid: &AtomicI32) -> Result<Option<PgConnection>, sqlx::Error> {
-    let mut conn = shared.pool.acquire().await?.detach();
-    let (got, backend): (bool, i32) = sqlx::query_as(&format!(
+/// One try, on `conn` (taken from the log's pool and kept, if `None`; dropped on an error):
+/// true if this session holds the lock now.
+async fn try_lock(
+    shared: &Shared,
+    conn: &mut Option<PgConnection>,
+    pid: &AtomicI32,
+) -> Result<bool, sqlx::Error> {
+    let c = match conn {
+        Some(c) => c,
+        None => conn.insert(shared.pool.acquire().await?.detach()),
+    };
+    let tried: Result<(bool, i32), sqlx::Error> = sqlx::query_as(&format!(
         "SELECT pg_try_advisory_lock({KEY}), pg_backend_pid()"
     ))
-    .fetch_one(&mut conn)
-    .await?;
-    if !got {
-        return Ok(None);
+    .fetch_one(c)
+    .await;
+    let (got, backend) = tried.inspect_err(|_| *conn = None)?;
+    if got {
+        pid.store(backend, Ordering::Release);
     }
-    pid.store(backend, Ordering::Release);
-    Ok(Some(conn))
+    Ok(got)
 }
 
+/// Ask until the lock is this session's (a standby asks every [`POLL`]).
 async fn take(shared: &Shared, pid: &AtomicI32) -> PgConnection {
     let mut backoff = Backoff::new(BACKOFF_MAX);
     let mut announced = false;
+    let mut conn = None;
     loop {
-        match try_lock(shared, pid).await {
-            Ok(Some(conn)) => {
-                if announced {
-                    tracing::info!(url = %shared.url, "the other orchestrator stopped: this one takes over");
+        let wait = match try_lock(shared, &mut conn, pid).await {
+            Ok(true) => {
+                if let Some(conn) = conn {
+                    if announced {
+                        tracing::info!(url = %shared.url,
+                            "the other orchestrator stopped: this one takes over");
+                    }
+                    return conn;
                 }
-                return conn;
+                continue;
             }
-            Ok(None) => {
+            Ok(false) => {
                 backoff.reset();
                 if !announced {
                     announced = true;
@@ -131,18 +148,21 @@ async fn take(shared: &Shared, pid: &AtomicI32) -> PgConnection {
                     tracing::warn!(url = %shared.url, %holder,
                         "another orchestrator runs on this log; standing by until it stops");
                 }
-                tokio::time::sleep(POLL).await;
+                POLL
             }
             Err(e) => {
                 let wait = backoff.next_wait();
                 tracing::warn!(url = %shared.url, error = %e, retry_in_ms = wait.as_millis() as u64,
                     "cannot ask PostgreSQL for the orchestrator lock; retrying");
-                tokio::time::sleep(wait).await;
+                wait
             }
-        }
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 
+/// Check the session every [`POLL`]; when it is gone, leave standbys [`STANDBY_FIRST`] to take
+/// the lock, then take it again — or, if a standby has it, say so on `lost` and end.
 async fn hold(
     shared: &Shared,
     mut conn: PgConnection,
@@ -156,15 +176,21 @@ async fn hold(
         };
         pid.store(0, Ordering::Release);
         tracing::warn!(url = %shared.url, error = %e,
-            "the orchestrator lock's PostgreSQL session ended; taking the lock again");
+            standby_first_ms = STANDBY_FIRST.as_millis() as u64,
+            "the orchestrator lock's PostgreSQL session ended; taking the lock again unless a \
+             standby takes it first");
+        tokio::time::sleep(STANDBY_FIRST).await;
         let mut backoff = Backoff::new(BACKOFF_MAX);
+        let mut fresh = None;
         conn = loop {
-            match try_lock(shared, pid).await {
-                Ok(Some(conn)) => {
-                    tracing::info!(url = %shared.url, "orchestrator lock taken again");
-                    break conn;
+            match try_lock(shared, &mut fresh, pid).await {
+                Ok(true) => {
+                    if let Some(conn) = fresh.take() {
+                        tracing::info!(url = %shared.url, "orchestrator lock taken again");
+                        break conn;
+                    }
                 }
-                Ok(None) => {
+                Ok(false) => {
                     let holder = holder(shared).await;
                     tracing::error!(url = %shared.url, %holder,
                         "another orchestrator took this log over while this one's lock session \

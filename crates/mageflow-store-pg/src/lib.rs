@@ -130,8 +130,9 @@
 //!
 //! **One orchestrator per log.** [`PgLog::orchestrator_lock`] takes a session-level advisory
 //! lock keyed by the schema on a connection of its own; a second taker waits as a standby and
-//! gets it when the holder's session ends; a holder whose session ended takes it again unless
-//! a standby was first (module `leader`). The log does not need it to stay consistent.
+//! gets it when the holder's session ends; a holder whose session ended leaves standbys two
+//! seconds, then takes it again unless one took it (module `leader`). The log does not need it
+//! to stay consistent.
 //!
 //! **Limits and trade-offs.** The queue from `append` to the committer is unbounded (like
 //! sled's); callers bound it by awaiting their appends. A process's `head()` learns of other

@@ -85,8 +85,8 @@ async fn a_standby_takes_over_when_the_holders_session_ends_and_the_old_holder_s
             (second_log, lock)
         })
     };
-    // The holder and the standby race for the lock each time the holder's session ends (both
-    // look every second): end it until the standby wins.
+    // A holder whose session ended leaves the standby two seconds to take the lock; should it
+    // take it back anyway (a standby slower than that), its new session is ended too.
     let mut admin = schema.admin().await;
     let deadline = tokio::time::Instant::now() + WAIT_MAX;
     let mut ended = 0;
