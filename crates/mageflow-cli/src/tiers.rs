@@ -332,10 +332,19 @@ pub async fn migrate(args: &StoreArgs) -> Result<()> {
 }
 
 /// `mageflow replay --rebuild-hot`: clear the deployment's Redis keys and project the whole log
-/// again, with a progress bar.
+/// again, with a progress bar. Refused while an orchestrator runs on the log; holds the log's
+/// orchestrator lock meanwhile, so a `serve` started then waits for the rebuild.
 pub async fn rebuild_hot(args: &StoreArgs, progress: bool) -> Result<()> {
     let c = args.cluster("replay --rebuild-hot")?;
     let log = Arc::new(PgLog::open(&c.postgres, c.pg.clone()).await?);
+    let Some(_lock) = log.try_orchestrator_lock().await? else {
+        bail!(
+            "an orchestrator (`mageflow serve`) runs on this log, and its projector writes the \
+             hot tier: stop it to rebuild from here — or delete the deployment's Redis keys \
+             (prefix {}), and its projector rebuilds them by itself",
+            c.hot.prefix
+        );
+    };
     let hot = Hot::connect(c.hot).await?;
     let mut projector = Projector::new(hot, log);
     let bar = if progress {

@@ -679,16 +679,24 @@ async fn replay_rebuild_hot_restores_the_hot_tier_from_the_log() -> Result<()> {
             d.cluster().pg().head()
         };
         let hot = d.cluster().hot().clone();
+        let replay = || {
+            Command::new(env!("CARGO_BIN_EXE_mageflow"))
+                .args(["replay", "--rebuild-hot", "--no-progress"])
+                .args(["--postgres", &postgres_url(), "--schema", &d.schema])
+                .args(["--redis", &d.redis, "--prefix", &d.prefix])
+                .output()
+        };
+        // Not beside a running orchestrator: refused.
+        let refused = replay()?;
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{stderr}");
+        assert!(stderr.contains("an orchestrator"), "{stderr}");
         if let Some(c) = d.cluster.take() {
             c.shutdown().await;
         }
         hot.clear().await?;
         assert_eq!(hot.projected_position().await?, None);
-        let out = Command::new(env!("CARGO_BIN_EXE_mageflow"))
-            .args(["replay", "--rebuild-hot", "--no-progress"])
-            .args(["--postgres", &postgres_url(), "--schema", &d.schema])
-            .args(["--redis", &d.redis, "--prefix", &d.prefix])
-            .output()?;
+        let out = replay()?;
         assert!(
             out.status.success(),
             "{}",

@@ -81,20 +81,35 @@ impl Drop for OrchestratorLock {
     }
 }
 
-/// Take the lock (waiting as a standby while another session holds it), then hold it. Runs on
-/// the log's runtime; `taken` fires once it is held. Gives up if `taken`'s receiver is dropped
-/// before that.
+/// Take the lock — waiting as a standby while another session holds it, or, unless `wait`,
+/// trying once — then hold it. Runs on the log's runtime; `taken` says whether it is held (with
+/// `wait`, once it is). Gives up if `taken`'s receiver is dropped before that.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     pid: Arc<AtomicI32>,
     lost: watch::Sender<bool>,
-    mut taken: oneshot::Sender<()>,
+    mut taken: oneshot::Sender<Result<bool, sqlx::Error>>,
+    wait: bool,
 ) {
-    let conn = tokio::select! {
-        conn = take(&shared, &pid) => conn,
-        _ = taken.closed() => return,
+    let conn = if wait {
+        tokio::select! {
+            conn = take(&shared, &pid) => conn,
+            _ = taken.closed() => return,
+        }
+    } else {
+        let mut conn = None;
+        match try_lock(&shared, &mut conn, &pid).await {
+            Ok(true) => match conn {
+                Some(conn) => conn,
+                None => return,
+            },
+            other => {
+                let _ = taken.send(other);
+                return;
+            }
+        }
     };
-    if taken.send(()).is_err() {
+    if taken.send(Ok(true)).is_err() {
         return;
     }
     hold(&shared, conn, &pid, &lost).await;

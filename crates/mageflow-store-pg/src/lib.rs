@@ -530,6 +530,18 @@ impl PgLog {
     /// says how). Waits as a standby — saying once, as a warning, who holds it — while another
     /// session holds it. Held until the returned lock is dropped or the log closes.
     pub async fn orchestrator_lock(&self) -> Result<OrchestratorLock> {
+        self.take_orchestrator_lock(true)
+            .await?
+            .ok_or_else(|| Error::Storage("the orchestrator lock was not taken".into()))
+    }
+
+    /// [`PgLog::orchestrator_lock`] without waiting: `None` if another session holds it (for
+    /// work that must not run beside an orchestrator, such as rebuilding its hot tier).
+    pub async fn try_orchestrator_lock(&self) -> Result<Option<OrchestratorLock>> {
+        self.take_orchestrator_lock(false).await
+    }
+
+    async fn take_orchestrator_lock(&self, wait: bool) -> Result<Option<OrchestratorLock>> {
         let (taken_tx, taken) = oneshot::channel();
         let (lost_tx, lost) = watch::channel(false);
         let pid = Arc::new(AtomicI32::new(0));
@@ -538,9 +550,12 @@ impl PgLog {
             pid.clone(),
             lost_tx,
             taken_tx,
+            wait,
         ));
         match taken.await {
-            Ok(()) => Ok(OrchestratorLock::new(pid, lost, task)),
+            Ok(Ok(true)) => Ok(Some(OrchestratorLock::new(pid, lost, task))),
+            Ok(Ok(false)) => Ok(None),
+            Ok(Err(e)) => Err(self.shared.storage("take the orchestrator lock", &e)),
             Err(_) => Err(Error::Closed),
         }
     }

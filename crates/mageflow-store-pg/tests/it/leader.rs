@@ -1,6 +1,7 @@
-//! One orchestrator per log (`PgLog::orchestrator_lock`): a second one stands by until the
-//! first lets go, a holder whose session ends takes the lock again, and a standby that gets it
-//! meanwhile makes the old holder learn it lost.
+//! One orchestrator per log (`PgLog::orchestrator_lock`, `try_orchestrator_lock`): a second
+//! one stands by until the first lets go (or, only trying, does not get it), a holder whose
+//! session ends takes the lock again, and a standby that gets it meanwhile makes the old holder
+//! learn it lost.
 
 use crate::connection_loss::terminate;
 use crate::{TestSchema, WAIT_MAX};
@@ -25,6 +26,8 @@ async fn a_second_orchestrator_stands_by_until_the_first_lets_go() {
     let first = lock(&first_log).await;
     assert_ne!(first.backend_pid(), 0);
 
+    let tried = second_log.try_orchestrator_lock().await.expect("try");
+    assert!(tried.is_none(), "taken while the first holds it");
     let waiting = second_log.orchestrator_lock();
     tokio::pin!(waiting);
     assert!(
@@ -36,7 +39,8 @@ async fn a_second_orchestrator_stands_by_until_the_first_lets_go() {
     // Another log's lock is another lock.
     let other = TestSchema::new().await;
     let other_log = other.open().await;
-    let _other = lock(&other_log).await;
+    let other_lock = other_log.try_orchestrator_lock().await.expect("try");
+    assert!(other_lock.is_some(), "a free lock is taken at once");
 
     drop(first);
     let second = tokio::time::timeout(WAIT_MAX, waiting)
