@@ -122,7 +122,8 @@ enum Cmd {
     Restore(control_cmd::ControlArgs),
     /// Run a workflow again (lifts a deletion mark).
     Rerun(control_cmd::ControlArgs),
-    /// Re-project the log: `--rebuild-hot` clears the deployment's Redis keys and rebuilds them.
+    /// Re-project the log: `--rebuild-hot` clears the deployment's Redis keys and rebuilds them
+    /// (refused while an orchestrator runs on the log: its projector rebuilds them by itself).
     Replay {
         #[command(flatten)]
         tiers: tiers::StoreArgs,
