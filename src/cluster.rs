@@ -134,13 +134,14 @@ pub async fn open_cluster(
         }));
     }
     {
-        let (lost, stop) = (lock.lost(), stop.clone());
+        let (lost, stop, h) = (lock.lost(), stop.clone(), engine.handle());
         tasks.push(tokio::spawn(async move {
             tokio::select! {
                 _ = lost => {
-                    tracing::error!("another orchestrator took this deployment over: projector \
-                                     and report intake stopped; this process must shut down");
+                    tracing::error!("another orchestrator took this deployment over: this one \
+                                     stops deciding, projecting and reading reports");
                     stop.cancel();
+                    h.request_shutdown().await;
                 }
                 _ = stop.cancelled() => {}
             }
@@ -197,9 +198,9 @@ impl Cluster {
     }
 
     /// Resolves if another orchestrator took the log over (this one's lock session ended and a
-    /// standby got the lock first). Its projector and report intake stop at that moment; the
-    /// engine must be shut down ([`Cluster::shutdown`]) — it would otherwise keep deciding, its
-    /// appends conflicting with the new orchestrator's. Never resolves while the lock is held.
+    /// standby got the lock first). Its projector and report intake stop at that moment and its
+    /// engine is asked to stop (calls through its handle then fail with `ShutDown`); finish
+    /// with [`Cluster::shutdown`]. Never resolves while the lock is held.
     pub async fn superseded(&self) {
         self.lock.lost().await
     }
@@ -245,6 +246,7 @@ async fn intake(hot: Hot, h: Handle, stats: Arc<IntakeStats>, stop: Cancellation
         let Some((last_id, last)) = reports.last().map(|(id, r)| (id.clone(), r.key.sig)) else {
             continue;
         };
+        let failures = h.stats().append_failures.load(Ordering::Acquire);
         for (id, r) in reports {
             stats.reports.fetch_add(1, Ordering::Relaxed);
             let (sig, attempt) = (r.key.sig, r.key.attempt);
@@ -338,9 +340,23 @@ async fn intake(hot: Hot, h: Handle, stats: Arc<IntakeStats>, stop: Cancellation
                 return; // the engine is shutting down
             }
         }
-        // A read answers once everything decided before it is durable: the reports above too.
-        if let Err(Error::ShutDown) = h.inspect(last.workflow, |_| ()).await {
+        // A read answers once everything decided before it is durable: the reports above too —
+        // unless an append failed meanwhile (its effects were dropped: another orchestrator's
+        // appends conflicted, PostgreSQL stayed away) or the read failed. Then the reports stay
+        // and are read again (a report whose effect is durable is a no-op the second time).
+        let barrier = h.inspect(last.workflow, |_| ()).await;
+        if let Err(Error::ShutDown) = barrier {
             return;
+        }
+        let failed = h.stats().append_failures.load(Ordering::Acquire) != failures;
+        if barrier.is_err() || failed {
+            tracing::warn!(error = ?barrier.err(), append_failed = failed,
+                "the effects of some workers' reports may not be durable; reading them again");
+            tokio::select! {
+                _ = tokio::time::sleep(BACKOFF_MAX) => {}
+                _ = stop.cancelled() => return,
+            }
+            continue;
         }
         if let Err(e) = hot.trim_reports(&last_id).await {
             tracing::warn!(error = %e, "trimming handled reports failed (they will be read again)");

@@ -259,6 +259,8 @@ impl Config {
 pub struct Stats {
     pub events_written: AtomicU64,
     pub appends: AtomicU64,
+    /// Batches whose append failed (their effects were dropped and their workflows reloaded).
+    pub append_failures: AtomicU64,
     pub attempts_started: AtomicU64,
     pub tasks_succeeded: AtomicU64,
     pub tasks_failed: AtomicU64,
@@ -524,6 +526,15 @@ impl Engine {
 }
 
 impl Handle {
+    /// Ask the orchestrator to stop as [`Engine::shutdown`] does — nothing new starts, running
+    /// handlers get the grace period, later calls fail with [`Error::ShutDown`] — without
+    /// waiting for it: for a task that must stop an engine it does not own (a deployment's
+    /// orchestrator that another one superseded). `Engine::shutdown` still waits for the end.
+    pub async fn request_shutdown(&self) {
+        let (reply, _ignored) = oneshot::channel();
+        let _ = self.tx.send(Request::Shutdown { reply }).await;
+    }
+
     /// This handle acting for `principal`: the commands it sends are recorded with that actor
     /// (the audit trail says who did what, e.g. the user of a CLI command relayed by the
     /// orchestrator).
@@ -2043,6 +2054,7 @@ impl Orchestrator {
                 }
             }
             Err(e) => {
+                self.stats.append_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "appending a batch failed; reloading its workflows");
                 for l in launches {
                     if self

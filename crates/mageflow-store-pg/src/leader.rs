@@ -13,7 +13,11 @@
 //! The holder checks its session every second. When it is gone, the holder leaves standbys two
 //! seconds (two of their polls) to take over — its own connection just failed, theirs work —
 //! then takes the lock again on a new connection, unless a standby got it: then the lock is
-//! lost for good and [`OrchestratorLock::lost`] resolves — the orchestrator must stop. (A holder cut off from the
+//! lost for good and [`OrchestratorLock::lost`] resolves — the orchestrator must stop. So that
+//! it has, a new holder waits four seconds more before it starts when another opened log has
+//! sessions on this one (every session carries `mageflow:<pid>.<n>:<schema>` as its
+//! `application_name`): the old holder may be alive and not know yet. One that died or stopped
+//! has none left, and the new holder starts at once. (A holder cut off from the
 //! server without its socket closing keeps the lock until PostgreSQL notices, which the
 //! server's `tcp_keepalives_*` and `client_connection_check_interval` settings bound.)
 
@@ -30,6 +34,32 @@ const KEY: &str = "hashtextextended('mageflow orchestrator ' || current_schema()
 const POLL: Duration = Duration::from_secs(1);
 /// How long a holder whose session ended leaves standbys to take the lock first.
 const STANDBY_FIRST: Duration = Duration::from_secs(2);
+/// How long a new holder waits before it returns while another process still has sessions on
+/// the log: a holder whose lock session ended runs on until it learns it lost the lock — it
+/// notices within [`POLL`], leaves standbys [`STANDBY_FIRST`], then asks — and must have
+/// stopped before the new one starts.
+const TAKEOVER_FENCE: Duration = Duration::from_secs(4);
+
+/// `application_name` of every session of one opened log: `mageflow:<pid>.<n>:<schema>`, `n`
+/// counting the logs this process opened (cut to PostgreSQL's 63 bytes).
+pub(crate) fn application_name(schema: Option<&str>) -> String {
+    static OPENED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = OPENED.fetch_add(1, Ordering::Relaxed);
+    let mut name = format!(
+        "mageflow:{}.{n}:{}",
+        std::process::id(),
+        schema.unwrap_or("")
+    );
+    name.truncate(63);
+    name
+}
+
+/// Sessions of this log (same schema) opened by another `PgLog` (another process, or another
+/// instance in this one): an orchestrator that just lost the lock, a standby, a rebuild.
+const OTHER_PROCESSES: &str = "SELECT count(*) FROM pg_stat_activity \
+     WHERE datname = current_database() AND application_name LIKE 'mageflow:%' \
+     AND split_part(application_name, ':', 3) = current_schema() \
+     AND split_part(application_name, ':', 2) <> split_part(current_setting('application_name'), ':', 2)";
 /// Longest wait between reconnection attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -146,14 +176,26 @@ async fn take(shared: &Shared, pid: &AtomicI32) -> PgConnection {
     loop {
         let wait = match try_lock(shared, &mut conn, pid).await {
             Ok(true) => {
-                if let Some(conn) = conn {
-                    if announced {
-                        tracing::info!(url = %shared.url,
-                            "the other orchestrator stopped: this one takes over");
-                    }
-                    return conn;
+                let Some(mut conn) = conn.take() else {
+                    continue;
+                };
+                // Another process on the log may be an orchestrator whose lock session just
+                // ended and that does not know it yet (a standby, a rebuild: waiting costs only
+                // time). One that died or stopped has no sessions left.
+                let others: Result<i64, sqlx::Error> = sqlx::query_scalar(OTHER_PROCESSES)
+                    .fetch_one(&mut conn)
+                    .await;
+                if !matches!(others, Ok(0)) {
+                    tracing::info!(url = %shared.url, others = ?others,
+                        fence_ms = TAKEOVER_FENCE.as_millis() as u64,
+                        "orchestrator lock taken while other processes have sessions on this \
+                         log: starting once a previous orchestrator has surely stopped");
+                    tokio::time::sleep(TAKEOVER_FENCE).await;
+                } else if announced {
+                    tracing::info!(url = %shared.url,
+                        "the other orchestrator is gone: this one takes over");
                 }
-                continue;
+                return conn;
             }
             Ok(false) => {
                 backoff.reset();

@@ -460,6 +460,9 @@ impl PgLog {
             check_schema_name(schema).map_err(open_error)?;
             connect = connect.options([("search_path", schema)]);
         }
+        // Every session of this log says which process and schema it belongs to (see the
+        // `leader` module: a new orchestrator looks for other processes' sessions).
+        connect = connect.application_name(&leader::application_name(options.schema.as_deref()));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.worker_threads.max(1))
             .thread_name("mageflow-pg")
