@@ -590,29 +590,47 @@ impl HeadFile {
     }
 }
 
+/// How long [`SledLog::open`] waits for a store whose lock another engine still holds.
+const OPEN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl SledLog {
     /// Open (or create) a log in directory `path`. Checks the whole log (see the module doc).
+    /// A store locked by another engine is waited for up to two seconds, then refused.
     pub fn open(path: impl AsRef<Path>, options: SledOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let flush_every_ms = match options.durability {
             Durability::Flush => None,
             Durability::Buffered { flush_every_ms } => Some(flush_every_ms.max(1)),
         };
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(options.cache_bytes)
-            .flush_every_ms(flush_every_ms)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Corruption { at, .. } => Error::Corrupt(format!(
-                    "sled data in {} is corrupt at {at:?}",
-                    path.display()
-                )),
-                other => Error::Open {
-                    path: path.display().to_string(),
-                    reason: other.to_string(),
-                },
-            })?;
+        // A store another engine is letting go of (its last handles being dropped, in this
+        // process or another) is waited for a moment, as SQLite's busy timeout does.
+        let busy_until = std::time::Instant::now() + OPEN_LOCK_WAIT;
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(&path)
+                .cache_capacity(options.cache_bytes)
+                .flush_every_ms(flush_every_ms)
+                .open();
+            match opened {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < busy_until =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other,
+            }
+        }
+        .map_err(|e| match e {
+            sled::Error::Corruption { at, .. } => Error::Corrupt(format!(
+                "sled data in {} is corrupt at {at:?}",
+                path.display()
+            )),
+            other => Error::Open {
+                path: path.display().to_string(),
+                reason: other.to_string(),
+            },
+        })?;
         let tree = db.open_tree("log").map_err(storage)?;
         let marker = match tree.get(HEAD_KEY).map_err(storage)? {
             None => None,
