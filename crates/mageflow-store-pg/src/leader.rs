@@ -17,9 +17,9 @@
 //! it has, a new holder waits four seconds more before it starts when another opened log has
 //! sessions on this one (every session carries `mageflow:<pid>.<n>:<schema>` as its
 //! `application_name`): the old holder may be alive and not know yet. One that died or stopped
-//! has none left, and the new holder starts at once. (A holder cut off from the
-//! server without its socket closing keeps the lock until PostgreSQL notices, which the
-//! server's `tcp_keepalives_*` and `client_connection_check_interval` settings bound.)
+//! has none left, and the new holder starts at once. (A holder cut off from the server without
+//! its socket closing keeps the lock until PostgreSQL notices, which the server's
+//! `tcp_keepalives_*` and `client_connection_check_interval` settings bound.)
 
 use crate::{Backoff, Shared};
 use sqlx::PgConnection;
@@ -34,8 +34,8 @@ const KEY: &str = "hashtextextended('mageflow orchestrator ' || current_schema()
 const POLL: Duration = Duration::from_secs(1);
 /// How long a holder whose session ended leaves standbys to take the lock first.
 const STANDBY_FIRST: Duration = Duration::from_secs(2);
-/// How long a new holder waits before it returns while another process still has sessions on
-/// the log: a holder whose lock session ended runs on until it learns it lost the lock — it
+/// How long a new holder waits before it returns while another opened log still has sessions
+/// on this one: a holder whose lock session ended runs on until it learns it lost the lock — it
 /// notices within [`POLL`], leaves standbys [`STANDBY_FIRST`], then asks — and must have
 /// stopped before the new one starts.
 const TAKEOVER_FENCE: Duration = Duration::from_secs(4);
@@ -56,7 +56,7 @@ pub(crate) fn application_name(schema: Option<&str>) -> String {
 
 /// Sessions of this log (same schema) opened by another `PgLog` (another process, or another
 /// instance in this one): an orchestrator that just lost the lock, a standby, a rebuild.
-const OTHER_PROCESSES: &str = "SELECT count(*) FROM pg_stat_activity \
+const OTHER_LOGS: &str = "SELECT count(*) FROM pg_stat_activity \
      WHERE datname = current_database() AND application_name LIKE 'mageflow:%' \
      AND split_part(application_name, ':', 3) = current_schema() \
      AND split_part(application_name, ':', 2) <> split_part(current_setting('application_name'), ':', 2)";
@@ -127,14 +127,14 @@ pub(crate) async fn run(
             _ = taken.closed() => return,
         }
     } else {
-        let mut conn = None;
-        match try_lock(&shared, &mut conn, &pid).await {
-            Ok(true) => match conn {
-                Some(conn) => conn,
-                None => return,
-            },
-            other => {
-                let _ = taken.send(other);
+        match try_lock(&shared, &mut None, &pid).await {
+            Ok(Some(conn)) => conn,
+            Ok(None) => {
+                let _ = taken.send(Ok(false));
+                return;
+            }
+            Err(e) => {
+                let _ = taken.send(Err(e));
                 return;
             }
         }
@@ -145,13 +145,13 @@ pub(crate) async fn run(
     hold(&shared, conn, &pid, &lost).await;
 }
 
-/// One try, on `conn` (taken from the log's pool and kept, if `None`; dropped on an error):
-/// true if this session holds the lock now.
+/// One try, on `conn` (taken from the log's pool if `None`, kept there while another session
+/// holds the lock, dropped on an error): the connection, now holding the lock, or `None`.
 async fn try_lock(
     shared: &Shared,
     conn: &mut Option<PgConnection>,
     pid: &AtomicI32,
-) -> Result<bool, sqlx::Error> {
+) -> Result<Option<PgConnection>, sqlx::Error> {
     let c = match conn {
         Some(c) => c,
         None => conn.insert(shared.pool.acquire().await?.detach()),
@@ -162,10 +162,11 @@ async fn try_lock(
     .fetch_one(c)
     .await;
     let (got, backend) = tried.inspect_err(|_| *conn = None)?;
-    if got {
-        pid.store(backend, Ordering::Release);
+    if !got {
+        return Ok(None);
     }
-    Ok(got)
+    pid.store(backend, Ordering::Release);
+    Ok(conn.take())
 }
 
 /// Ask until the lock is this session's (a standby asks every [`POLL`]).
@@ -175,16 +176,12 @@ async fn take(shared: &Shared, pid: &AtomicI32) -> PgConnection {
     let mut conn = None;
     loop {
         let wait = match try_lock(shared, &mut conn, pid).await {
-            Ok(true) => {
-                let Some(mut conn) = conn.take() else {
-                    continue;
-                };
+            Ok(Some(mut conn)) => {
                 // Another process on the log may be an orchestrator whose lock session just
                 // ended and that does not know it yet (a standby, a rebuild: waiting costs only
                 // time). One that died or stopped has no sessions left.
-                let others: Result<i64, sqlx::Error> = sqlx::query_scalar(OTHER_PROCESSES)
-                    .fetch_one(&mut conn)
-                    .await;
+                let others: Result<i64, sqlx::Error> =
+                    sqlx::query_scalar(OTHER_LOGS).fetch_one(&mut conn).await;
                 if !matches!(others, Ok(0)) {
                     tracing::info!(url = %shared.url, others = ?others,
                         fence_ms = TAKEOVER_FENCE.as_millis() as u64,
@@ -197,7 +194,7 @@ async fn take(shared: &Shared, pid: &AtomicI32) -> PgConnection {
                 }
                 return conn;
             }
-            Ok(false) => {
+            Ok(None) => {
                 backoff.reset();
                 if !announced {
                     announced = true;
@@ -238,16 +235,13 @@ async fn hold(
              standby takes it first");
         tokio::time::sleep(STANDBY_FIRST).await;
         let mut backoff = Backoff::new(BACKOFF_MAX);
-        let mut fresh = None;
         conn = loop {
-            match try_lock(shared, &mut fresh, pid).await {
-                Ok(true) => {
-                    if let Some(conn) = fresh.take() {
-                        tracing::info!(url = %shared.url, "orchestrator lock taken again");
-                        break conn;
-                    }
+            match try_lock(shared, &mut None, pid).await {
+                Ok(Some(conn)) => {
+                    tracing::info!(url = %shared.url, "orchestrator lock taken again");
+                    break conn;
                 }
-                Ok(false) => {
+                Ok(None) => {
                     let holder = holder(shared).await;
                     tracing::error!(url = %shared.url, %holder,
                         "another orchestrator took this log over while this one's lock session \
