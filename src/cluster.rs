@@ -11,17 +11,19 @@
 //! Redis is disposable: the projector rebuilds it from the log when its position key vanishes,
 //! and completion is idempotent per attempt, so a job run twice is recorded once.
 
+use crate::auth::{self, Operators, Policy, Replays, Secret};
 use crate::control::{self, ControlAnswer, ControlOp};
 use crate::{Config, Engine, Error, Handle, Registry, Result};
 use mageflow_core::{SignatureId, WorkflowId};
-use mageflow_engine::worker::{self, Job, JobSource, Outcome, WorkerConfig, WorkerStats};
-use mageflow_engine::{
-    Dispatch, PositionFloor, Sig, SubmitAnswer, TaskFailure, WireError, WorkerLink,
+use mageflow_engine::worker::{self, Claim, Job, JobSource, Outcome, WorkerConfig, WorkerStats};
+use mageflow_engine::{Dispatch, PositionFloor, Sig, SubmitAnswer, TaskFailure, WireError};
+use mageflow_hot::{
+    Hot, HotConfig, HotError, JobKey, Projector, ProjectorStats, Received, Report, ReportOutcome,
 };
-use mageflow_hot::{Hot, HotConfig, JobKey, Projector, ProjectorStats, Report, ReportOutcome};
 use mageflow_store::BoxFuture;
 use mageflow_store_pg::{OrchestratorLock, PgLog, PgOptions};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +51,14 @@ const SUBMIT_REPORT_NESTING: usize = 3;
 #[derive(Debug, Default)]
 pub struct IntakeStats {
     pub reports: AtomicU64,
+    /// Reports refused as not authentic: unsigned or wrongly signed, naming no lease or a
+    /// principal that is not allowed (each logged on the `mageflow::security` target).
+    pub refused: AtomicU64,
+    /// Workers' reports dropped because their lease no longer held the job (a stale worker,
+    /// a report from before a hot-tier rebuild, one read again after its attempt ended).
+    pub stale: AtomicU64,
+    /// Operator commands refused because they came past their deadline.
+    pub expired: AtomicU64,
 }
 
 /// Where the tiers are.
@@ -60,6 +70,9 @@ pub struct ClusterConfig {
     pub hot: HotConfig,
     /// Attempts started and not yet reported, at most (see [`Dispatch::Remote`]).
     pub window: usize,
+    /// The operators whose signed commands the intake carries out. With none, and no worker
+    /// secret (`hot.secret`), the deployment is open (see [`crate::auth`]).
+    pub operators: Operators,
 }
 
 impl ClusterConfig {
@@ -69,6 +82,7 @@ impl ClusterConfig {
             pg: PgOptions::default(),
             hot: HotConfig::new(redis, prefix),
             window: 1_024,
+            operators: Operators::default(),
         }
     }
 }
@@ -148,9 +162,19 @@ pub async fn open_cluster(
         }));
     }
     let intake_stats = Arc::new(IntakeStats::default());
+    let policy = Policy {
+        workers: cluster.hot.secret.clone(),
+        operators: cluster.operators.clone(),
+    };
+    if policy.is_open() {
+        tracing::warn!(target: "mageflow::security",
+            "this deployment is open: no worker secret and no operator tokens, so anyone who \
+             can write to its Redis keys can write history (see `mageflow serve --help`)");
+    }
     tasks.push(tokio::spawn(intake(
         hot.clone(),
         engine.handle(),
+        policy,
         intake_stats.clone(),
         stop.clone(),
     )));
@@ -219,16 +243,41 @@ impl Cluster {
 
 /// Turn workers' reports into commands. Reports are trimmed from Redis only once everything
 /// they caused is durable in the log; after a restart the untrimmed ones are read again, which
-/// is harmless (completion is idempotent per attempt).
-async fn intake(hot: Hot, h: Handle, stats: Arc<IntakeStats>, stop: CancellationToken) {
+/// is harmless (completion is idempotent per attempt). Nothing is taken on trust: see
+/// [`crate::auth`] for what a report must carry to count.
+async fn intake(
+    hot: Hot,
+    h: Handle,
+    policy: Policy,
+    stats: Arc<IntakeStats>,
+    stop: CancellationToken,
+) {
     let mut after = String::from("0");
     let mut backoff = Duration::from_millis(20);
+    let mut replays = Replays::default();
     while !stop.is_cancelled() {
         let read = tokio::select! {
             r = hot.read_reports(&after, REPORTS_PER_READ, REPORT_BLOCK) => r,
             _ = stop.cancelled() => return,
         };
-        let reports = match read {
+        // With the leases that hold the workers' jobs now, in the same round trip's worth.
+        let read = match read {
+            Ok(reports) => {
+                let keys: Vec<JobKey> = reports
+                    .iter()
+                    .filter(|r| auth::from_worker(&r.report))
+                    .map(|r| r.report.key)
+                    .collect();
+                hot.leases(&keys).await.map(|held| {
+                    (
+                        reports,
+                        keys.into_iter().zip(held).collect::<HashMap<_, _>>(),
+                    )
+                })
+            }
+            Err(e) => Err(e),
+        };
+        let (reports, leases) = match read {
             Ok(r) => {
                 backoff = Duration::from_millis(20);
                 r
@@ -243,12 +292,19 @@ async fn intake(hot: Hot, h: Handle, stats: Arc<IntakeStats>, stop: Cancellation
                 continue;
             }
         };
-        let Some((last_id, last)) = reports.last().map(|(id, r)| (id.clone(), r.key.sig)) else {
+        let Some((last_id, last)) = reports.last().map(|r| (r.id.clone(), r.report.key.sig)) else {
             continue;
         };
         let failures = h.stats().append_failures.load(Ordering::Acquire);
-        for (id, r) in reports {
+        for r in reports {
             stats.reports.fetch_add(1, Ordering::Relaxed);
+            let held = leases.get(&r.report.key).and_then(Option::as_deref);
+            if let Err(e) = auth::admit(&policy, &mut replays, &r, held, now_ms()) {
+                refuse(&hot, &r, e, &stats).await;
+                continue;
+            }
+            let id = r.id;
+            let r = r.report;
             let (sig, attempt) = (r.key.sig, r.key.attempt);
             let sent = match r.outcome {
                 ReportOutcome::Succeeded(v) => h.report(sig, attempt, Ok(v)).await,
@@ -257,6 +313,14 @@ async fn intake(hot: Hot, h: Handle, stats: Arc<IntakeStats>, stop: Cancellation
                     h.report(sig, attempt, Err(f)).await
                 }
                 ReportOutcome::Stopped => h.report_stopped(sig, attempt).await,
+                ReportOutcome::Abandoned => match h.report_abandoned(sig, attempt).await {
+                    Err(Error::ShutDown) => return,
+                    Err(e) => {
+                        tracing::info!(%sig, attempt, error = %e, "an abandoned attempt's requeue refused");
+                        Ok(())
+                    }
+                    Ok(()) => Ok(()),
+                },
                 ReportOutcome::Checkpoint(data) => {
                     // Durable once this returns; the worker's save_checkpoint waits for the answer.
                     let durable = match h.checkpoint(sig, attempt, data).await {
@@ -276,30 +340,28 @@ async fn intake(hot: Hot, h: Handle, stats: Arc<IntakeStats>, stop: Cancellation
                     op,
                     confirmed,
                     principal,
+                    target,
+                    ..
                 } => {
-                    // An operator's command: carried out as the operator, answered once durable
-                    // (or refused). A command read again after a restart is carried out again
-                    // and refused or a no-op where that matters (a second cancel is a no-op).
+                    // Carried out as the operator (or as `task:<sig>` for a handler's), answered
+                    // once durable (or refused). A command read again after a restart is
+                    // carried out again and refused or a no-op where that matters (a second
+                    // cancel is a no-op).
+                    let (target, principal) = match target {
+                        Some(target) => (target, format!("task:{sig}")),
+                        None => (sig, principal),
+                    };
                     let done = match op.parse::<ControlOp>() {
                         Ok(op) => {
-                            control::apply(&h.as_principal(&principal), op, sig, confirmed).await
+                            control::apply(&h.as_principal(&principal), op, target, confirmed).await
                         }
                         Err(e) => Err(e),
                     };
                     if let Err(Error::ShutDown) = done {
                         return;
                     }
-                    tracing::info!(%sig, %op, %principal, outcome = ?done, "operator command");
-                    match serde_json::to_string(&ControlAnswer::of(done)) {
-                        Ok(answer) => {
-                            if let Err(e) = hot.answer_report_with(&id, &answer).await {
-                                tracing::warn!(%sig, %op, error = %e, "could not answer an operator command");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(%sig, %op, error = %e, "could not encode the answer to an operator command")
-                        }
-                    }
+                    tracing::info!(%target, %op, %principal, outcome = ?done, "operator command");
+                    answer_control(&hot, &id, done).await;
                     Ok(())
                 }
                 ReportOutcome::Submit {
@@ -315,24 +377,13 @@ async fn intake(hot: Hot, h: Handle, stats: Arc<IntakeStats>, stop: Cancellation
                             format!("unreadable signature tree from a worker: {e}"),
                         ))),
                     };
-                    let answer = match created {
-                        Err(Error::ShutDown) => return,
-                        Ok(()) => SubmitAnswer::Created,
-                        Err(e) => {
-                            tracing::info!(%sig, attempt, %workflow, error = %e, "a worker's submit refused");
-                            SubmitAnswer::Refused(WireError::from(&e))
-                        }
-                    };
-                    match serde_json::to_string(&answer) {
-                        Ok(answer) => {
-                            if let Err(e) = hot.answer_report_with(&id, &answer).await {
-                                tracing::warn!(%sig, attempt, %workflow, error = %e, "could not answer a submit");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(%sig, attempt, %workflow, error = %e, "could not encode the answer to a submit")
-                        }
+                    if let Err(Error::ShutDown) = created {
+                        return;
                     }
+                    if let Err(e) = &created {
+                        tracing::info!(%sig, attempt, %workflow, error = %e, "a worker's submit refused");
+                    }
+                    answer_submit(&hot, &id, created).await;
                     Ok(())
                 }
             };
@@ -365,118 +416,97 @@ async fn intake(hot: Hot, h: Handle, stats: Arc<IntakeStats>, stop: Cancellation
     }
 }
 
+/// A report that does not count: logged (as a security event unless it is merely stale or
+/// late), and answered if its sender waits for an answer. Nothing of it reaches the log.
+async fn refuse(hot: &Hot, r: &Received, e: Error, stats: &IntakeStats) {
+    let (key, worker) = (r.report.key, r.report.worker.as_str());
+    match &e {
+        Error::LeaseLost { .. } => {
+            stats.stale.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(id = %r.id, %key, worker, "a report whose lease no longer holds its job: dropped");
+        }
+        Error::Expired(why) => {
+            stats.expired.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(id = %r.id, %key, sender = worker, "operator command refused: {why}");
+        }
+        _ => {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "mageflow::security", id = %r.id, %key, claimed_sender = worker,
+                code = e.code(), "report refused: {e}");
+        }
+    }
+    match &r.report.outcome {
+        ReportOutcome::Checkpoint(_) => {
+            if let Err(err) = hot.answer_report(&r.id, false).await {
+                tracing::warn!(%key, error = %err, "could not answer a refused checkpoint");
+            }
+        }
+        ReportOutcome::Submit { .. } => answer_submit(hot, &r.id, Err(e)).await,
+        ReportOutcome::Control { .. } => answer_control(hot, &r.id, Err(e)).await,
+        _ => {}
+    }
+}
+
+async fn answer_control(hot: &Hot, id: &str, done: Result<String>) {
+    match serde_json::to_string(&ControlAnswer::of(done)) {
+        Ok(answer) => {
+            if let Err(e) = hot.answer_report_with(id, &answer).await {
+                tracing::warn!(%id, error = %e, "could not answer a command");
+            }
+        }
+        Err(e) => tracing::warn!(%id, error = %e, "could not encode the answer to a command"),
+    }
+}
+
+async fn answer_submit(hot: &Hot, id: &str, created: Result<()>) {
+    let answer = match created {
+        Ok(()) => SubmitAnswer::Created,
+        Err(e) => SubmitAnswer::Refused(WireError::from(&e)),
+    };
+    match serde_json::to_string(&answer) {
+        Ok(answer) => {
+            if let Err(e) = hot.answer_report_with(id, &answer).await {
+                tracing::warn!(%id, error = %e, "could not answer a submit");
+            }
+        }
+        Err(e) => tracing::warn!(%id, error = %e, "could not encode the answer to a submit"),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The worker side of the hot tier.
 struct HotJobs {
     hot: Hot,
     worker: String,
 }
 
-impl WorkerLink for HotJobs {
-    fn checkpoint(
-        &self,
-        sig: SignatureId,
-        attempt: u32,
-        data: Value,
-    ) -> BoxFuture<'static, Result<()>> {
-        let (hot, worker) = (self.hot.clone(), self.worker.clone());
-        Box::pin(async move {
-            let report = Report {
-                key: JobKey { sig, attempt },
-                worker,
-                outcome: ReportOutcome::Checkpoint(data),
-            };
-            // Durable only once the orchestrator has appended it and answered.
-            let id = hot.report(&report).await.map_err(hot_error)?;
-            match hot.wait_answer(&id, CHECKPOINT_ANSWER_WAIT).await {
-                Ok(Some(true)) => Ok(()),
-                Ok(Some(false)) => Err(Error::Hot(format!(
-                    "the checkpoint of {sig} attempt {attempt} was refused: the attempt is no \
-                     longer current"
-                ))),
-                Ok(None) => Err(Error::Hot(format!(
-                    "no answer to the checkpoint of {sig} attempt {attempt} within {} s",
-                    CHECKPOINT_ANSWER_WAIT.as_secs()
-                ))),
-                Err(e) => Err(hot_error(e)),
-            }
-        })
+fn lease_error(e: HotError) -> Error {
+    match e {
+        HotError::LeaseLost(key) => Error::LeaseLost {
+            sig: key.sig,
+            attempt: key.attempt,
+        },
+        e => hot_error(e),
     }
+}
 
-    fn submit(
-        &self,
-        sig: SignatureId,
-        attempt: u32,
-        id: WorkflowId,
-        tree: Sig,
-        input: Value,
-    ) -> BoxFuture<'static, Result<()>> {
-        let (hot, worker) = (self.hot.clone(), self.worker.clone());
-        Box::pin(async move {
-            let tree = serde_json::to_value(&tree).map_err(|e| Error::InvalidInput {
-                task: "(submit)".into(),
-                reason: format!("the signature tree cannot be encoded: {e}"),
-            })?;
-            // Refused here rather than sent: the orchestrator could not read it back, and
-            // would never answer.
-            let depth = mageflow_engine::value_depth(&tree)
-                .max(mageflow_engine::value_depth(&input))
-                + SUBMIT_REPORT_NESTING;
-            if depth > REPORT_DEPTH_MAX {
-                return Err(Error::TooDeep {
-                    what: "submit request",
-                    depth,
-                    max: REPORT_DEPTH_MAX,
-                });
-            }
-            let report = Report {
-                key: JobKey { sig, attempt },
-                worker,
-                outcome: ReportOutcome::Submit {
-                    workflow: id,
-                    sig: tree,
-                    input,
-                },
-            };
-            let report_id = hot.report(&report).await.map_err(hot_error)?;
-            match hot.wait_answer_raw(&report_id, SUBMIT_ANSWER_WAIT).await {
-                Ok(Some(raw)) => match serde_json::from_str::<SubmitAnswer>(&raw) {
-                    Ok(SubmitAnswer::Created) => Ok(()),
-                    Ok(SubmitAnswer::Refused(e)) => Err(e.into()),
-                    Err(e) => Err(Error::Hot(format!(
-                        "unreadable answer to the submit of workflow {id}: {e}"
-                    ))),
-                },
-                Ok(None) => Err(Error::Hot(format!(
-                    "no answer to the submit of workflow {id} by {sig} attempt {attempt} within \
-                     {} s (it may still be created; a retry of the handler finds it)",
-                    SUBMIT_ANSWER_WAIT.as_secs()
-                ))),
-                Err(e) => Err(hot_error(e)),
-            }
-        })
-    }
-
-    fn control(
-        &self,
-        principal: &str,
-        op: ControlOp,
-        target: SignatureId,
-        confirmed: bool,
-    ) -> BoxFuture<'static, Result<String>> {
-        let (hot, worker, principal) =
-            (self.hot.clone(), self.worker.clone(), principal.to_owned());
-        Box::pin(async move {
-            relay_control(
-                &hot,
-                &worker,
-                op,
-                target,
-                confirmed,
-                &principal,
-                SUBMIT_ANSWER_WAIT,
-            )
-            .await
-        })
+impl HotJobs {
+    /// A report about `claim`'s job, under its lease.
+    fn report_of(&self, claim: &Claim, outcome: ReportOutcome) -> Report {
+        Report {
+            key: JobKey {
+                sig: claim.sig,
+                attempt: claim.attempt,
+            },
+            worker: self.worker.clone(),
+            outcome,
+            lease: Some(claim.lease.clone()),
+        }
     }
 }
 
@@ -502,48 +532,192 @@ impl JobSource for HotJobs {
                     task: j.task,
                     input: j.input,
                     checkpoint: j.checkpoint,
+                    lease: j.lease,
                 })
                 .collect())
         })
     }
 
-    fn heartbeat(&self, sig: SignatureId, attempt: u32) -> BoxFuture<'static, Result<bool>> {
-        let hot = self.hot.clone();
+    fn heartbeat(&self, claim: &Claim) -> BoxFuture<'static, Result<bool>> {
+        let (hot, claim) = (self.hot.clone(), claim.clone());
         Box::pin(async move {
-            hot.heartbeat(&JobKey { sig, attempt })
-                .await
-                .map_err(hot_error)
+            let key = JobKey {
+                sig: claim.sig,
+                attempt: claim.attempt,
+            };
+            hot.heartbeat(&key, &claim.lease).await.map_err(hot_error)
         })
     }
 
     fn report(
         &self,
-        worker: &str,
-        sig: SignatureId,
-        attempt: u32,
+        _worker: &str,
+        claim: &Claim,
         outcome: Outcome,
     ) -> BoxFuture<'static, Result<()>> {
         let hot = self.hot.clone();
-        let report = Report {
-            key: JobKey { sig, attempt },
-            worker: worker.to_owned(),
-            outcome: match outcome {
+        let report = self.report_of(
+            claim,
+            match outcome {
                 Outcome::Succeeded(v) => ReportOutcome::Succeeded(v),
                 Outcome::Failed(f) => ReportOutcome::Failed {
                     message: f.message,
                     retryable: f.retryable,
                 },
                 Outcome::Stopped => ReportOutcome::Stopped,
+                Outcome::Abandoned => ReportOutcome::Abandoned,
             },
-        };
-        Box::pin(async move { hot.report(&report).await.map(drop).map_err(hot_error) })
+        );
+        Box::pin(async move { hot.report(&report).await.map(drop).map_err(lease_error) })
+    }
+
+    fn checkpoint(&self, claim: &Claim, data: Value) -> BoxFuture<'static, Result<()>> {
+        let hot = self.hot.clone();
+        let (sig, attempt) = (claim.sig, claim.attempt);
+        let report = self.report_of(claim, ReportOutcome::Checkpoint(data));
+        Box::pin(async move {
+            // Durable only once the orchestrator has appended it and answered.
+            let id = hot.report(&report).await.map_err(lease_error)?;
+            match hot.wait_answer(&id, CHECKPOINT_ANSWER_WAIT).await {
+                Ok(Some(true)) => Ok(()),
+                Ok(Some(false)) => Err(Error::Hot(format!(
+                    "the checkpoint of {sig} attempt {attempt} was refused: the attempt is no \
+                     longer current, or no longer this worker's"
+                ))),
+                Ok(None) => Err(Error::Hot(format!(
+                    "no answer to the checkpoint of {sig} attempt {attempt} within {} s",
+                    CHECKPOINT_ANSWER_WAIT.as_secs()
+                ))),
+                Err(e) => Err(hot_error(e)),
+            }
+        })
+    }
+
+    fn submit(
+        &self,
+        claim: &Claim,
+        id: WorkflowId,
+        tree: Sig,
+        input: Value,
+    ) -> BoxFuture<'static, Result<()>> {
+        let hot = self.hot.clone();
+        let (sig, attempt) = (claim.sig, claim.attempt);
+        let report = serde_json::to_value(&tree)
+            .map_err(|e| Error::InvalidInput {
+                task: "(submit)".into(),
+                reason: format!("the signature tree cannot be encoded: {e}"),
+            })
+            .and_then(|tree| {
+                // Refused here rather than sent: the orchestrator could not read it back, and
+                // would never answer.
+                let depth = mageflow_engine::value_depth(&tree)
+                    .max(mageflow_engine::value_depth(&input))
+                    + SUBMIT_REPORT_NESTING;
+                if depth > REPORT_DEPTH_MAX {
+                    return Err(Error::TooDeep {
+                        what: "submit request",
+                        depth,
+                        max: REPORT_DEPTH_MAX,
+                    });
+                }
+                let submit = ReportOutcome::Submit {
+                    workflow: id,
+                    sig: tree,
+                    input,
+                };
+                Ok(self.report_of(claim, submit))
+            });
+        Box::pin(async move {
+            let report_id = hot.report(&report?).await.map_err(lease_error)?;
+            match hot.wait_answer_raw(&report_id, SUBMIT_ANSWER_WAIT).await {
+                Ok(Some(raw)) => match serde_json::from_str::<SubmitAnswer>(&raw) {
+                    Ok(SubmitAnswer::Created) => Ok(()),
+                    Ok(SubmitAnswer::Refused(e)) => Err(e.into()),
+                    Err(e) => Err(Error::Hot(format!(
+                        "unreadable answer to the submit of workflow {id}: {e}"
+                    ))),
+                },
+                Ok(None) => Err(Error::Hot(format!(
+                    "no answer to the submit of workflow {id} by {sig} attempt {attempt} within \
+                     {} s (it may still be created; a retry of the handler finds it)",
+                    SUBMIT_ANSWER_WAIT.as_secs()
+                ))),
+                Err(e) => Err(hot_error(e)),
+            }
+        })
+    }
+
+    fn control(
+        &self,
+        claim: &Claim,
+        principal: &str,
+        op: ControlOp,
+        target: SignatureId,
+        confirmed: bool,
+    ) -> BoxFuture<'static, Result<String>> {
+        let hot = self.hot.clone();
+        let command = control_outcome(op, confirmed, principal, Some(target), SUBMIT_ANSWER_WAIT);
+        let report = self.report_of(claim, command);
+        Box::pin(async move {
+            let id = hot.report(&report).await.map_err(lease_error)?;
+            await_control(&hot, &id, op, target, SUBMIT_ANSWER_WAIT).await
+        })
     }
 }
 
-/// Send a control command to the orchestrator of the deployment `hot` belongs to, and wait
-/// (up to `wait`) for its answer: what was done, or the refusal (the same error the API gives,
-/// or its code and message). `sender` names the process the report comes from (a worker's id,
-/// or `operator:<principal>` for the CLI); `principal` is recorded as the command's actor.
+/// A command valid for `wait` from now, with a fresh nonce.
+fn control_outcome(
+    op: ControlOp,
+    confirmed: bool,
+    principal: &str,
+    target: Option<SignatureId>,
+    wait: Duration,
+) -> ReportOutcome {
+    ReportOutcome::Control {
+        op: op.name().into(),
+        confirmed,
+        principal: principal.into(),
+        deadline_ms: now_ms() + wait.as_millis() as u64,
+        nonce: auth::random_token(),
+        target,
+    }
+}
+
+/// How much longer than a command's deadline its sender waits for the answer: an orchestrator
+/// that reads it just in time still answers.
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+
+async fn await_control(
+    hot: &Hot,
+    id: &str,
+    op: ControlOp,
+    target: SignatureId,
+    wait: Duration,
+) -> Result<String> {
+    match hot
+        .wait_answer_raw(id, wait + ANSWER_GRACE)
+        .await
+        .map_err(hot_error)?
+    {
+        Some(raw) => serde_json::from_str::<ControlAnswer>(&raw)
+            .map_err(|e| Error::Hot(format!("unreadable answer to {op} {target}: {e}")))?
+            .into_result(),
+        None => Err(Error::Expired(format!(
+            "no orchestrator answered {op} {target} within {} s, so it was not carried out: \
+             its deadline has passed, and an orchestrator that reads it later refuses it. Is \
+             `mageflow serve` running on this deployment?",
+            wait.as_secs()
+        ))),
+    }
+}
+
+/// Send an operator's control command to the orchestrator of the deployment `hot` belongs to,
+/// signed with `token` (the operator's; required unless the deployment is open), valid for
+/// `wait`: an orchestrator that reads it later refuses it. Waits for the answer: what was
+/// done, or the refusal (the same error the API gives, or its code and message).
+/// `sender` names the process the command comes from (`operator:<principal>` for the CLI);
+/// `principal` is recorded as the command's actor.
+#[allow(clippy::too_many_arguments)]
 pub async fn relay_control(
     hot: &Hot,
     sender: &str,
@@ -551,32 +725,21 @@ pub async fn relay_control(
     target: SignatureId,
     confirmed: bool,
     principal: &str,
+    token: Option<&Secret>,
     wait: Duration,
 ) -> Result<String> {
+    auth::validate_principal(principal)?;
     let report = Report {
         key: JobKey {
             sig: target,
             attempt: 0,
         },
         worker: sender.to_owned(),
-        outcome: ReportOutcome::Control {
-            op: op.name().into(),
-            confirmed,
-            principal: principal.into(),
-        },
+        outcome: control_outcome(op, confirmed, principal, None, wait),
+        lease: None,
     };
-    let id = hot.report(&report).await.map_err(hot_error)?;
-    match hot.wait_answer_raw(&id, wait).await.map_err(hot_error)? {
-        Some(raw) => serde_json::from_str::<ControlAnswer>(&raw)
-            .map_err(|e| Error::Hot(format!("unreadable answer to {op} {target}: {e}")))?
-            .into_result(),
-        None => Err(Error::Hot(format!(
-            "no answer to {op} {target} within {} s: is the orchestrator (`mageflow serve`) \
-             running on this deployment? The command stays queued and is carried out when it \
-             reads it",
-            wait.as_secs()
-        ))),
-    }
+    let id = hot.report_signed(&report, token).await.map_err(hot_error)?;
+    await_control(hot, &id, op, target, wait).await
 }
 
 /// Run a worker process's runtime against the hot tier until `shutdown` fires (then finish or

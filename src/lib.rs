@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod cluster;
 pub mod control;
 pub mod testing;

@@ -280,3 +280,29 @@ fn bless_tier_seeds() {
     );
     std::fs::write(sled.join("one_event_record"), record).expect("write seed");
 }
+
+#[test]
+fn decode_report_corpus() {
+    let ok = replay("decode_report", mageflow::auth::fuzz_report);
+    assert!(ok > 0, "no report seed parsed");
+}
+
+#[test]
+fn decode_command_corpus() {
+    let ok = replay("decode_command", mageflow::auth::fuzz_command);
+    assert!(ok > 0, "no command seed parsed");
+}
+
+#[test]
+fn decode_job_corpus() {
+    let ok = replay("decode_job", |b| {
+        let Ok(s) = std::str::from_utf8(b) else {
+            return false;
+        };
+        let mut parts = s.splitn(3, '\0');
+        let mut next = || parts.next().unwrap_or_default();
+        let (member, job, lease) = (next(), next(), next());
+        mageflow::hot::Job::parse(member, job, lease).is_ok()
+    });
+    assert!(ok > 0, "no job seed parsed");
+}

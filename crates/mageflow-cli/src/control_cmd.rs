@@ -10,7 +10,8 @@ use mageflow::engine::AutoResume;
 use mageflow::Config;
 use std::time::Duration;
 
-/// How long a relayed command waits for the orchestrator's answer (Redis keeps an answer 60 s).
+/// How long a relayed command is valid, and waited for (Redis keeps an answer 60 s): an
+/// orchestrator that reads it later refuses it.
 const ANSWER_WAIT: Duration = Duration::from_secs(50);
 
 #[derive(clap::Args)]
@@ -21,15 +22,21 @@ pub struct ControlArgs {
     /// deleted for good (only the audit record stays; it cannot be resumed or rerun).
     #[arg(long)]
     confirm: bool,
-    /// Recorded as the actor of the command (the audit trail's "who").
+    /// Recorded as the actor of the command (the audit trail's "who"); on a deployment with
+    /// an access file, the operator whose token signs the command.
     #[arg(long, env = "USER", default_value = "cli")]
     principal: String,
+    /// File holding the operator's token (or the token itself in MAGEFLOW_TOKEN): signs the
+    /// command relayed to a PostgreSQL + Redis deployment.
+    #[arg(long, env = "MAGEFLOW_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     tiers: StoreArgs,
 }
 
 pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
     let target = control::parse_target(&args.id)?;
+    mageflow::auth::validate_principal(&args.principal)?;
     if op == ControlOp::Cancel && !args.confirm {
         bail!(
             "refusing to cancel {target} without --confirm: cancel stops it and everything \
@@ -71,6 +78,7 @@ pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
             let hot = mageflow::hot::Hot::connect(c.hot.clone())
                 .await
                 .with_context(|| format!("cannot reach Redis at {}", c.hot.url))?;
+            let token = token(args)?;
             mageflow::cluster::relay_control(
                 &hot,
                 &format!("operator:{}", args.principal),
@@ -78,6 +86,7 @@ pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
                 target,
                 args.confirm,
                 &args.principal,
+                token.as_ref(),
                 ANSWER_WAIT,
             )
             .await?
@@ -86,4 +95,19 @@ pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
     };
     println!("{done}");
     Ok(())
+}
+
+/// The operator's token: from `--token-file`, else `MAGEFLOW_TOKEN`.
+fn token(args: &ControlArgs) -> Result<Option<mageflow::auth::Secret>> {
+    let text = match &args.token_file {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("cannot read the token file {}", path.display()))?,
+        None => match std::env::var("MAGEFLOW_TOKEN") {
+            Ok(t) => t.into_bytes(),
+            Err(_) => return Ok(None),
+        },
+    };
+    mageflow::auth::Secret::new(text)
+        .map(Some)
+        .context("the operator token is not usable")
 }

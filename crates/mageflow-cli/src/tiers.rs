@@ -6,6 +6,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use mageflow::auth::{AccessFile, Operators, Secret};
 use mageflow::cluster::{self, ClusterConfig};
 use mageflow::engine::worker::WorkerConfig;
 use mageflow::hot::{Hot, Projector};
@@ -40,6 +41,15 @@ pub struct StoreArgs {
     /// Prefix of every Redis key (one deployment per prefix).
     #[arg(long, env = "MAGEFLOW_PREFIX")]
     pub prefix: Option<String>,
+    /// File holding the deployment's worker secret (16+ bytes; or the secret itself in
+    /// MAGEFLOW_WORKER_SECRET): workers sign their reports with it, and the orchestrator
+    /// accepts no report that is not signed with it. The same for `serve` and every `worker`.
+    #[arg(long, env = "MAGEFLOW_WORKER_SECRET_FILE")]
+    pub worker_secret_file: Option<PathBuf>,
+    /// `serve`: the access file (TOML), listing the operators whose signed commands are
+    /// carried out, with their role and token (see `docs/security.md`).
+    #[arg(long, env = "MAGEFLOW_ACCESS")]
+    pub access: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -125,6 +135,10 @@ impl StoreArgs {
                     schema,
                     ..PgOptions::default()
                 };
+                c.hot.secret = self.worker_secret()?;
+                if let Some(path) = &self.access {
+                    c.operators = read_access(path)?;
+                }
                 Ok(c)
             }
             _ => bail!(
@@ -133,6 +147,33 @@ impl StoreArgs {
             ),
         }
     }
+}
+
+impl StoreArgs {
+    /// The worker secret: from `--worker-secret-file`, else `MAGEFLOW_WORKER_SECRET`.
+    fn worker_secret(&self) -> Result<Option<Secret>> {
+        let text = match &self.worker_secret_file {
+            Some(path) => std::fs::read(path).with_context(|| {
+                format!("cannot read the worker secret file {}", path.display())
+            })?,
+            None => match std::env::var("MAGEFLOW_WORKER_SECRET") {
+                Ok(s) => s.into_bytes(),
+                Err(_) => return Ok(None),
+            },
+        };
+        Secret::new(text)
+            .map(Some)
+            .context("the worker secret is not usable")
+    }
+}
+
+/// The operators of an access file.
+fn read_access(path: &Path) -> Result<Operators> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the access file {}", path.display()))?;
+    let file: AccessFile =
+        toml::from_str(&text).with_context(|| format!("bad access file {}", path.display()))?;
+    Operators::from_file(file).with_context(|| format!("bad access file {}", path.display()))
 }
 
 /// What `serve` resumes of the unfinished work it finds (see `mageflow::engine::AutoResume`).
@@ -296,11 +337,12 @@ pub async fn worker(
     use std::io::Write as _;
     let _ = writeln!(
         std::io::stdout(),
-        "worker stopped: claimed={} succeeded={} failed={} stopped={}",
+        "worker stopped: claimed={} succeeded={} failed={} stopped={} abandoned={}",
         stats.claimed.load(Ordering::Relaxed),
         stats.succeeded.load(Ordering::Relaxed),
         stats.failed.load(Ordering::Relaxed),
         stats.stopped.load(Ordering::Relaxed),
+        stats.abandoned.load(Ordering::Relaxed),
     );
     Ok(())
 }

@@ -240,6 +240,35 @@ async fn swarm_a_quarter_done(tasks: usize) -> Result<(Deployment, WorkflowId)> 
     Ok((d, wf))
 }
 
+/// A swarm of `tasks` checkpointing handlers (`steps`: five steps of 100 ms, a checkpoint after
+/// each, an error as soon as their token fires, no retries): a fault that stops them midway
+/// must cost no task, so none may end failed.
+async fn submit_steps_swarm(d: &Deployment, tasks: usize) -> Result<WorkflowId> {
+    let items: Vec<_> = (0..tasks)
+        .map(|i| {
+            sign("steps")
+                .kwarg("steps", 5)
+                .kwarg("ms", 100)
+                .kwarg("i", i)
+        })
+        .collect();
+    Ok(d.cluster().handle().submit(swarm(items), json!({})).await?)
+}
+
+/// Stop every worker (SIGTERM) and sum what their counters say they abandoned.
+fn abandoned_by_workers(d: &mut Deployment) -> Result<u64> {
+    let mut abandoned = 0;
+    for i in 0..d.workers.len() {
+        let counters = d.stop_worker(i)?;
+        let n = counters
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("abandoned="))
+            .with_context(|| format!("no abandoned= in the worker's counters: {counters:?}"))?;
+        abandoned += n.trim().parse::<u64>()?;
+    }
+    Ok(abandoned)
+}
+
 /// The swarm finishes with every task succeeded exactly once; then the deployment is removed.
 async fn finishes_once_each(d: Deployment, wf: WorkflowId, tasks: usize) -> Result<()> {
     let h = d.cluster().handle();
@@ -391,15 +420,21 @@ async fn mageflow_serve_stands_by_and_takes_over_when_the_running_one_is_killed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_wiped_and_postgres_connections_killed_midway_the_run_completes() -> Result<()> {
     guard(async {
-        const TASKS: usize = 4_000;
-        let (d, wf) = swarm_a_quarter_done(TASKS).await?;
+        const TASKS: usize = 400;
+        let mut d = Deployment::start().await?;
+        d.spawn_worker("w1")?;
+        d.spawn_worker("w2")?;
+        let wf = submit_steps_swarm(&d, TASKS).await?;
+        d.wait_for(wf, |w| succeeded(w) >= TASKS / 4).await?;
         // What FLUSHALL does to this deployment (a real FLUSHALL would wipe the keys of tests
-        // running in parallel on the same Redis).
+        // running in parallel on the same Redis), while some 64 handlers are midway: each
+        // worker finds its jobs' leases gone and stops them — abandoned, never failed.
         let deleted = d.cluster().hot().clear().await?;
         assert!(deleted > 0, "the deployment had keys in Redis");
         d.wait_for(wf, |w| succeeded(w) >= TASKS / 2).await?;
         // Terminate the log's PostgreSQL connections (committer, listener, and the session
-        // holding the orchestrator lock, which takes it again).
+        // holding the orchestrator lock, which takes it again), as a restart of PostgreSQL
+        // does, while handlers wait for their checkpoints to be durable.
         let pg = d.cluster().pg().clone();
         let pids = [
             pg.committer_backend_pid(),
@@ -423,6 +458,10 @@ async fn redis_wiped_and_postgres_connections_killed_midway_the_run_completes() 
         assert!(
             stats.rebuilds.load(std::sync::atomic::Ordering::Relaxed) >= 1,
             "the projector rebuilt the wiped hot tier"
+        );
+        assert!(
+            abandoned_by_workers(&mut d)? >= 1,
+            "the wipe stopped handlers midway (else this test tests nothing)"
         );
         d.finish().await
     })
@@ -457,12 +496,12 @@ async fn interrupt_stops_a_handler_in_a_worker_process_and_resume_continues_from
                 .is_some_and(|r| r.contains("resumed_from") && r.contains(&from)),
             "the resumed attempt continued from step {stopped_at}: {result:?}"
         );
-        // The worker heard of the interrupt by push and stopped the first handler (it failed
-        // "stopped at step N"); had it not, that handler would have run all its steps and
-        // succeeded too.
+        // The worker heard of the interrupt by push and stopped the first handler (it
+        // returned "stopped at step N", which is no failure of a revoked attempt's); had it
+        // not, that handler would have run all its steps and succeeded too.
         let counters = d.stop_worker(0)?;
         assert!(
-            counters.contains("claimed=2 succeeded=1 failed=1"),
+            counters.contains("claimed=2 succeeded=1 failed=0 stopped=1 abandoned=0"),
             "the interrupted handler was stopped: {counters}"
         );
         d.finish().await
@@ -531,17 +570,18 @@ impl Drop for PrivateRedis {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_empty_midway_the_run_completes() -> Result<()> {
     guard(async {
-        const TASKS: usize = 3_000;
+        const TASKS: usize = 400;
         // A port derived from the process id, away from the usual ones.
         let port = 20_000 + (std::process::id() % 20_000) as u16;
         let mut redis = PrivateRedis::start(port)?;
         let mut d = Deployment::start_on(redis.url()).await?;
         d.spawn_worker("w1")?;
         d.spawn_worker("w2")?;
-        let wf = submit_swarm(&d, TASKS, 1).await?;
+        let wf = submit_steps_swarm(&d, TASKS).await?;
         d.wait_for(wf, |w| succeeded(w) >= TASKS / 4).await?;
-        // Redis dies with everything in it: jobs, claims, reports not yet taken, hot state.
-        // Every process loses its connection and retries; the restarted server is empty.
+        // Redis dies with everything in it: jobs, claims, leases, reports not yet taken, hot
+        // state. Every process loses its connection and retries; the restarted server is
+        // empty. Checkpointing handlers midway are abandoned and resumed, never failed.
         redis.kill()?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         redis.restart()?;

@@ -842,6 +842,26 @@ impl Handle {
         self.tx.send(req).await.map_err(|_| Error::ShutDown)
     }
 
+    /// A worker process gave up attempt `attempt` for a reason of the system's (its lease was
+    /// lost, the hot tier could not take its checkpoint): the attempt is requeued as a new one
+    /// that receives the last checkpoint, spending no retry — as recovery does for attempts
+    /// in flight at a restart. A no-op if the attempt already ended; with
+    /// [`Dispatch::Remote`] its dispatch slot is given back.
+    pub async fn report_abandoned(&self, sig: SignatureId, attempt: u32) -> Result<()> {
+        let op = Op::Requeue {
+            node: sig.index,
+            attempt,
+        };
+        let (reply, rx) = oneshot::channel();
+        let req = Request::Exec {
+            actions: vec![(sig.workflow, Action::Core(op))],
+            actor: Actor::system("abandoned"),
+            idempotent: false,
+            reply: Some(reply),
+        };
+        self.call(req, rx).await
+    }
+
     /// Compact a finished workflow now (what the compaction job does `Config::compact_after`
     /// after it finished): its events move into the log's archive with a snapshot of its final
     /// state. `None` if it is not finished (running again after a rerun, say) or the log cannot
@@ -1594,9 +1614,19 @@ impl Orchestrator {
                     node,
                     status: Status::Queued,
                 } => self.ready.push_back(sig(*node)),
-                Payload::RetryScheduled { node, retry_at, .. } => {
+                Payload::RetryScheduled {
+                    node,
+                    retry_at,
+                    lost,
+                    ..
+                } => {
                     self.stats.retries_scheduled.fetch_add(1, Ordering::Relaxed);
                     self.timers.insert((*retry_at, sig(*node)));
+                    // An attempt given up (abandoned by its worker) still holds its slot here:
+                    // stop it as a revoke does, so the new attempt can start.
+                    if *lost && self.running.contains_key(&sig(*node)) {
+                        step.stops.push(sig(*node));
+                    }
                 }
                 Payload::Interrupted { node } | Payload::Canceled { node }
                     if self.running.contains_key(&sig(*node)) =>

@@ -50,6 +50,22 @@ pub enum Error {
     NeedsEngine,
     #[error("hot tier: {0}")]
     Hot(String),
+    /// A worker's report or heartbeat named a lease that no longer holds its job (another
+    /// claim holds it, or the hot tier was rebuilt): the attempt is not this worker's anymore.
+    #[error("the lease of {sig} attempt {attempt} is lost: this worker no longer holds the job")]
+    LeaseLost { sig: SignatureId, attempt: u32 },
+    /// A request that is not signed, or not by a key the deployment knows.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// An authenticated principal whose role does not allow the request.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// A command that reached the orchestrator after its deadline: refused, not carried out.
+    #[error("expired: {0}")]
+    Expired(String),
+    /// A principal name that is empty, too long or not printable.
+    #[error("invalid principal: {0}")]
+    InvalidPrincipal(String),
 }
 
 impl Error {
@@ -71,6 +87,11 @@ impl Error {
             Error::Replay(..) => "corrupt_history",
             Error::NeedsEngine => "needs_engine",
             Error::Hot(_) => "hot_tier",
+            Error::LeaseLost { .. } => "lease_lost",
+            Error::Unauthenticated(_) => "unauthenticated",
+            Error::Forbidden(_) => "forbidden",
+            Error::Expired(_) => "expired",
+            Error::InvalidPrincipal(_) => "invalid_principal",
         }
     }
 }
@@ -256,6 +277,14 @@ impl From<&Error> for WireError {
                 WireError::InvalidTree(reason.clone())
             }
             Error::Rejected(r) => WireError::Rejected(r.into()),
+            // Their message alone: the receiving side rebuilds the variant around it.
+            Error::Unauthenticated(m)
+            | Error::Forbidden(m)
+            | Error::Expired(m)
+            | Error::InvalidPrincipal(m) => WireError::Other {
+                code: e.code().to_owned(),
+                message: m.clone(),
+            },
             other => WireError::Other {
                 code: other.code().to_owned(),
                 message: other.to_string(),
@@ -268,6 +297,10 @@ impl From<WireError> for Error {
     fn from(e: WireError) -> Self {
         let other = |code: &str, message: String| match code {
             "shut_down" => Error::ShutDown,
+            "unauthenticated" => Error::Unauthenticated(message),
+            "forbidden" => Error::Forbidden(message),
+            "expired" => Error::Expired(message),
+            "invalid_principal" => Error::InvalidPrincipal(message),
             _ => Error::Hot(format!("the orchestrator refused ({code}): {message}")),
         };
         match e {

@@ -1,6 +1,9 @@
 //! The Redis client side of the hot tier: worker, orchestrator and reader operations.
 
-use crate::{HotConfig, HotError, HotSignature, Job, JobData, JobKey, NodeView, Report, TailEntry};
+use crate::auth::{random_token, Secret};
+use crate::{
+    HotConfig, HotError, HotSignature, Job, JobKey, NodeView, Received, Report, TailEntry,
+};
 use futures_util::StreamExt;
 use mageflow_core::SignatureId;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -20,8 +23,9 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Take up to ARGV[3] due jobs (oldest first), make them invisible for the lease, record the
-/// claimant. Returns member, data, member, data, ... KEYS: jobs, jobdata, claims.
-/// ARGV: lease ms, worker, max jobs.
+/// claimant and a fresh lease token per job (ARGV[4] `.` its index in the reply). Returns
+/// member, data, token, member, data, token, ... KEYS: jobs, jobdata, claims, leases.
+/// ARGV: lease ms, worker, max jobs, lease token base.
 const CLAIM_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -32,10 +36,13 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', n
 for _, m in ipairs(due) do
   local data = redis.call('HGET', KEYS[2], m)
   if data then
+    local token = ARGV[4] .. '.' .. tostring(#out / 3)
     redis.call('ZADD', KEYS[1], until_ms, m)
     redis.call('HSET', KEYS[3], m, ARGV[2])
+    redis.call('HSET', KEYS[4], m, token)
     out[#out + 1] = m
     out[#out + 1] = data
+    out[#out + 1] = token
   else
     redis.call('ZREM', KEYS[1], m)
   end
@@ -43,19 +50,32 @@ end
 return out
 "#;
 
-/// Extend the invisibility of a job that still exists. KEYS: jobs. ARGV: member, lease ms.
+/// Extend the invisibility of a job that still exists and is still held under this lease
+/// token. KEYS: jobs, leases. ARGV: member, lease ms, token.
 const HEARTBEAT_LUA: &str = r#"
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], 'XX', string.format('%.0f', now + tonumber(ARGV[2])), ARGV[1])
 return 1
 "#;
 
-/// Append a report; remove the job of that attempt if the report ends it.
-/// KEYS: jobs, jobdata, claims, reports. ARGV: member, report JSON, "1" to remove.
+/// Append a worker's report (with its MAC, if signed); remove the job of that attempt if the
+/// report ends it. The report is dropped, and nil returned, unless its lease token still holds
+/// the job: a worker whose lease was lost (expired and claimed by another, wiped with the hot
+/// tier) cannot end the job the next holder runs. The lease itself stays until the projector
+/// sees the attempt end: the orchestrator checks it too.
+/// KEYS: jobs, jobdata, claims, reports, leases. ARGV: member, report JSON, "1" to remove,
+/// lease token, MAC or "".
 const REPORT_LUA: &str = r#"
-local id = redis.call('XADD', KEYS[4], '*', 'report', ARGV[2])
+if redis.call('HGET', KEYS[5], ARGV[1]) ~= ARGV[4] then return false end
+local id
+if ARGV[5] ~= '' then
+  id = redis.call('XADD', KEYS[4], '*', 'report', ARGV[2], 'mac', ARGV[5])
+else
+  id = redis.call('XADD', KEYS[4], '*', 'report', ARGV[2])
+end
 if ARGV[3] == '1' then
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('HDEL', KEYS[2], ARGV[1])
@@ -180,9 +200,11 @@ impl Hot {
             .key(self.key("jobs"))
             .key(self.key("jobdata"))
             .key(self.key("claims"))
+            .key(self.key("leases"))
             .arg(self.lease_ms())
             .arg(worker)
             .arg(max.max(1))
+            .arg(random_token())
             .invoke_async(&mut self.conn())
             .await
             .map_err(rerr("claim"))?;
@@ -206,13 +228,15 @@ impl Hot {
             .ignore()
             .cmd("EVALSHA")
             .arg(self.inner.claim.get_hash())
-            .arg(3)
+            .arg(4)
             .arg(self.key("jobs"))
             .arg(self.key("jobdata"))
             .arg(self.key("claims"))
+            .arg(self.key("leases"))
             .arg(self.lease_ms())
             .arg(worker)
-            .arg(max.max(1));
+            .arg(max.max(1))
+            .arg(random_token());
         match self
             .blocking_query::<(Vec<String>,)>("BLPOP wake and claim", Query::Pipe(&pipe), timeout)
             .await
@@ -284,35 +308,69 @@ impl Hot {
         Ok(reply.map(|(_, v)| v))
     }
 
-    /// Extend the job's invisibility by the lease. `Ok(false)`: the job is gone (revoked or
-    /// finished): stop the handler.
-    pub async fn heartbeat(&self, job: &JobKey) -> Result<bool, HotError> {
+    /// Extend the job's invisibility by the lease, if `lease` (the token its claim handed out)
+    /// still holds it. `Ok(false)`: the job is gone (revoked, finished, wiped) or another
+    /// claim holds it now: stop the handler.
+    pub async fn heartbeat(&self, job: &JobKey, lease: &str) -> Result<bool, HotError> {
         let alive: i64 = self
             .inner
             .heartbeat
             .key(self.key("jobs"))
+            .key(self.key("leases"))
             .arg(job.to_string())
             .arg(self.lease_ms())
+            .arg(lease)
             .invoke_async(&mut self.conn())
             .await
             .map_err(rerr("heartbeat"))?;
         Ok(alive == 1)
     }
 
-    /// Atomically append the report to the reports stream and, if it ends the attempt
+    /// Atomically append the report to the reports stream, signed with the deployment's worker
+    /// secret ([`HotConfig::secret`]) if it has one, and, if it ends the attempt
     /// ([`crate::ReportOutcome::ends_attempt`]), remove the job of that attempt. Returns the
-    /// stream id of the report.
+    /// stream id of the report. [`HotError::LeaseLost`] if the report names a lease
+    /// ([`Report::lease`]) that no longer holds the job: nothing was written.
     pub async fn report(&self, report: &Report) -> Result<String, HotError> {
+        let secret = self.inner.cfg.secret.clone();
+        self.report_signed(report, secret.as_ref()).await
+    }
+
+    /// [`Hot::report`], signed with `secret` (an operator's token) instead.
+    pub async fn report_signed(
+        &self,
+        report: &Report,
+        secret: Option<&Secret>,
+    ) -> Result<String, HotError> {
         let json = serde_json::to_string(report).map_err(|source| HotError::Encode {
             what: "report",
             source,
         })?;
-        self.inner
+        let mac = secret.map(|s| s.sign(json.as_bytes())).unwrap_or_default();
+        let Some(lease) = report.lease.as_deref() else {
+            // An operator's command: about no job, so a plain XADD (an operator's Redis user
+            // needs no access to the job keys the worker's script names).
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(self.key("reports"))
+                .arg("*")
+                .arg("report")
+                .arg(json);
+            if !mac.is_empty() {
+                cmd.arg("mac").arg(mac);
+            }
+            return cmd
+                .query_async(&mut self.conn())
+                .await
+                .map_err(rerr("XADD reports"));
+        };
+        let id: Option<String> = self
+            .inner
             .report
             .key(self.key("jobs"))
             .key(self.key("jobdata"))
             .key(self.key("claims"))
             .key(self.key("reports"))
+            .key(self.key("leases"))
             .arg(report.key.to_string())
             .arg(json)
             .arg(if report.outcome.ends_attempt() {
@@ -320,9 +378,28 @@ impl Hot {
             } else {
                 "0"
             })
+            .arg(lease)
+            .arg(mac)
             .invoke_async(&mut self.conn())
             .await
-            .map_err(rerr("report"))
+            .map_err(rerr("report"))?;
+        id.ok_or(HotError::LeaseLost(report.key))
+    }
+
+    /// The lease token that holds each job now (`None`: no claim holds it), in one round trip:
+    /// the orchestrator accepts a worker's report only from the holder of its attempt's lease.
+    pub async fn leases(&self, jobs: &[JobKey]) -> Result<Vec<Option<String>>, HotError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.key("leases"));
+        for j in jobs {
+            cmd.arg(j.to_string());
+        }
+        cmd.query_async(&mut self.conn())
+            .await
+            .map_err(rerr("HMGET leases"))
     }
 
     /// Revoked jobs, from the `<prefix>stop` channel: cancel the handler of each key received.
@@ -405,7 +482,7 @@ impl Hot {
         after: &str,
         count: usize,
         block: Duration,
-    ) -> Result<Vec<(String, Report)>, HotError> {
+    ) -> Result<Vec<Received>, HotError> {
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT").arg(count.max(1));
         if !block.is_zero() {
@@ -423,7 +500,7 @@ impl Hot {
         let mut out = Vec::new();
         for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
             match parse_report(&entry) {
-                Ok(report) => out.push((entry.id, report)),
+                Ok(received) => out.push(received),
                 Err(e) => {
                     tracing::warn!(id = %entry.id, error = %e, "hot tier: unreadable report skipped")
                 }
@@ -633,38 +710,26 @@ impl Hot {
 
 /// The claim script's reply: member, data, member, data, ...
 fn parse_claimed(reply: &[String]) -> Result<Vec<Job>, HotError> {
-    let mut jobs = Vec::with_capacity(reply.len() / 2);
-    for pair in reply.chunks(2) {
-        let [member, data] = pair else {
+    let mut jobs = Vec::with_capacity(reply.len() / 3);
+    for triple in reply.chunks(3) {
+        let [member, data, lease] = triple else {
             return Err(HotError::Malformed {
                 what: "claim reply",
-                detail: "an odd number of items".into(),
+                detail: "not a whole number of (job, data, lease) triples".into(),
             });
         };
-        let key: JobKey = member.parse()?;
-        let data: JobData = serde_json::from_str(data).map_err(|e| HotError::Malformed {
-            what: "job data",
-            detail: format!("{member}: {e}"),
-        })?;
-        jobs.push(Job {
-            key,
-            task: data.task,
-            input: data.input,
-            checkpoint: data.checkpoint,
-        });
+        jobs.push(Job::parse(member, data, lease)?);
     }
     Ok(jobs)
 }
 
-fn parse_report(entry: &StreamId) -> Result<Report, HotError> {
+fn parse_report(entry: &StreamId) -> Result<Received, HotError> {
     let raw: String = entry.get("report").ok_or_else(|| HotError::Malformed {
         what: "report",
         detail: format!("{}: no report field", entry.id),
     })?;
-    serde_json::from_str(&raw).map_err(|e| HotError::Malformed {
-        what: "report",
-        detail: format!("{}: {e}", entry.id),
-    })
+    let mac: Option<String> = entry.get("mac");
+    Received::parse(entry.id.clone(), raw, mac)
 }
 
 /// The smallest stream id after `id` (`ms-seq` or `ms`).

@@ -19,14 +19,17 @@
 //! | `jobs` | sorted set | job key (`sig_<hex>.<i>#<attempt>`) scored by the instant (ms, Redis clock) it becomes visible |
 //! | `jobdata` | hash | job key → JSON `{task, input, checkpoint}` |
 //! | `claims` | hash | job key → worker id of the latest claim |
+//! | `leases` | hash | job key → lease token of the latest claim (only its holder's reports count; removed when the attempt ends) |
 //! | `wake` | list | tokens pushed when jobs are added; idle workers `BLPOP` it, the claim pipelined behind |
 //! | `stop` | pub/sub channel | job keys of revoked attempts |
-//! | `reports` | stream | field `report`: JSON [`Report`]; written by workers, trimmed by the orchestrator |
+//! | `reports` | stream | field `report`: JSON [`Report`], field `mac`: its HMAC ([`auth`]); written by workers and operators, trimmed by the orchestrator |
 //! | `answer:<report id>` | list | the orchestrator's answer to a checkpoint (`1`/`0`) or a submit (JSON); expires after a minute |
 
+pub mod auth;
 mod hot;
 mod projector;
 
+pub use auth::Secret;
 pub use hot::{clear_prefix_blocking, Hot};
 pub use projector::{Projector, ProjectorStats};
 
@@ -53,6 +56,10 @@ pub struct HotConfig {
     pub done_ttl: Duration,
     /// `done_ttl` per kind of the workflow's root: `"task"`, `"chain"` or `"swarm"`.
     pub done_ttl_by_kind: BTreeMap<String, Duration>,
+    /// The deployment's worker secret: workers sign their reports with it and the orchestrator
+    /// accepts only reports signed with it ([`auth`]). `None`: reports go unsigned, and anyone
+    /// who can write to Redis can write history.
+    pub secret: Option<Secret>,
 }
 
 impl HotConfig {
@@ -69,6 +76,7 @@ impl HotConfig {
             tail_len: Self::DEFAULT_TAIL_LEN,
             done_ttl: Self::DEFAULT_DONE_TTL,
             done_ttl_by_kind: BTreeMap::new(),
+            secret: None,
         }
     }
 
@@ -102,7 +110,15 @@ pub enum HotError {
     },
     #[error("event log: {0}")]
     Log(#[from] mageflow_store::Error),
+    /// A worker's report named a lease that no longer holds its job (it expired and another
+    /// worker claimed the job, or the hot tier was wiped): nothing was written.
+    #[error("the lease of job {0} is lost: another claim holds it, or the hot tier was rebuilt")]
+    LeaseLost(JobKey),
 }
+
+/// Largest report accepted from the reports stream, in bytes (a result or a submitted tree
+/// with its input, JSON-encoded).
+pub const REPORT_BYTES_MAX: usize = 2 * mageflow_core::codec::EVENT_BYTES_MAX;
 
 /// One attempt of one task: the unit of work in the queue.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -154,6 +170,28 @@ pub struct Job {
     pub input: Value,
     /// The checkpoint the previous attempt saved, if any.
     pub checkpoint: Option<Value>,
+    /// The lease token this claim holds the job under: the worker's reports and heartbeats
+    /// name it, and only the holder's count.
+    pub lease: String,
+}
+
+impl Job {
+    /// A claimed job from the claim's reply: its key, its `jobdata` JSON and its lease token
+    /// (untrusted bytes: anyone who can reach Redis can write them).
+    pub fn parse(member: &str, data: &str, lease: &str) -> Result<Self, HotError> {
+        let key: JobKey = member.parse()?;
+        let data: JobData = serde_json::from_str(data).map_err(|e| HotError::Malformed {
+            what: "job data",
+            detail: format!("{member}: {e}"),
+        })?;
+        Ok(Job {
+            key,
+            task: data.task,
+            input: data.input,
+            checkpoint: data.checkpoint,
+            lease: lease.to_owned(),
+        })
+    }
 }
 
 /// What a worker tells the orchestrator about an attempt.
@@ -162,6 +200,61 @@ pub struct Report {
     pub key: JobKey,
     pub worker: String,
     pub outcome: ReportOutcome,
+    /// The lease token of the claim the report is about (a worker's reports); `None` for an
+    /// operator's command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+}
+
+/// A report as read from the stream: its id, the report, and the bytes and MAC it came with
+/// (checked by the orchestrator: [`Received::signed_by`]).
+#[derive(Clone, PartialEq, Debug)]
+pub struct Received {
+    /// Stream id (`<ms>-<seq>`, Redis's clock when it was added).
+    pub id: String,
+    pub report: Report,
+    /// The JSON the report was read from, exactly as it was stored (and signed).
+    pub raw: String,
+    /// Its MAC, if it came with one.
+    pub mac: Option<String>,
+}
+
+impl Received {
+    /// Read one stream entry's fields (untrusted bytes: anyone who can reach Redis can write
+    /// them). Refused when over [`REPORT_BYTES_MAX`] or not a report.
+    pub fn parse(id: String, raw: String, mac: Option<String>) -> Result<Self, HotError> {
+        if raw.len() > REPORT_BYTES_MAX {
+            return Err(HotError::Malformed {
+                what: "report",
+                detail: format!(
+                    "{id}: {} bytes, over the limit of {REPORT_BYTES_MAX}",
+                    raw.len()
+                ),
+            });
+        }
+        let report = serde_json::from_str(&raw).map_err(|e| HotError::Malformed {
+            what: "report",
+            detail: format!("{id}: {e}"),
+        })?;
+        Ok(Self {
+            id,
+            report,
+            raw,
+            mac,
+        })
+    }
+
+    /// Whether the report came signed with `secret`.
+    pub fn signed_by(&self, secret: &Secret) -> bool {
+        self.mac
+            .as_deref()
+            .is_some_and(|mac| secret.verify(self.raw.as_bytes(), mac))
+    }
+
+    /// Milliseconds since the Unix epoch (Redis's clock) when the report was added.
+    pub fn added_ms(&self) -> Option<u64> {
+        self.id.split('-').next()?.parse().ok()
+    }
 }
 
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
@@ -174,6 +267,10 @@ pub enum ReportOutcome {
     },
     /// The handler stopped after a revoke; frees nothing in the log.
     Stopped,
+    /// The worker stopped the handler for a reason of the system's (its lease was lost, the
+    /// hot tier could not take its checkpoint): the attempt is given up and runs again (from
+    /// its last checkpoint), spending no retry.
+    Abandoned,
     /// A checkpoint the handler saved; the job stays claimed.
     Checkpoint(Value),
     /// The handler creates workflow `workflow` from signature tree `sig` (the engine's JSON
@@ -184,17 +281,29 @@ pub enum ReportOutcome {
         sig: Value,
         input: Value,
     },
-    /// A control command on the signature of the report's key (its attempt is 0): an
-    /// operator's (`mageflow cancel …` and the like; the report's `worker` is
-    /// `operator:<principal>`) or a handler's (`TaskContext::control`; its worker's id),
-    /// relayed to the orchestrator, which carries it out as `principal` and answers once it is
-    /// durable or refused.
+    /// A control command, relayed to the orchestrator, which carries it out as `principal`
+    /// and answers once it is durable or refused. An operator's (`mageflow cancel …` and the
+    /// like; the report's `worker` is `operator:<principal>`) is about the signature of the
+    /// report's key (its attempt is 0), signed with the operator's token; a handler's
+    /// (`TaskContext::control`) names the handler's job as its key, with its lease, and the
+    /// signature it acts on as `target`, signed with the worker secret.
     Control {
         /// `cancel`, `interrupt`, `suspend`, `resume`, `delete`, `restore` or `rerun`.
         op: String,
         /// For `cancel`: the operator confirmed it.
         confirmed: bool,
         principal: String,
+        /// Past this instant (ms since the Unix epoch, the sender's clock) the command is
+        /// refused instead of carried out: its sender has stopped waiting. 0 (a sender that
+        /// set none): refused.
+        #[serde(default)]
+        deadline_ms: u64,
+        /// Random, once per command: a command seen twice (replayed) is carried out once.
+        #[serde(default)]
+        nonce: String,
+        /// A handler's command: the signature it acts on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<SignatureId>,
     },
 }
 

@@ -321,11 +321,12 @@ impl Projector {
     fn plan(&mut self, events: Vec<Recorded>, now_ms: u64) -> Result<redis::Pipeline, HotError> {
         let hot = &self.hot;
         let cfg = hot.config();
-        let (tail, jobs, jobdata, claims, stop) = (
+        let (tail, jobs, jobdata, claims, leases, stop) = (
             hot.key("tail"),
             hot.key("jobs"),
             hot.key("jobdata"),
             hot.key("claims"),
+            hot.key("leases"),
             hot.key("stop"),
         );
         // MULTI/EXEC written out rather than `atomic()`: the next step's position check follows
@@ -425,6 +426,8 @@ impl Projector {
                     pipe.cmd("ZREM").arg(&jobs).arg(&member).ignore();
                     pipe.cmd("HDEL").arg(&jobdata).arg(&member).ignore();
                     pipe.cmd("HDEL").arg(&claims).arg(&member).ignore();
+                    // The attempt is over: no report of it counts any more.
+                    pipe.cmd("HDEL").arg(&leases).arg(&member).ignore();
                     if revoke {
                         pipe.cmd("PUBLISH").arg(&stop).arg(&member).ignore();
                     }

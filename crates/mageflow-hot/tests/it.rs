@@ -375,7 +375,15 @@ async fn worker_claims_heartbeats_and_reports() {
     assert_eq!(job.input, json!({"img": 7}));
     assert_eq!(job.checkpoint, None);
     assert_eq!(env.hot.claim("w2").await.expect("claim"), None);
-    assert!(env.hot.heartbeat(&key).await.expect("heartbeat"));
+    assert!(env
+        .hot
+        .heartbeat(&key, &job.lease)
+        .await
+        .expect("heartbeat"));
+    assert!(
+        !env.hot.heartbeat(&key, "a-guess").await.expect("heartbeat"),
+        "only the lease's token renews it"
+    );
 
     // The lease runs out without heartbeats: another worker gets the same attempt — here
     // through a wait that ends with no wake token, on a server that lost its scripts (the
@@ -391,20 +399,48 @@ async fn worker_claims_heartbeats_and_reports() {
         .wait_and_claim("w2", 8, Duration::from_millis(50))
         .await
         .expect("claim after the wait");
-    assert_eq!(
-        again.into_iter().map(|j| j.key).collect::<Vec<_>>(),
-        vec![key]
-    );
+    assert_eq!(again.iter().map(|j| j.key).collect::<Vec<_>>(), vec![key]);
+    let lease = again[0].lease.clone();
+    assert_ne!(lease, job.lease, "every claim hands out a lease of its own");
+
+    // The first worker's lease is lost: its heartbeat says so, and its report is dropped
+    // without ending the job the second one runs.
+    assert!(!env
+        .hot
+        .heartbeat(&key, &job.lease)
+        .await
+        .expect("heartbeat"));
+    let stale = Report {
+        key,
+        worker: "w1".into(),
+        outcome: ReportOutcome::Failed {
+            message: "stopped".into(),
+            retryable: true,
+        },
+        lease: Some(job.lease.clone()),
+    };
+    assert!(matches!(
+        env.hot.report(&stale).await,
+        Err(mageflow_hot::HotError::LeaseLost(k)) if k == key
+    ));
+    assert_eq!(env.count("XLEN", "reports").await, 0);
+    assert_eq!(env.count("ZCARD", "jobs").await, 1);
 
     let report = Report {
         key,
         worker: "w2".into(),
         outcome: ReportOutcome::Succeeded(json!({"ok": true})),
+        lease: Some(lease.clone()),
     };
     let id = env.hot.report(&report).await.expect("report");
     assert_eq!(env.count("ZCARD", "jobs").await, 0);
     assert_eq!(env.count("HLEN", "jobdata").await, 0);
-    assert!(!env.hot.heartbeat(&key).await.expect("heartbeat"));
+    assert!(!env.hot.heartbeat(&key, &lease).await.expect("heartbeat"));
+    // The lease stays until the attempt's end is projected: the orchestrator checks it.
+    assert_eq!(
+        env.hot.leases(&[key]).await.expect("leases"),
+        vec![Some(lease.clone())]
+    );
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(env.hot.claim("w1").await.expect("claim"), None);
 
@@ -413,7 +449,9 @@ async fn worker_claims_heartbeats_and_reports() {
         .read_reports("0", 10, Duration::from_millis(100))
         .await
         .expect("read reports");
-    assert_eq!(reports, vec![(id.clone(), report)]);
+    assert_eq!(reports.len(), 1);
+    assert_eq!((&reports[0].id, &reports[0].report), (&id, &report));
+    assert_eq!(reports[0].mac, None, "no secret configured: unsigned");
     let none = env
         .hot
         .read_reports(&id, 10, Duration::from_millis(50))
@@ -436,6 +474,7 @@ async fn worker_claims_heartbeats_and_reports() {
     env.caught_up().await;
     let s = env.hot.signature(sig(wf, 0)).await.expect("read");
     assert_eq!(s.map(|s| s.status), Some("done".to_owned()));
+    assert_eq!(env.hot.leases(&[key]).await.expect("leases"), vec![None]);
     stop.cancel();
     handle.await.expect("projector task");
     env.hot.clear().await.expect("clear");
@@ -458,24 +497,32 @@ async fn interrupt_revokes_the_running_job() {
     assert_eq!(revoked, Some(job.key));
     env.caught_up().await;
     assert_eq!(env.count("ZCARD", "jobs").await, 0);
-    assert!(!env.hot.heartbeat(&job.key).await.expect("heartbeat"));
+    assert!(!env
+        .hot
+        .heartbeat(&job.key, &job.lease)
+        .await
+        .expect("heartbeat"));
     let s = env.hot.signature(sig(wf, 0)).await.expect("read");
     assert_eq!(s.map(|s| s.status), Some("interrupted".to_owned()));
 
-    // The handler stops and says so; that is just a report.
+    // The handler stops and says so: the attempt is over, its lease with it, and the report
+    // is dropped.
     let report = Report {
         key: job.key,
         worker: "w1".into(),
         outcome: ReportOutcome::Stopped,
+        lease: Some(job.lease.clone()),
     };
-    env.hot.report(&report).await.expect("report");
+    assert!(matches!(
+        env.hot.report(&report).await,
+        Err(mageflow_hot::HotError::LeaseLost(_))
+    ));
     let reports = env
         .hot
         .read_reports("0", 10, Duration::ZERO)
         .await
         .expect("read");
-    assert_eq!(reports.len(), 1);
-    assert_eq!(reports[0].1.outcome, ReportOutcome::Stopped);
+    assert!(reports.is_empty());
     stop.cancel();
     handle.await.expect("projector task");
     env.hot.clear().await.expect("clear");
