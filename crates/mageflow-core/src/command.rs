@@ -126,6 +126,10 @@ pub enum Rejection {
     NotExpired(Timestamp),
     #[error("the workflow was purged: only its audit trail remains, nothing in it can run, be rerun or be restored")]
     Purged,
+    /// A checkpoint of an attempt that is not the node's current one (it ended, was revoked,
+    /// or was requeued): nothing is recorded, and its handler must not take it as saved.
+    #[error("attempt {attempt} of signature {node} is not the current one: nothing was recorded")]
+    StaleAttempt { node: NodeIndex, attempt: u32 },
     #[error("internal error (a bug): {0}")]
     Internal(String),
 }
@@ -148,6 +152,7 @@ impl Rejection {
             Rejection::NotMarked => "not_marked",
             Rejection::NotExpired(_) => "not_expired",
             Rejection::Purged => "purged",
+            Rejection::StaleAttempt { .. } => "stale_attempt",
             Rejection::Internal(_) => "internal",
         }
     }

@@ -181,13 +181,15 @@ impl Decider<'_> {
                 attempt,
                 data,
             } => {
-                if self.is_current_attempt(node, attempt)? {
-                    self.emit(Payload::Checkpointed {
-                        node,
-                        attempt,
-                        data,
-                    })?;
+                // Refused, not ignored: the handler that saved it must not believe it durable.
+                if !self.is_current_attempt(node, attempt)? {
+                    return Err(Rejection::StaleAttempt { node, attempt });
                 }
+                self.emit(Payload::Checkpointed {
+                    node,
+                    attempt,
+                    data,
+                })?;
             }
             Op::Complete {
                 node,

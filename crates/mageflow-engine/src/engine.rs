@@ -2094,9 +2094,11 @@ impl Orchestrator {
                     {
                         self.running.remove(&l.sig);
                         self.free_slots += 1;
-                        if self.deferred.remove(&l.sig) {
-                            self.ready.push_back(l.sig);
-                        }
+                        // Its `started` event is lost: the signature is queued again once its
+                        // workflow is reloaded, and nothing else may touch that workflow to
+                        // make it start (found by the simulator: mageflow-sim BUGS.md #3).
+                        self.deferred.remove(&l.sig);
+                        self.ready.push_back(l.sig);
                     }
                 }
                 let msg = e.to_string();

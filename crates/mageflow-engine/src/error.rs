@@ -157,6 +157,10 @@ pub enum WireRejection {
     NotMarked,
     NotExpired(Timestamp),
     Purged,
+    StaleAttempt {
+        node: NodeIndex,
+        attempt: u32,
+    },
     Internal(String),
 }
 
@@ -198,6 +202,10 @@ impl From<&Rejection> for WireRejection {
             Rejection::NotMarked => WireRejection::NotMarked,
             Rejection::NotExpired(t) => WireRejection::NotExpired(*t),
             Rejection::Purged => WireRejection::Purged,
+            Rejection::StaleAttempt { node, attempt } => WireRejection::StaleAttempt {
+                node: *node,
+                attempt: *attempt,
+            },
             Rejection::Internal(m) => WireRejection::Internal(m.clone()),
         }
     }
@@ -225,6 +233,9 @@ impl WireRejection {
             WireRejection::NotMarked => Rejection::NotMarked,
             WireRejection::NotExpired(t) => Rejection::NotExpired(t),
             WireRejection::Purged => Rejection::Purged,
+            WireRejection::StaleAttempt { node, attempt } => {
+                Rejection::StaleAttempt { node, attempt }
+            }
             WireRejection::Internal(m) => Rejection::Internal(m),
         })
     }

@@ -1014,14 +1014,29 @@ fn checkpoints_of_the_current_attempt_are_kept_for_the_next_one() {
         data: json!({"offset": 10}),
     });
     assert_eq!(kinds(&events), [("checkpointed", Some(t))]);
-    assert!(h
-        .ok(Op::Checkpoint {
+    // Not the current attempt: refused (so its handler does not take it as saved), unchanged.
+    assert_eq!(
+        h.rejected(Op::Checkpoint {
             node: t,
             attempt: 5,
             data: json!({"offset": 99}),
-        })
-        .is_empty());
+        }),
+        Rejection::StaleAttempt {
+            node: t,
+            attempt: 5
+        }
+    );
     h.fail("t", "flaky", true);
+    assert_eq!(
+        h.rejected(Op::Checkpoint {
+            node: t,
+            attempt: 1,
+            data: json!({"offset": 11}),
+        })
+        .code(),
+        "stale_attempt",
+        "an attempt that ended takes no checkpoint (mageflow-sim BUGS.md #2)"
+    );
     assert_eq!(h.start("t"), 2);
     assert_eq!(h.node("t").checkpoint, Some(json!({"offset": 10})));
 }
