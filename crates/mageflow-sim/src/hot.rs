@@ -16,6 +16,7 @@
 
 use crate::plan::Rates;
 use crate::rng::Rng;
+use crate::trace::Trace;
 use mageflow_core::{Payload, SignatureId, Workflow, WorkflowId};
 use mageflow_engine::control::ControlOp;
 use mageflow_engine::worker::{Job, JobSource, Outcome};
@@ -132,6 +133,7 @@ pub struct Hot {
     report_calls: AtomicU64,
     heartbeat_calls: AtomicU64,
     pub stats: HotStats,
+    pub trace: Arc<Trace>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -145,8 +147,9 @@ fn hot_err(what: &str) -> EngineError {
 }
 
 impl Hot {
-    pub fn new(seed: u64, rates: Rates) -> Arc<Self> {
+    pub fn new(seed: u64, rates: Rates, trace: Arc<Trace>) -> Arc<Self> {
         Arc::new(Self {
+            trace,
             state: Mutex::default(),
             jobs_added: Notify::new(),
             reports_added: Notify::new(),
@@ -177,6 +180,7 @@ impl Hot {
         st.reports.clear();
         st.answers.clear();
         self.stats.wipes.fetch_add(1, Ordering::Relaxed);
+        self.trace.note(None, "FAULT hot tier wiped");
     }
 
     pub fn subscribe_stops(&self) -> mpsc::UnboundedReceiver<Key> {
@@ -191,6 +195,16 @@ impl Hot {
     }
 
     fn deliver(&self, report: Report, answer: Option<oneshot::Sender<bool>>) {
+        self.trace.note(
+            Some(report.sig.workflow),
+            format!(
+                "hot: report of {} attempt {} by {} delivered: {}",
+                report.sig.index,
+                report.attempt,
+                report.worker,
+                short(&report.kind)
+            ),
+        );
         let mut st = lock(&self.state);
         if report.ends_attempt() {
             st.jobs.remove(&(report.sig, report.attempt));
@@ -218,6 +232,16 @@ impl Hot {
             // Lost with its effect (a failover dropped the last writes): the job stays claimed
             // and comes back after its lease.
             self.stats.reports_lost.fetch_add(1, Ordering::Relaxed);
+            self.trace.note(
+                Some(report.sig.workflow),
+                format!(
+                    "FAULT report of {} attempt {} by {} lost: {}",
+                    report.sig.index,
+                    report.attempt,
+                    report.worker,
+                    short(&report.kind)
+                ),
+            );
             return;
         }
         let delay = rng
@@ -316,6 +340,13 @@ impl WorkerSource {
         let mut out = Vec::with_capacity(due.len());
         for (_, key) in due {
             if let Some(entry) = st.jobs.get_mut(&key) {
+                self.hot.trace.note(
+                    Some(key.0.workflow),
+                    format!(
+                        "hot: {} claims {} attempt {}",
+                        self.worker, key.0.index, key.1
+                    ),
+                );
                 entry.visible_at_ms = until;
                 out.push(job(key, entry));
             }
@@ -427,6 +458,15 @@ impl JobSource for WorkerSource {
             }
             None => false,
         };
+        if !alive {
+            hot.trace.note(
+                Some(sig.workflow),
+                format!(
+                    "hot: heartbeat of {} attempt {attempt} by {}: job gone",
+                    sig.index, self.worker
+                ),
+            );
+        }
         Box::pin(async move { Ok(alive) })
     }
 
@@ -508,6 +548,8 @@ impl Projector {
             None if self.pos == 0 && self.wfs.is_empty() => {}
             None => {
                 // Wiped: rebuild from position 1.
+                hot.trace
+                    .note(None, "hot: projector rebuilds from position 1");
                 self.wfs.clear();
                 self.pos = 0;
                 hot.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
@@ -537,6 +579,10 @@ impl Projector {
         let subscribers = st.stops.clone();
         drop(st);
         for key in stops {
+            hot.trace.note(
+                Some(key.0.workflow),
+                format!("hot: stop published for {} attempt {}", key.0.index, key.1),
+            );
             for s in &subscribers {
                 let _ = s.send(key);
             }
@@ -651,6 +697,15 @@ impl Projector {
         }
         self.pos = to;
         Ok(())
+    }
+}
+
+fn short(kind: &ReportKind) -> String {
+    match kind {
+        ReportKind::Succeeded(_) => "succeeded".into(),
+        ReportKind::Failed(f) => format!("failed \"{}\"", f.message),
+        ReportKind::Stopped => "stopped".into(),
+        ReportKind::Checkpoint(d) => format!("checkpoint {d}"),
     }
 }
 

@@ -60,6 +60,7 @@ pub mod log;
 pub mod plan;
 pub mod rng;
 pub mod tasks;
+pub mod trace;
 mod world;
 
 use std::fmt;
@@ -119,6 +120,8 @@ pub struct Failure {
     pub seed: u64,
     pub invariant: Invariant,
     pub detail: String,
+    /// The events of the workflow the failure is about, one line each (for `--verbose`).
+    pub history: Vec<String>,
 }
 
 impl Failure {
@@ -127,6 +130,7 @@ impl Failure {
             seed,
             invariant,
             detail,
+            history: Vec::new(),
         }
     }
 }

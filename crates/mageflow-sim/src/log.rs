@@ -10,6 +10,7 @@
 
 use crate::plan::Rates;
 use crate::rng::Rng;
+use crate::trace::Trace;
 use mageflow_core::{Event, WorkflowId};
 use mageflow_store::{AppendRequest, BoxFuture, Error, EventLog, MemoryLog, Recorded, Result};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,6 +43,7 @@ pub struct Durable {
     faults_on: AtomicBool,
     acked: Mutex<Vec<Acked>>,
     pub stats: LogStats,
+    pub trace: Arc<Trace>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -50,8 +52,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Durable {
-    pub fn new(seed: u64, rates: Rates) -> Arc<Self> {
+    pub fn new(seed: u64, rates: Rates, trace: Arc<Trace>) -> Arc<Self> {
         Arc::new(Self {
+            trace,
             log: MemoryLog::new(),
             seed,
             rates,
@@ -141,6 +144,12 @@ impl EventLog for LogView {
                 }
                 Fault::Fail => {
                     durable.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    for r in &requests {
+                        durable.trace.note(
+                            Some(r.stream),
+                            format!("log: append of {} events FAILED (injected)", r.events.len()),
+                        );
+                    }
                     let _ = done.send(());
                     return Err(Error::Storage("injected append failure".into()));
                 }
@@ -148,6 +157,12 @@ impl EventLog for LogView {
             }
             if fence.load(Ordering::SeqCst) {
                 durable.stats.fenced.fetch_add(1, Ordering::Relaxed);
+                for r in &requests {
+                    durable.trace.note(
+                        Some(r.stream),
+                        format!("log: append of {} events lost in the crash", r.events.len()),
+                    );
+                }
                 let _ = done.send(());
                 return Err(Error::Storage("the orchestrator process died".into()));
             }
@@ -160,6 +175,14 @@ impl EventLog for LogView {
                 .collect();
             let result = durable.log.append(requests).await;
             if result.is_ok() {
+                for a in &acked {
+                    if let (Some(f), Some(l)) = (a.events.first(), a.events.last()) {
+                        durable.trace.note(
+                            Some(a.stream),
+                            format!("log: seq {}..={} written", f.seq, l.seq),
+                        );
+                    }
+                }
                 lock(&durable.acked).extend(acked);
             }
             let _ = done.send(());

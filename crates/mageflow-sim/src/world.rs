@@ -53,6 +53,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What the parts of a run share.
 struct Shared {
     plan: Plan,
+    trace: Arc<crate::trace::Trace>,
     durable: Arc<Durable>,
     hot: Arc<Hot>,
     registry: Registry,
@@ -299,12 +300,15 @@ async fn control(
         };
         match res {
             Ok(()) => {
+                sh.trace
+                    .note(Some(wf), format!("operator: {op:?} of node {node}: ok"));
                 sh.ack(wf, node, op);
                 return CallOutcome::Ok;
             }
             Err(e) if transient(&e) => tokio::time::sleep(OPERATOR_RETRY).await,
             Err(e) => {
-                tracing::debug!(%wf, node, ?op, error = %e, "sim operator: refused");
+                sh.trace
+                    .note(Some(wf), format!("operator: {op:?} of node {node}: {e}"));
                 return CallOutcome::Refused;
             }
         }
@@ -426,9 +430,11 @@ enum Action {
 /// Run the plan; `Ok` with what was observed if every invariant held.
 pub(crate) async fn run(plan: Plan) -> Result<Observed, Failure> {
     let seed = plan.seed;
+    let trace = Arc::new(crate::trace::Trace::new());
     let sh = Arc::new(Shared {
-        durable: Durable::new(seed, plan.rates.clone()),
-        hot: Hot::new(seed, plan.rates.clone()),
+        durable: Durable::new(seed, plan.rates.clone(), trace.clone()),
+        hot: Hot::new(seed, plan.rates.clone(), trace.clone()),
+        trace,
         registry: tasks::registry(),
         current: Mutex::new(None),
         acks: Mutex::default(),
@@ -463,6 +469,12 @@ pub(crate) async fn run(plan: Plan) -> Result<Observed, Failure> {
         // After the window only restarts remain: they happen at once.
         let at = at.min(window_end);
         tokio::time::sleep_until(t0 + Duration::from_millis(at)).await;
+        let what = match &action {
+            Action::Fault(f) => format!("FAULT {f:?}"),
+            Action::RestartOrch => "orchestrator restarts".into(),
+            Action::RestartWorker(i) => format!("worker {i} restarts"),
+        };
+        sh.trace.note(None, what);
         match action {
             Action::Fault(Fault::Crash { down_ms, graceful }) => {
                 let Some(o) = orch.take() else { continue };
@@ -555,7 +567,18 @@ pub(crate) async fn run(plan: Plan) -> Result<Observed, Failure> {
         jobs_left: &jobs_left,
         projector_apply_errors: sh.hot.stats.apply_errors.load(Ordering::Relaxed),
     };
-    check::all(&ctx, &mut observed)?;
+    check::all(&ctx, &mut observed).map_err(|mut f| {
+        if let Some(w) = sh
+            .plan
+            .workflows
+            .iter()
+            .find(|w| f.detail.contains(&w.id.to_string()))
+        {
+            f.history.push("trace (virtual time):".into());
+            f.history.extend(sh.trace.about(w.id));
+        }
+        f
+    })?;
     Ok(observed)
 }
 

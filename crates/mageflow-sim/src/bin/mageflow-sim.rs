@@ -71,6 +71,9 @@ fn main() -> ExitCode {
             println!("{f}");
             if verbose {
                 println!("{}", mageflow_sim::Plan::new(f.seed, &config));
+                for line in &f.history {
+                    println!("{line}");
+                }
             }
         }
     });
