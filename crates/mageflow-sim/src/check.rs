@@ -8,7 +8,7 @@
 use crate::log::Durable;
 use crate::plan::Plan;
 use crate::tasks::STOPPED_MARK;
-use crate::{Failure, Invariant, Observed};
+use crate::{Failure, Invariant, Known, Observed};
 use mageflow_core::{Event, Link, Payload, Role, SignatureId, Workflow, WorkflowId};
 use mageflow_store::EventLog;
 use serde_json::Value;
@@ -39,6 +39,15 @@ pub enum AckOp {
     },
 }
 
+/// A workflow that had not finished when the run stopped waiting, as it was then.
+#[derive(Clone, Debug)]
+pub struct Unsettled {
+    pub wf: WorkflowId,
+    pub why: String,
+    /// A task of it was queued with nothing in flight (it should have started).
+    pub queued_idle: bool,
+}
+
 pub(crate) struct Context<'a> {
     pub plan: &'a Plan,
     pub durable: &'a Durable,
@@ -46,10 +55,32 @@ pub(crate) struct Context<'a> {
     pub engine_states: &'a BTreeMap<WorkflowId, Workflow>,
     pub acks: &'a [Ack],
     pub paused: &'a BTreeSet<WorkflowId>,
-    pub unsettled: &'a [(WorkflowId, String)],
+    pub unsettled: &'a [Unsettled],
     pub jobs_left: &'a [(SignatureId, u32)],
     /// Events the hot-tier projector could not fold (its fold of the log must apply too).
     pub projector_apply_errors: u64,
+    /// Appends that failed by injection in this run.
+    pub appends_failed: u64,
+}
+
+/// A finding that matches a known, open engine bug: tolerated (recorded in
+/// `Observed::known`) if the run's config says so, else the run's failure.
+fn known(
+    cx: &Context<'_>,
+    observed: &mut Observed,
+    bug: Known,
+    invariant: Invariant,
+    detail: String,
+) -> Result<(), Failure> {
+    if cx.plan.tolerate.contains(&bug) {
+        observed.known.push((bug, detail));
+        return Ok(());
+    }
+    Err(Failure::new(
+        cx.plan.seed,
+        invariant,
+        format!("{detail} [known: {}]", bug.name()),
+    ))
 }
 
 pub(crate) fn all(cx: &Context<'_>, observed: &mut Observed) -> Result<(), Failure> {
@@ -59,7 +90,7 @@ pub(crate) fn all(cx: &Context<'_>, observed: &mut Observed) -> Result<(), Failu
             .plan
             .workflows
             .iter()
-            .find(|w| f.detail.contains(&w.id.to_string()))
+            .find(|w| f.detail.contains(&w.id.0.simple().to_string()))
         {
             f.history = render(cx.durable, w.id);
         }
@@ -275,7 +306,10 @@ fn inner(cx: &Context<'_>, observed: &mut Observed) -> Result<(), Failure> {
                     lost: false,
                     ..
                 } if error.message.starts_with(STOPPED_MARK) => {
-                    return fail(
+                    known(
+                        cx,
+                        observed,
+                        Known::StoppedHandlerFails,
                         Invariant::StoppedNeverFails,
                         format!(
                             "{id}: node {node} attempt {attempt}: {} at seq {} by {} with \"{}\" \
@@ -285,7 +319,7 @@ fn inner(cx: &Context<'_>, observed: &mut Observed) -> Result<(), Failure> {
                             e.actor,
                             error.message
                         ),
-                    );
+                    )?;
                 }
                 _ => {}
             }
@@ -357,26 +391,61 @@ fn inner(cx: &Context<'_>, observed: &mut Observed) -> Result<(), Failure> {
             ),
         };
         if !present {
-            return fail(
-                Invariant::AckedNotLost,
-                format!(
-                    "{}: {:?} of node {} was answered Ok but is not in the log",
-                    ack.wf, ack.op, ack.node
-                ),
+            let detail = format!(
+                "{}: {:?} of node {} was answered Ok but is not in the log",
+                ack.wf, ack.op, ack.node
             );
+            // A checkpoint of an attempt that had already ended: `decide` drops it silently
+            // and the engine answers Ok.
+            let stale = match &ack.op {
+                AckOp::Checkpoint { attempt, .. } => events.iter().any(|e| {
+                    e.payload.node() == Some(ack.node)
+                        && match &e.payload {
+                            Payload::Succeeded { attempt: a, .. }
+                            | Payload::Failed { attempt: a, .. }
+                            | Payload::RetryScheduled { attempt: a, .. } => a == attempt,
+                            Payload::Started { attempt: a, .. } => a > attempt,
+                            Payload::Interrupted { .. } | Payload::Canceled { .. } => true,
+                            _ => false,
+                        }
+                }),
+                _ => false,
+            };
+            if stale {
+                known(
+                    cx,
+                    observed,
+                    Known::StaleCheckpointAcked,
+                    Invariant::AckedNotLost,
+                    detail,
+                )?;
+            } else {
+                return fail(Invariant::AckedNotLost, detail);
+            }
         }
     }
 
     // 6. Liveness: everything not left paused finished once the faults stopped.
-    if let Some((id, why)) = cx.unsettled.first() {
-        return fail(
-            Invariant::Liveness,
-            format!(
-                "{id} not finished {} ms after the faults stopped: {why} ({} unsettled)",
-                cx.plan.settle_ms,
-                cx.unsettled.len()
-            ),
+    if let Some(Unsettled { wf: id, why, .. }) = cx.unsettled.first() {
+        let detail = format!(
+            "{id} not finished {} ms after the faults stopped: {why} ({} unsettled)",
+            cx.plan.settle_ms,
+            cx.unsettled.len()
         );
+        // Every stuck workflow has a task queued and not in flight, and an append failed: the
+        // task whose `started` event was in the failed batch is not started again.
+        let start_lost = cx.appends_failed > 0 && cx.unsettled.iter().all(|u| u.queued_idle);
+        if start_lost {
+            known(
+                cx,
+                observed,
+                Known::StartLostAfterFailedAppend,
+                Invariant::Liveness,
+                detail,
+            )?;
+        } else {
+            return fail(Invariant::Liveness, detail);
+        }
     }
 
     // The hot tier is a projection: a job left over must be an attempt still in flight.

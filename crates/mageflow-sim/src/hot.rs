@@ -130,6 +130,7 @@ pub struct Hot {
     seed: u64,
     rates: Rates,
     faults_on: AtomicBool,
+    frozen: AtomicBool,
     report_calls: AtomicU64,
     heartbeat_calls: AtomicU64,
     pub stats: HotStats,
@@ -157,6 +158,7 @@ impl Hot {
             seed,
             rates,
             faults_on: AtomicBool::new(true),
+            frozen: AtomicBool::new(false),
             report_calls: AtomicU64::new(0),
             heartbeat_calls: AtomicU64::new(0),
             stats: HotStats::default(),
@@ -189,12 +191,25 @@ impl Hot {
         rx
     }
 
+    /// The last projected position (`None`: wiped, not rebuilt yet).
+    pub fn position(&self) -> Option<u64> {
+        lock(&self.state).pos
+    }
+
     /// Jobs left in the queue (for the end-of-run checks).
     pub fn jobs(&self) -> Vec<Key> {
         lock(&self.state).jobs.keys().copied().collect()
     }
 
+    /// The end of a run: reports still on their way (delayed, duplicated) are dropped.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
     fn deliver(&self, report: Report, answer: Option<oneshot::Sender<bool>>) {
+        if self.frozen.load(Ordering::SeqCst) {
+            return;
+        }
         self.trace.note(
             Some(report.sig.workflow),
             format!(
@@ -574,6 +589,10 @@ impl Projector {
         for rec in events {
             self.project(&mut st, rec.event, now, &mut stops, &mut added)?;
         }
+        hot.trace.note(
+            None,
+            format!("hot: projected positions {}..={last}", self.pos + 1),
+        );
         st.pos = Some(last);
         self.pos = last;
         let subscribers = st.stops.clone();

@@ -113,6 +113,40 @@ impl fmt::Display for Invariant {
     }
 }
 
+/// Engine bugs the simulator found that are still open (see the crate's `BUGS.md`). A
+/// [`SimConfig`] can tolerate them so that CI stays useful for everything else; each is matched
+/// narrowly, so another way of breaking the same invariant still fails the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Known {
+    /// BUGS.md #1 (issue 12): a worker whose job vanished (hot-tier wipe) cancels its handler
+    /// and reports the handler's error as the attempt's failure.
+    StoppedHandlerFails,
+    /// BUGS.md #2: a checkpoint of an attempt that already ended is dropped by `decide` and
+    /// answered `Ok` (`Handle::checkpoint` documents a refusal), so the worker is told it is
+    /// durable.
+    StaleCheckpointAcked,
+    /// BUGS.md #3: a task whose `started` event was in a failed append is never started again
+    /// unless something else touches its workflow.
+    StartLostAfterFailedAppend,
+}
+
+impl Known {
+    /// Every known open bug (what CI tolerates).
+    pub const OPEN: [Known; 3] = [
+        Known::StoppedHandlerFails,
+        Known::StaleCheckpointAcked,
+        Known::StartLostAfterFailedAppend,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Known::StoppedHandlerFails => "stopped-handler-fails",
+            Known::StaleCheckpointAcked => "stale-checkpoint-acked",
+            Known::StartLostAfterFailedAppend => "start-lost-after-failed-append",
+        }
+    }
+}
+
 /// A run that broke an invariant. Its `Display` is the line the CLI prints.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("seed={seed} failed: {invariant}: {detail}")]
@@ -161,6 +195,8 @@ pub struct Observed {
     pub paused: u64,
     /// Final root status of each planned workflow, in plan order.
     pub outcome: Vec<String>,
+    /// Findings of known open bugs this run tolerated.
+    pub known: Vec<(Known, String)>,
 }
 
 impl Observed {
@@ -259,7 +295,28 @@ pub fn run_with(seed: u64, config: &SimConfig) -> Result<Report, Failure> {
 pub struct Summary {
     pub runs: u64,
     pub failures: Vec<Failure>,
+    /// Seeds that met each tolerated known bug (with the first such seed).
+    pub known: std::collections::BTreeMap<Known, (u64, u64)>,
     pub elapsed: Duration,
+}
+
+impl Summary {
+    /// The last line: counts, time, and the known bugs met.
+    pub fn line(&self) -> String {
+        let mut line = format!(
+            "{} seeds, {} failed, in {:.1} s",
+            self.runs,
+            self.failures.len(),
+            self.elapsed.as_secs_f64()
+        );
+        for (bug, (n, first)) in &self.known {
+            line += &format!(
+                "; known bug {} tolerated in {n} seeds (first: {first})",
+                bug.name()
+            );
+        }
+        line
+    }
 }
 
 impl fmt::Display for Summary {
@@ -267,13 +324,7 @@ impl fmt::Display for Summary {
         for fail in &self.failures {
             writeln!(f, "{fail}")?;
         }
-        write!(
-            f,
-            "{} seeds, {} failed, in {:.1} s",
-            self.runs,
-            self.failures.len(),
-            self.elapsed.as_secs_f64()
-        )
+        f.write_str(&self.line())
     }
 }
 
@@ -294,8 +345,15 @@ pub fn run_many_with(
         let result = run_with(seed, config);
         each(&result);
         summary.runs += 1;
-        if let Err(f) = result {
-            summary.failures.push(f);
+        match result {
+            Err(f) => summary.failures.push(f),
+            Ok(r) => {
+                let bugs: std::collections::BTreeSet<Known> =
+                    r.observed.known.iter().map(|(b, _)| *b).collect();
+                for b in bugs {
+                    summary.known.entry(b).or_insert((0, seed)).0 += 1;
+                }
+            }
         }
     }
     summary.elapsed = started.elapsed();

@@ -5,9 +5,11 @@
 //! any clock or any state of the run.
 
 use crate::rng::Rng;
+use crate::Known;
 use mageflow_core::WorkflowId;
 use mageflow_engine::{chain, sign, swarm, Sig, TaskSig};
 use serde_json::json;
+use std::collections::BTreeSet;
 use std::fmt;
 
 /// Longest a handler works in one go (virtual ms): well under the lease, so a live worker
@@ -34,6 +36,9 @@ pub struct SimConfig {
     pub fault_window_ms: u64,
     /// After the fault window, how long (virtual ms) every unpaused workflow has to finish.
     pub settle_ms: u64,
+    /// Known open engine bugs whose findings do not fail a run (they are counted in
+    /// `Observed::known`). Empty by default: the binary shows everything.
+    pub tolerate: BTreeSet<Known>,
 }
 
 impl Default for SimConfig {
@@ -42,6 +47,7 @@ impl Default for SimConfig {
             faults: true,
             fault_window_ms: 12_000,
             settle_ms: 240_000,
+            tolerate: BTreeSet::new(),
         }
     }
 }
@@ -61,6 +67,7 @@ pub struct Plan {
     pub rates: Rates,
     pub fault_window_ms: u64,
     pub settle_ms: u64,
+    pub tolerate: BTreeSet<Known>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -273,6 +280,7 @@ impl Plan {
             rates,
             fault_window_ms: config.fault_window_ms,
             settle_ms: config.settle_ms,
+            tolerate: config.tolerate.clone(),
         }
     }
 }

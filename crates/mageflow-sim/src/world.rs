@@ -45,6 +45,8 @@ const SHUTDOWN_MAX: Duration = Duration::from_secs(30);
 /// Grace of revoked handlers, on the engine and on the workers.
 const GRACE: Duration = Duration::from_millis(500);
 const RENEW_EVERY: Duration = Duration::from_millis(500);
+/// How long the end of a run waits for the projector to reach the log's head.
+const PROJECTOR_CATCH_UP: Duration = Duration::from_secs(5);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -207,6 +209,9 @@ async fn intake(sh: Arc<Shared>, h: Handle, stop: CancellationToken) {
     let mut after = 0;
     while !stop.is_cancelled() {
         let reports = sh.hot.reports_after(after, INTAKE_BATCH, INTAKE_WAIT).await;
+        if stop.is_cancelled() {
+            return;
+        }
         let Some((last_id, last_wf)) = reports.last().map(|(id, r)| (*id, r.sig.workflow)) else {
             continue;
         };
@@ -534,7 +539,18 @@ pub(crate) async fn run(plan: Plan) -> Result<Observed, Failure> {
     }
     observed.virtual_ms = t0.elapsed().as_millis() as u64;
 
-    // The final states the engine answers with, for the fold check.
+    // Quiesce: the workers die and reports still on their way are dropped; then the projector
+    // catches up with the log, and the engine answers for the final states.
+    for w in workers.iter().flatten() {
+        w.shutdown.cancel();
+        w.task.abort();
+    }
+    sh.hot.freeze();
+    let caught_up = Instant::now() + PROJECTOR_CATCH_UP;
+    while sh.hot.position() != Some(sh.durable.log.head()) && Instant::now() < caught_up {
+        tokio::time::sleep(OPERATOR_RETRY).await;
+    }
+    let jobs_left = sh.hot.jobs();
     let mut states = BTreeMap::new();
     if let Some(h) = sh.handle() {
         for w in &sh.plan.workflows {
@@ -543,15 +559,8 @@ pub(crate) async fn run(plan: Plan) -> Result<Observed, Failure> {
             }
         }
     }
-    let jobs_left = sh.hot.jobs();
-    for w in workers.iter().flatten() {
-        w.shutdown.cancel();
-    }
     if let Some(o) = orch.take() {
         shutdown(&sh, o).await;
-    }
-    for w in workers.into_iter().flatten() {
-        w.task.abort();
     }
 
     observed.fill(&sh.durable, &sh.hot, *lock(&sh.failed_starts));
@@ -566,13 +575,14 @@ pub(crate) async fn run(plan: Plan) -> Result<Observed, Failure> {
         unsettled: &unsettled,
         jobs_left: &jobs_left,
         projector_apply_errors: sh.hot.stats.apply_errors.load(Ordering::Relaxed),
+        appends_failed: sh.durable.stats.failed.load(Ordering::Relaxed),
     };
     check::all(&ctx, &mut observed).map_err(|mut f| {
         if let Some(w) = sh
             .plan
             .workflows
             .iter()
-            .find(|w| f.detail.contains(&w.id.to_string()))
+            .find(|w| f.detail.contains(&w.id.0.simple().to_string()))
         {
             f.history.push("trace (virtual time):".into());
             f.history.extend(sh.trace.about(w.id));
@@ -583,7 +593,7 @@ pub(crate) async fn run(plan: Plan) -> Result<Observed, Failure> {
 }
 
 /// Workflows that should be finished and are not (or whose operator still has work to do).
-fn unsettled_workflows(sh: &Shared, operators: &[JoinHandle<()>]) -> Vec<(WorkflowId, String)> {
+fn unsettled_workflows(sh: &Shared, operators: &[JoinHandle<()>]) -> Vec<check::Unsettled> {
     let paused = lock(&sh.paused).clone();
     let mut out = Vec::new();
     for (w, op) in sh.plan.workflows.iter().zip(operators) {
@@ -611,9 +621,21 @@ fn unsettled_workflows(sh: &Shared, operators: &[JoinHandle<()>]) -> Vec<(Workfl
                 } else {
                     format!("open nodes {}", open.join(" "))
                 };
-                out.push((w.id, why));
+                let queued_idle = s
+                    .nodes
+                    .iter()
+                    .any(|n| n.status == mageflow_core::Status::Queued && !n.in_flight);
+                out.push(check::Unsettled {
+                    wf: w.id,
+                    why,
+                    queued_idle,
+                });
             }
-            _ => out.push((w.id, "never created".into())),
+            _ => out.push(check::Unsettled {
+                wf: w.id,
+                why: "never created".into(),
+                queued_idle: false,
+            }),
         }
     }
     out

@@ -4,7 +4,7 @@
 //! arguments. Until `mageflow simulate` exists in the CLI, this is how to run it by hand:
 //! `cargo run -p mageflow-sim --bin mageflow-sim -- --seeds 10000` for a long campaign.
 
-use mageflow_sim::SimConfig;
+use mageflow_sim::{Known, SimConfig};
 use std::process::ExitCode;
 
 const USAGE: &str =
@@ -14,11 +14,12 @@ struct Args {
     seeds: std::ops::Range<u64>,
     verbose: bool,
     faults: bool,
+    tolerate_known: bool,
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let (mut count, mut from, mut one) = (None, 0u64, None);
-    let (mut verbose, mut faults) = (false, true);
+    let (mut verbose, mut faults, mut tolerate_known) = (false, true, false);
     let num = |v: Option<String>, flag: &str| -> Result<u64, String> {
         let v = v.ok_or(format!("{flag} needs a number"))?;
         v.parse()
@@ -31,6 +32,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--seed" => one = Some(num(args.next(), "--seed")?),
             "--verbose" | "-v" => verbose = true,
             "--no-faults" => faults = false,
+            "--tolerate-known" => tolerate_known = true,
             "--help" | "-h" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -45,6 +47,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         seeds,
         verbose,
         faults,
+        tolerate_known,
     })
 }
 
@@ -61,6 +64,11 @@ fn main() -> ExitCode {
     };
     let config = SimConfig {
         faults: args.faults,
+        tolerate: if args.tolerate_known {
+            Known::OPEN.into_iter().collect()
+        } else {
+            Default::default()
+        },
         ..SimConfig::default()
     };
     let verbose = args.verbose;
@@ -77,12 +85,8 @@ fn main() -> ExitCode {
             }
         }
     });
-    println!(
-        "{} seeds, {} failed, in {:.1} s",
-        summary.runs,
-        summary.failures.len(),
-        summary.elapsed.as_secs_f64()
-    );
+    // The failures were printed as they came.
+    println!("{}", summary.line());
     if summary.failures.is_empty() {
         ExitCode::SUCCESS
     } else {
