@@ -381,6 +381,12 @@ enum Request {
         /// was dropped: only such a report gives back the worker slot the attempt held.
         local: bool,
     },
+    /// A worker process gave up an attempt ([`Handle::report_abandoned`]).
+    Abandoned {
+        sig: SignatureId,
+        attempt: u32,
+        reply: oneshot::Sender<Result<()>>,
+    },
     Wait {
         wf: WorkflowId,
         reply: oneshot::Sender<Result<Workflow>>,
@@ -848,16 +854,11 @@ impl Handle {
     /// in flight at a restart. A no-op if the attempt already ended; with
     /// [`Dispatch::Remote`] its dispatch slot is given back.
     pub async fn report_abandoned(&self, sig: SignatureId, attempt: u32) -> Result<()> {
-        let op = Op::Requeue {
-            node: sig.index,
-            attempt,
-        };
         let (reply, rx) = oneshot::channel();
-        let req = Request::Exec {
-            actions: vec![(sig.workflow, Action::Core(op))],
-            actor: Actor::system("abandoned"),
-            idempotent: false,
-            reply: Some(reply),
+        let req = Request::Abandoned {
+            sig,
+            attempt,
+            reply,
         };
         self.call(req, rx).await
     }
@@ -1565,6 +1566,11 @@ impl Orchestrator {
 
     /// The next retry timer or the shutdown deadline, whichever comes first.
     fn next_wakeup(&self) -> Option<tokio::time::Instant> {
+        // Signatures put back on the ready queue outside a step (the launches of a failed
+        // append) start in the next step, without waiting for a request to bring one about.
+        if !self.ready.is_empty() && self.free_slots > 0 && self.shutdown_at.is_none() {
+            return Some(tokio::time::Instant::now());
+        }
         let first = match (self.timers.first(), self.purges.first()) {
             (Some((a, _)), Some((b, _))) => Some(*a.min(b)),
             (Some((a, _)), None) => Some(*a),
@@ -1810,14 +1816,8 @@ impl Orchestrator {
                     // Only our own handler's report frees the slot of its attempt; an outside
                     // report of the same attempt (redelivery) leaves the handler running. With
                     // remote dispatch every report comes from outside and frees the slot.
-                    let owns = local || self.remote();
-                    if owns && self.running.get(&sig).is_some_and(|r| r.attempt == attempt) {
-                        self.running.remove(&sig);
-                        self.free_slots += 1;
-                        self.stats.running.fetch_sub(1, Ordering::Relaxed);
-                        if self.deferred.remove(&sig) {
-                            self.ready.push_back(sig);
-                        }
+                    if local || self.remote() {
+                        self.release_slot(sig, attempt);
                     }
                     // Even a no-op report may have reloaded a finished workflow: settle it.
                     step.touched.push(sig.workflow);
@@ -1847,6 +1847,25 @@ impl Orchestrator {
                     if let Err(e) = self.exec(actions, &worker, false, &mut step) {
                         tracing::warn!(%sig, attempt, error = %e, "task report refused");
                     }
+                }
+                Request::Abandoned {
+                    sig,
+                    attempt,
+                    reply,
+                } => {
+                    // Its slot is free whether or not the requeue still applies (the attempt
+                    // may have ended, or been requeued by a recovery, meanwhile).
+                    if self.remote() {
+                        self.release_slot(sig, attempt);
+                    }
+                    step.touched.push(sig.workflow);
+                    let op = Op::Requeue {
+                        node: sig.index,
+                        attempt,
+                    };
+                    let actions = vec![(sig.workflow, Action::Core(op))];
+                    let res = self.exec(actions, &Actor::system("abandoned"), false, &mut step);
+                    step.replies.push(Reply::Unit(reply, res));
                 }
                 Request::Wait { wf, reply } => match self.load(wf) {
                     Ok(state) if !state.exists() => {
@@ -2064,6 +2083,10 @@ impl Orchestrator {
                         if self.running.remove(&sig).is_some() {
                             self.free_slots += 1;
                             self.stats.running.fetch_sub(1, Ordering::Relaxed);
+                            // An abandoned attempt's requeue may have come up meanwhile.
+                            if self.deferred.remove(&sig) {
+                                self.ready.push_back(sig);
+                            }
                         }
                     } else if let Some(r) = self.running.get(&sig) {
                         r.token.cancel();
@@ -2191,6 +2214,19 @@ impl Orchestrator {
             None => false,
             Some(Hold::Whole) => true,
             Some(Hold::Nodes(nodes)) => nodes.contains(&sig.index),
+        }
+    }
+
+    /// Give back the slot attempt `attempt` of `sig` holds, if it holds one; a signature waiting
+    /// for that slot (queued again meanwhile) is ready again.
+    fn release_slot(&mut self, sig: SignatureId, attempt: u32) {
+        if self.running.get(&sig).is_some_and(|r| r.attempt == attempt) {
+            self.running.remove(&sig);
+            self.free_slots += 1;
+            self.stats.running.fetch_sub(1, Ordering::Relaxed);
+            if self.deferred.remove(&sig) {
+                self.ready.push_back(sig);
+            }
         }
     }
 

@@ -157,10 +157,7 @@ pub enum WireRejection {
     NotMarked,
     NotExpired(Timestamp),
     Purged,
-    StaleAttempt {
-        node: NodeIndex,
-        attempt: u32,
-    },
+    StaleAttempt { node: NodeIndex, attempt: u32 },
     Internal(String),
 }
 

@@ -10,6 +10,10 @@
 //! from position 1, with a job for every attempt still in flight. It must stay a projection:
 //! nothing here decides anything about a workflow.
 //!
+//! Every claim hands out a lease token (as the claim script does in Redis); heartbeats and
+//! reports name it and count only while it holds the job, and the intake checks it again
+//! against [`Hot::lease`] before a report counts.
+//!
 //! Faults injected here (per call, each from its own stream of the seed): a report lost (its job
 //! stays, so it runs again after the lease), duplicated or delayed; a heartbeat that errors.
 //! A worker's clock may be skewed: its claims and renewals compute the lease on its own clock.
@@ -19,8 +23,8 @@ use crate::rng::Rng;
 use crate::trace::Trace;
 use mageflow_core::{Payload, SignatureId, Workflow, WorkflowId};
 use mageflow_engine::control::ControlOp;
-use mageflow_engine::worker::{Job, JobSource, Outcome};
-use mageflow_engine::{Error as EngineError, Sig, TaskFailure, WorkerLink};
+use mageflow_engine::worker::{Claim, Job, JobSource, Outcome};
+use mageflow_engine::{Error as EngineError, Sig, TaskFailure};
 use mageflow_store::{BoxFuture, EventLog};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -47,6 +51,7 @@ pub enum ReportKind {
     Succeeded(Value),
     Failed(TaskFailure),
     Stopped,
+    Abandoned,
     Checkpoint(Value),
 }
 
@@ -55,6 +60,8 @@ pub struct Report {
     pub worker: String,
     pub sig: SignatureId,
     pub attempt: u32,
+    /// The lease token of the claim it reports on.
+    pub lease: String,
     pub kind: ReportKind,
 }
 
@@ -71,17 +78,19 @@ fn report_kind(outcome: Outcome) -> ReportKind {
         Outcome::Succeeded(v) => ReportKind::Succeeded(v),
         Outcome::Failed(f) => ReportKind::Failed(f),
         Outcome::Stopped => ReportKind::Stopped,
+        Outcome::Abandoned => ReportKind::Abandoned,
     }
 }
 
-/// The one place a `Job` is built (another change adds a lease token to it).
-fn job(key: Key, entry: &JobEntry) -> Job {
+/// The one place a `Job` is built.
+fn job(key: Key, entry: &JobEntry, lease: String) -> Job {
     Job {
         sig: key.0,
         attempt: key.1,
         task: entry.task.clone(),
         input: entry.input.clone(),
         checkpoint: entry.checkpoint.clone(),
+        lease,
     }
 }
 
@@ -98,6 +107,11 @@ struct State {
     /// Last projected position; `None` after a wipe (and before the first batch).
     pos: Option<u64>,
     jobs: BTreeMap<Key, JobEntry>,
+    /// The lease token of each job's latest claim; removed when the attempt's end is projected
+    /// (not by the report that ends it: the intake checks it after).
+    leases: BTreeMap<Key, String>,
+    /// Claims handed out so far (lease tokens are `<worker>.<n>`: unique, deterministic).
+    claims: u64,
     reports: BTreeMap<u64, Report>,
     /// Report ids keep growing across wipes, as Redis stream ids (time-based) do.
     next_report: u64,
@@ -179,6 +193,7 @@ impl Hot {
         let mut st = lock(&self.state);
         st.pos = None;
         st.jobs.clear();
+        st.leases.clear();
         st.reports.clear();
         st.answers.clear();
         self.stats.wipes.fetch_add(1, Ordering::Relaxed);
@@ -201,6 +216,11 @@ impl Hot {
         lock(&self.state).jobs.keys().copied().collect()
     }
 
+    /// The lease token that holds job `key` now, if any (what the intake checks a report by).
+    pub fn lease(&self, key: Key) -> Option<String> {
+        lock(&self.state).leases.get(&key).cloned()
+    }
+
     /// The end of a run: reports still on their way (delayed, duplicated) are dropped.
     pub fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
@@ -221,8 +241,21 @@ impl Hot {
             ),
         );
         let mut st = lock(&self.state);
+        let key = (report.sig, report.attempt);
+        // The report script: a report whose lease no longer holds the job is dropped.
+        if st.leases.get(&key) != Some(&report.lease) {
+            drop(st);
+            self.trace.note(
+                Some(report.sig.workflow),
+                format!(
+                    "hot: report of {} attempt {} by {} dropped: lease lost",
+                    report.sig.index, report.attempt, report.worker
+                ),
+            );
+            return;
+        }
         if report.ends_attempt() {
-            st.jobs.remove(&(report.sig, report.attempt));
+            st.jobs.remove(&key);
         }
         st.next_report += 1;
         let id = st.next_report;
@@ -354,6 +387,9 @@ impl WorkerSource {
         due.truncate(max);
         let mut out = Vec::with_capacity(due.len());
         for (_, key) in due {
+            st.claims += 1;
+            let lease = format!("{}.{}", self.worker, st.claims);
+            st.leases.insert(key, lease.clone());
             if let Some(entry) = st.jobs.get_mut(&key) {
                 self.hot.trace.note(
                     Some(key.0.workflow),
@@ -363,7 +399,7 @@ impl WorkerSource {
                     ),
                 );
                 entry.visible_at_ms = until;
-                out.push(job(key, entry));
+                out.push(job(key, entry, lease));
             }
         }
         self.hot
@@ -371,55 +407,6 @@ impl WorkerSource {
             .claimed
             .fetch_add(out.len() as u64, Ordering::Relaxed);
         out
-    }
-}
-
-impl WorkerLink for WorkerSource {
-    fn checkpoint(
-        &self,
-        sig: SignatureId,
-        attempt: u32,
-        data: Value,
-    ) -> BoxFuture<'static, mageflow_engine::Result<()>> {
-        let (tx, rx) = oneshot::channel();
-        self.hot.send_report(
-            Report {
-                worker: self.worker.clone(),
-                sig,
-                attempt,
-                kind: ReportKind::Checkpoint(data),
-            },
-            Some(tx),
-        );
-        Box::pin(async move {
-            match tokio::time::timeout(CHECKPOINT_ANSWER_WAIT, rx).await {
-                Ok(Ok(true)) => Ok(()),
-                Ok(Ok(false)) => Err(hot_err("checkpoint refused: the attempt is not current")),
-                Ok(Err(_)) => Err(hot_err("checkpoint answer lost")),
-                Err(_) => Err(hot_err("no answer to the checkpoint")),
-            }
-        })
-    }
-
-    fn submit(
-        &self,
-        _sig: SignatureId,
-        _attempt: u32,
-        _id: WorkflowId,
-        _tree: Sig,
-        _input: Value,
-    ) -> BoxFuture<'static, mageflow_engine::Result<()>> {
-        Box::pin(async { Err(hot_err("submits from handlers are not simulated")) })
-    }
-
-    fn control(
-        &self,
-        _principal: &str,
-        _op: ControlOp,
-        _target: SignatureId,
-        _confirmed: bool,
-    ) -> BoxFuture<'static, mageflow_engine::Result<String>> {
-        Box::pin(async { Err(hot_err("control from handlers is not simulated")) })
     }
 }
 
@@ -452,11 +439,8 @@ impl JobSource for WorkerSource {
         })
     }
 
-    fn heartbeat(
-        &self,
-        sig: SignatureId,
-        attempt: u32,
-    ) -> BoxFuture<'static, mageflow_engine::Result<bool>> {
+    fn heartbeat(&self, claim: &Claim) -> BoxFuture<'static, mageflow_engine::Result<bool>> {
+        let (sig, attempt) = (claim.sig, claim.attempt);
         let hot = &self.hot;
         let k = hot.heartbeat_calls.fetch_add(1, Ordering::Relaxed);
         let failed = hot.faults_on.load(Ordering::SeqCst)
@@ -466,13 +450,16 @@ impl JobSource for WorkerSource {
             return Box::pin(async { Err(hot_err("heartbeat: connection reset")) });
         }
         let until = self.now_ms() + LEASE.as_millis() as i64;
-        let alive = match lock(&hot.state).jobs.get_mut(&(sig, attempt)) {
-            Some(entry) => {
+        let mut st = lock(&hot.state);
+        let held = st.leases.get(&(sig, attempt)) == Some(&claim.lease);
+        let alive = match st.jobs.get_mut(&(sig, attempt)) {
+            Some(entry) if held => {
                 entry.visible_at_ms = until;
                 true
             }
-            None => false,
+            _ => false,
         };
+        drop(st);
         if !alive {
             hot.trace.note(
                 Some(sig.workflow),
@@ -488,20 +475,67 @@ impl JobSource for WorkerSource {
     fn report(
         &self,
         worker: &str,
-        sig: SignatureId,
-        attempt: u32,
+        claim: &Claim,
         outcome: Outcome,
     ) -> BoxFuture<'static, mageflow_engine::Result<()>> {
         self.hot.send_report(
             Report {
                 worker: worker.to_owned(),
-                sig,
-                attempt,
+                sig: claim.sig,
+                attempt: claim.attempt,
+                lease: claim.lease.clone(),
                 kind: report_kind(outcome),
             },
             None,
         );
         Box::pin(async { Ok(()) })
+    }
+
+    fn checkpoint(
+        &self,
+        claim: &Claim,
+        data: Value,
+    ) -> BoxFuture<'static, mageflow_engine::Result<()>> {
+        let (tx, rx) = oneshot::channel();
+        self.hot.send_report(
+            Report {
+                worker: self.worker.clone(),
+                sig: claim.sig,
+                attempt: claim.attempt,
+                lease: claim.lease.clone(),
+                kind: ReportKind::Checkpoint(data),
+            },
+            Some(tx),
+        );
+        Box::pin(async move {
+            match tokio::time::timeout(CHECKPOINT_ANSWER_WAIT, rx).await {
+                Ok(Ok(true)) => Ok(()),
+                Ok(Ok(false)) => Err(hot_err("checkpoint refused: the attempt is not current")),
+                Ok(Err(_)) => Err(hot_err("checkpoint answer lost")),
+                Err(_) => Err(hot_err("no answer to the checkpoint")),
+            }
+        })
+    }
+
+    fn submit(
+        &self,
+        _claim: &Claim,
+        _id: WorkflowId,
+        _tree: Sig,
+        _input: Value,
+    ) -> BoxFuture<'static, mageflow_engine::Result<()>> {
+        Box::pin(async { Err(hot_err("submits from handlers are not simulated")) })
+    }
+
+    fn control(
+        &self,
+        _claim: &Claim,
+        _principal: &str,
+        _op: ControlOp,
+        _target: SignatureId,
+        _confirmed: bool,
+    ) -> BoxFuture<'static, mageflow_engine::Result<String>> {
+        Box::pin(async { Err(hot_err("control from handlers is not simulated")) })
     }
 }
 
@@ -664,6 +698,7 @@ impl Projector {
                 if !after.in_flight || after.attempt != old {
                     let key = (wf.sig(i), old);
                     st.jobs.remove(&key);
+                    st.leases.remove(&key);
                     if revoke {
                         stops.push(key);
                     }
@@ -724,6 +759,7 @@ fn short(kind: &ReportKind) -> String {
         ReportKind::Succeeded(_) => "succeeded".into(),
         ReportKind::Failed(f) => format!("failed \"{}\"", f.message),
         ReportKind::Stopped => "stopped".into(),
+        ReportKind::Abandoned => "abandoned".into(),
         ReportKind::Checkpoint(d) => format!("checkpoint {d}"),
     }
 }

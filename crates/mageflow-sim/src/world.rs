@@ -217,10 +217,22 @@ async fn intake(sh: Arc<Shared>, h: Handle, stop: CancellationToken) {
         };
         let failures = h.stats().append_failures.load(Ordering::Acquire);
         for (id, r) in reports {
+            // As the real intake does (`mageflow::auth::check_lease`): only the holder of the
+            // attempt's lease is heard.
+            if sh.hot.lease((r.sig, r.attempt)).as_deref() != Some(r.lease.as_str()) {
+                if matches!(r.kind, ReportKind::Checkpoint(_)) {
+                    sh.hot.answer(id, false);
+                }
+                continue;
+            }
             let sent = match r.kind {
                 ReportKind::Succeeded(v) => h.report(r.sig, r.attempt, Ok(v)).await,
                 ReportKind::Failed(f) => h.report(r.sig, r.attempt, Err(f)).await,
                 ReportKind::Stopped => h.report_stopped(r.sig, r.attempt).await,
+                ReportKind::Abandoned => match h.report_abandoned(r.sig, r.attempt).await {
+                    Err(Error::ShutDown) => return,
+                    _ => Ok(()),
+                },
                 ReportKind::Checkpoint(data) => {
                     match h.checkpoint(r.sig, r.attempt, data.clone()).await {
                         Err(Error::ShutDown) => return,

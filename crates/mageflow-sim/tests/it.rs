@@ -9,8 +9,7 @@ const CI_SEEDS: u64 = 200;
 /// Seeds run twice to measure how exactly the observed run replays.
 const FIDELITY_SEEDS: u64 = 20;
 
-/// Everything but the known open engine bugs (BUGS.md), each matched narrowly: another way of
-/// breaking the same invariant still fails.
+/// Every invariant, tolerating the known open engine bugs (BUGS.md; none is open now).
 fn ci() -> SimConfig {
     SimConfig {
         tolerate: Known::OPEN.into_iter().collect(),

@@ -52,6 +52,14 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
+    // The engine's own log lines (refusals, retries) on stderr, with `MAGEFLOW_LOG=info` say.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("MAGEFLOW_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .without_time()
+            .init();
+    }
     let args = match parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {
