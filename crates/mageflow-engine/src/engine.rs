@@ -28,6 +28,7 @@
 use crate::compaction::CompactionStats;
 use crate::context::{Backing, TaskContext};
 use crate::error::{Error, Result};
+use crate::log_slot::LogSlot;
 use crate::registry::{Registry, TaskFailure};
 use crate::sig::Sig;
 use mageflow_core::{
@@ -410,7 +411,10 @@ type Inspector = Box<dyn FnOnce(&Workflow) -> Box<dyn Any + Send> + Send>;
 pub struct Handle {
     tx: mpsc::Sender<Request>,
     registry: Arc<Registry>,
+    /// The log through [`LogSlot`] (the same allocation as `slot`): emptied by
+    /// [`Engine::shutdown`], so a clone that outlives the engine does not keep the store open.
     log: Arc<dyn EventLog>,
+    slot: Arc<LogSlot>,
     stats: Arc<Stats>,
     actor: Actor,
     config: Arc<Config>,
@@ -439,10 +443,12 @@ impl Engine {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
         let stats = Arc::new(Stats::default());
         let (compact_tx, compact_rx) = mpsc::unbounded_channel();
+        let slot = Arc::new(LogSlot::new(log.clone()));
         let handle = Handle {
             tx: tx.clone(),
             registry: Arc::new(registry),
-            log: log.clone(),
+            log: slot.clone(),
+            slot,
             stats: stats.clone(),
             actor: Actor::api(config.principal.clone()),
             config: Arc::new(config.clone()),
@@ -504,7 +510,9 @@ impl Engine {
     /// Stop taking work, give running handlers the grace period to finish, stop the rest
     /// (their attempts are requeued by the next start), and stop the orchestrator. Returns once
     /// the stopped handlers' futures are dropped too (they get another grace period after their
-    /// token fires), so the log — a sled directory's lock, say — is free for the next opener.
+    /// token fires), and the engine's hold on the log is let go, so the log — a sled
+    /// directory's lock, say — is free for the next opener even while clones of its
+    /// [`Handle`] live on: their calls fail with [`Error::ShutDown`] from then on.
     pub async fn shutdown(self) {
         if let Some((stop, job)) = self.compactor {
             // A compaction in progress finishes first (it is one atomic step).
@@ -522,6 +530,8 @@ impl Engine {
             let _ = rx.await;
         }
         let _ = self.task.await;
+        // The orchestrator (the log's other holder) is gone with its task.
+        self.handle.slot.close();
     }
 }
 
@@ -909,16 +919,28 @@ impl Handle {
     /// ([`WorkflowId::SYSTEM`]) is no workflow: its history is empty (see
     /// [`Handle::resume_reports`]).
     pub fn history(&self, wf: WorkflowId) -> Result<Vec<Event>> {
+        if self.slot.is_closed() {
+            return Err(Error::ShutDown);
+        }
         if wf.is_system() {
             return Ok(Vec::new());
         }
-        Ok(self.log.read_stream(wf, 1)?)
+        self.read(self.log.read_stream(wf, 1))
+    }
+
+    /// A read through the log slot: `Closed` because the engine shut down is
+    /// [`Error::ShutDown`] (a log closed under a running engine stays a store error).
+    fn read<T>(&self, r: mageflow_store::Result<T>) -> Result<T> {
+        r.map_err(|e| match e {
+            mageflow_store::Error::Closed if self.slot.is_closed() => Error::ShutDown,
+            e => Error::Store(e),
+        })
     }
 
     /// The reports of every recovery pass that found unfinished work or skipped a corrupt
     /// workflow, oldest first, as written to the log's system stream.
     pub fn resume_reports(&self) -> Result<Vec<StoredResumeReport>> {
-        let events = self.log.read_stream(WorkflowId::SYSTEM, 1)?;
+        let events = self.read(self.log.read_stream(WorkflowId::SYSTEM, 1))?;
         let mut out = Vec::new();
         for e in events {
             let Payload::ResumeReport { report } = e.payload else {

@@ -8,6 +8,7 @@ mod context;
 pub mod control;
 mod engine;
 mod error;
+mod log_slot;
 mod registry;
 mod sig;
 pub mod worker;
