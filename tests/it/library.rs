@@ -2,12 +2,16 @@
 //! outlives its engine, task timeouts, waiting with a deadline, callbacks that can no longer
 //! fire, the ids of what a builder made, and the documented error codes.
 
-use crate::support::{config, Backend, Store};
+use crate::support::{config, next, Backend, Env, Store};
 use anyhow::{bail, Result};
-use mageflow::{sign, Error, Registry, Status, TaskFailure};
+use mageflow::core::TaskError;
+use mageflow::{sign, Config, Error, Outcome, Payload, Registry, Status, TaskContext, TaskFailure};
 use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::sync::mpsc;
 
 all_stores!(a_handle_outliving_its_engine_neither_holds_the_store_nor_works);
+on_cluster!(a_task_that_outruns_its_timeout_is_retried,);
 
 fn noop() -> Registry {
     let mut tasks = Registry::new();
@@ -52,5 +56,147 @@ async fn a_handle_outliving_its_engine_neither_holds_the_store_nor_works(
     }
     assert_eq!(Error::ShutDown.code(), "shut_down");
     second.shutdown().await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// A per-task execution timeout
+// ---------------------------------------------------------------------------------------------
+
+all_stores!(a_task_that_outruns_its_timeout_is_retried);
+
+/// Says whether its attempt's token had fired when the handler's future was dropped.
+struct DroppedAfterToken(
+    mpsc::UnboundedSender<bool>,
+    tokio_util::sync::CancellationToken,
+);
+
+impl Drop for DroppedAfterToken {
+    fn drop(&mut self) {
+        let _ = self.0.send(self.1.is_cancelled());
+    }
+}
+
+/// `hang`: its first attempt waits for its token and then keeps going (it never returns: only
+/// being dropped ends it); later attempts return their attempt number.
+fn hanging(limit: Duration, dropped: mpsc::UnboundedSender<bool>) -> Registry {
+    let mut tasks = Registry::new();
+    tasks
+        .task("hang", move |_: Value, ctx: TaskContext| {
+            let dropped = dropped.clone();
+            async move {
+                if ctx.attempt() == 1 {
+                    let _guard = DroppedAfterToken(dropped, ctx.cancellation().clone());
+                    ctx.cancellation().cancelled().await;
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, TaskFailure>(json!(ctx.attempt()))
+            }
+        })
+        .timeout(limit)
+        .retries(1, 0);
+    tasks
+}
+
+/// An attempt that outruns its task's timeout has its token fired, is dropped after the grace
+/// period (it ignores the token), fails retryably with "timed out after N ms" — and the retry
+/// policy runs it again. Everywhere an attempt runs: this process's workers and, on the
+/// deployment, a worker runtime.
+async fn a_task_that_outruns_its_timeout_is_retried(store: Store) -> Result<()> {
+    let (tx, mut dropped) = mpsc::unbounded_channel();
+    let limit = Duration::from_millis(50);
+    let config = Config {
+        grace: Duration::from_millis(20),
+        ..config()
+    };
+    let env = Env::with_config(store, hanging(limit, tx), config).await?;
+    let h = env.handle();
+    let wf = h.submit(sign("hang"), json!({})).await?;
+    let done = h.wait(wf).await?;
+    assert_eq!(done.nodes[0].status, Status::Done);
+    assert_eq!(done.nodes[0].outcome, Some(Outcome::Ok(json!(2))));
+    assert!(next(&mut dropped).await?, "dropped before its token fired");
+    let history = h.history(wf)?;
+    let errors: Vec<&TaskError> = history
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Payload::RetryScheduled { error, .. } => Some(error),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(errors.len(), 1, "{history:#?}");
+    assert_eq!(errors[0].message, "timed out after 50 ms");
+    assert!(errors[0].retryable);
+    env.shutdown().await;
+    Ok(())
+}
+
+/// Engine settings for tests on paused time: no compaction job (its timers would only add
+/// wake-ups), the grace given.
+fn paused_config(grace: Duration) -> Config {
+    Config {
+        grace,
+        compact_after: None,
+        compact_history: None,
+        ..config()
+    }
+}
+
+/// On paused time (no real waiting): the limit is measured on tokio's clock from the start of
+/// the attempt — a handler still going at 30 s is stopped, however long it would take — and
+/// once the retries run out the task fails with the same typed failure.
+#[tokio::test(start_paused = true)]
+async fn a_timed_out_task_fails_once_its_retries_run_out() -> Result<()> {
+    let (tx, mut dropped) = mpsc::unbounded_channel();
+    let mut tasks = Registry::new();
+    tasks
+        .task("hang", move |_: Value, ctx: TaskContext| {
+            let tx = tx.clone();
+            async move {
+                let _guard = DroppedAfterToken(tx, ctx.cancellation().clone());
+                // A day of work, ignoring the token.
+                tokio::time::sleep(Duration::from_secs(86_400)).await;
+                Ok::<_, TaskFailure>(json!("finished"))
+            }
+        })
+        .timeout(Duration::from_secs(30))
+        .retries(1, 0);
+    assert_eq!(
+        tasks.get("hang")?.execution_timeout(),
+        Some(Duration::from_secs(30))
+    );
+    let engine = mageflow::open_in_memory(tasks, paused_config(Duration::from_secs(1))).await?;
+    let h = engine.handle();
+    let wf = h.submit(sign("hang"), json!({})).await?;
+    let done = h.wait(wf).await?;
+    assert_eq!(done.nodes[0].status, Status::Failed);
+    let Some(Outcome::Err(error)) = &done.nodes[0].outcome else {
+        bail!("no error outcome: {:?}", done.nodes[0].outcome);
+    };
+    assert_eq!(error.message, "timed out after 30000 ms");
+    let failure = TaskFailure {
+        message: error.message.clone(),
+        retryable: error.retryable,
+    };
+    assert!(failure.is_timeout(), "{failure:?}");
+    for attempt in 1..=2 {
+        assert!(
+            next(&mut dropped).await?,
+            "attempt {attempt} dropped before its token"
+        );
+    }
+    let kinds: Vec<&str> = h.history(wf)?.iter().map(|e| e.payload.kind()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "workflow_created",
+            "queued",
+            "started",
+            "retry_scheduled",
+            "started",
+            "failed"
+        ]
+    );
+    engine.shutdown().await;
     Ok(())
 }

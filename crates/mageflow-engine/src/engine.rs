@@ -2251,7 +2251,9 @@ impl Orchestrator {
 
 /// Run one attempt's handler to its end. `None`: it was stopped (its token fired) and outlived
 /// the grace period, so its future was dropped. A panic is a retryable failure; a handler with a
-/// heartbeat timeout that stops renewing its lease is dropped and failed (retryable).
+/// heartbeat timeout that stops renewing its lease is dropped and failed (retryable); one that
+/// outruns its task's timeout ([`crate::TaskDef::timeout`]) has its token fired, gets `grace` to
+/// wind down, is dropped and fails with [`TaskFailure::timed_out`] (retryable).
 pub(crate) async fn run_attempt(
     handler: crate::registry::Handler,
     heartbeat_timeout: Option<Duration>,
@@ -2265,11 +2267,18 @@ pub(crate) async fn run_attempt(
         ctx.lease = Some(lease);
         renewals
     });
-    let fut = handler(input, ctx);
+    let limit = handler.timeout;
+    let mut fut = std::pin::pin!(CatchUnwind(handler.call(input, ctx)));
+    let caught = |r: std::result::Result<_, Box<dyn Any + Send>>| {
+        r.unwrap_or_else(|panic| {
+            Err(TaskFailure::retryable(format!(
+                "handler panicked: {}",
+                panic_message(&panic)
+            )))
+        })
+    };
     tokio::select! {
-        r = CatchUnwind(fut) => Some(r.unwrap_or_else(|panic| {
-            Err(TaskFailure::retryable(format!("handler panicked: {}", panic_message(&panic))))
-        })),
+        r = &mut fut => Some(caught(r)),
         _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => None,
         missed = lease_expired(heartbeat_timeout, renewals.as_mut()) => {
             // The handler future is dropped here; its token tells anything it spawned.
@@ -2278,6 +2287,24 @@ pub(crate) async fn run_attempt(
                 "lease expired: no heartbeat for {} ms", missed.as_millis()
             ))))
         }
+        limit = timed_out(limit) => {
+            // The attempt is over whatever the handler does now: it only gets the grace period
+            // to wind down (save a checkpoint, release what it holds), as on an interrupt.
+            token.cancel();
+            let _ = tokio::time::timeout(grace, &mut fut).await;
+            Some(Err(TaskFailure::timed_out(limit)))
+        }
+    }
+}
+
+/// Resolves (with the limit) once `limit` has passed; never without one.
+async fn timed_out(limit: Option<Duration>) -> Duration {
+    match limit {
+        Some(limit) => {
+            tokio::time::sleep(limit).await;
+            limit
+        }
+        None => std::future::pending().await,
     }
 }
 
