@@ -2,16 +2,24 @@
 //! outlives its engine, task timeouts, waiting with a deadline, callbacks that can no longer
 //! fire, the ids of what a builder made, and the documented error codes.
 
-use crate::support::{config, next, Backend, Env, Store};
+use crate::support::{config, next, Backend, Env, Gate, Store};
 use anyhow::{bail, Result};
 use mageflow::core::TaskError;
-use mageflow::{sign, Config, Error, Outcome, Payload, Registry, Status, TaskContext, TaskFailure};
+use mageflow::engine::Until;
+use mageflow::{
+    chain, sign, Config, Error, Outcome, Payload, Registry, SignatureId, Status, TaskContext,
+    TaskFailure,
+};
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 all_stores!(a_handle_outliving_its_engine_neither_holds_the_store_nor_works);
-on_cluster!(a_task_that_outruns_its_timeout_is_retried,);
+on_cluster!(
+    a_task_that_outruns_its_timeout_is_retried,
+    wait_for_settled_returns_for_interrupted_and_suspended_workflows,
+);
 
 fn noop() -> Registry {
     let mut tasks = Registry::new();
@@ -197,6 +205,131 @@ async fn a_timed_out_task_fails_once_its_retries_run_out() -> Result<()> {
             "failed"
         ]
     );
+    engine.shutdown().await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting with a deadline, and for workflows that wait for a user
+// ---------------------------------------------------------------------------------------------
+
+all_stores!(wait_for_settled_returns_for_interrupted_and_suspended_workflows);
+
+/// `block` tells the test it started and returns once its token fires (or, with `gated`, once
+/// the test opens the gate); `noop` echoes its input.
+fn blocking(gate: &Arc<Gate>, started: mpsc::UnboundedSender<String>) -> Registry {
+    let mut tasks = noop();
+    let gate = gate.clone();
+    tasks.task("block", move |i: Value, ctx: TaskContext| {
+        let (gate, started) = (gate.clone(), started.clone());
+        async move {
+            let _ = started.send(i["name"].as_str().unwrap_or_default().to_owned());
+            if i["gated"] == json!(true) {
+                gate.pass().await?;
+                return Ok(json!("passed"));
+            }
+            ctx.cancellation().cancelled().await;
+            Err(TaskFailure::retryable("interrupted"))
+        }
+    });
+    tasks
+}
+
+/// `wait_for(…, Until::Settled, …)` returns once nothing can move without a user: an
+/// interrupted workflow at once, a suspended chain once its running step has finished (the
+/// next step stays suspended). `Until::Finished` then still waits, and gets its answer after
+/// the resume.
+async fn wait_for_settled_returns_for_interrupted_and_suspended_workflows(
+    store: Store,
+) -> Result<()> {
+    let gate = Gate::new();
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let env = Env::start(store, blocking(&gate, tx)).await?;
+    let h = env.handle();
+    let long = Duration::from_secs(SETTLE_SECS_MAX);
+
+    let interrupted = h
+        .submit(sign("block").kwarg("name", "i"), json!({}))
+        .await?;
+    assert_eq!(next(&mut started).await?, "i");
+    h.interrupt(SignatureId::root(interrupted)).await?;
+    let state = h.wait_for(interrupted, Until::Settled, long).await?;
+    assert_eq!(state.nodes[0].status, Status::Interrupted);
+    assert!(state.is_settled() && !state.is_finished());
+
+    let flow = chain([
+        sign("block").kwarg("name", "first").kwarg("gated", true),
+        sign("noop"),
+    ]);
+    let suspended = h.submit(flow, json!({})).await?;
+    assert_eq!(next(&mut started).await?, "first");
+    h.suspend(SignatureId::root(suspended)).await?;
+    let settled = tokio::spawn({
+        let h = h.clone();
+        async move { h.wait_for(suspended, Until::Settled, long).await }
+    });
+    gate.open(1);
+    let state = settled.await??;
+    assert_eq!(state.nodes[0].status, Status::Suspended);
+    assert_eq!(state.nodes[1].status, Status::Done);
+    assert_eq!(state.nodes[2].status, Status::Suspended);
+
+    let finished = tokio::spawn({
+        let h = h.clone();
+        async move { h.wait_for(suspended, Until::Finished, long).await }
+    });
+    h.resume(SignatureId::root(suspended)).await?;
+    let state = finished.await??;
+    assert_eq!(state.nodes[0].status, Status::Done);
+    env.shutdown().await;
+    Ok(())
+}
+
+/// Longest any settled-wait of these scenarios may take: a guard only, never reached.
+const SETTLE_SECS_MAX: u64 = 30;
+
+/// `wait_timeout` on a workflow that waits for a user gives the typed `WaitTimeout` (with its
+/// code) once the deadline passes — on paused time, so nothing really waits — and leaves the
+/// workflow as it was: after a resume, `wait` gets the finished state.
+#[tokio::test(start_paused = true)]
+async fn wait_timeout_gives_a_typed_error_and_changes_nothing() -> Result<()> {
+    let gate = Gate::new();
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let engine =
+        mageflow::open_in_memory(blocking(&gate, tx), paused_config(Duration::from_secs(1)))
+            .await?;
+    let h = engine.handle();
+    let wf = h
+        .submit(
+            sign("block").kwarg("name", "b").kwarg("gated", true),
+            json!({}),
+        )
+        .await?;
+    assert_eq!(next(&mut started).await?, "b");
+    h.suspend(SignatureId::root(wf)).await?;
+    // Still running (a suspend lets the attempt finish): neither finished nor settled.
+    for until in [Until::Finished, Until::Settled] {
+        match h.wait_for(wf, until, Duration::from_secs(5)).await {
+            Err(e @ Error::WaitTimeout { .. }) => {
+                assert_eq!(e.code(), "wait_timeout");
+                assert!(e.to_string().contains("5000 ms"), "{e}");
+            }
+            other => bail!("waiting until {until} gave {other:?}"),
+        }
+    }
+    gate.open(1);
+    let state = h
+        .wait_for(wf, Until::Settled, Duration::from_secs(5))
+        .await?;
+    assert_eq!(
+        state.nodes[0].status,
+        Status::Done,
+        "a task suspended while running finishes"
+    );
+    assert!(matches!(
+        h.wait_timeout(wf, Duration::from_secs(5)).await,
+        Ok(s) if s.is_finished()
+    ));
     engine.shutdown().await;
     Ok(())
 }

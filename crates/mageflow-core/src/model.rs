@@ -459,6 +459,20 @@ impl Workflow {
             })
     }
 
+    /// Nothing in the workflow can move without a user: it is finished, or no attempt is in
+    /// flight and no task is queued to start (or waiting for its retry backoff) outside a
+    /// paused container — what is left is suspended, interrupted, waiting under a paused
+    /// signature, or waiting for what only a user gives (items or the close of an open swarm, a
+    /// run of a created workflow). A resume, a run or an added item can set it moving again.
+    pub fn is_settled(&self) -> bool {
+        if self.is_finished() {
+            return true;
+        }
+        self.nodes.iter().enumerate().all(|(i, n)| {
+            !n.in_flight && (n.status != Status::Queued || self.is_paused(i as NodeIndex))
+        })
+    }
+
     /// The input a task receives: its message (wrapped into its return field when the message is
     /// a result), with its own kwargs deep-merged over it, then the kwargs of each enclosing
     /// container, innermost first, so a container's kwargs apply to every task inside it (as

@@ -341,6 +341,27 @@ pub struct StoredResumeReport {
     pub report: RecoveryReport,
 }
 
+/// What [`Handle::wait_for`] waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Until {
+    /// The workflow is finished ([`Workflow::is_finished`]): what [`Handle::wait`] waits for.
+    Finished,
+    /// Finished, or nothing in it can move without a user ([`Workflow::is_settled`]): every
+    /// signature left is suspended, interrupted, waiting under a paused one, or waiting for
+    /// items or the close of an open swarm. Work the start-up recovery held whole
+    /// ([`AutoResume`]) counts as settled too.
+    Settled,
+}
+
+impl std::fmt::Display for Until {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Until::Finished => "finished",
+            Until::Settled => "settled",
+        })
+    }
+}
+
 /// How much of a recovered workflow auto-resume holds back (see [`AutoResume`]).
 enum Hold {
     Whole,
@@ -384,6 +405,7 @@ enum Request {
     },
     Wait {
         wf: WorkflowId,
+        until: Until,
         reply: oneshot::Sender<Result<Workflow>>,
     },
     /// Run a read-only function over a workflow's state; the answer is sent once everything
@@ -405,6 +427,9 @@ enum Request {
 }
 
 type Inspector = Box<dyn FnOnce(&Workflow) -> Box<dyn Any + Send> + Send>;
+
+/// A caller of `wait`/`wait_for`: what it waits for, and where its answer goes.
+type Waiter = (Until, oneshot::Sender<Result<Workflow>>);
 
 /// Cheap, cloneable access to a running engine.
 #[derive(Clone)]
@@ -909,10 +934,41 @@ impl Handle {
     }
 
     /// Wait until a workflow is finished (its root and every fired callback are terminal, and
-    /// nothing is in flight) and return its final state.
+    /// nothing is in flight) and return its final state. It waits for as long as that takes —
+    /// also on a workflow that is suspended or interrupted and so waits for a user; give a
+    /// deadline with [`Handle::wait_timeout`], or return on those too with [`Handle::wait_for`].
     pub async fn wait(&self, wf: WorkflowId) -> Result<Workflow> {
         let (reply, rx) = oneshot::channel();
-        self.call(Request::Wait { wf, reply }, rx).await
+        let until = Until::Finished;
+        self.call(Request::Wait { wf, until, reply }, rx).await
+    }
+
+    /// [`Handle::wait`] with a deadline: the finished state, or [`Error::WaitTimeout`] once
+    /// `timeout` has passed (the workflow is not touched by the timeout; wait again to go on).
+    pub async fn wait_timeout(&self, wf: WorkflowId, timeout: Duration) -> Result<Workflow> {
+        self.wait_for(wf, Until::Finished, timeout).await
+    }
+
+    /// Wait until a workflow reaches `until` — [`Until::Finished`], or [`Until::Settled`]
+    /// (finished, or nothing can move without a user: suspended, interrupted, waiting under a
+    /// paused signature or for items of an open swarm) — and return its durable state then;
+    /// [`Error::WaitTimeout`] once `timeout` has passed first.
+    pub async fn wait_for(
+        &self,
+        wf: WorkflowId,
+        until: Until,
+        timeout: Duration,
+    ) -> Result<Workflow> {
+        let (reply, rx) = oneshot::channel();
+        let waited = self.call(Request::Wait { wf, until, reply }, rx);
+        match tokio::time::timeout(timeout, waited).await {
+            Ok(res) => res,
+            Err(_) => Err(Error::WaitTimeout {
+                workflow: wf,
+                until,
+                waited_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
     }
 
     /// Every event of a workflow, in order, from the log. The system stream
@@ -1181,7 +1237,9 @@ struct Orchestrator {
     /// Recovered work auto-resume leaves alone until a resume or run of its workflow
     /// ([`AutoResume`]): `start_ready` drops held signatures instead of starting them.
     held: HashMap<WorkflowId, Hold>,
-    waiters: HashMap<WorkflowId, Vec<oneshot::Sender<Result<Workflow>>>>,
+    /// Callers of `wait`/`wait_for`, per workflow, with what they wait for. A caller that gave
+    /// up (its timeout passed) leaves a closed sender, dropped at the next wait or answer.
+    waiters: HashMap<WorkflowId, Vec<Waiter>>,
     /// Sequence number of the last step decided.
     seq: u64,
     /// For each workflow in the hot state, the last step that touched it (events, a read, a
@@ -1840,14 +1898,16 @@ impl Orchestrator {
                         tracing::warn!(%sig, attempt, error = %e, "task report refused");
                     }
                 }
-                Request::Wait { wf, reply } => match self.load(wf) {
+                Request::Wait { wf, until, reply } => match self.load(wf) {
                     Ok(state) if !state.exists() => {
                         self.hot.remove(&wf);
                         step.replies
                             .push(Reply::State(reply, Err(Error::NoSuchWorkflow(wf))));
                     }
                     Ok(_) => {
-                        self.waiters.entry(wf).or_default().push(reply);
+                        let waiters = self.waiters.entry(wf).or_default();
+                        waiters.retain(|(_, w)| !w.is_closed());
+                        waiters.push((until, reply));
                         step.touched.push(wf);
                     }
                     Err(e) => step.replies.push(Reply::State(reply, Err(e))),
@@ -2126,7 +2186,8 @@ impl Orchestrator {
         }
     }
 
-    /// Answer waiters of a finished workflow and drop it from the hot state. Called only once
+    /// Answer waiters of a finished workflow and drop it from the hot state; answer the
+    /// [`Until::Settled`] waiters of one that is settled but not finished. Called only once
     /// every event decided for `wf` is durable (see [`Orchestrator::last_touch`]).
     fn settle(&mut self, wf: WorkflowId) {
         let Some(state) = self.hot.get(&wf) else {
@@ -2137,12 +2198,31 @@ impl Orchestrator {
             return;
         }
         if !state.is_finished() {
+            // Work auto-resume holds whole waits for a user as much as a suspended one does.
+            let settled = state.is_settled() || matches!(self.held.get(&wf), Some(Hold::Whole));
+            if let (true, Some(waiters)) = (settled, self.waiters.get_mut(&wf)) {
+                let (answered, waiting): (Vec<_>, Vec<_>) = std::mem::take(waiters)
+                    .into_iter()
+                    .partition(|(until, _)| *until == Until::Settled);
+                *waiters = waiting;
+                for (_, w) in answered {
+                    let _ = w.send(Ok(state.clone()));
+                }
+                if waiters.is_empty() {
+                    self.waiters.remove(&wf);
+                }
+            }
             return;
         }
         // The state leaves the hot set here: the last waiter gets it, the others a copy (a
         // million-item swarm's state is over a gigabyte).
         let state = self.hot.remove(&wf);
-        if let (Some(mut waiters), Some(state)) = (self.waiters.remove(&wf), state) {
+        if let (Some(waiters), Some(state)) = (self.waiters.remove(&wf), state) {
+            let mut waiters: Vec<_> = waiters
+                .into_iter()
+                .map(|(_, w)| w)
+                .filter(|w| !w.is_closed())
+                .collect();
             let last = waiters.pop();
             for w in waiters {
                 let _ = w.send(Ok(state.clone()));

@@ -48,8 +48,17 @@ pub enum Error {
          engine's process (run the task there, or call the engine's API)"
     )]
     NeedsEngine,
+    /// The Redis hot tier failed, or an answer through it did not come in time.
     #[error("hot tier: {0}")]
     Hot(String),
+    /// [`crate::Handle::wait_for`] or `wait_timeout` gave up: the workflow did not reach
+    /// `until` within the timeout (it is not touched; wait again to go on).
+    #[error("workflow {workflow} was not {until} after {waited_ms} ms of waiting")]
+    WaitTimeout {
+        workflow: WorkflowId,
+        until: crate::engine::Until,
+        waited_ms: u64,
+    },
 }
 
 impl Error {
@@ -71,6 +80,7 @@ impl Error {
             Error::Replay(..) => "corrupt_history",
             Error::NeedsEngine => "needs_engine",
             Error::Hot(_) => "hot_tier",
+            Error::WaitTimeout { .. } => "wait_timeout",
         }
     }
 }

@@ -17,7 +17,7 @@ pub use compaction::{CompactionStats, HistoryPass, COMPACT_AFTER_DEFAULT};
 pub use context::{TaskContext, WorkerLink};
 pub use engine::{
     now, AutoResume, Config, Dispatch, Engine, Handle, HistoryCompaction, PositionFloor,
-    RecoveryReport, SkippedWorkflow, Stats, StoredResumeReport, INPUT_BYTES_MAX,
+    RecoveryReport, SkippedWorkflow, Stats, StoredResumeReport, Until, INPUT_BYTES_MAX,
     RECOVERY_CORRUPT_LISTED_MAX,
 };
 pub use error::{Error, Result, SubmitAnswer, WireError, WireRejection};
