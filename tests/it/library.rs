@@ -2,7 +2,7 @@
 //! outlives its engine, task timeouts, waiting with a deadline, callbacks that can no longer
 //! fire, the ids of what a builder made, and the documented error codes.
 
-use crate::support::{config, next, Backend, Env, Gate, Store};
+use crate::support::{config, kinds, next, Backend, Env, Gate, Store};
 use anyhow::{bail, Result};
 use mageflow::core::TaskError;
 use mageflow::engine::Until;
@@ -19,6 +19,7 @@ all_stores!(a_handle_outliving_its_engine_neither_holds_the_store_nor_works);
 on_cluster!(
     a_task_that_outruns_its_timeout_is_retried,
     wait_for_settled_returns_for_interrupted_and_suspended_workflows,
+    callbacks_that_can_no_longer_fire_end_skipped,
 );
 
 fn noop() -> Registry {
@@ -331,5 +332,56 @@ async fn wait_timeout_gives_a_typed_error_and_changes_nothing() -> Result<()> {
         Ok(s) if s.is_finished()
     ));
     engine.shutdown().await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Callbacks that can no longer fire
+// ---------------------------------------------------------------------------------------------
+
+all_stores!(callbacks_that_can_no_longer_fire_end_skipped);
+
+/// A task that succeeds leaves its error callbacks `skipped`, one that fails its success
+/// callbacks (a chain: every step of it too) — terminal, so the workflow finishes with no
+/// signature left `pending` for good, and none of them ever ran.
+async fn callbacks_that_can_no_longer_fire_end_skipped(store: Store) -> Result<()> {
+    let mut tasks = noop();
+    tasks.task("fail", |_: Value, _ctx| async move {
+        Err::<Value, _>(TaskFailure::fatal("no"))
+    });
+    let env = Env::start(store, tasks).await?;
+    let h = env.handle();
+
+    let ok = sign("noop")
+        .on_success(sign("noop").kwarg("cb", "ok"))
+        .on_error(sign("noop").kwarg("cb", "err"));
+    let wf = h.submit(ok, json!({})).await?;
+    let done = h.wait(wf).await?;
+    let statuses: Vec<Status> = done.nodes.iter().map(|n| n.status).collect();
+    assert_eq!(statuses, [Status::Done, Status::Done, Status::Skipped]);
+    assert!(
+        kinds(&h.history(wf)?, 2).is_empty(),
+        "the skipped callback has events"
+    );
+
+    let failing = sign("fail")
+        .on_success(chain([sign("noop"), sign("noop")]))
+        .on_error(sign("noop"));
+    let wf = h.submit(failing, json!({})).await?;
+    let done = h.wait(wf).await?;
+    let statuses: Vec<Status> = done.nodes.iter().map(|n| n.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            Status::Failed,
+            Status::Skipped,
+            Status::Skipped,
+            Status::Skipped,
+            Status::Done
+        ]
+    );
+    assert_eq!(Status::Skipped.name(), "skipped");
+    assert!(Status::Skipped.is_terminal());
+    env.shutdown().await;
     Ok(())
 }

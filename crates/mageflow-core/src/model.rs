@@ -37,14 +37,23 @@ pub enum Status {
     Done,
     /// Finished with an error (retries exhausted, or a failed child); terminal.
     Failed,
+    /// A callback that can no longer fire (terminal): an error callback of a signature that
+    /// succeeded, a success callback of one that failed, either kind of one that was canceled —
+    /// and everything inside such a callback. No event names it: `apply` sets it with the
+    /// outcome of the signature it hangs off, so it is part of the fold of that event (and a
+    /// rerun makes it pending again).
+    Skipped,
     /// Soft-deleted: kept until `expires_at` so it can be rerun, then purged.
     MarkedForDeletion { expires_at: Timestamp },
 }
 
 impl Status {
-    /// Terminal statuses never change again (no event leaves them).
+    /// Terminal statuses never change again (no event leaves them but a rerun).
     pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Done | Status::Failed | Status::Canceled)
+        matches!(
+            self,
+            Status::Done | Status::Failed | Status::Canceled | Status::Skipped
+        )
     }
 
     /// Stable lowercase name, for display and filters.
@@ -58,6 +67,7 @@ impl Status {
             Status::Canceled => "canceled",
             Status::Done => "done",
             Status::Failed => "failed",
+            Status::Skipped => "skipped",
             Status::MarkedForDeletion { .. } => "marked_for_deletion",
         }
     }
