@@ -4,11 +4,11 @@
 
 use crate::support::{config, kinds, next, Backend, Env, Gate, Store};
 use anyhow::{bail, Result};
-use mageflow::core::TaskError;
-use mageflow::engine::Until;
+use mageflow::engine::SWARM_ITEMS_PER_EVENT;
+// The state types and the new API come from the crate root (re-exported there).
 use mageflow::{
-    chain, sign, Config, Error, Outcome, Payload, Registry, SignatureId, Status, TaskContext,
-    TaskFailure,
+    chain, sign, swarm, Config, Error, Node, Outcome, Payload, Registry, Rejection, Sig,
+    SignatureId, Status, Submitted, TaskContext, TaskError, TaskFailure, Until, Workflow,
 };
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -382,6 +382,98 @@ async fn callbacks_that_can_no_longer_fire_end_skipped(store: Store) -> Result<(
     );
     assert_eq!(Status::Skipped.name(), "skipped");
     assert!(Status::Skipped.is_terminal());
+    env.shutdown().await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Builders hand back the ids of what they create
+// ---------------------------------------------------------------------------------------------
+
+all_stores!(submit_tree_hands_back_the_ids_of_labelled_signatures);
+
+/// `submit_tree` maps every label of the tree — a chain step, a swarm, its items (also those
+/// past the first event's share of a large swarm, added in the same step), a callback — to its
+/// signature id, which controls that signature directly; a label used twice is refused before
+/// anything is written.
+async fn submit_tree_hands_back_the_ids_of_labelled_signatures(store: Store) -> Result<()> {
+    let env = Env::start(store, noop()).await?;
+    let h = env.handle();
+
+    let items = SWARM_ITEMS_PER_EVENT + 2;
+    let flow = chain([
+        Sig::from(sign("noop").kwarg("at", "first").label("first")),
+        swarm((0..items).map(|i| {
+            let item = sign("noop").kwarg("at", i);
+            if i % 5_000 == 0 || i + 1 == items {
+                item.label(format!("item-{i}"))
+            } else {
+                item
+            }
+        }))
+        .label("fan-out")
+        .into(),
+    ])
+    .label("pipeline")
+    .on_error(sign("noop").kwarg("at", "alert").label("alert"));
+    let created: Submitted = h.create_tree(flow).await?;
+    let state: Workflow = h.workflow(created.workflow).await?;
+    assert_eq!(created.root(), SignatureId::root(created.workflow));
+    assert_eq!(created.sig("pipeline"), Some(created.root()));
+    assert_eq!(created.sig("nothing"), None);
+    let kwarg = |label: &str| -> Result<Value> {
+        let Some(sig) = created.sig(label) else {
+            bail!("no id for {label}");
+        };
+        assert_eq!(sig.workflow, created.workflow);
+        Ok(state.nodes[sig.index as usize].spec.kwargs["at"].clone())
+    };
+    assert_eq!(kwarg("first")?, json!("first"));
+    assert_eq!(kwarg("alert")?, json!("alert"));
+    for i in [0, 5_000, 10_000, items - 1] {
+        assert_eq!(kwarg(&format!("item-{i}"))?, json!(i), "item {i}");
+    }
+    let Some(fan_out) = created.sig("fan-out") else {
+        bail!("no id for the swarm");
+    };
+    assert_eq!(state.nodes[fan_out.index as usize].spec.name, "swarm");
+    assert_eq!(created.labels().count(), 8);
+
+    // The ids control their signatures: the alert callback's kwargs, before the run.
+    if let Some(alert) = created.sig("alert") {
+        h.update_kwargs(vec![(alert, json!({"to": "ops"}))]).await?;
+    }
+    let state = h.workflow(created.workflow).await?;
+    let alert: Option<&Node> = state
+        .nodes
+        .iter()
+        .find(|n| n.spec.kwargs["at"] == json!("alert"));
+    assert_eq!(
+        alert.map(|n| n.spec.kwargs["to"].clone()),
+        Some(json!("ops"))
+    );
+
+    // Labels of a submitted tree work the same; a duplicate is refused, nothing written.
+    let submitted = h
+        .submit_tree(
+            chain([sign("noop").label("a"), sign("noop").label("b")]),
+            json!({}),
+        )
+        .await?;
+    let done = h.wait(submitted.workflow).await?;
+    let b = submitted.sig("b").map(|s| s.index as usize);
+    assert_eq!(b.map(|b| done.nodes[b].status), Some(Status::Done));
+    let twice = chain([sign("noop").label("x"), sign("noop").label("x")]);
+    match h.submit_tree(twice, json!({})).await {
+        Err(Error::Rejected(Rejection::InvalidTree(reason))) => {
+            assert!(reason.contains("\"x\""), "{reason}")
+        }
+        other => bail!("a label used twice gave {other:?}"),
+    }
+    match h.submit_tree(sign("noop").label(""), json!({})).await {
+        Err(e) => assert_eq!(e.code(), "invalid_tree"),
+        Ok(s) => bail!("an empty label was accepted: {s:?}"),
+    }
     env.shutdown().await;
     Ok(())
 }

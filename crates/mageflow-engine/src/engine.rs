@@ -341,6 +341,49 @@ pub struct StoredResumeReport {
     pub report: RecoveryReport,
 }
 
+/// What [`Handle::submit_tree`] or [`Handle::create_tree`] created: the workflow, and the id
+/// of each signature its builder labelled ([`crate::TaskSig::label`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    /// The new workflow.
+    pub workflow: WorkflowId,
+    labels: BTreeMap<String, SignatureId>,
+}
+
+impl Submitted {
+    /// Refuses a label used twice in one tree: it could name only one of them.
+    fn new(workflow: WorkflowId, labels: crate::sig::Labels) -> Result<Self> {
+        let mut map = BTreeMap::new();
+        for (label, index) in labels {
+            let sig = SignatureId { workflow, index };
+            if map.insert(label.clone(), sig).is_some() {
+                return Err(Error::Rejected(Rejection::InvalidTree(format!(
+                    "label {label:?} is given to more than one signature of the tree"
+                ))));
+            }
+        }
+        Ok(Self {
+            workflow,
+            labels: map,
+        })
+    }
+
+    /// The root signature (what the builder passed to `submit_tree` was).
+    pub fn root(&self) -> SignatureId {
+        SignatureId::root(self.workflow)
+    }
+
+    /// The id of the signature labelled `label`; `None` if no signature of the tree has it.
+    pub fn sig(&self, label: &str) -> Option<SignatureId> {
+        self.labels.get(label).copied()
+    }
+
+    /// Every label of the tree with its signature's id, in label order.
+    pub fn labels(&self) -> impl Iterator<Item = (&str, SignatureId)> + '_ {
+        self.labels.iter().map(|(l, s)| (l.as_str(), *s))
+    }
+}
+
 /// What [`Handle::wait_for`] waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Until {
@@ -627,6 +670,17 @@ impl Handle {
         sig: &Sig,
         input: Option<Value>,
     ) -> Result<Vec<(WorkflowId, Action)>> {
+        self.creation_labelled(id, sig, input)
+            .map(|(actions, _)| actions)
+    }
+
+    /// [`Handle::creation`], also giving the id of every labelled signature of the tree.
+    fn creation_labelled(
+        &self,
+        id: WorkflowId,
+        sig: &Sig,
+        input: Option<Value>,
+    ) -> Result<(Vec<(WorkflowId, Action)>, Submitted)> {
         sig.validate(&self.registry)?;
         if let Some(input) = &input {
             check_input(input)?;
@@ -634,8 +688,40 @@ impl Handle {
         }
         let mut nodes = Vec::new();
         let mut deferred = Vec::new();
-        sig.flatten(&self.registry, 0, None, &mut nodes, &mut deferred)?;
+        let mut labels = Vec::new();
+        sig.flatten(
+            &self.registry,
+            0,
+            None,
+            &mut nodes,
+            &mut deferred,
+            &mut labels,
+        )?;
         check_node_count(nodes.len())?;
+        // Deferred items are numbered as the orchestrator will number them: each chunk after
+        // the nodes before it, in order, within the same atomic step (nothing can interleave).
+        let mut next = nodes.len();
+        for d in &deferred {
+            for chunk in d.items.chunks(crate::sig::SWARM_ITEMS_PER_EVENT) {
+                let parent = Some(mageflow_core::Link {
+                    node: d.swarm,
+                    role: mageflow_core::Role::Child,
+                });
+                let (mut specs, mut nested) = (Vec::new(), Vec::new());
+                for item in chunk {
+                    item.flatten(
+                        &self.registry,
+                        next,
+                        parent,
+                        &mut specs,
+                        &mut nested,
+                        &mut labels,
+                    )?;
+                }
+                next += specs.len();
+            }
+        }
+        let submitted = Submitted::new(id, labels)?;
         let mut start = input.map(Message::input);
         // With items still to add, the workflow runs once it is whole.
         let run_after = if deferred.is_empty() {
@@ -662,7 +748,7 @@ impl Handle {
         if let Some(message) = run_after {
             actions.push((id, Action::Core(Op::Run { message })));
         }
-        Ok(actions)
+        Ok((actions, submitted))
     }
 
     /// Create a workflow from `sig` and run it with `input`. Returns its id once the creation
@@ -707,6 +793,42 @@ impl Handle {
         }
         self.exec(actions, false).await?;
         Ok(ids)
+    }
+
+    /// [`Handle::submit`] that also hands back the id of every signature of the tree given a
+    /// label ([`crate::TaskSig::label`], on chains and swarms too): steps, items and callbacks
+    /// can then be suspended, resumed, canceled or updated without searching the tree.
+    ///
+    /// ```no_run
+    /// # async fn t(h: mageflow_engine::Handle) -> mageflow_engine::Result<()> {
+    /// use mageflow_engine::{chain, sign};
+    /// let flow = chain([sign("fetch").label("fetch"), sign("store").label("store")])
+    ///     .on_error(sign("alert").label("alert"));
+    /// let submitted = h.submit_tree(flow, serde_json::json!({})).await?;
+    /// if let Some(store) = submitted.sig("store") {
+    ///     h.suspend(store).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn submit_tree(
+        &self,
+        sig: impl Into<Sig>,
+        input: impl Serialize,
+    ) -> Result<Submitted> {
+        let id = WorkflowId(uuid::Uuid::now_v7());
+        let input = to_input(input)?;
+        let (actions, submitted) = self.creation_labelled(id, &sig.into(), Some(input))?;
+        self.exec(actions, false).await?;
+        Ok(submitted)
+    }
+
+    /// [`Handle::create`] that also hands back the ids of the tree's labelled signatures (see
+    /// [`Handle::submit_tree`]), e.g. to update their kwargs before the run.
+    pub async fn create_tree(&self, sig: impl Into<Sig>) -> Result<Submitted> {
+        let id = WorkflowId(uuid::Uuid::now_v7());
+        let (actions, submitted) = self.creation_labelled(id, &sig.into(), None)?;
+        self.exec(actions, false).await?;
+        Ok(submitted)
     }
 
     /// Create a workflow without running it (see [`Handle::run`]); kwargs stay updatable.
@@ -2458,7 +2580,15 @@ fn flatten_items(
     let mut nodes = Vec::new();
     let mut deferred = Vec::new();
     for item in items {
-        item.flatten(registry, base, parent, &mut nodes, &mut deferred)?;
+        // Labels of items added later are not handed back (`Handle::add_to_swarm`).
+        item.flatten(
+            registry,
+            base,
+            parent,
+            &mut nodes,
+            &mut deferred,
+            &mut Vec::new(),
+        )?;
     }
     if !deferred.is_empty() {
         return Err(Error::TooMany {
