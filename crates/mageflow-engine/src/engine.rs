@@ -72,7 +72,10 @@ pub enum Dispatch {
     /// reports back through it ([`Handle::report`], [`Handle::report_stopped`]). At most
     /// `window` attempts are started and not yet reported at once: the flow control between the
     /// orchestrator and the workers (set it a little above the workers' total concurrency).
-    Remote { window: usize },
+    Remote {
+        /// Attempts started and not yet reported, at most.
+        window: usize,
+    },
 }
 
 /// Engine settings.
@@ -258,16 +261,25 @@ impl Config {
 /// Live counters, readable at any time without asking the orchestrator.
 #[derive(Default, Debug)]
 pub struct Stats {
+    /// Events made durable in the log.
     pub events_written: AtomicU64,
+    /// Appends (batches with at least one event) made durable.
     pub appends: AtomicU64,
     /// Batches whose append failed (their effects were dropped and their workflows reloaded).
     pub append_failures: AtomicU64,
+    /// Task attempts started (handed to a handler, or to the hot tier's workers).
     pub attempts_started: AtomicU64,
+    /// Task attempts that succeeded (containers not counted).
     pub tasks_succeeded: AtomicU64,
+    /// Tasks that failed for good (containers not counted).
     pub tasks_failed: AtomicU64,
+    /// Retries scheduled, lost attempts requeued after a restart included.
     pub retries_scheduled: AtomicU64,
+    /// Workflows finished (each counted once, when its finishing events are durable).
     pub workflows_finished: AtomicU64,
+    /// Attempts holding a worker slot now.
     pub running: AtomicU64,
+    /// Most attempts that held a worker slot at once.
     pub running_peak: AtomicU64,
     /// Workflows whose canceled or purged task data was redacted from the log.
     pub workflows_redacted: AtomicU64,
@@ -283,6 +295,7 @@ pub struct Stats {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RecoveryReport {
+    /// Events read from the log (every stream's).
     pub events_read: u64,
     /// Position of the last event read (0: empty log): the state recovered is the log up to
     /// here.
@@ -325,7 +338,9 @@ pub struct RecoveryReport {
 /// A workflow recovery left out, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SkippedWorkflow {
+    /// The workflow left out.
     pub workflow: WorkflowId,
+    /// Why its events do not fold (the event and the refusal).
     pub reason: String,
 }
 
@@ -338,6 +353,7 @@ pub struct StoredResumeReport {
     pub at: Timestamp,
     /// The engine that wrote it (`system:recovery`).
     pub actor: Actor,
+    /// What that pass found and did.
     pub report: RecoveryReport,
 }
 
@@ -411,6 +427,8 @@ enum Hold {
     Nodes(HashSet<NodeIndex>),
 }
 
+/// The current time as the engine records it (the system clock, UTC microseconds): what the
+/// engine passes into the core, which reads no clock itself.
 pub fn now() -> Timestamp {
     let micros = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -567,10 +585,12 @@ impl Engine {
         })
     }
 
+    /// A handle to this engine (cheap; clone it freely).
     pub fn handle(&self) -> Handle {
         self.handle.clone()
     }
 
+    /// What the start-up recovery found in the log and did about it.
     pub fn recovery(&self) -> &RecoveryReport {
         &self.recovery
     }
@@ -623,14 +643,19 @@ impl Handle {
         }
     }
 
+    /// The tasks this engine runs (and validates submits against).
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
 
+    /// The engine's live counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
 
+    /// The event log, for reads (`read_stream`, `subscribe`, …): through the handle's slot, so
+    /// after [`Engine::shutdown`] its calls fail with `mageflow_store::Error::Closed`. Appending
+    /// to it directly bypasses the orchestrator (its next batch would conflict): don't.
     pub fn log(&self) -> &Arc<dyn EventLog> {
         &self.log
     }
@@ -902,6 +927,8 @@ impl Handle {
         self.exec(vec![(swarm.workflow, action)], false).await
     }
 
+    /// Close an open swarm: no items can be added any more, and it finishes once every item
+    /// has. Closing a closed swarm is a no-op.
     pub async fn close_swarm(&self, swarm: SignatureId) -> Result<()> {
         self.op(swarm, Op::CloseSwarm { swarm: swarm.index }).await
     }
@@ -925,7 +952,6 @@ impl Handle {
         self.op(sig, Op::Interrupt { node: sig.index }).await
     }
 
-    /// Stop `sig` and everything under it for good. Refused unless `confirmed`.
     /// Soft-delete a workflow: it is marked for deletion until the configured TTL for its root's
     /// kind runs out, then purged by the cleanup job. A running part keeps running to completion
     /// (and its callbacks fire). Until then it can be restored or rerun.
@@ -949,6 +975,10 @@ impl Handle {
         self.op(SignatureId::root(wf), Op::Rerun).await
     }
 
+    /// Stop `sig` and everything under it for good (running handlers get their token fired;
+    /// their task data is redacted once the workflow finishes, [`Config::redact_canceled`]).
+    /// Refused with `confirmation_required` unless `confirmed`; a canceled signature can be
+    /// neither resumed nor rerun.
     pub async fn cancel(&self, sig: SignatureId, confirmed: bool) -> Result<()> {
         let op = Op::Cancel {
             node: sig.index,

@@ -38,6 +38,7 @@ type Validator = Arc<dyn Fn(&Value) -> std::result::Result<(), String> + Send + 
 /// How a handler reports failure.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskFailure {
+    /// What went wrong, as the log records it (error callbacks receive it).
     pub message: String,
     /// False: retrying cannot help; the task fails at once whatever its retry budget.
     pub retryable: bool,
@@ -84,11 +85,13 @@ impl<E: std::error::Error> From<E> for TaskFailure {
 /// One registered task.
 #[derive(Clone)]
 pub struct TaskDef {
+    /// The name signatures call it by ([`crate::sign`]).
     pub name: String,
     pub(crate) handler: Handler,
     validator: Validator,
     /// Input field a success callback's result is injected into.
     pub return_field: String,
+    /// The retry policy of its signatures (each can override it, [`crate::TaskSig::retries`]).
     pub retry: RetryPolicy,
     /// Lease of a running attempt: if the handler goes this long without
     /// `TaskContext::heartbeat`, the attempt is abandoned (its cancellation token fires) and
@@ -167,6 +170,7 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// An empty registry (add the built-in tasks with [`crate::builtin::register`]).
     pub fn new() -> Self {
         Self::default()
     }
@@ -242,12 +246,14 @@ impl Registry {
         })
     }
 
+    /// The task registered as `name`, or [`Error::UnknownTask`].
     pub fn get(&self, name: &str) -> Result<&TaskDef> {
         self.tasks.get(name).ok_or_else(|| Error::UnknownTask {
             name: name.to_owned(),
         })
     }
 
+    /// Every registered task name, in order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tasks.keys().map(String::as_str)
     }
