@@ -50,6 +50,7 @@ const SUBMIT_REPORT_NESTING: usize = 3;
 /// after a restart counts again).
 #[derive(Debug, Default)]
 pub struct IntakeStats {
+    /// Reports taken.
     pub reports: AtomicU64,
     /// Reports refused as not authentic: unsigned or wrongly signed, naming no lease or a
     /// principal that is not allowed (each logged on the `mageflow::security` target).
@@ -66,7 +67,9 @@ pub struct IntakeStats {
 pub struct ClusterConfig {
     /// `postgres://user@host:port/database`.
     pub postgres: String,
+    /// Options of the PostgreSQL log (schema, pool).
     pub pg: PgOptions,
+    /// Where the Redis hot tier is, and its settings (key prefix, lease).
     pub hot: HotConfig,
     /// Attempts started and not yet reported, at most (see [`Dispatch::Remote`]).
     pub window: usize,
@@ -76,6 +79,8 @@ pub struct ClusterConfig {
 }
 
 impl ClusterConfig {
+    /// A deployment on PostgreSQL at `postgres` and Redis at `redis`, its keys under `prefix`;
+    /// the other settings at their defaults.
     pub fn new(postgres: impl Into<String>, redis: impl Into<String>, prefix: &str) -> Self {
         Self {
             postgres: postgres.into(),
@@ -191,14 +196,17 @@ pub async fn open_cluster(
 }
 
 impl Cluster {
+    /// A handle to the orchestrator's engine.
     pub fn handle(&self) -> Handle {
         self.engine.handle()
     }
 
+    /// The orchestrator's engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
 
+    /// The hot tier this orchestrator projects into.
     pub fn hot(&self) -> &Hot {
         &self.hot
     }
@@ -208,10 +216,12 @@ impl Cluster {
         &self.log
     }
 
+    /// What the projector did (its position, rebuilds).
     pub fn projector_stats(&self) -> &Arc<ProjectorStats> {
         &self.projector
     }
 
+    /// What the report intake took.
     pub fn intake_stats(&self) -> &Arc<IntakeStats> {
         &self.intake
     }

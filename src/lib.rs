@@ -25,6 +25,7 @@
 //! ```
 
 pub mod auth;
+// Each module's own `//!` paragraph is its documentation.
 pub mod cluster;
 pub mod control;
 pub mod testing;
@@ -35,12 +36,18 @@ pub use mageflow_hot as hot;
 pub use mageflow_store as store;
 pub use mageflow_store_pg as store_pg;
 
+// The state a user reads back (`Handle::workflow`, `wait`, `history`): a workflow, its nodes
+// with their spec, status and outcome, and the events of its log.
+pub use mageflow_core::model::SwarmProgress;
 pub use mageflow_core::{
-    Actor, Event, Outcome, Payload, SignatureId, Status, Timestamp, Workflow, WorkflowId,
+    Actor, Event, KindSpec, Link, Message, Node, NodeIndex, NodeSpec, Outcome, Payload, Rejection,
+    RetryPolicy, Role, SignatureId, Status, SwarmConfig, TaskError, Timestamp, Workflow,
+    WorkflowId,
 };
 pub use mageflow_engine::{
-    chain, sign, swarm, ChainSig, Config, Engine, Error, Handle, RecoveryReport, Registry, Result,
-    Sig, SwarmSig, TaskContext, TaskFailure, TaskSig,
+    chain, sign, swarm, AutoResume, ChainSig, Config, Dispatch, Engine, Error, Handle,
+    RecoveryReport, Registry, Result, Sig, Stats, StoredResumeReport, Submitted, SwarmSig,
+    TaskContext, TaskDef, TaskFailure, TaskSig, Until,
 };
 
 use std::path::Path;

@@ -80,10 +80,12 @@ impl TestEngine {
         }
     }
 
+    /// A handle to the engine, to submit and control workflows.
     pub fn handle(&self) -> Handle {
         self.engine.handle()
     }
 
+    /// The in-memory log the engine writes (what the assertions read).
     pub fn log(&self) -> &Arc<MemoryLog> {
         &self.log
     }
@@ -184,11 +186,13 @@ impl TestEngine {
         );
     }
 
+    /// Assert nothing was dispatched since the start (or the last `clear`).
     pub fn assert_nothing_dispatched(&self) {
         let all = self.dispatched();
         assert!(all.is_empty(), "expected no dispatch, got {all:?}");
     }
 
+    /// Stop the engine ([`Engine::shutdown`]).
     pub async fn shutdown(self) {
         self.engine.shutdown().await
     }

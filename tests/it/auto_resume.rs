@@ -117,14 +117,14 @@ async fn switched_off_nothing_resumes_until_resume_or_run(store: Store) -> Resul
     let queued = h.submit(sign("quick"), json!({})).await?;
     let later = h.create(sign("quick")).await?;
     let open = h.submit(swarm([sign("quick")]).open(), json!({})).await?;
-    a.shutdown().await;
-    assert_eq!(next(&mut seen).await?, "released");
     assert!(
         h.resume_reports()?.is_empty(),
         "a start on an empty log reports nothing"
     );
-    // Let go of the log (sled allows one opener).
-    drop(h);
+    a.shutdown().await;
+    assert_eq!(next(&mut seen).await?, "released");
+    // The old handle holds nothing of the log after the shutdown (sled allows one opener).
+    assert!(matches!(h.resume_reports(), Err(mageflow::Error::ShutDown)));
 
     let off = AutoResume {
         enabled: false,

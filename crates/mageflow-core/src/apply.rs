@@ -259,6 +259,28 @@ impl Workflow {
         }
     }
 
+    /// The callbacks of `node` in its `role` list can no longer fire (it reached the other
+    /// outcome, or was canceled): each one never triggered (pending, or paused before it
+    /// fired) that has not ended otherwise (canceled), with everything inside it, is
+    /// [`Status::Skipped`]. Part of the fold of the event that ended `node`, so the state stays
+    /// the fold of the log without an event per callback, and a workflow's leftover callbacks
+    /// end terminal instead of `pending` for good. Nothing inside a callback can have been
+    /// triggered before the callback itself, so nothing running is touched.
+    fn skip_callbacks(&mut self, node: usize, role: Role) {
+        let mut stack: Vec<NodeIndex> = self.nodes[node].spec.list(role).to_vec();
+        while let Some(i) = stack.pop() {
+            let Some(n) = self.nodes.get_mut(i as usize) else {
+                continue;
+            };
+            // Untriggered: pending, or paused (suspended, interrupted) before it ever fired.
+            if n.status.is_terminal() || n.message.is_some() || n.in_flight {
+                continue;
+            }
+            n.status = Status::Skipped;
+            stack.extend(n.spec.all_refs());
+        }
+    }
+
     /// Append a validated batch (see [`validate_nodes`]) and record each new node's position in
     /// the list of its parent that names it.
     fn push_batch(&mut self, nodes: Vec<NodeSpec>) {
@@ -446,6 +468,7 @@ impl Workflow {
                 n.in_flight = false;
                 n.outcome = Some(Outcome::Ok(result));
                 self.count_in_swarm(i, true);
+                self.skip_callbacks(i, Role::ErrorCallback);
             }
             Payload::RetryScheduled {
                 node,
@@ -471,6 +494,7 @@ impl Workflow {
                 n.in_flight = false;
                 n.outcome = Some(Outcome::Err(error));
                 self.count_in_swarm(i, false);
+                self.skip_callbacks(i, Role::SuccessCallback);
             }
             Payload::Suspended { node } => {
                 let i = self.check(kind, node)?;
@@ -506,6 +530,8 @@ impl Workflow {
                     retryable: false,
                 }));
                 self.count_in_swarm(i, false);
+                self.skip_callbacks(i, Role::SuccessCallback);
+                self.skip_callbacks(i, Role::ErrorCallback);
             }
             Payload::MarkedForDeletion { node, expires_at } => {
                 self.check_root(kind, node)?;

@@ -495,6 +495,7 @@ mod fast {
                         Status::Canceled => self.str("canceled"),
                         Status::Done => self.str("done"),
                         Status::Failed => self.str("failed"),
+                        Status::Skipped => self.str("skipped"),
                     }
                 }
             }
@@ -957,6 +958,7 @@ mod fast {
                 "canceled" => Status::Canceled,
                 "done" => Status::Done,
                 "failed" => Status::Failed,
+                "skipped" => Status::Skipped,
                 _ => return None,
             })
         }

@@ -37,14 +37,23 @@ pub enum Status {
     Done,
     /// Finished with an error (retries exhausted, or a failed child); terminal.
     Failed,
+    /// A callback that can no longer fire (terminal): an error callback of a signature that
+    /// succeeded, a success callback of one that failed, either kind of one that was canceled —
+    /// and everything inside such a callback. No event names it: `apply` sets it with the
+    /// outcome of the signature it hangs off, so it is part of the fold of that event (and a
+    /// rerun makes it pending again).
+    Skipped,
     /// Soft-deleted: kept until `expires_at` so it can be rerun, then purged.
     MarkedForDeletion { expires_at: Timestamp },
 }
 
 impl Status {
-    /// Terminal statuses never change again (no event leaves them).
+    /// Terminal statuses never change again (no event leaves them but a rerun).
     pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Done | Status::Failed | Status::Canceled)
+        matches!(
+            self,
+            Status::Done | Status::Failed | Status::Canceled | Status::Skipped
+        )
     }
 
     /// Stable lowercase name, for display and filters.
@@ -58,6 +67,7 @@ impl Status {
             Status::Canceled => "canceled",
             Status::Done => "done",
             Status::Failed => "failed",
+            Status::Skipped => "skipped",
             Status::MarkedForDeletion { .. } => "marked_for_deletion",
         }
     }
@@ -457,6 +467,20 @@ impl Workflow {
                     && (n.status.is_terminal()
                         || (n.status == Status::Pending && n.message.is_none()))
             })
+    }
+
+    /// Nothing in the workflow can move without a user: it is finished, or no attempt is in
+    /// flight and no task is queued to start (or waiting for its retry backoff) outside a
+    /// paused container — what is left is suspended, interrupted, waiting under a paused
+    /// signature, or waiting for what only a user gives (items or the close of an open swarm, a
+    /// run of a created workflow). A resume, a run or an added item can set it moving again.
+    pub fn is_settled(&self) -> bool {
+        if self.is_finished() {
+            return true;
+        }
+        self.nodes.iter().enumerate().all(|(i, n)| {
+            !n.in_flight && (n.status != Status::Queued || self.is_paused(i as NodeIndex))
+        })
     }
 
     /// The input a task receives: its message (wrapped into its return field when the message is

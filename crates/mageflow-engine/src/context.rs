@@ -34,6 +34,7 @@ pub trait WorkerLink: Send + Sync + 'static {
         tree: Sig,
         input: Value,
     ) -> mageflow_store::BoxFuture<'static, Result<()>>;
+
     /// Have `op` carried out on `target` as `principal`, by the orchestrator; returns what was
     /// done once it is durable, or the refusal.
     fn control(
@@ -54,6 +55,8 @@ pub(crate) enum Backing {
     Worker(Arc<dyn WorkerLink>),
 }
 
+/// What a handler is given besides its input: which signature and attempt it runs, the last
+/// checkpoint, its cancellation token, and what it may ask of the engine.
 #[derive(Clone)]
 pub struct TaskContext {
     pub(crate) sig: SignatureId,
@@ -67,6 +70,7 @@ pub struct TaskContext {
 }
 
 impl TaskContext {
+    /// The signature this attempt runs.
     pub fn signature(&self) -> SignatureId {
         self.sig
     }
@@ -87,6 +91,7 @@ impl TaskContext {
         &self.cancel
     }
 
+    /// Whether [`TaskContext::cancellation`] has fired (a check for handlers that poll).
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
     }

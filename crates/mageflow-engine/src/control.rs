@@ -15,16 +15,22 @@ use std::str::FromStr;
 pub enum ControlOp {
     /// Stop and delete for good; needs confirmation.
     Cancel,
+    /// Stop now (running handlers get their token fired); resumable, best effort.
     Interrupt,
+    /// Pause softly: nothing new starts, running attempts finish.
     Suspend,
+    /// Continue a suspended or interrupted signature.
     Resume,
     /// Mark the workflow for deletion (purged after its window unless restored or rerun).
     Delete,
+    /// Lift a deletion mark before it expires.
     Restore,
+    /// Run a finished workflow again from its original input.
     Rerun,
 }
 
 impl ControlOp {
+    /// Every command, in the order the CLI lists them.
     pub const ALL: [ControlOp; 7] = [
         ControlOp::Cancel,
         ControlOp::Interrupt,
@@ -35,6 +41,7 @@ impl ControlOp {
         ControlOp::Rerun,
     ];
 
+    /// The command's name, as the CLI and the relay spell it (`cancel`, `interrupt`, …).
     pub fn name(self) -> &'static str {
         match self {
             ControlOp::Cancel => "cancel",
@@ -214,10 +221,12 @@ pub async fn apply(
 pub enum ControlAnswer {
     /// Done and durable; what was done.
     Done(String),
+    /// Refused: the error, as it crosses processes.
     Refused(WireError),
 }
 
 impl ControlAnswer {
+    /// The answer to send for what [`apply`] returned.
     pub fn of(result: Result<String>) -> Self {
         match result {
             Ok(done) => ControlAnswer::Done(done),
@@ -225,6 +234,7 @@ impl ControlAnswer {
         }
     }
 
+    /// What the relaying caller gets: what was done, or the refusal as the engine's error.
     pub fn into_result(self) -> Result<String> {
         match self {
             ControlAnswer::Done(done) => Ok(done),

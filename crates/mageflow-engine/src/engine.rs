@@ -28,6 +28,7 @@
 use crate::compaction::CompactionStats;
 use crate::context::{Backing, TaskContext};
 use crate::error::{Error, Result};
+use crate::log_slot::LogSlot;
 use crate::registry::{Registry, TaskFailure};
 use crate::sig::Sig;
 use mageflow_core::{
@@ -71,7 +72,10 @@ pub enum Dispatch {
     /// reports back through it ([`Handle::report`], [`Handle::report_stopped`]). At most
     /// `window` attempts are started and not yet reported at once: the flow control between the
     /// orchestrator and the workers (set it a little above the workers' total concurrency).
-    Remote { window: usize },
+    Remote {
+        /// Attempts started and not yet reported, at most.
+        window: usize,
+    },
 }
 
 /// Engine settings.
@@ -257,16 +261,25 @@ impl Config {
 /// Live counters, readable at any time without asking the orchestrator.
 #[derive(Default, Debug)]
 pub struct Stats {
+    /// Events made durable in the log.
     pub events_written: AtomicU64,
+    /// Appends (batches with at least one event) made durable.
     pub appends: AtomicU64,
     /// Batches whose append failed (their effects were dropped and their workflows reloaded).
     pub append_failures: AtomicU64,
+    /// Task attempts started (handed to a handler, or to the hot tier's workers).
     pub attempts_started: AtomicU64,
+    /// Task attempts that succeeded (containers not counted).
     pub tasks_succeeded: AtomicU64,
+    /// Tasks that failed for good (containers not counted).
     pub tasks_failed: AtomicU64,
+    /// Retries scheduled, lost attempts requeued after a restart included.
     pub retries_scheduled: AtomicU64,
+    /// Workflows finished (each counted once, when its finishing events are durable).
     pub workflows_finished: AtomicU64,
+    /// Attempts holding a worker slot now.
     pub running: AtomicU64,
+    /// Most attempts that held a worker slot at once.
     pub running_peak: AtomicU64,
     /// Workflows whose canceled or purged task data was redacted from the log.
     pub workflows_redacted: AtomicU64,
@@ -282,6 +295,7 @@ pub struct Stats {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RecoveryReport {
+    /// Events read from the log (every stream's).
     pub events_read: u64,
     /// Position of the last event read (0: empty log): the state recovered is the log up to
     /// here.
@@ -324,7 +338,9 @@ pub struct RecoveryReport {
 /// A workflow recovery left out, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SkippedWorkflow {
+    /// The workflow left out.
     pub workflow: WorkflowId,
+    /// Why its events do not fold (the event and the refusal).
     pub reason: String,
 }
 
@@ -337,7 +353,72 @@ pub struct StoredResumeReport {
     pub at: Timestamp,
     /// The engine that wrote it (`system:recovery`).
     pub actor: Actor,
+    /// What that pass found and did.
     pub report: RecoveryReport,
+}
+
+/// What [`Handle::submit_tree`] or [`Handle::create_tree`] created: the workflow, and the id
+/// of each signature its builder labelled ([`crate::TaskSig::label`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    /// The new workflow.
+    pub workflow: WorkflowId,
+    labels: BTreeMap<String, SignatureId>,
+}
+
+impl Submitted {
+    /// Refuses a label used twice in one tree: it could name only one of them.
+    fn new(workflow: WorkflowId, labels: crate::sig::Labels) -> Result<Self> {
+        let mut map = BTreeMap::new();
+        for (label, index) in labels {
+            let sig = SignatureId { workflow, index };
+            if map.insert(label.clone(), sig).is_some() {
+                return Err(Error::Rejected(Rejection::InvalidTree(format!(
+                    "label {label:?} is given to more than one signature of the tree"
+                ))));
+            }
+        }
+        Ok(Self {
+            workflow,
+            labels: map,
+        })
+    }
+
+    /// The root signature (what the builder passed to `submit_tree` was).
+    pub fn root(&self) -> SignatureId {
+        SignatureId::root(self.workflow)
+    }
+
+    /// The id of the signature labelled `label`; `None` if no signature of the tree has it.
+    pub fn sig(&self, label: &str) -> Option<SignatureId> {
+        self.labels.get(label).copied()
+    }
+
+    /// Every label of the tree with its signature's id, in label order.
+    pub fn labels(&self) -> impl Iterator<Item = (&str, SignatureId)> + '_ {
+        self.labels.iter().map(|(l, s)| (l.as_str(), *s))
+    }
+}
+
+/// What [`Handle::wait_for`] waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Until {
+    /// The workflow is finished ([`Workflow::is_finished`]): what [`Handle::wait`] waits for.
+    Finished,
+    /// Finished, or nothing in it can move without a user ([`Workflow::is_settled`]): every
+    /// signature left is suspended, interrupted, waiting under a paused one, or waiting for
+    /// items or the close of an open swarm. Work the start-up recovery held whole
+    /// ([`AutoResume`]) counts as settled too.
+    Settled,
+}
+
+impl std::fmt::Display for Until {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Until::Finished => "finished",
+            Until::Settled => "settled",
+        })
+    }
 }
 
 /// How much of a recovered workflow auto-resume holds back (see [`AutoResume`]).
@@ -346,6 +427,8 @@ enum Hold {
     Nodes(HashSet<NodeIndex>),
 }
 
+/// The current time as the engine records it (the system clock, UTC microseconds): what the
+/// engine passes into the core, which reads no clock itself.
 pub fn now() -> Timestamp {
     let micros = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -389,6 +472,7 @@ enum Request {
     },
     Wait {
         wf: WorkflowId,
+        until: Until,
         reply: oneshot::Sender<Result<Workflow>>,
     },
     /// Run a read-only function over a workflow's state; the answer is sent once everything
@@ -411,12 +495,18 @@ enum Request {
 
 type Inspector = Box<dyn FnOnce(&Workflow) -> Box<dyn Any + Send> + Send>;
 
+/// A caller of `wait`/`wait_for`: what it waits for, and where its answer goes.
+type Waiter = (Until, oneshot::Sender<Result<Workflow>>);
+
 /// Cheap, cloneable access to a running engine.
 #[derive(Clone)]
 pub struct Handle {
     tx: mpsc::Sender<Request>,
     registry: Arc<Registry>,
+    /// The log through [`LogSlot`] (the same allocation as `slot`): emptied by
+    /// [`Engine::shutdown`], so a clone that outlives the engine does not keep the store open.
     log: Arc<dyn EventLog>,
+    slot: Arc<LogSlot>,
     stats: Arc<Stats>,
     actor: Actor,
     config: Arc<Config>,
@@ -445,10 +535,12 @@ impl Engine {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
         let stats = Arc::new(Stats::default());
         let (compact_tx, compact_rx) = mpsc::unbounded_channel();
+        let slot = Arc::new(LogSlot::new(log.clone()));
         let handle = Handle {
             tx: tx.clone(),
             registry: Arc::new(registry),
-            log: log.clone(),
+            log: slot.clone(),
+            slot,
             stats: stats.clone(),
             actor: Actor::api(config.principal.clone()),
             config: Arc::new(config.clone()),
@@ -499,10 +591,12 @@ impl Engine {
         })
     }
 
+    /// A handle to this engine (cheap; clone it freely).
     pub fn handle(&self) -> Handle {
         self.handle.clone()
     }
 
+    /// What the start-up recovery found in the log and did about it.
     pub fn recovery(&self) -> &RecoveryReport {
         &self.recovery
     }
@@ -510,7 +604,9 @@ impl Engine {
     /// Stop taking work, give running handlers the grace period to finish, stop the rest
     /// (their attempts are requeued by the next start), and stop the orchestrator. Returns once
     /// the stopped handlers' futures are dropped too (they get another grace period after their
-    /// token fires), so the log — a sled directory's lock, say — is free for the next opener.
+    /// token fires), and the engine's hold on the log is let go, so the log — a sled
+    /// directory's lock, say — is free for the next opener even while clones of its
+    /// [`Handle`] live on: their calls fail with [`Error::ShutDown`] from then on.
     pub async fn shutdown(self) {
         if let Some((stop, job)) = self.compactor {
             // A compaction in progress finishes first (it is one atomic step).
@@ -528,6 +624,8 @@ impl Engine {
             let _ = rx.await;
         }
         let _ = self.task.await;
+        // The orchestrator (the log's other holder) is gone with its task.
+        self.handle.slot.close();
     }
 }
 
@@ -551,14 +649,19 @@ impl Handle {
         }
     }
 
+    /// The tasks this engine runs (and validates submits against).
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
 
+    /// The engine's live counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
 
+    /// The event log, for reads (`read_stream`, `subscribe`, …): through the handle's slot, so
+    /// after [`Engine::shutdown`] its calls fail with `mageflow_store::Error::Closed`. Appending
+    /// to it directly bypasses the orchestrator (its next batch would conflict): don't.
     pub fn log(&self) -> &Arc<dyn EventLog> {
         &self.log
     }
@@ -598,6 +701,17 @@ impl Handle {
         sig: &Sig,
         input: Option<Value>,
     ) -> Result<Vec<(WorkflowId, Action)>> {
+        self.creation_labelled(id, sig, input)
+            .map(|(actions, _)| actions)
+    }
+
+    /// [`Handle::creation`], also giving the id of every labelled signature of the tree.
+    fn creation_labelled(
+        &self,
+        id: WorkflowId,
+        sig: &Sig,
+        input: Option<Value>,
+    ) -> Result<(Vec<(WorkflowId, Action)>, Submitted)> {
         sig.validate(&self.registry)?;
         if let Some(input) = &input {
             check_input(input)?;
@@ -605,8 +719,40 @@ impl Handle {
         }
         let mut nodes = Vec::new();
         let mut deferred = Vec::new();
-        sig.flatten(&self.registry, 0, None, &mut nodes, &mut deferred)?;
+        let mut labels = Vec::new();
+        sig.flatten(
+            &self.registry,
+            0,
+            None,
+            &mut nodes,
+            &mut deferred,
+            &mut labels,
+        )?;
         check_node_count(nodes.len())?;
+        // Deferred items are numbered as the orchestrator will number them: each chunk after
+        // the nodes before it, in order, within the same atomic step (nothing can interleave).
+        let mut next = nodes.len();
+        for d in &deferred {
+            for chunk in d.items.chunks(crate::sig::SWARM_ITEMS_PER_EVENT) {
+                let parent = Some(mageflow_core::Link {
+                    node: d.swarm,
+                    role: mageflow_core::Role::Child,
+                });
+                let (mut specs, mut nested) = (Vec::new(), Vec::new());
+                for item in chunk {
+                    item.flatten(
+                        &self.registry,
+                        next,
+                        parent,
+                        &mut specs,
+                        &mut nested,
+                        &mut labels,
+                    )?;
+                }
+                next += specs.len();
+            }
+        }
+        let submitted = Submitted::new(id, labels)?;
         let mut start = input.map(Message::input);
         // With items still to add, the workflow runs once it is whole.
         let run_after = if deferred.is_empty() {
@@ -633,7 +779,7 @@ impl Handle {
         if let Some(message) = run_after {
             actions.push((id, Action::Core(Op::Run { message })));
         }
-        Ok(actions)
+        Ok((actions, submitted))
     }
 
     /// Create a workflow from `sig` and run it with `input`. Returns its id once the creation
@@ -678,6 +824,42 @@ impl Handle {
         }
         self.exec(actions, false).await?;
         Ok(ids)
+    }
+
+    /// [`Handle::submit`] that also hands back the id of every signature of the tree given a
+    /// label ([`crate::TaskSig::label`], on chains and swarms too): steps, items and callbacks
+    /// can then be suspended, resumed, canceled or updated without searching the tree.
+    ///
+    /// ```no_run
+    /// # async fn t(h: mageflow_engine::Handle) -> mageflow_engine::Result<()> {
+    /// use mageflow_engine::{chain, sign};
+    /// let flow = chain([sign("fetch").label("fetch"), sign("store").label("store")])
+    ///     .on_error(sign("alert").label("alert"));
+    /// let submitted = h.submit_tree(flow, serde_json::json!({})).await?;
+    /// if let Some(store) = submitted.sig("store") {
+    ///     h.suspend(store).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn submit_tree(
+        &self,
+        sig: impl Into<Sig>,
+        input: impl Serialize,
+    ) -> Result<Submitted> {
+        let id = WorkflowId(uuid::Uuid::now_v7());
+        let input = to_input(input)?;
+        let (actions, submitted) = self.creation_labelled(id, &sig.into(), Some(input))?;
+        self.exec(actions, false).await?;
+        Ok(submitted)
+    }
+
+    /// [`Handle::create`] that also hands back the ids of the tree's labelled signatures (see
+    /// [`Handle::submit_tree`]), e.g. to update their kwargs before the run.
+    pub async fn create_tree(&self, sig: impl Into<Sig>) -> Result<Submitted> {
+        let id = WorkflowId(uuid::Uuid::now_v7());
+        let (actions, submitted) = self.creation_labelled(id, &sig.into(), None)?;
+        self.exec(actions, false).await?;
+        Ok(submitted)
     }
 
     /// Create a workflow without running it (see [`Handle::run`]); kwargs stay updatable.
@@ -751,6 +933,8 @@ impl Handle {
         self.exec(vec![(swarm.workflow, action)], false).await
     }
 
+    /// Close an open swarm: no items can be added any more, and it finishes once every item
+    /// has. Closing a closed swarm is a no-op.
     pub async fn close_swarm(&self, swarm: SignatureId) -> Result<()> {
         self.op(swarm, Op::CloseSwarm { swarm: swarm.index }).await
     }
@@ -774,7 +958,6 @@ impl Handle {
         self.op(sig, Op::Interrupt { node: sig.index }).await
     }
 
-    /// Stop `sig` and everything under it for good. Refused unless `confirmed`.
     /// Soft-delete a workflow: it is marked for deletion until the configured TTL for its root's
     /// kind runs out, then purged by the cleanup job. A running part keeps running to completion
     /// (and its callbacks fire). Until then it can be restored or rerun.
@@ -798,6 +981,10 @@ impl Handle {
         self.op(SignatureId::root(wf), Op::Rerun).await
     }
 
+    /// Stop `sig` and everything under it for good (running handlers get their token fired;
+    /// their task data is redacted once the workflow finishes, [`Config::redact_canceled`]).
+    /// Refused with `confirmation_required` unless `confirmed`; a canceled signature can be
+    /// neither resumed nor rerun.
     pub async fn cancel(&self, sig: SignatureId, confirmed: bool) -> Result<()> {
         let op = Op::Cancel {
             node: sig.index,
@@ -920,26 +1107,69 @@ impl Handle {
     }
 
     /// Wait until a workflow is finished (its root and every fired callback are terminal, and
-    /// nothing is in flight) and return its final state.
+    /// nothing is in flight) and return its final state. It waits for as long as that takes —
+    /// also on a workflow that is suspended or interrupted and so waits for a user; give a
+    /// deadline with [`Handle::wait_timeout`], or return on those too with [`Handle::wait_for`].
     pub async fn wait(&self, wf: WorkflowId) -> Result<Workflow> {
         let (reply, rx) = oneshot::channel();
-        self.call(Request::Wait { wf, reply }, rx).await
+        let until = Until::Finished;
+        self.call(Request::Wait { wf, until, reply }, rx).await
+    }
+
+    /// [`Handle::wait`] with a deadline: the finished state, or [`Error::WaitTimeout`] once
+    /// `timeout` has passed (the workflow is not touched by the timeout; wait again to go on).
+    pub async fn wait_timeout(&self, wf: WorkflowId, timeout: Duration) -> Result<Workflow> {
+        self.wait_for(wf, Until::Finished, timeout).await
+    }
+
+    /// Wait until a workflow reaches `until` — [`Until::Finished`], or [`Until::Settled`]
+    /// (finished, or nothing can move without a user: suspended, interrupted, waiting under a
+    /// paused signature or for items of an open swarm) — and return its durable state then;
+    /// [`Error::WaitTimeout`] once `timeout` has passed first.
+    pub async fn wait_for(
+        &self,
+        wf: WorkflowId,
+        until: Until,
+        timeout: Duration,
+    ) -> Result<Workflow> {
+        let (reply, rx) = oneshot::channel();
+        let waited = self.call(Request::Wait { wf, until, reply }, rx);
+        match tokio::time::timeout(timeout, waited).await {
+            Ok(res) => res,
+            Err(_) => Err(Error::WaitTimeout {
+                workflow: wf,
+                until,
+                waited_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
     }
 
     /// Every event of a workflow, in order, from the log. The system stream
     /// ([`WorkflowId::SYSTEM`]) is no workflow: its history is empty (see
     /// [`Handle::resume_reports`]).
     pub fn history(&self, wf: WorkflowId) -> Result<Vec<Event>> {
+        if self.slot.is_closed() {
+            return Err(Error::ShutDown);
+        }
         if wf.is_system() {
             return Ok(Vec::new());
         }
-        Ok(self.log.read_stream(wf, 1)?)
+        self.read(self.log.read_stream(wf, 1))
+    }
+
+    /// A read through the log slot: `Closed` because the engine shut down is
+    /// [`Error::ShutDown`] (a log closed under a running engine stays a store error).
+    fn read<T>(&self, r: mageflow_store::Result<T>) -> Result<T> {
+        r.map_err(|e| match e {
+            mageflow_store::Error::Closed if self.slot.is_closed() => Error::ShutDown,
+            e => Error::Store(e),
+        })
     }
 
     /// The reports of every recovery pass that found unfinished work or skipped a corrupt
     /// workflow, oldest first, as written to the log's system stream.
     pub fn resume_reports(&self) -> Result<Vec<StoredResumeReport>> {
-        let events = self.log.read_stream(WorkflowId::SYSTEM, 1)?;
+        let events = self.read(self.log.read_stream(WorkflowId::SYSTEM, 1))?;
         let mut out = Vec::new();
         for e in events {
             let Payload::ResumeReport { report } = e.payload else {
@@ -1180,7 +1410,9 @@ struct Orchestrator {
     /// Recovered work auto-resume leaves alone until a resume or run of its workflow
     /// ([`AutoResume`]): `start_ready` drops held signatures instead of starting them.
     held: HashMap<WorkflowId, Hold>,
-    waiters: HashMap<WorkflowId, Vec<oneshot::Sender<Result<Workflow>>>>,
+    /// Callers of `wait`/`wait_for`, per workflow, with what they wait for. A caller that gave
+    /// up (its timeout passed) leaves a closed sender, dropped at the next wait or answer.
+    waiters: HashMap<WorkflowId, Vec<Waiter>>,
     /// Sequence number of the last step decided.
     seq: u64,
     /// For each workflow in the hot state, the last step that touched it (events, a read, a
@@ -1867,14 +2099,16 @@ impl Orchestrator {
                     let res = self.exec(actions, &Actor::system("abandoned"), false, &mut step);
                     step.replies.push(Reply::Unit(reply, res));
                 }
-                Request::Wait { wf, reply } => match self.load(wf) {
+                Request::Wait { wf, until, reply } => match self.load(wf) {
                     Ok(state) if !state.exists() => {
                         self.hot.remove(&wf);
                         step.replies
                             .push(Reply::State(reply, Err(Error::NoSuchWorkflow(wf))));
                     }
                     Ok(_) => {
-                        self.waiters.entry(wf).or_default().push(reply);
+                        let waiters = self.waiters.entry(wf).or_default();
+                        waiters.retain(|(_, w)| !w.is_closed());
+                        waiters.push((until, reply));
                         step.touched.push(wf);
                     }
                     Err(e) => step.replies.push(Reply::State(reply, Err(e))),
@@ -2159,7 +2393,8 @@ impl Orchestrator {
         }
     }
 
-    /// Answer waiters of a finished workflow and drop it from the hot state. Called only once
+    /// Answer waiters of a finished workflow and drop it from the hot state; answer the
+    /// [`Until::Settled`] waiters of one that is settled but not finished. Called only once
     /// every event decided for `wf` is durable (see [`Orchestrator::last_touch`]).
     fn settle(&mut self, wf: WorkflowId) {
         let Some(state) = self.hot.get(&wf) else {
@@ -2170,12 +2405,31 @@ impl Orchestrator {
             return;
         }
         if !state.is_finished() {
+            // Work auto-resume holds whole waits for a user as much as a suspended one does.
+            let settled = state.is_settled() || matches!(self.held.get(&wf), Some(Hold::Whole));
+            if let (true, Some(waiters)) = (settled, self.waiters.get_mut(&wf)) {
+                let (answered, waiting): (Vec<_>, Vec<_>) = std::mem::take(waiters)
+                    .into_iter()
+                    .partition(|(until, _)| *until == Until::Settled);
+                *waiters = waiting;
+                for (_, w) in answered {
+                    let _ = w.send(Ok(state.clone()));
+                }
+                if waiters.is_empty() {
+                    self.waiters.remove(&wf);
+                }
+            }
             return;
         }
         // The state leaves the hot set here: the last waiter gets it, the others a copy (a
         // million-item swarm's state is over a gigabyte).
         let state = self.hot.remove(&wf);
-        if let (Some(mut waiters), Some(state)) = (self.waiters.remove(&wf), state) {
+        if let (Some(waiters), Some(state)) = (self.waiters.remove(&wf), state) {
+            let mut waiters: Vec<_> = waiters
+                .into_iter()
+                .map(|(_, w)| w)
+                .filter(|w| !w.is_closed())
+                .collect();
             let last = waiters.pop();
             for w in waiters {
                 let _ = w.send(Ok(state.clone()));
@@ -2297,7 +2551,9 @@ impl Orchestrator {
 
 /// Run one attempt's handler to its end. `None`: it was stopped (its token fired) and outlived
 /// the grace period, so its future was dropped. A panic is a retryable failure; a handler with a
-/// heartbeat timeout that stops renewing its lease is dropped and failed (retryable).
+/// heartbeat timeout that stops renewing its lease is dropped and failed (retryable); one that
+/// outruns its task's timeout ([`crate::TaskDef::timeout`]) has its token fired, gets `grace` to
+/// wind down, is dropped and fails with [`TaskFailure::timed_out`] (retryable).
 pub(crate) async fn run_attempt(
     handler: crate::registry::Handler,
     heartbeat_timeout: Option<Duration>,
@@ -2311,11 +2567,18 @@ pub(crate) async fn run_attempt(
         ctx.lease = Some(lease);
         renewals
     });
-    let fut = handler(input, ctx);
+    let limit = handler.timeout;
+    let mut fut = std::pin::pin!(CatchUnwind(handler.call(input, ctx)));
+    let caught = |r: std::result::Result<_, Box<dyn Any + Send>>| {
+        r.unwrap_or_else(|panic| {
+            Err(TaskFailure::retryable(format!(
+                "handler panicked: {}",
+                panic_message(&panic)
+            )))
+        })
+    };
     tokio::select! {
-        r = CatchUnwind(fut) => Some(r.unwrap_or_else(|panic| {
-            Err(TaskFailure::retryable(format!("handler panicked: {}", panic_message(&panic))))
-        })),
+        r = &mut fut => Some(caught(r)),
         _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => None,
         missed = lease_expired(heartbeat_timeout, renewals.as_mut()) => {
             // The handler future is dropped here; its token tells anything it spawned.
@@ -2324,6 +2587,24 @@ pub(crate) async fn run_attempt(
                 "lease expired: no heartbeat for {} ms", missed.as_millis()
             ))))
         }
+        limit = timed_out(limit) => {
+            // The attempt is over whatever the handler does now: it only gets the grace period
+            // to wind down (save a checkpoint, release what it holds), as on an interrupt.
+            token.cancel();
+            let _ = tokio::time::timeout(grace, &mut fut).await;
+            Some(Err(TaskFailure::timed_out(limit)))
+        }
+    }
+}
+
+/// Resolves (with the limit) once `limit` has passed; never without one.
+async fn timed_out(limit: Option<Duration>) -> Duration {
+    match limit {
+        Some(limit) => {
+            tokio::time::sleep(limit).await;
+            limit
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -2397,7 +2678,15 @@ fn flatten_items(
     let mut nodes = Vec::new();
     let mut deferred = Vec::new();
     for item in items {
-        item.flatten(registry, base, parent, &mut nodes, &mut deferred)?;
+        // Labels of items added later are not handed back (`Handle::add_to_swarm`).
+        item.flatten(
+            registry,
+            base,
+            parent,
+            &mut nodes,
+            &mut deferred,
+            &mut Vec::new(),
+        )?;
     }
     if !deferred.is_empty() {
         return Err(Error::TooMany {

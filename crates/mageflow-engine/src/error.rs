@@ -3,51 +3,69 @@
 use mageflow_core::{NodeIndex, Rejection, SignatureId, Status, Timestamp, WorkflowId};
 use serde::{Deserialize, Serialize};
 
+/// The engine's result: [`Error`] unless said otherwise.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Everything the engine can refuse or fail with. Each variant has a stable
+/// [`code`](Error::code); `docs/errors.md` says what causes each code and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A signature names a task no handler is registered for.
     #[error("unknown task {name:?}: no handler is registered under that name")]
     UnknownTask { name: String },
+    /// Bound kwargs have a field of the wrong type for the task's input.
     #[error("kwargs do not fit task {task}: {reason}")]
     InvalidKwargs { task: String, reason: String },
+    /// An input (merged with the kwargs) does not deserialize into the task's input type.
     #[error("input does not fit task {task}: {reason}")]
     InvalidInput { task: String, reason: String },
+    /// An input, kwargs, checkpoint or result over its size limit.
     #[error("{what} is {bytes} bytes, more than the limit of {max}")]
     TooLarge {
         what: &'static str,
         bytes: usize,
         max: usize,
     },
+    /// A value nested deeper than [`crate::VALUE_DEPTH_MAX`].
     #[error("{what} is nested {depth} levels deep, more than the limit of {max}")]
     TooDeep {
         what: &'static str,
         depth: usize,
         max: usize,
     },
+    /// More signatures in one event than [`crate::CREATE_NODES_MAX`], or swarm items nested
+    /// where they cannot be split.
     #[error("too many {what}: {count}, the limit is {max}")]
     TooMany {
         what: &'static str,
         count: usize,
         max: usize,
     },
+    /// No workflow has this id (or it is the reserved system stream).
     #[error("workflow {0} does not exist")]
     NoSuchWorkflow(WorkflowId),
+    /// The workflow exists but has no signature of this index.
     #[error("signature {0} does not exist")]
     NoSuchSignature(SignatureId),
+    /// The core refused the command (its code is the rejection's, [`Rejection::code`]).
     #[error("refused: {0}")]
     Rejected(#[from] Rejection),
+    /// The event log failed (`conflict` for a version conflict, else `store`).
     #[error("event log: {0}")]
     Store(#[from] mageflow_store::Error),
+    /// The engine stopped ([`crate::Engine::shutdown`], or superseded): a handle outliving it.
     #[error("the engine is shut down")]
     ShutDown,
+    /// A workflow's events do not fold (a corrupt or forged log).
     #[error("state of workflow {0} could not be rebuilt from its events: {1}")]
     Replay(WorkflowId, mageflow_core::ApplyError),
+    /// `TaskContext::engine` in a handler that runs in a worker process.
     #[error(
         "this handler runs in a worker process: reaching the engine from a handler needs the \
          engine's process (run the task there, or call the engine's API)"
     )]
     NeedsEngine,
+    /// The Redis hot tier failed, or an answer through it did not come in time.
     #[error("hot tier: {0}")]
     Hot(String),
     /// A worker's report or heartbeat named a lease that no longer holds its job (another
@@ -66,6 +84,14 @@ pub enum Error {
     /// A principal name that is empty, too long or not printable.
     #[error("invalid principal: {0}")]
     InvalidPrincipal(String),
+    /// [`crate::Handle::wait_for`] or `wait_timeout` gave up: the workflow did not reach
+    /// `until` within the timeout (it is not touched; wait again to go on).
+    #[error("workflow {workflow} was not {until} after {waited_ms} ms of waiting")]
+    WaitTimeout {
+        workflow: WorkflowId,
+        until: crate::engine::Until,
+        waited_ms: u64,
+    },
 }
 
 impl Error {
@@ -92,6 +118,7 @@ impl Error {
             Error::Forbidden(_) => "forbidden",
             Error::Expired(_) => "expired",
             Error::InvalidPrincipal(_) => "invalid_principal",
+            Error::WaitTimeout { .. } => "wait_timeout",
         }
     }
 }
@@ -367,8 +394,9 @@ mod tests {
         Error::from(serde_json::from_str::<WireError>(&json).expect("decode"))
     }
 
-    #[test]
-    fn rejections_cross_processes_whole() {
+    /// One of every rejection (the match below stops compiling when one is added, until it is
+    /// listed here too).
+    fn every_rejection() -> Vec<Rejection> {
         let mut all = vec![
             Rejection::AlreadyExists,
             Rejection::NoSuchWorkflow,
@@ -384,6 +412,10 @@ mod tests {
             Rejection::NotMarked,
             Rejection::NotExpired(Timestamp::from_micros(1_700_000_000_000_000)),
             Rejection::Purged,
+            Rejection::StaleAttempt {
+                node: 1,
+                attempt: 2,
+            },
             Rejection::Internal("a bug".into()),
         ];
         for op in TRANSITION_OPS {
@@ -392,7 +424,131 @@ mod tests {
                 status: Status::Done,
             });
         }
-        for r in all {
+        for r in &all {
+            match r {
+                Rejection::AlreadyExists
+                | Rejection::NoSuchWorkflow
+                | Rejection::NoSuchNode(_)
+                | Rejection::InvalidTree(_)
+                | Rejection::InvalidTransition { .. }
+                | Rejection::NotASwarm(_)
+                | Rejection::SwarmClosed(_)
+                | Rejection::NotARoot(_)
+                | Rejection::KwargsNotObject
+                | Rejection::ConfirmationRequired
+                | Rejection::Canceled(_)
+                | Rejection::NotYet(_)
+                | Rejection::NotMarked
+                | Rejection::NotExpired(_)
+                | Rejection::Purged
+                | Rejection::StaleAttempt { .. }
+                | Rejection::Internal(_) => {}
+            }
+        }
+        all
+    }
+
+    /// One of every error, every rejection among them, and both codes of `Store`.
+    fn every_error() -> Vec<Error> {
+        let sig = SignatureId::root(WorkflowId(uuid::Uuid::nil()));
+        let mut all = vec![
+            Error::UnknownTask { name: "t".into() },
+            Error::InvalidKwargs {
+                task: "t".into(),
+                reason: "r".into(),
+            },
+            Error::InvalidInput {
+                task: "t".into(),
+                reason: "r".into(),
+            },
+            Error::TooLarge {
+                what: "input",
+                bytes: 2,
+                max: 1,
+            },
+            Error::TooDeep {
+                what: "input",
+                depth: 2,
+                max: 1,
+            },
+            Error::TooMany {
+                what: "signatures",
+                count: 2,
+                max: 1,
+            },
+            Error::NoSuchWorkflow(sig.workflow),
+            Error::NoSuchSignature(sig),
+            Error::Store(mageflow_store::Error::Conflict {
+                stream: sig.workflow,
+                expected: 1,
+                actual: 2,
+            }),
+            Error::Store(mageflow_store::Error::Storage("disk".into())),
+            Error::ShutDown,
+            Error::Replay(
+                sig.workflow,
+                mageflow_core::ApplyError::InvalidTree("x".into()),
+            ),
+            Error::NeedsEngine,
+            Error::Hot("down".into()),
+            Error::WaitTimeout {
+                workflow: sig.workflow,
+                until: crate::Until::Settled,
+                waited_ms: 1,
+            },
+            Error::LeaseLost { sig, attempt: 1 },
+            Error::Unauthenticated("unsigned".into()),
+            Error::Forbidden("a viewer".into()),
+            Error::Expired("late".into()),
+            Error::InvalidPrincipal("empty".into()),
+        ];
+        all.extend(every_rejection().into_iter().map(Error::Rejected));
+        for e in &all {
+            match e {
+                Error::UnknownTask { .. }
+                | Error::InvalidKwargs { .. }
+                | Error::InvalidInput { .. }
+                | Error::TooLarge { .. }
+                | Error::TooDeep { .. }
+                | Error::TooMany { .. }
+                | Error::NoSuchWorkflow(_)
+                | Error::NoSuchSignature(_)
+                | Error::Rejected(_)
+                | Error::Store(_)
+                | Error::ShutDown
+                | Error::Replay(..)
+                | Error::NeedsEngine
+                | Error::Hot(_)
+                | Error::WaitTimeout { .. }
+                | Error::LeaseLost { .. }
+                | Error::Unauthenticated(_)
+                | Error::Forbidden(_)
+                | Error::Expired(_)
+                | Error::InvalidPrincipal(_) => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_code_is_documented() {
+        let doc = include_str!("../../../docs/errors.md");
+        let mut missing: Vec<&str> = every_error()
+            .iter()
+            .map(Error::code)
+            .filter(|code| !doc.contains(&format!("| `{code}` |")))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        assert!(
+            missing.is_empty(),
+            "codes missing from docs/errors.md: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn rejections_cross_processes_whole() {
+        for r in every_rejection() {
             match across(Error::Rejected(r.clone())) {
                 Error::Rejected(back) => assert_eq!(back, r),
                 other => panic!("{r:?} came back as {other:?}"),

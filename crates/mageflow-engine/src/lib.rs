@@ -8,6 +8,7 @@ mod context;
 pub mod control;
 mod engine;
 mod error;
+mod log_slot;
 mod registry;
 mod sig;
 pub mod worker;
@@ -16,12 +17,12 @@ pub use compaction::{CompactionStats, HistoryPass, COMPACT_AFTER_DEFAULT};
 pub use context::{TaskContext, WorkerLink};
 pub use engine::{
     now, AutoResume, Config, Dispatch, Engine, Handle, HistoryCompaction, PositionFloor,
-    RecoveryReport, SkippedWorkflow, Stats, StoredResumeReport, INPUT_BYTES_MAX,
+    RecoveryReport, SkippedWorkflow, Stats, StoredResumeReport, Submitted, Until, INPUT_BYTES_MAX,
     RECOVERY_CORRUPT_LISTED_MAX,
 };
 pub use error::{Error, Result, SubmitAnswer, WireError, WireRejection};
 pub use registry::{Registry, TaskDef, TaskFailure};
 pub use sig::{
     chain, sign, swarm, value_depth, ChainSig, Sig, SwarmSig, TaskSig, CREATE_NODES_MAX,
-    KWARGS_BYTES_MAX, SWARM_ITEMS_PER_EVENT, VALUE_DEPTH_MAX,
+    KWARGS_BYTES_MAX, LABEL_BYTES_MAX, SWARM_ITEMS_PER_EVENT, VALUE_DEPTH_MAX,
 };

@@ -15,32 +15,66 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+/// What a registered handler returns, with its input and output types erased.
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, TaskFailure>> + Send>>;
-pub(crate) type Handler = Arc<dyn Fn(Value, TaskContext) -> HandlerFuture + Send + Sync>;
+type HandlerFn = Arc<dyn Fn(Value, TaskContext) -> HandlerFuture + Send + Sync>;
+
+/// A task's handler together with how long one attempt of it may run, so that whoever runs an
+/// attempt (the engine's workers, a worker process) enforces the same limit.
+#[derive(Clone)]
+pub(crate) struct Handler {
+    run: HandlerFn,
+    /// [`TaskDef::timeout`]: `None` runs an attempt for as long as it takes.
+    pub(crate) timeout: Option<std::time::Duration>,
+}
+
+impl Handler {
+    pub(crate) fn call(&self, input: Value, ctx: TaskContext) -> HandlerFuture {
+        (self.run)(input, ctx)
+    }
+}
 type Validator = Arc<dyn Fn(&Value) -> std::result::Result<(), String> + Send + Sync>;
 
 /// How a handler reports failure.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskFailure {
+    /// What went wrong, as the log records it (error callbacks receive it).
     pub message: String,
     /// False: retrying cannot help; the task fails at once whatever its retry budget.
     pub retryable: bool,
 }
 
 impl TaskFailure {
+    /// A failure retrying may cure: the task is retried while its retry policy allows.
     pub fn retryable(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
             retryable: true,
         }
     }
+    /// A failure retrying cannot cure: the task fails at once, whatever its retry budget.
     pub fn fatal(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
             retryable: false,
         }
     }
+
+    /// The failure of an attempt that outran its task's [`TaskDef::timeout`]: retryable, with
+    /// the message `timed out after <limit> ms` (what the log records, so a reader of the
+    /// history tells a timeout from the handler's own errors; see [`TaskFailure::is_timeout`]).
+    pub fn timed_out(limit: std::time::Duration) -> Self {
+        Self::retryable(format!("{TIMED_OUT_PREFIX}{} ms", limit.as_millis()))
+    }
+
+    /// Whether this is the failure [`TaskFailure::timed_out`] makes.
+    pub fn is_timeout(&self) -> bool {
+        self.retryable && self.message.starts_with(TIMED_OUT_PREFIX)
+    }
 }
+
+/// How the message of a timed-out attempt begins (see [`TaskFailure::timed_out`]).
+const TIMED_OUT_PREFIX: &str = "timed out after ";
 
 impl<E: std::error::Error> From<E> for TaskFailure {
     fn from(e: E) -> Self {
@@ -51,11 +85,13 @@ impl<E: std::error::Error> From<E> for TaskFailure {
 /// One registered task.
 #[derive(Clone)]
 pub struct TaskDef {
+    /// The name signatures call it by ([`crate::sign`]).
     pub name: String,
     pub(crate) handler: Handler,
     validator: Validator,
     /// Input field a success callback's result is injected into.
     pub return_field: String,
+    /// The retry policy of its signatures (each can override it, [`crate::TaskSig::retries`]).
     pub retry: RetryPolicy,
     /// Lease of a running attempt: if the handler goes this long without
     /// `TaskContext::heartbeat`, the attempt is abandoned (its cancellation token fires) and
@@ -64,6 +100,22 @@ pub struct TaskDef {
 }
 
 impl TaskDef {
+    /// Builder: the longest one attempt may run, heartbeats or not (a lease only proves the
+    /// handler is alive; this bounds how long it may take). When it passes, the attempt's
+    /// cancellation token fires, the handler gets the engine's grace period to wind down (its
+    /// result is then ignored), its future is dropped, and the attempt fails with
+    /// [`TaskFailure::timed_out`] — retryable, so it is retried per the task's policy. Enforced
+    /// wherever the attempt runs (this process's workers or a worker process).
+    pub fn timeout(&mut self, limit: std::time::Duration) -> &mut Self {
+        self.handler.timeout = Some(limit);
+        self
+    }
+
+    /// The limit [`TaskDef::timeout`] set (`None`: none).
+    pub fn execution_timeout(&self) -> Option<std::time::Duration> {
+        self.handler.timeout
+    }
+
     /// Builder: hold running attempts to a lease renewed by `TaskContext::heartbeat`.
     pub fn heartbeat_timeout(&mut self, timeout: std::time::Duration) -> &mut Self {
         self.heartbeat_timeout = Some(timeout);
@@ -118,12 +170,14 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// An empty registry (add the built-in tasks with [`crate::builtin::register`]).
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Register an async handler taking a deserializable input and returning a serializable
-    /// output. Returns the definition for further options (`retries`, `return_field`).
+    /// output. Returns the definition for further options (`retries`, `return_field`,
+    /// `timeout`, `heartbeat_timeout`).
     pub fn task<I, O, F, Fut>(&mut self, name: impl Into<String>, handler: F) -> &mut TaskDef
     where
         I: DeserializeOwned + Send + 'static,
@@ -134,7 +188,7 @@ impl Registry {
         let name = name.into();
         let task_name = name.clone();
         let handler = Arc::new(handler);
-        let erased: Handler = Arc::new(move |input: Value, ctx: TaskContext| {
+        let erased: HandlerFn = Arc::new(move |input: Value, ctx: TaskContext| {
             let handler = handler.clone();
             let task_name = task_name.clone();
             Box::pin(async move {
@@ -153,7 +207,10 @@ impl Registry {
             Arc::new(|v: &Value| I::deserialize(v).map(|_| ()).map_err(|e| e.to_string()));
         let def = TaskDef {
             name: name.clone(),
-            handler: erased,
+            handler: Handler {
+                run: erased,
+                timeout: None,
+            },
             validator,
             return_field: RETURN_FIELD_DEFAULT.to_owned(),
             retry: RetryPolicy::default(),
@@ -189,12 +246,14 @@ impl Registry {
         })
     }
 
+    /// The task registered as `name`, or [`Error::UnknownTask`].
     pub fn get(&self, name: &str) -> Result<&TaskDef> {
         self.tasks.get(name).ok_or_else(|| Error::UnknownTask {
             name: name.to_owned(),
         })
     }
 
+    /// Every registered task name, in order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tasks.keys().map(String::as_str)
     }

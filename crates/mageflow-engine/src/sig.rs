@@ -22,6 +22,11 @@ pub const SWARM_ITEMS_PER_EVENT: usize = 10_000;
 /// Most signatures in one creation event (chain steps and callbacks cannot be split the way
 /// swarm items are), which keeps every event far below the codec's size limit.
 pub const CREATE_NODES_MAX: usize = 50_000;
+/// Longest label ([`TaskSig::label`] and the like), in bytes.
+pub const LABEL_BYTES_MAX: usize = 256;
+
+/// Labels of a tree being flattened, with the index each labelled signature got.
+pub(crate) type Labels = Vec<(String, NodeIndex)>;
 
 /// Items of a swarm that did not go into its creation event: added right after it.
 pub(crate) struct Deferred {
@@ -63,8 +68,11 @@ pub(crate) fn check_depth(what: &'static str, v: &Value) -> Result<()> {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Sig {
+    /// A task ([`sign`]).
     Task(TaskSig),
+    /// A chain ([`chain`]).
     Chain(ChainSig),
+    /// A swarm ([`swarm`]).
     Swarm(SwarmSig),
 }
 
@@ -83,6 +91,10 @@ struct Common {
     on_success: Vec<Sig>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     on_error: Vec<Sig>,
+    /// The caller's name for this signature, resolved to its id by `Handle::submit_tree`;
+    /// not stored in the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    label: Option<String>,
 }
 
 impl Common {
@@ -92,9 +104,12 @@ impl Common {
             && self.unserializable.is_none()
             && self.on_success.is_empty()
             && self.on_error.is_empty()
+            && self.label.is_none()
     }
 }
 
+/// A task signature ([`sign`]): a registered task with bound kwargs, callbacks and an
+/// optional retry policy of its own.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TaskSig {
     task: String,
@@ -104,6 +119,7 @@ pub struct TaskSig {
     common: Common,
 }
 
+/// A chain ([`chain`]): steps run one after another, each receiving the previous result.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ChainSig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,6 +129,7 @@ pub struct ChainSig {
     common: Common,
 }
 
+/// A swarm ([`swarm`]): items run in parallel under a concurrency limit.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SwarmSig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,6 +206,15 @@ macro_rules! common_builders {
                 self.common.on_error.push(callback.into());
                 self
             }
+            /// Name this signature for the caller: [`crate::Handle::submit_tree`] (and
+            /// `create_tree`) hand back its id under this label (`submitted.sig("label")`),
+            /// so a step, an item or a callback can be controlled without searching the
+            /// tree. Labels are unique within one tree, non-empty and at most
+            /// [`LABEL_BYTES_MAX`] bytes; they are not stored in the log.
+            pub fn label(mut self, label: impl Into<String>) -> Self {
+                self.common.label = Some(label.into());
+                self
+            }
             /// Run `callback` once after this signature's first terminal outcome — success,
             /// failure, interrupt or cancel — with its input plus `mageflow_cleanup` =
             /// `{signature, task, outcome, result | error}`. Its own failure is recorded and
@@ -225,6 +251,7 @@ impl TaskSig {
 }
 
 impl ChainSig {
+    /// The chain's name, as the state and the history show it (default `chain`).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
@@ -235,10 +262,12 @@ impl ChainSig {
 }
 
 impl SwarmSig {
+    /// The swarm's name, as the state and the history show it (default `swarm`).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
     }
+    /// Items running at once, at most (default 30; at least 1).
     pub fn max_concurrency(mut self, n: u32) -> Self {
         self.config.max_concurrency = n;
         self
@@ -276,6 +305,13 @@ impl Sig {
                 task: self.task_name().unwrap_or("(container)").to_owned(),
                 reason: reason.clone(),
             });
+        }
+        if let Some(label) = &common.label {
+            if label.is_empty() || label.len() > LABEL_BYTES_MAX {
+                return Err(Error::Rejected(mageflow_core::Rejection::InvalidTree(
+                    format!("label {label:?} must be 1 to {LABEL_BYTES_MAX} bytes long"),
+                )));
+            }
         }
         let kwargs = Value::Object(common.kwargs.clone());
         check_depth("kwargs", &kwargs)?;
@@ -338,7 +374,8 @@ impl Sig {
 
     /// Flatten into core node specs starting at index `base`, hanging off `parent`.
     /// Parents come before their children (preorder), as the core requires. Swarm items past
-    /// [`SWARM_ITEMS_PER_EVENT`] go to `deferred` (the swarm is left open for them).
+    /// [`SWARM_ITEMS_PER_EVENT`] go to `deferred` (the swarm is left open for them). Each
+    /// labelled signature's label and index go to `labels`.
     pub(crate) fn flatten(
         &self,
         registry: &Registry,
@@ -346,9 +383,13 @@ impl Sig {
         parent: Option<Link>,
         out: &mut Vec<NodeSpec>,
         deferred: &mut Vec<Deferred>,
+        labels: &mut Labels,
     ) -> Result<NodeIndex> {
         let me = (base + out.len()) as NodeIndex;
         let common = self.common();
+        if let Some(label) = &common.label {
+            labels.push((label.clone(), me));
+        }
         let (name, kind, return_field) = match self {
             Sig::Task(t) => {
                 let def = registry.get(&t.task)?;
@@ -402,21 +443,35 @@ impl Sig {
         }
         let mut children = Vec::with_capacity(members.len());
         for m in members {
-            children.push(m.flatten(registry, base, link(Role::Child), out, deferred)?);
+            children.push(m.flatten(registry, base, link(Role::Child), out, deferred, labels)?);
         }
         let mut on_success = Vec::new();
         for c in &common.on_success {
-            let cb = c.flatten(registry, base, link(Role::SuccessCallback), out, deferred)?;
+            let cb = c.flatten(
+                registry,
+                base,
+                link(Role::SuccessCallback),
+                out,
+                deferred,
+                labels,
+            )?;
             on_success.push(cb);
         }
         let mut on_error = Vec::new();
         for c in &common.on_error {
-            let cb = c.flatten(registry, base, link(Role::ErrorCallback), out, deferred)?;
+            let cb = c.flatten(
+                registry,
+                base,
+                link(Role::ErrorCallback),
+                out,
+                deferred,
+                labels,
+            )?;
             on_error.push(cb);
         }
         let mut on_cleanup = Vec::new();
         for c in &common.on_cleanup {
-            let cb = c.flatten(registry, base, link(Role::Cleanup), out, deferred)?;
+            let cb = c.flatten(registry, base, link(Role::Cleanup), out, deferred, labels)?;
             on_cleanup.push(cb);
         }
         let spec = &mut out[me as usize - base];

@@ -536,6 +536,61 @@ proptest! {
         check_log(&run.log)?;
     }
 
+    /// Once a workflow has finished, no success or error callback of an ended signature is
+    /// left pending: one that was never triggered can no longer fire and is `skipped`, as is
+    /// everything inside it — without a run or an end of its own (it is part of the fold of
+    /// the event that ended its signature).
+    #[test]
+    fn callbacks_that_can_no_longer_fire_end_skipped(
+        tree in arb_tree(),
+        start in prop::bool::weighted(0.8),
+        gens in prop::collection::vec(arb_gen(), 0..60),
+    ) {
+        let mut run = run_commands(&tree, start, &gens)?;
+        run.drain()?;
+        prop_assert!(run.wf.is_settled(), "finished but not settled");
+        if run.wf.purged {
+            return Ok(());
+        }
+        let this_run = match run.log.iter().rposition(|e| matches!(e.payload, Payload::Rerun { .. })) {
+            Some(i) => &run.log[i + 1..],
+            None => &run.log[..],
+        };
+        for (i, n) in run.wf.nodes.iter().enumerate() {
+            let Some(Link { node: p, role }) = n.spec.parent else { continue };
+            let parent = &run.wf.nodes[p as usize];
+            let callback = matches!(role, Role::SuccessCallback | Role::ErrorCallback);
+            let inside_skipped = parent.status == Status::Skipped;
+            // (A cleanup of a callback interrupted before it fired has run: it was triggered.)
+            if (callback && parent.status.is_terminal() || inside_skipped) && n.message.is_none() {
+                // Skipped — unless a user ended it before it could fire (canceled it, or
+                // failed it by canceling a step of it).
+                prop_assert!(
+                    n.status.is_terminal(),
+                    "signature {} ({:?} of {}, which is {}) is {}", i, role, p, parent.status, n.status
+                );
+            }
+            if n.status == Status::Skipped {
+                prop_assert!(n.message.is_none() && !n.in_flight, "skipped signature {} was triggered", i);
+                // It never ran nor ended by an event of its own (a kwargs update, a suspend
+                // or an interrupt before its signature ended may name it).
+                let ran = this_run.iter().find(|e| {
+                    e.payload.node() == Some(i as NodeIndex)
+                        && matches!(
+                            e.payload,
+                            Payload::Queued { .. }
+                                | Payload::ContainerStarted { .. }
+                                | Payload::Started { .. }
+                                | Payload::Succeeded { .. }
+                                | Payload::Failed { .. }
+                                | Payload::Canceled { .. }
+                        )
+                });
+                prop_assert!(ran.is_none(), "skipped signature {} has event {:?}", i, ran);
+            }
+        }
+    }
+
     /// Whatever happened before, resuming, closing and running everything finishes the workflow.
     #[test]
     fn every_workflow_can_be_driven_to_completion(

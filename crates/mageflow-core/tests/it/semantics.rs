@@ -98,7 +98,7 @@ fn chain_stops_at_a_failed_step_and_fires_the_step_then_the_chain_error_callback
     assert_eq!(h.status("pipeline"), Status::Failed);
     assert_eq!(h.status("c"), Status::Pending);
     assert_eq!(h.node("c").message, None);
-    assert_eq!(h.status("report"), Status::Pending);
+    assert_eq!(h.status("report"), Status::Skipped);
 
     // Both error callbacks get b's input (its message and kwargs) plus the error.
     let b_input = json!({ RETURN_FIELD_DEFAULT: {"a": 1}, "mode": "strict" });
