@@ -310,7 +310,7 @@ async fn intake(
             stats.reports.fetch_add(1, Ordering::Relaxed);
             let held = leases.get(&r.report.key).and_then(Option::as_deref);
             if let Err(e) = auth::admit(&policy, &mut replays, &r, held, now_ms()) {
-                refuse(&hot, &r, e, &stats).await;
+                refuse(&hot, &h, &r, e, &stats).await;
                 continue;
             }
             let id = r.id;
@@ -427,8 +427,11 @@ async fn intake(
 }
 
 /// A report that does not count: logged (as a security event unless it is merely stale or
-/// late), and answered if its sender waits for an answer. Nothing of it reaches the log.
-async fn refuse(hot: &Hot, r: &Received, e: Error, stats: &IntakeStats) {
+/// late), and answered if its sender waits for an answer. An operator's command that came too
+/// late is recorded in the log's system stream (`command_refused`): it passed every check but
+/// its deadline, and the audit trail says it was asked for and not done. Nothing else of a
+/// refused report reaches the log (an unauthenticated writer must not be able to fill it).
+async fn refuse(hot: &Hot, h: &Handle, r: &Received, e: Error, stats: &IntakeStats) {
     let (key, worker) = (r.report.key, r.report.worker.as_str());
     match &e {
         Error::LeaseLost { .. } => {
@@ -438,6 +441,27 @@ async fn refuse(hot: &Hot, r: &Received, e: Error, stats: &IntakeStats) {
         Error::Expired(why) => {
             stats.expired.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(id = %r.id, %key, sender = worker, "operator command refused: {why}");
+            if let ReportOutcome::Control {
+                op,
+                principal,
+                deadline_ms,
+                ..
+            } = &r.report.outcome
+            {
+                let record = serde_json::json!({
+                    "op": op,
+                    "target": key.sig.to_string(),
+                    "principal": principal,
+                    "sender": worker,
+                    "code": e.code(),
+                    "reason": why,
+                    "deadline_ms": deadline_ms,
+                    "report": r.id,
+                });
+                if let Err(err) = h.record_refused_command(record).await {
+                    tracing::warn!(id = %r.id, error = %err, "could not record a refused command");
+                }
+            }
         }
         _ => {
             stats.refused.fetch_add(1, Ordering::Relaxed);

@@ -568,11 +568,11 @@ impl Workflow {
                     n.deletion = None;
                 }
             }
-            Payload::ResumeReport { .. } => {
+            Payload::ResumeReport { .. } | Payload::CommandRefused { .. } => {
                 return Err(ApplyError::Invalid {
                     kind,
                     node: 0,
-                    reason: "a resume report belongs to the system stream".into(),
+                    reason: format!("a {kind} event belongs to the system stream"),
                 });
             }
             Payload::Purged { node } => {

@@ -481,6 +481,9 @@ mod fast {
                 Payload::ResumeReport { report } => {
                     self.variant(name, 1).value(report);
                 }
+                Payload::CommandRefused { command } => {
+                    self.variant(name, 1).value(command);
+                }
                 Payload::Resumed { node, status } => {
                     self.variant(name, 2).uint(u64::from(*node));
                     match status {
@@ -917,6 +920,12 @@ mod fast {
                     self.fields(1)?;
                     Payload::ResumeReport {
                         report: self.value(VALUE_DEPTH_MAX)?,
+                    }
+                }
+                "command_refused" => {
+                    self.fields(1)?;
+                    Payload::CommandRefused {
+                        command: self.value(VALUE_DEPTH_MAX)?,
                     }
                 }
                 _ => return None,

@@ -9,8 +9,9 @@ use serde_json::Value;
 use std::fmt;
 
 /// Version of the event schema written by this build. Older versions must keep decoding.
-/// History: 1 = the first schema; 2 = adds [`Payload::ResumeReport`].
-pub const SCHEMA_VERSION: u16 = 2;
+/// History: 1 = the first schema; 2 = adds [`Payload::ResumeReport`]; 3 = adds
+/// [`Payload::CommandRefused`].
+pub const SCHEMA_VERSION: u16 = 3;
 
 /// Who caused an event.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -176,6 +177,13 @@ pub enum Payload {
     ResumeReport {
         report: Value,
     },
+    /// A command the orchestrator refused without carrying it out — one that came past its
+    /// deadline — recorded for the audit trail (schema 3). Only ever in the system stream;
+    /// `command` is a JSON object whose shape the deployment owns (who, what, on which
+    /// signature, why), like a resume report's.
+    CommandRefused {
+        command: Value,
+    },
 }
 
 impl Payload {
@@ -183,7 +191,7 @@ impl Payload {
     pub fn node(&self) -> Option<NodeIndex> {
         use Payload::*;
         match self {
-            WorkflowCreated { .. } | ResumeReport { .. } => None,
+            WorkflowCreated { .. } | ResumeReport { .. } | CommandRefused { .. } => None,
             SwarmItemsAdded { swarm, .. }
             | SwarmClosed { swarm }
             | SwarmDispatched { swarm, .. } => Some(*swarm),
@@ -231,6 +239,7 @@ impl Payload {
             Rerun { .. } => "rerun",
             Purged { .. } => "purged",
             ResumeReport { .. } => "resume_report",
+            CommandRefused { .. } => "command_refused",
         }
     }
 }

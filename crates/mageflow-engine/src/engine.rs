@@ -357,6 +357,24 @@ pub struct StoredResumeReport {
     pub report: RecoveryReport,
 }
 
+/// One refused command read back from the log ([`Handle::refused_commands`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StoredRefusal {
+    /// Its sequence number in the system stream.
+    pub seq: u64,
+    /// When it was refused.
+    pub at: Timestamp,
+    /// Who refused it (`system:intake`).
+    pub actor: Actor,
+    /// What was refused, by whom, and why (JSON object: `op`, `target`, `principal`, `code`,
+    /// `reason`, and the deployment's particulars).
+    pub command: Value,
+}
+
+/// Attempts at appending a record to the system stream when it moved under us (another writer,
+/// a recovery pass, appended there at the same time).
+const SYSTEM_APPEND_TRIES: usize = 5;
+
 /// What [`Handle::submit_tree`] or [`Handle::create_tree`] created: the workflow, and the id
 /// of each signature its builder labelled ([`crate::TaskSig::label`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1164,6 +1182,56 @@ impl Handle {
             mageflow_store::Error::Closed if self.slot.is_closed() => Error::ShutDown,
             e => Error::Store(e),
         })
+    }
+
+    /// Record `command`, refused without being carried out (an operator's command that came
+    /// past its deadline, say), as a `command_refused` event of the log's system stream: the
+    /// audit trail keeps what was asked and why it was not done. Durable when this returns.
+    pub async fn record_refused_command(&self, command: Value) -> Result<()> {
+        crate::sig::check_depth("refused command", &command)?;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let version = self.read(self.log.stream_version(WorkflowId::SYSTEM))?;
+            let event = Event {
+                stream: WorkflowId::SYSTEM,
+                seq: version + 1,
+                at: now(),
+                actor: Actor::system("intake"),
+                schema: mageflow_core::SCHEMA_VERSION,
+                payload: Payload::CommandRefused {
+                    command: command.clone(),
+                },
+            };
+            let request = AppendRequest {
+                stream: WorkflowId::SYSTEM,
+                expected_version: version,
+                events: vec![event],
+            };
+            match self.log.append(vec![request]).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_conflict() && tries < SYSTEM_APPEND_TRIES => {}
+                Err(e) => return self.read(Err(e)),
+            }
+        }
+    }
+
+    /// Every refused command recorded in the log ([`Handle::record_refused_command`]), oldest
+    /// first.
+    pub fn refused_commands(&self) -> Result<Vec<StoredRefusal>> {
+        let events = self.read(self.log.read_stream(WorkflowId::SYSTEM, 1))?;
+        Ok(events
+            .into_iter()
+            .filter_map(|e| match e.payload {
+                Payload::CommandRefused { command } => Some(StoredRefusal {
+                    seq: e.seq,
+                    at: e.at,
+                    actor: e.actor,
+                    command,
+                }),
+                _ => None,
+            })
+            .collect())
     }
 
     /// The reports of every recovery pass that found unfinished work or skipped a corrupt

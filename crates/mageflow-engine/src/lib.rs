@@ -17,8 +17,8 @@ pub use compaction::{CompactionStats, HistoryPass, COMPACT_AFTER_DEFAULT};
 pub use context::{TaskContext, WorkerLink};
 pub use engine::{
     now, AutoResume, Config, Dispatch, Engine, Handle, HistoryCompaction, PositionFloor,
-    RecoveryReport, SkippedWorkflow, Stats, StoredResumeReport, Submitted, Until, INPUT_BYTES_MAX,
-    RECOVERY_CORRUPT_LISTED_MAX,
+    RecoveryReport, SkippedWorkflow, Stats, StoredRefusal, StoredResumeReport, Submitted, Until,
+    INPUT_BYTES_MAX, RECOVERY_CORRUPT_LISTED_MAX,
 };
 pub use error::{Error, Result, SubmitAnswer, WireError, WireRejection};
 pub use registry::{Registry, TaskDef, TaskFailure};

@@ -9,9 +9,11 @@
 //!   arrays, see `mageflow_core::codec`). These must also be exactly what `encode` writes today,
 //!   and the codec's direct reader (not only its serde fallback) must read them.
 //!
-//! - `events-v2-compact/<kind>.msgpack`: schema 2 (adds `resume_report`) in the compact layout:
-//!   the current one. The schema-1 directories hold the variants that existed then, with
-//!   `schema: 1` in their envelope.
+//! - `events-v2-compact/<kind>.msgpack`: schema 2 (adds `resume_report`) in the compact layout.
+//!   Frozen.
+//! - `events-v3-compact/<kind>.msgpack`: schema 3 (adds `command_refused`): the current one.
+//!   The older directories hold the variants that existed then, with their schema in the
+//!   envelope.
 //!
 //! The current layout's files are written once, by
 //! `MAGEFLOW_BLESS=1 cargo test -p mageflow-core golden`. Never re-bless a directory to make a
@@ -37,8 +39,12 @@ const NAMED_DIR: &str = "events-v1";
 const V1_COMPACT_DIR: &str = "events-v1-compact";
 /// Variants schema 1 had (the first ones in the list below).
 const V1_VARIANTS: usize = 20;
+/// The frozen directory of schema 2.
+const V2_COMPACT_DIR: &str = "events-v2-compact";
+/// Variants schema 2 had.
+const V2_VARIANTS: usize = 21;
 /// The directory of the current schema and layout, the one `MAGEFLOW_BLESS=1` writes.
-const CURRENT_DIR: &str = "events-v2-compact";
+const CURRENT_DIR: &str = "events-v3-compact";
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/golden")).join(name)
@@ -69,9 +75,10 @@ fn variant(payload: &Payload) -> usize {
         Payload::Rerun { .. } => 18,
         Payload::Purged { .. } => 19,
         Payload::ResumeReport { .. } => 20,
+        Payload::CommandRefused { .. } => 21,
     }
 }
-const VARIANTS: usize = 21;
+const VARIANTS: usize = 22;
 
 /// The golden events of the current schema, in variant order.
 fn expected() -> Vec<Event> {
@@ -178,6 +185,16 @@ fn expected_of(schema: u16, variants: usize) -> Vec<Event> {
                 "corrupt": [{"workflow": "0192f3a4-0000-7000-8000-000000000001", "reason": "event at position 7 does not fold"}],
             }),
         },
+        Payload::CommandRefused {
+            command: json!({
+                "op": "cancel",
+                "target": "sig_01923f4a5b6c7d8e9fa0b1c2d3e4f506.3",
+                "principal": "alice",
+                "code": "expired",
+                "reason": "the command's deadline passed 2000 ms before it was read",
+                "deadline_ms": 1_795_679_904_000u64,
+            }),
+        },
     ];
     payloads
         .into_iter()
@@ -273,6 +290,7 @@ fn golden_files_still_decode_to_the_same_events() {
     bless_if_asked();
     check_dir(NAMED_DIR, expected_of(1, V1_VARIANTS));
     check_dir(V1_COMPACT_DIR, expected_of(1, V1_VARIANTS));
+    check_dir(V2_COMPACT_DIR, expected_of(2, V2_VARIANTS));
     check_dir(CURRENT_DIR, expected());
 }
 
