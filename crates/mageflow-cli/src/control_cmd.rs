@@ -40,9 +40,8 @@ pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
     }
     let done = match args.tiers.resolve()? {
         Some(Tiers::Embedded(dir)) => {
-            if !dir.exists() {
-                bail!("no store at {}", dir.display());
-            }
+            // The engine's open would create a store in any directory.
+            crate::tiers::existing_store(&dir)?;
             let config = Config {
                 workers: 0,
                 principal: args.principal.clone(),

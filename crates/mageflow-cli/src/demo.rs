@@ -124,6 +124,7 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
             _tmp.clone()
         }
     };
+    let created = !crate::tiers::store_exists(&dir);
     let counters = Arc::new(Counters::default());
     let config = Config {
         workers: 64,
@@ -134,6 +135,9 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
         .await
         .with_context(|| format!("cannot open the embedded store at {}", dir.display()))?;
     let h = engine.handle();
+    if created {
+        println!("created a new store at embedded:{}", dir.display());
+    }
     println!("mageflow demo: store embedded:{}", dir.display());
 
     let work = (0..u64::from(items)).map(|i| {

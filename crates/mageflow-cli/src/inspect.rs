@@ -8,9 +8,7 @@ use std::io::Write;
 
 fn open(store: &str) -> Result<SledLog> {
     let path = embedded_path(store)?;
-    if !path.exists() {
-        anyhow::bail!("no store at {}", path.display());
-    }
+    crate::tiers::existing_store(&path)?;
     SledLog::open(&path, SledOptions::default())
         .with_context(|| format!("cannot open the store at {}", path.display()))
 }

@@ -80,19 +80,70 @@ fn read_file(path: &Path) -> Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("bad config file {}", path.display()))
 }
 
+/// Sled's files and the head guard: a directory holding none of them holds no store.
+const STORE_FILES: [&str; 3] = ["conf", "db", "mageflow.head"];
+
+/// Whether `dir` holds a store (any of its files), without creating anything.
+pub fn store_exists(dir: &Path) -> bool {
+    STORE_FILES.iter().any(|f| dir.join(f).exists())
+}
+
+/// Refuse a path that holds no store, for the commands that must not create one (a store with
+/// only some of its files is refused by the store's open, naming what is missing).
+pub fn existing_store(dir: &Path) -> Result<()> {
+    let shown = dir.display();
+    let hint = format!(
+        "`mageflow demo --store embedded:{shown}` or `mageflow serve --store embedded:{shown}` \
+         creates one. Nothing was created"
+    );
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("no store at {shown}: the directory does not exist ({hint})")
+        }
+        Err(e) => bail!("cannot read {shown}: {e}"),
+        Ok(m) if !m.is_dir() => bail!("no store at {shown}: it is a file, not a store directory"),
+        Ok(_) if !store_exists(dir) => bail!(
+            "no store at {shown}: the directory holds no mageflow store (none of sled's files \
+             `conf` and `db`, no `mageflow.head`) ({hint})"
+        ),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// The options after merging flags and environment with the config file.
+struct Merged {
+    store: Option<String>,
+    postgres: Option<String>,
+    schema: Option<String>,
+    redis: Option<String>,
+    prefix: String,
+}
+
 impl StoreArgs {
-    /// Flags and environment first, then the config file. `None`: nothing given at all.
-    pub fn resolve(&self) -> Result<Option<Tiers>> {
+    fn merged(&self) -> Result<Merged> {
         let file = match &self.config {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
         };
         let pick = |a: &Option<String>, b: Option<String>| a.clone().or(b);
-        let store = pick(&self.store, file.store);
-        let postgres = pick(&self.postgres, file.postgres);
-        let redis = pick(&self.redis, file.redis);
-        let schema = pick(&self.schema, file.schema);
-        let prefix = pick(&self.prefix, file.prefix).unwrap_or_else(|| DEFAULT_PREFIX.into());
+        Ok(Merged {
+            store: pick(&self.store, file.store),
+            postgres: pick(&self.postgres, file.postgres),
+            schema: pick(&self.schema, file.schema),
+            redis: pick(&self.redis, file.redis),
+            prefix: pick(&self.prefix, file.prefix).unwrap_or_else(|| DEFAULT_PREFIX.into()),
+        })
+    }
+
+    /// Flags and environment first, then the config file. `None`: nothing given at all.
+    pub fn resolve(&self) -> Result<Option<Tiers>> {
+        let Merged {
+            store,
+            postgres,
+            schema,
+            redis,
+            prefix,
+        } = self.merged()?;
         match (store, postgres, redis) {
             (Some(_), Some(_), _) | (Some(_), _, Some(_)) => bail!(
                 "give either an embedded store (--store) or PostgreSQL and Redis (--postgres and \
@@ -191,9 +242,13 @@ pub async fn serve(args: &StoreArgs, workers: usize, resume: &ResumeArgs) -> Res
     };
     match args.resolve()? {
         Some(Tiers::Embedded(dir)) => {
+            let created = !store_exists(&dir);
             let engine = mageflow::open_embedded(&dir, builtins(), config)
                 .await
                 .with_context(|| format!("cannot open the embedded store at {}", dir.display()))?;
+            if created {
+                println!("created a new store at embedded:{}", dir.display());
+            }
             println!("recovery: {}", serde_json::to_string(engine.recovery())?);
             println!("serving embedded:{} (Ctrl-C to stop)", dir.display());
             crate::stop_signal().await;
