@@ -1,6 +1,6 @@
 //! `mageflow`: the one binary. `demo` runs the showcase on the embedded store, `bench` runs the
 //! named performance scenarios, `history` prints a workflow's audit trail, `verify` checks a
-//! store's integrity; `serve`, `worker`, `migrate` and `replay --rebuild-hot` run a PostgreSQL +
+//! store's integrity, `state` prints a workflow's current state; `serve`, `worker`, `migrate` and `replay --rebuild-hot` run a PostgreSQL +
 //! Redis deployment.
 
 mod bench;
@@ -8,6 +8,7 @@ mod bench_cluster;
 mod control_cmd;
 mod demo;
 mod inspect;
+mod reader;
 mod tiers;
 
 use anyhow::{Context, Result};
@@ -60,10 +61,12 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         worker_processes: usize,
     },
-    /// Print every event of a workflow: who did what, when.
+    /// Print every event of a workflow (`wf_…`), or the events that concern one signature
+    /// (`sig_…`): who did what, when. Reads a snapshot of an embedded store a `serve` holds.
     History {
-        #[arg(long, env = "MAGEFLOW_STORE")]
-        store: String,
+        /// `--store embedded:PATH`, or `--postgres URL [--schema S]`.
+        #[command(flatten)]
+        tiers: tiers::StoreArgs,
         /// Workflow id (`wf_…`) or signature id (`sig_…`).
         id: String,
         /// One JSON object per line instead of text.
@@ -72,8 +75,21 @@ enum Cmd {
     },
     /// Check the store: every event decodes, positions and stream sequences are dense.
     Verify {
-        #[arg(long, env = "MAGEFLOW_STORE")]
-        store: String,
+        /// `--store embedded:PATH`, or `--postgres URL [--schema S]`.
+        #[command(flatten)]
+        tiers: tiers::StoreArgs,
+    },
+    /// Print the current state of a workflow (`wf_…`), or of a signature and everything under
+    /// it (`sig_…`), folded from the log: each signature's name, kind, status and attempt.
+    State {
+        /// `--store embedded:PATH`, or `--postgres URL [--schema S]`.
+        #[command(flatten)]
+        tiers: tiers::StoreArgs,
+        /// Workflow id (`wf_…`) or signature id (`sig_…`).
+        id: String,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the orchestrator: resume unfinished work, then serve until SIGINT/SIGTERM. On
     /// PostgreSQL + Redis, handlers run in `mageflow worker` processes.
@@ -192,8 +208,9 @@ fn main() -> Result<()> {
                 }
                 _ => bench::run(&scenario, tiers.store.as_deref(), n).await,
             },
-            Cmd::History { store, id, json } => inspect::history(&store, &id, json),
-            Cmd::Verify { store } => inspect::verify(&store),
+            Cmd::History { tiers, id, json } => inspect::history(&tiers, &id, json).await,
+            Cmd::Verify { tiers } => inspect::verify(&tiers).await,
+            Cmd::State { tiers, id, json } => inspect::state(&tiers, &id, json).await,
             Cmd::Serve {
                 tiers,
                 workers,

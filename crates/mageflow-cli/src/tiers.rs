@@ -80,6 +80,14 @@ fn read_file(path: &Path) -> Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("bad config file {}", path.display()))
 }
 
+/// Where the durable log lives, for commands that need nothing else (no Redis): `migrate` and
+/// the read-only commands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LogTier {
+    Embedded(PathBuf),
+    Postgres { url: String, schema: Option<String> },
+}
+
 /// Sled's files and the head guard: a directory holding none of them holds no store.
 const STORE_FILES: [&str; 3] = ["conf", "db", "mageflow.head"];
 
@@ -133,6 +141,26 @@ impl StoreArgs {
             redis: pick(&self.redis, file.redis),
             prefix: pick(&self.prefix, file.prefix).unwrap_or_else(|| DEFAULT_PREFIX.into()),
         })
+    }
+
+    /// The durable log alone: `--store embedded:PATH` or `--postgres URL [--schema S]` (a
+    /// `--redis` given too is not needed, and not an error).
+    pub fn log(&self, command: &str) -> Result<LogTier> {
+        let m = self.merged()?;
+        match (m.store, m.postgres) {
+            (Some(_), Some(_)) => bail!(
+                "give either an embedded store (--store) or PostgreSQL (--postgres), not both"
+            ),
+            (Some(s), None) => Ok(LogTier::Embedded(embedded_path(&s)?)),
+            (None, Some(url)) => Ok(LogTier::Postgres {
+                url,
+                schema: m.schema,
+            }),
+            (None, None) => bail!(
+                "`mageflow {command}` needs --store embedded:PATH or --postgres URL (or \
+                 MAGEFLOW_STORE / MAGEFLOW_POSTGRES, or a config file)"
+            ),
+        }
     }
 
     /// Flags and environment first, then the config file. `None`: nothing given at all.

@@ -155,3 +155,218 @@ async fn a_deleted_sled_file_is_missing_not_corrupt() -> Result<()> {
     );
     Ok(())
 }
+
+/// `state` folds the log: every signature with its name, kind, status and attempt; `--json`
+/// the same as one object; a `sig_…` shows that signature and what is under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_prints_the_folded_state() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let wf = store_with_a_workflow(dir.path()).await?;
+    let store = store_arg(dir.path());
+    let out = mageflow(&["state", "--store", &store, &wf.to_string()])?;
+    assert!(out.status.success(), "{}", text(&out));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains(&format!("sig_{}.0", wf.0.simple())), "{s}");
+    assert!(
+        s.contains("swarm") && s.contains("pair") && s.contains("echo"),
+        "{s}"
+    );
+    assert_eq!(s.matches(" done ").count(), 3, "{s}");
+
+    let out = mageflow(&["state", "--store", &store, &wf.to_string(), "--json"])?;
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let nodes = v["nodes"].as_array().context("nodes")?;
+    assert_eq!(nodes.len(), 3, "{v}");
+    assert_eq!(nodes[0]["kind"], "swarm");
+    assert_eq!(nodes[1]["kind"], "task");
+    assert_eq!(nodes[1]["task"], "echo");
+    assert_eq!(nodes[1]["status"], "done");
+    assert_eq!(nodes[1]["attempt"], 1);
+    assert_eq!(v["snapshot_of_live_store"], false);
+
+    let sig = format!("sig_{}.2", wf.0.simple());
+    let out = mageflow(&["state", "--store", &store, &sig, "--json"])?;
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["nodes"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["nodes"][0]["signature"], sig.as_str());
+
+    let out = mageflow(&[
+        "state",
+        "--store",
+        &store,
+        &format!("sig_{}.9", wf.0.simple()),
+    ])?;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no signature 9"));
+    Ok(())
+}
+
+/// `history sig_…` shows that signature's events (and the one that created it), not its
+/// siblings'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_of_a_signature_shows_only_its_events() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let wf = store_with_a_workflow(dir.path()).await?;
+    let store = store_arg(dir.path());
+    let lines = |id: &str| -> Result<Vec<serde_json::Value>> {
+        let out = mageflow(&["history", "--store", &store, id, "--json"])?;
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| Ok(serde_json::from_str(l)?))
+            .collect()
+    };
+    let all = lines(&wf.to_string())?;
+    let one = lines(&format!("sig_{}.1", wf.0.simple()))?;
+    assert!(one.len() < all.len(), "{one:?}");
+    let kinds: Vec<&str> = one
+        .iter()
+        .filter_map(|e| e["payload"].as_object()?.keys().next().map(String::as_str))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"workflow_created"), "{one:?}");
+    assert!(
+        kinds.contains(&"started") && kinds.contains(&"succeeded"),
+        "{kinds:?}"
+    );
+    for e in &one[1..] {
+        let payload = e["payload"].as_object().context("payload")?;
+        let body = payload.values().next().context("body")?;
+        let node = body.get("node").or_else(|| body.get("swarm"));
+        assert_eq!(node.and_then(|n| n.as_u64()), Some(1), "{e}");
+    }
+    Ok(())
+}
+
+/// A store that a running `serve` holds is read through a snapshot, and the output says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_store_that_serve_holds() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let wf = {
+        let engine = mageflow::open_embedded(dir.path(), registry(), Config::default()).await?;
+        let h = engine.handle();
+        let wf = h
+            .submit(sign("sleep").kwarg("ms", 600_000), json!({}))
+            .await?;
+        while !h.workflow(wf).await?.nodes[0].in_flight {
+            tokio::task::yield_now().await;
+        }
+        drop(h);
+        engine.shutdown().await;
+        wf
+    };
+    let store = store_arg(dir.path());
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_mageflow"))
+        .args(["serve", "--store", &store])
+        .env_remove("MAGEFLOW_LOG")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        lines_until(&mut serve, "serving")?;
+        for args in [
+            vec!["state", "--store", &store, &wf.to_string()],
+            vec!["history", "--store", &store, &wf.to_string()],
+            vec!["verify", "--store", &store],
+        ] {
+            let out = mageflow(&args)?;
+            assert!(out.status.success(), "{args:?}: {}", text(&out));
+            let s = String::from_utf8_lossy(&out.stdout);
+            assert!(s.contains("snapshot of the live store"), "{args:?}: {s}");
+        }
+        let out = mageflow(&["state", "--store", &store, &wf.to_string()])?;
+        assert!(String::from_utf8_lossy(&out.stdout).contains("running"));
+        Ok(())
+    })();
+    stop(&mut serve)?;
+    result
+}
+
+fn postgres_url() -> String {
+    std::env::var("MAGEFLOW_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh schema name, dropped with the guard.
+struct Schema(String);
+
+impl Schema {
+    fn new(what: &str) -> Self {
+        Self(format!("mf_cli_{what}_{}", uuid::Uuid::now_v7().simple()))
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = mageflow::store_pg::drop_schema_blocking(&postgres_url(), &self.0);
+    }
+}
+
+async fn schema_exists(name: &str) -> Result<bool> {
+    use sqlx::Connection;
+    let mut c = sqlx::postgres::PgConnection::connect(&postgres_url()).await?;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.schemata WHERE schema_name = $1",
+    )
+    .bind(name)
+    .fetch_one(&mut c)
+    .await?;
+    Ok(n > 0)
+}
+
+/// `history`, `state` and `verify` on PostgreSQL (no Redis needed), and a schema without a log
+/// is refused and not created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_commands_on_postgres() -> Result<()> {
+    let schema = Schema::new("read");
+    let options = mageflow::store_pg::PgOptions {
+        schema: Some(schema.0.clone()),
+        ..Default::default()
+    };
+    let engine = mageflow::open_postgres(&postgres_url(), options, registry(), Config::default())
+        .await
+        .context("this test needs PostgreSQL at MAGEFLOW_TEST_POSTGRES (or 127.0.0.1:5432/test)")?;
+    let h = engine.handle();
+    let wf = h
+        .submit(swarm(vec![sign("echo").kwarg("x", 1)]), json!({}))
+        .await?;
+    h.wait(wf).await?;
+    drop(h);
+    engine.shutdown().await;
+
+    let url = postgres_url();
+    let pg = ["--postgres", url.as_str(), "--schema", schema.0.as_str()];
+    let run = |cmd: &[&str]| mageflow(&[cmd, &pg[..]].concat());
+    let out = run(&["state", &wf.to_string(), "--json"])?;
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["nodes"][1]["status"], "done", "{v}");
+    let out = run(&["history", &wf.to_string()])?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("succeeded"));
+    let out = run(&["verify"])?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: "));
+
+    let empty = Schema::new("none");
+    for cmd in [vec!["verify"], vec!["state", WF], vec!["history", WF]] {
+        let out = mageflow(
+            &[
+                &cmd[..],
+                &["--postgres", url.as_str(), "--schema", empty.0.as_str()],
+            ]
+            .concat(),
+        )?;
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no mageflow log"),
+            "{}",
+            text(&out)
+        );
+    }
+    assert!(
+        !schema_exists(&empty.0).await?,
+        "a read-only command created a schema"
+    );
+    Ok(())
+}
