@@ -69,7 +69,12 @@ pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
             let c = args.tiers.cluster(op.name())?;
             let hot = mageflow::hot::Hot::connect(c.hot.clone())
                 .await
-                .with_context(|| format!("cannot reach Redis at {}", c.hot.url))?;
+                .with_context(|| {
+                    format!(
+                        "cannot reach Redis at {}",
+                        mageflow::store::mask_url(&c.hot.url)
+                    )
+                })?;
             mageflow::cluster::relay_control(
                 &hot,
                 &format!("operator:{}", args.principal),

@@ -287,8 +287,10 @@ pub async fn serve(args: &StoreArgs, workers: usize, resume: &ResumeArgs) -> Res
             tokio::pin!(stop);
             // Another orchestrator on the log: this one stands by (open_cluster waits) until it
             // stops, or until this one is told to stop.
+            let cluster_config = args.cluster("serve")?;
+            check_services(&cluster_config).await?;
             let c = tokio::select! {
-                c = cluster::open_cluster(args.cluster("serve")?, builtins(), config) => c?,
+                c = cluster::open_cluster(cluster_config, builtins(), config) => c?,
                 _ = &mut stop => {
                     println!("stopped while standing by");
                     return Ok(());
@@ -388,16 +390,14 @@ pub async fn worker(
     Ok(())
 }
 
-/// `mageflow migrate`: create or upgrade the log's tables, then exit.
+/// `mageflow migrate`: create or upgrade the log's tables, then exit. Needs PostgreSQL only.
 pub async fn migrate(args: &StoreArgs) -> Result<()> {
-    let (url, schema) = match args.resolve()? {
-        Some(Tiers::Cluster {
-            postgres, schema, ..
-        }) => (postgres, schema),
-        _ => match (&args.postgres, &args.schema) {
-            (Some(url), schema) => (url.clone(), schema.clone()),
-            _ => bail!("`mageflow migrate` needs --postgres URL"),
-        },
+    let (url, schema) = match args.log("migrate")? {
+        LogTier::Postgres { url, schema } => (url, schema),
+        LogTier::Embedded(_) => bail!(
+            "`mageflow migrate` is for a PostgreSQL log (--postgres URL); an embedded store \
+             needs no migration"
+        ),
     };
     let log = PgLog::open(
         &url,
@@ -411,6 +411,27 @@ pub async fn migrate(args: &StoreArgs) -> Result<()> {
         use mageflow::store::EventLog;
         log.head()
     });
+    Ok(())
+}
+
+/// Before `serve` changes anything (a migration, the orchestrator lock, Redis keys): every
+/// service answers. Otherwise a Redis that is down would be found only after the migrations ran
+/// and the lock was taken.
+async fn check_services(c: &ClusterConfig) -> Result<()> {
+    use sqlx::Connection;
+    let shown = mageflow::store::mask_url(&c.postgres);
+    let mut pg = sqlx::postgres::PgConnection::connect(&c.postgres)
+        .await
+        .with_context(|| format!("cannot reach PostgreSQL at {shown}; nothing was changed"))?;
+    sqlx::query("SELECT 1")
+        .execute(&mut pg)
+        .await
+        .with_context(|| format!("PostgreSQL at {shown} does not answer; nothing was changed"))?;
+    let _ = pg.close().await;
+    Hot::connect(c.hot.clone()).await.context(
+        "serve did not start: Redis does not answer, so nothing was changed (no migration \
+             run, no lock taken)",
+    )?;
     Ok(())
 }
 

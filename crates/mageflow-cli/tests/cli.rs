@@ -370,3 +370,76 @@ async fn reading_commands_on_postgres() -> Result<()> {
     );
     Ok(())
 }
+
+/// `migrate` needs PostgreSQL only: no Redis given, and it creates the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_needs_postgres_only() -> Result<()> {
+    let schema = Schema::new("migrate");
+    let out = mageflow(&[
+        "migrate",
+        "--postgres",
+        &postgres_url(),
+        "--schema",
+        &schema.0,
+    ])?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(schema_exists(&schema.0).await?);
+    Ok(())
+}
+
+/// A local port nothing listens on (bound, then let go).
+fn closed_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `serve` with Redis down changes nothing on PostgreSQL (no schema, no migration, no lock),
+/// and its message shows the Redis URL with the password masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_checks_every_service_first_and_masks_passwords() -> Result<()> {
+    let schema = Schema::new("serve");
+    let redis = format!("redis://:hunter2@127.0.0.1:{}", closed_port()?);
+    let out = mageflow(&[
+        "serve",
+        "--postgres",
+        &postgres_url(),
+        "--schema",
+        &schema.0,
+        "--redis",
+        &redis,
+    ])?;
+    assert!(!out.status.success(), "{}", text(&out));
+    let all = text(&out);
+    assert!(all.contains("Redis"), "{all}");
+    assert!(all.contains("redis://:***@127.0.0.1"), "{all}");
+    assert!(!all.contains("hunter2"), "{all}");
+    assert!(
+        !schema_exists(&schema.0).await?,
+        "serve migrated before checking Redis"
+    );
+
+    // PostgreSQL down: its URL's password is masked too, in serve and in the read commands.
+    let pg = format!(
+        "postgres://postgres:hunter2@127.0.0.1:{}/test",
+        closed_port()?
+    );
+    for args in [
+        vec![
+            "serve",
+            "--postgres",
+            &pg,
+            "--redis",
+            "redis://127.0.0.1:6379",
+        ],
+        vec!["verify", "--postgres", &pg],
+        vec!["migrate", "--postgres", &pg],
+    ] {
+        let out = mageflow(&args)?;
+        assert!(!out.status.success(), "{}", text(&out));
+        let all = text(&out);
+        assert!(all.contains("postgres://postgres:***@127.0.0.1"), "{all}");
+        assert!(!all.contains("hunter2"), "{all}");
+    }
+    Ok(())
+}
