@@ -139,6 +139,10 @@ pub async fn history(args: &StoreArgs, id: &str, json: bool) -> Result<()> {
 }
 
 pub async fn verify(args: &StoreArgs) -> Result<()> {
+    if let crate::tiers::LogTier::Embedded(dir) = args.log("verify")? {
+        // Read before opening: open writes the guard again.
+        guard_warning(&dir);
+    }
     let log = ReadLog::open(args, "verify").await?;
     let events = log.verify()?;
     let what = match &log.snapshot {
@@ -153,6 +157,25 @@ pub async fn verify(args: &StoreArgs) -> Result<()> {
         println!("{n}");
     }
     Ok(())
+}
+
+/// Warn (stderr; the verdict is not changed) when an embedded store's acknowledged-position
+/// guard is gone or unreadable: without it, a sled log that lost its end opens as a shorter one.
+fn guard_warning(dir: &std::path::Path) {
+    use mageflow::store::HeadGuard;
+    if !crate::tiers::store_exists(dir) {
+        return;
+    }
+    let why = match mageflow::store::head_guard(dir) {
+        HeadGuard::Recorded(_) => return,
+        HeadGuard::Missing => format!("{} is missing", dir.join("mageflow.head").display()),
+        HeadGuard::Unreadable(why) => format!("it is unreadable: {why}"),
+    };
+    eprintln!(
+        "warning: the acknowledged-position guard of this store cannot be checked ({why}); \
+         without it, a store that lost acknowledged events cannot be told from a shorter one. \
+         Opening the store writes a new guard from what the log holds now."
+    );
 }
 
 /// One signature's line of `state`.

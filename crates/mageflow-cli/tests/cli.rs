@@ -276,6 +276,15 @@ async fn reading_a_store_that_serve_holds() -> Result<()> {
         }
         let out = mageflow(&["state", "--store", &store, &wf.to_string()])?;
         assert!(String::from_utf8_lossy(&out.stdout).contains("running"));
+        // A command that writes is refused while serve holds the store, in plain words.
+        let out = mageflow(&["suspend", &wf.to_string(), "--store", &store])?;
+        assert!(!out.status.success(), "{}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("in use by another process"), "{err}");
+        assert!(
+            !err.contains("Os {") && !err.contains("WouldBlock"),
+            "{err}"
+        );
         Ok(())
     })();
     stop(&mut serve)?;
@@ -441,5 +450,41 @@ async fn serve_checks_every_service_first_and_masks_passwords() -> Result<()> {
         assert!(all.contains("postgres://postgres:***@127.0.0.1"), "{all}");
         assert!(!all.contains("hunter2"), "{all}");
     }
+    Ok(())
+}
+
+/// `verify` warns (and still succeeds) when the acknowledged-position guard is gone or garbled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_warns_about_a_missing_or_unreadable_head_guard() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    store_with_a_workflow(dir.path()).await?;
+    let store = store_arg(dir.path());
+    let out = mageflow(&["verify", "--store", &store])?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{}",
+        text(&out)
+    );
+
+    let guard = dir.path().join("mageflow.head");
+    std::fs::remove_file(&guard)?;
+    let out = mageflow(&["verify", "--store", &store])?;
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("mageflow.head is missing"),
+        "{err}"
+    );
+
+    std::fs::write(&guard, b"garbage")?;
+    let out = mageflow(&["verify", "--store", &store])?;
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("unreadable"),
+        "{err}"
+    );
+    assert!(err.contains("7 bytes, expected 12"), "{err}");
     Ok(())
 }

@@ -558,10 +558,12 @@ fn sled_error(dir: Option<&Path>, e: sled::Error) -> Error {
                 "{} fails sled's checksum (expected the stored CRC over its bytes)",
                 file(&format!("blobs/{blob}"))
             ),
+            // sled gives no place for a record it cannot parse.
             None => format!(
-                "{} does not parse (expected `segment_size`, `use_compression` and `version` \
-                 lines followed by a CRC)",
-                file("conf")
+                "sled found data it cannot parse in {} or {} (expected its configuration \
+                 lines, or a well-formed log record; sled does not say which, or where)",
+                file("conf"),
+                file("db")
             ),
         }),
         sled::Error::Io(io) if io.kind() == std::io::ErrorKind::NotFound => Error::Missing {
@@ -1781,5 +1783,76 @@ impl EventLog for SledLog {
         snapshot: Option<Vec<u8>>,
     ) -> Result<Option<CompactStats>> {
         SledLog::compact(self, stream, up_to_seq, snapshot).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// sled's errors read as words naming the file and offset, never as sled's `Debug` text.
+    #[test]
+    fn sled_errors_in_plain_words() {
+        let dir = Path::new("/var/lib/mf");
+        let cases = [
+            (
+                sled::Error::Corruption {
+                    at: Some(sled::DiskPtr::Inline(4096)),
+                    bt: (),
+                },
+                "/var/lib/mf/db holds damaged data at byte offset 4096",
+            ),
+            (
+                sled::Error::Corruption {
+                    at: Some(sled::DiskPtr::Blob(7, 42)),
+                    bt: (),
+                },
+                "/var/lib/mf/blobs/42 fails sled's checksum",
+            ),
+            (
+                sled::Error::Corruption { at: None, bt: () },
+                "cannot parse in /var/lib/mf/conf or /var/lib/mf/db",
+            ),
+            (
+                sled::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "No such file or directory",
+                )),
+                "is missing",
+            ),
+        ];
+        for (e, needle) in cases {
+            let shown = sled_error(Some(dir), e).to_string();
+            assert!(shown.contains(needle), "{shown}");
+            for debug in ["Some(", "Inline(", "Blob(", "Os {", "kind:"] {
+                assert!(!shown.contains(debug), "{shown}");
+            }
+        }
+        let locked = sled::Error::Io(std::io::Error::other(
+            "could not acquire lock on \"/var/lib/mf/db\": Os { code: 11, kind: WouldBlock }",
+        ));
+        let shown = sled_error(Some(dir), locked).to_string();
+        assert!(shown.contains("in use by another process"), "{shown}");
+        assert!(!shown.contains("Os {"), "{shown}");
+    }
+
+    #[test]
+    fn the_head_guard_says_why_it_cannot_be_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(head_guard(dir.path()), HeadGuard::Missing);
+        std::fs::write(dir.path().join(HEAD_FILE), [1, 2, 3]).expect("write");
+        match head_guard(dir.path()) {
+            HeadGuard::Unreadable(why) => assert!(why.contains("3 bytes, expected 12"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let mut good = [0u8; HEAD_FILE_BYTES];
+        good[..8].copy_from_slice(&9u64.to_be_bytes());
+        let crc = crc32fast::hash(&good[..8]);
+        good[8..].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(dir.path().join(HEAD_FILE), good).expect("write");
+        assert_eq!(head_guard(dir.path()), HeadGuard::Recorded(9));
+        good[0] ^= 1;
+        std::fs::write(dir.path().join(HEAD_FILE), good).expect("write");
+        assert!(matches!(head_guard(dir.path()), HeadGuard::Unreadable(_)));
     }
 }
