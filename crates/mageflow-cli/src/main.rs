@@ -37,7 +37,7 @@ enum Cmd {
         /// Store, as `embedded:PATH`. Default: a fresh temporary directory.
         #[arg(long, env = "MAGEFLOW_STORE")]
         store: Option<String>,
-        /// Number of tasks in the swarm.
+        /// Number of tasks in the swarm (at least 1).
         #[arg(long, default_value_t = 1000)]
         items: u32,
         /// Plain log lines instead of progress bars.

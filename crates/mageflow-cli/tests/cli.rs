@@ -488,3 +488,29 @@ async fn verify_warns_about_a_missing_or_unreadable_head_guard() -> Result<()> {
     assert!(err.contains("7 bytes, expected 12"), "{err}");
     Ok(())
 }
+
+/// `demo --items N` runs for small swarms too (the suspend used to miss a swarm that finished
+/// between two looks and fail), and `--items 0` is refused with a message.
+#[test]
+fn demo_runs_for_every_swarm_size() -> Result<()> {
+    for items in ["1", "2", "7", "140"] {
+        let dir = tempfile::tempdir()?;
+        let store = store_arg(dir.path());
+        let out = mageflow(&["demo", "--store", &store, "--items", items, "--no-progress"])?;
+        assert!(out.status.success(), "--items {items}: {}", text(&out));
+        let s = String::from_utf8_lossy(&out.stdout);
+        assert!(s.contains("demo finished as expected"), "{s}");
+        assert!(s.contains("created a new store at"), "{s}");
+        assert!(s.contains("0 started while suspended"), "{s}");
+    }
+    let dir = tempfile::tempdir()?;
+    let out = mageflow(&["demo", "--store", &store_arg(dir.path()), "--items", "0"])?;
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--items 0") && err.contains("at least 1"),
+        "{err}"
+    );
+    assert_eq!(entries(dir.path())?, Vec::<String>::new());
+    Ok(())
+}
