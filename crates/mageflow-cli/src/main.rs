@@ -25,8 +25,66 @@ pub use tiers::embedded_path;
 #[derive(Parser)]
 #[command(name = "mageflow", version, about = "Event-sourced task orchestration")]
 struct Cli {
+    /// Format of the log lines on stderr (their filter: MAGEFLOW_LOG, else RUST_LOG, in
+    /// tracing's EnvFilter syntax, e.g. `info` or `warn,mageflow_store=debug`; default `warn`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One human-readable line per event (coloured only on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the log filter comes from, first set one wins.
+const LOG_FILTER_VARS: [&str; 2] = ["MAGEFLOW_LOG", "RUST_LOG"];
+/// The filter when neither variable is set.
+const LOG_FILTER_DEFAULT: &str = "warn";
+
+/// The filter from the first of [`LOG_FILTER_VARS`] that is set (and not empty). An invalid one
+/// is refused, naming the variable, rather than silently replaced by the default.
+fn log_filter() -> Result<tracing_subscriber::EnvFilter> {
+    use tracing_subscriber::EnvFilter;
+    for var in LOG_FILTER_VARS {
+        let value = match std::env::var(var) {
+            Ok(v) if v.trim().is_empty() => continue,
+            Ok(v) => v,
+            Err(std::env::VarError::NotPresent) => continue,
+            Err(std::env::VarError::NotUnicode(_)) => {
+                anyhow::bail!("{var} is not valid UTF-8, so it is no log filter")
+            }
+        };
+        return EnvFilter::builder().parse(&value).map_err(|e| {
+            anyhow::anyhow!(
+                "{var}={value:?} is not a valid log filter ({e}); the syntax is tracing's \
+                 EnvFilter: a level (`info`), or comma-separated `target=level` directives \
+                 (`warn,mageflow_store=debug`)"
+            )
+        });
+    }
+    Ok(EnvFilter::new(LOG_FILTER_DEFAULT))
+}
+
+/// Log to stderr, in `format`; colour only when stderr is a terminal (and NO_COLOR is unset),
+/// so redirected logs carry no escape codes.
+fn init_logs(format: LogFormat) -> Result<()> {
+    use std::io::IsTerminal;
+    let filter = log_filter()?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -175,14 +233,8 @@ pub async fn stop_signal() {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MAGEFLOW_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logs(cli.log_format)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
