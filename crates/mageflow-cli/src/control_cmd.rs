@@ -13,14 +13,11 @@ use std::time::Duration;
 /// How long a relayed command waits for the orchestrator's answer (Redis keeps an answer 60 s).
 const ANSWER_WAIT: Duration = Duration::from_secs(50);
 
+/// What every operator's command takes (`cancel` adds `--confirm`: [`CancelArgs`]).
 #[derive(clap::Args)]
 pub struct ControlArgs {
     /// Signature id (`sig_…`), or workflow id (`wf_…`) for its root signature.
     id: String,
-    /// Cancel only: confirm that the signature, everything under it and their data are to be
-    /// deleted for good (only the audit record stays; it cannot be resumed or rerun).
-    #[arg(long)]
-    confirm: bool,
     /// Recorded as the actor of the command (the audit trail's "who").
     #[arg(long, env = "USER", default_value = "cli")]
     principal: String,
@@ -28,9 +25,22 @@ pub struct ControlArgs {
     tiers: StoreArgs,
 }
 
-pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
+/// `cancel`'s arguments: the others' and `--confirm`, which only a cancel needs (elsewhere the
+/// flag would suggest a confirmation that nothing asks for).
+#[derive(clap::Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub common: ControlArgs,
+    /// Confirm that the signature, everything under it and their data are to be deleted for
+    /// good (only the audit record stays; it cannot be resumed or rerun).
+    #[arg(long)]
+    pub confirm: bool,
+}
+
+/// Carry out `op`; `confirm` is `cancel`'s `--confirm` (false for every other command).
+pub async fn run(op: ControlOp, args: &ControlArgs, confirm: bool) -> Result<()> {
     let target = control::parse_target(&args.id)?;
-    if op == ControlOp::Cancel && !args.confirm {
+    if op == ControlOp::Cancel && !confirm {
         bail!(
             "refusing to cancel {target} without --confirm: cancel stops it and everything \
              under it and deletes their task data for good (only the audit record of who \
@@ -61,7 +71,7 @@ pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
                         dir.display()
                     )
                 })?;
-            let done = control::apply(&engine.handle(), op, target, args.confirm).await;
+            let done = control::apply(&engine.handle(), op, target, confirm).await;
             engine.shutdown().await;
             done?
         }
@@ -80,7 +90,7 @@ pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
                 &format!("operator:{}", args.principal),
                 op,
                 target,
-                args.confirm,
+                confirm,
                 &args.principal,
                 ANSWER_WAIT,
             )

@@ -182,7 +182,7 @@ enum Cmd {
     },
     /// Stop a signature and everything under it and delete it for good (only the audit record
     /// stays). Refused without --confirm.
-    Cancel(control_cmd::ControlArgs),
+    Cancel(control_cmd::CancelArgs),
     /// Stop a signature whatever its status, keeping it (resume runs it again from its last
     /// checkpoint, best effort).
     Interrupt(control_cmd::ControlArgs),
@@ -280,13 +280,13 @@ fn main() -> Result<()> {
                 rebuild_hot: _,
                 no_progress,
             } => tiers::rebuild_hot(&tiers, !no_progress).await,
-            Cmd::Cancel(a) => control_cmd::run(ControlOp::Cancel, &a).await,
-            Cmd::Interrupt(a) => control_cmd::run(ControlOp::Interrupt, &a).await,
-            Cmd::Suspend(a) => control_cmd::run(ControlOp::Suspend, &a).await,
-            Cmd::Resume(a) => control_cmd::run(ControlOp::Resume, &a).await,
-            Cmd::Delete(a) => control_cmd::run(ControlOp::Delete, &a).await,
-            Cmd::Restore(a) => control_cmd::run(ControlOp::Restore, &a).await,
-            Cmd::Rerun(a) => control_cmd::run(ControlOp::Rerun, &a).await,
+            Cmd::Cancel(a) => control_cmd::run(ControlOp::Cancel, &a.common, a.confirm).await,
+            Cmd::Interrupt(a) => control_cmd::run(ControlOp::Interrupt, &a, false).await,
+            Cmd::Suspend(a) => control_cmd::run(ControlOp::Suspend, &a, false).await,
+            Cmd::Resume(a) => control_cmd::run(ControlOp::Resume, &a, false).await,
+            Cmd::Delete(a) => control_cmd::run(ControlOp::Delete, &a, false).await,
+            Cmd::Restore(a) => control_cmd::run(ControlOp::Restore, &a, false).await,
+            Cmd::Rerun(a) => control_cmd::run(ControlOp::Rerun, &a, false).await,
         }
     })
 }

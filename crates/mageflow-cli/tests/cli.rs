@@ -579,3 +579,34 @@ async fn log_filter_and_format() -> Result<()> {
     assert!(out.status.success(), "{}", text(&out));
     Ok(())
 }
+
+/// `--confirm` belongs to `cancel` alone: anywhere else it is a usage error (exit 2), caught
+/// before anything is opened.
+#[test]
+fn only_cancel_offers_confirm() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = store_arg(dir.path());
+    for cmd in [
+        "suspend",
+        "resume",
+        "interrupt",
+        "delete",
+        "restore",
+        "rerun",
+    ] {
+        let out = mageflow(&[cmd, "--confirm", WF, "--store", &store])?;
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--confirm"),
+            "{cmd}"
+        );
+        let help = mageflow(&[cmd, "--help"])?;
+        assert!(
+            !String::from_utf8_lossy(&help.stdout).contains("--confirm"),
+            "{cmd} --help"
+        );
+    }
+    let help = mageflow(&["cancel", "--help"])?;
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--confirm"));
+    Ok(())
+}
