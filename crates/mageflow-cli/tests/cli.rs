@@ -610,3 +610,59 @@ fn only_cancel_offers_confirm() -> Result<()> {
     assert!(String::from_utf8_lossy(&help.stdout).contains("--confirm"));
     Ok(())
 }
+
+/// While a `serve` is writing (it resumes a long chain of `noop` steps, one commit each), every
+/// read of its store takes a snapshot that checks: a copy that caught a write half done is
+/// taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_store_while_serve_writes_to_it() -> Result<()> {
+    const STEPS: usize = 3_000;
+    const READS: usize = 6;
+    let dir = tempfile::tempdir()?;
+    let wf = {
+        let engine = mageflow::open_embedded(dir.path(), registry(), Config::default()).await?;
+        let h = engine.handle();
+        let steps: Vec<mageflow::Sig> = (0..STEPS).map(|_| sign("noop").into()).collect();
+        let wf = h.submit(mageflow::chain(steps), json!({})).await?;
+        // Stopped early on: serve finds almost all of the chain to run.
+        while h
+            .inspect(wf, |w| {
+                w.nodes
+                    .iter()
+                    .filter(|n| n.status == mageflow::Status::Done)
+                    .count()
+            })
+            .await?
+            < 3
+        {
+            tokio::task::yield_now().await;
+        }
+        drop(h);
+        engine.shutdown().await;
+        wf
+    };
+    let store = store_arg(dir.path());
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_mageflow"))
+        .args(["serve", "--store", &store])
+        .env_remove("MAGEFLOW_LOG")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        lines_until(&mut serve, "serving")?;
+        let mut versions = Vec::new();
+        for _ in 0..READS {
+            let out = mageflow(&["verify", "--store", &store])?;
+            assert!(out.status.success(), "{}", text(&out));
+            let out = mageflow(&["state", "--store", &store, &wf.to_string(), "--json"])?;
+            assert!(out.status.success(), "{}", text(&out));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            assert_eq!(v["snapshot_of_live_store"], true, "{v}");
+            versions.push(v["version"].as_u64().context("version")?);
+        }
+        // Each snapshot is at least as new as the one before (it never goes back in time).
+        assert!(versions.windows(2).all(|w| w[0] <= w[1]), "{versions:?}");
+        Ok(())
+    })();
+    stop(&mut serve)?;
+    result
+}
