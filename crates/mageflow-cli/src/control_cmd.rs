@@ -14,14 +14,11 @@ use std::time::Duration;
 /// orchestrator that reads it later refuses it.
 const ANSWER_WAIT: Duration = Duration::from_secs(50);
 
+/// What every operator's command takes (`cancel` adds `--confirm`: [`CancelArgs`]).
 #[derive(clap::Args)]
 pub struct ControlArgs {
     /// Signature id (`sig_…`), or workflow id (`wf_…`) for its root signature.
     id: String,
-    /// Cancel only: confirm that the signature, everything under it and their data are to be
-    /// deleted for good (only the audit record stays; it cannot be resumed or rerun).
-    #[arg(long)]
-    confirm: bool,
     /// Recorded as the actor of the command (the audit trail's "who"); on a deployment with
     /// an access file, the operator whose token signs the command.
     #[arg(long, env = "USER", default_value = "cli")]
@@ -34,10 +31,23 @@ pub struct ControlArgs {
     tiers: StoreArgs,
 }
 
-pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
+/// `cancel`'s arguments: the others' and `--confirm`, which only a cancel needs (elsewhere the
+/// flag would suggest a confirmation that nothing asks for).
+#[derive(clap::Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub common: ControlArgs,
+    /// Confirm that the signature, everything under it and their data are to be deleted for
+    /// good (only the audit record stays; it cannot be resumed or rerun).
+    #[arg(long)]
+    pub confirm: bool,
+}
+
+/// Carry out `op`; `confirm` is `cancel`'s `--confirm` (false for every other command).
+pub async fn run(op: ControlOp, args: &ControlArgs, confirm: bool) -> Result<()> {
     let target = control::parse_target(&args.id)?;
     mageflow::auth::validate_principal(&args.principal)?;
-    if op == ControlOp::Cancel && !args.confirm {
+    if op == ControlOp::Cancel && !confirm {
         bail!(
             "refusing to cancel {target} without --confirm: cancel stops it and everything \
              under it and deletes their task data for good (only the audit record of who \
@@ -47,9 +57,8 @@ pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
     }
     let done = match args.tiers.resolve()? {
         Some(Tiers::Embedded(dir)) => {
-            if !dir.exists() {
-                bail!("no store at {}", dir.display());
-            }
+            // The engine's open would create a store in any directory.
+            crate::tiers::existing_store(&dir)?;
             let config = Config {
                 workers: 0,
                 principal: args.principal.clone(),
@@ -69,7 +78,7 @@ pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
                         dir.display()
                     )
                 })?;
-            let done = control::apply(&engine.handle(), op, target, args.confirm).await;
+            let done = control::apply(&engine.handle(), op, target, confirm).await;
             engine.shutdown().await;
             done?
         }
@@ -77,14 +86,19 @@ pub async fn run(op: ControlOp, args: &ControlArgs) -> Result<()> {
             let c = args.tiers.cluster(op.name())?;
             let hot = mageflow::hot::Hot::connect(c.hot.clone())
                 .await
-                .with_context(|| format!("cannot reach Redis at {}", c.hot.url))?;
+                .with_context(|| {
+                    format!(
+                        "cannot reach Redis at {}",
+                        mageflow::store::mask_url(&c.hot.url)
+                    )
+                })?;
             let token = token(args)?;
             mageflow::cluster::relay_control(
                 &hot,
                 &format!("operator:{}", args.principal),
                 op,
                 target,
-                args.confirm,
+                confirm,
                 &args.principal,
                 token.as_ref(),
                 ANSWER_WAIT,

@@ -4,6 +4,11 @@
 //! fails for good and fires its error callback) → `report`, which gets every item's outcome.
 //! The chain's success callback `notify` must fire once, its error callback `alert` never.
 //! Midway the chain is suspended (nothing may start while it is) and resumed.
+//!
+//! "Midway" is made certain rather than left to timing: the items from the 40 % mark on wait
+//! at a gate, opened once the suspend has been made, so the suspend always meets a running
+//! swarm — with a small swarm that finished between two looks at it, the suspend used to be
+//! refused (the chain was done) and the demo failed.
 
 use crate::embedded_path;
 use anyhow::{bail, Context, Result};
@@ -15,9 +20,14 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 const FLAKY_ITEM: u64 = 137;
 const BROKEN_ITEM: u64 = 613;
+/// The smallest swarm the showcase runs (a suspend needs an item to hold).
+pub const ITEMS_MIN: u32 = 1;
+/// The suspend comes once this share of the items (numerator / denominator) has finished.
+const SUSPEND_AT: (u64, u64) = (2, 5);
 
 #[derive(Default)]
 struct Counters {
@@ -41,7 +51,8 @@ struct ReportInput {
     mageflow_results: Vec<Value>,
 }
 
-fn registry(c: &Arc<Counters>) -> Registry {
+/// Items at or past `gate_from` finish only once `gate` says open (after the suspend).
+fn registry(c: &Arc<Counters>, gate_from: u64, gate: watch::Receiver<bool>) -> Registry {
     let mut r = Registry::new();
     r.task("prepare", |i: Value, _ctx| async move {
         Ok::<_, TaskFailure>(json!({ "batch": i.get("batch").cloned().unwrap_or(Value::Null) }))
@@ -49,9 +60,14 @@ fn registry(c: &Arc<Counters>) -> Registry {
     let k = c.clone();
     r.task("work", move |i: WorkInput, ctx| {
         let k = k.clone();
+        let mut gate = gate.clone();
         async move {
             k.work_runs.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(i.ms)).await;
+            if i.item >= gate_from {
+                // Closed only while the demo runs; a dropped sender means it stopped.
+                let _ = gate.wait_for(|open| *open).await;
+            }
             if i.item == FLAKY_ITEM {
                 k.flaky_attempts.fetch_add(1, Ordering::Relaxed);
                 if ctx.attempt() == 1 {
@@ -116,6 +132,15 @@ fn count_items(wf: &Workflow, swarm: u32) -> BTreeMap<&'static str, u64> {
 }
 
 pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> {
+    if items < ITEMS_MIN {
+        bail!(
+            "--items {items}: the showcase needs a swarm of at least {ITEMS_MIN} task (it \
+             suspends the chain while an item runs)"
+        );
+    }
+    // Always below `items`, so at least one item is held at the gate until the suspend.
+    let suspend_at = u64::from(items) * SUSPEND_AT.0 / SUSPEND_AT.1;
+    let (gate, gate_rx) = watch::channel(false);
     let _tmp;
     let dir = match store {
         Some(s) => embedded_path(s)?,
@@ -124,16 +149,20 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
             _tmp.clone()
         }
     };
+    let created = !crate::tiers::store_exists(&dir);
     let counters = Arc::new(Counters::default());
     let config = Config {
         workers: 64,
         principal: "demo".into(),
         ..Config::default()
     };
-    let engine = mageflow::open_embedded(&dir, registry(&counters), config)
+    let engine = mageflow::open_embedded(&dir, registry(&counters, suspend_at, gate_rx), config)
         .await
         .with_context(|| format!("cannot open the embedded store at {}", dir.display()))?;
     let h = engine.handle();
+    if created {
+        println!("created a new store at embedded:{}", dir.display());
+    }
     println!("mageflow demo: store embedded:{}", dir.display());
 
     let work = (0..u64::from(items)).map(|i| {
@@ -195,11 +224,13 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
             counts.get("done").copied().unwrap_or(0),
             counts.get("failed").copied().unwrap_or(0)
         ));
-        if !suspended_once && finished * 5 >= u64::from(items) * 2 {
+        if !suspended_once && finished >= suspend_at {
             suspended_once = true;
             h.suspend(root).await?;
+            // Held items may finish now: they ran before the suspend; nothing new starts.
+            gate.send_replace(true);
             say(
-                "  suspend: chain suspended at ~40% — running tasks finish, nothing new starts"
+                "  suspend: chain suspended at 40% — running tasks finish, nothing new starts"
                     .into(),
             );
             let starts_before = h.stats().attempts_started.load(Ordering::Relaxed);

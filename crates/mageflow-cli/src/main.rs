@@ -1,6 +1,6 @@
 //! `mageflow`: the one binary. `demo` runs the showcase on the embedded store, `bench` runs the
 //! named performance scenarios, `history` prints a workflow's audit trail, `verify` checks a
-//! store's integrity; `serve`, `worker`, `migrate` and `replay --rebuild-hot` run a PostgreSQL +
+//! store's integrity, `state` prints a workflow's current state; `serve`, `worker`, `migrate` and `replay --rebuild-hot` run a PostgreSQL +
 //! Redis deployment.
 
 mod bench;
@@ -8,6 +8,7 @@ mod bench_cluster;
 mod control_cmd;
 mod demo;
 mod inspect;
+mod reader;
 mod tiers;
 
 use anyhow::{Context, Result};
@@ -24,8 +25,66 @@ pub use tiers::embedded_path;
 #[derive(Parser)]
 #[command(name = "mageflow", version, about = "Event-sourced task orchestration")]
 struct Cli {
+    /// Format of the log lines on stderr (their filter: MAGEFLOW_LOG, else RUST_LOG, in
+    /// tracing's EnvFilter syntax, e.g. `info` or `warn,mageflow_store=debug`; default `warn`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One human-readable line per event (coloured only on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the log filter comes from, first set one wins.
+const LOG_FILTER_VARS: [&str; 2] = ["MAGEFLOW_LOG", "RUST_LOG"];
+/// The filter when neither variable is set.
+const LOG_FILTER_DEFAULT: &str = "warn";
+
+/// The filter from the first of [`LOG_FILTER_VARS`] that is set (and not empty). An invalid one
+/// is refused, naming the variable, rather than silently replaced by the default.
+fn log_filter() -> Result<tracing_subscriber::EnvFilter> {
+    use tracing_subscriber::EnvFilter;
+    for var in LOG_FILTER_VARS {
+        let value = match std::env::var(var) {
+            Ok(v) if v.trim().is_empty() => continue,
+            Ok(v) => v,
+            Err(std::env::VarError::NotPresent) => continue,
+            Err(std::env::VarError::NotUnicode(_)) => {
+                anyhow::bail!("{var} is not valid UTF-8, so it is no log filter")
+            }
+        };
+        return EnvFilter::builder().parse(&value).map_err(|e| {
+            anyhow::anyhow!(
+                "{var}={value:?} is not a valid log filter ({e}); the syntax is tracing's \
+                 EnvFilter: a level (`info`), or comma-separated `target=level` directives \
+                 (`warn,mageflow_store=debug`)"
+            )
+        });
+    }
+    Ok(EnvFilter::new(LOG_FILTER_DEFAULT))
+}
+
+/// Log to stderr, in `format`; colour only when stderr is a terminal (and NO_COLOR is unset),
+/// so redirected logs carry no escape codes.
+fn init_logs(format: LogFormat) -> Result<()> {
+    use std::io::IsTerminal;
+    let filter = log_filter()?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -36,7 +95,7 @@ enum Cmd {
         /// Store, as `embedded:PATH`. Default: a fresh temporary directory.
         #[arg(long, env = "MAGEFLOW_STORE")]
         store: Option<String>,
-        /// Number of tasks in the swarm.
+        /// Number of tasks in the swarm (at least 1).
         #[arg(long, default_value_t = 1000)]
         items: u32,
         /// Plain log lines instead of progress bars.
@@ -60,10 +119,12 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         worker_processes: usize,
     },
-    /// Print every event of a workflow: who did what, when.
+    /// Print every event of a workflow (`wf_…`), or the events that concern one signature
+    /// (`sig_…`): who did what, when. Reads a snapshot of an embedded store a `serve` holds.
     History {
-        #[arg(long, env = "MAGEFLOW_STORE")]
-        store: String,
+        /// `--store embedded:PATH`, or `--postgres URL [--schema S]`.
+        #[command(flatten)]
+        tiers: tiers::StoreArgs,
         /// Workflow id (`wf_…`) or signature id (`sig_…`).
         id: String,
         /// One JSON object per line instead of text.
@@ -72,8 +133,21 @@ enum Cmd {
     },
     /// Check the store: every event decodes, positions and stream sequences are dense.
     Verify {
-        #[arg(long, env = "MAGEFLOW_STORE")]
-        store: String,
+        /// `--store embedded:PATH`, or `--postgres URL [--schema S]`.
+        #[command(flatten)]
+        tiers: tiers::StoreArgs,
+    },
+    /// Print the current state of a workflow (`wf_…`), or of a signature and everything under
+    /// it (`sig_…`), folded from the log: each signature's name, kind, status and attempt.
+    State {
+        /// `--store embedded:PATH`, or `--postgres URL [--schema S]`.
+        #[command(flatten)]
+        tiers: tiers::StoreArgs,
+        /// Workflow id (`wf_…`) or signature id (`sig_…`).
+        id: String,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the orchestrator: resume unfinished work, then serve until SIGINT/SIGTERM. On
     /// PostgreSQL + Redis, handlers run in `mageflow worker` processes.
@@ -108,7 +182,7 @@ enum Cmd {
     },
     /// Stop a signature and everything under it and delete it for good (only the audit record
     /// stays). Refused without --confirm.
-    Cancel(control_cmd::ControlArgs),
+    Cancel(control_cmd::CancelArgs),
     /// Stop a signature whatever its status, keeping it (resume runs it again from its last
     /// checkpoint, best effort).
     Interrupt(control_cmd::ControlArgs),
@@ -159,14 +233,8 @@ pub async fn stop_signal() {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MAGEFLOW_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logs(cli.log_format)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -192,8 +260,9 @@ fn main() -> Result<()> {
                 }
                 _ => bench::run(&scenario, tiers.store.as_deref(), n).await,
             },
-            Cmd::History { store, id, json } => inspect::history(&store, &id, json),
-            Cmd::Verify { store } => inspect::verify(&store),
+            Cmd::History { tiers, id, json } => inspect::history(&tiers, &id, json).await,
+            Cmd::Verify { tiers } => inspect::verify(&tiers).await,
+            Cmd::State { tiers, id, json } => inspect::state(&tiers, &id, json).await,
             Cmd::Serve {
                 tiers,
                 workers,
@@ -211,13 +280,13 @@ fn main() -> Result<()> {
                 rebuild_hot: _,
                 no_progress,
             } => tiers::rebuild_hot(&tiers, !no_progress).await,
-            Cmd::Cancel(a) => control_cmd::run(ControlOp::Cancel, &a).await,
-            Cmd::Interrupt(a) => control_cmd::run(ControlOp::Interrupt, &a).await,
-            Cmd::Suspend(a) => control_cmd::run(ControlOp::Suspend, &a).await,
-            Cmd::Resume(a) => control_cmd::run(ControlOp::Resume, &a).await,
-            Cmd::Delete(a) => control_cmd::run(ControlOp::Delete, &a).await,
-            Cmd::Restore(a) => control_cmd::run(ControlOp::Restore, &a).await,
-            Cmd::Rerun(a) => control_cmd::run(ControlOp::Rerun, &a).await,
+            Cmd::Cancel(a) => control_cmd::run(ControlOp::Cancel, &a.common, a.confirm).await,
+            Cmd::Interrupt(a) => control_cmd::run(ControlOp::Interrupt, &a, false).await,
+            Cmd::Suspend(a) => control_cmd::run(ControlOp::Suspend, &a, false).await,
+            Cmd::Resume(a) => control_cmd::run(ControlOp::Resume, &a, false).await,
+            Cmd::Delete(a) => control_cmd::run(ControlOp::Delete, &a, false).await,
+            Cmd::Restore(a) => control_cmd::run(ControlOp::Restore, &a, false).await,
+            Cmd::Rerun(a) => control_cmd::run(ControlOp::Rerun, &a, false).await,
         }
     })
 }

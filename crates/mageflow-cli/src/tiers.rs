@@ -90,19 +90,98 @@ fn read_file(path: &Path) -> Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("bad config file {}", path.display()))
 }
 
+/// Where the durable log lives, for commands that need nothing else (no Redis): `migrate` and
+/// the read-only commands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LogTier {
+    Embedded(PathBuf),
+    Postgres { url: String, schema: Option<String> },
+}
+
+/// Sled's files and the head guard: a directory holding none of them holds no store.
+const STORE_FILES: [&str; 3] = ["conf", "db", "mageflow.head"];
+
+/// Whether `dir` holds a store (any of its files), without creating anything.
+pub fn store_exists(dir: &Path) -> bool {
+    STORE_FILES.iter().any(|f| dir.join(f).exists())
+}
+
+/// Refuse a path that holds no store, for the commands that must not create one (a store with
+/// only some of its files is refused by the store's open, naming what is missing).
+pub fn existing_store(dir: &Path) -> Result<()> {
+    let shown = dir.display();
+    let hint = format!(
+        "`mageflow demo --store embedded:{shown}` or `mageflow serve --store embedded:{shown}` \
+         creates one. Nothing was created"
+    );
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("no store at {shown}: the directory does not exist ({hint})")
+        }
+        Err(e) => bail!("cannot read {shown}: {e}"),
+        Ok(m) if !m.is_dir() => bail!("no store at {shown}: it is a file, not a store directory"),
+        Ok(_) if !store_exists(dir) => bail!(
+            "no store at {shown}: the directory holds no mageflow store (none of sled's files \
+             `conf` and `db`, no `mageflow.head`) ({hint})"
+        ),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// The options after merging flags and environment with the config file.
+struct Merged {
+    store: Option<String>,
+    postgres: Option<String>,
+    schema: Option<String>,
+    redis: Option<String>,
+    prefix: String,
+}
+
 impl StoreArgs {
-    /// Flags and environment first, then the config file. `None`: nothing given at all.
-    pub fn resolve(&self) -> Result<Option<Tiers>> {
+    fn merged(&self) -> Result<Merged> {
         let file = match &self.config {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
         };
         let pick = |a: &Option<String>, b: Option<String>| a.clone().or(b);
-        let store = pick(&self.store, file.store);
-        let postgres = pick(&self.postgres, file.postgres);
-        let redis = pick(&self.redis, file.redis);
-        let schema = pick(&self.schema, file.schema);
-        let prefix = pick(&self.prefix, file.prefix).unwrap_or_else(|| DEFAULT_PREFIX.into());
+        Ok(Merged {
+            store: pick(&self.store, file.store),
+            postgres: pick(&self.postgres, file.postgres),
+            schema: pick(&self.schema, file.schema),
+            redis: pick(&self.redis, file.redis),
+            prefix: pick(&self.prefix, file.prefix).unwrap_or_else(|| DEFAULT_PREFIX.into()),
+        })
+    }
+
+    /// The durable log alone: `--store embedded:PATH` or `--postgres URL [--schema S]` (a
+    /// `--redis` given too is not needed, and not an error).
+    pub fn log(&self, command: &str) -> Result<LogTier> {
+        let m = self.merged()?;
+        match (m.store, m.postgres) {
+            (Some(_), Some(_)) => bail!(
+                "give either an embedded store (--store) or PostgreSQL (--postgres), not both"
+            ),
+            (Some(s), None) => Ok(LogTier::Embedded(embedded_path(&s)?)),
+            (None, Some(url)) => Ok(LogTier::Postgres {
+                url,
+                schema: m.schema,
+            }),
+            (None, None) => bail!(
+                "`mageflow {command}` needs --store embedded:PATH or --postgres URL (or \
+                 MAGEFLOW_STORE / MAGEFLOW_POSTGRES, or a config file)"
+            ),
+        }
+    }
+
+    /// Flags and environment first, then the config file. `None`: nothing given at all.
+    pub fn resolve(&self) -> Result<Option<Tiers>> {
+        let Merged {
+            store,
+            postgres,
+            schema,
+            redis,
+            prefix,
+        } = self.merged()?;
         match (store, postgres, redis) {
             (Some(_), Some(_), _) | (Some(_), _, Some(_)) => bail!(
                 "give either an embedded store (--store) or PostgreSQL and Redis (--postgres and \
@@ -232,9 +311,13 @@ pub async fn serve(args: &StoreArgs, workers: usize, resume: &ResumeArgs) -> Res
     };
     match args.resolve()? {
         Some(Tiers::Embedded(dir)) => {
+            let created = !store_exists(&dir);
             let engine = mageflow::open_embedded(&dir, builtins(), config)
                 .await
                 .with_context(|| format!("cannot open the embedded store at {}", dir.display()))?;
+            if created {
+                println!("created a new store at embedded:{}", dir.display());
+            }
             println!("recovery: {}", serde_json::to_string(engine.recovery())?);
             println!("serving embedded:{} (Ctrl-C to stop)", dir.display());
             crate::stop_signal().await;
@@ -245,8 +328,10 @@ pub async fn serve(args: &StoreArgs, workers: usize, resume: &ResumeArgs) -> Res
             tokio::pin!(stop);
             // Another orchestrator on the log: this one stands by (open_cluster waits) until it
             // stops, or until this one is told to stop.
+            let cluster_config = args.cluster("serve")?;
+            check_services(&cluster_config).await?;
             let c = tokio::select! {
-                c = cluster::open_cluster(args.cluster("serve")?, builtins(), config) => c?,
+                c = cluster::open_cluster(cluster_config, builtins(), config) => c?,
                 _ = &mut stop => {
                     println!("stopped while standing by");
                     return Ok(());
@@ -347,16 +432,14 @@ pub async fn worker(
     Ok(())
 }
 
-/// `mageflow migrate`: create or upgrade the log's tables, then exit.
+/// `mageflow migrate`: create or upgrade the log's tables, then exit. Needs PostgreSQL only.
 pub async fn migrate(args: &StoreArgs) -> Result<()> {
-    let (url, schema) = match args.resolve()? {
-        Some(Tiers::Cluster {
-            postgres, schema, ..
-        }) => (postgres, schema),
-        _ => match (&args.postgres, &args.schema) {
-            (Some(url), schema) => (url.clone(), schema.clone()),
-            _ => bail!("`mageflow migrate` needs --postgres URL"),
-        },
+    let (url, schema) = match args.log("migrate")? {
+        LogTier::Postgres { url, schema } => (url, schema),
+        LogTier::Embedded(_) => bail!(
+            "`mageflow migrate` is for a PostgreSQL log (--postgres URL); an embedded store \
+             needs no migration"
+        ),
     };
     let log = PgLog::open(
         &url,
@@ -370,6 +453,27 @@ pub async fn migrate(args: &StoreArgs) -> Result<()> {
         use mageflow::store::EventLog;
         log.head()
     });
+    Ok(())
+}
+
+/// Before `serve` changes anything (a migration, the orchestrator lock, Redis keys): every
+/// service answers. Otherwise a Redis that is down would be found only after the migrations ran
+/// and the lock was taken.
+async fn check_services(c: &ClusterConfig) -> Result<()> {
+    use sqlx::Connection;
+    let shown = mageflow::store::mask_url(&c.postgres);
+    let mut pg = sqlx::postgres::PgConnection::connect(&c.postgres)
+        .await
+        .with_context(|| format!("cannot reach PostgreSQL at {shown}; nothing was changed"))?;
+    sqlx::query("SELECT 1")
+        .execute(&mut pg)
+        .await
+        .with_context(|| format!("PostgreSQL at {shown} does not answer; nothing was changed"))?;
+    let _ = pg.close().await;
+    Hot::connect(c.hot.clone()).await.context(
+        "serve did not start: Redis does not answer, so nothing was changed (no migration \
+             run, no lock taken)",
+    )?;
     Ok(())
 }
 

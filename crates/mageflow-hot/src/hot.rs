@@ -118,7 +118,7 @@ pub struct Hot {
 impl std::fmt::Debug for Hot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hot")
-            .field("url", &self.inner.cfg.url)
+            .field("url", &mageflow_store::mask_url(&self.inner.cfg.url))
             .field("prefix", &self.inner.cfg.prefix)
             .finish()
     }

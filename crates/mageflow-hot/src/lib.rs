@@ -91,7 +91,8 @@ impl HotConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HotError {
-    #[error("cannot reach Redis at {url}: {source} (is redis-server running? start one with `redis-server --daemonize yes`)")]
+    // The URL is shown with its password masked: this message reaches logs and terminals.
+    #[error("cannot reach Redis at {}: {source} (is redis-server running? start one with `redis-server --daemonize yes`)", mageflow_store::mask_url(.url))]
     Connect {
         url: String,
         source: redis::RedisError,

@@ -15,8 +15,8 @@ pub use memory::MemoryLog;
 pub use segment::{ArchiveInfo, CompactStats};
 pub use sled_log::{
     block_entries, decode_archive_record, decode_block, encode_archive_record, encode_block,
-    Durability, Entry, RedactStats, SledLog, SledOptions, ARCHIVED_LEN, BLOCK_BYTES_MAX,
-    BLOCK_EVENTS_MAX,
+    head_guard, Durability, Entry, HeadGuard, RedactStats, SledLog, SledOptions, ARCHIVED_LEN,
+    BLOCK_BYTES_MAX, BLOCK_EVENTS_MAX,
 };
 
 use mageflow_core::{CodecError, Event, WorkflowId};
@@ -59,6 +59,15 @@ pub enum Error {
     InvalidAppend { stream: WorkflowId, reason: String },
     #[error("cannot open the event log at {path}: {reason}")]
     Open { path: String, reason: String },
+    /// Part of a store is gone (a file deleted or never copied): not damage to what is there.
+    #[error("the event log at {path} is incomplete: {what} is missing")]
+    Missing { path: String, what: String },
+    /// Another process (or another open log in this one) holds the store.
+    #[error(
+        "the event log at {path} is in use by another process (could not acquire lock on its \
+         file {path}/db); an embedded store belongs to one process at a time"
+    )]
+    Locked { path: String },
     #[error("event log storage error: {0}")]
     Storage(String),
     #[error("event log is corrupt: {0}")]
@@ -71,6 +80,51 @@ pub enum Error {
     },
     #[error("the event log is closed")]
     Closed,
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`, `redis://:secret@host` →
+/// `redis://:***@host`, and a `password=` query parameter → `password=***`: the one masking
+/// of credentials in a URL, for every message, error and log line that shows one. Anything
+/// that is not a URL with credentials comes back unchanged.
+pub fn mask_url(url: &str) -> String {
+    let masked = match url.find("://") {
+        None => url.to_owned(),
+        Some(scheme_end) => {
+            let rest = &url[scheme_end + 3..];
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            // The last `@` of the authority ends the credentials (a password may hold an `@`).
+            match rest[..authority_end].rfind('@') {
+                Some(at) => match rest[..at].find(':') {
+                    Some(colon) => format!(
+                        "{}{}:***{}",
+                        &url[..scheme_end + 3],
+                        &rest[..colon],
+                        &rest[at..]
+                    ),
+                    None => url.to_owned(),
+                },
+                None => url.to_owned(),
+            }
+        }
+    };
+    mask_password_parameter(&masked)
+}
+
+/// `…?sslmode=require&password=secret` → `…?sslmode=require&password=***` (libpq accepts the
+/// password as a query parameter too).
+fn mask_password_parameter(url: &str) -> String {
+    let Some(query_start) = url.find('?') else {
+        return url.to_owned();
+    };
+    let (base, query) = url.split_at(query_start + 1);
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => p.to_owned(),
+        })
+        .collect();
+    format!("{base}{}", params.join("&"))
 }
 
 impl Error {
@@ -196,4 +250,33 @@ pub fn check_request(req: &AppendRequest) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask_url;
+
+    #[test]
+    fn mask_url_hides_every_password() {
+        let cases = [
+            (
+                "postgres://bob:secret@db:5432/app",
+                "postgres://bob:***@db:5432/app",
+            ),
+            ("redis://:secret@cache:6379/0", "redis://:***@cache:6379/0"),
+            ("rediss://user:p@ss@cache", "rediss://user:***@cache"),
+            (
+                "postgres://db/app?sslmode=require&password=secret",
+                "postgres://db/app?sslmode=require&password=***",
+            ),
+            ("postgres://bob@db/app", "postgres://bob@db/app"),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("not a url", "not a url"),
+            ("", ""),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(mask_url(url), shown, "{url}");
+            assert!(!mask_url(url).contains("secret"), "{url}");
+        }
+    }
 }

@@ -72,6 +72,8 @@ pub const ARCHIVED_LEN: u32 = u32::MAX;
 const ARCHIVE_HEADER_BYTES: usize = 4 + 8 + 8 + 8 + 8 + 4;
 const HEAD_KEY: &[u8] = b"h";
 const HEAD_FILE: &str = "mageflow.head";
+/// The head file: position (u64 BE) ++ crc32 of it (LE).
+const HEAD_FILE_BYTES: usize = 8 + 4;
 /// crc32 + count.
 const BLOCK_HEADER_BYTES: usize = 4 + 4;
 /// stream id + seq + length.
@@ -533,12 +535,114 @@ pub fn encode_block(events: &[&Event]) -> Result<Vec<u8>> {
 }
 
 fn storage(e: sled::Error) -> Error {
+    sled_error(None, e)
+}
+
+/// sled's error in plain words, naming the file (under `dir` when known) and the offset instead
+/// of sled's `Debug` text (`Some(Inline(…))`); a file that is gone is `Error::Missing`.
+fn sled_error(dir: Option<&Path>, e: sled::Error) -> Error {
+    let file = |name: &str| match dir {
+        Some(d) => d.join(name).display().to_string(),
+        None => format!("sled's file {name}"),
+    };
+    let shown =
+        |d: Option<&Path>| d.map_or_else(|| "this store".to_owned(), |d| d.display().to_string());
     match e {
-        sled::Error::Corruption { at, .. } => {
-            Error::Corrupt(format!("sled reports corrupt data at {at:?}"))
+        sled::Error::Corruption { at, .. } => Error::Corrupt(match at {
+            Some(sled::DiskPtr::Inline(offset)) => format!(
+                "{} holds damaged data at byte offset {offset} (a record there fails sled's \
+                 checksum)",
+                file("db")
+            ),
+            Some(sled::DiskPtr::Blob(_, blob)) => format!(
+                "{} fails sled's checksum (expected the stored CRC over its bytes)",
+                file(&format!("blobs/{blob}"))
+            ),
+            // sled gives no place for a record it cannot parse.
+            None => format!(
+                "sled found data it cannot parse in {} or {} (expected its configuration \
+                 lines, or a well-formed log record; sled does not say which, or where)",
+                file("conf"),
+                file("db")
+            ),
+        }),
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::NotFound => Error::Missing {
+            path: shown(dir),
+            what: format!("a file sled needs ({io})"),
+        },
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            Error::Locked { path: shown(dir) }
         }
+        sled::Error::Io(io) => Error::Storage(format!("I/O error in sled's files: {io}")),
         other => Error::Storage(other.to_string()),
     }
+}
+
+/// What `mageflow.head` (the acknowledged-position guard) of a store says, read without opening
+/// the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeadGuard {
+    /// The file holds a position with a good checksum.
+    Recorded(u64),
+    /// No such file: a log opened without it cannot tell that sled lost acknowledged events.
+    Missing,
+    /// The file is there but says nothing usable (why, in words).
+    Unreadable(String),
+}
+
+/// Read the acknowledged-position guard of the store in `dir` (nothing is created or changed).
+pub fn head_guard(dir: impl AsRef<Path>) -> HeadGuard {
+    let path = dir.as_ref().join(HEAD_FILE);
+    match std::fs::read(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => HeadGuard::Missing,
+        Err(e) => HeadGuard::Unreadable(format!("cannot read {}: {e}", path.display())),
+        Ok(buf) => match parse_head(&buf) {
+            Ok(Some(position)) => HeadGuard::Recorded(position),
+            Ok(None) => HeadGuard::Unreadable(format!("{} is empty", path.display())),
+            Err(why) => HeadGuard::Unreadable(format!("{}: {why}", path.display())),
+        },
+    }
+}
+
+/// The head file's bytes: `Ok(None)` when empty, `Err` (in words) when it says nothing usable.
+fn parse_head(buf: &[u8]) -> std::result::Result<Option<u64>, String> {
+    match buf.len() {
+        0 => Ok(None),
+        HEAD_FILE_BYTES => {
+            let crc = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
+            if crc32fast::hash(&buf[..8]) != crc {
+                return Err("its position fails its checksum (a torn write?)".into());
+            }
+            let mut p = [0u8; 8];
+            p.copy_from_slice(&buf[..8]);
+            Ok(Some(u64::from_be_bytes(p)))
+        }
+        n => Err(format!("{n} bytes, expected {HEAD_FILE_BYTES}")),
+    }
+}
+
+/// Before sled opens `dir` (and creates what is not there): a store with some of its files gone
+/// is refused as `Error::Missing` instead of being opened as a new, shorter one. A directory
+/// with none of them is a new store.
+fn check_files(dir: &Path) -> Result<()> {
+    let present = |name: &str| dir.join(name).exists();
+    let missing = |what: &str| Error::Missing {
+        path: dir.display().to_string(),
+        what: what.into(),
+    };
+    let (head, conf, db) = (present(HEAD_FILE), present("conf"), present("db"));
+    // `conf` alone is what a crash during the first open can leave: still a new store.
+    if head && !db {
+        return Err(missing(
+            "sled's log file `db` (mageflow.head is there, so events were written)",
+        ));
+    }
+    if db && !conf {
+        return Err(missing(
+            "sled's configuration file `conf` (its `db` file is there)",
+        ));
+    }
+    Ok(())
 }
 
 /// The side file holding the last durable position.
@@ -564,24 +668,13 @@ impl HeadFile {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        let recorded = match buf.len() {
-            0 => None,
-            12 => {
-                let crc = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
-                // A torn write of this file is possible after a power loss; it then says nothing.
-                (crc32fast::hash(&buf[..8]) == crc).then(|| {
-                    let mut p = [0u8; 8];
-                    p.copy_from_slice(&buf[..8]);
-                    u64::from_be_bytes(p)
-                })
-            }
-            _ => None,
-        };
+        // A torn write of this file is possible after a power loss; it then says nothing.
+        let recorded = parse_head(&buf).ok().flatten();
         Ok((Self { file }, recorded))
     }
 
     fn record(&mut self, position: u64) -> std::io::Result<()> {
-        let mut buf = [0u8; 12];
+        let mut buf = [0u8; HEAD_FILE_BYTES];
         buf[..8].copy_from_slice(&position.to_be_bytes());
         let crc = crc32fast::hash(&buf[..8]);
         buf[8..].copy_from_slice(&crc.to_le_bytes());
@@ -604,6 +697,7 @@ impl SledLog {
         };
         // A store another engine is letting go of (its last handles being dropped, in this
         // process or another) is waited for a moment, as SQLite's busy timeout does.
+        check_files(&path)?;
         let busy_until = std::time::Instant::now() + OPEN_LOCK_WAIT;
         let db = loop {
             let opened = sled::Config::new()
@@ -621,15 +715,12 @@ impl SledLog {
                 other => break other,
             }
         }
-        .map_err(|e| match e {
-            sled::Error::Corruption { at, .. } => Error::Corrupt(format!(
-                "sled data in {} is corrupt at {at:?}",
-                path.display()
-            )),
-            other => Error::Open {
+        .map_err(|e| match sled_error(Some(&path), e) {
+            Error::Storage(reason) => Error::Open {
                 path: path.display().to_string(),
-                reason: other.to_string(),
+                reason,
             },
+            other => other,
         })?;
         let tree = db.open_tree("log").map_err(storage)?;
         let marker = match tree.get(HEAD_KEY).map_err(storage)? {
@@ -665,7 +756,7 @@ impl SledLog {
         // Cut any garbage past the record too: a longer file would be ignored at every open.
         head_file
             .record(head)
-            .and_then(|()| head_file.file.set_len(12))
+            .and_then(|()| head_file.file.set_len(HEAD_FILE_BYTES as u64))
             .map_err(|e| Error::Storage(format!("cannot write {HEAD_FILE}: {e}")))?;
         let shared = Arc::new(Shared {
             tree,
@@ -1692,5 +1783,76 @@ impl EventLog for SledLog {
         snapshot: Option<Vec<u8>>,
     ) -> Result<Option<CompactStats>> {
         SledLog::compact(self, stream, up_to_seq, snapshot).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// sled's errors read as words naming the file and offset, never as sled's `Debug` text.
+    #[test]
+    fn sled_errors_in_plain_words() {
+        let dir = Path::new("/var/lib/mf");
+        let cases = [
+            (
+                sled::Error::Corruption {
+                    at: Some(sled::DiskPtr::Inline(4096)),
+                    bt: (),
+                },
+                "/var/lib/mf/db holds damaged data at byte offset 4096",
+            ),
+            (
+                sled::Error::Corruption {
+                    at: Some(sled::DiskPtr::Blob(7, 42)),
+                    bt: (),
+                },
+                "/var/lib/mf/blobs/42 fails sled's checksum",
+            ),
+            (
+                sled::Error::Corruption { at: None, bt: () },
+                "cannot parse in /var/lib/mf/conf or /var/lib/mf/db",
+            ),
+            (
+                sled::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "No such file or directory",
+                )),
+                "is missing",
+            ),
+        ];
+        for (e, needle) in cases {
+            let shown = sled_error(Some(dir), e).to_string();
+            assert!(shown.contains(needle), "{shown}");
+            for debug in ["Some(", "Inline(", "Blob(", "Os {", "kind:"] {
+                assert!(!shown.contains(debug), "{shown}");
+            }
+        }
+        let locked = sled::Error::Io(std::io::Error::other(
+            "could not acquire lock on \"/var/lib/mf/db\": Os { code: 11, kind: WouldBlock }",
+        ));
+        let shown = sled_error(Some(dir), locked).to_string();
+        assert!(shown.contains("in use by another process"), "{shown}");
+        assert!(!shown.contains("Os {"), "{shown}");
+    }
+
+    #[test]
+    fn the_head_guard_says_why_it_cannot_be_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(head_guard(dir.path()), HeadGuard::Missing);
+        std::fs::write(dir.path().join(HEAD_FILE), [1, 2, 3]).expect("write");
+        match head_guard(dir.path()) {
+            HeadGuard::Unreadable(why) => assert!(why.contains("3 bytes, expected 12"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let mut good = [0u8; HEAD_FILE_BYTES];
+        good[..8].copy_from_slice(&9u64.to_be_bytes());
+        let crc = crc32fast::hash(&good[..8]);
+        good[8..].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(dir.path().join(HEAD_FILE), good).expect("write");
+        assert_eq!(head_guard(dir.path()), HeadGuard::Recorded(9));
+        good[0] ^= 1;
+        std::fs::write(dir.path().join(HEAD_FILE), good).expect("write");
+        assert!(matches!(head_guard(dir.path()), HeadGuard::Unreadable(_)));
     }
 }
