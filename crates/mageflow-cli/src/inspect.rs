@@ -130,7 +130,7 @@ pub async fn history(args: &StoreArgs, id: &str, json: bool) -> Result<()> {
                 "{:>6} {} {:<24} {:<18}{node}",
                 e.seq,
                 e.at,
-                e.actor.to_string(),
+                escape_controls(&e.actor.to_string()),
                 e.payload.kind()
             )
         }
@@ -259,8 +259,50 @@ pub async fn state(args: &StoreArgs, id: &str, json: bool) -> Result<()> {
     lines.extend(nodes.iter().map(|n| {
         format!(
             "{:<48} {:<6} {:<24} {:<20} {:>7}",
-            n.signature, n.kind, n.name, n.status, n.attempt
+            n.signature,
+            n.kind,
+            escape_controls(&n.name),
+            n.status,
+            n.attempt
         )
     }));
     emit(lines)
+}
+
+/// `s` with every control character written as an escape (`\n`, `\u{1b}`): one event is one
+/// line of text output, whatever its actor or a signature's name holds — a name with a newline
+/// or a terminal escape sequence could otherwise forge a line of the audit trail or rewrite
+/// the screen. (The API refuses such principals; a log written before it did may hold them.)
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn control_characters_cannot_forge_a_line() {
+        assert_eq!(escape_controls("api:alice"), "api:alice");
+        assert_eq!(
+            escape_controls("api:eve\n     7 2026-12-04T00:00:00Z api:root"),
+            "api:eve\\n     7 2026-12-04T00:00:00Z api:root"
+        );
+        assert_eq!(escape_controls("a\u{1b}[2Jb\r\t"), "a\\u{1b}[2Jb\\r\\t");
+        assert_eq!(escape_controls("Zoë"), "Zoë");
+        assert!(!escape_controls("x\u{85}y\u{7f}")
+            .chars()
+            .any(char::is_control));
+    }
 }

@@ -39,6 +39,8 @@ struct Deployment {
     schema: String,
     prefix: String,
     redis: String,
+    /// The deployment's worker secret, if it has one (the worker processes get it too).
+    worker_secret: Option<String>,
 }
 
 impl Deployment {
@@ -78,6 +80,7 @@ impl Deployment {
             schema,
             prefix,
             redis,
+            worker_secret: None,
         }
     }
 
@@ -126,6 +129,12 @@ impl Deployment {
             .args(["--concurrency", "32", "--id", name])
             .args(["--lease-ms", &LEASE_MS.to_string()])
             .env("MAGEFLOW_LOG", "warn")
+            .env_remove("MAGEFLOW_WORKER_SECRET")
+            .envs(
+                self.worker_secret
+                    .as_deref()
+                    .map(|s| ("MAGEFLOW_WORKER_SECRET", s)),
+            )
             .stdout(Stdio::piped())
             .spawn()
             .context("cannot start a mageflow worker process")?;
@@ -985,6 +994,200 @@ async fn operator_commands_are_relayed_to_the_orchestrator() -> Result<()> {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("cancel"), "{err}");
+        d.finish().await
+    })
+    .await
+}
+
+/// The hot tier of `d`, as another process (an operator's CLI, an attacker) reaches it.
+async fn outsider(d: &Deployment) -> Result<mageflow::hot::Hot> {
+    let mut cfg = d.config.hot.clone();
+    cfg.secret = None;
+    Ok(mageflow::hot::Hot::connect(cfg).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_command_past_its_deadline_is_refused_and_recorded_not_carried_out() -> Result<()>
+{
+    use mageflow::control::ControlOp;
+    guard(async {
+        let mut d = Deployment::start().await?;
+        // No worker: the task stays started, waiting for one.
+        let wf = d
+            .cluster()
+            .handle()
+            .submit(sign("sleep").kwarg("ms", 10), json!({}))
+            .await?;
+        let root = mageflow::SignatureId::root(wf);
+        if let Some(c) = d.cluster.take() {
+            c.shutdown().await;
+        }
+        // No orchestrator runs: the command waits out its validity, and says it was not done.
+        let hot = outsider(&d).await?;
+        let sent = mageflow::cluster::relay_control(
+            &hot,
+            "operator:tester",
+            ControlOp::Suspend,
+            root,
+            false,
+            "tester",
+            None,
+            Duration::from_millis(200),
+        )
+        .await;
+        let e = sent
+            .err()
+            .context("no orchestrator answered, yet the command succeeded")?;
+        assert_eq!(e.code(), "expired", "{e}");
+        assert!(e.to_string().contains("not carried out"), "{e}");
+        // An orchestrator that starts later reads it, refuses it and records the refusal.
+        d.cluster = Some(Deployment::open(&d.config).await?);
+        let h = d.cluster().handle();
+        let refused = loop {
+            let r = h.refused_commands()?;
+            if !r.is_empty() {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        let c = &refused[0].command;
+        assert_eq!(c["op"], "suspend");
+        assert_eq!(c["principal"], "tester");
+        assert_eq!(c["code"], "expired");
+        assert_eq!(c["target"], root.to_string());
+        let state = h.workflow(wf).await?;
+        assert_ne!(
+            state.nodes[0].status,
+            Status::Suspended,
+            "the expired command was carried out"
+        );
+        d.finish().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_reports_and_unsigned_commands_are_refused_on_a_secured_deployment() -> Result<()> {
+    use mageflow::auth::{AccessFile, OperatorEntry, Operators, Role, Secret};
+    use mageflow::control::ControlOp;
+    guard(async {
+        const WORKERS: &str = "the-deployment-worker-secret";
+        const ALICE: &str = "alice-operator-token-0123";
+        let mut d = Deployment::unopened(redis_url());
+        d.worker_secret = Some(WORKERS.into());
+        d.config.hot.secret = Some(Secret::new(WORKERS)?);
+        d.config.operators = Operators::from_file(AccessFile {
+            operator: vec![OperatorEntry {
+                principal: "alice".into(),
+                role: Role::Operator,
+                token: ALICE.into(),
+            }],
+        })?;
+        d.cluster = Some(Deployment::open(&d.config).await?);
+        d.spawn_worker("w1")?;
+        let h = d.cluster().handle();
+        let wf = h
+            .submit(sign("steps").kwarg("steps", 40).kwarg("ms", 25), json!({}))
+            .await?;
+        let root = mageflow::SignatureId::root(wf);
+        d.wait_for(wf, |w| w.nodes[0].checkpoint.is_some()).await?;
+        let attempt = h.workflow(wf).await?.nodes[0].attempt;
+
+        // Someone who can write to Redis, even read it (the lease token is in `leases`), but has
+        // no secret: a made-up worker reports the running attempt done with a forged result.
+        let hot = outsider(&d).await?;
+        let key = mageflow::hot::JobKey { sig: root, attempt };
+        let lease = hot.leases(&[key]).await?.pop().flatten();
+        assert!(lease.is_some(), "the running attempt holds a lease");
+        let forged = mageflow::hot::Report {
+            key,
+            worker: "mallory".into(),
+            outcome: mageflow::hot::ReportOutcome::Succeeded(json!("forged")),
+            lease,
+        };
+        let raw = serde_json::to_string(&forged)?;
+        let mut conn = redis::Client::open(d.redis.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let reports = format!("{}reports", d.prefix);
+        let _: String = redis::cmd("XADD")
+            .arg(&reports)
+            .arg("*")
+            .arg("report")
+            .arg(&raw)
+            .query_async(&mut conn)
+            .await?;
+        let wrong = Secret::new("a-guess-at-the-secret")?.sign(raw.as_bytes());
+        let _: String = redis::cmd("XADD")
+            .arg(&reports)
+            .arg("*")
+            .arg("report")
+            .arg(&raw)
+            .arg("mac")
+            .arg(wrong)
+            .query_async(&mut conn)
+            .await?;
+
+        // An operator command with no token, and one signed by the wrong operator's token.
+        let relay = |token: Option<Secret>, op: ControlOp, principal: &'static str| {
+            let hot = hot.clone();
+            async move {
+                mageflow::cluster::relay_control(
+                    &hot,
+                    &format!("operator:{principal}"),
+                    op,
+                    root,
+                    true,
+                    principal,
+                    token.as_ref(),
+                    Duration::from_secs(10),
+                )
+                .await
+            }
+        };
+        let unsigned = relay(None, ControlOp::Cancel, "alice").await;
+        assert_eq!(unsigned.map_err(|e| e.code()), Err("unauthenticated"));
+        let not_hers = relay(
+            Some(Secret::new("bob-token-000000000")?),
+            ControlOp::Cancel,
+            "alice",
+        )
+        .await;
+        assert_eq!(not_hers.map_err(|e| e.code()), Err("unauthenticated"));
+        // Signed by alice: carried out, and recorded as hers.
+        let suspended = relay(Some(Secret::new(ALICE)?), ControlOp::Suspend, "alice").await?;
+        assert!(suspended.contains("suspended"), "{suspended}");
+        h.resume(root).await?;
+
+        let done = h.wait(wf).await?;
+        assert_eq!(done.nodes[0].status, Status::Done);
+        let result = format!("{:?}", done.nodes[0].outcome);
+        assert!(
+            !result.contains("forged") && result.contains("steps"),
+            "{result}"
+        );
+        let history = h.history(wf)?;
+        assert!(history
+            .iter()
+            .any(|e| e.payload.kind() == "suspended" && e.actor.to_string() == "api:alice"));
+        assert_eq!(
+            history
+                .iter()
+                .filter(|e| e.payload.kind() == "canceled")
+                .count(),
+            0,
+            "no unauthenticated cancel was carried out"
+        );
+        let refused = d
+            .cluster()
+            .intake_stats()
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            refused >= 4,
+            "two forged reports and two commands refused: {refused}"
+        );
         d.finish().await
     })
     .await

@@ -31,7 +31,7 @@
 //! ```
 //!
 //! From a shell (before `mageflow simulate` exists):
-//! `cargo run -p mageflow-sim --bin mageflow-sim -- --seeds 1000` or `-- --seed 42 --verbose`.
+//! `mageflow simulate --seeds 1000` or `mageflow simulate --seed 42 --verbose`.
 //!
 //! # What replays and what does not
 //!
@@ -327,6 +327,37 @@ impl fmt::Display for Summary {
 /// Run every seed (default settings); collect the failures.
 pub fn run_many(seeds: impl IntoIterator<Item = u64>) -> Summary {
     run_many_with(seeds, &SimConfig::default(), |_| {})
+}
+
+/// Run `seeds` under `config` as `mageflow simulate` does: print each failing seed as its
+/// [`Failure`] line as it comes (with `verbose`, every report, and a failure's plan and
+/// events), then the summary and, if any failed, how to replay the first. Returns whether every
+/// seed held every invariant.
+pub fn run_and_print(seeds: std::ops::Range<u64>, config: &SimConfig, verbose: bool) -> bool {
+    let summary = run_many_with(seeds, config, |r| match r {
+        Ok(report) if verbose => println!("{report}"),
+        Ok(_) => {}
+        Err(f) => {
+            println!("{f}");
+            if verbose {
+                println!("{}", Plan::new(f.seed, config));
+                for line in &f.history {
+                    println!("{line}");
+                }
+            }
+        }
+    });
+    println!("{}", summary.line());
+    match summary.failures.first() {
+        None => true,
+        Some(f) => {
+            println!(
+                "replay one with: mageflow simulate --seed {} --verbose",
+                f.seed
+            );
+            false
+        }
+    }
 }
 
 /// Run every seed under `config`, calling `each` after every run.
