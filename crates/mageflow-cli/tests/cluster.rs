@@ -2,7 +2,8 @@
 //! (`mageflow::cluster::open_cluster`), the workers are `mageflow worker` processes of the built
 //! binary, and the faults are real — `kill -9` of a worker, every Redis key of the deployment
 //! deleted (what `FLUSHALL` does to it), PostgreSQL connections terminated with
-//! `pg_terminate_backend`. Each test has its own schema and key prefix and removes both.
+//! `pg_terminate_backend`, a Redis server and a PostgreSQL server of the test's own killed and
+//! restarted. Each test has its own schema and key prefix and removes both.
 //!
 //! Needs PostgreSQL (`MAGEFLOW_TEST_POSTGRES`, default postgres://postgres@127.0.0.1:5432/test)
 //! and Redis (`MAGEFLOW_TEST_REDIS`, default redis://127.0.0.1:6379); fails saying so if either
@@ -38,6 +39,7 @@ struct Deployment {
     workers: Vec<Child>,
     schema: String,
     prefix: String,
+    postgres: String,
     redis: String,
     /// The deployment's worker secret, if it has one (the worker processes get it too).
     worker_secret: Option<String>,
@@ -45,17 +47,17 @@ struct Deployment {
 
 impl Deployment {
     async fn start() -> Result<Self> {
-        Self::start_on(redis_url()).await
+        Self::start_on(postgres_url(), redis_url()).await
     }
 
-    async fn start_on(redis: String) -> Result<Self> {
-        let mut d = Self::unopened(redis);
+    async fn start_on(postgres: String, redis: String) -> Result<Self> {
+        let mut d = Self::unopened(postgres, redis);
         d.cluster = Some(Self::open(&d.config).await?);
         Ok(d)
     }
 
     /// A deployment's schema, prefix and configuration, no orchestrator yet.
-    fn unopened(redis: String) -> Self {
+    fn unopened(postgres: String, redis: String) -> Self {
         // The orchestrator's own log lines (retries, rebuilds) show up in a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -67,7 +69,7 @@ impl Deployment {
         let id = uuid::Uuid::now_v7().simple().to_string();
         let schema = format!("mf_cluster_{id}");
         let prefix = format!("mf:test:cluster:{id}:");
-        let mut config = ClusterConfig::new(postgres_url(), redis.clone(), &prefix);
+        let mut config = ClusterConfig::new(postgres.clone(), redis.clone(), &prefix);
         config.pg = PgOptions {
             schema: Some(schema.clone()),
             ..PgOptions::default()
@@ -79,6 +81,7 @@ impl Deployment {
             workers: Vec::new(),
             schema,
             prefix,
+            postgres,
             redis,
             worker_secret: None,
         }
@@ -121,7 +124,7 @@ impl Deployment {
             .args([
                 "worker",
                 "--postgres",
-                &postgres_url(),
+                &self.postgres,
                 "--redis",
                 &self.redis,
             ])
@@ -189,7 +192,7 @@ impl Drop for Deployment {
             let _ = w.kill();
             let _ = w.wait();
         }
-        if let Err(e) = mageflow::store_pg::drop_schema_blocking(&postgres_url(), &self.schema) {
+        if let Err(e) = mageflow::store_pg::drop_schema_blocking(&self.postgres, &self.schema) {
             eprintln!("could not drop schema {}: {e}", self.schema);
         }
     }
@@ -395,7 +398,7 @@ impl Serve {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mageflow_serve_stands_by_and_takes_over_when_the_running_one_is_killed() -> Result<()> {
     guard(async {
-        let d = Deployment::unopened(redis_url());
+        let d = Deployment::unopened(postgres_url(), redis_url());
         let mut first = Serve::start(&d)?;
         Serve::says(&first.stdout, "serving").await?;
         // Two more: both stand by, naming the session that holds the lock.
@@ -583,7 +586,7 @@ async fn redis_killed_and_restarted_empty_midway_the_run_completes() -> Result<(
         // A port derived from the process id, away from the usual ones.
         let port = 20_000 + (std::process::id() % 20_000) as u16;
         let mut redis = PrivateRedis::start(port)?;
-        let mut d = Deployment::start_on(redis.url()).await?;
+        let mut d = Deployment::start_on(postgres_url(), redis.url()).await?;
         d.spawn_worker("w1")?;
         d.spawn_worker("w2")?;
         let wf = submit_steps_swarm(&d, TASKS).await?;
@@ -604,6 +607,140 @@ async fn redis_killed_and_restarted_empty_midway_the_run_completes() -> Result<(
             .load(std::sync::atomic::Ordering::Relaxed);
         assert!(rebuilds >= 1, "the projector rebuilt the emptied hot tier");
         d.finish().await
+    })
+    .await
+}
+
+/// A PostgreSQL server of this test's own — `initdb` into a temporary directory, its own port and
+/// socket directory — so it can be restarted for real (`pg_ctl stop -m immediate`: what a crash
+/// of the server does, crash recovery at the next start) without breaking the connections of
+/// the tests that share the usual server. Run as the `postgres` user when the test runs as root
+/// (PostgreSQL refuses to run as root).
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    fn start(port: u16) -> Result<Self> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|b| b.join("initdb").exists())
+            .max()
+            .context(
+                "this test starts a PostgreSQL server of its own: install PostgreSQL's server \
+                 binaries (/usr/lib/postgresql/<version>/bin/initdb)",
+            )?;
+        let dir = tempfile::Builder::new().prefix("mf-pg-").tempdir()?;
+        let pg = Self { dir, bin, port };
+        if Self::as_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(pg.dir.path())
+                .status()?;
+            if !status.success() {
+                bail!("chown of {} to postgres failed", pg.dir.path().display());
+            }
+        }
+        let data = pg.data();
+        pg.run(
+            "initdb",
+            &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"],
+        )?;
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    fn as_root() -> bool {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    /// Run one of PostgreSQL's programs, as `postgres` when this is root.
+    fn run(&self, program: &str, args: &[&str]) -> Result<()> {
+        let exe = self.bin.join(program);
+        let mut cmd = if Self::as_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = cmd.args(args).stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            bail!(
+                "{program} {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    fn start_server(&self) -> Result<()> {
+        let (data, dir) = (self.data(), self.dir.path().display().to_string());
+        let log = format!("{dir}/server.log");
+        let options = format!("-p {} -k {dir} -c listen_addresses=127.0.0.1", self.port);
+        self.run(
+            "pg_ctl",
+            &["-D", &data, "-l", &log, "-o", &options, "-w", "start"],
+        )
+    }
+
+    fn stop_server(&self) -> Result<()> {
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        )
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.stop_server();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_midway_the_run_completes() -> Result<()> {
+    guard(async {
+        const TASKS: usize = 400;
+        // A port derived from the process id, away from the usual ones and PrivateRedis's.
+        let port = 40_000 + (std::process::id() % 20_000) as u16;
+        let pg = PrivatePostgres::start(port)?;
+        let mut d = Deployment::start_on(pg.url(), redis_url()).await?;
+        d.spawn_worker("w1")?;
+        d.spawn_worker("w2")?;
+        let wf = submit_steps_swarm(&d, TASKS).await?;
+        d.wait_for(wf, |w| succeeded(w) >= TASKS / 4).await?;
+        // The server goes down hard (every session ends, nothing flushed beyond the WAL) and
+        // comes back after crash recovery, while some 64 handlers are midway and save their
+        // checkpoints: the committer and the reads retry, the orchestrator takes its lock
+        // again, and a checkpoint that could not be made durable abandons its handler, which
+        // runs again from its last durable checkpoint — no task fails, none succeeds twice.
+        pg.stop_server()?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        pg.start_server()?;
+        let h = d.cluster().handle();
+        let done = h.wait(wf).await?;
+        check_once_each(&h.history(wf)?, &done, TASKS)?;
+        d.finish().await?;
+        drop(pg);
+        Ok(())
     })
     .await
 }
@@ -1074,7 +1211,7 @@ async fn forged_reports_and_unsigned_commands_are_refused_on_a_secured_deploymen
     guard(async {
         const WORKERS: &str = "the-deployment-worker-secret";
         const ALICE: &str = "alice-operator-token-0123";
-        let mut d = Deployment::unopened(redis_url());
+        let mut d = Deployment::unopened(postgres_url(), redis_url());
         d.worker_secret = Some(WORKERS.into());
         d.config.hot.secret = Some(Secret::new(WORKERS)?);
         d.config.operators = Operators::from_file(AccessFile {

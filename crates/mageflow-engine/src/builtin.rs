@@ -49,18 +49,20 @@ pub fn register(registry: &mut Registry) {
     );
     registry.task("sleep", |i: SleepInput, ctx| async move {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(i.ms)) => Ok(Value::from(i.ms)),
+            biased;
             _ = ctx.cancellation().cancelled() => Err(TaskFailure::retryable("sleep interrupted")),
+            _ = tokio::time::sleep(Duration::from_millis(i.ms)) => Ok(Value::from(i.ms)),
         }
     });
     registry.task("steps", |i: StepsInput, ctx| async move {
         let from = ctx.checkpoint().and_then(Value::as_u64).unwrap_or(0);
         for step in from..i.steps {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(i.ms)) => {}
+                biased;
                 _ = ctx.cancellation().cancelled() => {
                     return Err(TaskFailure::retryable(format!("stopped at step {step}")));
                 }
+                _ = tokio::time::sleep(Duration::from_millis(i.ms)) => {}
             }
             ctx.save_checkpoint(step + 1)
                 .await

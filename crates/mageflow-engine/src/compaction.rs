@@ -68,6 +68,7 @@ pub(crate) async fn run(
     loop {
         let next = due.front().map(|(at, _)| *at);
         tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             wf = finished.recv(), if after.is_some() => match (wf, after) {
                 (Some(wf), Some(after)) => due.push_back((tokio::time::Instant::now() + after, wf)),

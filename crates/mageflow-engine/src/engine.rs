@@ -25,8 +25,10 @@
 //! [`Handle::report`] of the same attempt does not). A signature queued again while an older
 //! attempt of it still holds a slot waits until that attempt's handler reports.
 
+use crate::clock::Clock;
 use crate::compaction::CompactionStats;
 use crate::context::{Backing, TaskContext};
+use crate::det::{Map, Set};
 use crate::error::{Error, Result};
 use crate::log_slot::LogSlot;
 use crate::registry::{Registry, TaskFailure};
@@ -40,10 +42,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::any::Any;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -123,6 +125,9 @@ pub struct Config {
     /// the whole batch it would share with other calls at the log's limit. Default and upper
     /// bound: `mageflow_store::APPEND_EVENTS_MAX`.
     pub creation_events_max: usize,
+    /// Where the engine reads the time it records (event timestamps, retry timers, deletion
+    /// windows). Default: the system clock.
+    pub clock: Clock,
 }
 
 /// When the compaction job moves the old history of a running workflow into the archive (no
@@ -244,6 +249,7 @@ impl Default for Config {
             compact_history: Some(HistoryCompaction::default()),
             compaction_floor: None,
             creation_events_max: mageflow_store::APPEND_EVENTS_MAX,
+            clock: Clock::system(),
         }
     }
 }
@@ -442,16 +448,7 @@ impl std::fmt::Display for Until {
 /// How much of a recovered workflow auto-resume holds back (see [`AutoResume`]).
 enum Hold {
     Whole,
-    Nodes(HashSet<NodeIndex>),
-}
-
-/// The current time as the engine records it (the system clock, UTC microseconds): what the
-/// engine passes into the core, which reads no clock itself.
-pub fn now() -> Timestamp {
-    let micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
-    Timestamp::from_micros(micros)
+    Nodes(Set<NodeIndex>),
 }
 
 enum Action {
@@ -530,7 +527,7 @@ pub struct Handle {
     config: Arc<Config>,
     /// Per running workflow, the seq up to which this process moved its history into the
     /// archive (the compaction of running workflows).
-    archived_to: Arc<std::sync::Mutex<HashMap<WorkflowId, u64>>>,
+    archived_to: Arc<std::sync::Mutex<Map<WorkflowId, u64>>>,
 }
 
 /// A running engine: orchestrator plus in-process workers.
@@ -575,16 +572,16 @@ impl Engine {
                 Dispatch::Remote { window } => window,
             },
             config,
-            hot: HashMap::new(),
+            hot: Map::default(),
             ready: VecDeque::new(),
             timers: BTreeSet::new(),
             purges: BTreeSet::new(),
-            running: HashMap::new(),
-            deferred: HashSet::new(),
-            held: HashMap::new(),
-            waiters: HashMap::new(),
+            running: Map::default(),
+            deferred: Set::default(),
+            held: Map::default(),
+            waiters: Map::default(),
             seq: 0,
-            last_touch: HashMap::new(),
+            last_touch: Map::default(),
             shutdown_at: None,
             handlers: tokio_util::task::TaskTracker::new(),
             shutdown_replies: Vec::new(),
@@ -982,7 +979,11 @@ impl Handle {
     pub async fn delete(&self, wf: WorkflowId) -> Result<mageflow_core::Timestamp> {
         let kind = self.inspect(wf, |w| root_kind(&w.nodes[0])).await?;
         let ttl = self.config.deletion_ttl_for(kind);
-        let expires_at = now().saturating_add_millis(ttl.as_millis() as u64);
+        let expires_at = self
+            .config
+            .clock
+            .now()
+            .saturating_add_millis(ttl.as_millis() as u64);
         self.op(SignatureId::root(wf), Op::Delete { expires_at })
             .await?;
         Ok(expires_at)
@@ -1097,7 +1098,7 @@ impl Handle {
         rx.await.map_err(|_| Error::ShutDown)
     }
 
-    pub(crate) fn archived_to(&self) -> &std::sync::Mutex<HashMap<WorkflowId, u64>> {
+    pub(crate) fn archived_to(&self) -> &std::sync::Mutex<Map<WorkflowId, u64>> {
         &self.archived_to
     }
 
@@ -1196,7 +1197,7 @@ impl Handle {
             let event = Event {
                 stream: WorkflowId::SYSTEM,
                 seq: version + 1,
-                at: now(),
+                at: self.config.clock.now(),
                 actor: Actor::system("intake"),
                 schema: mageflow_core::SCHEMA_VERSION,
                 payload: Payload::CommandRefused {
@@ -1408,7 +1409,7 @@ struct Step {
     /// Sequence number of the step (see [`Orchestrator::last_touch`]).
     seq: u64,
     appends: Vec<AppendRequest>,
-    index: HashMap<WorkflowId, usize>,
+    index: Map<WorkflowId, usize>,
     replies: Vec<Reply>,
     launches: Vec<Launch>,
     stops: Vec<SignatureId>,
@@ -1464,29 +1465,29 @@ struct Orchestrator {
     config: Config,
     worker_actor: Actor,
     /// Unfinished workflows (and finished ones until their waiters are answered).
-    hot: HashMap<WorkflowId, Workflow>,
+    hot: Map<WorkflowId, Workflow>,
     ready: VecDeque<SignatureId>,
     timers: BTreeSet<(Timestamp, SignatureId)>,
     /// Deletion windows: when each marked workflow is due for purging (the cleanup job).
     purges: BTreeSet<(Timestamp, WorkflowId)>,
     /// Attempts holding a worker slot: started, and their handler has not reported yet (it may
     /// linger after its attempt was revoked, until the end of the grace period).
-    running: HashMap<SignatureId, Running>,
+    running: Map<SignatureId, Running>,
     /// Queued signatures whose previous attempt still holds a slot: put back on the ready queue
     /// when that attempt's handler reports, so one signature never holds two slots.
-    deferred: HashSet<SignatureId>,
+    deferred: Set<SignatureId>,
     /// Recovered work auto-resume leaves alone until a resume or run of its workflow
     /// ([`AutoResume`]): `start_ready` drops held signatures instead of starting them.
-    held: HashMap<WorkflowId, Hold>,
+    held: Map<WorkflowId, Hold>,
     /// Callers of `wait`/`wait_for`, per workflow, with what they wait for. A caller that gave
     /// up (its timeout passed) leaves a closed sender, dropped at the next wait or answer.
-    waiters: HashMap<WorkflowId, Vec<Waiter>>,
+    waiters: Map<WorkflowId, Vec<Waiter>>,
     /// Sequence number of the last step decided.
     seq: u64,
     /// For each workflow in the hot state, the last step that touched it (events, a read, a
     /// wait, a report). Only that step's `finish` may settle it: by then every event decided
     /// for it is durable, and no later step has changed its hot state.
-    last_touch: HashMap<WorkflowId, u64>,
+    last_touch: Map<WorkflowId, u64>,
     free_slots: usize,
     /// Set by shutdown: no new starts; stop once nothing runs or at this instant.
     shutdown_at: Option<tokio::time::Instant>,
@@ -1511,7 +1512,7 @@ impl Orchestrator {
             stagger_ms: settings.stagger.as_millis() as u64,
             ..RecoveryReport::default()
         };
-        let mut states: HashMap<WorkflowId, Workflow> = HashMap::new();
+        let mut states: Map<WorkflowId, Workflow> = Map::default();
         let mut corrupt: BTreeMap<WorkflowId, String> = BTreeMap::new();
         let mut from = 1;
         loop {
@@ -1567,7 +1568,7 @@ impl Orchestrator {
             .collect();
 
         // The reference time of the stagger, and of the report event.
-        let t0 = now();
+        let t0 = self.config.clock.now();
         let mut appends: Vec<AppendRequest> = Vec::new();
         let actor = Actor::system("recovery");
         // Resumed starts, in order (the stagger spreads them).
@@ -1589,7 +1590,7 @@ impl Orchestrator {
             let whole = !wf
                 .root()
                 .is_some_and(|r| settings.resumes_kind(root_kind(r)));
-            let mut held_nodes = HashSet::new();
+            let mut held_nodes = Set::default();
             let mut ops = Vec::new();
             for (i, n) in wf.nodes.iter().enumerate() {
                 let index = i as NodeIndex;
@@ -1831,6 +1832,7 @@ impl Orchestrator {
             if inflight.is_none() {
                 let deadline = self.next_wakeup();
                 tokio::select! {
+                    biased;
                     req = rx.recv() => match req {
                         Some(r) => batch.push(r),
                         None => break,
@@ -1878,7 +1880,10 @@ impl Orchestrator {
             (None, None) => None,
         };
         let timer = first.map(|at| {
-            let wait_us = at.as_micros().saturating_sub(now().as_micros()).max(0) as u64;
+            let wait_us = at
+                .as_micros()
+                .saturating_sub(self.config.clock.now().as_micros())
+                .max(0) as u64;
             tokio::time::Instant::now() + Duration::from_micros(wait_us)
         });
         match (timer, self.shutdown_at) {
@@ -1962,15 +1967,15 @@ impl Orchestrator {
         idempotent: bool,
         step: &mut Step,
     ) -> Result<()> {
-        let at = now();
+        let at = self.config.clock.now();
         let single = actions.len() == 1;
         let creation_max = self
             .config
             .creation_events_max
             .min(mageflow_store::APPEND_EVENTS_MAX);
-        let mut backups: HashMap<WorkflowId, Workflow> = HashMap::new();
+        let mut backups: Map<WorkflowId, Workflow> = Map::default();
         // Whether each workflow was finished before this call.
-        let mut was_finished: HashMap<WorkflowId, bool> = HashMap::new();
+        let mut was_finished: Map<WorkflowId, bool> = Map::default();
         let mut produced: Vec<(WorkflowId, u64, Vec<Event>)> = Vec::new();
         let mut failure = None;
         // Workflows an idempotent creation found already there: the rest of their creation
@@ -2224,7 +2229,7 @@ impl Orchestrator {
     /// The cleanup job: purge workflows whose deletion window ended. A purge is one event, so a
     /// crash before it is durable leaves the mark, and the next start schedules it again.
     fn fire_purges(&mut self, step: &mut Step) {
-        let t = now();
+        let t = self.config.clock.now();
         let actor = Actor::system("cleanup");
         while let Some(&(at, wf)) = self.purges.first() {
             if at > t {
@@ -2254,7 +2259,7 @@ impl Orchestrator {
     }
 
     fn fire_timers(&mut self) {
-        let t = now();
+        let t = self.config.clock.now();
         while let Some(&(at, sig)) = self.timers.first() {
             if at > t {
                 break;
@@ -2266,7 +2271,7 @@ impl Orchestrator {
 
     /// Fill free worker slots from the ready queue (each start is a `started` event).
     fn start_ready(&mut self, step: &mut Step) {
-        let at = now();
+        let at = self.config.clock.now();
         let actor = self.worker_actor.clone();
         let remote = self.remote();
         while self.free_slots > 0 {
@@ -2646,6 +2651,7 @@ pub(crate) async fn run_attempt(
         })
     };
     tokio::select! {
+        biased;
         r = &mut fut => Some(caught(r)),
         _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => None,
         missed = lease_expired(heartbeat_timeout, renewals.as_mut()) => {

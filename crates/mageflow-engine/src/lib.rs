@@ -3,9 +3,11 @@
 //! runs registered handlers, and the user-facing builders for signatures, chains and swarms.
 
 pub mod builtin;
+mod clock;
 mod compaction;
 mod context;
 pub mod control;
+mod det;
 mod engine;
 mod error;
 mod log_slot;
@@ -13,12 +15,13 @@ mod registry;
 mod sig;
 pub mod worker;
 
+pub use clock::{now, Clock};
 pub use compaction::{CompactionStats, HistoryPass, COMPACT_AFTER_DEFAULT};
 pub use context::{TaskContext, WorkerLink};
 pub use engine::{
-    now, AutoResume, Config, Dispatch, Engine, Handle, HistoryCompaction, PositionFloor,
-    RecoveryReport, SkippedWorkflow, Stats, StoredRefusal, StoredResumeReport, Submitted, Until,
-    INPUT_BYTES_MAX, RECOVERY_CORRUPT_LISTED_MAX,
+    AutoResume, Config, Dispatch, Engine, Handle, HistoryCompaction, PositionFloor, RecoveryReport,
+    SkippedWorkflow, Stats, StoredRefusal, StoredResumeReport, Submitted, Until, INPUT_BYTES_MAX,
+    RECOVERY_CORRUPT_LISTED_MAX,
 };
 pub use error::{Error, Result, SubmitAnswer, WireError, WireRejection};
 pub use registry::{Registry, TaskDef, TaskFailure};

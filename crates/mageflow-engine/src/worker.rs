@@ -13,6 +13,7 @@
 
 use crate::context::{Backing, TaskContext, WorkerLink};
 use crate::control::ControlOp;
+use crate::det::Map;
 use crate::engine::run_attempt;
 use crate::error::{Error, Result};
 use crate::registry::{Registry, TaskFailure};
@@ -20,7 +21,6 @@ use crate::sig::Sig;
 use mageflow_core::{SignatureId, WorkflowId};
 use mageflow_store::BoxFuture;
 use serde_json::Value;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -175,9 +175,9 @@ impl Stop {
     }
 }
 
-type Tokens = Arc<Mutex<HashMap<(SignatureId, u32), Stop>>>;
+type Tokens = Arc<Mutex<Map<(SignatureId, u32), Stop>>>;
 
-fn tokens(t: &Tokens) -> std::sync::MutexGuard<'_, HashMap<(SignatureId, u32), Stop>> {
+fn tokens(t: &Tokens) -> std::sync::MutexGuard<'_, Map<(SignatureId, u32), Stop>> {
     // Inserts and removes only: a panic elsewhere cannot leave the map half-updated.
     t.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -213,8 +213,9 @@ pub async fn run_worker(
         // One free slot at least, then every other free one (up to a batch): one round trip
         // claims a job for each.
         let mut permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            biased;
             _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
         let more = slots.available_permits().min(CLAIM_BATCH_MAX - 1) as u32;
         if more > 0 {
@@ -227,8 +228,9 @@ pub async fn run_worker(
         // claim after this one (the wait ends at the next wake-up, `IDLE_WAIT` at most).
         let wait = idle.then_some(IDLE_WAIT);
         let claimed = tokio::select! {
-            c = source.claim(&config.worker_id, permit.num_permits(), wait) => c,
+            biased;
             _ = shutdown.cancelled() => break,
+            c = source.claim(&config.worker_id, permit.num_permits(), wait) => c,
         };
         let jobs = match claimed {
             Ok(jobs) if !jobs.is_empty() => {
@@ -325,8 +327,9 @@ async fn source_error(
     stats.source_errors.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "worker could not {what}; retrying");
     tokio::select! {
-        _ = tokio::time::sleep(*backoff) => {}
+        biased;
         _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(*backoff) => {}
     }
     *backoff = (*backoff * 2).min(SOURCE_BACKOFF_MAX);
 }
@@ -434,6 +437,7 @@ impl WorkerLink for JobLink {
             // A handler stopped while it waits for the answer (its lease lost, say) need not
             // wait out the answer's timeout: the attempt is given up either way.
             let r = tokio::select! {
+                biased;
                 r = saved => r,
                 _ = stop.token.cancelled() => Err(Error::Hot(
                     "the attempt was stopped while its checkpoint was being saved".into(),

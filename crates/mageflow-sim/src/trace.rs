@@ -30,6 +30,11 @@ impl Trace {
         self.start.elapsed().as_millis() as u64
     }
 
+    /// Virtual µs since the run began.
+    pub fn now_us(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
     /// Note `what` (about `wf`, or the whole system).
     pub fn note(&self, wf: Option<WorkflowId>, what: impl Into<String>) {
         let mut lines = self.lock();

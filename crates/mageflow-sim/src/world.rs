@@ -9,9 +9,9 @@ use crate::hot::{Hot, Projector, ReportKind, WorkerSource};
 use crate::log::{Durable, LogView};
 use crate::plan::{Control, Fault, Plan, WorkflowPlan};
 use crate::{tasks, Failure, Invariant, Observed};
-use mageflow_core::{SignatureId, Workflow, WorkflowId};
+use mageflow_core::{SignatureId, Timestamp, Workflow, WorkflowId};
 use mageflow_engine::worker::{run_worker, WorkerConfig, WorkerStats};
-use mageflow_engine::{Config, Dispatch, Engine, Error, Handle, Registry};
+use mageflow_engine::{Clock, Config, Dispatch, Engine, Error, Handle, Registry};
 use mageflow_store::EventLog;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -97,8 +97,14 @@ struct WorkerProc {
     shutdown: CancellationToken,
 }
 
-fn engine_config(plan: &Plan) -> Config {
+/// The orchestrator's wall clock: virtual time since the run began, from a fixed epoch, so the
+/// events' timestamps (and the retry timers and deletion windows computed on them) replay.
+const EPOCH_US: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z
+
+fn engine_config(plan: &Plan, trace: &Arc<crate::trace::Trace>) -> Config {
+    let trace = trace.clone();
     Config {
+        clock: Clock::from_fn(move || Timestamp::from_micros(EPOCH_US + trace.now_us() as i64)),
         dispatch: Dispatch::Remote {
             window: plan.window,
         },
@@ -118,7 +124,13 @@ async fn start_orch(sh: &Arc<Shared>) -> Result<Orch, Failure> {
     for _ in 0..START_TRIES_MAX {
         let view = LogView::new(sh.durable.clone());
         let log: Arc<dyn EventLog> = view.clone();
-        match Engine::start(log.clone(), sh.registry.clone(), engine_config(&sh.plan)).await {
+        match Engine::start(
+            log.clone(),
+            sh.registry.clone(),
+            engine_config(&sh.plan, &sh.trace),
+        )
+        .await
+        {
             Ok(engine) => {
                 let stop = CancellationToken::new();
                 let projector = Projector::new(sh.hot.clone(), log);
