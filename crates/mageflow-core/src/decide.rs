@@ -7,6 +7,7 @@ use crate::apply::validate_nodes;
 use crate::command::{Command, Op, Rejection};
 use crate::event::{Actor, Event, Payload, SCHEMA_VERSION};
 use crate::id::NodeIndex;
+use crate::kind;
 use crate::model::{
     deep_merge, KindSpec, Message, Outcome, Role, Status, TaskError, Workflow, CLEANUP_FIELD,
     ERROR_FIELD,
@@ -43,19 +44,21 @@ pub fn execute_owned(state: &mut Workflow, cmd: Command) -> Result<Vec<Event>, R
     Ok(d.events)
 }
 
-struct Decider<'a> {
-    wf: &'a mut Workflow,
+/// The decider of one command: the state it changes as it emits, and the events so far. The
+/// per-kind modules (`crate::kind`) drive it through its `pub(crate)` methods.
+pub(crate) struct Decider<'a> {
+    pub(crate) wf: &'a mut Workflow,
     actor: &'a Actor,
     at: Timestamp,
     events: Vec<Event>,
 }
 
-fn invalid(op: &'static str, status: Status) -> Rejection {
+pub(crate) fn invalid(op: &'static str, status: Status) -> Rejection {
     Rejection::InvalidTransition { op, status }
 }
 
 impl Decider<'_> {
-    fn emit(&mut self, payload: Payload) -> Result<(), Rejection> {
+    pub(crate) fn emit(&mut self, payload: Payload) -> Result<(), Rejection> {
         let event = Event {
             stream: self.wf.id,
             seq: self.wf.version + 1,
@@ -71,7 +74,7 @@ impl Decider<'_> {
         Ok(())
     }
 
-    fn node_status(&self, node: NodeIndex) -> Result<Status, Rejection> {
+    pub(crate) fn node_status(&self, node: NodeIndex) -> Result<Status, Rejection> {
         self.wf
             .node(node)
             .map(|n| n.status)
@@ -119,39 +122,8 @@ impl Decider<'_> {
                 swarm,
                 nodes,
                 close,
-            } => {
-                let status = self.node_status(swarm)?;
-                match &self.wf.nodes[swarm as usize].spec.kind {
-                    KindSpec::Swarm { closed: true, .. } => {
-                        return Err(Rejection::SwarmClosed(swarm))
-                    }
-                    KindSpec::Swarm { .. } => {}
-                    _ => return Err(Rejection::NotASwarm(swarm)),
-                }
-                if status.is_terminal() {
-                    return Err(invalid("add tasks to", status));
-                }
-                validate_nodes(&nodes, self.wf.nodes.len(), Some(swarm))
-                    .map_err(Rejection::InvalidTree)?;
-                self.emit(Payload::SwarmItemsAdded { swarm, nodes })?;
-                if close {
-                    self.emit(Payload::SwarmClosed { swarm })?;
-                }
-                self.fill(swarm)?;
-            }
-            Op::CloseSwarm { swarm } => {
-                let status = self.node_status(swarm)?;
-                match &self.wf.nodes[swarm as usize].spec.kind {
-                    KindSpec::Swarm { closed: true, .. } => return Ok(()),
-                    KindSpec::Swarm { .. } => {}
-                    _ => return Err(Rejection::NotASwarm(swarm)),
-                }
-                if status.is_terminal() {
-                    return Err(invalid("close", status));
-                }
-                self.emit(Payload::SwarmClosed { swarm })?;
-                self.fill(swarm)?;
-            }
+            } => kind::swarm::add_items(self, swarm, nodes, close)?,
+            Op::CloseSwarm { swarm } => kind::swarm::close(self, swarm)?,
             Op::UpdateKwargs { node, kwargs } => {
                 let status = self.node_status(node)?;
                 if !kwargs.is_object() {
@@ -353,7 +325,7 @@ impl Decider<'_> {
 
     /// Trigger a node with its message: a task is queued, a container starts. A node that was
     /// already triggered (or is terminal) is left alone, which makes triggering idempotent.
-    fn trigger(&mut self, node: NodeIndex, message: Message) -> Result<(), Rejection> {
+    pub(crate) fn trigger(&mut self, node: NodeIndex, message: Message) -> Result<(), Rejection> {
         let n = &self.wf.nodes[node as usize];
         let untriggered = matches!(
             n.status,
@@ -371,83 +343,17 @@ impl Decider<'_> {
                 parked,
             });
         }
-        let is_chain = matches!(n.spec.kind, KindSpec::Chain { .. });
         self.emit(Payload::ContainerStarted {
             node,
             message: message.clone(),
             parked,
         })?;
-        if is_chain {
-            let first = self.children(node)[0];
-            self.trigger(first, message)
-        } else {
-            self.fill(node)
-        }
-    }
-
-    /// Hand out swarm items while slots are free, then check whether the swarm is finished.
-    fn fill(&mut self, swarm: NodeIndex) -> Result<(), Rejection> {
-        let s = &self.wf.nodes[swarm as usize];
-        let KindSpec::Swarm {
-            children,
-            config,
-            closed,
-        } = &s.spec.kind
-        else {
-            return Ok(());
-        };
-        if s.status != Status::Running {
-            return Ok(());
-        }
-        let p = &s.swarm;
-        let free = config.max_concurrency.saturating_sub(p.running);
-        // Items that finished before their turn (canceled while waiting) take no slot: they are
-        // handed out along with the live ones, so they neither waste a slot nor hold the swarm up.
-        let mut count = 0u32;
-        let mut live = 0u32;
-        for &c in &children[p.dispatched as usize..] {
-            if !self.wf.nodes[c as usize].status.is_terminal() {
-                if live == free {
-                    break;
-                }
-                live += 1;
-            }
-            count += 1;
-        }
-        let items = children[p.dispatched as usize..(p.dispatched + count) as usize].to_vec();
-        let all_finished = *closed && (p.succeeded + p.failed) as usize == children.len();
-        // When every item is already terminal the triggers below are no-ops: the results hold.
-        let results: Option<Vec<Value>> = all_finished.then(|| {
-            children
-                .iter()
-                .map(|&c| match &self.wf.nodes[c as usize].outcome {
-                    Some(Outcome::Ok(v)) => json!({ "ok": v }),
-                    Some(Outcome::Err(e)) => json!({ "error": e.message }),
-                    None => Value::Null,
-                })
-                .collect()
-        });
-        let message = s.message.clone().unwrap_or(Message::input(Value::Null));
-        if count > 0 {
-            self.emit(Payload::SwarmDispatched { swarm, count })?;
-            for item in items {
-                self.trigger(item, message.clone())?;
-            }
-        }
-        if let Some(results) = results {
-            self.emit(Payload::Succeeded {
-                node: swarm,
-                attempt: 0,
-                result: Value::Array(results),
-            })?;
-            self.finished(swarm)?;
-        }
-        Ok(())
+        kind::start(self, node, message)
     }
 
     /// A node reached done or failed: fire its callbacks (its own first), then its cleanup
     /// callbacks, then tell its container.
-    fn finished(&mut self, node: NodeIndex) -> Result<(), Rejection> {
+    pub(crate) fn finished(&mut self, node: NodeIndex) -> Result<(), Rejection> {
         self.fire_outcome_callbacks(node)?;
         let outcome = match self.wf.nodes[node as usize].status {
             Status::Done => "done",
@@ -459,7 +365,7 @@ impl Decider<'_> {
 
     /// Trigger the cleanup callbacks of `node` (once: triggering is idempotent) with its input
     /// plus `mageflow_cleanup` = {signature, task, outcome, result | error}.
-    fn cleanup(&mut self, node: NodeIndex, outcome: &str) -> Result<(), Rejection> {
+    pub(crate) fn cleanup(&mut self, node: NodeIndex, outcome: &str) -> Result<(), Rejection> {
         let n = &self.wf.nodes[node as usize];
         if n.spec.on_cleanup.is_empty() {
             return Ok(());
@@ -522,7 +428,7 @@ impl Decider<'_> {
     }
 
     /// What an error callback receives: the failed signature's input plus the error.
-    fn error_input(&self, node: NodeIndex, error: &TaskError) -> Value {
+    pub(crate) fn error_input(&self, node: NodeIndex, error: &TaskError) -> Value {
         let n = &self.wf.nodes[node as usize];
         let input = self.base_input(node);
         let mut err = serde_json::Map::new();
@@ -538,65 +444,17 @@ impl Decider<'_> {
         deep_merge(input, &Value::Object(err))
     }
 
-    fn notify_parent(&mut self, node: NodeIndex) -> Result<(), Rejection> {
+    /// Tell `node`'s container (if it is a child of one that is still running) that it
+    /// finished: the container's kind decides what follows.
+    pub(crate) fn notify_parent(&mut self, node: NodeIndex) -> Result<(), Rejection> {
         let n = &self.wf.nodes[node as usize];
         let Some(link) = n.spec.parent.filter(|l| l.role == Role::Child) else {
             return Ok(());
         };
-        let (position, outcome) = (n.position, n.outcome.clone());
-        let c = link.node;
-        let container = &self.wf.nodes[c as usize];
-        if container.status.is_terminal() {
+        if self.wf.nodes[link.node as usize].status.is_terminal() {
             return Ok(());
         }
-        match (&container.spec.kind, outcome) {
-            (KindSpec::Chain { children }, Some(Outcome::Ok(result))) => {
-                match children.get(position as usize + 1).copied() {
-                    Some(next) => self.trigger(next, Message::result(result)),
-                    None => {
-                        self.emit(Payload::Succeeded {
-                            node: c,
-                            attempt: 0,
-                            result,
-                        })?;
-                        self.finished(c)
-                    }
-                }
-            }
-            (KindSpec::Chain { .. }, Some(Outcome::Err(error))) => {
-                // The chain's error callbacks get the failing step's input plus the error.
-                let input = self.error_input(node, &error);
-                self.emit(Payload::Failed {
-                    node: c,
-                    attempt: 0,
-                    error,
-                })?;
-                for cb in self.wf.nodes[c as usize].spec.on_error.clone() {
-                    self.trigger(cb, Message::input(input.clone()))?;
-                }
-                self.cleanup(c, "failed")?;
-                self.notify_parent(c)
-            }
-            (KindSpec::Swarm { config, .. }, _) => {
-                let failed = container.swarm.failed;
-                match config.stop_after_n_failures {
-                    Some(limit) if failed >= limit => {
-                        let error = TaskError {
-                            message: format!("swarm stopped after {failed} failed tasks"),
-                            retryable: false,
-                        };
-                        self.emit(Payload::Failed {
-                            node: c,
-                            attempt: 0,
-                            error,
-                        })?;
-                        self.finished(c)
-                    }
-                    _ => self.fill(c),
-                }
-            }
-            _ => Ok(()),
-        }
+        kind::child_finished(self, link.node, node)
     }
 
     /// Suspend the queued or dispatching descendants of a suspended container. Running attempts
@@ -676,7 +534,7 @@ impl Decider<'_> {
             self.resume(c)?;
         }
         if status == Status::Running {
-            self.fill(node)?;
+            kind::resumed(self, node)?;
         }
         Ok(())
     }

@@ -1,5 +1,5 @@
 //! Mageflow's pure core: the domain model (ids, signatures, statuses), commands and events,
-//! `decide`/`apply`, and the event codec. It performs no I/O, reads no clock and depends on no
+//! `decide`/`apply`, what events ask of the world (`effect`), and the event codec. It performs no I/O, reads no clock and depends on no
 //! async runtime — time, ids and the actor are arguments — so everything here is deterministic
 //! and replayable (`cargo tree -p mageflow-core` shows no tokio, sled or network client).
 
@@ -7,9 +7,11 @@ pub mod apply;
 pub mod codec;
 pub mod command;
 pub mod decide;
+pub mod effect;
 pub mod event;
 pub mod fixtures;
 pub mod id;
+mod kind;
 pub mod model;
 pub mod time;
 
@@ -17,6 +19,7 @@ pub use apply::{ApplyError, ReplayEvent};
 pub use codec::CodecError;
 pub use command::{Command, Op, Rejection};
 pub use decide::{decide, execute, execute_owned};
+pub use effect::{effects, Effect};
 pub use event::{redact_stream, Actor, Event, Payload, Redactor, REDACTED_ERROR, SCHEMA_VERSION};
 pub use id::{NodeIndex, ParseIdError, SignatureId, WorkflowId};
 pub use model::{
