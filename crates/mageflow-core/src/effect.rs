@@ -94,9 +94,19 @@ impl Effect {
         first.into_iter().chain(second)
     }
 
-    /// Whether this effect stops a running attempt (what the hot tier publishes to workers).
-    pub fn is_revoke(&self) -> bool {
-        matches!(self, Effect::Revoke(_))
+    /// What one event asks of the workers, as a hot tier's projector needs it: whether its
+    /// node's running attempt is revoked (the projector publishes a stop), and the attempt
+    /// that started, if one did (a job to queue).
+    pub fn for_workers(event: &Event) -> (bool, Option<u32>) {
+        let (mut revoke, mut dispatch) = (false, None);
+        for effect in Effect::of(event) {
+            match effect {
+                Effect::Revoke(_) => revoke = true,
+                Effect::Dispatch { attempt, .. } => dispatch = Some(attempt),
+                _ => {}
+            }
+        }
+        (revoke, dispatch)
     }
 }
 

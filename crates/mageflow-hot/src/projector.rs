@@ -3,7 +3,7 @@
 
 use crate::hot::rerr;
 use crate::{Hot, HotError, JobData, JobKey, NodeView};
-use mageflow_core::{Event, KindSpec, Link, Node, Payload, Role, Workflow, WorkflowId};
+use mageflow_core::{Effect, Event, KindSpec, Link, Node, Payload, Role, Workflow, WorkflowId};
 use mageflow_store::{EventLog, Recorded};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -389,16 +389,8 @@ impl Projector {
                 .and_then(|i| wf.node(i))
                 .map(|n| (n.in_flight, n.attempt));
             let len_before = wf.nodes.len();
-            let revoke = matches!(
-                event.payload,
-                Payload::Interrupted { .. }
-                    | Payload::Canceled { .. }
-                    | Payload::RetryScheduled { lost: true, .. }
-            );
-            let started = match event.payload {
-                Payload::Started { attempt, .. } => Some(attempt),
-                _ => None,
-            };
+            // What the event asks of the workers (the core works it out, as for the engine).
+            let (revoke, started) = Effect::for_workers(&event);
             let whole = matches!(
                 event.payload,
                 Payload::WorkflowCreated { .. }

@@ -21,7 +21,7 @@
 use crate::plan::Rates;
 use crate::rng::Rng;
 use crate::trace::Trace;
-use mageflow_core::{Payload, SignatureId, Workflow, WorkflowId};
+use mageflow_core::{Effect, SignatureId, Workflow, WorkflowId};
 use mageflow_engine::control::ControlOp;
 use mageflow_engine::worker::{Claim, Job, JobSource, Outcome};
 use mageflow_engine::{Error as EngineError, Sig, TaskFailure};
@@ -678,16 +678,7 @@ impl Projector {
         let before = node
             .and_then(|i| wf.node(i))
             .map(|n| (n.in_flight, n.attempt));
-        let revoke = matches!(
-            event.payload,
-            Payload::Interrupted { .. }
-                | Payload::Canceled { .. }
-                | Payload::RetryScheduled { lost: true, .. }
-        );
-        let started = match event.payload {
-            Payload::Started { attempt, .. } => Some(attempt),
-            _ => None,
-        };
+        let (revoke, started) = Effect::for_workers(&event);
         if let Err(e) = wf.apply_owned(event) {
             tracing::warn!(workflow = %id, error = %e, "sim projector: event does not apply");
             self.hot.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
