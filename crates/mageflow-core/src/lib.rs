@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod codec;
 pub mod command;
+pub mod condition;
 pub mod decide;
 pub mod effect;
 pub mod event;

@@ -1,6 +1,7 @@
 //! Integration tests of the pure core, in one binary (one link step): example tests of the
 //! semantics, property tests of the invariants, and golden files of the event encoding.
 
+mod conditions;
 mod golden;
 mod props;
 mod semantics;
