@@ -6,7 +6,7 @@
 use crate::reader::ReadLog;
 use crate::tiers::StoreArgs;
 use anyhow::{bail, Context, Result};
-use mageflow::core::{KindSpec, NodeIndex, Payload};
+use mageflow::core::{NodeIndex, Payload};
 use mageflow::{Event, SignatureId, Workflow, WorkflowId};
 use std::io::Write;
 
@@ -223,11 +223,7 @@ pub async fn state(args: &StoreArgs, id: &str, json: bool) -> Result<()> {
             index: i,
             parent: n.spec.parent.as_ref().map(|p| p.node),
             name: n.spec.name.clone(),
-            kind: match n.spec.kind {
-                KindSpec::Task { .. } => "task",
-                KindSpec::Chain { .. } => "chain",
-                KindSpec::Swarm { .. } => "swarm",
-            },
+            kind: n.spec.kind.name(),
             task: n.spec.task_name().map(str::to_owned),
             status: n.visible_status().name().to_owned(),
             attempt: n.attempt,

@@ -178,6 +178,17 @@ pub struct NodeSpec {
     pub on_cleanup: Vec<NodeIndex>,
 }
 
+impl KindSpec {
+    /// The kind's name, as views and history print it: `"task"`, `"chain"` or `"swarm"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            KindSpec::Task { .. } => "task",
+            KindSpec::Chain { .. } => "chain",
+            KindSpec::Swarm { .. } => "swarm",
+        }
+    }
+}
+
 impl NodeSpec {
     pub fn task(task: impl Into<String>) -> Self {
         let task = task.into();

@@ -34,8 +34,8 @@ use crate::log_slot::LogSlot;
 use crate::registry::{Registry, TaskFailure};
 use crate::sig::Sig;
 use mageflow_core::{
-    execute_owned, Actor, Command, Event, Message, NodeIndex, Op, Payload, Rejection, SignatureId,
-    Status, TaskError, Timestamp, Workflow, WorkflowId,
+    execute_owned, Actor, Command, Effect, Event, Message, NodeIndex, Op, Payload, Rejection,
+    SignatureId, Status, TaskError, Timestamp, Workflow, WorkflowId,
 };
 use mageflow_store::{AppendRequest, BoxFuture, EventLog};
 use serde::{Deserialize, Serialize};
@@ -977,7 +977,7 @@ impl Handle {
     /// kind runs out, then purged by the cleanup job. A running part keeps running to completion
     /// (and its callbacks fire). Until then it can be restored or rerun.
     pub async fn delete(&self, wf: WorkflowId) -> Result<mageflow_core::Timestamp> {
-        let kind = self.inspect(wf, |w| root_kind(&w.nodes[0])).await?;
+        let kind = self.inspect(wf, |w| w.nodes[0].spec.kind.name()).await?;
         let ttl = self.config.deletion_ttl_for(kind);
         let expires_at = self
             .config
@@ -1258,15 +1258,6 @@ impl Handle {
             });
         }
         Ok(out)
-    }
-}
-
-/// Kind name of a (root) signature: `"task"`, `"chain"` or `"swarm"`.
-fn root_kind(n: &mageflow_core::Node) -> &'static str {
-    match n.spec.kind {
-        mageflow_core::KindSpec::Task { .. } => "task",
-        mageflow_core::KindSpec::Chain { .. } => "chain",
-        mageflow_core::KindSpec::Swarm { .. } => "swarm",
     }
 }
 
@@ -1589,7 +1580,7 @@ impl Orchestrator {
             report.workflows_unfinished += 1;
             let whole = !wf
                 .root()
-                .is_some_and(|r| settings.resumes_kind(root_kind(r)));
+                .is_some_and(|r| settings.resumes_kind(r.spec.kind.name()));
             let mut held_nodes = Set::default();
             let mut ops = Vec::new();
             for (i, n) in wf.nodes.iter().enumerate() {
@@ -1911,50 +1902,36 @@ impl Orchestrator {
         self.hot.get_mut(&wf).ok_or(Error::NoSuchWorkflow(wf))
     }
 
-    /// Record the effects of freshly decided events.
-    fn scan(&mut self, wf: &Workflow, events: &[Event], step: &mut Step) {
-        for e in events {
-            let sig = |n: NodeIndex| wf.sig(n);
-            match &e.payload {
-                Payload::Queued {
-                    node,
-                    parked: false,
-                    ..
-                }
-                | Payload::Resumed {
-                    node,
-                    status: Status::Queued,
-                } => self.ready.push_back(sig(*node)),
-                Payload::RetryScheduled {
-                    node,
-                    retry_at,
-                    lost,
-                    ..
-                } => {
+    /// Carry out what freshly decided events ask of the orchestrator. The core works that out
+    /// from the events alone ([`Effect::of`]), as it does for the hot tier's projector.
+    fn scan(&mut self, events: &[Event], step: &mut Step) {
+        for effect in events.iter().flat_map(Effect::of) {
+            match effect {
+                Effect::Enqueue(sig) => self.ready.push_back(sig),
+                Effect::ArmTimer { sig, at } => {
                     self.stats.retries_scheduled.fetch_add(1, Ordering::Relaxed);
-                    self.timers.insert((*retry_at, sig(*node)));
-                    // An attempt given up (abandoned by its worker) still holds its slot here:
-                    // stop it as a revoke does, so the new attempt can start.
-                    if *lost && self.running.contains_key(&sig(*node)) {
-                        step.stops.push(sig(*node));
+                    self.timers.insert((at, sig));
+                }
+                // An interrupt or cancel stops a running attempt; so does an attempt given up
+                // (abandoned by its worker), which still holds its slot here, so that the new
+                // attempt can start.
+                Effect::Revoke(sig) => {
+                    if self.running.contains_key(&sig) {
+                        step.stops.push(sig);
                     }
                 }
-                Payload::Interrupted { node } | Payload::Canceled { node }
-                    if self.running.contains_key(&sig(*node)) =>
-                {
-                    step.stops.push(sig(*node));
-                }
-                Payload::Succeeded { attempt, .. } if *attempt > 0 => {
+                Effect::TaskSucceeded(_) => {
                     self.stats.tasks_succeeded.fetch_add(1, Ordering::Relaxed);
                 }
-                Payload::MarkedForDeletion { expires_at, .. } => {
-                    self.purges.insert((*expires_at, wf.id));
-                }
-                Payload::Purged { .. } => step.purged.push(wf.id),
-                Payload::Failed { attempt, .. } if *attempt > 0 => {
+                Effect::TaskFailed(_) => {
                     self.stats.tasks_failed.fetch_add(1, Ordering::Relaxed);
                 }
-                _ => {}
+                Effect::SchedulePurge { workflow, at } => {
+                    self.purges.insert((at, workflow));
+                }
+                Effect::Forget(workflow) => step.purged.push(workflow),
+                // Starts are the orchestrator's own decisions (`start_ready`), launched there.
+                Effect::Dispatch { .. } => {}
             }
         }
     }
@@ -2062,9 +2039,8 @@ impl Orchestrator {
             return Err(e);
         }
         for (wf, expected, events) in produced {
-            if let Some(state) = self.hot.remove(&wf) {
-                self.scan(&state, &events, step);
-                self.hot.insert(wf, state);
+            if self.hot.contains_key(&wf) {
+                self.scan(&events, step);
             }
             step.add_events(wf, expected, events);
         }

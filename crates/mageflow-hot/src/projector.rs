@@ -621,18 +621,10 @@ fn load_until(log: &dyn EventLog, id: WorkflowId, seq: u64) -> Result<Workflow, 
     Ok(wf)
 }
 
-fn kind_name(n: &Node) -> &'static str {
-    match n.spec.kind {
-        KindSpec::Task { .. } => "task",
-        KindSpec::Chain { .. } => "chain",
-        KindSpec::Swarm { .. } => "swarm",
-    }
-}
-
 fn node_view(n: &Node) -> NodeView {
     NodeView {
         name: n.spec.name.clone(),
-        kind: kind_name(n).to_owned(),
+        kind: n.spec.kind.name().to_owned(),
         task: n.spec.task_name().map(str::to_owned),
         status: n.visible_status().name().to_owned(),
         attempt: n.attempt,
