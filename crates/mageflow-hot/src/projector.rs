@@ -496,7 +496,7 @@ impl Projector {
                     .map(|(i, _)| hot.key(&format!("swarm:{}", wf.sig(i as u32))))
             };
             if wf.is_finished() {
-                let kind = wf.root().map(kind_name).unwrap_or("task");
+                let kind = wf.root().map_or("task", |r| r.spec.kind.name());
                 let ttl_ms = cfg.done_ttl_for(kind).as_millis().max(1) as u64;
                 pipe.cmd("PEXPIRE").arg(&wf_key).arg(ttl_ms).ignore();
                 for k in all_swarm_keys() {
