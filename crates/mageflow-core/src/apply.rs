@@ -5,8 +5,10 @@
 
 use crate::event::{Event, Payload};
 use crate::id::{NodeIndex, WorkflowId};
+use crate::kind::graph;
 use crate::model::{
-    deep_merge_owned, KindSpec, Link, Node, NodeSpec, Outcome, Role, Status, TaskError, Workflow,
+    deep_merge_owned, GraphProgress, KindSpec, Link, Node, NodeSpec, Outcome, Role, Status,
+    TaskError, Workflow,
 };
 use crate::time::Timestamp;
 
@@ -113,6 +115,22 @@ pub(crate) fn validate_nodes(
             if std::mem::replace(&mut referenced[r - base], true) {
                 return Err(format!("signature {r} is referenced twice"));
             }
+        }
+    }
+    for (offset, spec) in nodes.iter().enumerate() {
+        if let KindSpec::Graph {
+            children,
+            edges,
+            joins,
+        } = &spec.kind
+        {
+            // Children were checked above to be later signatures of this batch.
+            let names: Vec<&str> = children
+                .iter()
+                .map(|&c| nodes[c as usize - base].name.as_str())
+                .collect();
+            graph::validate(&names, edges, joins)
+                .map_err(|why| format!("graph {}: {why}", base + offset))?;
         }
     }
     for (offset, spec) in nodes.iter().enumerate() {
@@ -242,6 +260,143 @@ impl Workflow {
             (KindSpec::Swarm { .. }, Role::Child) => Some((p, n.position)),
             _ => None,
         }
+    }
+
+    /// Bookkeeping in the enclosing graph when one of its nodes reaches a terminal status.
+    fn count_in_graph(&mut self, node: usize) {
+        if let Some(Link {
+            node: p,
+            role: Role::Child,
+        }) = self.nodes[node].spec.parent
+        {
+            let parent = &mut self.nodes[p as usize];
+            if matches!(parent.spec.kind, KindSpec::Graph { .. }) {
+                parent.graph.settled += 1;
+            }
+        }
+    }
+
+    /// A graph routed `from`'s outcome (see [`Payload::GraphRouted`]): record each decision in
+    /// its progress; a taken loop edge sends the loop's nodes back to pending; a skipped `from`
+    /// is skipped with everything inside it.
+    fn apply_routing(
+        &mut self,
+        kind: &'static str,
+        g: usize,
+        from: NodeIndex,
+        decisions: &[crate::event::EdgeDecision],
+        skipped: bool,
+    ) -> Result<(), ApplyError> {
+        let invalid = |reason: String| ApplyError::Invalid {
+            kind,
+            node: g as NodeIndex,
+            reason,
+        };
+        let KindSpec::Graph {
+            children, edges, ..
+        } = &self.nodes[g].spec.kind
+        else {
+            return Err(invalid("not a graph".into()));
+        };
+        let f = self
+            .nodes
+            .get(from as usize)
+            .filter(|n| {
+                n.spec.parent
+                    == Some(Link {
+                        node: g as NodeIndex,
+                        role: Role::Child,
+                    })
+            })
+            .ok_or_else(|| invalid(format!("signature {from} is not a node of the graph")))?;
+        let pos = f.position;
+        let progress = &self.nodes[g].graph;
+        for d in decisions {
+            match edges.get(d.edge as usize) {
+                Some(e)
+                    if e.from == pos && progress.decided.get(d.edge as usize) == Some(&None) => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "edge {} is not an undecided edge out of {from}",
+                        d.edge
+                    )))
+                }
+            }
+        }
+        if skipped {
+            let f = &self.nodes[from as usize];
+            if f.status.is_terminal() || f.message.is_some() || f.in_flight {
+                return Err(invalid(format!(
+                    "signature {from} ran: it cannot be skipped"
+                )));
+            }
+        }
+        let (children, edges) = (children.clone(), edges.clone());
+        let mut reset = Vec::new();
+        let progress = &mut self.nodes[g].graph;
+        for d in decisions {
+            let e = &edges[d.edge as usize];
+            progress.decided[d.edge as usize] = Some(d.taken);
+            match e.max_iterations {
+                None => {
+                    let to = e.to as usize;
+                    progress.undecided_in[to] = progress.undecided_in[to].saturating_sub(1);
+                    progress.taken_in[to] += u32::from(d.taken);
+                }
+                Some(_) if d.taken => {
+                    progress.iterations[d.edge as usize] += 1;
+                    reset = graph::loop_body(&edges, d.edge as usize);
+                }
+                Some(_) => {}
+            }
+        }
+        if !reset.is_empty() {
+            // The loop runs again: its nodes back to pending, their edges undecided.
+            for (i, e) in edges.iter().enumerate() {
+                if !reset.contains(&e.from) {
+                    continue;
+                }
+                let progress = &mut self.nodes[g].graph;
+                if let Some(taken) = progress.decided[i].take() {
+                    if e.max_iterations.is_none() {
+                        let to = e.to as usize;
+                        progress.undecided_in[to] += 1;
+                        progress.taken_in[to] -= u32::from(taken);
+                    }
+                }
+            }
+            for &p in &reset {
+                let c = children[p as usize] as usize;
+                if self.nodes[c].status.is_terminal() {
+                    self.nodes[g].graph.settled -= 1;
+                }
+                let mut stack = vec![c as NodeIndex];
+                while let Some(i) = stack.pop() {
+                    let n = &mut self.nodes[i as usize];
+                    n.status = Status::Pending;
+                    n.message = None;
+                    n.outcome = None;
+                    n.not_before = None;
+                    n.failures = 0;
+                    n.checkpoint = None;
+                    n.swarm = Default::default();
+                    n.graph = GraphProgress::default();
+                    stack.extend(n.spec.all_refs());
+                }
+            }
+        }
+        if skipped {
+            let mut stack = vec![from];
+            while let Some(i) = stack.pop() {
+                let n = &mut self.nodes[i as usize];
+                if !n.status.is_terminal() && n.message.is_none() && !n.in_flight {
+                    n.status = Status::Skipped;
+                    stack.extend(n.spec.all_refs());
+                }
+            }
+            self.nodes[g].graph.settled += 1;
+        }
+        Ok(())
     }
 
     /// Bookkeeping in the enclosing swarm when one of its items reaches a terminal status.
@@ -411,6 +566,12 @@ impl Workflow {
                 }
                 n.message = Some(message);
                 n.not_before = None;
+                if let KindSpec::Graph {
+                    children, edges, ..
+                } = &n.spec.kind
+                {
+                    n.graph = GraphProgress::start(children.len(), edges);
+                }
                 n.status = match (parked, is_container) {
                     (true, _) => Status::Suspended,
                     (false, true) => Status::Running,
@@ -468,6 +629,7 @@ impl Workflow {
                 n.in_flight = false;
                 n.outcome = Some(Outcome::Ok(result));
                 self.count_in_swarm(i, true);
+                self.count_in_graph(i);
                 self.skip_callbacks(i, Role::ErrorCallback);
             }
             Payload::RetryScheduled {
@@ -494,6 +656,7 @@ impl Workflow {
                 n.in_flight = false;
                 n.outcome = Some(Outcome::Err(error));
                 self.count_in_swarm(i, false);
+                self.count_in_graph(i);
                 self.skip_callbacks(i, Role::SuccessCallback);
             }
             Payload::Suspended { node } => {
@@ -530,6 +693,7 @@ impl Workflow {
                     retryable: false,
                 }));
                 self.count_in_swarm(i, false);
+                self.count_in_graph(i);
                 self.skip_callbacks(i, Role::SuccessCallback);
                 self.skip_callbacks(i, Role::ErrorCallback);
             }
@@ -565,8 +729,18 @@ impl Workflow {
                     n.failures = 0;
                     n.checkpoint = None;
                     n.swarm = Default::default();
+                    n.graph = Default::default();
                     n.deletion = None;
                 }
+            }
+            Payload::GraphRouted {
+                graph,
+                from,
+                decisions,
+                skipped,
+            } => {
+                let g = self.check(kind, graph)?;
+                self.apply_routing(kind, g, from, &decisions, skipped)?;
             }
             Payload::ResumeReport { .. } | Payload::CommandRefused { .. } => {
                 return Err(ApplyError::Invalid {

@@ -196,7 +196,7 @@ pub mod check {
 /// `f32`, values at most [`fast::VALUE_DEPTH_MAX`] deep) but must never accept what serde refuses
 /// nor read anything differently.
 mod fast {
-    use crate::event::{Actor, Event, Payload};
+    use crate::event::{Actor, EdgeDecision, Event, Payload};
     use crate::id::WorkflowId;
     use crate::model::{
         KindSpec, Link, Message, NodeSpec, RetryPolicy, Role, Status, SwarmConfig, TaskError,
@@ -484,6 +484,23 @@ mod fast {
                 Payload::CommandRefused { command } => {
                     self.variant(name, 1).value(command);
                 }
+                Payload::GraphRouted {
+                    graph,
+                    from,
+                    decisions,
+                    skipped,
+                } => {
+                    self.variant(name, 4).uint(u64::from(*graph));
+                    self.uint(u64::from(*from));
+                    self.array(decisions.len());
+                    for EdgeDecision { edge, taken, saw } in decisions {
+                        self.array(3);
+                        self.uint(u64::from(*edge));
+                        self.bool(*taken);
+                        self.value(saw);
+                    }
+                    self.bool(*skipped);
+                }
                 Payload::Resumed { node, status } => {
                     self.variant(name, 2).uint(u64::from(*node));
                     match status {
@@ -543,6 +560,16 @@ mod fast {
                     }
                     KindSpec::Chain { children } => {
                         self.variant("chain", 1).indexes(children);
+                    }
+                    // Graphs are rare and their conditions varied: rmp-serde writes them (the
+                    // same bytes, as the property test holds it), and the reader leaves them to
+                    // the serde fallback.
+                    graph @ KindSpec::Graph { .. } => {
+                        if rmp_serde::encode::write(&mut *self.0, graph).is_err() {
+                            // Unreachable for these types (string keys, no custom serializers);
+                            // a nil makes the event fail to decode rather than misread.
+                            self.nil();
+                        }
                     }
                     KindSpec::Swarm {
                         children,
@@ -926,6 +953,27 @@ mod fast {
                     self.fields(1)?;
                     Payload::CommandRefused {
                         command: self.value(VALUE_DEPTH_MAX)?,
+                    }
+                }
+                "graph_routed" => {
+                    self.fields(4)?;
+                    let graph = self.u32()?;
+                    let from = self.u32()?;
+                    let len = self.array()?;
+                    let mut decisions = Vec::with_capacity(cautious::<EdgeDecision>(len));
+                    for _ in 0..len {
+                        self.array_of(3)?;
+                        decisions.push(EdgeDecision {
+                            edge: self.u32()?,
+                            taken: self.bool()?,
+                            saw: self.value(VALUE_DEPTH_MAX)?,
+                        });
+                    }
+                    Payload::GraphRouted {
+                        graph,
+                        from,
+                        decisions,
+                        skipped: self.bool()?,
                     }
                 }
                 _ => return None,

@@ -10,8 +10,9 @@ use std::fmt;
 
 /// Version of the event schema written by this build. Older versions must keep decoding.
 /// History: 1 = the first schema; 2 = adds [`Payload::ResumeReport`]; 3 = adds
-/// [`Payload::CommandRefused`].
-pub const SCHEMA_VERSION: u16 = 3;
+/// [`Payload::CommandRefused`]; 4 = adds [`Payload::GraphRouted`] and graph signatures
+/// (`KindSpec::Graph`).
+pub const SCHEMA_VERSION: u16 = 4;
 
 /// Who caused an event.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -184,6 +185,26 @@ pub enum Payload {
     CommandRefused {
         command: Value,
     },
+    /// A graph routed the outcome of its node `from`: whether each of its outgoing edges was
+    /// taken, and what the edge's condition saw (schema 4). With `skipped`, `from` was found
+    /// unreachable — no incoming edge of it taken, as its join counts them — and is skipped,
+    /// none of its edges taken.
+    GraphRouted {
+        graph: NodeIndex,
+        from: NodeIndex,
+        decisions: Vec<EdgeDecision>,
+        skipped: bool,
+    },
+}
+
+/// What a graph decided on one edge (`edge`: its position in the graph's edges).
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct EdgeDecision {
+    pub edge: u32,
+    pub taken: bool,
+    /// What the edge's condition saw in the source's output (`null` for a condition on the
+    /// outcome alone).
+    pub saw: Value,
 }
 
 impl Payload {
@@ -195,6 +216,7 @@ impl Payload {
             SwarmItemsAdded { swarm, .. }
             | SwarmClosed { swarm }
             | SwarmDispatched { swarm, .. } => Some(*swarm),
+            GraphRouted { graph, .. } => Some(*graph),
             KwargsUpdated { node, .. }
             | Queued { node, .. }
             | ContainerStarted { node, .. }
@@ -240,6 +262,7 @@ impl Payload {
             Purged { .. } => "purged",
             ResumeReport { .. } => "resume_report",
             CommandRefused { .. } => "command_refused",
+            GraphRouted { .. } => "graph_routed",
         }
     }
 }
@@ -319,6 +342,11 @@ impl Payload {
             RetryScheduled { node, error, .. } | Failed { node, error, .. } if selected(*node) => {
                 replace_with(&mut error.message, REDACTED_ERROR.to_owned())
             }
+            GraphRouted {
+                from, decisions, ..
+            } if selected(*from) => decisions.iter_mut().fold(false, |changed, d| {
+                replace_with(&mut d.saw, Value::Null) | changed
+            }),
             _ => false,
         }
     }

@@ -21,10 +21,12 @@ pub use codec::CodecError;
 pub use command::{Command, Op, Rejection};
 pub use decide::{decide, execute, execute_owned};
 pub use effect::{effects, Effect};
-pub use event::{redact_stream, Actor, Event, Payload, Redactor, REDACTED_ERROR, SCHEMA_VERSION};
+pub use event::{
+    redact_stream, Actor, EdgeDecision, Event, Payload, Redactor, REDACTED_ERROR, SCHEMA_VERSION,
+};
 pub use id::{NodeIndex, ParseIdError, SignatureId, WorkflowId};
 pub use model::{
-    KindSpec, Link, Message, Node, NodeSpec, Outcome, RetryPolicy, Role, Status, SwarmConfig,
-    TaskError, Workflow,
+    Edge, GraphProgress, Join, KindSpec, Link, Message, Node, NodeSpec, Outcome, RetryPolicy, Role,
+    Status, SwarmConfig, TaskError, Workflow,
 };
 pub use time::Timestamp;

@@ -1,6 +1,7 @@
 //! The state of one workflow (one log stream): a tree of signatures stored densely by index.
 //! State is only ever changed by [`Workflow::apply`]; it is a pure fold of the stream's events.
 
+use crate::condition::Condition;
 use crate::id::{NodeIndex, SignatureId, WorkflowId};
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -159,6 +160,40 @@ pub enum KindSpec {
         config: SwarmConfig,
         closed: bool,
     },
+    /// A conditional graph: its `children` are its nodes (any signature; names unique within
+    /// the graph), `edges` route between them by position in `children`, `joins` say how a
+    /// node with several incoming edges waits (empty: every node joins on all).
+    Graph {
+        children: Vec<NodeIndex>,
+        edges: Vec<Edge>,
+        #[serde(default)]
+        joins: Vec<Join>,
+    },
+}
+
+/// An edge of a graph, between two of its nodes (positions in the graph's `children`).
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct Edge {
+    pub from: u32,
+    pub to: u32,
+    /// When it is taken, judged on the outcome and output of `from`.
+    pub when: Condition,
+    /// A loop edge (back to an earlier node) runs its loop at most this many times; taken once
+    /// more, the graph fails (`graph_loop_exceeded`). `None`: a forward edge.
+    #[serde(default)]
+    pub max_iterations: Option<u32>,
+}
+
+/// How a graph node with several incoming edges waits for them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Join {
+    /// Once every incoming edge is decided: runs if any was taken (with the outputs of all the
+    /// taken ones, by node name), is skipped if none was.
+    #[default]
+    All,
+    /// At the first incoming edge taken (with that one's output); skipped if none ever is.
+    Any,
 }
 
 /// One signature as submitted: everything but its runtime state.
@@ -185,6 +220,7 @@ impl KindSpec {
             KindSpec::Task { .. } => "task",
             KindSpec::Chain { .. } => "chain",
             KindSpec::Swarm { .. } => "swarm",
+            KindSpec::Graph { .. } => "graph",
         }
     }
 }
@@ -210,7 +246,9 @@ impl NodeSpec {
     pub fn children(&self) -> &[NodeIndex] {
         match &self.kind {
             KindSpec::Task { .. } => &[],
-            KindSpec::Chain { children } | KindSpec::Swarm { children, .. } => children,
+            KindSpec::Chain { children }
+            | KindSpec::Swarm { children, .. }
+            | KindSpec::Graph { children, .. } => children,
         }
     }
 
@@ -292,6 +330,40 @@ pub struct SwarmProgress {
     pub failed: u32,
 }
 
+/// Runtime state of a graph: what was decided on each of its edges.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct GraphProgress {
+    /// Per edge (in the graph's order): not decided yet (`None`), taken or not taken.
+    pub decided: Vec<Option<bool>>,
+    /// Per edge: how many times a loop edge was taken.
+    pub iterations: Vec<u32>,
+    /// Per node (position): forward edges into it not decided yet.
+    pub undecided_in: Vec<u32>,
+    /// Per node (position): forward edges into it taken.
+    pub taken_in: Vec<u32>,
+    /// Nodes in a terminal status (skipped included): the graph settles when all are.
+    pub settled: u32,
+}
+
+impl GraphProgress {
+    /// The progress of a graph that has decided nothing yet.
+    pub fn start(children: usize, edges: &[Edge]) -> Self {
+        let mut undecided_in = vec![0; children];
+        for e in edges.iter().filter(|e| e.max_iterations.is_none()) {
+            if let Some(n) = undecided_in.get_mut(e.to as usize) {
+                *n += 1;
+            }
+        }
+        Self {
+            decided: vec![None; edges.len()],
+            iterations: vec![0; edges.len()],
+            undecided_in,
+            taken_in: vec![0; children],
+            settled: 0,
+        }
+    }
+}
+
 /// One signature with its runtime state.
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 pub struct Node {
@@ -314,6 +386,10 @@ pub struct Node {
     pub position: u32,
     /// Marked for deletion: purged at this instant unless rerun or restored before.
     pub deletion: Option<Timestamp>,
+    /// What a graph decided on its edges (empty for every other kind). Last, with a default:
+    /// snapshots written before graphs existed still decode.
+    #[serde(default)]
+    pub graph: GraphProgress,
 }
 
 impl Node {
@@ -331,6 +407,7 @@ impl Node {
             swarm: SwarmProgress::default(),
             position: 0,
             deletion: None,
+            graph: GraphProgress::default(),
         }
     }
 

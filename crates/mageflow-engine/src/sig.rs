@@ -479,7 +479,9 @@ impl Sig {
         spec.on_error = on_error;
         spec.on_cleanup = on_cleanup;
         match &mut spec.kind {
-            KindSpec::Chain { children: c } | KindSpec::Swarm { children: c, .. } => *c = children,
+            KindSpec::Chain { children: c }
+            | KindSpec::Swarm { children: c, .. }
+            | KindSpec::Graph { children: c, .. } => *c = children,
             KindSpec::Task { .. } => {}
         }
         Ok(me)

@@ -11,6 +11,7 @@
 //! below.
 
 mod chain;
+pub(crate) mod graph;
 pub(crate) mod swarm;
 
 use crate::command::Rejection;
@@ -27,6 +28,7 @@ pub(crate) fn start(
     match &d.wf.nodes[node as usize].spec.kind {
         KindSpec::Chain { .. } => chain::start(d, node, message),
         KindSpec::Swarm { .. } => swarm::fill(d, node),
+        KindSpec::Graph { .. } => graph::start(d, node, message),
         KindSpec::Task { .. } => Ok(()),
     }
 }
@@ -40,6 +42,7 @@ pub(crate) fn child_finished(
     match &d.wf.nodes[container as usize].spec.kind {
         KindSpec::Chain { .. } => chain::child_finished(d, container, child),
         KindSpec::Swarm { .. } => swarm::child_finished(d, container),
+        KindSpec::Graph { .. } => graph::child_finished(d, container, child),
         KindSpec::Task { .. } => Ok(()),
     }
 }
@@ -47,9 +50,9 @@ pub(crate) fn child_finished(
 /// Container `node` was resumed and is running again.
 pub(crate) fn resumed(d: &mut Decider<'_>, node: NodeIndex) -> Result<(), Rejection> {
     match &d.wf.nodes[node as usize].spec.kind {
-        // A chain's next step is triggered when the previous one finishes, which a suspended
-        // chain's steps still do: nothing is owed on resume.
-        KindSpec::Chain { .. } | KindSpec::Task { .. } => Ok(()),
+        // A chain's next step, a graph's next nodes, are triggered when the ones before finish,
+        // which a suspended container's children still do (parked): nothing is owed on resume.
+        KindSpec::Chain { .. } | KindSpec::Graph { .. } | KindSpec::Task { .. } => Ok(()),
         KindSpec::Swarm { .. } => swarm::fill(d, node),
     }
 }

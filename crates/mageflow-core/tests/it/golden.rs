@@ -11,7 +11,8 @@
 //!
 //! - `events-v2-compact/<kind>.msgpack`: schema 2 (adds `resume_report`) in the compact layout.
 //!   Frozen.
-//! - `events-v3-compact/<kind>.msgpack`: schema 3 (adds `command_refused`): the current one.
+//! - `events-v3-compact/<kind>.msgpack`: schema 3 (adds `command_refused`). Frozen.
+//! - `events-v4-compact/<kind>.msgpack`: schema 4 (adds `graph_routed`): the current one.
 //!   The older directories hold the variants that existed then, with their schema in the
 //!   envelope.
 //!
@@ -23,7 +24,8 @@
 use crate::support::{chain, swarm, swarm_items, task};
 use mageflow_core::codec::{check, decode, encode};
 use mageflow_core::{
-    Actor, Event, Message, Payload, Status, TaskError, Timestamp, WorkflowId, SCHEMA_VERSION,
+    Actor, EdgeDecision, Event, Message, Payload, Status, TaskError, Timestamp, WorkflowId,
+    SCHEMA_VERSION,
 };
 use serde_json::json;
 use std::path::PathBuf;
@@ -43,8 +45,12 @@ const V1_VARIANTS: usize = 20;
 const V2_COMPACT_DIR: &str = "events-v2-compact";
 /// Variants schema 2 had.
 const V2_VARIANTS: usize = 21;
+/// The frozen directory of schema 3.
+const V3_COMPACT_DIR: &str = "events-v3-compact";
+/// Variants schema 3 had.
+const V3_VARIANTS: usize = 22;
 /// The directory of the current schema and layout, the one `MAGEFLOW_BLESS=1` writes.
-const CURRENT_DIR: &str = "events-v3-compact";
+const CURRENT_DIR: &str = "events-v4-compact";
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/golden")).join(name)
@@ -76,9 +82,10 @@ fn variant(payload: &Payload) -> usize {
         Payload::Purged { .. } => 19,
         Payload::ResumeReport { .. } => 20,
         Payload::CommandRefused { .. } => 21,
+        Payload::GraphRouted { .. } => 22,
     }
 }
-const VARIANTS: usize = 22;
+const VARIANTS: usize = 23;
 
 /// The golden events of the current schema, in variant order.
 fn expected() -> Vec<Event> {
@@ -195,6 +202,23 @@ fn expected_of(schema: u16, variants: usize) -> Vec<Event> {
                 "deadline_ms": 1_795_679_904_000u64,
             }),
         },
+        Payload::GraphRouted {
+            graph: 2,
+            from: 3,
+            decisions: vec![
+                EdgeDecision {
+                    edge: 4,
+                    taken: true,
+                    saw: json!({"variant": "b", "score": 0.75}),
+                },
+                EdgeDecision {
+                    edge: 5,
+                    taken: false,
+                    saw: serde_json::Value::Null,
+                },
+            ],
+            skipped: false,
+        },
     ];
     payloads
         .into_iter()
@@ -291,6 +315,7 @@ fn golden_files_still_decode_to_the_same_events() {
     check_dir(NAMED_DIR, expected_of(1, V1_VARIANTS));
     check_dir(V1_COMPACT_DIR, expected_of(1, V1_VARIANTS));
     check_dir(V2_COMPACT_DIR, expected_of(2, V2_VARIANTS));
+    check_dir(V3_COMPACT_DIR, expected_of(3, V3_VARIANTS));
     check_dir(CURRENT_DIR, expected());
 }
 

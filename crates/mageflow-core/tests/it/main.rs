@@ -3,6 +3,7 @@
 
 mod conditions;
 mod golden;
+mod graphs;
 mod props;
 mod semantics;
 mod support;

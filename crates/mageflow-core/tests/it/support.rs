@@ -33,6 +33,28 @@ pub enum TreeKind {
         config: SwarmConfig,
         closed: bool,
     },
+    Graph {
+        children: Vec<Tree>,
+        edges: Vec<mageflow_core::Edge>,
+        joins: Vec<mageflow_core::Join>,
+    },
+}
+
+/// A conditional graph of `children` (edges by position in `children`).
+pub fn graph(
+    name: &str,
+    children: impl IntoIterator<Item = Tree>,
+    edges: Vec<mageflow_core::Edge>,
+    joins: Vec<mageflow_core::Join>,
+) -> Tree {
+    Tree {
+        kind: TreeKind::Graph {
+            children: children.into_iter().collect(),
+            edges,
+            joins,
+        },
+        ..task(name)
+    }
 }
 
 pub fn task(name: &str) -> Tree {
@@ -137,6 +159,11 @@ impl Tree {
                 config: *config,
                 closed: *closed,
             },
+            TreeKind::Graph { edges, joins, .. } => KindSpec::Graph {
+                children: Vec::new(),
+                edges: edges.clone(),
+                joins: joins.clone(),
+            },
         };
         out.push(NodeSpec {
             name: self.name.clone(),
@@ -151,7 +178,7 @@ impl Tree {
         let kids: &[Tree] = match &self.kind {
             TreeKind::Task { .. } => &[],
             TreeKind::Chain(c) => c,
-            TreeKind::Swarm { children, .. } => children,
+            TreeKind::Swarm { children, .. } | TreeKind::Graph { children, .. } => children,
         };
         let link = |role| Some(Link { node: me, role });
         let children: Vec<NodeIndex> = kids
@@ -176,7 +203,9 @@ impl Tree {
         let spec = &mut out[slot];
         match &mut spec.kind {
             KindSpec::Task { .. } => {}
-            KindSpec::Chain { children: c } | KindSpec::Swarm { children: c, .. } => *c = children,
+            KindSpec::Chain { children: c }
+            | KindSpec::Swarm { children: c, .. }
+            | KindSpec::Graph { children: c, .. } => *c = children,
         }
         spec.on_success = on_success;
         spec.on_error = on_error;
