@@ -1,9 +1,9 @@
 //! The durable event log. [`EventLog`] is the narrow trait every backend implements: append a
 //! batch with optimistic concurrency per stream, read a stream, read the whole log by global
 //! position, and watch the head for new events. Backends: [`MemoryLog`] (tests, and the
-//! reference the conformance suite compares against) and [`SledLog`] (embedded, durable, group
-//! commit; behind the `sled` feature, on by default). This crate knows events only as encoded bytes plus their envelope; it never decides
-//! anything.
+//! reference the conformance suite compares against) and `SledLog` (embedded, durable, group
+//! commit; behind the `sled` feature, on by default). This crate knows events only as encoded
+//! bytes plus their envelope; it never decides anything.
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
