@@ -23,17 +23,33 @@
 //! engine.shutdown().await;
 //! # Ok(()) }
 //! ```
+//!
+//! ## Features
+//!
+//! The heavy backends are Cargo features, all on by default: `sled` (the embedded log,
+//! `open_embedded`), `postgres` (the PostgreSQL log: `open_postgres`, `store_pg`), `redis` (the
+//! Redis hot tier, `hot`) and `cluster` (the PostgreSQL + Redis deployment, `cluster` and
+//! `auth`; it turns on `postgres` and `redis`). An embedded-only user writes
+//! `mageflow = { version = "…", default-features = false, features = ["sled"] }` and compiles
+//! neither sqlx nor redis; with no features only the in-memory log ([`open_in_memory`],
+//! [`testing`]) is there.
 
-pub mod auth;
 // Each module's own `//!` paragraph is its documentation.
-pub mod cluster;
 pub mod control;
 pub mod testing;
 
+// The PostgreSQL + Redis deployment and its report intake's authentication, at the paths they
+// had when they were modules of this package.
+#[cfg(feature = "cluster")]
+pub use mageflow_cluster as cluster;
+#[cfg(feature = "cluster")]
+pub use mageflow_cluster::auth;
 pub use mageflow_core as core;
 pub use mageflow_engine as engine;
+#[cfg(feature = "redis")]
 pub use mageflow_hot as hot;
 pub use mageflow_store as store;
+#[cfg(feature = "postgres")]
 pub use mageflow_store_pg as store_pg;
 
 // The state a user reads back (`Handle::workflow`, `wait`, `history`): a workflow, its nodes
@@ -50,11 +66,13 @@ pub use mageflow_engine::{
     TaskContext, TaskDef, TaskFailure, TaskSig, Until,
 };
 
+#[cfg(feature = "sled")]
 use std::path::Path;
 use std::sync::Arc;
 
 /// Start an engine on the embedded sled store in `path` (created if missing), with durable
 /// (flush-per-group) appends. Unfinished work found there is resumed.
+#[cfg(feature = "sled")]
 pub async fn open_embedded(
     path: impl AsRef<Path>,
     registry: Registry,
@@ -68,6 +86,7 @@ pub async fn open_embedded(
 /// `options.schema` if given). Several processes can share the log; unfinished work found there
 /// is resumed. Fails naming the URL (password hidden) and the cause when PostgreSQL cannot be
 /// reached.
+#[cfg(feature = "postgres")]
 pub async fn open_postgres(
     url: &str,
     options: mageflow_store_pg::PgOptions,

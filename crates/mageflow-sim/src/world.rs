@@ -215,7 +215,7 @@ fn start_worker(sh: &Arc<Shared>, i: usize, incarnation: u32) -> WorkerProc {
     WorkerProc { task, shutdown }
 }
 
-/// The orchestrator's report intake, as `src/cluster.rs` runs it: reports become engine
+/// The orchestrator's report intake, as `crates/mageflow-cluster` runs it: reports become engine
 /// commands; they are trimmed only once a barrier proved their effects durable.
 async fn intake(sh: Arc<Shared>, h: Handle, stop: CancellationToken) {
     let mut after = 0;

@@ -1,18 +1,20 @@
 //! The durable event log. [`EventLog`] is the narrow trait every backend implements: append a
 //! batch with optimistic concurrency per stream, read a stream, read the whole log by global
 //! position, and watch the head for new events. Backends: [`MemoryLog`] (tests, and the
-//! reference the conformance suite compares against) and [`SledLog`] (embedded, durable, group
-//! commit). This crate knows events only as encoded bytes plus their envelope; it never decides
-//! anything.
+//! reference the conformance suite compares against) and `SledLog` (embedded, durable, group
+//! commit; behind the `sled` feature, on by default). This crate knows events only as encoded
+//! bytes plus their envelope; it never decides anything.
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod memory;
 pub mod segment;
+#[cfg(feature = "sled")]
 mod sled_log;
 
 pub use memory::MemoryLog;
 pub use segment::{ArchiveInfo, CompactStats};
+#[cfg(feature = "sled")]
 pub use sled_log::{
     block_entries, decode_archive_record, decode_block, encode_archive_record, encode_block,
     head_guard, Durability, Entry, HeadGuard, RedactStats, SledLog, SledOptions, ARCHIVED_LEN,

@@ -10,13 +10,24 @@
 //!
 //! Redis is disposable: the projector rebuilds it from the log when its position key vanishes,
 //! and completion is idempotent per attempt, so a job run twice is recorded once.
+//!
+//! This crate only runs a deployment: it wires the engine to the PostgreSQL log
+//! (`mageflow-store-pg`) and the Redis hot tier (`mageflow-hot`) and decides nothing the engine
+//! does not. Its errors are the engine's [`Error`] (the one the API maps to codes), so a caller
+//! of [`open_cluster`] handles the same values as a caller of the engine. Users reach it as
+//! `mageflow::cluster` (and [`auth`] as `mageflow::auth`), behind the root package's `cluster`
+//! feature.
 
-use crate::auth::{self, Operators, Policy, Replays, Secret};
-use crate::control::{self, ControlAnswer, ControlOp};
-use crate::{Config, Engine, Error, Handle, Registry, Result};
+pub mod auth;
+
+use auth::{Operators, Policy, Replays, Secret};
 use mageflow_core::{SignatureId, WorkflowId};
+use mageflow_engine::control::{self, ControlAnswer, ControlOp};
 use mageflow_engine::worker::{self, Claim, Job, JobSource, Outcome, WorkerConfig, WorkerStats};
-use mageflow_engine::{Dispatch, PositionFloor, Sig, SubmitAnswer, TaskFailure, WireError};
+use mageflow_engine::{
+    Config, Dispatch, Engine, Error, Handle, PositionFloor, Registry, Result, Sig, SubmitAnswer,
+    TaskFailure, WireError,
+};
 use mageflow_hot::{
     Hot, HotConfig, HotError, JobKey, Projector, ProjectorStats, Received, Report, ReportOutcome,
 };

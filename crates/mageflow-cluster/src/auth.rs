@@ -16,8 +16,8 @@
 //!
 //! This module decides; it does no I/O (the lease lookup is the intake's).
 
-use crate::{Error, Result};
 pub use mageflow_engine::control::{validate_principal, ControlOp, Role, PRINCIPAL_BYTES_MAX};
+use mageflow_engine::{Error, Result};
 pub use mageflow_hot::auth::{random_token, Secret, SecretError};
 use mageflow_hot::{Received, Report, ReportOutcome};
 use serde::Deserialize;
