@@ -5,7 +5,8 @@
 //! are unchanged; a compacted workflow touched again (read, rerun, resumed) is loaded back from
 //! the archive by `read_stream`. A log that cannot compact (in-memory) is left as it is.
 
-use crate::engine::{Handle, HistoryCompaction};
+use crate::engine::config::HistoryCompaction;
+use crate::engine::handle::Handle;
 use crate::error::{Error, Result};
 use mageflow_core::WorkflowId;
 use mageflow_store::CompactStats;
@@ -14,23 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-/// Default delay between a workflow finishing and its compaction.
-pub const COMPACT_AFTER_DEFAULT: Duration = Duration::from_secs(300);
-
-/// What compaction did since the engine started.
-#[derive(Debug, Default)]
-pub struct CompactionStats {
-    pub workflows: AtomicU64,
-    pub events: AtomicU64,
-    /// Uncompressed and stored sizes of the archives written (whole segments).
-    pub raw_bytes: AtomicU64,
-    pub compressed_bytes: AtomicU64,
-    pub failures: AtomicU64,
-    /// Compactions of a running workflow's old history (their events and bytes are counted in
-    /// the totals above too).
-    pub running_workflows: AtomicU64,
-}
 
 /// What one pass over the running workflows did ([`Handle::compact_history`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -49,6 +33,29 @@ pub struct HistoryPass {
 /// How long a pass waits for the compaction floor to reach the log's head, at most.
 const FLOOR_WAIT_MAX: Duration = Duration::from_secs(5);
 const FLOOR_POLL: Duration = Duration::from_millis(10);
+
+// The handle's compaction calls live here, with the job they share code with: the job uses the
+// handle (this module sits above `engine::handle`), so the handle cannot call into it.
+impl Handle {
+    /// Compact a finished workflow now (what the compaction job does `Config::compact_after`
+    /// after it finished): its events move into the log's archive with a snapshot of its final
+    /// state. `None` if it is not finished (running again after a rerun, say) or the log cannot
+    /// compact.
+    pub async fn compact(&self, wf: WorkflowId) -> Result<Option<mageflow_store::CompactStats>> {
+        crate::compaction::compact(self, wf).await
+    }
+
+    /// Compact the old history of running workflows now, as `settings` say (what the job does
+    /// every `Config::compact_history.every`): each running workflow with more than
+    /// `live_events_over` live events has all but its newest `keep_live` moved into the archive,
+    /// once `Config::compaction_floor` has passed them.
+    pub async fn compact_history(
+        &self,
+        settings: &HistoryCompaction,
+    ) -> Result<crate::compaction::HistoryPass> {
+        crate::compaction::compact_history(self, settings).await
+    }
+}
 
 /// Run until `stop`: compact each workflow told on `finished` `Config::compact_after` after it
 /// was told, and pass over the running workflows every `Config::compact_history.every`.

@@ -1,13 +1,14 @@
 //! What a running handler sees of the engine: its signature and attempt, the last checkpoint, a
 //! cancellation token (fired on interrupt or shutdown), and idempotent creation of workflows.
 
-use crate::control::ControlOp;
-use crate::engine::Handle;
-use crate::error::{Error, Result};
-use crate::sig::Sig;
+use crate::control::command::ControlOp;
+use crate::error::Result;
+use crate::sig::{to_input, Sig};
 use mageflow_core::{SignatureId, WorkflowId};
+use mageflow_store::BoxFuture;
 use serde::Serialize;
 use serde_json::Value;
+use std::any::Any;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -46,11 +47,35 @@ pub trait WorkerLink: Send + Sync + 'static {
     ) -> mageflow_store::BoxFuture<'static, Result<String>>;
 }
 
+/// What a handler running in the engine's process asks of that engine. The engine's `Handle`
+/// is the one implementation (`engine/link.rs`); through this trait the context — and the
+/// registry, whose handlers take one — sit below the handle instead of in a cycle with it.
+pub(crate) trait EngineLink: Send + Sync + 'static {
+    /// `Handle::checkpoint`.
+    fn checkpoint(&self, sig: SignatureId, attempt: u32, data: Value) -> BoxFuture<'_, Result<()>>;
+
+    /// Create workflow `id` from `sig` and run it with `input`, idempotently (an existing `id`
+    /// is found, not duplicated).
+    fn submit(&self, id: WorkflowId, sig: Sig, input: Value) -> BoxFuture<'_, Result<WorkflowId>>;
+
+    /// `control::apply` of `op` on `target`, acting as `principal`.
+    fn control(
+        &self,
+        principal: String,
+        op: ControlOp,
+        target: SignatureId,
+        confirmed: bool,
+    ) -> BoxFuture<'_, Result<String>>;
+
+    /// The `Handle` itself, for `TaskContext::engine` to hand out.
+    fn as_any(&self) -> &dyn Any;
+}
+
 /// Who carries out a context's requests.
 #[derive(Clone)]
 pub(crate) enum Backing {
-    /// The engine this handler runs in.
-    Engine(Handle),
+    /// The engine this handler runs in (its `Handle`).
+    Engine(Arc<dyn EngineLink>),
     /// A worker process, through the hot tier.
     Worker(Arc<dyn WorkerLink>),
 }
@@ -107,7 +132,7 @@ impl TaskContext {
     /// Durably record a checkpoint; a later attempt (retry, resume after a crash or interrupt)
     /// receives it through [`TaskContext::checkpoint`].
     pub async fn save_checkpoint(&self, data: impl Serialize) -> Result<()> {
-        let data = serde_json::to_value(data).map_err(|e| crate::Error::InvalidInput {
+        let data = serde_json::to_value(data).map_err(|e| crate::error::Error::InvalidInput {
             task: "checkpoint".into(),
             reason: e.to_string(),
         })?;
@@ -128,9 +153,9 @@ impl TaskContext {
         let n = self.created.fetch_add(1, Ordering::Relaxed);
         let id = WorkflowId::derive(self.sig, n);
         match &self.backing {
-            Backing::Engine(h) => h.submit_with_id(id, sig.into(), input, true).await,
+            Backing::Engine(h) => h.submit(id, sig.into(), to_input(input)?).await,
             Backing::Worker(link) => {
-                let input = crate::engine::to_input(input)?;
+                let input = to_input(input)?;
                 link.submit(self.sig, self.attempt, id, sig.into(), input)
                     .await?;
                 Ok(id)
@@ -152,21 +177,8 @@ impl TaskContext {
     ) -> Result<String> {
         let principal = format!("task:{}", self.sig);
         match &self.backing {
-            Backing::Engine(h) => {
-                crate::control::apply(&h.as_principal(principal), op, target, confirmed).await
-            }
+            Backing::Engine(h) => h.control(principal, op, target, confirmed).await,
             Backing::Worker(link) => link.control(&principal, op, target, confirmed).await,
-        }
-    }
-
-    /// The engine, for anything else (status queries, the whole `Handle`); only for handlers
-    /// running inside the engine's process (`Error::NeedsEngine` in a worker process, where
-    /// [`TaskContext::submit`], [`TaskContext::control`] and [`TaskContext::save_checkpoint`]
-    /// still work).
-    pub fn engine(&self) -> Result<&Handle> {
-        match &self.backing {
-            Backing::Engine(h) => Ok(h),
-            Backing::Worker(_) => Err(Error::NeedsEngine),
         }
     }
 }

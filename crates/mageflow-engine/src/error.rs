@@ -89,7 +89,7 @@ pub enum Error {
     #[error("workflow {workflow} was not {until} after {waited_ms} ms of waiting")]
     WaitTimeout {
         workflow: WorkflowId,
-        until: crate::engine::Until,
+        until: crate::engine::until::Until,
         waited_ms: u64,
     },
 }

@@ -11,10 +11,10 @@
 //! retry. Only a user's interrupt or cancel (the attempt is revoked: nothing to report) or the
 //! handler's own error ends it.
 
+use crate::attempt::run_attempt;
 use crate::context::{Backing, TaskContext, WorkerLink};
-use crate::control::ControlOp;
+use crate::control::command::ControlOp;
 use crate::det::Map;
-use crate::engine::run_attempt;
 use crate::error::{Error, Result};
 use crate::registry::{Registry, TaskFailure};
 use crate::sig::Sig;
@@ -320,7 +320,7 @@ fn spawn_job(
 async fn source_error(
     stats: &WorkerStats,
     what: &str,
-    e: &crate::Error,
+    e: &crate::error::Error,
     backoff: &mut Duration,
     shutdown: &CancellationToken,
 ) {

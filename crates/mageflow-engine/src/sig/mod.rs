@@ -4,9 +4,10 @@
 //! It also has a JSON form (serde), in which a handler in a worker process sends the tree it
 //! submits to the orchestrator; the orchestrator validates it like any other submit.
 
+pub(crate) mod flatten;
+
 use crate::error::{Error, Result};
-use crate::registry::Registry;
-use mageflow_core::{KindSpec, Link, NodeIndex, NodeSpec, RetryPolicy, Role, SwarmConfig};
+use mageflow_core::{RetryPolicy, SwarmConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -24,17 +25,6 @@ pub const SWARM_ITEMS_PER_EVENT: usize = 10_000;
 pub const CREATE_NODES_MAX: usize = 50_000;
 /// Longest label ([`TaskSig::label`] and the like), in bytes.
 pub const LABEL_BYTES_MAX: usize = 256;
-
-/// Labels of a tree being flattened, with the index each labelled signature got.
-pub(crate) type Labels = Vec<(String, NodeIndex)>;
-
-/// Items of a swarm that did not go into its creation event: added right after it.
-pub(crate) struct Deferred {
-    pub swarm: NodeIndex,
-    pub items: Vec<Sig>,
-    /// Close the swarm with the last chunk (it was built closed).
-    pub close: bool,
-}
 
 /// Nesting depth of a JSON value, computed without recursion.
 pub fn value_depth(v: &Value) -> usize {
@@ -62,6 +52,13 @@ pub(crate) fn check_depth(what: &'static str, v: &Value) -> Result<()> {
         });
     }
     Ok(())
+}
+
+pub(crate) fn to_input(input: impl Serialize) -> Result<Value> {
+    serde_json::to_value(input).map_err(|e| Error::InvalidInput {
+        task: "(submit)".into(),
+        reason: e.to_string(),
+    })
 }
 
 /// Any signature.
@@ -297,59 +294,6 @@ impl Sig {
         }
     }
 
-    /// Check every task name and every bound kwargs against the registry.
-    pub fn validate(&self, registry: &Registry) -> Result<()> {
-        let common = self.common();
-        if let Some(reason) = &common.unserializable {
-            return Err(Error::InvalidKwargs {
-                task: self.task_name().unwrap_or("(container)").to_owned(),
-                reason: reason.clone(),
-            });
-        }
-        if let Some(label) = &common.label {
-            if label.is_empty() || label.len() > LABEL_BYTES_MAX {
-                return Err(Error::Rejected(mageflow_core::Rejection::InvalidTree(
-                    format!("label {label:?} must be 1 to {LABEL_BYTES_MAX} bytes long"),
-                )));
-            }
-        }
-        let kwargs = Value::Object(common.kwargs.clone());
-        check_depth("kwargs", &kwargs)?;
-        let bytes = serde_json::to_vec(&kwargs).map_or(0, |v| v.len());
-        if bytes > KWARGS_BYTES_MAX {
-            return Err(Error::TooLarge {
-                what: "kwargs",
-                bytes,
-                max: KWARGS_BYTES_MAX,
-            });
-        }
-        match self {
-            Sig::Task(t) => registry.get(&t.task)?.validate_kwargs(&kwargs)?,
-            Sig::Chain(c) => {
-                if c.steps.is_empty() {
-                    return Err(Error::Rejected(mageflow_core::Rejection::InvalidTree(
-                        "a chain needs at least one step".into(),
-                    )));
-                }
-                c.steps.iter().try_for_each(|s| s.validate(registry))?
-            }
-            Sig::Swarm(s) => {
-                if s.config.max_concurrency == 0 {
-                    return Err(Error::Rejected(mageflow_core::Rejection::InvalidTree(
-                        "max_concurrency must be at least 1".into(),
-                    )));
-                }
-                s.items.iter().try_for_each(|i| i.validate(registry))?
-            }
-        }
-        common
-            .on_success
-            .iter()
-            .chain(&common.on_error)
-            .chain(&common.on_cleanup)
-            .try_for_each(|c| c.validate(registry))
-    }
-
     /// Bound kwargs as a JSON object.
     pub fn kwargs_value(&self) -> Value {
         Value::Object(self.common().kwargs.clone())
@@ -370,120 +314,5 @@ impl Sig {
             Sig::Chain(c) => &c.steps,
             Sig::Swarm(s) => &s.items,
         }
-    }
-
-    /// Flatten into core node specs starting at index `base`, hanging off `parent`.
-    /// Parents come before their children (preorder), as the core requires. Swarm items past
-    /// [`SWARM_ITEMS_PER_EVENT`] go to `deferred` (the swarm is left open for them). Each
-    /// labelled signature's label and index go to `labels`.
-    pub(crate) fn flatten(
-        &self,
-        registry: &Registry,
-        base: usize,
-        parent: Option<Link>,
-        out: &mut Vec<NodeSpec>,
-        deferred: &mut Vec<Deferred>,
-        labels: &mut Labels,
-    ) -> Result<NodeIndex> {
-        let me = (base + out.len()) as NodeIndex;
-        let common = self.common();
-        if let Some(label) = &common.label {
-            labels.push((label.clone(), me));
-        }
-        let (name, kind, return_field) = match self {
-            Sig::Task(t) => {
-                let def = registry.get(&t.task)?;
-                (
-                    t.task.clone(),
-                    KindSpec::Task {
-                        task: t.task.clone(),
-                        retry: t.retry.unwrap_or(def.retry),
-                    },
-                    def.return_field.clone(),
-                )
-            }
-            Sig::Chain(c) => (
-                c.name.clone().unwrap_or_else(|| "chain".into()),
-                KindSpec::Chain {
-                    children: Vec::new(),
-                },
-                mageflow_core::model::RETURN_FIELD_DEFAULT.to_owned(),
-            ),
-            Sig::Swarm(s) => (
-                s.name.clone().unwrap_or_else(|| "swarm".into()),
-                KindSpec::Swarm {
-                    children: Vec::new(),
-                    config: s.config,
-                    closed: s.closed && s.items.len() <= SWARM_ITEMS_PER_EVENT,
-                },
-                mageflow_core::model::RETURN_FIELD_DEFAULT.to_owned(),
-            ),
-        };
-        out.push(NodeSpec {
-            name,
-            kind,
-            kwargs: Value::Object(common.kwargs.clone()),
-            parent,
-            on_success: Vec::new(),
-            on_error: Vec::new(),
-            return_field,
-            on_cleanup: Vec::new(),
-        });
-        let link = |role| Some(Link { node: me, role });
-        let mut members = self.members();
-        if let Sig::Swarm(s) = self {
-            if members.len() > SWARM_ITEMS_PER_EVENT {
-                deferred.push(Deferred {
-                    swarm: me,
-                    items: members[SWARM_ITEMS_PER_EVENT..].to_vec(),
-                    close: s.closed,
-                });
-                members = &members[..SWARM_ITEMS_PER_EVENT];
-            }
-        }
-        let mut children = Vec::with_capacity(members.len());
-        for m in members {
-            children.push(m.flatten(registry, base, link(Role::Child), out, deferred, labels)?);
-        }
-        let mut on_success = Vec::new();
-        for c in &common.on_success {
-            let cb = c.flatten(
-                registry,
-                base,
-                link(Role::SuccessCallback),
-                out,
-                deferred,
-                labels,
-            )?;
-            on_success.push(cb);
-        }
-        let mut on_error = Vec::new();
-        for c in &common.on_error {
-            let cb = c.flatten(
-                registry,
-                base,
-                link(Role::ErrorCallback),
-                out,
-                deferred,
-                labels,
-            )?;
-            on_error.push(cb);
-        }
-        let mut on_cleanup = Vec::new();
-        for c in &common.on_cleanup {
-            let cb = c.flatten(registry, base, link(Role::Cleanup), out, deferred, labels)?;
-            on_cleanup.push(cb);
-        }
-        let spec = &mut out[me as usize - base];
-        spec.on_success = on_success;
-        spec.on_error = on_error;
-        spec.on_cleanup = on_cleanup;
-        match &mut spec.kind {
-            KindSpec::Chain { children: c }
-            | KindSpec::Swarm { children: c, .. }
-            | KindSpec::Graph { children: c, .. } => *c = children,
-            KindSpec::Task { .. } => {}
-        }
-        Ok(me)
     }
 }

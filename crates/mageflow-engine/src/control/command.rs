@@ -1,10 +1,8 @@
-//! Commands on a running system — cancel, interrupt, suspend, resume, delete, restore, rerun —
-//! as operators send them (the CLI: straight to an engine on an embedded store, or, on
-//! PostgreSQL + Redis, relayed through the hot tier to the orchestrator, which carries them out
-//! as the operator's principal and answers once they are durable or refused) and as handlers
-//! send them ([`crate::TaskContext::control`], by the same relay from a worker process).
+//! The commands themselves and who may send them: [`ControlOp`], [`Role`], principals, targets,
+//! and the answer relayed back ([`ControlAnswer`]). Below the engine (a handler's context takes a
+//! `ControlOp`); carrying one out is `apply.rs`, above the engine's handle.
 
-use crate::{Error, Handle, Result, WireError};
+use crate::error::{Error, Result, WireError};
 use mageflow_core::{SignatureId, WorkflowId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -171,50 +169,6 @@ pub fn parse_target(id: &str) -> Result<SignatureId> {
     })
 }
 
-/// Carry out `op` on `target` through `h` (acting as whoever `h` acts for); returns what was
-/// done, for the operator. Workflow-level commands (delete, restore, rerun) act on the
-/// target's workflow.
-pub async fn apply(
-    h: &Handle,
-    op: ControlOp,
-    target: SignatureId,
-    confirmed: bool,
-) -> Result<String> {
-    let wf = target.workflow;
-    Ok(match op {
-        ControlOp::Cancel => {
-            h.cancel(target, confirmed).await?;
-            format!("{target} canceled: only its audit record stays")
-        }
-        ControlOp::Interrupt => {
-            h.interrupt(target).await?;
-            format!(
-                "{target} interrupted (resume runs it again from its last checkpoint, best effort)"
-            )
-        }
-        ControlOp::Suspend => {
-            h.suspend(target).await?;
-            format!("{target} suspended")
-        }
-        ControlOp::Resume => {
-            h.resume(target).await?;
-            format!("{target} resumed")
-        }
-        ControlOp::Delete => {
-            let until = h.delete(wf).await?;
-            format!("{wf} marked for deletion; purged at {until} unless restored or rerun")
-        }
-        ControlOp::Restore => {
-            h.restore(wf).await?;
-            format!("{wf} restored")
-        }
-        ControlOp::Rerun => {
-            h.rerun(wf).await?;
-            format!("{wf} runs again")
-        }
-    })
-}
-
 /// The orchestrator's answer to a relayed command.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -227,6 +181,8 @@ pub enum ControlAnswer {
 
 impl ControlAnswer {
     /// The answer to send for what [`apply`] returned.
+    ///
+    /// [`apply`]: fn@super::apply
     pub fn of(result: Result<String>) -> Self {
         match result {
             Ok(done) => ControlAnswer::Done(done),

@@ -1,0 +1,51 @@
+//! Carrying out a command through an engine's [`Handle`] ([`apply`]): above the handle, which it
+//! calls, and apart from the command types, which sit below the engine.
+
+use super::command::ControlOp;
+use crate::engine::handle::Handle;
+use crate::error::Result;
+use mageflow_core::SignatureId;
+
+/// Carry out `op` on `target` through `h` (acting as whoever `h` acts for); returns what was
+/// done, for the operator. Workflow-level commands (delete, restore, rerun) act on the
+/// target's workflow.
+pub async fn apply(
+    h: &Handle,
+    op: ControlOp,
+    target: SignatureId,
+    confirmed: bool,
+) -> Result<String> {
+    let wf = target.workflow;
+    Ok(match op {
+        ControlOp::Cancel => {
+            h.cancel(target, confirmed).await?;
+            format!("{target} canceled: only its audit record stays")
+        }
+        ControlOp::Interrupt => {
+            h.interrupt(target).await?;
+            format!(
+                "{target} interrupted (resume runs it again from its last checkpoint, best effort)"
+            )
+        }
+        ControlOp::Suspend => {
+            h.suspend(target).await?;
+            format!("{target} suspended")
+        }
+        ControlOp::Resume => {
+            h.resume(target).await?;
+            format!("{target} resumed")
+        }
+        ControlOp::Delete => {
+            let until = h.delete(wf).await?;
+            format!("{wf} marked for deletion; purged at {until} unless restored or rerun")
+        }
+        ControlOp::Restore => {
+            h.restore(wf).await?;
+            format!("{wf} restored")
+        }
+        ControlOp::Rerun => {
+            h.rerun(wf).await?;
+            format!("{wf} runs again")
+        }
+    })
+}
