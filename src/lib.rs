@@ -54,15 +54,16 @@ pub use mageflow_store_pg as store_pg;
 
 // The state a user reads back (`Handle::workflow`, `wait`, `history`): a workflow, its nodes
 // with their spec, status and outcome, and the events of its log.
-pub use mageflow_core::model::SwarmProgress;
+pub use mageflow_core::condition::{Condition, Predicate};
+pub use mageflow_core::model::{GraphProgress, SwarmProgress};
 pub use mageflow_core::{
-    Actor, Event, KindSpec, Link, Message, Node, NodeIndex, NodeSpec, Outcome, Payload, Rejection,
-    RetryPolicy, Role, SignatureId, Status, SwarmConfig, TaskError, Timestamp, Workflow,
-    WorkflowId,
+    Actor, Edge, EdgeDecision, Event, Join, KindSpec, Link, Message, Node, NodeIndex, NodeSpec,
+    Outcome, Payload, Rejection, RetryPolicy, Role, SignatureId, Status, SwarmConfig, TaskError,
+    Timestamp, Workflow, WorkflowId,
 };
 pub use mageflow_engine::{
-    chain, sign, swarm, AutoResume, ChainSig, Config, Dispatch, Engine, Error, Handle,
-    RecoveryReport, Registry, Result, Sig, Stats, StoredResumeReport, Submitted, SwarmSig,
+    chain, graph, sign, swarm, AutoResume, ChainSig, Config, Dispatch, Engine, Error, GraphSig,
+    Handle, RecoveryReport, Registry, Result, Sig, Stats, StoredResumeReport, Submitted, SwarmSig,
     TaskContext, TaskDef, TaskFailure, TaskSig, Until,
 };
 

@@ -12,6 +12,7 @@ mod chains;
 mod compaction;
 mod control;
 mod durability;
+mod graphs;
 mod library;
 mod lifecycle;
 mod recovery;

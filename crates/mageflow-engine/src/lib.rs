@@ -50,6 +50,7 @@ pub use engine::{
 pub use error::{Error, Result, SubmitAnswer, WireError, WireRejection};
 pub use registry::{Registry, TaskDef, TaskFailure};
 pub use sig::{
-    chain, sign, swarm, value_depth, ChainSig, Sig, SwarmSig, TaskSig, CREATE_NODES_MAX,
-    KWARGS_BYTES_MAX, LABEL_BYTES_MAX, SWARM_ITEMS_PER_EVENT, VALUE_DEPTH_MAX,
+    chain, graph, sign, swarm, value_depth, ChainSig, GraphEdge, GraphNode, GraphSig, Sig,
+    SwarmSig, TaskSig, CREATE_NODES_MAX, KWARGS_BYTES_MAX, LABEL_BYTES_MAX, SWARM_ITEMS_PER_EVENT,
+    VALUE_DEPTH_MAX,
 };

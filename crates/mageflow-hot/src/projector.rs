@@ -398,7 +398,7 @@ impl Projector {
                     | Payload::Restored { .. }
                     | Payload::Rerun { .. }
                     | Payload::Purged { .. }
-            );
+            ) || changes_many(wf, &event.payload);
             if let Err(e) = apply(wf, event) {
                 tracing::warn!(workflow = %id, position, error = %e, "hot projector: event does not apply; skipped");
                 continue;
@@ -619,6 +619,28 @@ fn load_until(log: &dyn EventLog, id: WorkflowId, seq: u64) -> Result<Workflow, 
         }
     }
     Ok(wf)
+}
+
+/// Whether a graph's routing changes more than the graph's own view: a node skipped (with
+/// everything inside it) or a loop run again (its nodes back to pending). Rare; every view of
+/// the workflow is written then.
+fn changes_many(wf: &Workflow, payload: &Payload) -> bool {
+    let Payload::GraphRouted {
+        graph,
+        decisions,
+        skipped,
+        ..
+    } = payload
+    else {
+        return false;
+    };
+    let loops = |e: u32| match wf.node(*graph).map(|g| &g.spec.kind) {
+        Some(KindSpec::Graph { edges, .. }) => edges
+            .get(e as usize)
+            .is_some_and(|e| e.max_iterations.is_some()),
+        _ => false,
+    };
+    *skipped || decisions.iter().any(|d| d.taken && loops(d.edge))
 }
 
 fn node_view(n: &Node) -> NodeView {

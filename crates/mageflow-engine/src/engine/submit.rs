@@ -81,9 +81,9 @@ pub(super) trait EntryNode: Sized {
     fn task(&self) -> Option<&str>;
     /// Bound kwargs (a JSON object).
     fn kwargs(&self) -> Cow<'_, Value>;
-    fn is_chain(&self) -> bool;
-    /// Steps of a chain, items of a swarm.
-    fn members(&self) -> Vec<Self>;
+    /// What a message starting it reaches first: a chain's first step, a swarm's items, a
+    /// graph's entry nodes.
+    fn entries(&self) -> Vec<Self>;
 }
 
 impl<'a> EntryNode for &'a Sig {
@@ -93,12 +93,9 @@ impl<'a> EntryNode for &'a Sig {
     fn kwargs(&self) -> Cow<'_, Value> {
         Cow::Owned(self.kwargs_value())
     }
-    fn is_chain(&self) -> bool {
-        matches!(self, Sig::Chain(_))
-    }
-    fn members(&self) -> Vec<Self> {
+    fn entries(&self) -> Vec<Self> {
         let sig: &'a Sig = self;
-        sig.members().iter().collect()
+        sig.entries()
     }
 }
 
@@ -115,21 +112,35 @@ impl EntryNode for StoredNode<'_> {
     fn kwargs(&self) -> Cow<'_, Value> {
         Cow::Borrowed(&self.node.spec.kwargs)
     }
-    fn is_chain(&self) -> bool {
-        matches!(self.node.spec.kind, mageflow_core::KindSpec::Chain { .. })
-    }
-    fn members(&self) -> Vec<Self> {
+    fn entries(&self) -> Vec<Self> {
         let wf = self.wf;
-        let children = self.node.spec.children().iter();
-        children
-            .filter_map(|&i| wf.node(i))
+        let children = self.node.spec.children();
+        let entries: Vec<NodeIndex> = match &self.node.spec.kind {
+            mageflow_core::KindSpec::Chain { .. } => {
+                children.first().copied().into_iter().collect()
+            }
+            mageflow_core::KindSpec::Graph { edges, .. } => children
+                .iter()
+                .enumerate()
+                .filter(|(p, _)| {
+                    !edges
+                        .iter()
+                        .any(|e| e.to as usize == *p && e.max_iterations.is_none())
+                })
+                .map(|(_, &c)| c)
+                .collect(),
+            _ => children.to_vec(),
+        };
+        entries
+            .into_iter()
+            .filter_map(|i| wf.node(i))
             .map(|node| StoredNode { wf, node })
             .collect()
     }
 }
 
 /// Validate the input the first task(s) reached by `message` will get: the first step of a
-/// chain (recursively), every item of a swarm; the message deep-merged with the task's kwargs,
+/// chain (recursively), every item of a swarm, every entry node of a graph; the message deep-merged with the task's kwargs,
 /// then those of each enclosing container (`outer`, innermost first), as at dispatch.
 pub(super) fn check_entry<N: EntryNode>(
     registry: &Registry,
@@ -151,17 +162,9 @@ pub(super) fn check_entry<N: EntryNode>(
     }
     let mut inner: Vec<&Value> = vec![own.as_ref()];
     inner.extend_from_slice(outer);
-    let members = sig.members();
-    if sig.is_chain() {
-        match members.first() {
-            Some(first) => check_entry(registry, first, message, &inner),
-            None => Ok(()),
-        }
-    } else {
-        members
-            .iter()
-            .try_for_each(|m| check_entry(registry, m, message, &inner))
-    }
+    sig.entries()
+        .iter()
+        .try_for_each(|m| check_entry(registry, m, message, &inner))
 }
 
 pub(super) fn flatten_items(

@@ -6,7 +6,7 @@
 use super::{check_depth, Sig, KWARGS_BYTES_MAX, LABEL_BYTES_MAX, SWARM_ITEMS_PER_EVENT};
 use crate::error::{Error, Result};
 use crate::registry::Registry;
-use mageflow_core::{KindSpec, Link, NodeIndex, NodeSpec, Role};
+use mageflow_core::{Edge, Join, KindSpec, Link, NodeIndex, NodeSpec, Role};
 use serde_json::Value;
 
 /// Labels of a tree being flattened, with the index each labelled signature got.
@@ -65,6 +65,14 @@ impl Sig {
                 }
                 s.items.iter().try_for_each(|i| i.validate(registry))?
             }
+            Sig::Graph(g) => {
+                if g.nodes.is_empty() {
+                    return Err(Error::Rejected(mageflow_core::Rejection::InvalidTree(
+                        "a graph needs at least one node".into(),
+                    )));
+                }
+                g.nodes.iter().try_for_each(|n| n.sig.validate(registry))?
+            }
         }
         common
             .on_success
@@ -111,6 +119,19 @@ impl Sig {
                 },
                 mageflow_core::model::RETURN_FIELD_DEFAULT.to_owned(),
             ),
+            Sig::Graph(g) => (
+                g.name.clone().unwrap_or_else(|| "graph".into()),
+                KindSpec::Graph {
+                    children: Vec::new(),
+                    edges: graph_edges(g)?,
+                    joins: if g.nodes.iter().all(|n| n.join == Join::All) {
+                        Vec::new()
+                    } else {
+                        g.nodes.iter().map(|n| n.join).collect()
+                    },
+                },
+                mageflow_core::model::RETURN_FIELD_DEFAULT.to_owned(),
+            ),
             Sig::Swarm(s) => (
                 s.name.clone().unwrap_or_else(|| "swarm".into()),
                 KindSpec::Swarm {
@@ -146,6 +167,16 @@ impl Sig {
         let mut children = Vec::with_capacity(members.len());
         for m in members {
             children.push(m.flatten(registry, base, link(Role::Child), out, deferred, labels)?);
+        }
+        if let Sig::Graph(g) = self {
+            for n in &g.nodes {
+                let child =
+                    n.sig
+                        .flatten(registry, base, link(Role::Child), out, deferred, labels)?;
+                // A graph's node is known by its name in the graph: edges, the result, views.
+                out[child as usize - base].name = n.name.clone();
+                children.push(child);
+            }
         }
         let mut on_success = Vec::new();
         for c in &common.on_success {
@@ -188,4 +219,35 @@ impl Sig {
         }
         Ok(me)
     }
+}
+
+/// A graph's edges by node position, ordered by source (stable: the order the edges of one
+/// node were given is the order they are decided in), as the core requires.
+fn graph_edges(g: &super::GraphSig) -> Result<Vec<Edge>> {
+    let position = |name: &str| {
+        g.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .map(|p| p as u32)
+            .ok_or_else(|| {
+                Error::Rejected(mageflow_core::Rejection::InvalidTree(format!(
+                    "graph {}: an edge names node {name:?}, which it does not have",
+                    g.name.as_deref().unwrap_or("graph")
+                )))
+            })
+    };
+    let mut edges = g
+        .edges
+        .iter()
+        .map(|e| {
+            Ok(Edge {
+                from: position(&e.from)?,
+                to: position(&e.to)?,
+                when: e.when.clone(),
+                max_iterations: e.max_iterations,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    edges.sort_by_key(|e| e.from);
+    Ok(edges)
 }

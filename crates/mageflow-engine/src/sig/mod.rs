@@ -7,7 +7,8 @@
 pub(crate) mod flatten;
 
 use crate::error::{Error, Result};
-use mageflow_core::{RetryPolicy, SwarmConfig};
+use mageflow_core::condition::Condition;
+use mageflow_core::{Join, RetryPolicy, SwarmConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -71,6 +72,8 @@ pub enum Sig {
     Chain(ChainSig),
     /// A swarm ([`swarm`]).
     Swarm(SwarmSig),
+    /// A conditional graph ([`graph`]).
+    Graph(GraphSig),
 }
 
 // The JSON form leaves out what is empty: a swarm of many plain tasks stays small on the wire.
@@ -136,6 +139,54 @@ pub struct SwarmSig {
     closed: bool,
     #[serde(default, skip_serializing_if = "Common::is_empty")]
     common: Common,
+}
+
+/// A conditional graph ([`graph`]): named nodes (any signature), and edges between them taken
+/// on the source's outcome or on a predicate over its output. See `mageflow_core::kind::graph`
+/// for how it runs: a node starts once its incoming edges allow it, a node no edge can reach
+/// any more is skipped, a loop edge runs its loop again up to its bound, and the graph's
+/// result is its terminal nodes' outputs by name.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GraphSig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    nodes: Vec<GraphNode>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    edges: Vec<GraphEdge>,
+    #[serde(default, skip_serializing_if = "Common::is_empty")]
+    common: Common,
+}
+
+/// One node of a [`GraphSig`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GraphNode {
+    /// Unique within the graph: edges name it, the graph's result is keyed by it, and the state
+    /// and history show it as the signature's name.
+    pub name: String,
+    pub sig: Sig,
+    #[serde(default)]
+    pub join: Join,
+}
+
+/// One edge of a [`GraphSig`], between nodes by name.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GraphEdge {
+    pub from: String,
+    pub to: String,
+    pub when: Condition,
+    /// A loop edge back to an earlier node: its loop runs at most this many times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_iterations: Option<u32>,
+}
+
+/// A conditional graph; add nodes with [`GraphSig::node`] and edges with [`GraphSig::edge`].
+pub fn graph() -> GraphSig {
+    GraphSig {
+        name: None,
+        nodes: Vec::new(),
+        edges: Vec::new(),
+        common: Common::default(),
+    }
 }
 
 /// A task invocation by registered name.
@@ -232,6 +283,7 @@ macro_rules! common_builders {
 common_builders!(TaskSig);
 common_builders!(ChainSig);
 common_builders!(SwarmSig);
+common_builders!(GraphSig);
 
 impl TaskSig {
     /// Override the task's registered retry policy for this signature.
@@ -285,12 +337,73 @@ impl SwarmSig {
     }
 }
 
+impl GraphSig {
+    /// The graph's name, as the state and the history show it (default `graph`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+    /// Add node `name` running `sig`; it joins its incoming edges on all (see
+    /// [`GraphSig::join_any`]).
+    pub fn node(mut self, name: impl Into<String>, sig: impl Into<Sig>) -> Self {
+        self.nodes.push(GraphNode {
+            name: name.into(),
+            sig: sig.into(),
+            join: Join::All,
+        });
+        self
+    }
+    /// Node `name` starts at the first of its incoming edges taken, instead of waiting for all
+    /// of them to be decided.
+    pub fn join_any(mut self, name: &str) -> Self {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.name == name) {
+            n.join = Join::Any;
+        }
+        self
+    }
+    /// An edge from node `from` to node `to`, taken when `when` holds for `from`'s outcome.
+    pub fn edge(mut self, from: impl Into<String>, to: impl Into<String>, when: Condition) -> Self {
+        self.edges.push(GraphEdge {
+            from: from.into(),
+            to: to.into(),
+            when,
+            max_iterations: None,
+        });
+        self
+    }
+    /// A loop edge from node `from` back to the earlier node `to`: when `when` holds the nodes
+    /// on the loop run again, at most `max_iterations` times; once more fails the graph.
+    pub fn loop_edge(
+        mut self,
+        from: impl Into<String>,
+        to: impl Into<String>,
+        when: Condition,
+        max_iterations: u32,
+    ) -> Self {
+        self.edges.push(GraphEdge {
+            from: from.into(),
+            to: to.into(),
+            when,
+            max_iterations: Some(max_iterations),
+        });
+        self
+    }
+    /// The graph's nodes, in the order they were added.
+    pub fn nodes(&self) -> &[GraphNode] {
+        &self.nodes
+    }
+    fn into_sig(self) -> Sig {
+        Sig::Graph(self)
+    }
+}
+
 impl Sig {
     fn common(&self) -> &Common {
         match self {
             Sig::Task(t) => &t.common,
             Sig::Chain(c) => &c.common,
             Sig::Swarm(s) => &s.common,
+            Sig::Graph(g) => &g.common,
         }
     }
 
@@ -307,12 +420,33 @@ impl Sig {
         }
     }
 
-    /// Steps of a chain or items of a swarm (empty for a task).
+    /// Steps of a chain or items of a swarm (empty for a task and a graph: see
+    /// [`GraphSig::nodes`]).
     pub fn members(&self) -> &[Sig] {
         match self {
-            Sig::Task(_) => &[],
+            Sig::Task(_) | Sig::Graph(_) => &[],
             Sig::Chain(c) => &c.steps,
             Sig::Swarm(s) => &s.items,
+        }
+    }
+
+    /// The signatures a message that starts this one reaches first: the first step of a chain,
+    /// every item of a swarm, the entry nodes of a graph (no forward edge into them).
+    pub fn entries(&self) -> Vec<&Sig> {
+        match self {
+            Sig::Task(_) => Vec::new(),
+            Sig::Chain(c) => c.steps.first().into_iter().collect(),
+            Sig::Swarm(s) => s.items.iter().collect(),
+            Sig::Graph(g) => g
+                .nodes
+                .iter()
+                .filter(|n| {
+                    !g.edges
+                        .iter()
+                        .any(|e| e.to == n.name && e.max_iterations.is_none())
+                })
+                .map(|n| &n.sig)
+                .collect(),
         }
     }
 }

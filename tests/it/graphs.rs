@@ -1,0 +1,204 @@
+//! Conditional graphs through the engine, on every store and on the deployment: routing on an
+//! output predicate (history names the edge taken and what its condition saw), a bounded loop
+//! that runs a real handler again until its output says stop, a graph inside a swarm inside a
+//! chain, and a bad graph refused at submission with nothing written.
+
+use crate::support::{Env, Store};
+use anyhow::{Context, Result};
+use mageflow::{
+    chain, graph, sign, swarm, Condition, Outcome, Payload, Predicate, Registry, Status,
+    TaskFailure, Workflow,
+};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::Arc;
+
+all_stores!(
+    a_graph_routes_on_its_output_and_history_says_why,
+    a_bounded_loop_runs_its_handler_again_until_it_says_stop,
+    a_graph_inside_a_swarm_inside_a_chain_passes_its_result_on,
+    a_graph_that_could_not_run_is_refused_at_submission,
+);
+on_cluster!(
+    a_graph_routes_on_its_output_and_history_says_why,
+    a_bounded_loop_runs_its_handler_again_until_it_says_stop,
+);
+
+fn eq(path: &str, value: Value) -> Condition {
+    Condition::Output(Predicate::Eq {
+        path: path.into(),
+        value,
+    })
+}
+
+/// `classify` returns its kwargs' `variant`; `label` returns its kwargs' `as`; `until_three`
+/// returns `{"ok": n >= 3}` on its n-th run.
+fn tasks(runs: &Arc<AtomicU32>) -> Registry {
+    let mut tasks = Registry::new();
+    tasks.task("classify", |i: Value, _ctx| async move {
+        Ok::<_, TaskFailure>(json!({ "variant": i["variant"] }))
+    });
+    tasks.task("label", |i: Value, _ctx| async move {
+        Ok::<_, TaskFailure>(i["as"].clone())
+    });
+    let runs = runs.clone();
+    tasks.task("until_three", move |_: Value, _ctx| {
+        let n = runs.fetch_add(1, SeqCst) + 1;
+        async move { Ok::<_, TaskFailure>(json!({ "ok": n >= 3, "run": n })) }
+    });
+    tasks
+}
+
+fn ab_split() -> mageflow::GraphSig {
+    graph()
+        .name("ab")
+        .node("classify", sign("classify"))
+        .node("a", sign("label").kwarg("as", "went a"))
+        .node("b", sign("label").kwarg("as", "went b"))
+        .node("other", sign("label").kwarg("as", "went elsewhere"))
+        .edge("classify", "a", eq("$.variant", json!("a")))
+        .edge("classify", "b", eq("$.variant", json!("b")))
+        .edge("classify", "other", Condition::Default)
+}
+
+async fn a_graph_routes_on_its_output_and_history_says_why(store: Store) -> Result<()> {
+    let env = Env::start(store, tasks(&Arc::default())).await?;
+    let h = env.handle();
+    let wf = h.submit(ab_split(), json!({"variant": "b"})).await?;
+    let done = h.wait(wf).await?;
+    assert_eq!(done.nodes[0].status, Status::Done);
+    assert_eq!(
+        done.nodes[0].outcome,
+        Some(Outcome::Ok(json!({"b": "went b"})))
+    );
+    let status = |name: &str| {
+        done.nodes
+            .iter()
+            .find(|n| n.spec.name == name)
+            .map(|n| n.status)
+    };
+    assert_eq!(status("a"), Some(Status::Skipped));
+    assert_eq!(status("other"), Some(Status::Skipped));
+    let history = h.history(wf)?;
+    let routed: Vec<_> = history
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Payload::GraphRouted { decisions, .. } if !decisions.is_empty() => Some(decisions),
+            _ => None,
+        })
+        .collect();
+    let first = routed.first().context("the classification was routed")?;
+    let taken: Vec<_> = first
+        .iter()
+        .map(|d| (d.edge, d.taken, d.saw.clone()))
+        .collect();
+    assert_eq!(
+        taken,
+        vec![
+            (0, false, json!("b")),
+            (1, true, json!("b")),
+            (2, false, Value::Null)
+        ]
+    );
+    // The log folds to the state the engine holds (replay takes the same path).
+    assert_eq!(Workflow::replay(wf, &history)?, h.workflow(wf).await?);
+    env.shutdown().await;
+    Ok(())
+}
+
+async fn a_bounded_loop_runs_its_handler_again_until_it_says_stop(store: Store) -> Result<()> {
+    let runs = Arc::new(AtomicU32::new(0));
+    let env = Env::start(store, tasks(&runs)).await?;
+    let h = env.handle();
+    let retrying = graph()
+        .node("try", sign("until_three"))
+        .node("done", sign("label").kwarg("as", "finally"))
+        .loop_edge("try", "try", eq("$.ok", json!(false)), 5)
+        .edge("try", "done", eq("$.ok", json!(true)));
+    let wf = h.submit(retrying, json!({})).await?;
+    let done = h.wait(wf).await?;
+    assert_eq!(done.nodes[0].status, Status::Done);
+    assert_eq!(runs.load(SeqCst), 3, "ran until its output said ok");
+    assert_eq!(
+        done.nodes[0].outcome,
+        Some(Outcome::Ok(json!({"done": "finally"})))
+    );
+
+    // A bound too low: the graph fails, saying so.
+    runs.store(0, SeqCst);
+    let low = graph()
+        .node("try", sign("until_three"))
+        .node("done", sign("label").kwarg("as", "finally"))
+        .loop_edge("try", "try", eq("$.ok", json!(false)), 1)
+        .edge("try", "done", eq("$.ok", json!(true)));
+    let wf = h.submit(low, json!({})).await?;
+    let failed = h.wait(wf).await?;
+    assert_eq!(failed.nodes[0].status, Status::Failed);
+    match &failed.nodes[0].outcome {
+        Some(Outcome::Err(e)) => assert!(
+            e.message.starts_with("graph_loop_exceeded"),
+            "{}",
+            e.message
+        ),
+        other => anyhow::bail!("expected a loop failure, got {other:?}"),
+    }
+    assert_eq!(runs.load(SeqCst), 2);
+    env.shutdown().await;
+    Ok(())
+}
+
+async fn a_graph_inside_a_swarm_inside_a_chain_passes_its_result_on(store: Store) -> Result<()> {
+    let env = Env::start(store, tasks(&Arc::default())).await?;
+    let h = env.handle();
+    let a = ab_split().kwarg("variant", "a");
+    let b = ab_split().kwarg("variant", "zzz");
+    let flow = chain([
+        mageflow::Sig::from(swarm([a, b]).max_concurrency(2)),
+        sign("label").kwarg("as", "reported").into(),
+    ]);
+    let wf = h.submit(flow, json!({})).await?;
+    let done = h.wait(wf).await?;
+    assert_eq!(done.nodes[0].status, Status::Done);
+    let swarm_node = &done.nodes[1];
+    assert_eq!(
+        swarm_node.outcome,
+        Some(Outcome::Ok(json!([
+            {"ok": {"a": "went a"}},
+            {"ok": {"other": "went elsewhere"}}
+        ])))
+    );
+    env.shutdown().await;
+    Ok(())
+}
+
+async fn a_graph_that_could_not_run_is_refused_at_submission(store: Store) -> Result<()> {
+    let env = Env::start(store, tasks(&Arc::default())).await?;
+    let h = env.handle();
+    let written = h.stats().events_written.load(SeqCst);
+    let unknown = graph()
+        .node("x", sign("label"))
+        .edge("x", "nowhere", Condition::Always);
+    let e = h
+        .submit(unknown, json!({}))
+        .await
+        .expect_err("unknown node");
+    assert!(e.to_string().contains("nowhere"), "{e}");
+    let cycle = graph()
+        .node("x", sign("label"))
+        .node("y", sign("label"))
+        .edge("x", "y", Condition::Always)
+        .edge("y", "x", Condition::Always);
+    let e = h
+        .submit(cycle, json!({}))
+        .await
+        .expect_err("unbounded cycle");
+    assert_eq!(e.code(), "invalid_tree", "{e}");
+    assert!(e.to_string().contains("no entry node"), "{e}");
+    assert_eq!(
+        h.stats().events_written.load(SeqCst),
+        written,
+        "nothing was written"
+    );
+    env.shutdown().await;
+    Ok(())
+}
