@@ -61,10 +61,11 @@ pub use mageflow_core::{
     Outcome, Payload, Rejection, RetryPolicy, Role, SignatureId, Status, SwarmConfig, TaskError,
     Timestamp, Workflow, WorkflowId,
 };
+pub use mageflow_engine::templates;
 pub use mageflow_engine::{
-    chain, graph, sign, swarm, AutoResume, ChainSig, Config, Dispatch, Engine, Error, GraphSig,
-    Handle, RecoveryReport, Registry, Result, Sig, Stats, StoredResumeReport, Submitted, SwarmSig,
-    TaskContext, TaskDef, TaskFailure, TaskSig, Until,
+    chain, gate, graph, sign, swarm, AutoResume, ChainSig, Config, Dispatch, Engine, Error,
+    GateSig, GraphSig, Handle, RecoveryReport, Registry, Result, Sig, Stats, StoredResumeReport,
+    Submitted, SwarmSig, TaskContext, TaskDef, TaskFailure, TaskSig, Until,
 };
 
 #[cfg(feature = "sled")]

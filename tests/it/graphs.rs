@@ -6,22 +6,26 @@
 use crate::support::{Env, Store};
 use anyhow::{Context, Result};
 use mageflow::{
-    chain, graph, sign, swarm, Condition, Outcome, Payload, Predicate, Registry, Status,
-    TaskFailure, Workflow,
+    chain, graph, sign, swarm, templates, Condition, Outcome, Payload, Predicate, Registry,
+    SignatureId, Status, TaskFailure, Until, Workflow, WorkflowId,
 };
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::Arc;
+use std::time::Duration;
 
 all_stores!(
     a_graph_routes_on_its_output_and_history_says_why,
     a_bounded_loop_runs_its_handler_again_until_it_says_stop,
     a_graph_inside_a_swarm_inside_a_chain_passes_its_result_on,
     a_graph_that_could_not_run_is_refused_at_submission,
+    an_approval_gate_waits_for_a_signal_and_routes_on_it,
+    retry_then_alternative_runs_the_alternative_once_retries_are_spent,
 );
 on_cluster!(
     a_graph_routes_on_its_output_and_history_says_why,
     a_bounded_loop_runs_its_handler_again_until_it_says_stop,
+    an_approval_gate_waits_for_a_signal_and_routes_on_it,
 );
 
 fn eq(path: &str, value: Value) -> Condition {
@@ -40,6 +44,12 @@ fn tasks(runs: &Arc<AtomicU32>) -> Registry {
     });
     tasks.task("label", |i: Value, _ctx| async move {
         Ok::<_, TaskFailure>(i["as"].clone())
+    });
+    tasks.task("check", |i: Value, _ctx| async move {
+        Ok::<_, TaskFailure>(json!({ "doc": i["doc"], "checked": true }))
+    });
+    tasks.task("flaky", |_: Value, _ctx| async move {
+        Err::<Value, _>(TaskFailure::retryable("upstream down"))
     });
     let runs = runs.clone();
     tasks.task("until_three", move |_: Value, _ctx| {
@@ -199,6 +209,119 @@ async fn a_graph_that_could_not_run_is_refused_at_submission(store: Store) -> Re
         written,
         "nothing was written"
     );
+    env.shutdown().await;
+    Ok(())
+}
+
+/// The signature of the node named `name` in `wf`.
+fn node_named(wf: &Workflow, name: &str) -> Result<SignatureId> {
+    let i = wf
+        .nodes
+        .iter()
+        .position(|n| n.spec.name == name)
+        .with_context(|| format!("no node {name}"))?;
+    Ok(wf.sig(i as u32))
+}
+
+/// Wait until `wf` waits for a user (its gate is reached), then return the gate's id.
+async fn reached_gate(h: &mageflow::Handle, wf: WorkflowId) -> Result<SignatureId> {
+    let state = h
+        .wait_for(wf, Until::Settled, Duration::from_secs(60))
+        .await?;
+    let gate = node_named(&state, "approval")?;
+    assert_eq!(
+        state.node(gate.index).map(|n| n.status),
+        Some(Status::Running)
+    );
+    Ok(gate)
+}
+
+async fn an_approval_gate_waits_for_a_signal_and_routes_on_it(store: Store) -> Result<()> {
+    let env = Env::start(store, tasks(&Arc::default())).await?;
+    let h = env.handle().as_principal("reviewer");
+    let pipeline = || {
+        templates::approval_pipeline(
+            [("check".to_owned(), sign("check").into())],
+            sign("label").kwarg("as", "published"),
+            Some(sign("label").kwarg("as", "sent back").into()),
+        )
+    };
+
+    // Approved: the gate's result is its input with the signal merged over it.
+    let wf = h.submit(pipeline(), json!({"doc": 7})).await?;
+    let gate = reached_gate(&h, wf).await?;
+    h.signal(gate, json!({"approved": true, "by": "alice"}))
+        .await?;
+    let done = h.wait(wf).await?;
+    assert_eq!(done.nodes[0].status, Status::Done);
+    assert_eq!(
+        done.nodes[0].outcome,
+        Some(Outcome::Ok(json!({"publish": "published"})))
+    );
+    assert_eq!(
+        done.node(gate.index).and_then(|n| n.outcome.clone()),
+        Some(Outcome::Ok(
+            json!({"doc": 7, "checked": true, "approved": true, "by": "alice"})
+        ))
+    );
+    let rejected = node_named(&done, "rejected")?;
+    assert_eq!(
+        done.node(rejected.index).map(|n| n.status),
+        Some(Status::Skipped)
+    );
+    // The signal is in history with its sender as the actor, and replay gives the same state.
+    let history = h.history(wf)?;
+    let signaled = history
+        .iter()
+        .find(|e| matches!(e.payload, Payload::Succeeded { node, .. } if node == gate.index))
+        .context("the gate's success is recorded")?;
+    assert_eq!(signaled.actor, mageflow::Actor::api("reviewer"));
+    assert_eq!(Workflow::replay(wf, &history)?, h.workflow(wf).await?);
+    // A second signal finds it ended; a signal to a task is refused.
+    let e = h.signal(gate, json!({})).await.expect_err("ended");
+    assert_eq!(e.code(), "invalid_transition", "{e}");
+    let check = node_named(&done, "check")?;
+    let e = h.signal(check, json!({})).await.expect_err("a task");
+    assert_eq!(e.code(), "not_a_gate", "{e}");
+
+    // Rejected: the gate fails with the reason, and the rejection path runs.
+    let wf = h.submit(pipeline(), json!({"doc": 8})).await?;
+    let gate = reached_gate(&h, wf).await?;
+    h.reject(gate, "typo in the title").await?;
+    let done = h.wait(wf).await?;
+    assert_eq!(done.nodes[0].status, Status::Done);
+    assert_eq!(
+        done.nodes[0].outcome,
+        Some(Outcome::Ok(json!({"rejected": "sent back"})))
+    );
+    match done.node(gate.index).and_then(|n| n.outcome.clone()) {
+        Some(Outcome::Err(e)) => assert_eq!(e.message, "typo in the title"),
+        other => anyhow::bail!("expected the gate rejected, got {other:?}"),
+    }
+    env.shutdown().await;
+    Ok(())
+}
+
+async fn retry_then_alternative_runs_the_alternative_once_retries_are_spent(
+    store: Store,
+) -> Result<()> {
+    let env = Env::start(store, tasks(&Arc::default())).await?;
+    let h = env.handle();
+    let g = templates::retry_then_alternative(
+        sign("flaky"),
+        2,
+        1,
+        sign("label").kwarg("as", "from the cache"),
+    );
+    let wf = h.submit(g, json!({})).await?;
+    let done = h.wait(wf).await?;
+    assert_eq!(done.nodes[0].status, Status::Done);
+    assert_eq!(
+        done.nodes[0].outcome,
+        Some(Outcome::Ok(json!({"alternative": "from the cache"})))
+    );
+    let primary = node_named(&done, "primary")?;
+    assert_eq!(done.node(primary.index).map(|n| n.attempt), Some(3));
     env.shutdown().await;
     Ok(())
 }

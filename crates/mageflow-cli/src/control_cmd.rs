@@ -1,4 +1,5 @@
-//! `mageflow cancel|interrupt|suspend|resume|delete|restore|rerun ID`: an operator's command.
+//! `mageflow cancel|interrupt|suspend|resume|delete|restore|rerun|signal|reject ID`: an
+//! operator's command.
 //! On an embedded store the command is carried out by an engine opened on the store for the
 //! purpose (nothing else runs in it: no handlers, no resumes, no compaction); on PostgreSQL +
 //! Redis it is relayed to the orchestrator (`mageflow serve`), which answers once it is durable.
@@ -43,8 +44,40 @@ pub struct CancelArgs {
     pub confirm: bool,
 }
 
-/// Carry out `op`; `confirm` is `cancel`'s `--confirm` (false for every other command).
-pub async fn run(op: ControlOp, args: &ControlArgs, confirm: bool) -> Result<()> {
+/// `signal`'s arguments: the others' and the value it carries.
+#[derive(clap::Args)]
+pub struct SignalArgs {
+    #[command(flatten)]
+    pub common: ControlArgs,
+    /// A JSON value: an object's fields are merged over the gate's input to make its result
+    /// (e.g. '{"approved": true}'); any other value replaces it.
+    #[arg(long, default_value = "{}")]
+    pub value: String,
+}
+
+/// `reject`'s arguments: the others' and why.
+#[derive(clap::Args)]
+pub struct RejectArgs {
+    #[command(flatten)]
+    pub common: ControlArgs,
+    /// Why the gate is rejected: its error, as history and its error callbacks show it.
+    #[arg(long)]
+    pub reason: String,
+}
+
+/// `--value` of `signal`, parsed (a refusal names what is wrong before anything is sent).
+pub fn parse_signal(text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).with_context(|| format!("--value is not JSON: {text:?}"))
+}
+
+/// Carry out `op`; `confirm` is `cancel`'s `--confirm` (false for every other command),
+/// `signal` what a `signal` carries or a `reject`'s reason.
+pub async fn run(
+    op: ControlOp,
+    args: &ControlArgs,
+    confirm: bool,
+    signal: Option<serde_json::Value>,
+) -> Result<()> {
     let target = control::parse_target(&args.id)?;
     mageflow::auth::validate_principal(&args.principal)?;
     if op == ControlOp::Cancel && !confirm {
@@ -78,7 +111,7 @@ pub async fn run(op: ControlOp, args: &ControlArgs, confirm: bool) -> Result<()>
                         dir.display()
                     )
                 })?;
-            let done = control::apply(&engine.handle(), op, target, confirm).await;
+            let done = control::apply(&engine.handle(), op, target, confirm, signal).await;
             engine.shutdown().await;
             done?
         }
@@ -99,6 +132,7 @@ pub async fn run(op: ControlOp, args: &ControlArgs, confirm: bool) -> Result<()>
                 op,
                 target,
                 confirm,
+                signal,
                 &args.principal,
                 token.as_ref(),
                 ANSWER_WAIT,

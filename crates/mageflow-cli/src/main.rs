@@ -197,6 +197,11 @@ enum Cmd {
     Restore(control_cmd::ControlArgs),
     /// Run a workflow again (lifts a deletion mark).
     Rerun(control_cmd::ControlArgs),
+    /// Accept a gate that waits for a signal: it succeeds with its input and --value merged
+    /// over it, and what follows it runs (a graph routes on that result).
+    Signal(control_cmd::SignalArgs),
+    /// Reject a gate that waits for a signal: it fails with --reason, and its failure path runs.
+    Reject(control_cmd::RejectArgs),
     /// Re-project the log: `--rebuild-hot` clears the deployment's Redis keys and rebuilds them
     /// (refused while an orchestrator runs on the log: its projector rebuilds them by itself).
     Replay {
@@ -332,13 +337,21 @@ fn main() -> Result<()> {
                 no_progress,
             } => tiers::rebuild_hot(&tiers, !no_progress).await,
             Cmd::Simulate { .. } => unreachable!("run before the runtime starts"),
-            Cmd::Cancel(a) => control_cmd::run(ControlOp::Cancel, &a.common, a.confirm).await,
-            Cmd::Interrupt(a) => control_cmd::run(ControlOp::Interrupt, &a, false).await,
-            Cmd::Suspend(a) => control_cmd::run(ControlOp::Suspend, &a, false).await,
-            Cmd::Resume(a) => control_cmd::run(ControlOp::Resume, &a, false).await,
-            Cmd::Delete(a) => control_cmd::run(ControlOp::Delete, &a, false).await,
-            Cmd::Restore(a) => control_cmd::run(ControlOp::Restore, &a, false).await,
-            Cmd::Rerun(a) => control_cmd::run(ControlOp::Rerun, &a, false).await,
+            Cmd::Cancel(a) => control_cmd::run(ControlOp::Cancel, &a.common, a.confirm, None).await,
+            Cmd::Interrupt(a) => control_cmd::run(ControlOp::Interrupt, &a, false, None).await,
+            Cmd::Suspend(a) => control_cmd::run(ControlOp::Suspend, &a, false, None).await,
+            Cmd::Resume(a) => control_cmd::run(ControlOp::Resume, &a, false, None).await,
+            Cmd::Delete(a) => control_cmd::run(ControlOp::Delete, &a, false, None).await,
+            Cmd::Restore(a) => control_cmd::run(ControlOp::Restore, &a, false, None).await,
+            Cmd::Rerun(a) => control_cmd::run(ControlOp::Rerun, &a, false, None).await,
+            Cmd::Signal(a) => {
+                let value = control_cmd::parse_signal(&a.value)?;
+                control_cmd::run(ControlOp::Signal, &a.common, false, Some(value)).await
+            }
+            Cmd::Reject(a) => {
+                let reason = serde_json::Value::String(a.reason);
+                control_cmd::run(ControlOp::Reject, &a.common, false, Some(reason)).await
+            }
         }
     })
 }

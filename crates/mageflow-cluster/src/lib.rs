@@ -362,6 +362,7 @@ async fn intake(
                     confirmed,
                     principal,
                     target,
+                    signal,
                     ..
                 } => {
                     // Carried out as the operator (or as `task:<sig>` for a handler's), answered
@@ -374,7 +375,8 @@ async fn intake(
                     };
                     let done = match op.parse::<ControlOp>() {
                         Ok(op) => {
-                            control::apply(&h.as_principal(&principal), op, target, confirmed).await
+                            let h = h.as_principal(&principal);
+                            control::apply(&h, op, target, confirmed, signal).await
                         }
                         Err(e) => Err(e),
                     };
@@ -701,7 +703,14 @@ impl JobSource for HotJobs {
         confirmed: bool,
     ) -> BoxFuture<'static, Result<String>> {
         let hot = self.hot.clone();
-        let command = control_outcome(op, confirmed, principal, Some(target), SUBMIT_ANSWER_WAIT);
+        let command = control_outcome(
+            op,
+            confirmed,
+            principal,
+            Some(target),
+            None,
+            SUBMIT_ANSWER_WAIT,
+        );
         let report = self.report_of(claim, command);
         Box::pin(async move {
             let id = hot.report(&report).await.map_err(lease_error)?;
@@ -716,6 +725,7 @@ fn control_outcome(
     confirmed: bool,
     principal: &str,
     target: Option<SignatureId>,
+    signal: Option<serde_json::Value>,
     wait: Duration,
 ) -> ReportOutcome {
     ReportOutcome::Control {
@@ -725,6 +735,7 @@ fn control_outcome(
         deadline_ms: now_ms() + wait.as_millis() as u64,
         nonce: auth::random_token(),
         target,
+        signal,
     }
 }
 
@@ -761,7 +772,8 @@ async fn await_control(
 /// `wait`: an orchestrator that reads it later refuses it. Waits for the answer: what was
 /// done, or the refusal (the same error the API gives, or its code and message).
 /// `sender` names the process the command comes from (`operator:<principal>` for the CLI);
-/// `principal` is recorded as the command's actor.
+/// `principal` is recorded as the command's actor; `signal` is what a `signal` carries or a
+/// `reject`'s reason.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay_control(
     hot: &Hot,
@@ -769,6 +781,7 @@ pub async fn relay_control(
     op: ControlOp,
     target: SignatureId,
     confirmed: bool,
+    signal: Option<serde_json::Value>,
     principal: &str,
     token: Option<&Secret>,
     wait: Duration,
@@ -780,7 +793,7 @@ pub async fn relay_control(
             attempt: 0,
         },
         worker: sender.to_owned(),
-        outcome: control_outcome(op, confirmed, principal, None, wait),
+        outcome: control_outcome(op, confirmed, principal, None, signal, wait),
         lease: None,
     };
     let id = hot.report_signed(&report, token).await.map_err(hot_error)?;

@@ -564,6 +564,10 @@ mod fast {
                     // Graphs are rare and their conditions varied: rmp-serde writes them (the
                     // same bytes, as the property test holds it), and the reader leaves them to
                     // the serde fallback.
+                    // A unit variant: its name alone (as rmp-serde writes it).
+                    KindSpec::Gate => {
+                        self.str("gate");
+                    }
                     graph @ KindSpec::Graph { .. } => {
                         if rmp_serde::encode::write(&mut *self.0, graph).is_err() {
                             // Unreachable for these types (string keys, no custom serializers);
@@ -1045,6 +1049,13 @@ mod fast {
         }
 
         fn kind_spec(&mut self) -> Option<KindSpec> {
+            // A unit variant is its name alone (a fixstr), the others a one-entry map.
+            if (0xa0..=0xbf).contains(&self.peek()?) {
+                return match self.str()? {
+                    "gate" => Some(KindSpec::Gate),
+                    _ => None,
+                };
+            }
             Some(match self.variant()? {
                 "task" => {
                     self.fields(2)?;

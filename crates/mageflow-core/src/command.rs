@@ -74,6 +74,14 @@ pub enum Op {
     Interrupt {
         node: NodeIndex,
     },
+    /// Signal a waiting gate (`KindSpec::Gate`): `Ok(value)` accepts it — it succeeds with its
+    /// input and `value`'s fields merged over it (a value that is not an object replaces the
+    /// input) — `Err(error)` rejects it, failing it with `error`. Refused for a node that is not
+    /// a gate, or is not waiting (not reached yet, paused, or already ended).
+    Signal {
+        node: NodeIndex,
+        signal: Result<Value, TaskError>,
+    },
     /// Destructive: refused unless `confirmed`.
     Cancel {
         node: NodeIndex,
@@ -130,6 +138,8 @@ pub enum Rejection {
     /// or was requeued): nothing is recorded, and its handler must not take it as saved.
     #[error("attempt {attempt} of signature {node} is not the current one: nothing was recorded")]
     StaleAttempt { node: NodeIndex, attempt: u32 },
+    #[error("signature {0} is not a gate: only a gate takes a signal")]
+    NotAGate(NodeIndex),
     #[error("internal error (a bug): {0}")]
     Internal(String),
 }
@@ -153,6 +163,7 @@ impl Rejection {
             Rejection::NotExpired(_) => "not_expired",
             Rejection::Purged => "purged",
             Rejection::StaleAttempt { .. } => "stale_attempt",
+            Rejection::NotAGate(_) => "not_a_gate",
             Rejection::Internal(_) => "internal",
         }
     }

@@ -9,8 +9,8 @@ use crate::event::{Actor, Event, Payload, SCHEMA_VERSION};
 use crate::id::NodeIndex;
 use crate::kind;
 use crate::model::{
-    deep_merge, KindSpec, Message, Outcome, Role, Status, TaskError, Workflow, CLEANUP_FIELD,
-    ERROR_FIELD,
+    deep_merge, deep_merge_owned, KindSpec, Message, Outcome, Role, Status, TaskError, Workflow,
+    CLEANUP_FIELD, ERROR_FIELD,
 };
 use crate::time::Timestamp;
 use serde_json::{json, Value};
@@ -295,6 +295,39 @@ impl Decider<'_> {
                     return Err(Rejection::NotYet(i as NodeIndex));
                 }
                 self.emit(Payload::Purged { node: 0 })?;
+            }
+            Op::Signal { node, signal } => {
+                let status = self.node_status(node)?;
+                let n = &self.wf.nodes[node as usize];
+                if n.spec.kind != KindSpec::Gate {
+                    return Err(Rejection::NotAGate(node));
+                }
+                // Running is waiting: a gate runs from the moment it is reached until signaled.
+                if status != Status::Running {
+                    return Err(invalid("signal", status));
+                }
+                match signal {
+                    Ok(value) => {
+                        let input = n.message.as_ref().map(|m| m.value.clone());
+                        let result = match (input, value) {
+                            (Some(input @ Value::Object(_)), value @ Value::Object(_)) => {
+                                deep_merge_owned(input, value)
+                            }
+                            (_, value) => value,
+                        };
+                        self.emit(Payload::Succeeded {
+                            node,
+                            attempt: 0,
+                            result,
+                        })?;
+                    }
+                    Err(error) => self.emit(Payload::Failed {
+                        node,
+                        attempt: 0,
+                        error,
+                    })?,
+                }
+                self.finished(node)?;
             }
             Op::Cancel { node, confirmed } => {
                 if !confirmed {

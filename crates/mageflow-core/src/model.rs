@@ -169,6 +169,11 @@ pub enum KindSpec {
         #[serde(default)]
         joins: Vec<Join>,
     },
+    /// A gate (schema 5): started like a container, it runs no handler and takes no worker; it
+    /// waits, running, until a signal ([`crate::command::Op::Signal`]) from outside — an
+    /// approval, a webhook, an operator — ends it: accepted, it succeeds with its input and the
+    /// signal's fields merged over it; rejected, it fails with the reason.
+    Gate,
 }
 
 /// An edge of a graph, between two of its nodes (positions in the graph's `children`).
@@ -214,13 +219,15 @@ pub struct NodeSpec {
 }
 
 impl KindSpec {
-    /// The kind's name, as views and history print it: `"task"`, `"chain"` or `"swarm"`.
+    /// The kind's name, as views and history print it: `"task"`, `"chain"`, `"swarm"`,
+    /// `"graph"` or `"gate"`.
     pub fn name(&self) -> &'static str {
         match self {
             KindSpec::Task { .. } => "task",
             KindSpec::Chain { .. } => "chain",
             KindSpec::Swarm { .. } => "swarm",
             KindSpec::Graph { .. } => "graph",
+            KindSpec::Gate => "gate",
         }
     }
 }
@@ -245,7 +252,7 @@ impl NodeSpec {
 
     pub fn children(&self) -> &[NodeIndex] {
         match &self.kind {
-            KindSpec::Task { .. } => &[],
+            KindSpec::Task { .. } | KindSpec::Gate => &[],
             KindSpec::Chain { children }
             | KindSpec::Swarm { children, .. }
             | KindSpec::Graph { children, .. } => children,
@@ -561,7 +568,8 @@ impl Workflow {
     /// flight and no task is queued to start (or waiting for its retry backoff) outside a
     /// paused container — what is left is suspended, interrupted, waiting under a paused
     /// signature, or waiting for what only a user gives (items or the close of an open swarm, a
-    /// run of a created workflow). A resume, a run or an added item can set it moving again.
+    /// run of a created workflow, a signal to a gate). A resume, a run, an added item or a
+    /// signal can set it moving again.
     pub fn is_settled(&self) -> bool {
         if self.is_finished() {
             return true;

@@ -185,6 +185,7 @@ pub enum WireRejection {
     NotExpired(Timestamp),
     Purged,
     StaleAttempt { node: NodeIndex, attempt: u32 },
+    NotAGate(NodeIndex),
     Internal(String),
 }
 
@@ -203,6 +204,7 @@ const TRANSITION_OPS: &[&str] = &[
     "interrupt",
     "rerun",
     "cancel",
+    "signal",
 ];
 
 impl From<&Rejection> for WireRejection {
@@ -230,6 +232,7 @@ impl From<&Rejection> for WireRejection {
                 node: *node,
                 attempt: *attempt,
             },
+            Rejection::NotAGate(n) => WireRejection::NotAGate(*n),
             Rejection::Internal(m) => WireRejection::Internal(m.clone()),
         }
     }
@@ -260,6 +263,7 @@ impl WireRejection {
             WireRejection::StaleAttempt { node, attempt } => {
                 Rejection::StaleAttempt { node, attempt }
             }
+            WireRejection::NotAGate(n) => Rejection::NotAGate(n),
             WireRejection::Internal(m) => Rejection::Internal(m),
         })
     }
@@ -416,6 +420,7 @@ mod tests {
                 node: 1,
                 attempt: 2,
             },
+            Rejection::NotAGate(3),
             Rejection::Internal("a bug".into()),
         ];
         for op in TRANSITION_OPS {
@@ -442,6 +447,7 @@ mod tests {
                 | Rejection::NotExpired(_)
                 | Rejection::Purged
                 | Rejection::StaleAttempt { .. }
+                | Rejection::NotAGate(_)
                 | Rejection::Internal(_) => {}
             }
         }

@@ -49,8 +49,9 @@ pub use engine::{
 };
 pub use error::{Error, Result, SubmitAnswer, WireError, WireRejection};
 pub use registry::{Registry, TaskDef, TaskFailure};
+pub use sig::templates;
 pub use sig::{
-    chain, graph, sign, swarm, value_depth, ChainSig, GraphEdge, GraphNode, GraphSig, Sig,
-    SwarmSig, TaskSig, CREATE_NODES_MAX, KWARGS_BYTES_MAX, LABEL_BYTES_MAX, SWARM_ITEMS_PER_EVENT,
-    VALUE_DEPTH_MAX,
+    chain, gate, graph, sign, swarm, value_depth, ChainSig, GateSig, GraphEdge, GraphNode,
+    GraphSig, Sig, SwarmSig, TaskSig, CREATE_NODES_MAX, KWARGS_BYTES_MAX, LABEL_BYTES_MAX,
+    SWARM_ITEMS_PER_EVENT, VALUE_DEPTH_MAX,
 };

@@ -29,7 +29,8 @@ pub(crate) fn start(
         KindSpec::Chain { .. } => chain::start(d, node, message),
         KindSpec::Swarm { .. } => swarm::fill(d, node),
         KindSpec::Graph { .. } => graph::start(d, node, message),
-        KindSpec::Task { .. } => Ok(()),
+        // A gate waits for its signal: nothing runs inside it.
+        KindSpec::Task { .. } | KindSpec::Gate => Ok(()),
     }
 }
 
@@ -43,7 +44,7 @@ pub(crate) fn child_finished(
         KindSpec::Chain { .. } => chain::child_finished(d, container, child),
         KindSpec::Swarm { .. } => swarm::child_finished(d, container),
         KindSpec::Graph { .. } => graph::child_finished(d, container, child),
-        KindSpec::Task { .. } => Ok(()),
+        KindSpec::Task { .. } | KindSpec::Gate => Ok(()),
     }
 }
 
@@ -52,7 +53,11 @@ pub(crate) fn resumed(d: &mut Decider<'_>, node: NodeIndex) -> Result<(), Reject
     match &d.wf.nodes[node as usize].spec.kind {
         // A chain's next step, a graph's next nodes, are triggered when the ones before finish,
         // which a suspended container's children still do (parked): nothing is owed on resume.
-        KindSpec::Chain { .. } | KindSpec::Graph { .. } | KindSpec::Task { .. } => Ok(()),
+        // A resumed gate waits for its signal again.
+        KindSpec::Chain { .. }
+        | KindSpec::Graph { .. }
+        | KindSpec::Task { .. }
+        | KindSpec::Gate => Ok(()),
         KindSpec::Swarm { .. } => swarm::fill(d, node),
     }
 }

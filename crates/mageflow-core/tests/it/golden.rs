@@ -12,7 +12,9 @@
 //! - `events-v2-compact/<kind>.msgpack`: schema 2 (adds `resume_report`) in the compact layout.
 //!   Frozen.
 //! - `events-v3-compact/<kind>.msgpack`: schema 3 (adds `command_refused`). Frozen.
-//! - `events-v4-compact/<kind>.msgpack`: schema 4 (adds `graph_routed`): the current one.
+//! - `events-v4-compact/<kind>.msgpack`: schema 4 (adds `graph_routed`). Frozen.
+//! - `events-v5-compact/<kind>.msgpack`: schema 5 (adds gates, `KindSpec::Gate`, a new kind
+//!   and no new event: `swarm_items_added` adds a gate): the current one.
 //!   The older directories hold the variants that existed then, with their schema in the
 //!   envelope.
 //!
@@ -21,7 +23,7 @@
 //! failing test pass: old logs contain these bytes. A new schema version or layout gets a new
 //! directory next to these, and all of them keep decoding.
 
-use crate::support::{chain, swarm, swarm_items, task};
+use crate::support::{chain, gate, swarm, swarm_items, task};
 use mageflow_core::codec::{check, decode, encode};
 use mageflow_core::{
     Actor, EdgeDecision, Event, Message, Payload, Status, TaskError, Timestamp, WorkflowId,
@@ -49,8 +51,12 @@ const V2_VARIANTS: usize = 21;
 const V3_COMPACT_DIR: &str = "events-v3-compact";
 /// Variants schema 3 had.
 const V3_VARIANTS: usize = 22;
+/// The frozen directory of schema 4.
+const V4_COMPACT_DIR: &str = "events-v4-compact";
+/// Variants schema 4 had.
+const V4_VARIANTS: usize = 23;
 /// The directory of the current schema and layout, the one `MAGEFLOW_BLESS=1` writes.
-const CURRENT_DIR: &str = "events-v4-compact";
+const CURRENT_DIR: &str = "events-v5-compact";
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/golden")).join(name)
@@ -112,14 +118,17 @@ fn expected_of(schema: u16, variants: usize) -> Vec<Event> {
         },
         Payload::SwarmItemsAdded {
             swarm: 2,
-            nodes: swarm_items(
-                2,
-                7,
-                &[
+            nodes: swarm_items(2, 7, &{
+                let mut items = vec![
                     task("thumbnail").kwargs(json!({"size": 128})),
                     chain("ocr", [task("detect"), task("read")]),
-                ],
-            ),
+                ];
+                // Schema 5 adds gates.
+                if schema >= 5 {
+                    items.push(gate("approve"));
+                }
+                items
+            }),
         },
         Payload::SwarmClosed { swarm: 2 },
         Payload::KwargsUpdated {
@@ -316,6 +325,7 @@ fn golden_files_still_decode_to_the_same_events() {
     check_dir(V1_COMPACT_DIR, expected_of(1, V1_VARIANTS));
     check_dir(V2_COMPACT_DIR, expected_of(2, V2_VARIANTS));
     check_dir(V3_COMPACT_DIR, expected_of(3, V3_VARIANTS));
+    check_dir(V4_COMPACT_DIR, expected_of(4, V4_VARIANTS));
     check_dir(CURRENT_DIR, expected());
 }
 

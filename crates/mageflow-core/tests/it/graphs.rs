@@ -408,3 +408,109 @@ fn canceling_a_graph_reaches_every_running_node_and_rerun_routes_afresh() {
     h.run("b", json!(2));
     assert_eq!(h.status("g"), Status::Done);
 }
+
+#[test]
+fn an_approval_gate_waits_for_its_signal_then_routes_on_it() {
+    use crate::support::gate;
+    use mageflow_core::{Outcome, TaskError};
+    // check -> approve (gate) -> publish on $.approved == true, else -> archive (default).
+    let g = graph(
+        "g",
+        [
+            task("check"),
+            gate("approve"),
+            task("publish"),
+            task("archive"),
+        ],
+        vec![
+            edge(0, 1, Condition::OnSuccess),
+            edge(1, 2, eq("$.approved", json!(true))),
+            edge(1, 3, Condition::Default),
+        ],
+        vec![],
+    );
+    let mut h = Harness::new(&g, Some(json!({"doc": 1})));
+    let gate = h.idx("approve");
+    // Not reached yet: a signal is refused and changes nothing.
+    let refused = h.rejected(Op::Signal {
+        node: gate,
+        signal: Ok(json!({"approved": true})),
+    });
+    assert_eq!(refused.code(), "invalid_transition");
+    // A signal to a node that is not a gate is refused.
+    let check = h.idx("check");
+    let refused = h.rejected(Op::Signal {
+        node: check,
+        signal: Ok(json!({})),
+    });
+    assert_eq!(refused, Rejection::NotAGate(check));
+    assert_eq!(refused.code(), "not_a_gate");
+
+    h.run("check", json!({"doc": 1, "valid": true}));
+    // Reached: it waits, running, with no attempt and nothing queued for a worker.
+    assert_eq!(h.status("approve"), Status::Running);
+    assert_eq!(h.node("approve").attempt, 0);
+    assert_eq!(h.count("approve", "queued"), 0);
+    // Suspended, it takes no signal until resumed.
+    h.ok(Op::Suspend { node: gate });
+    assert_eq!(
+        h.rejected(Op::Signal {
+            node: gate,
+            signal: Ok(json!({"approved": true}))
+        })
+        .code(),
+        "invalid_transition"
+    );
+    h.ok(Op::Resume { node: gate });
+    assert_eq!(h.status("approve"), Status::Running);
+
+    h.ok(Op::Signal {
+        node: gate,
+        signal: Ok(json!({"approved": true, "by": "alice"})),
+    });
+    // Its result is its input with the signal merged over it; the edge saw `true`.
+    assert_eq!(
+        h.node("approve").outcome,
+        Some(Outcome::Ok(
+            json!({"doc": 1, "valid": true, "approved": true, "by": "alice"})
+        ))
+    );
+    assert_eq!(
+        routed(&h, "approve"),
+        vec![(1, true, json!(true)), (2, false, Value::Null)]
+    );
+    assert_eq!(h.status("publish"), Status::Queued);
+    // A second signal finds it ended.
+    assert_eq!(
+        h.rejected(Op::Signal {
+            node: gate,
+            signal: Ok(json!({"approved": false}))
+        })
+        .code(),
+        "invalid_transition"
+    );
+    h.run("publish", json!("published"));
+    assert_eq!(h.status("archive"), Status::Skipped);
+    assert_eq!(h.status("g"), Status::Done);
+
+    // Rejected: the gate fails with the reason, and its default edge (no other matched) takes
+    // the document to the archive, which handles the failure: the graph succeeds.
+    let mut h = Harness::new(&g, Some(json!({"doc": 2})));
+    h.run("check", json!({"doc": 2}));
+    h.ok(Op::Signal {
+        node: h.idx("approve"),
+        signal: Err(TaskError {
+            message: "rejected by bob: typo in title".into(),
+            retryable: false,
+        }),
+    });
+    assert_eq!(h.status("approve"), Status::Failed);
+    let Some(Outcome::Err(e)) = &h.node("approve").outcome else {
+        panic!("the rejected gate has no error");
+    };
+    assert_eq!(e.message, "rejected by bob: typo in title");
+    assert_eq!(h.status("publish"), Status::Skipped);
+    assert_eq!(h.status("archive"), Status::Queued);
+    h.run("archive", json!("archived"));
+    assert_eq!(h.status("g"), Status::Done);
+}

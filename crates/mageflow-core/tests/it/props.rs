@@ -746,6 +746,7 @@ fn arb_spec(max_node: NodeIndex) -> impl Strategy<Value = NodeSpec> {
                 },
                 closed,
             }),
+        Just(KindSpec::Gate),
     ];
     let role = prop_oneof![
         Just(Role::Child),

@@ -38,6 +38,15 @@ pub enum TreeKind {
         edges: Vec<mageflow_core::Edge>,
         joins: Vec<mageflow_core::Join>,
     },
+    Gate,
+}
+
+/// A gate: waits for a signal.
+pub fn gate(name: &str) -> Tree {
+    Tree {
+        kind: TreeKind::Gate,
+        ..task(name)
+    }
 }
 
 /// A conditional graph of `children` (edges by position in `children`).
@@ -164,6 +173,7 @@ impl Tree {
                 edges: edges.clone(),
                 joins: joins.clone(),
             },
+            TreeKind::Gate => KindSpec::Gate,
         };
         out.push(NodeSpec {
             name: self.name.clone(),
@@ -176,7 +186,7 @@ impl Tree {
             on_cleanup: Vec::new(),
         });
         let kids: &[Tree] = match &self.kind {
-            TreeKind::Task { .. } => &[],
+            TreeKind::Task { .. } | TreeKind::Gate => &[],
             TreeKind::Chain(c) => c,
             TreeKind::Swarm { children, .. } | TreeKind::Graph { children, .. } => children,
         };
@@ -202,7 +212,7 @@ impl Tree {
             .collect();
         let spec = &mut out[slot];
         match &mut spec.kind {
-            KindSpec::Task { .. } => {}
+            KindSpec::Task { .. } | KindSpec::Gate => {}
             KindSpec::Chain { children: c }
             | KindSpec::Swarm { children: c, .. }
             | KindSpec::Graph { children: c, .. } => *c = children,

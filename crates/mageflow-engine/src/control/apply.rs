@@ -5,15 +5,18 @@ use super::command::ControlOp;
 use crate::engine::handle::Handle;
 use crate::error::Result;
 use mageflow_core::SignatureId;
+use serde_json::Value;
 
 /// Carry out `op` on `target` through `h` (acting as whoever `h` acts for); returns what was
 /// done, for the operator. Workflow-level commands (delete, restore, rerun) act on the
-/// target's workflow.
+/// target's workflow. `signal` is what a signal carries (`{}` when `None`), or a rejection's
+/// reason (a JSON string); other commands ignore it.
 pub async fn apply(
     h: &Handle,
     op: ControlOp,
     target: SignatureId,
     confirmed: bool,
+    signal: Option<Value>,
 ) -> Result<String> {
     let wf = target.workflow;
     Ok(match op {
@@ -46,6 +49,23 @@ pub async fn apply(
         ControlOp::Rerun => {
             h.rerun(wf).await?;
             format!("{wf} runs again")
+        }
+        ControlOp::Signal => {
+            h.signal(
+                target,
+                signal.unwrap_or_else(|| Value::Object(Default::default())),
+            )
+            .await?;
+            format!("{target} signaled: it succeeded and what follows it runs")
+        }
+        ControlOp::Reject => {
+            let reason = match signal {
+                Some(Value::String(reason)) => reason,
+                Some(other) => other.to_string(),
+                None => "rejected".to_owned(),
+            };
+            h.reject(target, reason).await?;
+            format!("{target} rejected: it failed and its failure path runs")
         }
     })
 }

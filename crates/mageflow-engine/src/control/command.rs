@@ -25,11 +25,15 @@ pub enum ControlOp {
     Restore,
     /// Run a finished workflow again from its original input.
     Rerun,
+    /// Accept a waiting gate, with a JSON value merged over its input (none: `{}`).
+    Signal,
+    /// Reject a waiting gate, with a reason (a JSON string).
+    Reject,
 }
 
 impl ControlOp {
     /// Every command, in the order the CLI lists them.
-    pub const ALL: [ControlOp; 7] = [
+    pub const ALL: [ControlOp; 9] = [
         ControlOp::Cancel,
         ControlOp::Interrupt,
         ControlOp::Suspend,
@@ -37,6 +41,8 @@ impl ControlOp {
         ControlOp::Delete,
         ControlOp::Restore,
         ControlOp::Rerun,
+        ControlOp::Signal,
+        ControlOp::Reject,
     ];
 
     /// The command's name, as the CLI and the relay spell it (`cancel`, `interrupt`, …).
@@ -49,6 +55,8 @@ impl ControlOp {
             ControlOp::Delete => "delete",
             ControlOp::Restore => "restore",
             ControlOp::Rerun => "rerun",
+            ControlOp::Signal => "signal",
+            ControlOp::Reject => "reject",
         }
     }
 }

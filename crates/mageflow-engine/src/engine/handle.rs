@@ -415,6 +415,37 @@ impl Handle {
         self.op(sig, op).await
     }
 
+    /// Accept the gate `sig` ([`crate::gate`]) that is waiting: it succeeds with its input and
+    /// `value`'s fields merged over it (a value that is not an object replaces the input), and
+    /// what follows it runs — a graph routes on that result. Refused (`not_a_gate`,
+    /// `invalid_transition`) when `sig` is not a gate or is not waiting (not reached yet,
+    /// suspended, already ended); `value` is held to the limits of kwargs. The signal is an
+    /// event like any other, with this handle's principal as its actor.
+    pub async fn signal(&self, sig: SignatureId, value: Value) -> Result<()> {
+        crate::sig::check_value("signal", &value)?;
+        let op = Op::Signal {
+            node: sig.index,
+            signal: Ok(value),
+        };
+        self.op(sig, op).await
+    }
+
+    /// Reject the gate `sig` that is waiting: it fails with `reason` (not retried), so its
+    /// error callbacks fire and a graph takes its `on_failure` or `default` edges. Refused as
+    /// [`Handle::signal`] is.
+    pub async fn reject(&self, sig: SignatureId, reason: impl Into<String>) -> Result<()> {
+        let reason = reason.into();
+        crate::sig::check_value("rejection reason", &Value::String(reason.clone()))?;
+        let op = Op::Signal {
+            node: sig.index,
+            signal: Err(mageflow_core::TaskError {
+                message: reason,
+                retryable: false,
+            }),
+        };
+        self.op(sig, op).await
+    }
+
     /// Record a checkpoint of `attempt` (what [`TaskContext::save_checkpoint`] does; for worker
     /// processes reporting through the hot tier). Stale attempts are refused.
     ///

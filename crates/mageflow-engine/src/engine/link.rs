@@ -30,7 +30,7 @@ impl EngineLink for Handle {
         confirmed: bool,
     ) -> BoxFuture<'_, Result<String>> {
         Box::pin(async move {
-            crate::control::apply(&self.as_principal(principal), op, target, confirmed).await
+            crate::control::apply(&self.as_principal(principal), op, target, confirmed, None).await
         })
     }
 

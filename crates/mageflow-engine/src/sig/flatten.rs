@@ -73,6 +73,7 @@ impl Sig {
                 }
                 g.nodes.iter().try_for_each(|n| n.sig.validate(registry))?
             }
+            Sig::Gate(_) => {}
         }
         common
             .on_success
@@ -130,6 +131,11 @@ impl Sig {
                         g.nodes.iter().map(|n| n.join).collect()
                     },
                 },
+                mageflow_core::model::RETURN_FIELD_DEFAULT.to_owned(),
+            ),
+            Sig::Gate(g) => (
+                g.name.clone().unwrap_or_else(|| "gate".into()),
+                KindSpec::Gate,
                 mageflow_core::model::RETURN_FIELD_DEFAULT.to_owned(),
             ),
             Sig::Swarm(s) => (
@@ -215,7 +221,7 @@ impl Sig {
             KindSpec::Chain { children: c }
             | KindSpec::Swarm { children: c, .. }
             | KindSpec::Graph { children: c, .. } => *c = children,
-            KindSpec::Task { .. } => {}
+            KindSpec::Task { .. } | KindSpec::Gate => {}
         }
         Ok(me)
     }

@@ -1,10 +1,11 @@
-//! Building signatures: tasks, chains and swarms, with callbacks, composed freely (a chain can
+//! Building signatures: tasks, chains, swarms, graphs and gates, with callbacks, composed freely (a chain can
 //! hold swarms, a swarm chains, a callback can be a chain). A built [`Sig`] is plain data; it is
 //! validated against the registry and flattened into the core's `NodeSpec` list when submitted.
 //! It also has a JSON form (serde), in which a handler in a worker process sends the tree it
 //! submits to the orchestrator; the orchestrator validates it like any other submit.
 
 pub(crate) mod flatten;
+pub mod templates;
 
 use crate::error::{Error, Result};
 use mageflow_core::condition::Condition;
@@ -55,6 +56,21 @@ pub(crate) fn check_depth(what: &'static str, v: &Value) -> Result<()> {
     Ok(())
 }
 
+/// Refuse a value from outside (a signal) nested deeper than [`VALUE_DEPTH_MAX`] or larger
+/// than [`KWARGS_BYTES_MAX`] encoded.
+pub(crate) fn check_value(what: &'static str, v: &Value) -> Result<()> {
+    check_depth(what, v)?;
+    let bytes = serde_json::to_vec(v).map_or(0, |v| v.len());
+    if bytes > KWARGS_BYTES_MAX {
+        return Err(Error::TooLarge {
+            what,
+            bytes,
+            max: KWARGS_BYTES_MAX,
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn to_input(input: impl Serialize) -> Result<Value> {
     serde_json::to_value(input).map_err(|e| Error::InvalidInput {
         task: "(submit)".into(),
@@ -74,6 +90,8 @@ pub enum Sig {
     Swarm(SwarmSig),
     /// A conditional graph ([`graph`]).
     Graph(GraphSig),
+    /// A gate that waits for a signal ([`gate`]).
+    Gate(GateSig),
 }
 
 // The JSON form leaves out what is empty: a swarm of many plain tasks stays small on the wire.
@@ -155,6 +173,26 @@ pub struct GraphSig {
     edges: Vec<GraphEdge>,
     #[serde(default, skip_serializing_if = "Common::is_empty")]
     common: Common,
+}
+
+/// A gate ([`gate`]): reached, it waits — running, on no worker — until a signal from outside
+/// ([`crate::Handle::signal`], `mageflow signal`) accepts it (it succeeds with its input and
+/// the signal's fields merged over it) or rejects it (it fails with the reason). An approval
+/// step in a graph or a chain, a wait for a webhook.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GateSig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(default, skip_serializing_if = "Common::is_empty")]
+    common: Common,
+}
+
+/// A gate that waits for a signal; see [`GateSig`].
+pub fn gate() -> GateSig {
+    GateSig {
+        name: None,
+        common: Common::default(),
+    }
 }
 
 /// One node of a [`GraphSig`].
@@ -284,6 +322,7 @@ common_builders!(TaskSig);
 common_builders!(ChainSig);
 common_builders!(SwarmSig);
 common_builders!(GraphSig);
+common_builders!(GateSig);
 
 impl TaskSig {
     /// Override the task's registered retry policy for this signature.
@@ -397,6 +436,17 @@ impl GraphSig {
     }
 }
 
+impl GateSig {
+    /// The gate's name, as the state and the history show it (default `gate`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+    fn into_sig(self) -> Sig {
+        Sig::Gate(self)
+    }
+}
+
 impl Sig {
     fn common(&self) -> &Common {
         match self {
@@ -404,6 +454,7 @@ impl Sig {
             Sig::Chain(c) => &c.common,
             Sig::Swarm(s) => &s.common,
             Sig::Graph(g) => &g.common,
+            Sig::Gate(g) => &g.common,
         }
     }
 
@@ -420,11 +471,11 @@ impl Sig {
         }
     }
 
-    /// Steps of a chain or items of a swarm (empty for a task and a graph: see
+    /// Steps of a chain or items of a swarm (empty for a task, a gate and a graph: see
     /// [`GraphSig::nodes`]).
     pub fn members(&self) -> &[Sig] {
         match self {
-            Sig::Task(_) | Sig::Graph(_) => &[],
+            Sig::Task(_) | Sig::Graph(_) | Sig::Gate(_) => &[],
             Sig::Chain(c) => &c.steps,
             Sig::Swarm(s) => &s.items,
         }
@@ -434,7 +485,7 @@ impl Sig {
     /// every item of a swarm, the entry nodes of a graph (no forward edge into them).
     pub fn entries(&self) -> Vec<&Sig> {
         match self {
-            Sig::Task(_) => Vec::new(),
+            Sig::Task(_) | Sig::Gate(_) => Vec::new(),
             Sig::Chain(c) => c.steps.first().into_iter().collect(),
             Sig::Swarm(s) => s.items.iter().collect(),
             Sig::Graph(g) => g
