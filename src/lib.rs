@@ -61,12 +61,12 @@ pub use mageflow_core::{
     Outcome, Payload, Rejection, RetryPolicy, Role, SignatureId, Status, SwarmConfig, TaskError,
     Timestamp, Workflow, WorkflowId,
 };
-pub use mageflow_engine::templates;
 pub use mageflow_engine::{
     chain, gate, graph, sign, swarm, AutoResume, ChainSig, Config, Dispatch, Engine, Error,
     GateSig, GraphSig, Handle, RecoveryReport, Registry, Result, Sig, Stats, StoredResumeReport,
     Submitted, SwarmSig, TaskContext, TaskDef, TaskFailure, TaskSig, Until,
 };
+pub use mageflow_engine::{definition, templates};
 
 #[cfg(feature = "sled")]
 use std::path::Path;

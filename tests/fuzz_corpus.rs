@@ -306,3 +306,18 @@ fn decode_job_corpus() {
     });
     assert!(ok > 0, "no job seed parsed");
 }
+
+#[test]
+fn parse_definition_corpus() {
+    let mut registry = mageflow::Registry::new();
+    mageflow::engine::builtin::register(&mut registry);
+    let accepted = replay("parse_definition", |bytes| {
+        mageflow::definition::parse(bytes).is_ok_and(|(sig, _)| sig.validate(&registry).is_ok())
+    });
+    // The seed corpus holds valid documents (a graph with a gate and a swarm, a chain with
+    // every callback): they must parse and validate.
+    assert!(
+        accepted >= 2,
+        "only {accepted} corpus documents were accepted"
+    );
+}

@@ -9,6 +9,7 @@ mod control_cmd;
 mod demo;
 mod inspect;
 mod reader;
+mod submit_cmd;
 mod tiers;
 
 use anyhow::{Context, Result};
@@ -197,6 +198,9 @@ enum Cmd {
     Restore(control_cmd::ControlArgs),
     /// Run a workflow again (lifts a deletion mark).
     Rerun(control_cmd::ControlArgs),
+    /// Create a workflow from a definition file (JSON, see docs/workflow.schema.json) on an
+    /// embedded store and print its id; --wait runs it here to its end.
+    Submit(submit_cmd::SubmitArgs),
     /// Accept a gate that waits for a signal: it succeeds with its input and --value merged
     /// over it, and what follows it runs (a graph routes on that result).
     Signal(control_cmd::SignalArgs),
@@ -344,6 +348,7 @@ fn main() -> Result<()> {
             Cmd::Delete(a) => control_cmd::run(ControlOp::Delete, &a, false, None).await,
             Cmd::Restore(a) => control_cmd::run(ControlOp::Restore, &a, false, None).await,
             Cmd::Rerun(a) => control_cmd::run(ControlOp::Rerun, &a, false, None).await,
+            Cmd::Submit(a) => submit_cmd::run(&a).await,
             Cmd::Signal(a) => {
                 let value = control_cmd::parse_signal(&a.value)?;
                 control_cmd::run(ControlOp::Signal, &a.common, false, Some(value)).await

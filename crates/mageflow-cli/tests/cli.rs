@@ -691,3 +691,113 @@ fn simulate_runs_seeds_and_replays_one() -> Result<()> {
     assert_eq!(both.status.code(), Some(2), "{}", text(&both));
     Ok(())
 }
+
+/// A graph with an approval gate, from a definition file: a bad file is refused naming the
+/// JSON path, `submit --wait` runs it up to its gate, `signal` accepts the gate, `serve` runs
+/// what follows, and `state` shows the branch taken and the one skipped.
+#[test]
+fn submit_a_definition_signal_its_gate_and_see_the_branch_taken() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = store_arg(dir.path());
+    // A store to submit to (submit, like the operator commands, never creates one).
+    let file = dir.path().join("review.json");
+    std::fs::write(&file, r#"{"root": {"task": {"task": "echo"}}}"#)?;
+    let out = mageflow(&["submit", file.to_str().context("utf-8")?, "--store", &store])?;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("no store at"), "{}", text(&out));
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_mageflow"))
+        .args(["serve", "--store", &store])
+        .env_remove("MAGEFLOW_LOG")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    lines_until(&mut serve, "serving")?;
+    stop(&mut serve)?;
+
+    std::fs::write(
+        &file,
+        r#"{"root": {"graph": {"nodes": [{"name": "check", "run": {"task": {"task": "echo", "retires": 1}}}]}}}"#,
+    )?;
+    let path = file.to_str().context("utf-8")?;
+    let out = mageflow(&["submit", path, "--store", &store])?;
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("root.graph.nodes[0].run.task"), "{err}");
+    assert!(err.contains("was not submitted"), "{err}");
+
+    std::fs::write(
+        &file,
+        r#"{"input": {"doc": 7},
+            "root": {"graph": {"name": "review",
+              "nodes": [
+                {"name": "check", "run": {"task": {"task": "echo"}}},
+                {"name": "approval", "run": {"gate": {}}},
+                {"name": "publish", "run": {"task": {"task": "echo", "with": {"kwargs": {"published": true}}}}},
+                {"name": "sent_back", "run": {"task": {"task": "echo"}}}
+              ],
+              "edges": [
+                {"from": "check", "to": "approval", "when": "on_success"},
+                {"from": "approval", "to": "publish", "when": {"output": {"op": "eq", "path": "$.approved", "value": true}}},
+                {"from": "approval", "to": "sent_back", "when": "default"}
+              ]}}}"#,
+    )?;
+    let out = mageflow(&["submit", path, "--store", &store, "--wait"])?;
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let wf = printed.lines().next().context("the id")?.trim().to_owned();
+    assert!(wf.starts_with("wf_"), "{printed}");
+    let gate = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("waiting: gate "))
+        .and_then(|l| l.split_whitespace().next())
+        .with_context(|| format!("no gate waits: {printed}"))?
+        .to_owned();
+
+    let out = mageflow(&["signal", &gate, "--value", "not json", "--store", &store])?;
+    assert!(!out.status.success(), "{}", text(&out));
+    let out = mageflow(&[
+        "signal",
+        &gate,
+        "--value",
+        r#"{"approved": true}"#,
+        "--principal",
+        "alice",
+        "--store",
+        &store,
+    ])?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("signaled"), "{}", text(&out));
+    let out = mageflow(&["reject", &gate, "--reason", "late", "--store", &store])?;
+    assert!(!out.status.success(), "a gate signals once: {}", text(&out));
+
+    // `serve` resumes what follows the gate.
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_mageflow"))
+        .args(["serve", "--store", &store])
+        .env_remove("MAGEFLOW_LOG")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let state = (|| -> Result<serde_json::Value> {
+        lines_until(&mut serve, "serving")?;
+        for _ in 0..600 {
+            let out = mageflow(&["state", "--store", &store, &wf, "--json"])?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            if v["nodes"][0]["status"] == "done" {
+                return Ok(v);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        anyhow::bail!("the graph did not finish after its gate was signaled")
+    })();
+    stop(&mut serve)?;
+    let state = state?;
+    let status = |name: &str| {
+        state["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == name))
+            .map(|n| n["status"].clone())
+    };
+    assert_eq!(status("publish"), Some(json!("done")), "{state}");
+    assert_eq!(status("sent_back"), Some(json!("skipped")), "{state}");
+    let out = mageflow(&["history", "--store", &store, &gate])?;
+    assert!(text(&out).contains("alice"), "{}", text(&out));
+    Ok(())
+}

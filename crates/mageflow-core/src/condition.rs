@@ -35,7 +35,7 @@ pub const PATTERN_BYTES_MAX: usize = 1024;
 pub const REGEX_COMPILED_BYTES_MAX: usize = 1 << 20;
 
 /// When an edge is taken, judged on its source node's outcome.
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Condition {
     /// The source succeeded.
@@ -51,7 +51,7 @@ pub enum Condition {
 }
 
 /// A test on a JSON value (a node's output).
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum Predicate {
     /// The value at `path` equals `value`.

@@ -190,7 +190,9 @@ pub struct Edge {
 }
 
 /// How a graph node with several incoming edges waits for them.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Join {
     /// Once every incoming edge is decided: runs if any was taken (with the outputs of all the

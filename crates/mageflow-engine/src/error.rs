@@ -84,6 +84,10 @@ pub enum Error {
     /// A principal name that is empty, too long or not printable.
     #[error("invalid principal: {0}")]
     InvalidPrincipal(String),
+    /// A workflow definition document (`crate::definition`) that cannot be read: the message
+    /// names the JSON path of what is wrong. Nothing was submitted.
+    #[error("invalid workflow definition {0}")]
+    InvalidDefinition(String),
     /// [`crate::Handle::wait_for`] or `wait_timeout` gave up: the workflow did not reach
     /// `until` within the timeout (it is not touched; wait again to go on).
     #[error("workflow {workflow} was not {until} after {waited_ms} ms of waiting")]
@@ -118,6 +122,7 @@ impl Error {
             Error::Forbidden(_) => "forbidden",
             Error::Expired(_) => "expired",
             Error::InvalidPrincipal(_) => "invalid_principal",
+            Error::InvalidDefinition(_) => "invalid_definition",
             Error::WaitTimeout { .. } => "wait_timeout",
         }
     }
@@ -277,6 +282,9 @@ const WHATS: &[&str] = &[
     "checkpoint",
     "result",
     "submit request",
+    "signal",
+    "rejection reason",
+    "workflow definition",
     "items of a swarm added inside another swarm's items (add them separately)",
     "signatures in one event (swarm items are split automatically; chain steps and callbacks are not)",
 ];
@@ -320,7 +328,8 @@ impl From<&Error> for WireError {
             Error::Unauthenticated(m)
             | Error::Forbidden(m)
             | Error::Expired(m)
-            | Error::InvalidPrincipal(m) => WireError::Other {
+            | Error::InvalidPrincipal(m)
+            | Error::InvalidDefinition(m) => WireError::Other {
                 code: e.code().to_owned(),
                 message: m.clone(),
             },
@@ -340,6 +349,7 @@ impl From<WireError> for Error {
             "forbidden" => Error::Forbidden(message),
             "expired" => Error::Expired(message),
             "invalid_principal" => Error::InvalidPrincipal(message),
+            "invalid_definition" => Error::InvalidDefinition(message),
             _ => Error::Hot(format!("the orchestrator refused ({code}): {message}")),
         };
         match e {
@@ -507,6 +517,7 @@ mod tests {
             Error::Forbidden("a viewer".into()),
             Error::Expired("late".into()),
             Error::InvalidPrincipal("empty".into()),
+            Error::InvalidDefinition("at root: missing field".into()),
         ];
         all.extend(every_rejection().into_iter().map(Error::Rejected));
         for e in &all {
@@ -530,7 +541,8 @@ mod tests {
                 | Error::Unauthenticated(_)
                 | Error::Forbidden(_)
                 | Error::Expired(_)
-                | Error::InvalidPrincipal(_) => {}
+                | Error::InvalidPrincipal(_)
+                | Error::InvalidDefinition(_) => {}
             }
         }
         all

@@ -31,6 +31,7 @@ mod clock;
 mod compaction;
 mod context;
 pub mod control;
+pub mod definition;
 mod det;
 mod engine;
 mod error;

@@ -448,6 +448,40 @@ impl GateSig {
 }
 
 impl Sig {
+    fn common_mut(&mut self) -> &mut Common {
+        match self {
+            Sig::Task(t) => &mut t.common,
+            Sig::Chain(c) => &mut c.common,
+            Sig::Swarm(s) => &mut s.common,
+            Sig::Graph(g) => &mut g.common,
+            Sig::Gate(g) => &mut g.common,
+        }
+    }
+
+    /// Bind `kwargs` (over those already bound), whatever the kind.
+    pub(crate) fn with_kwargs(mut self, kwargs: Map<String, Value>) -> Sig {
+        self.common_mut().kwargs.extend(kwargs);
+        self
+    }
+
+    /// Add a callback, whatever the kind.
+    pub(crate) fn with_callback(mut self, which: crate::definition::Callback, cb: Sig) -> Sig {
+        use crate::definition::Callback;
+        let common = self.common_mut();
+        match which {
+            Callback::Success => common.on_success.push(cb),
+            Callback::Error => common.on_error.push(cb),
+            Callback::Cleanup => common.on_cleanup.push(cb),
+        }
+        self
+    }
+
+    /// Label it, whatever the kind.
+    pub(crate) fn with_label(mut self, label: String) -> Sig {
+        self.common_mut().label = Some(label);
+        self
+    }
+
     fn common(&self) -> &Common {
         match self {
             Sig::Task(t) => &t.common,
