@@ -10,6 +10,7 @@ mod support;
 mod auto_resume;
 mod chains;
 mod compaction;
+mod composites;
 mod control;
 mod durability;
 mod graphs;

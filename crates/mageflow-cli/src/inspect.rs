@@ -6,7 +6,7 @@
 use crate::reader::ReadLog;
 use crate::tiers::StoreArgs;
 use anyhow::{bail, Context, Result};
-use mageflow::core::{NodeIndex, Payload};
+use mageflow::core::{KindSpec, NodeIndex, Payload};
 use mageflow::{Event, SignatureId, Workflow, WorkflowId};
 use std::io::Write;
 
@@ -189,6 +189,46 @@ struct NodeLine {
     task: Option<String>,
     status: String,
     attempt: u32,
+    /// A container's inner signatures by status (`Workflow::inner_counts`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    inner: std::collections::BTreeMap<&'static str, u64>,
+    /// A graph's edges taken, as `from -> to` by node name, in the order they were taken.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    edges_taken: Vec<String>,
+}
+
+/// The edges each graph of `state` took, from the `graph_routed` events of its log.
+fn edges_taken(
+    state: &Workflow,
+    events: &[Event],
+) -> std::collections::HashMap<NodeIndex, Vec<String>> {
+    let mut taken: std::collections::HashMap<NodeIndex, Vec<String>> = Default::default();
+    let name = |i: NodeIndex| state.node(i).map_or("?", |n| n.spec.name.as_str());
+    for e in events {
+        let Payload::GraphRouted {
+            graph, decisions, ..
+        } = &e.payload
+        else {
+            continue;
+        };
+        let Some(KindSpec::Graph {
+            children, edges, ..
+        }) = state.node(*graph).map(|n| &n.spec.kind)
+        else {
+            continue;
+        };
+        for d in decisions.iter().filter(|d| d.taken) {
+            if let Some(edge) = edges.get(d.edge as usize) {
+                let end = |p: u32| children.get(p as usize).map_or("?", |&c| name(c));
+                taken.entry(*graph).or_default().push(format!(
+                    "{} -> {}",
+                    end(edge.from),
+                    end(edge.to)
+                ));
+            }
+        }
+    }
+    taken
 }
 
 /// The signatures to show: all, or `sig` and everything under it (children and callbacks).
@@ -213,8 +253,9 @@ pub async fn state(args: &StoreArgs, id: &str, json: bool) -> Result<()> {
     let (wf, sig) = parse_id(id)?;
     let log = ReadLog::open(args, "state").await?;
     let events = events_of(&log, wf, sig)?;
-    let state = Workflow::replay(wf, events)
+    let state = Workflow::replay(wf, &events)
         .with_context(|| format!("the events of workflow {wf} do not fold into a state"))?;
+    let mut taken = edges_taken(&state, &events);
     let nodes: Vec<NodeLine> = subtree(&state, sig)
         .into_iter()
         .filter_map(|i| state.node(i).map(|n| (i, n)))
@@ -227,6 +268,8 @@ pub async fn state(args: &StoreArgs, id: &str, json: bool) -> Result<()> {
             task: n.spec.task_name().map(str::to_owned),
             status: n.visible_status().name().to_owned(),
             attempt: n.attempt,
+            inner: state.inner_counts(i),
+            edges_taken: taken.remove(&i).unwrap_or_default(),
         })
         .collect();
     if json {
@@ -253,14 +296,23 @@ pub async fn state(args: &StoreArgs, id: &str, json: bool) -> Result<()> {
         "signature", "kind", "name", "status", "attempt"
     ));
     lines.extend(nodes.iter().map(|n| {
-        format!(
+        let mut line = format!(
             "{:<48} {:<6} {:<24} {:<20} {:>7}",
             n.signature,
             n.kind,
             escape_controls(&n.name),
             n.status,
             n.attempt
-        )
+        );
+        if !n.inner.is_empty() {
+            let counts: Vec<String> = n.inner.iter().map(|(s, c)| format!("{s}={c}")).collect();
+            line.push_str(&format!("  inner: {}", counts.join(" ")));
+        }
+        if !n.edges_taken.is_empty() {
+            let taken: Vec<_> = n.edges_taken.iter().map(|e| escape_controls(e)).collect();
+            line.push_str(&format!("  took: {}", taken.join(", ")));
+        }
+        line
     }));
     emit(lines)
 }

@@ -797,6 +797,19 @@ fn submit_a_definition_signal_its_gate_and_see_the_branch_taken() -> Result<()> 
     };
     assert_eq!(status("publish"), Some(json!("done")), "{state}");
     assert_eq!(status("sent_back"), Some(json!("skipped")), "{state}");
+    // The graph's hierarchical status and the edges it took, in JSON and in text.
+    assert_eq!(state["nodes"][0]["inner"], json!({"done": 3, "skipped": 1}));
+    assert_eq!(
+        state["nodes"][0]["edges_taken"],
+        json!(["check -> approval", "approval -> publish"])
+    );
+    let out = mageflow(&["state", "--store", &store, &wf])?;
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("inner: done=3 skipped=1")
+            && shown.contains("took: check -> approval, approval -> publish"),
+        "{shown}"
+    );
     let out = mageflow(&["history", "--store", &store, &gate])?;
     assert!(text(&out).contains("alice"), "{}", text(&out));
     Ok(())

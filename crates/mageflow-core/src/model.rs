@@ -519,6 +519,25 @@ impl Workflow {
         self.nodes.get(index as usize)
     }
 
+    /// The hierarchical status of a container: how many of the signatures inside it — its
+    /// children, theirs, and the callbacks of those, to any depth, but not its own callbacks —
+    /// are in each status (by [`Status::name`], as [`Node::visible_status`] shows it). Empty for
+    /// a task or a gate, and for an index that does not exist.
+    pub fn inner_counts(&self, node: NodeIndex) -> std::collections::BTreeMap<&'static str, u64> {
+        let mut counts = std::collections::BTreeMap::new();
+        let Some(n) = self.node(node) else {
+            return counts;
+        };
+        let mut stack: Vec<NodeIndex> = n.spec.children().to_vec();
+        while let Some(i) = stack.pop() {
+            if let Some(inner) = self.node(i) {
+                *counts.entry(inner.visible_status().name()).or_insert(0) += 1;
+                stack.extend(inner.spec.all_refs());
+            }
+        }
+        counts
+    }
+
     pub fn sig(&self, index: NodeIndex) -> SignatureId {
         SignatureId {
             workflow: self.id,

@@ -3,6 +3,7 @@
 
 mod conditions;
 mod golden;
+mod graph_props;
 mod graphs;
 mod props;
 mod semantics;
