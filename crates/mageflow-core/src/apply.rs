@@ -332,7 +332,7 @@ impl Workflow {
             }
         }
         let (children, edges) = (children.clone(), edges.clone());
-        let mut reset = Vec::new();
+        let mut looped = None;
         let progress = &mut self.nodes[g].graph;
         for d in decisions {
             let e = &edges[d.edge as usize];
@@ -345,11 +345,19 @@ impl Workflow {
                 }
                 Some(_) if d.taken => {
                     progress.iterations[d.edge as usize] += 1;
-                    reset = graph::loop_body(&edges, d.edge as usize);
+                    looped = Some(d.edge as usize);
                 }
                 Some(_) => {}
             }
         }
+        let reset = looped.map_or_else(Vec::new, |e| {
+            graph::loop_reset(&edges, e, |p| {
+                children
+                    .get(p as usize)
+                    .and_then(|&c| self.nodes.get(c as usize))
+                    .is_some_and(|n| n.status == Status::Skipped)
+            })
+        });
         if !reset.is_empty() {
             // The loop runs again: its nodes back to pending, their edges undecided.
             for (i, e) in edges.iter().enumerate() {

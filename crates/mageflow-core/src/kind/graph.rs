@@ -5,7 +5,8 @@
 //! incoming edges allow it ([`Join::All`]: all decided, one taken at least; [`Join::Any`]: one
 //! taken); a node that can no longer run is routed as skipped, which decides its own edges as
 //! not taken, and so on down. A loop edge (with `max_iterations`) runs its loop again — the nodes
-//! on the cycle go back to pending — at most that many times; once more fails the graph.
+//! on the cycle go back to pending, with the nodes skipped in the pass that ends which their
+//! edges reach ([`loop_reset`]) — at most that many times; once more fails the graph.
 //!
 //! The graph settles when every node is terminal or skipped: it fails if a node failed with no
 //! edge out of it taken (a failure nothing handles), else it succeeds with the outputs of its
@@ -447,6 +448,26 @@ pub(crate) fn loop_body(edges: &[Edge], e: usize) -> Vec<u32> {
     (0..n as u32)
         .filter(|&p| down[p as usize] && up[p as usize])
         .collect()
+}
+
+/// What a taken loop edge `e` sends back to pending: its loop body, and every node skipped in
+/// the pass that ends that a forward edge from what is reset reaches (to a fixpoint) — a node
+/// skipped because a body node took another branch last time must be decided again, or a
+/// branch the new pass takes (a failure handler, say) would never run. A node that ran keeps
+/// its outcome. `skipped(p)`: whether the node at position `p` is skipped now.
+pub(crate) fn loop_reset(edges: &[Edge], e: usize, skipped: impl Fn(u32) -> bool) -> Vec<u32> {
+    let mut reset = loop_body(edges, e);
+    let mut i = 0;
+    while i < reset.len() {
+        let p = reset[i];
+        for edge in &edges[out_edges(edges, p)] {
+            if edge.max_iterations.is_none() && !reset.contains(&edge.to) && skipped(edge.to) {
+                reset.push(edge.to);
+            }
+        }
+        i += 1;
+    }
+    reset
 }
 
 /// Once every node is terminal or skipped, end the graph: failed if a failure went unhandled,

@@ -19,8 +19,8 @@
 //! - a node of the graph is triggered only as its join allows (an entry node, the head of a
 //!   taken loop, or `any`: one incoming edge taken, `all`: all decided, one taken), and skipped
 //!   only once every incoming edge is decided, none taken;
-//! - at the end, no node is skipped that has an incoming edge taken (the core bug shown by
-//!   the last test below makes this fail for nodes off a loop's cycle), none ran that none let
+//! - at the end, no node is skipped that has an incoming edge taken (the bug the last test
+//!   below pins: a node off a loop's cycle, skipped in an earlier pass), none ran that none let
 //!   in (unless a loop decided its edges again); a graph that settled decided every edge and
 //!   ended as its terminal nodes say (failed on the first unhandled failure, else their outputs
 //!   by name);
@@ -572,6 +572,8 @@ struct Model {
     redecided: Vec<bool>,
     /// The loop head a taken loop edge is about to trigger.
     loop_trigger: Option<NodeIndex>,
+    /// Per graph position: routed as skipped, until a loop resets it.
+    skipped: Vec<bool>,
 }
 
 /// Walk the log, checking trigger and end counts and every routing decision; returns the model
@@ -591,6 +593,7 @@ fn check_log(wf: &Workflow, log: &[Event]) -> Result<Model, TestCaseError> {
         loop_head: vec![false; len],
         loop_trigger: None,
         redecided: vec![false; s.edges.len()],
+        skipped: vec![false; s.children.len()],
     };
     for (k, e) in log.iter().enumerate() {
         match &e.payload {
@@ -714,6 +717,7 @@ fn check_log(wf: &Workflow, log: &[Event]) -> Result<Model, TestCaseError> {
                         );
                         let edges: Vec<u32> = decisions.iter().map(|d| d.edge).collect();
                         prop_assert_eq!(&edges, &out, "event {}: skipped node's edges", k);
+                        m.skipped[pos as usize] = true;
                         prop_assert!(
                             decisions.iter().all(|d| !d.taken),
                             "event {}: a skipped node took an edge",
@@ -806,7 +810,26 @@ impl Model {
 
     /// Loop edge `e` was taken: its body runs again, everything inside it afresh.
     fn reset_loop(&mut self, wf: &Workflow, s: &Layout, e: usize) {
-        let body = loop_body(&s.edges, e);
+        // The body, and (to a fixpoint) every node skipped so far that a forward edge from
+        // what is reset reaches: it is decided again in the new pass.
+        let mut body = loop_body(&s.edges, e);
+        let mut k = 0;
+        while k < body.len() {
+            let from = body[k];
+            for edge in &s.edges {
+                if edge.from == from
+                    && edge.max_iterations.is_none()
+                    && self.skipped[edge.to as usize]
+                    && !body.contains(&edge.to)
+                {
+                    body.push(edge.to);
+                }
+            }
+            k += 1;
+        }
+        for &p in &body {
+            self.skipped[p as usize] = false;
+        }
         for (i, edge) in s.edges.iter().enumerate() {
             if body.contains(&edge.from) {
                 self.decided[i] = None;
@@ -1032,14 +1055,14 @@ proptest! {
 // What the properties found
 // ---------------------------------------------------------------------------------------------
 
-/// CORE BUG — this test FAILS until `kind/graph.rs` is fixed (found by both properties above,
-/// minimised by hand). A node off the cycle of a loop, skipped in an earlier run of the loop,
-/// is never run when a later run takes its incoming edge. Here `a` succeeds (so `handler`, on
-/// its failure, is skipped), `c` loops back to `a`, `a` fails the second time: its edge to
-/// `handler` is taken, but `handler` stays skipped (`ready` leaves alone a node that is
-/// terminal, skipped included, and the loop reset only the cycle `a -> c`), `c` is skipped —
-/// and the graph *succeeds* with `{}`: the failure counts as handled by a handler that never
-/// ran. Expected: `handler` is queued with `a`'s error, and the graph ends as `handler` does.
+/// A bug both properties above found (minimised by hand), fixed by `kind::graph::loop_reset`:
+/// a node off the cycle of a loop, skipped in an earlier run of the loop, was never run when a
+/// later run took its incoming edge. Here `a` succeeds (so `handler`, on its failure, is
+/// skipped), `c` loops back to `a`, `a` fails the second time: its edge to `handler` is taken.
+/// Before the fix `handler` stayed skipped (the loop reset only the cycle `a -> c`) and the
+/// graph *succeeded* with `{}`: the failure counted as handled by a handler that never ran.
+/// Now a taken loop also resets the skipped nodes its body's edges reach: `handler` is queued
+/// with `a`'s error, and the graph ends as `handler` does.
 #[test]
 fn a_node_skipped_in_an_earlier_run_of_a_loop_runs_when_a_later_run_takes_its_edge() {
     use crate::support::Harness;
