@@ -8,7 +8,8 @@ use crate::tiers::{builtins, StoreArgs, Tiers};
 use anyhow::{bail, Context, Result};
 use mageflow::control::{self, ControlOp};
 use mageflow::engine::AutoResume;
-use mageflow::Config;
+use mageflow::{Config, Engine};
+use std::path::Path;
 use std::time::Duration;
 
 /// How long a relayed command is valid, and waited for (Redis keeps an answer 60 s): an
@@ -90,27 +91,7 @@ pub async fn run(
     }
     let done = match args.tiers.resolve()? {
         Some(Tiers::Embedded(dir)) => {
-            // The engine's open would create a store in any directory.
-            crate::tiers::existing_store(&dir)?;
-            let config = Config {
-                workers: 0,
-                principal: args.principal.clone(),
-                auto_resume: AutoResume {
-                    enabled: false,
-                    ..AutoResume::default()
-                },
-                compact_after: None,
-                ..Config::default()
-            };
-            let engine = mageflow::open_embedded(&dir, builtins(), config)
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot open the embedded store at {} (if `mageflow serve` runs on it, \
-                         stop it first: an embedded store belongs to one process)",
-                        dir.display()
-                    )
-                })?;
+            let engine = open_for_command(&dir, &args.principal, false).await?;
             let done = control::apply(&engine.handle(), op, target, confirm, signal).await;
             engine.shutdown().await;
             done?
@@ -143,6 +124,33 @@ pub async fn run(
     };
     println!("{done}");
     Ok(())
+}
+
+/// An engine on the existing embedded store at `dir` for one command of `principal`: with
+/// `run`, it runs what it finds (workers, auto-resume) as `serve` would; without, nothing runs
+/// in it (no handlers, no resumes) and no compaction either way.
+pub async fn open_for_command(dir: &Path, principal: &str, run: bool) -> Result<Engine> {
+    // The engine's open would create a store in any directory.
+    crate::tiers::existing_store(dir)?;
+    let config = Config {
+        workers: if run { Config::default().workers } else { 0 },
+        principal: principal.to_owned(),
+        auto_resume: AutoResume {
+            enabled: run,
+            ..AutoResume::default()
+        },
+        compact_after: None,
+        ..Config::default()
+    };
+    mageflow::open_embedded(dir, builtins(), config)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the embedded store at {} (if `mageflow serve` runs on it, stop it \
+                 first: an embedded store belongs to one process)",
+                dir.display()
+            )
+        })
 }
 
 /// The operator's token: from `--token-file`, else `MAGEFLOW_TOKEN`.

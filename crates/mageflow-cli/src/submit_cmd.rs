@@ -5,10 +5,9 @@
 //! `--wait` this process runs it until it ends or waits for a user (a gate's signal, a
 //! resume), and prints where it stands.
 
-use crate::tiers::{builtins, StoreArgs, Tiers};
+use crate::tiers::{StoreArgs, Tiers};
 use anyhow::{bail, Context, Result};
-use mageflow::engine::AutoResume;
-use mageflow::{Config, Status};
+use mageflow::Status;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -52,31 +51,7 @@ pub async fn run(args: &SubmitArgs) -> Result<()> {
         ),
         None => bail!("`mageflow submit` needs --store embedded:PATH"),
     };
-    crate::tiers::existing_store(&dir)?;
-    let config = Config {
-        // Without --wait nothing runs here: the workflow is only made durable.
-        workers: if args.wait {
-            Config::default().workers
-        } else {
-            0
-        },
-        principal: args.principal.clone(),
-        auto_resume: AutoResume {
-            enabled: args.wait,
-            ..AutoResume::default()
-        },
-        compact_after: None,
-        ..Config::default()
-    };
-    let engine = mageflow::open_embedded(&dir, builtins(), config)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot open the embedded store at {} (if `mageflow serve` runs on it, stop it \
-                 first: an embedded store belongs to one process)",
-                dir.display()
-            )
-        })?;
+    let engine = crate::control_cmd::open_for_command(&dir, &args.principal, args.wait).await?;
     let h = engine.handle();
     let submitted = h.submit(sig, input).await;
     let wf = match submitted {

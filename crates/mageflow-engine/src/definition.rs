@@ -19,8 +19,8 @@
 //! like any signature's.
 
 use crate::error::{Error, Result};
+pub use crate::sig::GraphEdge;
 use crate::sig::{chain, gate, graph, sign, swarm, Sig};
-use mageflow_core::condition::Condition;
 use mageflow_core::Join;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -153,19 +153,6 @@ pub struct GraphMember {
     /// How it waits for several incoming edges (default `all`).
     #[serde(default, skip_serializing_if = "is_default")]
     pub join: Join,
-}
-
-/// An edge of a graph.
-#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct GraphEdge {
-    pub from: String,
-    pub to: String,
-    /// When it is taken, judged on `from`'s outcome and output.
-    pub when: Condition,
-    /// A loop edge back to an earlier node: its loop runs at most this many times.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_iterations: Option<u32>,
 }
 
 /// A gate.

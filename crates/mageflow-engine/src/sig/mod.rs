@@ -206,11 +206,13 @@ pub struct GraphNode {
     pub join: Join,
 }
 
-/// One edge of a [`GraphSig`], between nodes by name.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// One edge of a [`GraphSig`], between nodes by name (also an edge of the declarative format).
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct GraphEdge {
     pub from: String,
     pub to: String,
+    /// When it is taken, judged on `from`'s outcome and output.
     pub when: Condition,
     /// A loop edge back to an earlier node: its loop runs at most this many times.
     #[serde(default, skip_serializing_if = "Option::is_none")]
