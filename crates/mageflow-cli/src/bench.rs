@@ -6,7 +6,8 @@ use crate::embedded_path;
 use anyhow::{bail, Context, Result};
 use mageflow::core::Payload;
 use mageflow::{
-    sign, swarm, Config, Engine, Handle, Registry, SignatureId, TaskFailure, WorkflowId,
+    chain, graph, sign, swarm, Condition, Config, Engine, Handle, Predicate, Registry, Sig,
+    SignatureId, Status, TaskFailure, WorkflowId,
 };
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -18,13 +19,15 @@ use tokio::sync::Notify;
 /// Workflows per `submit_many` call in the `flat` scenario.
 const FLAT_BULK: u32 = 10_000;
 
-pub const SCENARIOS: [&str; 6] = [
+pub const SCENARIOS: [&str; 8] = [
     "flat",
     "chain",
     "fanout",
     "fanout-limited",
     "cancel",
     "interrupt",
+    "graph-line",
+    "graph-fanout",
 ];
 
 pub async fn run(scenario: &str, store: Option<&str>, n: Option<u32>) -> Result<()> {
@@ -50,7 +53,9 @@ pub async fn run(scenario: &str, store: Option<&str>, n: Option<u32>) -> Result<
         "fanout" => fanout(&dir, n.unwrap_or(5_000), None).await,
         "fanout-limited" => fanout(&dir, n.unwrap_or(5_000), Some(8)).await,
         "cancel" => cancel(&dir, n.unwrap_or(2_000)).await,
-        _ => interrupt(&dir, n.unwrap_or(10_000)).await,
+        "interrupt" => interrupt(&dir, n.unwrap_or(10_000)).await,
+        "graph-line" => graph_line(&dir, n.unwrap_or(1_000)).await,
+        _ => graph_fanout(&dir, n.unwrap_or(10_000)).await,
     };
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
@@ -354,4 +359,122 @@ async fn interrupt(dir: &PathBuf, n: u32) -> Result<String> {
         percentile(&ms, 0.99),
         ms.last().copied().unwrap_or(0.0)
     ))
+}
+
+/// The builtins plus `count`: returns `{"n": k + 1}` where `k` is the `n` of the result it
+/// received (or of its input; 0 if none), so its output stays one small object however long the
+/// chain or graph, and `$.n >= 0` always holds on it.
+fn count_registry() -> Registry {
+    let mut r = builtins();
+    r.task("count", |i: Value, _ctx| async move {
+        let k = i["mageflow_results"]["n"]
+            .as_u64()
+            .or_else(|| i["n"].as_u64())
+            .unwrap_or(0);
+        Ok::<_, TaskFailure>(json!({ "n": k + 1 }))
+    });
+    r
+}
+
+/// Submit `sig`, wait until its workflow has finished, and check that it succeeded: wall
+/// seconds from the submit call to the finish, and the events its log holds.
+async fn timed(h: &Handle, sig: Sig) -> Result<(f64, usize)> {
+    let t0 = Instant::now();
+    let wf = h.submit(sig, json!({"n": 0})).await?;
+    let state = h.wait(wf).await?;
+    let secs = t0.elapsed().as_secs_f64();
+    if state.nodes[0].status != Status::Done {
+        bail!(
+            "workflow {wf} ended {:?}: {:?}",
+            state.nodes[0].status,
+            state.nodes[0].outcome
+        );
+    }
+    Ok((secs, h.history(wf)?.len()))
+}
+
+/// Runs a graph and its equivalent in the same engine in the order A B B A, so that whatever
+/// drifts through the run (the store growing, the allocator warming up) weighs on both alike;
+/// each time is the mean of its two runs. Returns the line's common part.
+async fn graph_against(
+    h: &Handle,
+    n: u32,
+    baseline: &str,
+    make_graph: impl Fn() -> Sig,
+    make_baseline: impl Fn() -> Sig,
+) -> Result<String> {
+    let (b1, baseline_events) = timed(h, make_baseline()).await?;
+    let (g1, graph_events) = timed(h, make_graph()).await?;
+    let (g2, _) = timed(h, make_graph()).await?;
+    let (b2, _) = timed(h, make_baseline()).await?;
+    let (g, b) = ((g1 + g2) / 2.0, (b1 + b2) / 2.0);
+    Ok(format!(
+        "n={n} store=embedded graph_seconds={g:.3} {baseline}_seconds={b:.3} ratio={:.3} graph_runs={g1:.3},{g2:.3} {baseline}_runs={b1:.3},{b2:.3} graph_events={graph_events} {baseline}_events={baseline_events}",
+        g / b
+    ))
+}
+
+/// `graph-line`: a graph of `n` `count` nodes in a line, every edge taken on an output
+/// predicate (`$.n >= 0`, which always holds), against a chain of `n` `count` steps.
+async fn graph_line(dir: &PathBuf, n: u32) -> Result<String> {
+    let engine = open(dir, count_registry(), 64).await?;
+    let h = engine.handle();
+    let line = || {
+        let mut g = graph().name("line");
+        for i in 0..n {
+            g = g.node(format!("s{i}"), sign("count"));
+        }
+        for i in 1..n {
+            g = g.edge(
+                format!("s{}", i - 1),
+                format!("s{i}"),
+                Condition::Output(Predicate::Ge {
+                    path: "$.n".into(),
+                    value: 0.0,
+                }),
+            );
+        }
+        Sig::from(g)
+    };
+    let steps = || Sig::from(chain((0..n).map(|_| sign("count"))));
+    let line = graph_against(&h, n, "chain", line, steps).await;
+    engine.shutdown().await;
+    line
+}
+
+/// `graph-fanout`: a graph of one `count` entry node with an edge to each of `n` `count` nodes,
+/// and an edge from each of them to one final `count` node (join all), every edge on success;
+/// against a chain of a `count` step, a swarm of `n` `count` items, and a final `count` step
+/// (the same tasks, the same results reaching the last task). A graph starts every node its
+/// edges allow at once, with no concurrency limit of its own, so the swarm's `max_concurrency`
+/// is `n`: both dispatch all `n` at once, to the same 1 024 workers.
+async fn graph_fanout(dir: &PathBuf, n: u32) -> Result<String> {
+    let engine = open(dir, count_registry(), 1024).await?;
+    let h = engine.handle();
+    let fan = || {
+        let mut g = graph().name("fan").node("entry", sign("count"));
+        for i in 0..n {
+            g = g.node(format!("f{i}"), sign("count"));
+        }
+        g = g.node("join", sign("count"));
+        for i in 0..n {
+            g = g.edge("entry", format!("f{i}"), Condition::OnSuccess);
+        }
+        for i in 0..n {
+            g = g.edge(format!("f{i}"), "join", Condition::OnSuccess);
+        }
+        Sig::from(g)
+    };
+    let swarmed = || {
+        Sig::from(chain([
+            Sig::from(sign("count")),
+            swarm((0..n).map(|_| sign("count")))
+                .max_concurrency(n.max(1))
+                .into(),
+            sign("count").into(),
+        ]))
+    };
+    let line = graph_against(&h, n, "swarm", fan, swarmed).await;
+    engine.shutdown().await;
+    line
 }
