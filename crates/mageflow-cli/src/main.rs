@@ -106,8 +106,8 @@ enum Cmd {
     },
     /// Run performance scenarios; prints one `key=value` line per scenario.
     Bench {
-        /// flat, chain, fanout, fanout-limited, cancel, interrupt, or all (each in its own
-        /// process). On PostgreSQL + Redis: flat, chain or fanout.
+        /// flat, chain, fanout, fanout-limited, cancel, interrupt, graph-line, graph-fanout,
+        /// or all (each in its own process). On PostgreSQL + Redis: flat, chain or fanout.
         #[arg(long, default_value = "all")]
         scenario: String,
         /// `--store embedded:PATH` (default: a fresh temporary directory per scenario), or

@@ -292,10 +292,7 @@ impl Workflow {
             node: g as NodeIndex,
             reason,
         };
-        let KindSpec::Graph {
-            children, edges, ..
-        } = &self.nodes[g].spec.kind
-        else {
+        let KindSpec::Graph { edges, .. } = &self.nodes[g].spec.kind else {
             return Err(invalid("not a graph".into()));
         };
         let f = self
@@ -331,9 +328,13 @@ impl Workflow {
                 )));
             }
         }
-        let (children, edges) = (children.clone(), edges.clone());
+        // The spec is borrowed, not copied, beside the progress it updates: a graph of 10 000
+        // nodes routes 10 000 times.
         let mut looped = None;
-        let progress = &mut self.nodes[g].graph;
+        let node = &mut self.nodes[g];
+        let (KindSpec::Graph { edges, .. }, progress) = (&node.spec.kind, &mut node.graph) else {
+            return Err(invalid("not a graph".into()));
+        };
         for d in decisions {
             let e = &edges[d.edge as usize];
             progress.decided[d.edge as usize] = Some(d.taken);
@@ -350,46 +351,54 @@ impl Workflow {
                 Some(_) => {}
             }
         }
-        let reset = looped.map_or_else(Vec::new, |e| {
-            graph::loop_reset(&edges, e, |p| {
+        // A loop runs again (rare): its nodes are reset, with the spec copied out.
+        if let Some(looped) = looped {
+            let KindSpec::Graph {
+                children, edges, ..
+            } = &self.nodes[g].spec.kind
+            else {
+                return Err(invalid("not a graph".into()));
+            };
+            let (children, edges) = (children.clone(), edges.clone());
+            let reset = graph::loop_reset(&edges, looped, |p| {
                 children
                     .get(p as usize)
                     .and_then(|&c| self.nodes.get(c as usize))
                     .is_some_and(|n| n.status == Status::Skipped)
-            })
-        });
-        if !reset.is_empty() {
-            // The loop runs again: its nodes back to pending, their edges undecided.
-            for (i, e) in edges.iter().enumerate() {
-                if !reset.contains(&e.from) {
-                    continue;
-                }
-                let progress = &mut self.nodes[g].graph;
-                if let Some(taken) = progress.decided[i].take() {
-                    if e.max_iterations.is_none() {
-                        let to = e.to as usize;
-                        progress.undecided_in[to] += 1;
-                        progress.taken_in[to] -= u32::from(taken);
+            });
+            if !reset.is_empty() {
+                // The loop runs again: its nodes back to pending, their edges undecided.
+                for (i, e) in edges.iter().enumerate() {
+                    if !reset.contains(&e.from) {
+                        continue;
+                    }
+                    let progress = &mut self.nodes[g].graph;
+                    if let Some(taken) = progress.decided[i].take() {
+                        if e.max_iterations.is_none() {
+                            let to = e.to as usize;
+                            progress.undecided_in[to] += 1;
+                            progress.taken_in[to] -= u32::from(taken);
+                        }
                     }
                 }
-            }
-            for &p in &reset {
-                let c = children[p as usize] as usize;
-                if self.nodes[c].status.is_terminal() {
-                    self.nodes[g].graph.settled -= 1;
-                }
-                let mut stack = vec![c as NodeIndex];
-                while let Some(i) = stack.pop() {
-                    let n = &mut self.nodes[i as usize];
-                    n.status = Status::Pending;
-                    n.message = None;
-                    n.outcome = None;
-                    n.not_before = None;
-                    n.failures = 0;
-                    n.checkpoint = None;
-                    n.swarm = Default::default();
-                    n.graph = GraphProgress::default();
-                    stack.extend(n.spec.all_refs());
+                for &p in &reset {
+                    let c = children[p as usize] as usize;
+                    if self.nodes[c].status.is_terminal() {
+                        self.nodes[g].graph.settled -= 1;
+                    }
+                    let mut stack = vec![c as NodeIndex];
+                    while let Some(i) = stack.pop() {
+                        let n = &mut self.nodes[i as usize];
+                        n.status = Status::Pending;
+                        n.message = None;
+                        n.outcome = None;
+                        n.not_before = None;
+                        n.failures = 0;
+                        n.checkpoint = None;
+                        n.swarm = Default::default();
+                        n.graph = GraphProgress::default();
+                        stack.extend(n.spec.all_refs());
+                    }
                 }
             }
         }

@@ -352,6 +352,9 @@ pub struct GraphProgress {
     pub taken_in: Vec<u32>,
     /// Nodes in a terminal status (skipped included): the graph settles when all are.
     pub settled: u32,
+    /// Per node (position): forward edges into it.
+    #[serde(default)]
+    pub incoming: Vec<u32>,
 }
 
 impl GraphProgress {
@@ -363,12 +366,14 @@ impl GraphProgress {
                 *n += 1;
             }
         }
+        let incoming = undecided_in.clone();
         Self {
             decided: vec![None; edges.len()],
             iterations: vec![0; edges.len()],
             undecided_in,
             taken_in: vec![0; children],
             settled: 0,
+            incoming,
         }
     }
 }

@@ -187,7 +187,7 @@ enum Routing {
     /// Every edge decided; `targets` are the positions they lead to.
     Forward {
         decisions: Vec<EdgeDecision>,
-        targets: Vec<u32>,
+        targets: Vec<(u32, bool)>,
     },
 }
 
@@ -241,7 +241,12 @@ fn plan(d: &Decider<'_>, graph: NodeIndex, from: NodeIndex, skipped: bool) -> Ro
     }
     let targets = range
         .filter(|&e| edges[e].max_iterations.is_none())
-        .map(|e| edges[e].to)
+        .map(|e| {
+            (
+                edges[e].to,
+                decisions[e - out_edges(edges, pos).start].taken,
+            )
+        })
         .collect();
     Routing::Forward { decisions, targets }
 }
@@ -295,11 +300,11 @@ fn route(
                 decisions,
                 skipped,
             })?;
-            for to in targets {
+            for (to, taken) in targets {
                 if d.wf.nodes[graph as usize].status.is_terminal() {
                     break;
                 }
-                ready(d, graph, to)?;
+                ready(d, graph, to, Some(from).filter(|_| taken && !skipped))?;
             }
             Ok(())
         }
@@ -320,7 +325,12 @@ fn judge(when: &Condition, outcome: Option<&Outcome>) -> (bool, Value) {
 }
 
 /// Start position `to` if its incoming edges allow it, or skip it if they never will.
-fn ready(d: &mut Decider<'_>, graph: NodeIndex, to: u32) -> Result<(), Rejection> {
+fn ready(
+    d: &mut Decider<'_>,
+    graph: NodeIndex,
+    to: u32,
+    via: Option<NodeIndex>,
+) -> Result<(), Rejection> {
     let (node, join, undecided, taken, triggered) = {
         let (children, _, joins) = shape(d, graph);
         let node = children[to as usize];
@@ -342,7 +352,7 @@ fn ready(d: &mut Decider<'_>, graph: NodeIndex, to: u32) -> Result<(), Rejection
         Join::Any => taken > 0,
     };
     if run {
-        let message = join_message(d, graph, to, join);
+        let message = join_message(d, graph, to, join, via);
         return d.trigger(node, message);
     }
     if undecided == 0 {
@@ -355,8 +365,26 @@ fn ready(d: &mut Decider<'_>, graph: NodeIndex, to: u32) -> Result<(), Rejection
 /// What a node started by its taken incoming edges receives: with one source (or an `any`
 /// join), that source's result (or, from a failure, its input and error as an error callback
 /// gets them); with several, every taken source's result (or `{"error": …}`) by node name.
-fn join_message(d: &Decider<'_>, graph: NodeIndex, to: u32, join: Join) -> Message {
+fn join_message(
+    d: &Decider<'_>,
+    graph: NodeIndex,
+    to: u32,
+    join: Join,
+    via: Option<NodeIndex>,
+) -> Message {
     let (children, edges, _) = shape(d, graph);
+    {
+        // The edge from `via` was just taken: when it is the one taken into `to` and `to` has
+        // no other incoming edge (or joins on any), `via` is the source, found in O(1).
+        let p = &d.wf.nodes[graph as usize].graph;
+        let incoming = p.incoming.get(to as usize).copied();
+        let taken = p.taken_in.get(to as usize).copied().unwrap_or(0);
+        if let Some(via) = via {
+            if taken == 1 && (incoming == Some(1) || join == Join::Any) {
+                return message_from(d, via);
+            }
+        }
+    }
     let decided = &d.wf.nodes[graph as usize].graph.decided;
     let sources: Vec<NodeIndex> = edges
         .iter()

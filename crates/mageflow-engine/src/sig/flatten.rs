@@ -230,17 +230,20 @@ impl Sig {
 /// A graph's edges by node position, ordered by source (stable: the order the edges of one
 /// node were given is the order they are decided in), as the core requires.
 fn graph_edges(g: &super::GraphSig) -> Result<Vec<Edge>> {
+    let positions: std::collections::HashMap<&str, u32> = g
+        .nodes
+        .iter()
+        .enumerate()
+        .rev()
+        .map(|(p, n)| (n.name.as_str(), p as u32))
+        .collect();
     let position = |name: &str| {
-        g.nodes
-            .iter()
-            .position(|n| n.name == name)
-            .map(|p| p as u32)
-            .ok_or_else(|| {
-                Error::Rejected(mageflow_core::Rejection::InvalidTree(format!(
-                    "graph {}: an edge names node {name:?}, which it does not have",
-                    g.name.as_deref().unwrap_or("graph")
-                )))
-            })
+        positions.get(name).copied().ok_or_else(|| {
+            Error::Rejected(mageflow_core::Rejection::InvalidTree(format!(
+                "graph {}: an edge names node {name:?}, which it does not have",
+                g.name.as_deref().unwrap_or("graph")
+            )))
+        })
     };
     let mut edges = g
         .edges

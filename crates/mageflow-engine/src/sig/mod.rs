@@ -524,16 +524,19 @@ impl Sig {
             Sig::Task(_) | Sig::Gate(_) => Vec::new(),
             Sig::Chain(c) => c.steps.first().into_iter().collect(),
             Sig::Swarm(s) => s.items.iter().collect(),
-            Sig::Graph(g) => g
-                .nodes
-                .iter()
-                .filter(|n| {
-                    !g.edges
-                        .iter()
-                        .any(|e| e.to == n.name && e.max_iterations.is_none())
-                })
-                .map(|n| &n.sig)
-                .collect(),
+            Sig::Graph(g) => {
+                let targets: std::collections::HashSet<&str> = g
+                    .edges
+                    .iter()
+                    .filter(|e| e.max_iterations.is_none())
+                    .map(|e| e.to.as_str())
+                    .collect();
+                g.nodes
+                    .iter()
+                    .filter(|n| !targets.contains(n.name.as_str()))
+                    .map(|n| &n.sig)
+                    .collect()
+            }
         }
     }
 }
