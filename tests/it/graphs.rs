@@ -21,8 +21,10 @@ all_stores!(
     a_graph_that_could_not_run_is_refused_at_submission,
     an_approval_gate_waits_for_a_signal_and_routes_on_it,
     retry_then_alternative_runs_the_alternative_once_retries_are_spent,
+    a_named_predicate_registered_in_rust_routes_and_history_records_its_answer,
 );
 on_cluster!(
+    a_named_predicate_registered_in_rust_routes_and_history_records_its_answer,
     a_graph_routes_on_its_output_and_history_says_why,
     a_bounded_loop_runs_its_handler_again_until_it_says_stop,
     an_approval_gate_waits_for_a_signal_and_routes_on_it,
@@ -50,6 +52,10 @@ fn tasks(runs: &Arc<AtomicU32>) -> Registry {
     });
     tasks.task("flaky", |_: Value, _ctx| async move {
         Err::<Value, _>(TaskFailure::retryable("upstream down"))
+    });
+    // A named predicate: a customer id of the VIP range.
+    tasks.predicate("vip", |v: &Value| {
+        v.as_str().is_some_and(|s| s.starts_with("vip-"))
     });
     let runs = runs.clone();
     tasks.task("until_three", move |_: Value, _ctx| {
@@ -322,6 +328,65 @@ async fn retry_then_alternative_runs_the_alternative_once_retries_are_spent(
     );
     let primary = node_named(&done, "primary")?;
     assert_eq!(done.node(primary.index).map(|n| n.attempt), Some(3));
+    env.shutdown().await;
+    Ok(())
+}
+
+async fn a_named_predicate_registered_in_rust_routes_and_history_records_its_answer(
+    store: Store,
+) -> Result<()> {
+    let env = Env::start(store, tasks(&Arc::default())).await?;
+    let h = env.handle();
+    let vip = || {
+        Condition::Output(Predicate::Named {
+            name: "vip".into(),
+            path: "$.variant".into(),
+        })
+    };
+    let g = || {
+        graph()
+            .node("classify", sign("classify"))
+            .node("gold", sign("label").kwarg("as", "gold desk"))
+            .node("standard", sign("label").kwarg("as", "standard desk"))
+            .edge("classify", "gold", vip())
+            .edge("classify", "standard", Condition::Default)
+    };
+    for (variant, desk) in [("vip-7", "gold"), ("basic-3", "standard")] {
+        let wf = h.submit(g(), json!({ "variant": variant })).await?;
+        let done = h.wait(wf).await?;
+        assert_eq!(
+            done.nodes[0].outcome,
+            Some(Outcome::Ok(json!({ desk: format!("{desk} desk") })))
+        );
+        let history = h.history(wf)?;
+        let saw = history.iter().find_map(|e| match &e.payload {
+            Payload::GraphRouted { decisions, .. } if !decisions.is_empty() => {
+                Some((decisions[0].taken, decisions[0].saw.clone()))
+            }
+            _ => None,
+        });
+        assert_eq!(saw, Some((desk == "gold", json!(variant))));
+    }
+    // A predicate the registry does not hold is refused at submission, nothing written.
+    let written = h.stats().events_written.load(SeqCst);
+    let unknown = graph()
+        .node("classify", sign("classify"))
+        .node("gold", sign("label"))
+        .edge(
+            "classify",
+            "gold",
+            Condition::Output(Predicate::Named {
+                name: "platinum".into(),
+                path: "$".into(),
+            }),
+        );
+    let e = h
+        .submit(unknown, json!({}))
+        .await
+        .expect_err("unknown predicate");
+    assert_eq!(e.code(), "invalid_tree", "{e}");
+    assert!(e.to_string().contains("platinum"), "{e}");
+    assert_eq!(h.stats().events_written.load(SeqCst), written);
     env.shutdown().await;
     Ok(())
 }

@@ -78,6 +78,30 @@ pub enum Predicate {
     Any { of: Vec<Predicate> },
     /// `of` does not hold.
     Not { of: Box<Predicate> },
+    /// The predicate registered in Rust under `name` (the engine's `Registry::predicate`)
+    /// holds for the value at `path` (`null` when missing). One not registered where the graph
+    /// routes holds for nothing; the engine refuses a graph naming one it does not know.
+    Named { name: String, path: String },
+}
+
+/// Longest name of a named predicate, in bytes.
+pub const PREDICATE_NAME_BYTES_MAX: usize = 128;
+
+/// The predicates code registered by name, as the decider consults them when a graph routes
+/// ([`Predicate::Named`]). Whatever one answers is recorded in the routing event, so replay
+/// never calls it again.
+pub trait NamedPredicates {
+    /// Whether predicate `name` holds for `value`; `None` when there is no such predicate.
+    fn test(&self, name: &str, value: &Value) -> Option<bool>;
+}
+
+/// No named predicates (the pure core's own tests, the simulator): every one holds for nothing.
+pub struct NoNamedPredicates;
+
+impl NamedPredicates for NoNamedPredicates {
+    fn test(&self, _: &str, _: &Value) -> Option<bool> {
+        None
+    }
 }
 
 /// Why a condition cannot be evaluated; refused at submission.
@@ -93,6 +117,8 @@ pub enum ConditionError {
     TooManyTerms,
     #[error("comparison with {0}, which is not a finite number")]
     NotFinite(f64),
+    #[error("predicate name {0:?} is empty or longer than {PREDICATE_NAME_BYTES_MAX} bytes")]
+    BadName(String),
 }
 
 /// One step of a JSON path.
@@ -202,6 +228,11 @@ impl Predicate {
                         Err(ConditionError::NotFinite(*value))
                     }
                     Predicate::Regex { pattern, .. } => compile(pattern).map(drop),
+                    Predicate::Named { name, .. }
+                        if name.is_empty() || name.len() > PREDICATE_NAME_BYTES_MAX =>
+                    {
+                        Err(ConditionError::BadName(name.chars().take(64).collect()))
+                    }
                     _ => Ok(()),
                 }
             }
@@ -218,7 +249,8 @@ impl Predicate {
             | Predicate::Ge { path, .. }
             | Predicate::Lt { path, .. }
             | Predicate::Le { path, .. }
-            | Predicate::Regex { path, .. } => Some(path),
+            | Predicate::Regex { path, .. }
+            | Predicate::Named { path, .. } => Some(path),
             Predicate::All { .. } | Predicate::Any { .. } | Predicate::Not { .. } => None,
         }
     }
@@ -230,8 +262,14 @@ impl Predicate {
 
     /// Whether `output` satisfies this predicate, and what it saw: for a test, the value at its
     /// path (`null` when missing); for all / any / not, what each part saw. What a routing
-    /// event records, so history shows why a branch ran.
+    /// event records, so history shows why a branch ran. Named predicates hold for nothing
+    /// here: see [`Predicate::eval_with`].
     pub fn eval(&self, output: &Value) -> (bool, Value) {
+        self.eval_with(output, &NoNamedPredicates)
+    }
+
+    /// [`Predicate::eval`], consulting `named` for [`Predicate::Named`].
+    pub fn eval_with(&self, output: &Value, named: &dyn NamedPredicates) -> (bool, Value) {
         let at = |path: &str| lookup(output, path);
         let seen = |path: &str| at(path).cloned().unwrap_or(Value::Null);
         let number = |path: &str| at(path).and_then(Value::as_f64);
@@ -257,8 +295,13 @@ impl Predicate {
                 };
                 (matched, seen(path))
             }
+            Predicate::Named { name, path } => {
+                let value = seen(path);
+                (named.test(name, &value) == Some(true), value)
+            }
             Predicate::All { of } => {
-                let parts: Vec<(bool, Value)> = of.iter().map(|p| p.eval(output)).collect();
+                let parts: Vec<(bool, Value)> =
+                    of.iter().map(|p| p.eval_with(output, named)).collect();
                 let ok = parts.iter().all(|(b, _)| *b);
                 (
                     ok,
@@ -266,7 +309,8 @@ impl Predicate {
                 )
             }
             Predicate::Any { of } => {
-                let parts: Vec<(bool, Value)> = of.iter().map(|p| p.eval(output)).collect();
+                let parts: Vec<(bool, Value)> =
+                    of.iter().map(|p| p.eval_with(output, named)).collect();
                 let ok = parts.iter().any(|(b, _)| *b);
                 (
                     ok,
@@ -274,7 +318,7 @@ impl Predicate {
                 )
             }
             Predicate::Not { of } => {
-                let (b, saw) = of.eval(output);
+                let (b, saw) = of.eval_with(output, named);
                 (!b, saw)
             }
         }
@@ -296,6 +340,24 @@ fn compile(pattern: &str) -> Result<regex::Regex, ConditionError> {
 }
 
 impl Condition {
+    /// The names of the named predicates this condition uses.
+    pub fn predicate_names(&self) -> Vec<&str> {
+        let mut names = Vec::new();
+        let mut stack: Vec<&Predicate> = match self {
+            Condition::Output(p) => vec![p],
+            _ => Vec::new(),
+        };
+        while let Some(p) = stack.pop() {
+            match p {
+                Predicate::Named { name, .. } => names.push(name.as_str()),
+                Predicate::All { of } | Predicate::Any { of } => stack.extend(of),
+                Predicate::Not { of } => stack.push(of),
+                _ => {}
+            }
+        }
+        names
+    }
+
     /// Refuse a condition that could never be evaluated as meant (see [`Predicate::validate`]).
     pub fn validate(&self) -> Result<(), ConditionError> {
         match self {
@@ -308,6 +370,45 @@ impl Condition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn named_predicates_ask_the_registry_and_hold_for_nothing_unknown() {
+        struct Even;
+        impl NamedPredicates for Even {
+            fn test(&self, name: &str, v: &Value) -> Option<bool> {
+                (name == "even").then(|| v.as_u64().is_some_and(|n| n % 2 == 0))
+            }
+        }
+        let even = |path: &str| Predicate::Named {
+            name: "even".into(),
+            path: path.into(),
+        };
+        let out = json!({"n": 4, "m": 3});
+        assert_eq!(even("$.n").eval_with(&out, &Even), (true, json!(4)));
+        assert_eq!(even("$.m").eval_with(&out, &Even), (false, json!(3)));
+        assert_eq!(even("$.gone").eval_with(&out, &Even), (false, Value::Null));
+        // Without the registry (or under another name) it holds for nothing.
+        assert_eq!(even("$.n").eval(&out), (false, json!(4)));
+        let not = Predicate::Not {
+            of: Box::new(even("$.m")),
+        };
+        assert!(not.eval_with(&out, &Even).0);
+        assert_eq!(
+            Condition::Output(Predicate::All {
+                of: vec![even("$.n"), not]
+            })
+            .predicate_names(),
+            ["even", "even"]
+        );
+        let nameless = Predicate::Named {
+            name: String::new(),
+            path: "$".into(),
+        };
+        assert!(matches!(
+            nameless.validate(),
+            Err(ConditionError::BadName(_))
+        ));
+    }
 
     #[test]
     fn paths_parse_and_find() {

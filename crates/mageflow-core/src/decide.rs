@@ -5,6 +5,7 @@
 
 use crate::apply::validate_nodes;
 use crate::command::{Command, Op, Rejection};
+use crate::condition::{NamedPredicates, NoNamedPredicates};
 use crate::event::{Actor, Event, Payload, SCHEMA_VERSION};
 use crate::id::NodeIndex;
 use crate::kind;
@@ -33,12 +34,23 @@ pub fn execute(state: &mut Workflow, cmd: &Command) -> Result<Vec<Event>, Reject
 /// a run's input) moves into its event instead of being copied — a success callback passing
 /// a million-item swarm's results along returns them all.
 pub fn execute_owned(state: &mut Workflow, cmd: Command) -> Result<Vec<Event>, Rejection> {
+    execute_owned_with(state, cmd, &NoNamedPredicates)
+}
+
+/// [`execute_owned`] consulting `named` when a graph routes on a named predicate (what it
+/// answers is recorded in the `graph_routed` event, so replay never asks again).
+pub fn execute_owned_with(
+    state: &mut Workflow,
+    cmd: Command,
+    named: &dyn NamedPredicates,
+) -> Result<Vec<Event>, Rejection> {
     let Command { actor, at, op } = cmd;
     let mut d = Decider {
         wf: state,
         actor: &actor,
         at,
         events: Vec::new(),
+        named,
     };
     d.run(op)?;
     Ok(d.events)
@@ -51,6 +63,7 @@ pub(crate) struct Decider<'a> {
     actor: &'a Actor,
     at: Timestamp,
     events: Vec<Event>,
+    pub(crate) named: &'a dyn NamedPredicates,
 }
 
 pub(crate) fn invalid(op: &'static str, status: Status) -> Rejection {

@@ -11,7 +11,8 @@ use std::fmt;
 /// Version of the event schema written by this build. Older versions must keep decoding.
 /// History: 1 = the first schema; 2 = adds [`Payload::ResumeReport`]; 3 = adds
 /// [`Payload::CommandRefused`]; 4 = adds [`Payload::GraphRouted`] and graph signatures
-/// (`KindSpec::Graph`); 5 = adds gates (`KindSpec::Gate`), ended by a signal.
+/// (`KindSpec::Graph`); 5 = adds gates (`KindSpec::Gate`), ended by a signal, and named predicates
+/// (`Predicate::Named`) on graph edges.
 pub const SCHEMA_VERSION: u16 = 5;
 
 /// Who caused an event.

@@ -19,7 +19,7 @@ pub mod time;
 pub use apply::{ApplyError, ReplayEvent};
 pub use codec::CodecError;
 pub use command::{Command, Op, Rejection};
-pub use decide::{decide, execute, execute_owned};
+pub use decide::{decide, execute, execute_owned, execute_owned_with};
 pub use effect::{effects, Effect};
 pub use event::{
     redact_stream, Actor, EdgeDecision, Event, Payload, Redactor, REDACTED_ERROR, SCHEMA_VERSION,

@@ -167,7 +167,11 @@ impl TaskDef {
 #[derive(Clone, Default)]
 pub struct Registry {
     tasks: BTreeMap<String, TaskDef>,
+    predicates: BTreeMap<String, PredicateFn>,
 }
+
+/// A predicate registered by name ([`Registry::predicate`]).
+type PredicateFn = Arc<dyn Fn(&Value) -> bool + Send + Sync>;
 
 impl Registry {
     /// An empty registry (add the built-in tasks with [`crate::builtin::register`]).
@@ -246,6 +250,26 @@ impl Registry {
         })
     }
 
+    /// Register a predicate that graph edges can name (`Predicate::Named { name, path }`): it
+    /// gets the value at the edge's path of the source's output (`null` when missing) and says
+    /// whether the edge is taken. It runs on the orchestrator as the graph routes — keep it
+    /// quick, pure and deterministic; what it answered is recorded in the `graph_routed`
+    /// event, so replay and history never call it again. A graph naming a predicate that is not
+    /// registered is refused at submission. Registering `name` again replaces it.
+    pub fn predicate(
+        &mut self,
+        name: impl Into<String>,
+        test: impl Fn(&Value) -> bool + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.predicates.insert(name.into(), Arc::new(test));
+        self
+    }
+
+    /// Whether a predicate is registered as `name`.
+    pub fn has_predicate(&self, name: &str) -> bool {
+        self.predicates.contains_key(name)
+    }
+
     /// The task registered as `name`, or [`Error::UnknownTask`].
     pub fn get(&self, name: &str) -> Result<&TaskDef> {
         self.tasks.get(name).ok_or_else(|| Error::UnknownTask {
@@ -256,5 +280,11 @@ impl Registry {
     /// Every registered task name, in order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tasks.keys().map(String::as_str)
+    }
+}
+
+impl mageflow_core::condition::NamedPredicates for Registry {
+    fn test(&self, name: &str, value: &Value) -> Option<bool> {
+        self.predicates.get(name).map(|test| test(value))
     }
 }

@@ -17,7 +17,7 @@
 //! readiness and settling O(1): a graph of 10 000 nodes routes in time linear in its edges.
 
 use crate::command::Rejection;
-use crate::condition::Condition;
+use crate::condition::{Condition, NamedPredicates};
 use crate::decide::Decider;
 use crate::event::{EdgeDecision, Payload};
 use crate::id::NodeIndex;
@@ -207,7 +207,7 @@ fn plan(d: &Decider<'_>, graph: NodeIndex, from: NodeIndex, skipped: bool) -> Ro
         let Some(max) = edge.max_iterations else {
             continue;
         };
-        let (taken, saw) = judge(&edge.when, outcome);
+        let (taken, saw) = judge(&edge.when, outcome, d.named);
         if taken {
             return Routing::Loop {
                 decision: EdgeDecision {
@@ -224,7 +224,7 @@ fn plan(d: &Decider<'_>, graph: NodeIndex, from: NodeIndex, skipped: bool) -> Ro
     let mut decisions: Vec<EdgeDecision> = range
         .clone()
         .map(|e| {
-            let (taken, saw) = judge(&edges[e].when, outcome);
+            let (taken, saw) = judge(&edges[e].when, outcome, d.named);
             EdgeDecision {
                 edge: e as u32,
                 taken,
@@ -312,14 +312,18 @@ fn route(
 }
 
 /// Whether `when` holds for an outcome (`None`: the source was skipped), and what it saw.
-fn judge(when: &Condition, outcome: Option<&Outcome>) -> (bool, Value) {
+fn judge(
+    when: &Condition,
+    outcome: Option<&Outcome>,
+    named: &dyn NamedPredicates,
+) -> (bool, Value) {
     match (when, outcome) {
         (_, None) => (false, Value::Null),
         (Condition::OnSuccess, Some(o)) => (matches!(o, Outcome::Ok(_)), Value::Null),
         (Condition::OnFailure, Some(o)) => (matches!(o, Outcome::Err(_)), Value::Null),
         (Condition::Always, Some(_)) => (true, Value::Null),
         (Condition::Default, Some(_)) => (false, Value::Null),
-        (Condition::Output(p), Some(Outcome::Ok(v))) => p.eval(v),
+        (Condition::Output(p), Some(Outcome::Ok(v))) => p.eval_with(v, named),
         (Condition::Output(_), Some(Outcome::Err(_))) => (false, Value::Null),
     }
 }

@@ -10,8 +10,8 @@ use crate::det::Map;
 use crate::error::{Error, Result};
 use crate::registry::TaskFailure;
 use mageflow_core::{
-    execute_owned, Actor, Command, Effect, Event, Op, Rejection, Status, TaskError, Workflow,
-    WorkflowId,
+    execute_owned, execute_owned_with, Actor, Command, Effect, Event, Op, Rejection, Status,
+    TaskError, Workflow, WorkflowId,
 };
 use serde_json::Value;
 use std::sync::atomic::Ordering;
@@ -122,7 +122,7 @@ impl Orchestrator {
                     break;
                 }
             };
-            match execute_owned(state, cmd) {
+            match execute_owned_with(state, cmd, &*registry) {
                 Ok(events) if expected == 0 && events.len() > creation_max => {
                     // A new workflow: nothing of it is durable or pending, so dropping the
                     // state `execute` built is all the undoing there is.

@@ -71,6 +71,17 @@ impl Sig {
                         "a graph needs at least one node".into(),
                     )));
                 }
+                for name in g.edges.iter().flat_map(|e| e.when.predicate_names()) {
+                    if !registry.has_predicate(name) {
+                        return Err(Error::Rejected(mageflow_core::Rejection::InvalidTree(
+                            format!(
+                                "graph {}: an edge names predicate {name:?}, which is not \
+                                 registered (Registry::predicate)",
+                                g.name.as_deref().unwrap_or("graph")
+                            ),
+                        )));
+                    }
+                }
                 g.nodes.iter().try_for_each(|n| n.sig.validate(registry))?
             }
             Sig::Gate(_) => {}
