@@ -72,12 +72,12 @@ pub fn parse_signal(text: &str) -> Result<serde_json::Value> {
 }
 
 /// Carry out `op`; `confirm` is `cancel`'s `--confirm` (false for every other command),
-/// `signal` what a `signal` carries or a `reject`'s reason.
+/// `value` what a `signal` carries or a `reject`'s reason.
 pub async fn run(
     op: ControlOp,
     args: &ControlArgs,
     confirm: bool,
-    signal: Option<serde_json::Value>,
+    value: Option<serde_json::Value>,
 ) -> Result<()> {
     let target = control::parse_target(&args.id)?;
     mageflow::auth::validate_principal(&args.principal)?;
@@ -92,7 +92,7 @@ pub async fn run(
     let done = match args.tiers.resolve()? {
         Some(Tiers::Embedded(dir)) => {
             let engine = open_for_command(&dir, &args.principal, false).await?;
-            let done = control::apply(&engine.handle(), op, target, confirm, signal).await;
+            let done = control::apply(&engine.handle(), op, target, confirm, value).await;
             engine.shutdown().await;
             done?
         }
@@ -106,14 +106,14 @@ pub async fn run(
                         mageflow::store::mask_url(&c.hot.url)
                     )
                 })?;
-            let token = token(args)?;
+            let token = token(args.token_file.as_deref())?;
             mageflow::cluster::relay_control(
                 &hot,
                 &format!("operator:{}", args.principal),
                 op,
                 target,
                 confirm,
-                signal,
+                value,
                 &args.principal,
                 token.as_ref(),
                 ANSWER_WAIT,
@@ -154,8 +154,8 @@ pub async fn open_for_command(dir: &Path, principal: &str, run: bool) -> Result<
 }
 
 /// The operator's token: from `--token-file`, else `MAGEFLOW_TOKEN`.
-fn token(args: &ControlArgs) -> Result<Option<mageflow::auth::Secret>> {
-    let text = match &args.token_file {
+pub fn token(token_file: Option<&Path>) -> Result<Option<mageflow::auth::Secret>> {
+    let text = match token_file {
         Some(path) => std::fs::read(path)
             .with_context(|| format!("cannot read the token file {}", path.display()))?,
         None => match std::env::var("MAGEFLOW_TOKEN") {

@@ -1,7 +1,8 @@
 //! `mageflow submit FILE.json`: a workflow in the declarative format (`docs/workflow.schema.json`)
-//! created on an embedded store, its id printed. The tasks it names must be ones this binary
-//! serves (its built-ins). Without `--wait` it is only made durable: `mageflow serve` on the
-//! store runs it (an unfinished workflow is resumed when an engine opens the store); with
+//! created, its id printed. On PostgreSQL + Redis it is relayed to the orchestrator as a signed
+//! operator command (`submit`), validated against the orchestrator's registry and made durable
+//! there. On an embedded store the tasks it names must be ones this binary serves (its
+//! built-ins); without `--wait` it is only made durable: `mageflow serve` on the store runs it (an unfinished workflow is resumed when an engine opens the store); with
 //! `--wait` this process runs it until it ends or waits for a user (a gate's signal, a
 //! resume), and prints where it stands.
 
@@ -25,6 +26,9 @@ pub struct SubmitArgs {
     /// Recorded as the actor of the submission.
     #[arg(long, env = "USER", default_value = "cli")]
     principal: String,
+    /// On PostgreSQL + Redis: the file holding the operator's token (or MAGEFLOW_TOKEN).
+    #[arg(long, env = "MAGEFLOW_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(flatten)]
     tiers: StoreArgs,
 }
@@ -44,11 +48,12 @@ pub async fn run(args: &SubmitArgs) -> Result<()> {
         .with_context(|| format!("{} was not submitted", args.file.display()))?;
     let dir = match args.tiers.resolve()? {
         Some(Tiers::Embedded(dir)) => dir,
-        Some(Tiers::Cluster { .. }) => bail!(
-            "`mageflow submit` creates workflows on an embedded store only for now; on a \
-             PostgreSQL + Redis deployment submit from Rust (`Handle::submit`) or a handler. \
-             Nothing was submitted"
-        ),
+        Some(Tiers::Cluster { .. }) => {
+            if args.wait {
+                bail!("--wait runs the workflow here, on an embedded store; nothing was submitted");
+            }
+            return relay(args, &bytes).await;
+        }
         None => bail!("`mageflow submit` needs --store embedded:PATH"),
     };
     let engine = crate::control_cmd::open_for_command(&dir, &args.principal, args.wait).await?;
@@ -91,5 +96,39 @@ pub async fn run(args: &SubmitArgs) -> Result<()> {
     ) {
         bail!("{wf} ended {}", root.status);
     }
+    Ok(())
+}
+
+/// How long a relayed submit is valid, and waited for.
+const RELAY_WAIT: Duration = Duration::from_secs(50);
+
+/// Relay the definition to the deployment's orchestrator under a fresh workflow id.
+async fn relay(args: &SubmitArgs, bytes: &[u8]) -> Result<()> {
+    let document: serde_json::Value = serde_json::from_slice(bytes)?;
+    let c = args.tiers.cluster("submit")?;
+    let hot = mageflow::hot::Hot::connect(c.hot.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach Redis at {}",
+                mageflow::store::mask_url(&c.hot.url)
+            )
+        })?;
+    let wf = mageflow::WorkflowId(uuid::Uuid::now_v7());
+    let token = crate::control_cmd::token(args.token_file.as_deref())?;
+    mageflow::cluster::relay_control(
+        &hot,
+        &format!("operator:{}", args.principal),
+        mageflow::control::ControlOp::Submit,
+        mageflow::SignatureId::root(wf),
+        false,
+        Some(document),
+        &args.principal,
+        token.as_ref(),
+        RELAY_WAIT,
+    )
+    .await
+    .context("the workflow was not submitted")?;
+    println!("{wf}");
     Ok(())
 }

@@ -1136,6 +1136,57 @@ async fn operator_commands_are_relayed_to_the_orchestrator() -> Result<()> {
     .await
 }
 
+/// `mageflow submit FILE.json` and `mageflow signal` relayed to the orchestrator: the
+/// definition is validated there (an unknown task comes back refused), the workflow runs on the
+/// deployment's workers up to its gate, and the operator's signal lets it finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_and_signal_are_relayed_to_the_orchestrator() -> Result<()> {
+    guard(async {
+        let mut d = Deployment::start().await?;
+        d.spawn_worker("w1")?;
+        let h = d.cluster().handle();
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("flow.json");
+        let path = file.to_str().context("utf-8")?;
+        std::fs::write(&file, r#"{"root": {"task": {"task": "no_such_task"}}}"#)?;
+        let out = operator(&d, &["submit", path])?;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no_such_task") && err.contains("not submitted"), "{err}");
+
+        std::fs::write(
+            &file,
+            r#"{"input": {"doc": 1}, "root": {"graph": {"nodes": [
+                {"name": "check", "run": {"task": {"task": "echo"}}},
+                {"name": "approval", "run": {"gate": {}}},
+                {"name": "publish", "run": {"task": {"task": "echo"}}}],
+              "edges": [
+                {"from": "check", "to": "approval", "when": "on_success"},
+                {"from": "approval", "to": "publish", "when": {"output": {"op": "eq", "path": "$.approved", "value": true}}}]}}}"#,
+        )?;
+        let out = operator(&d, &["submit", path])?;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let wf: WorkflowId = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+        let held = h
+            .wait_for(wf, mageflow::Until::Settled, Duration::from_secs(60))
+            .await?;
+        let gate = held
+            .nodes
+            .iter()
+            .position(|n| n.spec.name == "approval")
+            .map(|i| held.sig(i as u32))
+            .context("the gate")?;
+        let out = operator(&d, &["signal", &gate.to_string(), "--value", r#"{"approved": true}"#])?;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let done = h.wait(wf).await?;
+        assert_eq!(done.nodes[0].status, Status::Done);
+        let created = h.history(wf)?;
+        assert_eq!(created[0].actor, mageflow::Actor::api("alice"));
+        d.finish().await
+    })
+    .await
+}
+
 /// The hot tier of `d`, as another process (an operator's CLI, an attacker) reaches it.
 async fn outsider(d: &Deployment) -> Result<mageflow::hot::Hot> {
     let mut cfg = d.config.hot.clone();

@@ -389,7 +389,7 @@ mod tests {
                 deadline_ms: 10,
                 nonce: "n".into(),
                 target: None,
-                signal: None,
+                value: None,
             },
             lease: None,
         }

@@ -362,7 +362,7 @@ async fn intake(
                     confirmed,
                     principal,
                     target,
-                    signal,
+                    value,
                     ..
                 } => {
                     // Carried out as the operator (or as `task:<sig>` for a handler's), answered
@@ -376,7 +376,7 @@ async fn intake(
                     let done = match op.parse::<ControlOp>() {
                         Ok(op) => {
                             let h = h.as_principal(&principal);
-                            control::apply(&h, op, target, confirmed, signal).await
+                            control::apply(&h, op, target, confirmed, value).await
                         }
                         Err(e) => Err(e),
                     };
@@ -725,7 +725,7 @@ fn control_outcome(
     confirmed: bool,
     principal: &str,
     target: Option<SignatureId>,
-    signal: Option<serde_json::Value>,
+    value: Option<serde_json::Value>,
     wait: Duration,
 ) -> ReportOutcome {
     ReportOutcome::Control {
@@ -735,7 +735,7 @@ fn control_outcome(
         deadline_ms: now_ms() + wait.as_millis() as u64,
         nonce: auth::random_token(),
         target,
-        signal,
+        value,
     }
 }
 
@@ -772,8 +772,8 @@ async fn await_control(
 /// `wait`: an orchestrator that reads it later refuses it. Waits for the answer: what was
 /// done, or the refusal (the same error the API gives, or its code and message).
 /// `sender` names the process the command comes from (`operator:<principal>` for the CLI);
-/// `principal` is recorded as the command's actor; `signal` is what a `signal` carries or a
-/// `reject`'s reason.
+/// `principal` is recorded as the command's actor; `value` is what a `signal` carries, a
+/// `reject`'s reason or a `submit`'s workflow definition.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay_control(
     hot: &Hot,
@@ -781,7 +781,7 @@ pub async fn relay_control(
     op: ControlOp,
     target: SignatureId,
     confirmed: bool,
-    signal: Option<serde_json::Value>,
+    value: Option<serde_json::Value>,
     principal: &str,
     token: Option<&Secret>,
     wait: Duration,
@@ -793,7 +793,7 @@ pub async fn relay_control(
             attempt: 0,
         },
         worker: sender.to_owned(),
-        outcome: control_outcome(op, confirmed, principal, None, signal, wait),
+        outcome: control_outcome(op, confirmed, principal, None, value, wait),
         lease: None,
     };
     let id = hot.report_signed(&report, token).await.map_err(hot_error)?;

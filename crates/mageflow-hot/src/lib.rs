@@ -289,8 +289,8 @@ pub enum ReportOutcome {
     /// (`TaskContext::control`) names the handler's job as its key, with its lease, and the
     /// signature it acts on as `target`, signed with the worker secret.
     Control {
-        /// `cancel`, `interrupt`, `suspend`, `resume`, `delete`, `restore`, `rerun`, `signal`
-        /// or `reject`.
+        /// `cancel`, `interrupt`, `suspend`, `resume`, `delete`, `restore`, `rerun`, `signal`,
+        /// `reject` or `submit`.
         op: String,
         /// For `cancel`: the operator confirmed it.
         confirmed: bool,
@@ -306,9 +306,9 @@ pub enum ReportOutcome {
         /// A handler's command: the signature it acts on.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         target: Option<SignatureId>,
-        /// What a `signal` carries, or a `reject`'s reason.
+        /// What a `signal` carries, a `reject`'s reason, or a `submit`'s workflow definition.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        signal: Option<serde_json::Value>,
+        value: Option<serde_json::Value>,
     },
 }
 

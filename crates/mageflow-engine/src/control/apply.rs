@@ -9,14 +9,14 @@ use serde_json::Value;
 
 /// Carry out `op` on `target` through `h` (acting as whoever `h` acts for); returns what was
 /// done, for the operator. Workflow-level commands (delete, restore, rerun) act on the
-/// target's workflow. `signal` is what a signal carries (`{}` when `None`), or a rejection's
-/// reason (a JSON string); other commands ignore it.
+/// target's workflow. `value` is what a signal carries (`{}` when `None`), a rejection's
+/// reason (a JSON string), or a submit's workflow definition; other commands ignore it.
 pub async fn apply(
     h: &Handle,
     op: ControlOp,
     target: SignatureId,
     confirmed: bool,
-    signal: Option<Value>,
+    value: Option<Value>,
 ) -> Result<String> {
     let wf = target.workflow;
     Ok(match op {
@@ -53,19 +53,26 @@ pub async fn apply(
         ControlOp::Signal => {
             h.signal(
                 target,
-                signal.unwrap_or_else(|| Value::Object(Default::default())),
+                value.unwrap_or_else(|| Value::Object(Default::default())),
             )
             .await?;
             format!("{target} signaled: it succeeded and what follows it runs")
         }
         ControlOp::Reject => {
-            let reason = match signal {
+            let reason = match value {
                 Some(Value::String(reason)) => reason,
                 Some(other) => other.to_string(),
                 None => "rejected".to_owned(),
             };
             h.reject(target, reason).await?;
             format!("{target} rejected: it failed and its failure path runs")
+        }
+        ControlOp::Submit => {
+            let document = value.unwrap_or(Value::Null);
+            let bytes = serde_json::to_vec(&document).unwrap_or_default();
+            let (sig, input) = crate::definition::parse(&bytes)?;
+            h.submit_idempotent(wf, sig, input).await?;
+            format!("{wf} submitted")
         }
     })
 }

@@ -29,11 +29,14 @@ pub enum ControlOp {
     Signal,
     /// Reject a waiting gate, with a reason (a JSON string).
     Reject,
+    /// Create and run the workflow whose root is the target, from a workflow definition
+    /// (`crate::definition`); idempotent: a resubmission finds the workflow.
+    Submit,
 }
 
 impl ControlOp {
     /// Every command, in the order the CLI lists them.
-    pub const ALL: [ControlOp; 9] = [
+    pub const ALL: [ControlOp; 10] = [
         ControlOp::Cancel,
         ControlOp::Interrupt,
         ControlOp::Suspend,
@@ -43,6 +46,7 @@ impl ControlOp {
         ControlOp::Rerun,
         ControlOp::Signal,
         ControlOp::Reject,
+        ControlOp::Submit,
     ];
 
     /// The command's name, as the CLI and the relay spell it (`cancel`, `interrupt`, …).
@@ -57,6 +61,7 @@ impl ControlOp {
             ControlOp::Rerun => "rerun",
             ControlOp::Signal => "signal",
             ControlOp::Reject => "reject",
+            ControlOp::Submit => "submit",
         }
     }
 }
