@@ -97,15 +97,7 @@ pub async fn run(
             done?
         }
         Some(Tiers::Cluster { .. }) => {
-            let c = args.tiers.cluster(op.name())?;
-            let hot = mageflow::hot::Hot::connect(c.hot.clone())
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot reach Redis at {}",
-                        mageflow::store::mask_url(&c.hot.url)
-                    )
-                })?;
+            let hot = connect_hot(&args.tiers, op).await?;
             let token = token(args.token_file.as_deref())?;
             mageflow::cluster::relay_control(
                 &hot,
@@ -149,6 +141,19 @@ pub async fn open_for_command(dir: &Path, principal: &str, run: bool) -> Result<
                 "cannot open the embedded store at {} (if `mageflow serve` runs on it, stop it \
                  first: an embedded store belongs to one process)",
                 dir.display()
+            )
+        })
+}
+
+/// The deployment's hot tier, to relay `op` through.
+pub async fn connect_hot(tiers: &StoreArgs, op: ControlOp) -> Result<mageflow::hot::Hot> {
+    let c = tiers.cluster(op.name())?;
+    mageflow::hot::Hot::connect(c.hot.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach Redis at {}",
+                mageflow::store::mask_url(&c.hot.url)
             )
         })
 }

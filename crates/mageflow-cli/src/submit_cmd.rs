@@ -105,21 +105,14 @@ const RELAY_WAIT: Duration = Duration::from_secs(50);
 /// Relay the definition to the deployment's orchestrator under a fresh workflow id.
 async fn relay(args: &SubmitArgs, bytes: &[u8]) -> Result<()> {
     let document: serde_json::Value = serde_json::from_slice(bytes)?;
-    let c = args.tiers.cluster("submit")?;
-    let hot = mageflow::hot::Hot::connect(c.hot.clone())
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach Redis at {}",
-                mageflow::store::mask_url(&c.hot.url)
-            )
-        })?;
+    let op = mageflow::control::ControlOp::Submit;
+    let hot = crate::control_cmd::connect_hot(&args.tiers, op).await?;
     let wf = mageflow::WorkflowId(uuid::Uuid::now_v7());
     let token = crate::control_cmd::token(args.token_file.as_deref())?;
     mageflow::cluster::relay_control(
         &hot,
         &format!("operator:{}", args.principal),
-        mageflow::control::ControlOp::Submit,
+        op,
         mageflow::SignatureId::root(wf),
         false,
         Some(document),

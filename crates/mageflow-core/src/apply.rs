@@ -389,14 +389,7 @@ impl Workflow {
                     let mut stack = vec![c as NodeIndex];
                     while let Some(i) = stack.pop() {
                         let n = &mut self.nodes[i as usize];
-                        n.status = Status::Pending;
-                        n.message = None;
-                        n.outcome = None;
-                        n.not_before = None;
-                        n.failures = 0;
-                        n.checkpoint = None;
-                        n.swarm = Default::default();
-                        n.graph = GraphProgress::default();
+                        n.reset_run();
                         stack.extend(n.spec.all_refs());
                     }
                 }
@@ -739,14 +732,7 @@ impl Workflow {
                 }
                 // Back to created: every node untriggered, attempt numbers kept (they only grow).
                 for n in &mut self.nodes {
-                    n.status = Status::Pending;
-                    n.message = None;
-                    n.outcome = None;
-                    n.not_before = None;
-                    n.failures = 0;
-                    n.checkpoint = None;
-                    n.swarm = Default::default();
-                    n.graph = Default::default();
+                    n.reset_run();
                     n.deletion = None;
                 }
             }
@@ -805,5 +791,20 @@ impl Workflow {
                 _ => return false,
             }
         }
+    }
+}
+
+impl Node {
+    /// Back to created, to run again (a rerun, a loop's next pass): untriggered, no outcome, no
+    /// progress; the attempt number is kept (it only grows).
+    fn reset_run(&mut self) {
+        self.status = Status::Pending;
+        self.message = None;
+        self.outcome = None;
+        self.not_before = None;
+        self.failures = 0;
+        self.checkpoint = None;
+        self.swarm = Default::default();
+        self.graph = GraphProgress::default();
     }
 }
