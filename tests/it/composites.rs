@@ -1,6 +1,7 @@
 //! Composite signatures: any container used as one signature, nested (a swarm of chains, a
 //! graph inside a chain), with internal callbacks (on inner signatures) and external ones (on
-//! the composite). External callbacks fire once, after everything inside ended; a swarm of chains
+//! the composite). External callbacks fire once, after everything inside ended, internal
+//! callbacks included; a swarm of chains
 //! reports each chain's result in item order; control of the composite reaches every inner
 //! signature. A gate inside holds the composite at a known point, so nothing here is timed.
 
@@ -117,12 +118,19 @@ async fn external_callbacks_fire_once_after_every_internal_one(store: Store) -> 
             done.nodes[i as usize].spec.name
         );
     }
-    // Internal callbacks fire as the inner workflow runs, each once. (They are not waited
-    // for: the last step's callback may still run when the external one fires.)
+    // Internal callbacks fire as the inner workflow runs, each once, and all of them have
+    // ended before the external one fires.
     for label in ["inner-1-a", "inner-1-b", "inner-2-a", "inner-2-b"] {
         let inner = submitted.sig(label).context("inner labelled")?;
         assert_eq!(queued_at(inner).len(), 1, "{label} fired once");
-        assert_eq!(finished_at(inner).len(), 1, "{label} ran once");
+        let ended = finished_at(inner);
+        assert_eq!(ended.len(), 1, "{label} ran once");
+        assert!(
+            ended[0] < outer_queued[0],
+            "{label} ended at {} after the external callback fired at {}",
+            ended[0],
+            outer_queued[0]
+        );
     }
     // Hierarchical status: everything inside the composite is done.
     let counts = done.inner_counts(0);

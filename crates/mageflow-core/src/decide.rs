@@ -10,8 +10,8 @@ use crate::event::{Actor, Event, Payload, SCHEMA_VERSION};
 use crate::id::NodeIndex;
 use crate::kind;
 use crate::model::{
-    deep_merge, deep_merge_owned, KindSpec, Message, Outcome, Role, Status, TaskError, Workflow,
-    CLEANUP_FIELD, ERROR_FIELD,
+    deep_merge, deep_merge_owned, KindSpec, Link, Message, Outcome, Role, Status, TaskError,
+    Workflow, CLEANUP_FIELD, ERROR_FIELD,
 };
 use crate::time::Timestamp;
 use serde_json::{json, Value};
@@ -353,6 +353,8 @@ impl Decider<'_> {
                     _ => {
                         self.stop_tree(node, true)?;
                         self.notify_parent(node)?;
+                        // A canceled internal callback holds its containers' callbacks no more.
+                        self.release_held(node)?;
                     }
                 }
             }
@@ -399,14 +401,78 @@ impl Decider<'_> {
 
     /// A node reached done or failed: fire its callbacks (its own first), then its cleanup
     /// callbacks, then tell its container.
+    ///
+    /// A container whose inner callbacks still run (a step's callback fired by its last step,
+    /// say) holds its own — outcome and cleanup callbacks — until they have ended: a
+    /// composite's external callbacks fire after every internal one. What follows the container
+    /// (the next step, the swarm's count) does not wait.
     pub(crate) fn finished(&mut self, node: NodeIndex) -> Result<(), Rejection> {
-        self.fire_outcome_callbacks(node)?;
-        let outcome = match self.wf.nodes[node as usize].status {
+        if !self.wf.inner_callbacks_running(node) {
+            self.fire_own_callbacks(node)?;
+        }
+        self.notify_parent(node)?;
+        self.release_held(node)
+    }
+
+    /// Fire the outcome and cleanup callbacks of `node`, which ended done or failed (once:
+    /// triggering is idempotent). A chain's error callbacks get its failing step's input and
+    /// error.
+    fn fire_own_callbacks(&mut self, node: NodeIndex) -> Result<(), Rejection> {
+        let n = &self.wf.nodes[node as usize];
+        let failed_step = match (&n.spec.kind, &n.outcome) {
+            (KindSpec::Chain { children }, Some(Outcome::Err(_))) => children
+                .iter()
+                .copied()
+                .find(|&c| matches!(self.wf.nodes[c as usize].outcome, Some(Outcome::Err(_)))),
+            _ => None,
+        };
+        let outcome = match n.status {
             Status::Done => "done",
             _ => "failed",
         };
-        self.cleanup(node, outcome)?;
-        self.notify_parent(node)
+        match failed_step {
+            Some(step) => {
+                let Some(Outcome::Err(error)) = self.wf.nodes[step as usize].outcome.clone() else {
+                    return Ok(());
+                };
+                let input = self.error_input(step, &error);
+                for cb in self.wf.nodes[node as usize].spec.on_error.clone() {
+                    self.trigger(cb, Message::input(input.clone()))?;
+                }
+            }
+            None => self.fire_outcome_callbacks(node)?,
+        }
+        self.cleanup(node, outcome)
+    }
+
+    /// `node` ended: every container above it that ended done or failed while something inside
+    /// still ran, and now has nothing running inside, fires the callbacks it held.
+    fn release_held(&mut self, node: NodeIndex) -> Result<(), Rejection> {
+        let mut link = self.wf.nodes[node as usize].spec.parent;
+        while let Some(Link { node: up, .. }) = link {
+            let n = &self.wf.nodes[up as usize];
+            link = n.spec.parent;
+            let held = matches!(n.status, Status::Done | Status::Failed)
+                && n.is_container()
+                && n.spec
+                    .on_success
+                    .iter()
+                    .chain(&n.spec.on_error)
+                    .chain(&n.spec.on_cleanup)
+                    .any(|&cb| {
+                        // Not triggered yet (a paused one is triggered parked).
+                        let c = &self.wf.nodes[cb as usize];
+                        matches!(
+                            c.status,
+                            Status::Pending | Status::Suspended | Status::Interrupted
+                        ) && c.message.is_none()
+                            && !c.in_flight
+                    });
+            if held && !self.wf.inner_callbacks_running(up) {
+                self.fire_own_callbacks(up)?;
+            }
+        }
+        Ok(())
     }
 
     /// Trigger the cleanup callbacks of `node` (once: triggering is idempotent) with its input

@@ -121,17 +121,18 @@ pub fn data_rich_ops(marker: &str) -> Vec<Op> {
             node: 2,
             confirmed: true,
         },
-        Op::Start { node: 3 },
-        Op::Fail {
-            node: 3,
-            attempt: 1,
-            error: error("error-on-err", false),
-        },
+        // The swarm's cleanup (an inner callback) ends before the root's error callback fires.
         Op::Start { node: 4 },
         Op::Complete {
             node: 4,
             attempt: 1,
             result: json!(format!("{m}-result-cleanup")),
+        },
+        Op::Start { node: 3 },
+        Op::Fail {
+            node: 3,
+            attempt: 1,
+            error: error("error-on-err", false),
         },
     ]
 }

@@ -543,6 +543,37 @@ impl Workflow {
         counts
     }
 
+    /// Whether an internal callback of container `node` — a callback (success, error,
+    /// cleanup) of a signature under its children, to any depth, with what is inside it; not
+    /// its own callbacks — was triggered and has not ended. (Children still running, such as
+    /// the items of a swarm that failed at its limit, do not hold it.) While one does, the
+    /// container's own callbacks are held: they fire once the last internal one ends.
+    pub fn inner_callbacks_running(&self, node: NodeIndex) -> bool {
+        let Some(n) = self.node(node) else {
+            return false;
+        };
+        if !n.is_container() {
+            return false;
+        }
+        // (signature, whether it is a callback or inside one)
+        let mut stack: Vec<(NodeIndex, bool)> =
+            n.spec.children().iter().map(|&c| (c, false)).collect();
+        while let Some((i, in_callback)) = stack.pop() {
+            let Some(inner) = self.node(i) else {
+                continue;
+            };
+            let busy = inner.in_flight || (inner.message.is_some() && !inner.status.is_terminal());
+            if in_callback && busy {
+                return true;
+            }
+            stack.extend(inner.spec.children().iter().map(|&c| (c, in_callback)));
+            let s = &inner.spec;
+            let callbacks = s.on_success.iter().chain(&s.on_error).chain(&s.on_cleanup);
+            stack.extend(callbacks.map(|&c| (c, true)));
+        }
+        false
+    }
+
     pub fn sig(&self, index: NodeIndex) -> SignatureId {
         SignatureId {
             workflow: self.id,

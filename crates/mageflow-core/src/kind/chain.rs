@@ -49,18 +49,14 @@ pub(super) fn child_finished(
             }
         },
         Some(Outcome::Err(error)) => {
-            // The chain's error callbacks get the failing step's input plus the error.
-            let input = d.error_input(step, &error);
+            // The chain's error callbacks get the failing step's input plus the error (the
+            // decider's `finished` finds the failing step).
             d.emit(Payload::Failed {
                 node: chain,
                 attempt: 0,
                 error,
             })?;
-            for cb in d.wf.nodes[chain as usize].spec.on_error.clone() {
-                d.trigger(cb, Message::input(input.clone()))?;
-            }
-            d.cleanup(chain, "failed")?;
-            d.notify_parent(chain)
+            d.finished(chain)
         }
         None => Ok(()),
     }

@@ -91,7 +91,6 @@ fn chain_stops_at_a_failed_step_and_fires_the_step_then_the_chain_error_callback
             ("failed", Some(h.idx("b"))),
             ("queued", Some(h.idx("b_err"))),
             ("failed", Some(h.idx("pipeline"))),
-            ("queued", Some(h.idx("chain_err"))),
         ]
     );
     assert_eq!(h.status("b"), Status::Failed);
@@ -99,6 +98,17 @@ fn chain_stops_at_a_failed_step_and_fires_the_step_then_the_chain_error_callback
     assert_eq!(h.status("c"), Status::Pending);
     assert_eq!(h.node("c").message, None);
     assert_eq!(h.status("report"), Status::Skipped);
+    // The chain's (external) error callback waits for b's (internal) one to end.
+    assert_eq!(h.status("chain_err"), Status::Pending);
+    h.start("b_err");
+    let events = h.complete("b_err", json!(null));
+    assert_eq!(
+        kinds(&events),
+        [
+            ("succeeded", Some(h.idx("b_err"))),
+            ("queued", Some(h.idx("chain_err"))),
+        ]
+    );
 
     // Both error callbacks get b's input (its message and kwargs) plus the error.
     let b_input = json!({ RETURN_FIELD_DEFAULT: {"a": 1}, "mode": "strict" });
@@ -128,7 +138,6 @@ fn chain_stops_at_a_failed_step_and_fires_the_step_then_the_chain_error_callback
         },
     });
     assert!(dup.is_empty());
-    h.run("b_err", json!(null));
     h.run("chain_err", json!(null));
     assert_eq!(
         h.rejected(Op::Start { node: h.idx("c") }),
