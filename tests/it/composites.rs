@@ -12,15 +12,32 @@ use mageflow::{
     TaskFailure, Until, Workflow,
 };
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 all_stores!(
     external_callbacks_fire_once_after_every_internal_one,
     control_of_a_composite_reaches_every_inner_signature,
+    an_inner_failure_names_its_signature_and_a_rerun_of_it_finishes_the_composite,
 );
 
 fn tasks() -> Registry {
+    tasks_with(Arc::new(AtomicBool::new(true)))
+}
+
+/// The tasks, with `fragile`, which fails (for good) until `healed` is set.
+fn tasks_with(healed: Arc<AtomicBool>) -> Registry {
     let mut tasks = Registry::new();
+    tasks.task("fragile", move |_: Value, _ctx| {
+        let healed = healed.load(Ordering::SeqCst);
+        async move {
+            match healed {
+                true => Ok(json!("mended")),
+                false => Err(TaskFailure::fatal("disk full")),
+            }
+        }
+    });
     tasks.task("say", |i: Value, _ctx| async move {
         Ok::<_, TaskFailure>(i["say"].clone())
     });
@@ -209,6 +226,81 @@ async fn control_of_a_composite_reaches_every_inner_signature(store: Store) -> R
             n.status
         );
     }
+    env.shutdown().await;
+    Ok(())
+}
+
+/// A step failing deep inside a composite (a chain, in a graph node, in a chain) fails every
+/// container above it with an error naming it; rerunning that one step — not the workflow —
+/// runs it and what follows it again, and the composite ends done, its external success
+/// callback fired once (its error callback had fired once, in the failed run).
+async fn an_inner_failure_names_its_signature_and_a_rerun_of_it_finishes_the_composite(
+    store: Store,
+) -> Result<()> {
+    let healed = Arc::new(AtomicBool::new(false));
+    let env = Env::start(store, tasks_with(healed.clone())).await?;
+    let h = env.handle();
+    let work = chain([
+        sign("say").kwarg("say", "prepared"),
+        sign("fragile").label("fragile"),
+    ])
+    .name("work");
+    let g = graph()
+        .name("g")
+        .node("decide", sign("say").kwarg("say", "go"))
+        .node("work", work)
+        .edge("decide", "work", Condition::OnSuccess);
+    let tree = chain([
+        mageflow::Sig::from(g),
+        sign("say").kwarg("say", "end").label("end").into(),
+    ])
+    .name("composite")
+    .on_success(sign("note").label("outer"))
+    .on_error(sign("note").label("alarm"));
+    let submitted = h.submit_tree(tree, json!({})).await?;
+    let wf = submitted.workflow;
+    let failed = h.wait(wf).await?;
+    assert_eq!(failed.nodes[0].status, Status::Failed);
+    let fragile = submitted.sig("fragile").context("fragile labelled")?;
+    let Some(Outcome::Err(e)) = &failed.nodes[0].outcome else {
+        panic!("the composite failed without an error");
+    };
+    // Each level names the one below it, down to the step that failed.
+    for inner in ["\"g\"", "\"work\"", &fragile.to_string(), "disk full"] {
+        assert!(e.message.contains(inner), "{inner} not in {:?}", e.message);
+    }
+
+    // A pending signature cannot be rerun; the failed step can.
+    let end = submitted.sig("end").context("end labelled")?;
+    let refused = h.rerun(end).await.expect_err("not ended");
+    assert_eq!(refused.code(), "invalid_transition", "{refused}");
+    healed.store(true, Ordering::SeqCst);
+    h.rerun(fragile).await?;
+    let done = h.wait(wf).await?;
+    assert_eq!(
+        done.nodes[0].status,
+        Status::Done,
+        "{:?}",
+        done.nodes[0].outcome
+    );
+    assert_eq!(done.nodes[0].outcome, Some(Outcome::Ok(json!("end"))));
+    let history = h.history(wf)?;
+    let queued = |label: &str| -> Result<usize> {
+        let sig = submitted.sig(label).context("labelled")?;
+        Ok(history
+            .iter()
+            .filter(|e| matches!(e.payload, Payload::Queued { node, .. } if node == sig.index))
+            .count())
+    };
+    assert_eq!(queued("outer")?, 1, "the success callback fired once");
+    assert_eq!(
+        queued("alarm")?,
+        1,
+        "the error callback fired once, in the failed run"
+    );
+    assert!(history
+        .iter()
+        .any(|e| matches!(e.payload, Payload::Rerun { node } if node == fragile.index)));
     env.shutdown().await;
     Ok(())
 }

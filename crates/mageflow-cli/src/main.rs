@@ -196,7 +196,8 @@ enum Cmd {
     Delete(control_cmd::ControlArgs),
     /// Lift a workflow's deletion mark.
     Restore(control_cmd::ControlArgs),
-    /// Run a workflow again (lifts a deletion mark).
+    /// Run a finished workflow again (lifts a deletion mark); given a signature inside one, run
+    /// that signature again with what consumed its outcome (a failed step retried).
     Rerun(control_cmd::ControlArgs),
     /// Create a workflow from a definition file (JSON, see docs/workflow.schema.json) on an
     /// embedded store and print its id; --wait runs it here to its end.

@@ -124,3 +124,66 @@ async fn operator_commands_on_an_embedded_store() -> Result<()> {
     );
     Ok(())
 }
+
+/// `mageflow rerun SIGNATURE_ID`: one failed step of a finished chain runs again — queued with
+/// the input it ran with, the chain running again — not the whole workflow; the rerun is in the
+/// history with the operator as its actor. A step that has not run is refused, and the CLI
+/// says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerun_of_one_signature() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let wf = {
+        let engine = mageflow::open_embedded(dir.path(), registry(), config()).await?;
+        let h = engine.handle();
+        let wf = h
+            .submit(
+                mageflow::chain([sign("noop"), sign("fail"), sign("noop")]),
+                json!({}),
+            )
+            .await?;
+        let failed = h.wait(wf).await?;
+        assert_eq!(failed.nodes[0].status, Status::Failed);
+        drop(h);
+        engine.shutdown().await;
+        wf
+    };
+    let step = |i: u32| {
+        SignatureId {
+            workflow: wf,
+            index: i,
+        }
+        .to_string()
+    };
+
+    let out = operator(dir.path(), &["rerun", &step(3)])?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot rerun a signature that is pending"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = state(dir.path(), wf).await?.0;
+    let out = operator(dir.path(), &["rerun", &step(2)])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("runs again"));
+    let (after, history) = state(dir.path(), wf).await?;
+    assert_eq!(after.nodes[0].status, Status::Running);
+    assert_eq!(
+        after.nodes[1].status,
+        Status::Done,
+        "the step before is kept"
+    );
+    assert_eq!(after.nodes[2].status, Status::Queued);
+    assert_eq!(after.nodes[2].message, before.nodes[2].message);
+    let rerun = history
+        .iter()
+        .find(|e| e.payload.kind() == "rerun")
+        .context("a rerun event")?;
+    assert_eq!(rerun.payload.node(), Some(2));
+    assert_eq!(rerun.actor, mageflow::Actor::api("bob"));
+    Ok(())
+}

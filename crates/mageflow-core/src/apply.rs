@@ -413,7 +413,14 @@ impl Workflow {
     fn count_in_swarm(&mut self, node: usize, ok: bool) {
         if let Some((p, pos)) = self.swarm_slot(node) {
             let progress = &mut self.nodes[p].swarm;
-            if pos < progress.dispatched {
+            // A rerun item that ends waiting for a slot (canceled) never took one.
+            if let Some(w) = progress
+                .rerun_waiting
+                .iter()
+                .position(|&w| w == node as NodeIndex)
+            {
+                progress.rerun_waiting.remove(w);
+            } else if pos < progress.dispatched {
                 progress.running = progress.running.saturating_sub(1);
             }
             if ok {
@@ -576,6 +583,15 @@ impl Workflow {
                 }
                 n.message = Some(message);
                 n.not_before = None;
+                // A rerun item that waited for a slot of its swarm takes one.
+                if let Some((p, _)) = self.swarm_slot(i) {
+                    let progress = &mut self.nodes[p].swarm;
+                    if let Some(w) = progress.rerun_waiting.iter().position(|&w| w == node) {
+                        progress.rerun_waiting.remove(w);
+                        progress.running += 1;
+                    }
+                }
+                let n = &mut self.nodes[i];
                 if let KindSpec::Graph {
                     children, edges, ..
                 } = &n.spec.kind
@@ -719,6 +735,15 @@ impl Workflow {
                     n.deletion = None;
                 }
             }
+            Payload::Rerun { node } if node != 0 => {
+                // One signature inside: the same plan `decide` checked.
+                let plan = crate::rerun::plan(self, node).map_err(|r| ApplyError::Invalid {
+                    kind,
+                    node,
+                    reason: r.to_string(),
+                })?;
+                crate::rerun::carry_out(self, &plan);
+            }
             Payload::Rerun { node } => {
                 self.check_root(kind, node)?;
                 if !matches!(self.nodes[0].status, Status::Done | Status::Failed)
@@ -797,7 +822,7 @@ impl Workflow {
 impl Node {
     /// Back to created, to run again (a rerun, a loop's next pass): untriggered, no outcome, no
     /// progress; the attempt number is kept (it only grows).
-    fn reset_run(&mut self) {
+    pub(crate) fn reset_run(&mut self) {
         self.status = Status::Pending;
         self.message = None;
         self.outcome = None;

@@ -93,9 +93,15 @@ pub enum Op {
     },
     /// Lift the deletion mark before expiry.
     Restore,
-    /// Run a finished (done or failed) workflow again, from its original message; also lifts a
-    /// deletion mark. Refused once purged or canceled.
-    Rerun,
+    /// Run a finished (done or failed) signature again, from the message it last ran with; also
+    /// lifts a deletion mark. Refused once purged or canceled. The root (`node` 0): the whole
+    /// workflow, once nothing in it is in flight. Another signature: it, its callbacks and what
+    /// consumed its outcome run again (the later steps of its chain, the graph nodes downstream
+    /// of it), and the containers above it that had ended reopen and end anew — refused while
+    /// any of that still runs (see `docs/ARCHITECTURE.md`).
+    Rerun {
+        node: NodeIndex,
+    },
     /// End of the deletion window (the cleanup job): refused before `expires_at`, while an
     /// attempt is in flight, or if the mark was lifted.
     Purge,
@@ -140,6 +146,10 @@ pub enum Rejection {
     StaleAttempt { node: NodeIndex, attempt: u32 },
     #[error("signature {0} is not a gate: only a gate takes a signal")]
     NotAGate(NodeIndex),
+    /// A rerun inside an item of a swarm that runs as many items as its `max_concurrency`
+    /// allows: the item cannot run again now (an item rerun on its own waits for a slot).
+    #[error("swarm {0} runs as many items as its max_concurrency allows: rerun this when one ends, or rerun the whole item")]
+    SwarmFull(NodeIndex),
     #[error("internal error (a bug): {0}")]
     Internal(String),
 }
@@ -164,6 +174,7 @@ impl Rejection {
             Rejection::Purged => "purged",
             Rejection::StaleAttempt { .. } => "stale_attempt",
             Rejection::NotAGate(_) => "not_a_gate",
+            Rejection::SwarmFull(_) => "swarm_full",
             Rejection::Internal(_) => "internal",
         }
     }

@@ -281,7 +281,24 @@ impl Decider<'_> {
                 }
                 self.emit(Payload::Restored { node: 0 })?;
             }
-            Op::Rerun => {
+            Op::Rerun { node } if node != 0 => {
+                let plan = crate::rerun::plan(self.wf, node)?;
+                self.emit(Payload::Rerun { node })?;
+                if !plan.waits {
+                    self.trigger(node, plan.message)?;
+                }
+                // A swarm reopened above it hands out what its failure limit had held back.
+                let mut link = self.wf.nodes[node as usize].spec.parent;
+                while let Some(Link {
+                    node: up,
+                    role: Role::Child,
+                }) = link
+                {
+                    kind::resumed(self, up)?;
+                    link = self.wf.nodes[up as usize].spec.parent;
+                }
+            }
+            Op::Rerun { .. } => {
                 let root = &self.wf.nodes[0];
                 match root.status {
                     Status::Canceled => return Err(Rejection::Canceled(0)),
@@ -554,6 +571,28 @@ impl Decider<'_> {
             }),
         );
         deep_merge(input, &Value::Object(err))
+    }
+
+    /// The error a container ends with when its `inner` signature (a chain's `step`, a swarm's
+    /// `item`, a graph's `node`) failed: the inner one's error, naming it by position, name and
+    /// id — nested containers name each level, outermost first.
+    pub(crate) fn inner_failure(
+        &self,
+        what: &str,
+        inner: NodeIndex,
+        error: &TaskError,
+    ) -> TaskError {
+        let n = &self.wf.nodes[inner as usize];
+        TaskError {
+            message: format!(
+                "{what} {} {:?} ({}) failed: {}",
+                n.position,
+                n.spec.name,
+                self.wf.sig(inner),
+                error.message
+            ),
+            retryable: error.retryable,
+        }
     }
 
     /// Tell `node`'s container (if it is a child of one that is still running) that it

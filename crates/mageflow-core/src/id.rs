@@ -84,6 +84,13 @@ impl SignatureId {
     }
 }
 
+/// A workflow id names its root signature.
+impl From<WorkflowId> for SignatureId {
+    fn from(workflow: WorkflowId) -> Self {
+        Self::root(workflow)
+    }
+}
+
 impl fmt::Display for SignatureId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "sig_{}.{}", self.workflow.0.simple(), self.index)

@@ -14,6 +14,7 @@ pub mod fixtures;
 pub mod id;
 mod kind;
 pub mod model;
+mod rerun;
 pub mod time;
 
 pub use apply::{ApplyError, ReplayEvent};

@@ -337,6 +337,11 @@ pub struct SwarmProgress {
     pub running: u32,
     pub succeeded: u32,
     pub failed: u32,
+    /// Items rerun (`Op::Rerun`) while every slot was taken, in order: pending, they take the
+    /// next free slots before the items never handed out, so a rerun keeps the swarm within
+    /// `max_concurrency`. Last, with a default: older snapshots still decode.
+    #[serde(default)]
+    pub rerun_waiting: Vec<NodeIndex>,
 }
 
 /// Runtime state of a graph: what was decided on each of its edges.

@@ -191,6 +191,7 @@ pub enum WireRejection {
     Purged,
     StaleAttempt { node: NodeIndex, attempt: u32 },
     NotAGate(NodeIndex),
+    SwarmFull(NodeIndex),
     Internal(String),
 }
 
@@ -238,6 +239,7 @@ impl From<&Rejection> for WireRejection {
                 attempt: *attempt,
             },
             Rejection::NotAGate(n) => WireRejection::NotAGate(*n),
+            Rejection::SwarmFull(n) => WireRejection::SwarmFull(*n),
             Rejection::Internal(m) => WireRejection::Internal(m.clone()),
         }
     }
@@ -269,6 +271,7 @@ impl WireRejection {
                 Rejection::StaleAttempt { node, attempt }
             }
             WireRejection::NotAGate(n) => Rejection::NotAGate(n),
+            WireRejection::SwarmFull(n) => Rejection::SwarmFull(n),
             WireRejection::Internal(m) => Rejection::Internal(m),
         })
     }
@@ -431,6 +434,7 @@ mod tests {
                 attempt: 2,
             },
             Rejection::NotAGate(3),
+            Rejection::SwarmFull(4),
             Rejection::Internal("a bug".into()),
         ];
         for op in TRANSITION_OPS {
@@ -458,6 +462,7 @@ mod tests {
                 | Rejection::Purged
                 | Rejection::StaleAttempt { .. }
                 | Rejection::NotAGate(_)
+                | Rejection::SwarmFull(_)
                 | Rejection::Internal(_) => {}
             }
         }

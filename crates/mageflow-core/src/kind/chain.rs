@@ -1,5 +1,5 @@
 //! A chain: its steps run one after another, each triggered with the previous one's result; the
-//! first failure fails the chain (its error callbacks get the failing step's input and error).
+//! first failure fails the chain, naming the step (its error callbacks get the failing step's input and error).
 
 use crate::command::Rejection;
 use crate::decide::Decider;
@@ -49,8 +49,9 @@ pub(super) fn child_finished(
             }
         },
         Some(Outcome::Err(error)) => {
-            // The chain's error callbacks get the failing step's input plus the error (the
-            // decider's `finished` finds the failing step).
+            // The chain fails naming its step; its error callbacks get the failing step's input
+            // plus the step's own error (the decider's `finished` finds the failing step).
+            let error = d.inner_failure("step", step, &error);
             d.emit(Payload::Failed {
                 node: chain,
                 attempt: 0,

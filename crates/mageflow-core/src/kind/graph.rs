@@ -502,6 +502,21 @@ pub(crate) fn loop_reset(edges: &[Edge], e: usize, skipped: impl Fn(u32) -> bool
     reset
 }
 
+/// The positions reached from `from` by forward edges, `from` excluded: what a rerun of the
+/// node at `from` sends back to pending with it.
+pub(crate) fn downstream(edges: &[Edge], from: u32) -> Vec<u32> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut stack = vec![from];
+    while let Some(p) = stack.pop() {
+        for e in &edges[out_edges(edges, p)] {
+            if e.max_iterations.is_none() && e.to != from && seen.insert(e.to) {
+                stack.push(e.to);
+            }
+        }
+    }
+    seen.into_iter().collect()
+}
+
 /// Once every node is terminal or skipped, end the graph: failed if a failure went unhandled,
 /// else succeeded with its terminal nodes' outputs by name.
 fn settle(d: &mut Decider<'_>, graph: NodeIndex) -> Result<(), Rejection> {
@@ -523,7 +538,7 @@ fn settle(d: &mut Decider<'_>, graph: NodeIndex) -> Result<(), Rejection> {
                     result.insert(n.spec.name.clone(), v.clone());
                 }
                 Some(Outcome::Err(e)) if unhandled.is_none() => {
-                    unhandled = Some(format!("graph node {} failed: {}", n.spec.name, e.message));
+                    unhandled = Some(d.inner_failure("graph node", c, e).message);
                 }
                 _ => {}
             }

@@ -42,7 +42,7 @@ pub(crate) fn child_finished(
 ) -> Result<(), Rejection> {
     match &d.wf.nodes[container as usize].spec.kind {
         KindSpec::Chain { .. } => chain::child_finished(d, container, child),
-        KindSpec::Swarm { .. } => swarm::child_finished(d, container),
+        KindSpec::Swarm { .. } => swarm::child_finished(d, container, child),
         KindSpec::Graph { .. } => graph::child_finished(d, container, child),
         KindSpec::Task { .. } | KindSpec::Gate => Ok(()),
     }

@@ -69,7 +69,15 @@ pub(super) fn fill(d: &mut Decider<'_>, swarm: NodeIndex) -> Result<(), Rejectio
         return Ok(());
     }
     let p = &s.swarm;
+    // Items rerun while the swarm was full take the first free slots.
     let free = config.max_concurrency.saturating_sub(p.running);
+    let reruns: Vec<NodeIndex> = p
+        .rerun_waiting
+        .iter()
+        .take(free as usize)
+        .copied()
+        .collect();
+    let free = free - reruns.len() as u32;
     // Items that finished before their turn (canceled while waiting) take no slot: they are
     // handed out along with the live ones, so they neither waste a slot nor hold the swarm up.
     let mut count = 0u32;
@@ -97,6 +105,9 @@ pub(super) fn fill(d: &mut Decider<'_>, swarm: NodeIndex) -> Result<(), Rejectio
             .collect()
     });
     let message = s.message.clone().unwrap_or(Message::input(Value::Null));
+    for item in reruns {
+        d.trigger(item, message.clone())?;
+    }
     if count > 0 {
         d.emit(Payload::SwarmDispatched { swarm, count })?;
         for item in items {
@@ -116,7 +127,13 @@ pub(super) fn fill(d: &mut Decider<'_>, swarm: NodeIndex) -> Result<(), Rejectio
 
 /// An item finished (whatever its outcome): fail the swarm if that reached its failure limit,
 /// else hand out the next items.
-pub(super) fn child_finished(d: &mut Decider<'_>, swarm: NodeIndex) -> Result<(), Rejection> {
+///
+/// A swarm stopped by its limit fails naming the item whose failure reached it.
+pub(super) fn child_finished(
+    d: &mut Decider<'_>,
+    swarm: NodeIndex,
+    item: NodeIndex,
+) -> Result<(), Rejection> {
     let s = &d.wf.nodes[swarm as usize];
     let KindSpec::Swarm { config, .. } = &s.spec.kind else {
         return Ok(());
@@ -124,8 +141,12 @@ pub(super) fn child_finished(d: &mut Decider<'_>, swarm: NodeIndex) -> Result<()
     let failed = s.swarm.failed;
     match config.stop_after_n_failures {
         Some(limit) if failed >= limit => {
+            let last = match &d.wf.nodes[item as usize].outcome {
+                Some(Outcome::Err(e)) => d.inner_failure("item", item, e).message,
+                _ => String::new(),
+            };
             let error = TaskError {
-                message: format!("swarm stopped after {failed} failed tasks"),
+                message: format!("swarm stopped after {failed} failed tasks; the last: {last}"),
                 retryable: false,
             };
             d.emit(Payload::Failed {

@@ -985,7 +985,12 @@ fn check_end(wf: &Workflow, m: &Model) -> Result<(), TestCaseError> {
                 result.insert(n.spec.name.clone(), v.clone());
             }
             (Some(Outcome::Err(e)), Status::Failed) if unhandled.is_none() => {
-                unhandled = Some(format!("graph node {} failed: {}", n.spec.name, e.message));
+                unhandled = Some(format!(
+                    "graph node {pos} {:?} ({}) failed: {}",
+                    n.spec.name,
+                    wf.sig(c),
+                    e.message
+                ));
             }
             _ => {}
         }

@@ -278,7 +278,8 @@ fn an_unhandled_failure_fails_the_graph_once_it_settles() {
     let Some(mageflow_core::Outcome::Err(e)) = &h.node("g").outcome else {
         panic!("failed");
     };
-    assert_eq!(e.message, "graph node b failed: boom");
+    let b = h.wf.sig(h.idx("b"));
+    assert_eq!(e.message, format!("graph node 1 \"b\" ({b}) failed: boom"));
 }
 
 #[test]
@@ -401,7 +402,7 @@ fn canceling_a_graph_reaches_every_running_node_and_rerun_routes_afresh() {
     h.run("a", json!(1));
     h.run("b", json!(2));
     assert_eq!(h.status("g"), Status::Done);
-    h.ok(Op::Rerun);
+    h.ok(Op::Rerun { node: 0 });
     assert_eq!(h.status("a"), Status::Queued);
     assert_eq!(h.status("b"), Status::Pending);
     h.run("a", json!(1));

@@ -6,5 +6,6 @@ mod golden;
 mod graph_props;
 mod graphs;
 mod props;
+mod rerun;
 mod semantics;
 mod support;

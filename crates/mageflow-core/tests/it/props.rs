@@ -98,6 +98,7 @@ enum Gen {
     Delete(u8),
     Restore,
     Rerun,
+    RerunNode(Index),
     Purge,
 }
 
@@ -117,6 +118,7 @@ fn arb_gen() -> impl Strategy<Value = Gen> {
         1 => any::<u8>().prop_map(Gen::Delete),
         1 => Just(Gen::Restore),
         1 => Just(Gen::Rerun),
+        1 => i().prop_map(Gen::RerunNode),
         1 => Just(Gen::Purge),
         2 => (i(), prop::collection::vec(arb_tree(), 0..3), any::<bool>(), prop::bool::weighted(0.9))
             .prop_map(|(n, items, close, valid)| Gen::AddSwarmItems(n, items, close, valid)),
@@ -226,7 +228,10 @@ fn resolve(wf: &Workflow, gen: &Gen) -> Op {
             expires_at: Timestamp::from_micros(i64::from(*dt) * 10),
         },
         Gen::Restore => Op::Restore,
-        Gen::Rerun => Op::Rerun,
+        Gen::Rerun => Op::Rerun { node: 0 },
+        Gen::RerunNode(i) => Op::Rerun {
+            node: pick(wf, i, |n| matches!(n.status, Status::Done | Status::Failed)),
+        },
         Gen::Purge => Op::Purge,
         Gen::UpdateKwargs(i, object) => Op::UpdateKwargs {
             node: pick(wf, i, any),
@@ -432,9 +437,23 @@ fn check_swarm_counters(wf: &Workflow) -> Result<(), TestCaseError> {
         let status = |c: &NodeIndex| wf.nodes[*c as usize].status;
         let p = &n.swarm;
         let dispatched = &children[..p.dispatched as usize];
+        // A rerun item waiting for a slot holds none.
+        for w in &p.rerun_waiting {
+            let n = &wf.nodes[*w as usize];
+            prop_assert!(
+                children.contains(w)
+                    && !n.status.is_terminal()
+                    && n.message.is_none()
+                    && !n.in_flight,
+                "swarm {} waits to rerun {}, which is {}",
+                i,
+                w,
+                n.status
+            );
+        }
         let live = dispatched
             .iter()
-            .filter(|c| !status(c).is_terminal())
+            .filter(|c| !status(c).is_terminal() && !p.rerun_waiting.contains(c))
             .count();
         prop_assert_eq!(p.running as usize, live, "swarm {} running count", i);
         prop_assert!(

@@ -256,7 +256,10 @@ fn swarm_fails_at_its_failure_limit_stops_dispatching_and_fires_error_callbacks_
     let fan_err = queued_message(&h, "fan_err");
     assert_eq!(
         fan_err.value[ERROR_FIELD]["message"],
-        json!("swarm stopped after 3 failed tasks")
+        json!(format!(
+            "swarm stopped after 3 failed tasks; the last: item 2 \"item2\" ({}) failed: bad",
+            h.wf.sig(h.idx("item2"))
+        ))
     );
 
     // The item still running finishes; nothing new is dispatched, no callback fires again.

@@ -8,8 +8,8 @@ use mageflow_core::SignatureId;
 use serde_json::Value;
 
 /// Carry out `op` on `target` through `h` (acting as whoever `h` acts for); returns what was
-/// done, for the operator. Workflow-level commands (delete, restore, rerun) act on the
-/// target's workflow. `value` is what a signal carries (`{}` when `None`), a rejection's
+/// done, for the operator. Workflow-level commands (delete, restore) act on the target's
+/// workflow; a rerun of a root reruns the workflow, of a signature inside it that signature. `value` is what a signal carries (`{}` when `None`), a rejection's
 /// reason (a JSON string), or a submit's workflow definition; other commands ignore it.
 pub async fn apply(
     h: &Handle,
@@ -47,8 +47,8 @@ pub async fn apply(
             format!("{wf} restored")
         }
         ControlOp::Rerun => {
-            h.rerun(wf).await?;
-            format!("{wf} runs again")
+            h.rerun(target).await?;
+            format!("{target} runs again")
         }
         ControlOp::Signal => {
             h.signal(

@@ -399,8 +399,16 @@ impl Handle {
 
     /// Run a finished (done or failed) workflow again from its original input — also within its
     /// deletion window, which it lifts. Exactly one of a rerun and the purge racing it wins.
-    pub async fn rerun(&self, wf: WorkflowId) -> Result<()> {
-        self.op(SignatureId::root(wf), Op::Rerun).await
+    ///
+    /// Given a signature inside a workflow (`SignatureId`), that signature runs again from the
+    /// input it last ran with — a failed step retried, say — with what consumed its outcome:
+    /// its callbacks, the later steps of its chain, the graph nodes downstream of it. The
+    /// containers above it that had ended run again and end anew; a swarm counts the item as
+    /// running again. Refused (`invalid_transition`) while any of that still runs, or unless
+    /// the signature is done or failed (`canceled` for a canceled one).
+    pub async fn rerun(&self, target: impl Into<SignatureId>) -> Result<()> {
+        let sig = target.into();
+        self.op(sig, Op::Rerun { node: sig.index }).await
     }
 
     /// Stop `sig` and everything under it for good (running handlers get their token fired;
