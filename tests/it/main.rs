@@ -19,6 +19,7 @@ mod lifecycle;
 mod recovery;
 mod reports;
 mod stats;
+mod swarm_items;
 mod swarms;
 mod testing_engine;
 mod validation;

@@ -123,10 +123,20 @@ fn registry(c: &Arc<Counters>, gate_from: u64, gate: watch::Receiver<bool>) -> R
     r
 }
 
+/// The swarm's items by status, and under `"item callbacks"` its per-item callbacks that ran.
 fn count_items(wf: &Workflow, swarm: u32) -> BTreeMap<&'static str, u64> {
     let mut m = BTreeMap::new();
     for &c in wf.nodes[swarm as usize].spec.children() {
-        *m.entry(wf.nodes[c as usize].status.name()).or_insert(0) += 1;
+        let item = &wf.nodes[c as usize];
+        *m.entry(item.status.name()).or_insert(0) += 1;
+        let ran = item
+            .spec
+            .on_success
+            .iter()
+            .chain(&item.spec.on_error)
+            .filter(|&&cb| wf.nodes[cb as usize].status == Status::Done)
+            .count();
+        *m.entry("item callbacks").or_insert(0) += ran as u64;
     }
     m
 }
@@ -165,17 +175,14 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
     }
     println!("mageflow demo: store embedded:{}", dir.display());
 
-    let work = (0..u64::from(items)).map(|i| {
-        let s = sign("work").kwarg("item", i).kwarg("ms", 2 + i % 7);
-        if i == BROKEN_ITEM {
-            s.on_error(sign("cleanup"))
-        } else {
-            s
-        }
-    });
+    let work = (0..u64::from(items)).map(|i| sign("work").kwarg("item", i).kwarg("ms", 2 + i % 7));
     let flow = chain([
         sign("prepare").into(),
-        swarm(work).name("work-swarm").max_concurrency(50).into(),
+        swarm(work)
+            .name("work-swarm")
+            .max_concurrency(50)
+            .on_item_error(sign("cleanup"))
+            .into(),
         mageflow::Sig::from(sign("report")),
     ])
     .name("demo")
@@ -218,11 +225,12 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
             counts.get("done").copied().unwrap_or(0) + counts.get("failed").copied().unwrap_or(0);
         bar.set_position(finished);
         bar.set_message(format!(
-            "running {} · queued {} · done {} · failed {}",
+            "running {} · queued {} · done {} · failed {} · item callbacks {}",
             counts.get("running").copied().unwrap_or(0),
             counts.get("queued").copied().unwrap_or(0),
             counts.get("done").copied().unwrap_or(0),
-            counts.get("failed").copied().unwrap_or(0)
+            counts.get("failed").copied().unwrap_or(0),
+            counts.get("item callbacks").copied().unwrap_or(0)
         ));
         if !suspended_once && finished >= suspend_at {
             suspended_once = true;
@@ -329,7 +337,7 @@ pub async fn run(store: Option<&str>, items: u32, progress: bool) -> Result<()> 
     );
     if u64::from(items) > BROKEN_ITEM {
         check(
-            "cleanup (error callback of the broken item) runs",
+            "cleanup (the per-item error callback, for the broken item) runs",
             counters.cleanup_runs.load(Ordering::Relaxed),
             1,
             &mut problems,

@@ -78,6 +78,15 @@ pub(crate) fn validate_nodes(
             KindSpec::Swarm { config, .. } if config.stop_after_n_failures == Some(0) => {
                 return Err(format!("swarm {index} has stop_after_n_failures 0"))
             }
+            KindSpec::Swarm { item_callbacks, .. } => {
+                for template in [&item_callbacks.on_success, &item_callbacks.on_error] {
+                    if !template.is_empty() {
+                        validate_nodes(template, 0, None).map_err(|why| {
+                            format!("a per-item callback of swarm {index}: {why}")
+                        })?;
+                    }
+                }
+            }
             _ => {}
         }
         match (spec.parent, attach) {

@@ -199,7 +199,8 @@ mod fast {
     use crate::event::{Actor, EdgeDecision, Event, Payload};
     use crate::id::WorkflowId;
     use crate::model::{
-        KindSpec, Link, Message, NodeSpec, RetryPolicy, Role, Status, SwarmConfig, TaskError,
+        ItemCallbacks, KindSpec, Link, Message, NodeSpec, RetryPolicy, Role, Status, SwarmConfig,
+        TaskError,
     };
     use crate::time::Timestamp;
     use serde_json::{Map, Value};
@@ -216,7 +217,11 @@ mod fast {
     }
 
     pub(super) fn event(bytes: &[u8]) -> Option<Event> {
-        let mut r = Reader { bytes, pos: 0 };
+        let mut r = Reader {
+            bytes,
+            pos: 0,
+            depth: 0,
+        };
         r.array_of(6)?;
         let event = Event {
             stream: r.workflow_id()?,
@@ -232,7 +237,11 @@ mod fast {
     /// The schema version an event claims, read without decoding the rest (compact or named
     /// form), for the error of an event this build cannot decode.
     pub(super) fn schema(bytes: &[u8]) -> Option<u16> {
-        let mut r = Reader { bytes, pos: 0 };
+        let mut r = Reader {
+            bytes,
+            pos: 0,
+            depth: 0,
+        };
         match r.peek()? {
             0x90..=0x9f | 0xdc | 0xdd => {
                 if r.array()? < 5 {
@@ -579,12 +588,16 @@ mod fast {
                         children,
                         config,
                         closed,
+                        item_callbacks,
                     } => {
                         let SwarmConfig {
                             max_concurrency,
                             stop_after_n_failures,
                         } = config;
-                        self.variant("swarm", 3).indexes(children);
+                        // Per-item callbacks (schema 6) are a fourth field, written only when
+                        // there are some: a swarm without keeps the bytes of schema 5.
+                        let fields = if item_callbacks.is_empty() { 3 } else { 4 };
+                        self.variant("swarm", fields).indexes(children);
                         self.array(2);
                         self.uint(u64::from(*max_concurrency));
                         match stop_after_n_failures {
@@ -592,6 +605,15 @@ mod fast {
                             None => self.nil(),
                         }
                         self.bool(*closed);
+                        if !item_callbacks.is_empty() {
+                            let ItemCallbacks {
+                                on_success,
+                                on_error,
+                            } = item_callbacks;
+                            self.array(2);
+                            self.node_specs(on_success);
+                            self.node_specs(on_error);
+                        }
                     }
                 }
                 self.value(kwargs);
@@ -659,6 +681,10 @@ mod fast {
     struct Reader<'a> {
         bytes: &'a [u8],
         pos: usize,
+        /// Per-item callback templates entered (they nest: a template can hold a swarm with
+        /// templates of its own); deeper than [`super::EVENT_DEPTH_MAX`] is left to the serde decoder,
+        /// which refuses it without overflowing the stack.
+        depth: usize,
     }
 
     impl<'a> Reader<'a> {
@@ -1075,7 +1101,10 @@ mod fast {
                     }
                 }
                 "swarm" => {
-                    self.fields(3)?;
+                    let fields = self.array()?;
+                    if !(3..=4).contains(&fields) {
+                        return None;
+                    }
                     let children = self.indexes()?;
                     self.array_of(2)?;
                     let config = SwarmConfig {
@@ -1088,10 +1117,28 @@ mod fast {
                             _ => Some(self.u32()?),
                         },
                     };
+                    let closed = self.bool()?;
+                    let item_callbacks = match fields {
+                        4 => {
+                            self.array_of(2)?;
+                            self.depth += 1;
+                            if self.depth > super::EVENT_DEPTH_MAX {
+                                return None;
+                            }
+                            let callbacks = ItemCallbacks {
+                                on_success: self.node_specs()?,
+                                on_error: self.node_specs()?,
+                            };
+                            self.depth -= 1;
+                            callbacks
+                        }
+                        _ => ItemCallbacks::default(),
+                    };
                     KindSpec::Swarm {
                         children,
                         config,
-                        closed: self.bool()?,
+                        closed,
+                        item_callbacks,
                     }
                 }
                 _ => return None,

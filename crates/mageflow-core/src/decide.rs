@@ -119,6 +119,8 @@ impl Decider<'_> {
                     return Err(Rejection::AlreadyExists);
                 }
                 validate_nodes(&nodes, 0, None).map_err(Rejection::InvalidTree)?;
+                let mut nodes = nodes;
+                kind::swarm::instantiate_item_callbacks(self.wf, &mut nodes, 0, None);
                 self.emit(Payload::WorkflowCreated { nodes })?;
                 if let Some(message) = start {
                     self.trigger(0, message)?;

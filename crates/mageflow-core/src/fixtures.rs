@@ -62,6 +62,7 @@ pub fn data_rich_ops(marker: &str) -> Vec<Op> {
             children: Vec::new(),
             config: SwarmConfig::default(),
             closed: false,
+            item_callbacks: Default::default(),
         },
         Some((0, Role::Child)),
     );

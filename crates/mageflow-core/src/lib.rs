@@ -12,7 +12,7 @@ pub mod effect;
 pub mod event;
 pub mod fixtures;
 pub mod id;
-mod kind;
+pub mod kind;
 pub mod model;
 mod rerun;
 pub mod time;

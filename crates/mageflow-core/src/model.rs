@@ -159,6 +159,10 @@ pub enum KindSpec {
         children: Vec<NodeIndex>,
         config: SwarmConfig,
         closed: bool,
+        /// Per-item callbacks (schema 6): every item gets its own copy. Last, with a default:
+        /// swarms written before them decode.
+        #[serde(default, skip_serializing_if = "ItemCallbacks::is_empty")]
+        item_callbacks: ItemCallbacks,
     },
     /// A conditional graph: its `children` are its nodes (any signature; names unique within
     /// the graph), `edges` route between them by position in `children`, `joins` say how a
@@ -175,6 +179,39 @@ pub enum KindSpec {
     /// signal's fields merged over it; rejected, it fails with the reason.
     Gate,
 }
+
+/// A swarm's per-item callbacks (schema 6): templates, each a signature tree flattened with its
+/// root at index 0 (no parent) and its links relative to that root. `decide` gives every item
+/// the swarm gets — created with it or added later — its own copy of each, as that item's
+/// success or error callback ([`crate::kind::swarm::instantiate_item_callbacks`]), with
+/// `mageflow_item` = `{index, signature}` (the item's position and id) in its kwargs: so it
+/// fires once per item, with the item's result (success) or its input and error (error), and is
+/// an ordinary signature — retries, suspend, history. As internal callbacks of the swarm, they
+/// hold its own callbacks until they end; they take no concurrency slot (the item's is freed
+/// when the item ends) and do not count toward the failure limit (they change no item's
+/// outcome).
+#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize)]
+pub struct ItemCallbacks {
+    #[serde(default)]
+    pub on_success: Vec<NodeSpec>,
+    #[serde(default)]
+    pub on_error: Vec<NodeSpec>,
+}
+
+impl ItemCallbacks {
+    pub fn is_empty(&self) -> bool {
+        self.on_success.is_empty() && self.on_error.is_empty()
+    }
+
+    /// Signatures one item's copies add.
+    pub fn len(&self) -> usize {
+        self.on_success.len() + self.on_error.len()
+    }
+}
+
+/// Field of a per-item callback's input (from its kwargs) naming the item it fired for:
+/// `{index, signature}`.
+pub const ITEM_FIELD: &str = "mageflow_item";
 
 /// An edge of a graph, between two of its nodes (positions in the graph's `children`).
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
@@ -279,6 +316,26 @@ impl NodeSpec {
             .chain(&self.on_error)
             .chain(&self.on_cleanup)
             .copied()
+    }
+
+    /// This spec with every index it holds (parent, children, callbacks) moved up by `by`: a
+    /// template flattened at 0 placed at `by`.
+    pub fn shifted(&self, by: NodeIndex) -> NodeSpec {
+        let mut spec = self.clone();
+        let up = |list: &mut Vec<NodeIndex>| list.iter_mut().for_each(|i| *i += by);
+        if let Some(link) = &mut spec.parent {
+            link.node += by;
+        }
+        match &mut spec.kind {
+            KindSpec::Chain { children }
+            | KindSpec::Swarm { children, .. }
+            | KindSpec::Graph { children, .. } => up(children),
+            KindSpec::Task { .. } | KindSpec::Gate => {}
+        }
+        up(&mut spec.on_success);
+        up(&mut spec.on_error);
+        up(&mut spec.on_cleanup);
+        spec
     }
 
     pub fn task_name(&self) -> Option<&str> {

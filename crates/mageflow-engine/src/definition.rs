@@ -125,6 +125,14 @@ pub struct SwarmNode {
     /// Leave it open for items added while it runs (default closed).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub open: bool,
+    /// A success callback per item: each item gets its own copy, with the item's result and
+    /// `mageflow_item` = {index, signature}.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_item_success: Option<Box<Node>>,
+    /// An error callback per item: each item gets its own copy, with the item's input, its
+    /// error (`mageflow_error`) and `mageflow_item`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_item_error: Option<Box<Node>>,
     #[serde(default, skip_serializing_if = "is_default")]
     pub with: Common,
 }
@@ -231,6 +239,12 @@ impl Node {
                 }
                 if w.open {
                     s = s.open();
+                }
+                if let Some(cb) = w.on_item_success {
+                    s = s.on_item_success(cb.into_sig()?);
+                }
+                if let Some(cb) = w.on_item_error {
+                    s = s.on_item_error(cb.into_sig()?);
                 }
                 (s.into(), w.with)
             }

@@ -290,6 +290,7 @@ const WHATS: &[&str] = &[
     "workflow definition",
     "items of a swarm added inside another swarm's items (add them separately)",
     "signatures in one event (swarm items are split automatically; chain steps and callbacks are not)",
+    "signatures in a swarm's per-item callbacks",
 ];
 
 fn known_what(what: &str) -> Option<&'static str> {

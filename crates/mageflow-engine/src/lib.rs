@@ -53,6 +53,6 @@ pub use registry::{Registry, TaskDef, TaskFailure};
 pub use sig::templates;
 pub use sig::{
     chain, gate, graph, sign, swarm, value_depth, ChainSig, GateSig, GraphEdge, GraphNode,
-    GraphSig, Sig, SwarmSig, TaskSig, CREATE_NODES_MAX, KWARGS_BYTES_MAX, LABEL_BYTES_MAX,
-    SWARM_ITEMS_PER_EVENT, VALUE_DEPTH_MAX,
+    GraphSig, Sig, SwarmSig, TaskSig, CREATE_NODES_MAX, ITEM_CALLBACK_NODES_MAX, KWARGS_BYTES_MAX,
+    LABEL_BYTES_MAX, SWARM_ITEMS_PER_EVENT, VALUE_DEPTH_MAX,
 };

@@ -212,6 +212,7 @@ fn swarm(name: &str, items: &[&str]) -> Vec<NodeSpec> {
         children: (1..=items.len() as NodeIndex).collect(),
         config: SwarmConfig::default(),
         closed: true,
+        item_callbacks: Default::default(),
     };
     let mut nodes = vec![root];
     nodes.extend(items.iter().map(|s| child(s, 0)));

@@ -12,7 +12,7 @@
 
 mod chain;
 pub(crate) mod graph;
-pub(crate) mod swarm;
+pub mod swarm;
 
 use crate::command::Rejection;
 use crate::decide::Decider;

@@ -7,8 +7,12 @@ use crate::command::Rejection;
 use crate::decide::{invalid, Decider};
 use crate::event::Payload;
 use crate::id::NodeIndex;
-use crate::model::{KindSpec, Message, NodeSpec, Outcome, Status, TaskError};
+use crate::model::{
+    deep_merge, ItemCallbacks, KindSpec, Link, Message, NodeSpec, Outcome, Role, Status, TaskError,
+    Workflow, ITEM_FIELD,
+};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 
 /// The swarm's items, config and whether it is closed; a rejection if `swarm` is none.
 fn check_swarm(d: &Decider<'_>, swarm: NodeIndex) -> Result<bool, Rejection> {
@@ -32,12 +36,130 @@ pub(crate) fn add_items(
     if status.is_terminal() {
         return Err(invalid("add tasks to", status));
     }
-    validate_nodes(&nodes, d.wf.nodes.len(), Some(swarm)).map_err(Rejection::InvalidTree)?;
+    let base = d.wf.nodes.len();
+    validate_nodes(&nodes, base, Some(swarm)).map_err(Rejection::InvalidTree)?;
+    let mut nodes = nodes;
+    instantiate_item_callbacks(d.wf, &mut nodes, base, Some(swarm));
     d.emit(Payload::SwarmItemsAdded { swarm, nodes })?;
     if close {
         d.emit(Payload::SwarmClosed { swarm })?;
     }
     fill(d, swarm)
+}
+
+/// Give every item in `nodes` (to be placed at `base..`) its copies of its swarm's per-item
+/// callbacks ([`ItemCallbacks`]), appended to `nodes`: items of a swarm of the batch, and, with
+/// `attach`, the items added to that existing swarm of `wf`. Copies can hold swarms with
+/// per-item callbacks of their own: they are expanded in turn, as the loop reaches them.
+pub(crate) fn instantiate_item_callbacks(
+    wf: &Workflow,
+    nodes: &mut Vec<NodeSpec>,
+    base: usize,
+    attach: Option<NodeIndex>,
+) {
+    let template = |kind: &KindSpec| match kind {
+        KindSpec::Swarm { item_callbacks, .. } if !item_callbacks.is_empty() => {
+            Some(item_callbacks.clone())
+        }
+        _ => None,
+    };
+    let attached = attach.and_then(|s| {
+        let n = wf.node(s)?;
+        Some((s, template(&n.spec.kind)?, n.spec.children().len() as u32))
+    });
+    if attached.is_none() && !nodes.iter().any(|n| template(&n.kind).is_some()) {
+        return;
+    }
+    // Items seen so far per swarm: an item's position in its swarm.
+    let mut seen: BTreeMap<NodeIndex, u32> = BTreeMap::new();
+    let mut i = 0;
+    while i < nodes.len() {
+        let Some(Link {
+            node: swarm,
+            role: Role::Child,
+        }) = nodes[i].parent
+        else {
+            i += 1;
+            continue;
+        };
+        let found = match (swarm as usize).checked_sub(base) {
+            Some(offset) => template(&nodes[offset].kind).map(|t| (t, 0)),
+            None => attached
+                .as_ref()
+                .filter(|(s, _, _)| *s == swarm)
+                .map(|(_, t, existing)| (t.clone(), *existing)),
+        };
+        let Some((callbacks, first)) = found else {
+            i += 1;
+            continue;
+        };
+        let counter = seen.entry(swarm).or_insert(first);
+        let position = *counter;
+        *counter += 1;
+        let item = (base + i) as NodeIndex;
+        let mark = json!({
+            ITEM_FIELD: {
+                "index": position,
+                "signature": wf.sig(item).to_string(),
+            }
+        });
+        for (role, copy) in [
+            (Role::SuccessCallback, &callbacks.on_success),
+            (Role::ErrorCallback, &callbacks.on_error),
+        ] {
+            if copy.is_empty() {
+                continue;
+            }
+            let at = (base + nodes.len()) as NodeIndex;
+            for (k, spec) in copy.iter().enumerate() {
+                let mut spec = spec.shifted(at);
+                if k == 0 {
+                    spec.parent = Some(Link { node: item, role });
+                    spec.kwargs = deep_merge(spec.kwargs, &mark);
+                }
+                nodes.push(spec);
+            }
+            match role {
+                Role::SuccessCallback => nodes[i].on_success.push(at),
+                _ => nodes[i].on_error.push(at),
+            }
+        }
+        i += 1;
+    }
+}
+
+/// How many signatures [`instantiate_item_callbacks`] appends to `nodes` (placed at `base..`):
+/// what a caller numbering later signatures must skip. `attach`: the existing swarm the batch's
+/// top items join, with its per-item callbacks.
+pub fn item_callback_copies(
+    nodes: &[NodeSpec],
+    base: usize,
+    attach: Option<(NodeIndex, &ItemCallbacks)>,
+) -> usize {
+    let template = |swarm: NodeIndex| match (swarm as usize).checked_sub(base) {
+        Some(offset) => match nodes.get(offset).map(|n| &n.kind) {
+            Some(KindSpec::Swarm { item_callbacks, .. }) => Some(item_callbacks),
+            _ => None,
+        },
+        None => attach.filter(|(s, _)| *s == swarm).map(|(_, t)| t),
+    };
+    let mut copies = 0;
+    for n in nodes {
+        if let Some(Link {
+            node: swarm,
+            role: Role::Child,
+        }) = n.parent
+        {
+            if let Some(t) = template(swarm) {
+                for copy in [&t.on_success, &t.on_error] {
+                    if !copy.is_empty() {
+                        copies += copy.len() + item_callback_copies(copy, 0, None);
+                    }
+                }
+            }
+        }
+    }
+    copies
 }
 
 /// Close a swarm: it takes no more items and finishes once those it has are done. Closing a
@@ -61,6 +183,7 @@ pub(super) fn fill(d: &mut Decider<'_>, swarm: NodeIndex) -> Result<(), Rejectio
         children,
         config,
         closed,
+        ..
     } = &s.spec.kind
     else {
         return Ok(());

@@ -9,3 +9,4 @@ mod props;
 mod rerun;
 mod semantics;
 mod support;
+mod swarm_items;

@@ -62,7 +62,8 @@ fn with_callbacks(
         })
 }
 
-/// Random trees of tasks, chains and swarms (open or closed), with callbacks anywhere.
+/// Random trees of tasks, chains and swarms (open or closed, with per-item callbacks or not),
+/// with callbacks anywhere.
 fn arb_tree() -> impl Strategy<Value = Tree> {
     let leaf = with_callbacks(arb_task(), arb_task());
     leaf.prop_recursive(3, 16, 4, |inner| {
@@ -72,8 +73,12 @@ fn arb_tree() -> impl Strategy<Value = Tree> {
             1u32..4,
             prop::option::of(1u32..3),
             any::<bool>(),
+            prop::option::of(arb_task()),
+            prop::option::of(arb_task()),
         )
-            .prop_map(|(c, max, stop, closed)| swarm("s", max, stop, closed, c));
+            .prop_map(|(c, max, stop, closed, each_ok, each_err)| {
+                swarm("s", max, stop, closed, c).per_item(each_ok, each_err)
+            });
         with_callbacks(prop_oneof![chain_s, swarm_s], inner)
     })
 }
@@ -769,6 +774,7 @@ fn arb_spec(max_node: NodeIndex) -> impl Strategy<Value = NodeSpec> {
                     stop_after_n_failures: s,
                 },
                 closed,
+                item_callbacks: Default::default(),
             }),
         Just(KindSpec::Gate),
     ];

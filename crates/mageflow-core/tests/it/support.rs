@@ -32,6 +32,8 @@ pub enum TreeKind {
         children: Vec<Tree>,
         config: SwarmConfig,
         closed: bool,
+        /// Per-item success and error callbacks.
+        per_item: Box<(Option<Tree>, Option<Tree>)>,
     },
     Graph {
         children: Vec<Tree>,
@@ -101,6 +103,7 @@ pub fn swarm(
                 stop_after_n_failures,
             },
             closed,
+            per_item: Box::new((None, None)),
         },
         ..task(name)
     }
@@ -119,6 +122,14 @@ impl Tree {
 
     pub fn on_cleanup(mut self, cb: Tree) -> Self {
         self.on_cleanup.push(cb);
+        self
+    }
+
+    /// A swarm's per-item success and error callbacks.
+    pub fn per_item(mut self, on_success: Option<Tree>, on_error: Option<Tree>) -> Self {
+        if let TreeKind::Swarm { per_item, .. } = &mut self.kind {
+            **per_item = (on_success, on_error);
+        }
         self
     }
 
@@ -163,10 +174,19 @@ impl Tree {
             TreeKind::Chain(_) => KindSpec::Chain {
                 children: Vec::new(),
             },
-            TreeKind::Swarm { config, closed, .. } => KindSpec::Swarm {
+            TreeKind::Swarm {
+                config,
+                closed,
+                per_item,
+                ..
+            } => KindSpec::Swarm {
                 children: Vec::new(),
                 config: *config,
                 closed: *closed,
+                item_callbacks: mageflow_core::model::ItemCallbacks {
+                    on_success: per_item.0.as_ref().map(Tree::flatten).unwrap_or_default(),
+                    on_error: per_item.1.as_ref().map(Tree::flatten).unwrap_or_default(),
+                },
             },
             TreeKind::Graph { edges, joins, .. } => KindSpec::Graph {
                 children: Vec::new(),

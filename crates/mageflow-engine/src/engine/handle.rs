@@ -144,12 +144,20 @@ impl Handle {
             &mut deferred,
             &mut labels,
         )?;
+        let copies = |specs: &[mageflow_core::NodeSpec], base: usize, attach: Option<u32>| {
+            let template = attach.and_then(|s| match &nodes.get(s as usize)?.kind {
+                mageflow_core::KindSpec::Swarm { item_callbacks, .. } => Some((s, item_callbacks)),
+                _ => None,
+            });
+            mageflow_core::kind::swarm::item_callback_copies(specs, base, template)
+        };
         check_node_count(nodes.len())?;
         // Deferred items are numbered as the orchestrator will number them: each chunk after
-        // the nodes before it, in order, within the same atomic step (nothing can interleave).
-        let mut next = nodes.len();
+        // the nodes before it (with the per-item callbacks the core copies for each item), in
+        // order, within the same atomic step (nothing can interleave).
+        let mut next = nodes.len() + copies(&nodes, 0, None);
         for d in &deferred {
-            for chunk in d.items.chunks(crate::sig::SWARM_ITEMS_PER_EVENT) {
+            for chunk in d.items.chunks(d.per_event) {
                 let parent = Some(mageflow_core::Link {
                     node: d.swarm,
                     role: mageflow_core::Role::Child,
@@ -165,7 +173,7 @@ impl Handle {
                         &mut labels,
                     )?;
                 }
-                next += specs.len();
+                next += specs.len() + copies(&specs, next, Some(d.swarm));
             }
         }
         let submitted = Submitted::new(id, labels)?;
@@ -178,12 +186,8 @@ impl Handle {
         };
         let mut actions = vec![(id, Action::Core(Op::Create { nodes, start }))];
         for d in deferred {
-            let chunks = d.items.len().div_ceil(crate::sig::SWARM_ITEMS_PER_EVENT);
-            for (i, chunk) in d
-                .items
-                .chunks(crate::sig::SWARM_ITEMS_PER_EVENT)
-                .enumerate()
-            {
+            let chunks = d.items.len().div_ceil(d.per_event);
+            for (i, chunk) in d.items.chunks(d.per_event).enumerate() {
                 let action = Action::AddItems {
                     swarm: d.swarm,
                     items: chunk.to_vec(),

@@ -199,7 +199,15 @@ pub(super) fn flatten_items(
             max: 0,
         });
     }
-    check_node_count(nodes.len())?;
+    let template = match &state.node(swarm).map(|n| &n.spec.kind) {
+        Some(mageflow_core::KindSpec::Swarm { item_callbacks, .. }) => {
+            Some((swarm, item_callbacks))
+        }
+        _ => None,
+    };
+    check_node_count(
+        nodes.len() + mageflow_core::kind::swarm::item_callback_copies(&nodes, base, template),
+    )?;
     Ok(Op::AddSwarmItems {
         swarm,
         nodes,

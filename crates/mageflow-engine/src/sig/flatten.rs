@@ -3,9 +3,13 @@
 //! the parent does not use: the builders stay plain data below the registry, which names the
 //! handler's context, which takes a `Sig`.
 
-use super::{check_depth, Sig, KWARGS_BYTES_MAX, LABEL_BYTES_MAX, SWARM_ITEMS_PER_EVENT};
+use super::{
+    check_depth, Sig, SwarmSig, ITEM_CALLBACK_NODES_MAX, KWARGS_BYTES_MAX, LABEL_BYTES_MAX,
+    SWARM_ITEMS_PER_EVENT,
+};
 use crate::error::{Error, Result};
 use crate::registry::Registry;
+use mageflow_core::model::ItemCallbacks;
 use mageflow_core::{Edge, Join, KindSpec, Link, NodeIndex, NodeSpec, Role};
 use serde_json::Value;
 
@@ -18,6 +22,54 @@ pub(crate) struct Deferred {
     pub items: Vec<Sig>,
     /// Close the swarm with the last chunk (it was built closed).
     pub close: bool,
+    /// Items per event: fewer than [`SWARM_ITEMS_PER_EVENT`] when each brings copies of
+    /// per-item callbacks ([`items_per_event`]).
+    pub per_event: usize,
+}
+
+/// A swarm's per-item callbacks flattened into the core's templates (each rooted at 0), and
+/// how many signatures one item's copies add. Refused over [`ITEM_CALLBACK_NODES_MAX`], or
+/// holding a swarm too large for one event.
+pub(crate) fn item_templates(s: &SwarmSig, registry: &Registry) -> Result<(ItemCallbacks, usize)> {
+    let template = |sig: &Option<Box<Sig>>| -> Result<Vec<NodeSpec>> {
+        let Some(sig) = sig else {
+            return Ok(Vec::new());
+        };
+        let (mut out, mut deferred) = (Vec::new(), Vec::new());
+        // Labels inside a template would name every copy: they are not handed back.
+        sig.flatten(registry, 0, None, &mut out, &mut deferred, &mut Vec::new())?;
+        if !deferred.is_empty() {
+            return Err(Error::TooMany {
+                what: "signatures in a swarm's per-item callbacks",
+                count: out.len() + deferred.iter().map(|d| d.items.len()).sum::<usize>(),
+                max: ITEM_CALLBACK_NODES_MAX,
+            });
+        }
+        Ok(out)
+    };
+    let callbacks = ItemCallbacks {
+        on_success: template(&s.on_item_success)?,
+        on_error: template(&s.on_item_error)?,
+    };
+    let per_item = callbacks.len()
+        + [&callbacks.on_success, &callbacks.on_error]
+            .into_iter()
+            .map(|t| mageflow_core::kind::swarm::item_callback_copies(t, 0, None))
+            .sum::<usize>();
+    if per_item > ITEM_CALLBACK_NODES_MAX {
+        return Err(Error::TooMany {
+            what: "signatures in a swarm's per-item callbacks",
+            count: per_item,
+            max: ITEM_CALLBACK_NODES_MAX,
+        });
+    }
+    Ok((callbacks, per_item))
+}
+
+/// Items of a swarm in one event when each brings `per_item` signatures of per-item callbacks:
+/// an event holds about as many signatures as [`SWARM_ITEMS_PER_EVENT`] plain items.
+pub(crate) fn items_per_event(per_item: usize) -> usize {
+    (SWARM_ITEMS_PER_EVENT / (1 + per_item)).max(1)
 }
 
 impl Sig {
@@ -63,7 +115,10 @@ impl Sig {
                         "max_concurrency must be at least 1".into(),
                     )));
                 }
-                s.items.iter().try_for_each(|i| i.validate(registry))?
+                s.items
+                    .iter()
+                    .chain(s.item_callbacks())
+                    .try_for_each(|i| i.validate(registry))?
             }
             Sig::Graph(g) => {
                 if g.nodes.is_empty() {
@@ -96,7 +151,7 @@ impl Sig {
 
     /// Flatten into core node specs starting at index `base`, hanging off `parent`.
     /// Parents come before their children (preorder), as the core requires. Swarm items past
-    /// [`SWARM_ITEMS_PER_EVENT`] go to `deferred` (the swarm is left open for them). Each
+    /// [`items_per_event`] go to `deferred` (the swarm is left open for them). Each
     /// labelled signature's label and index go to `labels`.
     pub(crate) fn flatten(
         &self,
@@ -112,6 +167,15 @@ impl Sig {
         if let Some(label) = &common.label {
             labels.push((label.clone(), me));
         }
+        let swarm_templates = match self {
+            Sig::Swarm(s) => Some(item_templates(s, registry)?),
+            _ => None,
+        };
+        let per_event = swarm_templates
+            .as_ref()
+            .map_or(SWARM_ITEMS_PER_EVENT, |(_, per_item)| {
+                items_per_event(*per_item)
+            });
         let (name, kind, return_field) = match self {
             Sig::Task(t) => {
                 let def = registry.get(&t.task)?;
@@ -154,7 +218,8 @@ impl Sig {
                 KindSpec::Swarm {
                     children: Vec::new(),
                     config: s.config,
-                    closed: s.closed && s.items.len() <= SWARM_ITEMS_PER_EVENT,
+                    closed: s.closed && s.items.len() <= per_event,
+                    item_callbacks: swarm_templates.map(|(t, _)| t).unwrap_or_default(),
                 },
                 mageflow_core::model::RETURN_FIELD_DEFAULT.to_owned(),
             ),
@@ -172,13 +237,14 @@ impl Sig {
         let link = |role| Some(Link { node: me, role });
         let mut members = self.members();
         if let Sig::Swarm(s) = self {
-            if members.len() > SWARM_ITEMS_PER_EVENT {
+            if members.len() > per_event {
                 deferred.push(Deferred {
                     swarm: me,
-                    items: members[SWARM_ITEMS_PER_EVENT..].to_vec(),
+                    items: members[per_event..].to_vec(),
                     close: s.closed,
+                    per_event,
                 });
-                members = &members[..SWARM_ITEMS_PER_EVENT];
+                members = &members[..per_event];
             }
         }
         let mut children = Vec::with_capacity(members.len());

@@ -27,6 +27,8 @@ pub const SWARM_ITEMS_PER_EVENT: usize = 10_000;
 pub const CREATE_NODES_MAX: usize = 50_000;
 /// Longest label ([`TaskSig::label`] and the like), in bytes.
 pub const LABEL_BYTES_MAX: usize = 256;
+/// Most signatures a swarm's per-item callbacks hold (both together): every item gets a copy.
+pub const ITEM_CALLBACK_NODES_MAX: usize = 64;
 
 /// Nesting depth of a JSON value, computed without recursion.
 pub fn value_depth(v: &Value) -> usize {
@@ -155,6 +157,12 @@ pub struct SwarmSig {
     items: Vec<Sig>,
     config: SwarmConfig,
     closed: bool,
+    /// Per-item success callback: every item gets its own copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    on_item_success: Option<Box<Sig>>,
+    /// Per-item error callback: every item gets its own copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    on_item_error: Option<Box<Sig>>,
     #[serde(default, skip_serializing_if = "Common::is_empty")]
     common: Common,
 }
@@ -254,6 +262,8 @@ pub fn swarm(items: impl IntoIterator<Item = impl Into<Sig>>) -> SwarmSig {
         items: items.into_iter().map(Into::into).collect(),
         config: SwarmConfig::default(),
         closed: true,
+        on_item_success: None,
+        on_item_error: None,
         common: Common::default(),
     }
 }
@@ -372,6 +382,31 @@ impl SwarmSig {
     pub fn open(mut self) -> Self {
         self.closed = false;
         self
+    }
+    /// A success callback per item: each item gets its own copy of `sig`, which fires once when
+    /// that item succeeds, with its result in its return field and `mageflow_item` = `{index,
+    /// signature}` (the item's position and id) in its input. An ordinary signature (retries,
+    /// suspend, history); it takes no concurrency slot, and the swarm's own callbacks wait for
+    /// it. Items added later get theirs too. At most [`ITEM_CALLBACK_NODES_MAX`] signatures
+    /// for both per-item callbacks together.
+    pub fn on_item_success(mut self, sig: impl Into<Sig>) -> Self {
+        self.on_item_success = Some(Box::new(sig.into()));
+        self
+    }
+    /// An error callback per item: each item gets its own copy of `sig`, which fires once when
+    /// that item fails for good, with the item's input, `mageflow_error` and `mageflow_item`.
+    /// A failing per-item callback changes no item's outcome, so it does not count toward
+    /// [`SwarmSig::stop_after_n_failures`]. See [`SwarmSig::on_item_success`].
+    pub fn on_item_error(mut self, sig: impl Into<Sig>) -> Self {
+        self.on_item_error = Some(Box::new(sig.into()));
+        self
+    }
+    /// The per-item callbacks, success then error.
+    pub(crate) fn item_callbacks(&self) -> impl Iterator<Item = &Sig> {
+        self.on_item_success
+            .iter()
+            .chain(&self.on_item_error)
+            .map(|b| &**b)
     }
     fn into_sig(self) -> Sig {
         Sig::Swarm(self)
