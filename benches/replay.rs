@@ -47,6 +47,7 @@ fn swarm_nodes(tasks: u32) -> Vec<NodeSpec> {
             stop_after_n_failures: None,
         },
         closed: true,
+        item_callbacks: Default::default(),
     };
     let mut nodes = vec![root];
     nodes.extend((1..=tasks).map(|i| task("resize", 0, i)));

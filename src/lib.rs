@@ -58,8 +58,8 @@ pub use mageflow_core::condition::{Condition, Predicate};
 pub use mageflow_core::model::{GraphProgress, SwarmProgress};
 pub use mageflow_core::{
     Actor, Edge, EdgeDecision, Event, Join, KindSpec, Link, Message, Node, NodeIndex, NodeSpec,
-    Outcome, Payload, Rejection, RetryPolicy, Role, SignatureId, Status, SwarmConfig, TaskError,
-    Timestamp, Workflow, WorkflowId,
+    Outcome, Payload, Priority, Rejection, RetryPolicy, Role, SignatureId, Status, SwarmConfig,
+    TaskError, Timestamp, Workflow, WorkflowId, PRIORITY_MAX, PRIORITY_MIN,
 };
 pub use mageflow_engine::{
     chain, gate, graph, sign, swarm, AutoResume, ChainSig, Config, Dispatch, Engine, Error,

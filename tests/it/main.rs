@@ -16,6 +16,7 @@ mod durability;
 mod graphs;
 mod library;
 mod lifecycle;
+mod priority;
 mod recovery;
 mod reports;
 mod stats;

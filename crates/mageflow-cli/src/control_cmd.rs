@@ -66,6 +66,28 @@ pub struct RejectArgs {
     pub reason: String,
 }
 
+/// `priority`'s arguments: the others' and the new priority.
+#[derive(clap::Args)]
+pub struct PriorityArgs {
+    #[command(flatten)]
+    pub common: ControlArgs,
+    /// `high`, `medium`, `low`, or a number from -1000 to 1000.
+    #[arg(allow_hyphen_values = true)]
+    pub level: String,
+}
+
+/// A priority level, parsed (a refusal names what is wrong before anything is sent).
+pub fn parse_priority(text: &str) -> Result<serde_json::Value> {
+    match mageflow::Priority::parse(text) {
+        Some(p) => Ok(serde_json::Value::from(p)),
+        None => bail!(
+            "priority {text:?}: give high, medium, low or a number from {} to {}",
+            mageflow::PRIORITY_MIN,
+            mageflow::PRIORITY_MAX
+        ),
+    }
+}
+
 /// `--value` of `signal`, parsed (a refusal names what is wrong before anything is sent).
 pub fn parse_signal(text: &str) -> Result<serde_json::Value> {
     serde_json::from_str(text).with_context(|| format!("--value is not JSON: {text:?}"))

@@ -207,6 +207,9 @@ enum Cmd {
     Signal(control_cmd::SignalArgs),
     /// Reject a gate that waits for a signal: it fails with --reason, and its failure path runs.
     Reject(control_cmd::RejectArgs),
+    /// Change the priority of a waiting signature: high, medium, low or a number from -1000
+    /// to 1000 (a swarm starts its highest-priority waiting item next).
+    Priority(control_cmd::PriorityArgs),
     /// Re-project the log: `--rebuild-hot` clears the deployment's Redis keys and rebuilds them
     /// (refused while an orchestrator runs on the log: its projector rebuilds them by itself).
     Replay {
@@ -353,6 +356,10 @@ fn main() -> Result<()> {
             Cmd::Signal(a) => {
                 let value = control_cmd::parse_signal(&a.value)?;
                 control_cmd::run(ControlOp::Signal, &a.common, false, Some(value)).await
+            }
+            Cmd::Priority(a) => {
+                let level = control_cmd::parse_priority(&a.level)?;
+                control_cmd::run(ControlOp::Priority, &a.common, false, Some(level)).await
             }
             Cmd::Reject(a) => {
                 let reason = serde_json::Value::String(a.reason);

@@ -187,3 +187,62 @@ async fn rerun_of_one_signature() -> Result<()> {
     assert_eq!(rerun.actor, mageflow::Actor::api("bob"));
     Ok(())
 }
+
+/// `mageflow priority ID LEVEL`: a waiting swarm item gets its new priority (an event with the
+/// operator as actor); a running one is refused; a level that is neither a name nor a number
+/// in range is refused before anything is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_of_a_waiting_item() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let wf = {
+        let engine = mageflow::open_embedded(dir.path(), registry(), config()).await?;
+        let h = engine.handle();
+        let items: Vec<_> = (0..3).map(|_| sign("sleep").kwarg("ms", 600_000)).collect();
+        let wf = h.submit(swarm(items).max_concurrency(1), json!({})).await?;
+        while !h.workflow(wf).await?.nodes.iter().any(|n| n.in_flight) {
+            tokio::task::yield_now().await;
+        }
+        drop(h);
+        engine.shutdown().await;
+        wf
+    };
+    let sig = |index| {
+        SignatureId {
+            workflow: wf,
+            index,
+        }
+        .to_string()
+    };
+    let out = operator(dir.path(), &["priority", &sig(3), "high"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (state, history) = state(dir.path(), wf).await?;
+    assert_eq!(state.nodes[3].spec.priority, 100);
+    let changed = history
+        .iter()
+        .find(|e| e.payload.kind() == "priority_changed")
+        .context("a priority_changed event")?;
+    assert_eq!(changed.actor, mageflow::Actor::api("bob"));
+    // Negative numbers are levels too.
+    let out = operator(dir.path(), &["priority", &sig(2), "-5"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let running = state
+        .nodes
+        .iter()
+        .position(|n| n.in_flight)
+        .context("one item runs")?;
+    let out = operator(dir.path(), &["priority", &sig(running as u32), "low"])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot change the priority of"));
+    let out = operator(dir.path(), &["priority", &sig(2), "urgent"])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give high, medium, low"));
+    Ok(())
+}

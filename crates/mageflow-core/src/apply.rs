@@ -8,7 +8,7 @@ use crate::id::{NodeIndex, WorkflowId};
 use crate::kind::graph;
 use crate::model::{
     deep_merge_owned, GraphProgress, KindSpec, Link, Node, NodeSpec, Outcome, Role, Status,
-    TaskError, Workflow,
+    TaskError, Workflow, PRIORITY_MAX, PRIORITY_MIN,
 };
 use crate::time::Timestamp;
 
@@ -64,6 +64,12 @@ pub(crate) fn validate_nodes(
         }
         if !spec.kwargs.is_object() {
             return Err(format!("kwargs of signature {index} are not an object"));
+        }
+        if !(PRIORITY_MIN..=PRIORITY_MAX).contains(&spec.priority) {
+            return Err(format!(
+                "signature {index} has priority {}, outside {PRIORITY_MIN}..={PRIORITY_MAX}",
+                spec.priority
+            ));
         }
         match &spec.kind {
             KindSpec::Task { task, .. } if task.is_empty() => {
@@ -418,17 +424,50 @@ impl Workflow {
         Ok(())
     }
 
+    /// Swarm `s` hands out its waiting items by priority from now on, if it does not yet and
+    /// one of them asks for it: the items from `dispatched` on that have not ended go into its
+    /// priority queue.
+    fn prioritize_swarm(&mut self, s: usize) {
+        let n = &self.nodes[s];
+        let KindSpec::Swarm { children, .. } = &n.spec.kind else {
+            return;
+        };
+        if n.swarm.by_priority.is_some() {
+            return;
+        }
+        let waiting = children
+            .get(n.swarm.dispatched as usize..)
+            .unwrap_or_default()
+            .iter()
+            .map(|&c| &self.nodes[c as usize])
+            .filter(|c| !c.status.is_terminal());
+        if !waiting.clone().any(|c| c.spec.priority != 0) {
+            return;
+        }
+        let queue = waiting
+            .map(|c| (-i64::from(c.spec.priority), c.position))
+            .collect();
+        self.nodes[s].swarm.by_priority = Some(queue);
+    }
+
     /// Bookkeeping in the enclosing swarm when one of its items reaches a terminal status.
     fn count_in_swarm(&mut self, node: usize, ok: bool) {
         if let Some((p, pos)) = self.swarm_slot(node) {
+            let priority = self.nodes[node].spec.priority;
             let progress = &mut self.nodes[p].swarm;
-            // A rerun item that ends waiting for a slot (canceled) never took one.
+            let key = (-i64::from(priority), pos);
+            // A rerun item that ends waiting for a slot (canceled), or an item canceled before
+            // its turn, never took one.
             if let Some(w) = progress
                 .rerun_waiting
                 .iter()
                 .position(|&w| w == node as NodeIndex)
             {
                 progress.rerun_waiting.remove(w);
+            } else if let Some(waiting) = &mut progress.by_priority {
+                if !waiting.remove(&key) {
+                    progress.running = progress.running.saturating_sub(1);
+                }
             } else if pos < progress.dispatched {
                 progress.running = progress.running.saturating_sub(1);
             }
@@ -542,7 +581,20 @@ impl Workflow {
                     self.nodes[a as usize].position = first_pos + k as u32;
                 }
                 if let KindSpec::Swarm { children, .. } = &mut self.nodes[s].spec.kind {
-                    children.extend(added);
+                    children.extend(added.iter().copied());
+                }
+                // Items with a priority make a started swarm hand out by priority.
+                if self.nodes[s].swarm.by_priority.is_some() {
+                    let keys: Vec<(i64, u32)> = added
+                        .iter()
+                        .map(|&a| &self.nodes[a as usize])
+                        .map(|a| (-i64::from(a.spec.priority), a.position))
+                        .collect();
+                    if let Some(waiting) = &mut self.nodes[s].swarm.by_priority {
+                        waiting.extend(keys);
+                    }
+                } else if self.nodes[s].message.is_some() {
+                    self.prioritize_swarm(s);
                 }
             }
             Payload::SwarmClosed { swarm } => {
@@ -612,9 +664,30 @@ impl Workflow {
                     (false, true) => Status::Running,
                     (false, false) => Status::Queued,
                 };
+                if matches!(n.spec.kind, KindSpec::Swarm { .. }) {
+                    self.prioritize_swarm(i);
+                }
             }
             Payload::SwarmDispatched { swarm, count } => {
                 let s = self.check(kind, swarm)?;
+                // Only a swarm has a priority queue.
+                let progress = &mut self.nodes[s].swarm;
+                if let Some(waiting) = &mut progress.by_priority {
+                    // The `count` first waiting items, by priority (none of them ended).
+                    if waiting.len() < count as usize {
+                        return Err(ApplyError::Invalid {
+                            kind,
+                            node: swarm,
+                            reason: format!("dispatches {count} items; {} wait", waiting.len()),
+                        });
+                    }
+                    for _ in 0..count {
+                        waiting.pop_first();
+                    }
+                    progress.dispatched += count;
+                    progress.running += count;
+                    return Ok(());
+                }
                 let KindSpec::Swarm { children, .. } = &self.nodes[s].spec.kind else {
                     return Err(ApplyError::Invalid {
                         kind,
@@ -768,6 +841,34 @@ impl Workflow {
                 for n in &mut self.nodes {
                     n.reset_run();
                     n.deletion = None;
+                }
+            }
+            Payload::PriorityChanged { node, priority } => {
+                let i = self.check(kind, node)?;
+                let n = &self.nodes[i];
+                if n.in_flight
+                    || n.status == Status::Running
+                    || !(PRIORITY_MIN..=PRIORITY_MAX).contains(&priority)
+                {
+                    return Err(ApplyError::Invalid {
+                        kind,
+                        node,
+                        reason: "only a waiting signature takes a priority in range".into(),
+                    });
+                }
+                let old = std::mem::replace(&mut self.nodes[i].spec.priority, priority);
+                if let Some((s, pos)) = self.swarm_slot(i) {
+                    let started = self.nodes[s].message.is_some();
+                    let (before, after) = ((-i64::from(old), pos), (-i64::from(priority), pos));
+                    let queue = &mut self.nodes[s].swarm.by_priority;
+                    if let Some(waiting) = queue {
+                        // Waiting (not handed out yet): its place in the queue moves.
+                        if waiting.remove(&before) {
+                            waiting.insert(after);
+                        }
+                    } else if started {
+                        self.prioritize_swarm(s);
+                    }
                 }
             }
             Payload::GraphRouted {

@@ -422,6 +422,10 @@ mod fast {
                     self.variant(name, 2).uint(u64::from(*node));
                     self.int(expires_at.0);
                 }
+                Payload::PriorityChanged { node, priority } => {
+                    self.variant(name, 2).uint(u64::from(*node));
+                    self.int(i64::from(*priority));
+                }
                 Payload::KwargsUpdated { node, kwargs } => {
                     self.variant(name, 2).uint(u64::from(*node));
                     self.value(kwargs);
@@ -551,8 +555,10 @@ mod fast {
                     on_error,
                     return_field,
                     on_cleanup,
+                    priority,
                 } = n;
-                self.array(8);
+                // The priority (schema 6) is a ninth field, written only when it is not 0.
+                self.array(if *priority == 0 { 8 } else { 9 });
                 self.str(name);
                 match kind {
                     KindSpec::Task { task, retry } => {
@@ -634,6 +640,9 @@ mod fast {
                 self.indexes(on_error);
                 self.str(return_field);
                 self.indexes(on_cleanup);
+                if *priority != 0 {
+                    self.int(i64::from(*priority));
+                }
             }
         }
 
@@ -864,6 +873,13 @@ mod fast {
                     self.fields(1)?;
                     Payload::SwarmClosed { swarm: self.u32()? }
                 }
+                "priority_changed" => {
+                    self.fields(2)?;
+                    Payload::PriorityChanged {
+                        node: self.u32()?,
+                        priority: i32::try_from(self.i64()?).ok()?,
+                    }
+                }
                 "kwargs_updated" => {
                     self.fields(2)?;
                     Payload::KwargsUpdated {
@@ -1060,8 +1076,12 @@ mod fast {
         }
 
         fn node_spec(&mut self) -> Option<NodeSpec> {
-            // Specs written before `on_cleanup` existed have 7 fields: the serde decoder takes them.
-            self.array_of(8)?;
+            // Specs written before `on_cleanup` existed have 7 fields: the serde decoder takes
+            // them; from schema 6, a priority other than 0 is a ninth.
+            let fields = self.array()?;
+            if !(8..=9).contains(&fields) {
+                return None;
+            }
             Some(NodeSpec {
                 name: self.string()?,
                 kind: self.kind_spec()?,
@@ -1071,6 +1091,10 @@ mod fast {
                 on_error: self.indexes()?,
                 return_field: self.string()?,
                 on_cleanup: self.indexes()?,
+                priority: match fields {
+                    9 => i32::try_from(self.i64()?).ok()?,
+                    _ => 0,
+                },
             })
         }
 

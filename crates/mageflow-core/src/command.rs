@@ -102,6 +102,12 @@ pub enum Op {
     Rerun {
         node: NodeIndex,
     },
+    /// Change the priority of a signature that waits (not running, not ended): a swarm hands
+    /// out its waiting items, the deployment's queue serves jobs, by the new one from now on.
+    SetPriority {
+        node: NodeIndex,
+        priority: i32,
+    },
     /// End of the deletion window (the cleanup job): refused before `expires_at`, while an
     /// attempt is in flight, or if the mark was lifted.
     Purge,
@@ -150,6 +156,8 @@ pub enum Rejection {
     /// allows: the item cannot run again now (an item rerun on its own waits for a slot).
     #[error("swarm {0} runs as many items as its max_concurrency allows: rerun this when one ends, or rerun the whole item")]
     SwarmFull(NodeIndex),
+    #[error("priority {0} is outside {min}..={max}", min = crate::model::PRIORITY_MIN, max = crate::model::PRIORITY_MAX)]
+    InvalidPriority(i32),
     #[error("internal error (a bug): {0}")]
     Internal(String),
 }
@@ -175,6 +183,7 @@ impl Rejection {
             Rejection::StaleAttempt { .. } => "stale_attempt",
             Rejection::NotAGate(_) => "not_a_gate",
             Rejection::SwarmFull(_) => "swarm_full",
+            Rejection::InvalidPriority(_) => "invalid_priority",
             Rejection::Internal(_) => "internal",
         }
     }

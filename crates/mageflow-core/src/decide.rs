@@ -11,7 +11,7 @@ use crate::id::NodeIndex;
 use crate::kind;
 use crate::model::{
     deep_merge, deep_merge_owned, KindSpec, Link, Message, Outcome, Role, Status, TaskError,
-    Workflow, CLEANUP_FIELD, ERROR_FIELD,
+    Workflow, CLEANUP_FIELD, ERROR_FIELD, PRIORITY_MAX, PRIORITY_MIN,
 };
 use crate::time::Timestamp;
 use serde_json::{json, Value};
@@ -315,6 +315,19 @@ impl Decider<'_> {
                 };
                 self.emit(Payload::Rerun { node: 0 })?;
                 self.trigger(0, message)?;
+            }
+            Op::SetPriority { node, priority } => {
+                let status = self.node_status(node)?;
+                if !(PRIORITY_MIN..=PRIORITY_MAX).contains(&priority) {
+                    return Err(Rejection::InvalidPriority(priority));
+                }
+                let n = &self.wf.nodes[node as usize];
+                if status.is_terminal() || status == Status::Running || n.in_flight {
+                    return Err(invalid("change the priority of", status));
+                }
+                if n.spec.priority != priority {
+                    self.emit(Payload::PriorityChanged { node, priority })?;
+                }
             }
             Op::Purge => {
                 let Some(expires_at) = self.wf.nodes[0].deletion else {

@@ -12,8 +12,10 @@ use std::fmt;
 /// History: 1 = the first schema; 2 = adds [`Payload::ResumeReport`]; 3 = adds
 /// [`Payload::CommandRefused`]; 4 = adds [`Payload::GraphRouted`] and graph signatures
 /// (`KindSpec::Graph`); 5 = adds gates (`KindSpec::Gate`), ended by a signal, and named predicates
-/// (`Predicate::Named`) on graph edges.
-pub const SCHEMA_VERSION: u16 = 5;
+/// (`Predicate::Named`) on graph edges; 6 = adds per-item callbacks of swarms
+/// (`KindSpec::Swarm::item_callbacks`), priorities (`NodeSpec::priority`) and
+/// [`Payload::PriorityChanged`].
+pub const SCHEMA_VERSION: u16 = 6;
 
 /// Who caused an event.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -196,6 +198,12 @@ pub enum Payload {
         decisions: Vec<EdgeDecision>,
         skipped: bool,
     },
+    /// The priority of a waiting signature changed (schema 6): a swarm hands out its waiting
+    /// items, and the deployment's queue serves jobs, by the new one from now on.
+    PriorityChanged {
+        node: NodeIndex,
+        priority: i32,
+    },
 }
 
 /// What a graph decided on one edge (`edge`: its position in the graph's edges).
@@ -233,6 +241,7 @@ impl Payload {
             | MarkedForDeletion { node, .. }
             | Restored { node }
             | Rerun { node }
+            | PriorityChanged { node, .. }
             | Purged { node } => Some(*node),
         }
     }
@@ -264,6 +273,7 @@ impl Payload {
             ResumeReport { .. } => "resume_report",
             CommandRefused { .. } => "command_refused",
             GraphRouted { .. } => "graph_routed",
+            PriorityChanged { .. } => "priority_changed",
         }
     }
 }

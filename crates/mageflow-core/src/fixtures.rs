@@ -23,6 +23,7 @@ fn spec(marker: &str, name: &str, kind: KindSpec, parent: Option<(NodeIndex, Rol
         on_error: Vec::new(),
         return_field: RETURN_FIELD_DEFAULT.to_owned(),
         on_cleanup: Vec::new(),
+        priority: 0,
     }
 }
 

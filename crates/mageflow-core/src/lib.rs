@@ -27,7 +27,7 @@ pub use event::{
 };
 pub use id::{NodeIndex, ParseIdError, SignatureId, WorkflowId};
 pub use model::{
-    Edge, GraphProgress, Join, KindSpec, Link, Message, Node, NodeSpec, Outcome, RetryPolicy, Role,
-    Status, SwarmConfig, TaskError, Workflow,
+    Edge, GraphProgress, Join, KindSpec, Link, Message, Node, NodeSpec, Outcome, Priority,
+    RetryPolicy, Role, Status, SwarmConfig, TaskError, Workflow, PRIORITY_MAX, PRIORITY_MIN,
 };
 pub use time::Timestamp;

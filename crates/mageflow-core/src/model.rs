@@ -255,6 +255,62 @@ pub struct NodeSpec {
     /// Cleanup callbacks: run once after the first terminal outcome, whatever it is.
     #[serde(default)]
     pub on_cleanup: Vec<NodeIndex>,
+    /// Priority (schema 6), within [`PRIORITY_MIN`]..=[`PRIORITY_MAX`]; 0 (medium, the default)
+    /// inherits the nearest enclosing signature's ([`Workflow::priority`]). A swarm hands out its
+    /// highest-priority waiting item next (by order of addition within one priority), and the
+    /// deployment's ready queue serves higher priorities first. Last, skipped when 0: specs
+    /// without one keep the bytes of schema 5.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+}
+
+fn is_zero(p: &i32) -> bool {
+    *p == 0
+}
+
+/// Lowest priority a signature can have.
+pub const PRIORITY_MIN: i32 = -1000;
+/// Highest priority a signature can have.
+pub const PRIORITY_MAX: i32 = 1000;
+
+/// The named priority levels; any number in [`PRIORITY_MIN`]..=[`PRIORITY_MAX`] is finer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Priority {
+    /// 100.
+    High,
+    /// 0, the default.
+    Medium,
+    /// -100.
+    Low,
+}
+
+impl Priority {
+    pub fn value(self) -> i32 {
+        match self {
+            Priority::High => 100,
+            Priority::Medium => 0,
+            Priority::Low => -100,
+        }
+    }
+
+    /// `high`, `medium`, `low`, or a number in range.
+    pub fn parse(s: &str) -> Option<i32> {
+        match s {
+            "high" => Some(Priority::High.value()),
+            "medium" => Some(Priority::Medium.value()),
+            "low" => Some(Priority::Low.value()),
+            n => n
+                .parse::<i32>()
+                .ok()
+                .filter(|p| (PRIORITY_MIN..=PRIORITY_MAX).contains(p)),
+        }
+    }
+}
+
+impl From<Priority> for i32 {
+    fn from(p: Priority) -> i32 {
+        p.value()
+    }
 }
 
 impl KindSpec {
@@ -286,6 +342,7 @@ impl NodeSpec {
             on_error: Vec::new(),
             return_field: RETURN_FIELD_DEFAULT.to_owned(),
             on_cleanup: Vec::new(),
+            priority: 0,
         }
     }
 
@@ -399,6 +456,23 @@ pub struct SwarmProgress {
     /// `max_concurrency`. Last, with a default: older snapshots still decode.
     #[serde(default)]
     pub rerun_waiting: Vec<NodeIndex>,
+    /// The waiting items by priority, once one has a priority (`None`: every item has the
+    /// default, and the items from `dispatched` on wait in order of addition): keyed by
+    /// (negated priority, position), so the first is handed out next. With it, `dispatched`
+    /// counts the items handed out, not a prefix.
+    #[serde(default)]
+    pub by_priority: Option<std::collections::BTreeSet<(i64, u32)>>,
+}
+
+impl SwarmProgress {
+    /// Whether the item at `position`, of priority `priority`, was handed out (it may have ended
+    /// since).
+    pub fn was_dispatched(&self, position: u32, priority: i32) -> bool {
+        match &self.by_priority {
+            None => position < self.dispatched,
+            Some(waiting) => !waiting.contains(&(-i64::from(priority), position)),
+        }
+    }
 }
 
 /// Runtime state of a graph: what was decided on each of its edges.
@@ -696,6 +770,27 @@ impl Workflow {
         self.nodes.iter().enumerate().all(|(i, n)| {
             !n.in_flight && (n.status != Status::Queued || self.is_paused(i as NodeIndex))
         })
+    }
+
+    /// The priority `index` runs at: its own, or (0, the default) the nearest enclosing
+    /// signature's through child links (a chain item's steps run at the item's).
+    pub fn priority(&self, index: NodeIndex) -> i32 {
+        let mut i = index;
+        loop {
+            let Some(n) = self.node(i) else {
+                return 0;
+            };
+            if n.spec.priority != 0 {
+                return n.spec.priority;
+            }
+            match n.spec.parent {
+                Some(Link {
+                    node,
+                    role: Role::Child,
+                }) => i = node,
+                _ => return 0,
+            }
+        }
     }
 
     /// The input a task receives: its message (wrapped into its return field when the message is

@@ -77,11 +77,12 @@ pub(crate) fn plan(wf: &Workflow, node: NodeIndex) -> Result<Plan, Rejection> {
             return Err(Rejection::Canceled(container));
         }
         let position = wf.nodes[child as usize].position;
+        let child_priority = wf.nodes[child as usize].spec.priority;
         let mut downstream = Vec::new();
         if child_ended {
             match &c.spec.kind {
                 KindSpec::Swarm { config, .. }
-                    if position < c.swarm.dispatched
+                    if c.swarm.was_dispatched(position, child_priority)
                         && c.swarm.running >= config.max_concurrency =>
                 {
                     // The item waits for a slot; a container under it cannot.
@@ -148,6 +149,7 @@ pub(crate) fn carry_out(wf: &mut Workflow, plan: &Plan) {
             child.position,
             matches!(child.outcome, Some(Outcome::Ok(_))),
         );
+        let priority = child.spec.priority;
         let mut sources = level.downstream.clone();
         sources.push(position);
         // Graph nodes of these positions that had ended (skipped included) were settled.
@@ -169,7 +171,7 @@ pub(crate) fn carry_out(wf: &mut Workflow, plan: &Plan) {
                 }
                 if plan.waits && level.child == plan.node {
                     p.rerun_waiting.push(level.child);
-                } else if position < p.dispatched {
+                } else if p.was_dispatched(position, priority) {
                     p.running += 1;
                 }
             }

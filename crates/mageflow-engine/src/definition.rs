@@ -79,6 +79,10 @@ pub struct Common {
     /// The caller's name for the signature (unique in the document).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
+    /// Priority from -1000 to 1000 (high 100, medium 0 — the default, inheriting the enclosing
+    /// signature's — low -100): a swarm starts its highest-priority waiting item next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
 }
 
 /// A task signature.
@@ -295,6 +299,9 @@ impl Common {
         }
         if let Some(label) = self.label {
             sig = sig.with_label(label);
+        }
+        if let Some(priority) = self.priority {
+            sig = sig.with_priority(priority);
         }
         Ok(sig)
     }

@@ -192,6 +192,7 @@ pub enum WireRejection {
     StaleAttempt { node: NodeIndex, attempt: u32 },
     NotAGate(NodeIndex),
     SwarmFull(NodeIndex),
+    InvalidPriority(i32),
     Internal(String),
 }
 
@@ -211,6 +212,7 @@ const TRANSITION_OPS: &[&str] = &[
     "rerun",
     "cancel",
     "signal",
+    "change the priority of",
 ];
 
 impl From<&Rejection> for WireRejection {
@@ -240,6 +242,7 @@ impl From<&Rejection> for WireRejection {
             },
             Rejection::NotAGate(n) => WireRejection::NotAGate(*n),
             Rejection::SwarmFull(n) => WireRejection::SwarmFull(*n),
+            Rejection::InvalidPriority(p) => WireRejection::InvalidPriority(*p),
             Rejection::Internal(m) => WireRejection::Internal(m.clone()),
         }
     }
@@ -272,6 +275,7 @@ impl WireRejection {
             }
             WireRejection::NotAGate(n) => Rejection::NotAGate(n),
             WireRejection::SwarmFull(n) => Rejection::SwarmFull(n),
+            WireRejection::InvalidPriority(p) => Rejection::InvalidPriority(p),
             WireRejection::Internal(m) => Rejection::Internal(m),
         })
     }
@@ -436,6 +440,7 @@ mod tests {
             },
             Rejection::NotAGate(3),
             Rejection::SwarmFull(4),
+            Rejection::InvalidPriority(5_000),
             Rejection::Internal("a bug".into()),
         ];
         for op in TRANSITION_OPS {
@@ -464,6 +469,7 @@ mod tests {
                 | Rejection::StaleAttempt { .. }
                 | Rejection::NotAGate(_)
                 | Rejection::SwarmFull(_)
+                | Rejection::InvalidPriority(_)
                 | Rejection::Internal(_) => {}
             }
         }

@@ -22,7 +22,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Take up to ARGV[3] due jobs (oldest first), make them invisible for the lease, record the
+/// Take up to ARGV[3] due jobs (lowest score first: highest priority, then oldest), make them invisible for the lease, record the
 /// claimant and a fresh lease token per job (ARGV[4] `.` its index in the reply). Returns
 /// member, data, token, member, data, token, ... KEYS: jobs, jobdata, claims, leases.
 /// ARGV: lease ms, worker, max jobs, lease token base.

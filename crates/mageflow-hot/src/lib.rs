@@ -16,7 +16,7 @@
 //! | `wf:<uuid>` | hash | node index → JSON `{name, kind, task?, status, attempt}`; expires `done_ttl` after the workflow finished |
 //! | `swarm:<sig>` | hash | `dispatched`, `running`, `succeeded`, `failed` |
 //! | `tail` | stream | recent events, id `<position>-0`, fields `position stream seq kind node`, `MAXLEN ~ tail_len` |
-//! | `jobs` | sorted set | job key (`sig_<hex>.<i>#<attempt>`) scored by the instant (ms, Redis clock) it becomes visible |
+//! | `jobs` | sorted set | job key (`sig_<hex>.<i>#<attempt>`) scored by the instant (ms, Redis clock) it becomes visible: a new job by the instant it was added, moved back by its priority ([`projector::PRIORITY_SPAN_MS`] per step above the lowest), so workers claim higher priorities first and, within one, the oldest; a claimed one by the end of its lease |
 //! | `jobdata` | hash | job key → JSON `{task, input, checkpoint}` |
 //! | `claims` | hash | job key → worker id of the latest claim |
 //! | `leases` | hash | job key → lease token of the latest claim (only its holder's reports count; removed when the attempt ends) |

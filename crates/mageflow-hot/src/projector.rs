@@ -3,7 +3,10 @@
 
 use crate::hot::rerr;
 use crate::{Hot, HotError, JobData, JobKey, NodeView};
-use mageflow_core::{Effect, Event, KindSpec, Link, Node, Payload, Role, Workflow, WorkflowId};
+use mageflow_core::{
+    Effect, Event, KindSpec, Link, Node, Payload, Role, Workflow, WorkflowId, PRIORITY_MAX,
+    PRIORITY_MIN,
+};
 use mageflow_store::{EventLog, Recorded};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -559,6 +562,18 @@ async fn check_position(
     Ok((stored, secs * 1000 + micros / 1000))
 }
 
+/// How far back (ms) one step of priority moves a new job in `jobs`: more than the age of any
+/// job waiting there, so priority comes first and the order of addition second (2^32 ms is 49
+/// days; the full range of priorities spans 2^43 ms, within an `f64` score's exact integers).
+pub const PRIORITY_SPAN_MS: i64 = 1 << 32;
+
+/// The score of a new job of `priority` added at `now_ms`: due now, ahead of every job of a
+/// lower priority.
+fn job_score(now_ms: u64, priority: i32) -> i64 {
+    let steps = i64::from(priority.clamp(PRIORITY_MIN, PRIORITY_MAX) - PRIORITY_MIN);
+    now_ms as i64 - steps * PRIORITY_SPAN_MS
+}
+
 /// Queue the job of attempt `attempt` of node `i` (it is in flight in `wf`); `if_absent`: leave
 /// a job already queued or claimed as it is.
 #[allow(clippy::too_many_arguments)]
@@ -597,7 +612,7 @@ fn add_job(
     pipe.cmd("ZADD")
         .arg(jobs)
         .arg(zadd)
-        .arg(now_ms)
+        .arg(job_score(now_ms, wf.priority(i)))
         .arg(&member)
         .ignore();
     pipe.cmd(hset).arg(jobdata).arg(&member).arg(data).ignore();

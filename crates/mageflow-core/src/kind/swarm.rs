@@ -203,18 +203,32 @@ pub(super) fn fill(d: &mut Decider<'_>, swarm: NodeIndex) -> Result<(), Rejectio
     let free = free - reruns.len() as u32;
     // Items that finished before their turn (canceled while waiting) take no slot: they are
     // handed out along with the live ones, so they neither waste a slot nor hold the swarm up.
-    let mut count = 0u32;
-    let mut live = 0u32;
-    for &c in &children[p.dispatched as usize..] {
-        if !d.wf.nodes[c as usize].status.is_terminal() {
-            if live == free {
-                break;
-            }
-            live += 1;
+    let (count, items) = match &p.by_priority {
+        // The highest priorities first, by order of addition within one (none of them ended).
+        Some(waiting) => {
+            let items: Vec<NodeIndex> = waiting
+                .iter()
+                .take(free as usize)
+                .map(|&(_, position)| children[position as usize])
+                .collect();
+            (items.len() as u32, items)
         }
-        count += 1;
-    }
-    let items = children[p.dispatched as usize..(p.dispatched + count) as usize].to_vec();
+        None => {
+            let mut count = 0u32;
+            let mut live = 0u32;
+            for &c in &children[p.dispatched as usize..] {
+                if !d.wf.nodes[c as usize].status.is_terminal() {
+                    if live == free {
+                        break;
+                    }
+                    live += 1;
+                }
+                count += 1;
+            }
+            let from = p.dispatched as usize;
+            (count, children[from..from + count as usize].to_vec())
+        }
+    };
     let all_finished = *closed && (p.succeeded + p.failed) as usize == children.len();
     // When every item is already terminal the triggers below are no-ops: the results hold.
     let results: Option<Vec<Value>> = all_finished.then(|| {

@@ -14,7 +14,9 @@
 //! - `events-v3-compact/<kind>.msgpack`: schema 3 (adds `command_refused`). Frozen.
 //! - `events-v4-compact/<kind>.msgpack`: schema 4 (adds `graph_routed`). Frozen.
 //! - `events-v5-compact/<kind>.msgpack`: schema 5 (adds gates, `KindSpec::Gate`, a new kind
-//!   and no new event: `swarm_items_added` adds a gate): the current one.
+//!   and no new event: `swarm_items_added` adds a gate). Frozen.
+//! - `events-v6-compact/<kind>.msgpack`: schema 6 (adds `priority_changed`, per-item callbacks
+//!   of a swarm and priorities of signatures, in `workflow_created`): the current one.
 //!   The older directories hold the variants that existed then, with their schema in the
 //!   envelope.
 //!
@@ -55,8 +57,12 @@ const V3_VARIANTS: usize = 22;
 const V4_COMPACT_DIR: &str = "events-v4-compact";
 /// Variants schema 4 had.
 const V4_VARIANTS: usize = 23;
+/// The frozen directory of schema 5.
+const V5_COMPACT_DIR: &str = "events-v5-compact";
+/// Variants schema 5 had.
+const V5_VARIANTS: usize = 23;
 /// The directory of the current schema and layout, the one `MAGEFLOW_BLESS=1` writes.
-const CURRENT_DIR: &str = "events-v5-compact";
+const CURRENT_DIR: &str = "events-v6-compact";
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/golden")).join(name)
@@ -89,9 +95,10 @@ fn variant(payload: &Payload) -> usize {
         Payload::ResumeReport { .. } => 20,
         Payload::CommandRefused { .. } => 21,
         Payload::GraphRouted { .. } => 22,
+        Payload::PriorityChanged { .. } => 23,
     }
 }
-const VARIANTS: usize = 23;
+const VARIANTS: usize = 24;
 
 /// The golden events of the current schema, in variant order.
 fn expected() -> Vec<Event> {
@@ -107,7 +114,17 @@ fn expected_of(schema: u16, variants: usize) -> Vec<Event> {
             task("fetch")
                 .retry(3, 250, 10_000)
                 .kwargs(json!({"url": "https://example.com/a", "timeout_s": 2.5})),
-            swarm("fan", 4, Some(2), false, [task("resize"), task("tag")]).on_error(task("alert")),
+            {
+                let fan = swarm("fan", 4, Some(2), false, [task("resize"), task("tag")])
+                    .on_error(task("alert"));
+                // Schema 6 adds per-item callbacks and priorities.
+                if schema >= 6 {
+                    fan.per_item(Some(task("stored")), Some(chain("undo", [task("log")])))
+                        .priority(-100)
+                } else {
+                    fan
+                }
+            },
         ],
     )
     .kwargs(json!({"tenant": "acme", "tags": ["a", "ü"], "n": -7}))
@@ -228,6 +245,10 @@ fn expected_of(schema: u16, variants: usize) -> Vec<Event> {
             ],
             skipped: false,
         },
+        Payload::PriorityChanged {
+            node: 3,
+            priority: 100,
+        },
     ];
     payloads
         .into_iter()
@@ -326,6 +347,7 @@ fn golden_files_still_decode_to_the_same_events() {
     check_dir(V2_COMPACT_DIR, expected_of(2, V2_VARIANTS));
     check_dir(V3_COMPACT_DIR, expected_of(3, V3_VARIANTS));
     check_dir(V4_COMPACT_DIR, expected_of(4, V4_VARIANTS));
+    check_dir(V5_COMPACT_DIR, expected_of(5, V5_VARIANTS));
     check_dir(CURRENT_DIR, expected());
 }
 

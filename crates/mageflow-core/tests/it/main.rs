@@ -5,6 +5,7 @@ mod conditions;
 mod golden;
 mod graph_props;
 mod graphs;
+mod priority;
 mod props;
 mod rerun;
 mod semantics;

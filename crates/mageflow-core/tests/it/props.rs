@@ -34,8 +34,8 @@ fn config() -> ProptestConfig {
 // ---------------------------------------------------------------------------------------------
 
 fn arb_task() -> impl Strategy<Value = Tree> + Clone {
-    (0u32..3, 0u8..4).prop_map(|(retries, k)| {
-        let t = task("t").retry(retries, 10, 1_000);
+    (0u32..3, 0u8..4, prop_oneof![3 => Just(0), 1 => -2i32..3]).prop_map(|(retries, k, p)| {
+        let t = task("t").retry(retries, 10, 1_000).priority(p);
         if k == 0 {
             t.kwargs(json!({ "k": k }))
         } else {
@@ -104,6 +104,7 @@ enum Gen {
     Restore,
     Rerun,
     RerunNode(Index),
+    SetPriority(Index, i32),
     Purge,
 }
 
@@ -124,6 +125,7 @@ fn arb_gen() -> impl Strategy<Value = Gen> {
         1 => Just(Gen::Restore),
         1 => Just(Gen::Rerun),
         1 => i().prop_map(Gen::RerunNode),
+        1 => (i(), -3i32..4).prop_map(|(n, p)| Gen::SetPriority(n, p)),
         1 => Just(Gen::Purge),
         2 => (i(), prop::collection::vec(arb_tree(), 0..3), any::<bool>(), prop::bool::weighted(0.9))
             .prop_map(|(n, items, close, valid)| Gen::AddSwarmItems(n, items, close, valid)),
@@ -234,6 +236,10 @@ fn resolve(wf: &Workflow, gen: &Gen) -> Op {
         },
         Gen::Restore => Op::Restore,
         Gen::Rerun => Op::Rerun { node: 0 },
+        Gen::SetPriority(i, p) => Op::SetPriority {
+            node: pick(wf, i, |n| !n.status.is_terminal() && !n.in_flight),
+            priority: *p,
+        },
         Gen::RerunNode(i) => Op::Rerun {
             node: pick(wf, i, |n| matches!(n.status, Status::Done | Status::Failed)),
         },
@@ -441,7 +447,39 @@ fn check_swarm_counters(wf: &Workflow) -> Result<(), TestCaseError> {
         };
         let status = |c: &NodeIndex| wf.nodes[*c as usize].status;
         let p = &n.swarm;
-        let dispatched = &children[..p.dispatched as usize];
+        // Handed out: a prefix in order of addition, or whatever the priority queue let go of.
+        let dispatched: Vec<&NodeIndex> = children
+            .iter()
+            .filter(|&&c| {
+                let item = &wf.nodes[c as usize];
+                p.was_dispatched(item.position, item.spec.priority)
+            })
+            .collect();
+        // (Out of a priority queue too: items canceled while they waited.)
+        if p.by_priority.is_none() {
+            prop_assert_eq!(
+                dispatched.len() as u32,
+                p.dispatched,
+                "swarm {} dispatched",
+                i
+            );
+        } else {
+            prop_assert!(
+                dispatched.len() as u32 >= p.dispatched,
+                "swarm {} dispatched",
+                i
+            );
+        }
+        if let Some(waiting) = &p.by_priority {
+            for &(_, pos) in waiting {
+                prop_assert!(
+                    !status(&children[pos as usize]).is_terminal(),
+                    "swarm {} has ended item {} waiting",
+                    i,
+                    pos
+                );
+            }
+        }
         // A rerun item waiting for a slot holds none.
         for w in &p.rerun_waiting {
             let n = &wf.nodes[*w as usize];
@@ -478,9 +516,9 @@ fn check_swarm_counters(wf: &Workflow) -> Result<(), TestCaseError> {
             .count();
         prop_assert_eq!(p.succeeded as usize, done, "swarm {} succeeded count", i);
         prop_assert_eq!(p.failed as usize, failed, "swarm {} failed count", i);
-        // Nothing beyond the dispatch cursor was triggered (while the swarm has not finished).
+        // Nothing not handed out was triggered (while the swarm has not finished).
         if !n.status.is_terminal() {
-            for c in &children[p.dispatched as usize..] {
+            for c in children.iter().filter(|c| !dispatched.contains(c)) {
                 prop_assert!(
                     wf.nodes[*c as usize].message.is_none(),
                     "swarm {} item {} triggered before dispatch",
@@ -793,9 +831,20 @@ fn arb_spec(max_node: NodeIndex) -> impl Strategy<Value = NodeSpec> {
         prop::collection::vec(idx(), 0..2),
         ".{0,6}",
         prop::collection::vec(idx(), 0..2),
+        prop_oneof![Just(0), any::<i32>()],
     )
         .prop_map(
-            |(name, kind, kwargs, parent, on_success, on_error, return_field, on_cleanup)| {
+            |(
+                name,
+                kind,
+                kwargs,
+                parent,
+                on_success,
+                on_error,
+                return_field,
+                on_cleanup,
+                priority,
+            )| {
                 NodeSpec {
                     name,
                     kind,
@@ -805,6 +854,7 @@ fn arb_spec(max_node: NodeIndex) -> impl Strategy<Value = NodeSpec> {
                     on_error,
                     return_field,
                     on_cleanup,
+                    priority,
                 }
             },
         )
@@ -882,6 +932,8 @@ fn arb_payload(max_node: NodeIndex) -> impl Strategy<Value = Payload> {
         n().prop_map(|node| Payload::Restored { node }),
         n().prop_map(|node| Payload::Rerun { node }),
         n().prop_map(|node| Payload::Purged { node }),
+        (n(), any::<i32>())
+            .prop_map(|(node, priority)| Payload::PriorityChanged { node, priority }),
     ]
 }
 

@@ -20,6 +20,7 @@ pub struct Tree {
     pub on_success: Vec<Tree>,
     pub on_error: Vec<Tree>,
     pub on_cleanup: Vec<Tree>,
+    pub priority: i32,
 }
 
 #[derive(Clone, Debug)]
@@ -78,6 +79,7 @@ pub fn task(name: &str) -> Tree {
         on_success: Vec::new(),
         on_error: Vec::new(),
         on_cleanup: Vec::new(),
+        priority: 0,
     }
 }
 
@@ -130,6 +132,11 @@ impl Tree {
         if let TreeKind::Swarm { per_item, .. } = &mut self.kind {
             **per_item = (on_success, on_error);
         }
+        self
+    }
+
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
         self
     }
 
@@ -204,6 +211,7 @@ impl Tree {
             on_error: Vec::new(),
             return_field: mageflow_core::model::RETURN_FIELD_DEFAULT.to_owned(),
             on_cleanup: Vec::new(),
+            priority: self.priority,
         });
         let kids: &[Tree] = match &self.kind {
             TreeKind::Task { .. } | TreeKind::Gate => &[],

@@ -67,6 +67,19 @@ pub async fn apply(
             h.reject(target, reason).await?;
             format!("{target} rejected: it failed and its failure path runs")
         }
+        ControlOp::Priority => {
+            let priority = match value.as_ref().and_then(Value::as_i64) {
+                Some(p) => i32::try_from(p).unwrap_or(if p < 0 { i32::MIN } else { i32::MAX }),
+                None => {
+                    return Err(crate::Error::InvalidInput {
+                        task: "(priority)".into(),
+                        reason: format!("the priority must be an integer, not {value:?}"),
+                    })
+                }
+            };
+            h.set_priority(target, priority).await?;
+            format!("{target} now has priority {priority}")
+        }
         ControlOp::Submit => {
             let document = value.unwrap_or(Value::Null);
             let bytes = serde_json::to_vec(&document).unwrap_or_default();

@@ -32,11 +32,13 @@ pub enum ControlOp {
     /// Create and run the workflow whose root is the target, from a workflow definition
     /// (`crate::definition`); idempotent: a resubmission finds the workflow.
     Submit,
+    /// Change the priority of a waiting signature (the value: a JSON number).
+    Priority,
 }
 
 impl ControlOp {
     /// Every command, in the order the CLI lists them.
-    pub const ALL: [ControlOp; 10] = [
+    pub const ALL: [ControlOp; 11] = [
         ControlOp::Cancel,
         ControlOp::Interrupt,
         ControlOp::Suspend,
@@ -47,6 +49,7 @@ impl ControlOp {
         ControlOp::Signal,
         ControlOp::Reject,
         ControlOp::Submit,
+        ControlOp::Priority,
     ];
 
     /// The command's name, as the CLI and the relay spell it (`cancel`, `interrupt`, …).
@@ -62,6 +65,7 @@ impl ControlOp {
             ControlOp::Signal => "signal",
             ControlOp::Reject => "reject",
             ControlOp::Submit => "submit",
+            ControlOp::Priority => "priority",
         }
     }
 }

@@ -26,7 +26,7 @@ impl Orchestrator {
     fn scan(&mut self, events: &[Event], step: &mut Step) {
         for effect in events.iter().flat_map(Effect::of) {
             match effect {
-                Effect::Enqueue(sig) => self.ready.push_back(sig),
+                Effect::Enqueue(sig) => self.enqueue(sig),
                 Effect::ArmTimer { sig, at } => {
                     self.stats.retries_scheduled.fetch_add(1, Ordering::Relaxed);
                     self.timers.insert((at, sig));
@@ -360,7 +360,7 @@ impl Orchestrator {
                 break;
             }
             self.timers.pop_first();
-            self.ready.push_back(sig);
+            self.enqueue(sig);
         }
     }
 

@@ -66,7 +66,7 @@ impl Orchestrator {
                             self.stats.running.fetch_sub(1, Ordering::Relaxed);
                             // An abandoned attempt's requeue may have come up meanwhile.
                             if self.deferred.remove(&sig) {
-                                self.ready.push_back(sig);
+                                self.enqueue(sig);
                             }
                         }
                     } else if let Some(r) = self.running.get(&sig) {
@@ -102,7 +102,7 @@ impl Orchestrator {
                         // workflow is reloaded, and nothing else may touch that workflow to
                         // make it start (found by the simulator: mageflow-sim BUGS.md #3).
                         self.deferred.remove(&l.sig);
-                        self.ready.push_back(l.sig);
+                        self.enqueue(l.sig);
                     }
                 }
                 let msg = e.to_string();

@@ -415,6 +415,23 @@ impl Handle {
         self.op(sig, Op::Rerun { node: sig.index }).await
     }
 
+    /// Change the priority of `sig` while it waits (queued, or not reached yet): a swarm hands
+    /// out its waiting items by the new one from now on, and the deployment's workers claim by
+    /// it. Refused for a running or ended signature (`invalid_transition`) and outside
+    /// [`PRIORITY_MIN`](mageflow_core::PRIORITY_MIN)..=[`PRIORITY_MAX`](mageflow_core::PRIORITY_MAX)
+    /// (`invalid_priority`). The change is an event with its actor, like every transition.
+    pub async fn set_priority(&self, sig: SignatureId, priority: impl Into<i32>) -> Result<()> {
+        let priority = priority.into();
+        self.op(
+            sig,
+            Op::SetPriority {
+                node: sig.index,
+                priority,
+            },
+        )
+        .await
+    }
+
     /// Stop `sig` and everything under it for good (running handlers get their token fired;
     /// their task data is redacted once the workflow finishes, [`Config::redact_canceled`]).
     /// Refused with `confirmation_required` unless `confirmed`; a canceled signature can be

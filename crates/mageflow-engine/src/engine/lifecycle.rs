@@ -14,7 +14,7 @@ use crate::log_slot::LogSlot;
 use crate::registry::Registry;
 use mageflow_core::Actor;
 use mageflow_store::EventLog;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -65,7 +65,7 @@ impl Engine {
             },
             config,
             hot: Map::default(),
-            ready: VecDeque::new(),
+            ready: Default::default(),
             timers: BTreeSet::new(),
             purges: BTreeSet::new(),
             running: Map::default(),

@@ -52,6 +52,7 @@ mod history;
 mod lifecycle;
 mod link;
 mod orchestrator;
+mod ready;
 mod recovery;
 mod report;
 mod request;

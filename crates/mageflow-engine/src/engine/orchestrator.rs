@@ -18,7 +18,7 @@ use mageflow_core::{
 use mageflow_store::{AppendRequest, BoxFuture, EventLog};
 use serde_json::Value;
 use std::any::Any;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,7 +124,7 @@ pub(super) struct Orchestrator {
     pub(super) worker_actor: Actor,
     /// Unfinished workflows (and finished ones until their waiters are answered).
     pub(super) hot: Map<WorkflowId, Workflow>,
-    pub(super) ready: VecDeque<SignatureId>,
+    pub(super) ready: super::ready::ReadyQueue,
     pub(super) timers: BTreeSet<(Timestamp, SignatureId)>,
     /// Deletion windows: when each marked workflow is due for purging (the cleanup job).
     pub(super) purges: BTreeSet<(Timestamp, WorkflowId)>,
@@ -279,7 +279,8 @@ impl Orchestrator {
             let state = Workflow::replay(wf, events).map_err(|e| Error::Replay(wf, e))?;
             for (i, n) in state.nodes.iter().enumerate() {
                 if n.status == Status::Queued && !n.in_flight {
-                    self.ready.push_back(state.sig(i as NodeIndex));
+                    let i = i as NodeIndex;
+                    self.ready.push_back(state.sig(i), state.priority(i));
                 }
             }
             self.hot.insert(wf, state);
@@ -299,9 +300,18 @@ impl Orchestrator {
             self.free_slots += 1;
             self.stats.running.fetch_sub(1, Ordering::Relaxed);
             if self.deferred.remove(&sig) {
-                self.ready.push_back(sig);
+                self.enqueue(sig);
             }
         }
+    }
+
+    /// Queue `sig` to start, at its priority (as its workflow's state has it, if loaded).
+    pub(super) fn enqueue(&mut self, sig: SignatureId) {
+        let priority = self
+            .hot
+            .get(&sig.workflow)
+            .map_or(0, |w| w.priority(sig.index));
+        self.ready.push_back(sig, priority);
     }
 
     /// Count an attempt as running, from its start until its slot is given back.

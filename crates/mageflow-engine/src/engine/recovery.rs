@@ -200,7 +200,7 @@ impl Orchestrator {
         }
         for (k, sig) in resumed.into_iter().enumerate() {
             if settings.stagger.is_zero() {
-                self.ready.push_back(sig);
+                self.enqueue(sig);
             } else {
                 let delay = settings.stagger.saturating_mul(k as u32).as_micros();
                 let at = Timestamp::from_micros(
@@ -290,11 +290,13 @@ impl Orchestrator {
                 } else if n.status == Status::Queued {
                     match n.not_before {
                         Some(t) => timers.push((t, state.sig(index))),
-                        None => ready.push(state.sig(index)),
+                        None => ready.push((state.sig(index), state.priority(index))),
                     }
                 }
             }
-            self.ready.extend(ready);
+            for (sig, priority) in ready {
+                self.ready.push_back(sig, priority);
+            }
             self.timers.extend(timers);
         }
         let actor = Actor::system("resume");

@@ -89,6 +89,11 @@ impl Sig {
                 )));
             }
         }
+        if !(mageflow_core::PRIORITY_MIN..=mageflow_core::PRIORITY_MAX).contains(&common.priority) {
+            return Err(Error::Rejected(mageflow_core::Rejection::InvalidPriority(
+                common.priority,
+            )));
+        }
         let kwargs = Value::Object(common.kwargs.clone());
         check_depth("kwargs", &kwargs)?;
         let bytes = serde_json::to_vec(&kwargs).map_or(0, |v| v.len());
@@ -233,6 +238,7 @@ impl Sig {
             on_error: Vec::new(),
             return_field,
             on_cleanup: Vec::new(),
+            priority: common.priority,
         });
         let link = |role| Some(Link { node: me, role });
         let mut members = self.members();

@@ -115,11 +115,19 @@ struct Common {
     /// not stored in the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     label: Option<String>,
+    /// 0: medium, the default (inherits the enclosing signature's).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    priority: i32,
+}
+
+fn is_zero(p: &i32) -> bool {
+    *p == 0
 }
 
 impl Common {
     fn is_empty(&self) -> bool {
-        self.kwargs.is_empty()
+        self.priority == 0
+            && self.kwargs.is_empty()
             && self.on_cleanup.is_empty()
             && self.unserializable.is_none()
             && self.on_success.is_empty()
@@ -321,6 +329,16 @@ macro_rules! common_builders {
                 self.common.on_cleanup.push(callback.into());
                 self
             }
+            /// Run at `priority`: [`Priority::High`](mageflow_core::Priority), `Medium` (the
+            /// default: the enclosing signature's), `Low`, or a number in
+            /// [`PRIORITY_MIN`](mageflow_core::PRIORITY_MIN)..=[`PRIORITY_MAX`](mageflow_core::PRIORITY_MAX).
+            /// A swarm hands out its highest-priority waiting item next (by order of addition
+            /// within one priority); the deployment's workers claim higher priorities first.
+            /// Change it while it waits with `Handle::set_priority`.
+            pub fn priority(mut self, priority: impl Into<i32>) -> Self {
+                self.common.priority = priority.into();
+                self
+            }
         }
         impl From<$t> for Sig {
             fn from(s: $t) -> Sig {
@@ -510,6 +528,12 @@ impl Sig {
             Callback::Error => common.on_error.push(cb),
             Callback::Cleanup => common.on_cleanup.push(cb),
         }
+        self
+    }
+
+    /// Give it a priority, whatever the kind.
+    pub(crate) fn with_priority(mut self, priority: i32) -> Sig {
+        self.common_mut().priority = priority;
         self
     }
 
