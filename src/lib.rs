@@ -62,9 +62,10 @@ pub use mageflow_core::{
     TaskError, Timestamp, Workflow, WorkflowId, PRIORITY_MAX, PRIORITY_MIN,
 };
 pub use mageflow_engine::{
-    chain, gate, graph, sign, swarm, AutoResume, ChainSig, Config, Dispatch, Engine, Error,
-    GateSig, GraphSig, Handle, RecoveryReport, Registry, Result, Sig, Stats, StoredResumeReport,
-    Submitted, SwarmSig, TaskContext, TaskDef, TaskFailure, TaskSig, Until,
+    chain, gate, graph, sign, swarm, AutoResume, BulkOptions, BulkPhase, BulkProgress,
+    BulkRejection, BulkReport, ChainSig, Config, Dispatch, Engine, Error, GateSig, GraphSig,
+    Handle, RecoveryReport, Registry, Result, Sig, Stats, StoredResumeReport, Submitted, SwarmSig,
+    TaskContext, TaskDef, TaskFailure, TaskSig, Until,
 };
 pub use mageflow_engine::{definition, templates};
 

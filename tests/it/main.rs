@@ -8,6 +8,7 @@
 mod support;
 
 mod auto_resume;
+mod bulk;
 mod chains;
 mod compaction;
 mod composites;

@@ -10,6 +10,7 @@ mod demo;
 mod inspect;
 mod reader;
 mod submit_cmd;
+mod swarm_cmd;
 mod tiers;
 
 use anyhow::{Context, Result};
@@ -202,6 +203,9 @@ enum Cmd {
     /// Create a workflow from a definition file (JSON, see docs/workflow.schema.json) on an
     /// embedded store and print its id; --wait runs it here to its end.
     Submit(submit_cmd::SubmitArgs),
+    /// Work on a swarm: `swarm add SWARM_ID --file ITEMS.jsonl` adds many items at once.
+    #[command(subcommand)]
+    Swarm(swarm_cmd::SwarmCmd),
     /// Accept a gate that waits for a signal: it succeeds with its input and --value merged
     /// over it, and what follows it runs (a graph routes on that result).
     Signal(control_cmd::SignalArgs),
@@ -353,6 +357,7 @@ fn main() -> Result<()> {
             Cmd::Restore(a) => control_cmd::run(ControlOp::Restore, &a, false, None).await,
             Cmd::Rerun(a) => control_cmd::run(ControlOp::Rerun, &a, false, None).await,
             Cmd::Submit(a) => submit_cmd::run(&a).await,
+            Cmd::Swarm(c) => swarm_cmd::run(&c).await,
             Cmd::Signal(a) => {
                 let value = control_cmd::parse_signal(&a.value)?;
                 control_cmd::run(ControlOp::Signal, &a.common, false, Some(value)).await

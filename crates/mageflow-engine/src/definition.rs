@@ -201,6 +201,24 @@ pub fn parse(bytes: &[u8]) -> Result<(Sig, Value)> {
     Ok((sig, def.input))
 }
 
+/// One signature in the format (a `Node`: `{"task": {...}}`, `{"chain": {...}}`, …), as a line
+/// of the items file of `mageflow swarm add` holds it; errors name the JSON path.
+pub fn parse_node(bytes: &[u8]) -> Result<Sig> {
+    if bytes.len() > DEFINITION_BYTES_MAX {
+        return Err(Error::TooLarge {
+            what: "workflow definition",
+            bytes: bytes.len(),
+            max: DEFINITION_BYTES_MAX,
+        });
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let node: Node = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        invalid(format!("at {path}: {}", e.into_inner()))
+    })?;
+    node.into_sig()
+}
+
 /// The JSON Schema of the format, as checked into `docs/workflow.schema.json`.
 pub fn schema() -> Value {
     serde_json::to_value(schemars::schema_for!(WorkflowDefinition)).unwrap_or(Value::Null)

@@ -88,6 +88,10 @@ pub enum Error {
     /// names the JSON path of what is wrong. Nothing was submitted.
     #[error("invalid workflow definition {0}")]
     InvalidDefinition(String),
+    /// A bulk add ([`crate::Handle::add_many`]) refused whole: every bad item, by index, with
+    /// why. Nothing was added.
+    #[error("bulk add refused, nothing added: {}", crate::engine::bulk::describe(.0))]
+    BulkRejected(Vec<crate::engine::bulk::BulkRejection>),
     /// [`crate::Handle::wait_for`] or `wait_timeout` gave up: the workflow did not reach
     /// `until` within the timeout (it is not touched; wait again to go on).
     #[error("workflow {workflow} was not {until} after {waited_ms} ms of waiting")]
@@ -123,6 +127,7 @@ impl Error {
             Error::Expired(_) => "expired",
             Error::InvalidPrincipal(_) => "invalid_principal",
             Error::InvalidDefinition(_) => "invalid_definition",
+            Error::BulkRejected(_) => "bulk_rejected",
             Error::WaitTimeout { .. } => "wait_timeout",
         }
     }
@@ -530,6 +535,11 @@ mod tests {
             Error::Expired("late".into()),
             Error::InvalidPrincipal("empty".into()),
             Error::InvalidDefinition("at root: missing field".into()),
+            Error::BulkRejected(vec![crate::engine::bulk::BulkRejection {
+                index: 3,
+                code: "unknown_task",
+                message: "unknown task".into(),
+            }]),
         ];
         all.extend(every_rejection().into_iter().map(Error::Rejected));
         for e in &all {
@@ -554,7 +564,8 @@ mod tests {
                 | Error::Forbidden(_)
                 | Error::Expired(_)
                 | Error::InvalidPrincipal(_)
-                | Error::InvalidDefinition(_) => {}
+                | Error::InvalidDefinition(_)
+                | Error::BulkRejected(_) => {}
             }
         }
         all

@@ -43,6 +43,7 @@ pub mod worker;
 pub use clock::{now, Clock};
 pub use compaction::HistoryPass;
 pub use context::{TaskContext, WorkerLink};
+pub use engine::bulk::{BulkOptions, BulkPhase, BulkProgress, BulkRejection, BulkReport};
 pub use engine::{
     AutoResume, CompactionStats, Config, Dispatch, Engine, Handle, HistoryCompaction,
     PositionFloor, RecoveryReport, SkippedWorkflow, Stats, StoredRefusal, StoredResumeReport,

@@ -151,15 +151,21 @@ pub fn item_callback_copies(
         }) = n.parent
         {
             if let Some(t) = template(swarm) {
-                for copy in [&t.on_success, &t.on_error] {
-                    if !copy.is_empty() {
-                        copies += copy.len() + item_callback_copies(copy, 0, None);
-                    }
-                }
+                copies += nodes_per_item(t);
             }
         }
     }
     copies
+}
+
+/// Signatures one item's copies of `callbacks` add (with the copies of per-item callbacks of
+/// swarms inside them).
+pub fn nodes_per_item(callbacks: &ItemCallbacks) -> usize {
+    [&callbacks.on_success, &callbacks.on_error]
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .map(|t| t.len() + item_callback_copies(t, 0, None))
+        .sum()
 }
 
 /// Close a swarm: it takes no more items and finishes once those it has are done. Closing a

@@ -103,6 +103,11 @@ impl Handle {
         self.call(req, rx).await
     }
 
+    /// Carry out `actions` in one atomic step (one append).
+    pub(super) async fn exec_actions(&self, actions: Vec<(WorkflowId, Action)>) -> Result<()> {
+        self.exec(actions, false).await
+    }
+
     async fn op(&self, sig: SignatureId, op: Op) -> Result<()> {
         self.exec(vec![(sig.workflow, Action::Core(op))], false)
             .await

@@ -44,6 +44,7 @@
 //! compaction job and `control::apply` (which sit above the handle) use the other two. The
 //! crate's whole layering is in `lib.rs`.
 
+pub(crate) mod bulk;
 pub(crate) mod config;
 mod decide;
 mod effects;

@@ -51,11 +51,7 @@ pub(crate) fn item_templates(s: &SwarmSig, registry: &Registry) -> Result<(ItemC
         on_success: template(&s.on_item_success)?,
         on_error: template(&s.on_item_error)?,
     };
-    let per_item = callbacks.len()
-        + [&callbacks.on_success, &callbacks.on_error]
-            .into_iter()
-            .map(|t| mageflow_core::kind::swarm::item_callback_copies(t, 0, None))
-            .sum::<usize>();
+    let per_item = mageflow_core::kind::swarm::nodes_per_item(&callbacks);
     if per_item > ITEM_CALLBACK_NODES_MAX {
         return Err(Error::TooMany {
             what: "signatures in a swarm's per-item callbacks",
