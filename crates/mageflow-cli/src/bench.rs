@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 /// Workflows per `submit_many` call in the `flat` scenario.
 const FLAT_BULK: u32 = 10_000;
 
-pub const SCENARIOS: [&str; 8] = [
+pub const SCENARIOS: [&str; 10] = [
     "flat",
     "chain",
     "fanout",
@@ -28,7 +28,14 @@ pub const SCENARIOS: [&str; 8] = [
     "interrupt",
     "graph-line",
     "graph-fanout",
+    "bulk-add",
+    "priority",
 ];
+
+/// `max_concurrency` of the `fanout-limited` and `priority` scenarios.
+pub const FANOUT_LIMIT: u32 = 8;
+/// Up to this many items, `bulk-add` also times the same items added one call each.
+const BULK_COMPARE_MAX: u32 = 20_000;
 
 pub async fn run(scenario: &str, store: Option<&str>, n: Option<u32>) -> Result<()> {
     if scenario == "all" {
@@ -51,10 +58,12 @@ pub async fn run(scenario: &str, store: Option<&str>, n: Option<u32>) -> Result<
         "flat" => flat(&dir, n.unwrap_or(100_000)).await,
         "chain" => chain_steps(&dir, n.unwrap_or(1_000)).await,
         "fanout" => fanout(&dir, n.unwrap_or(5_000), None).await,
-        "fanout-limited" => fanout(&dir, n.unwrap_or(5_000), Some(8)).await,
+        "fanout-limited" => fanout(&dir, n.unwrap_or(5_000), Some(FANOUT_LIMIT)).await,
         "cancel" => cancel(&dir, n.unwrap_or(2_000)).await,
         "interrupt" => interrupt(&dir, n.unwrap_or(10_000)).await,
         "graph-line" => graph_line(&dir, n.unwrap_or(1_000)).await,
+        "bulk-add" => bulk_add(&dir, n.unwrap_or(10_000)).await,
+        "priority" => priority(&dir, n.unwrap_or(5_000)).await,
         _ => graph_fanout(&dir, n.unwrap_or(10_000)).await,
     };
     if temporary {
@@ -241,13 +250,109 @@ async fn fanout(dir: &PathBuf, n: u32, limit: Option<u32>) -> Result<String> {
     let t0 = Instant::now();
     let wf = h.submit(s, json!({})).await?;
     done.notified().await;
-    let secs = t0.elapsed().as_secs_f64();
+    // To the workflow's end (its callback's result recorded), as on PostgreSQL + Redis.
     h.wait(wf).await?;
+    let secs = t0.elapsed().as_secs_f64();
     engine.shutdown().await;
     let limit_part = limit.map_or(String::new(), |l| format!(" max_concurrency={l}"));
     Ok(format!(
-        "n={n}{limit_part} store=embedded seconds_to_callback={secs:.3} peak_running={}",
+        "n={n}{limit_part} store=embedded seconds_to_done={secs:.3} peak_running={}",
         probe.peak.load(Ordering::Relaxed)
+    ))
+}
+
+async fn bulk_add(dir: &PathBuf, n: u32) -> Result<String> {
+    let engine = open(dir, builtins(), 0).await?;
+    let line = run_bulk_add(&engine.handle(), n).await;
+    engine.shutdown().await;
+    Ok(format!("{} store=embedded", line?))
+}
+
+/// `n` items added to an open swarm (created, not run: nothing executes) in one bulk
+/// (`add_many`), and — up to [`BULK_COMPARE_MAX`] — the same items added one call each to
+/// another swarm of the same store.
+pub async fn run_bulk_add(h: &Handle, n: u32) -> Result<String> {
+    let items = || {
+        (0..n)
+            .map(|i| Sig::from(sign("noop").kwarg("i", i)))
+            .collect::<Vec<_>>()
+    };
+    let bulk_swarm = SignatureId::root(h.create(swarm(Vec::<Sig>::new()).open()).await?);
+    let t0 = Instant::now();
+    let report = h
+        .add_many(
+            bulk_swarm,
+            items(),
+            &mageflow::BulkOptions::default(),
+            |_| {},
+        )
+        .await?;
+    let bulk = t0.elapsed().as_secs_f64();
+    let single = if n <= BULK_COMPARE_MAX {
+        let one_by_one = SignatureId::root(h.create(swarm(Vec::<Sig>::new()).open()).await?);
+        let t0 = Instant::now();
+        for item in items() {
+            h.add_to_swarm(one_by_one, [item], false).await?;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        format!(" single_adds_seconds={secs:.3} speedup={:.1}", secs / bulk)
+    } else {
+        String::new()
+    };
+    Ok(format!(
+        "n={n} bulk_seconds={bulk:.3} items_per_s={:.0} batches={} bytes={}{single}",
+        f64::from(n) / bulk,
+        report.batches,
+        report.bytes
+    ))
+}
+
+async fn priority(dir: &PathBuf, n: u32) -> Result<String> {
+    let engine = open(dir, builtins(), 1024).await?;
+    let line = run_priority(&engine.handle(), n).await;
+    engine.shutdown().await;
+    Ok(format!("{} store=embedded", line?))
+}
+
+/// `fanout-limited` of `noop` items (max_concurrency 8, a success callback) without and with
+/// priorities (items of three levels), alternated three times in one process, each timed to
+/// the workflow's end: the cost of priority order, as a throughput ratio of the best runs.
+pub async fn run_priority(h: &Handle, n: u32) -> Result<String> {
+    let levels = [
+        mageflow::Priority::Low,
+        mageflow::Priority::Medium,
+        mageflow::Priority::High,
+    ];
+    let (mut plain, mut prioritized) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        for with_priority in [false, true] {
+            let items: Vec<_> = (0..n)
+                .map(|i| match with_priority {
+                    true => sign("noop").priority(levels[i as usize % 3]),
+                    false => sign("noop"),
+                })
+                .collect();
+            let s = swarm(items)
+                .max_concurrency(FANOUT_LIMIT)
+                .on_success(sign("noop"));
+            let t0 = Instant::now();
+            let wf = h.submit(s, json!({})).await?;
+            h.wait(wf).await?;
+            let secs = t0.elapsed().as_secs_f64();
+            if with_priority {
+                prioritized.push(secs);
+            } else {
+                plain.push(secs);
+            }
+        }
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let (p, q) = (best(&plain), best(&prioritized));
+    Ok(format!(
+        "n={n} max_concurrency={FANOUT_LIMIT} plain_items_per_s={:.0} priority_items_per_s={:.0} priority_cost={:.3}",
+        f64::from(n) / p,
+        f64::from(n) / q,
+        1.0 - p / q
     ))
 }
 

@@ -2,7 +2,7 @@
 //! — this process orchestrates, `--worker-processes` `mageflow worker` processes run the handlers.
 //! Each run uses a fresh schema and key prefix (under the given ones) and removes both after.
 
-use crate::bench::{chain_step_ms, percentile, run_flat};
+use crate::bench::{chain_step_ms, percentile, run_bulk_add, run_flat, run_priority, FANOUT_LIMIT};
 use crate::tiers::builtins;
 use anyhow::{bail, Context, Result};
 use mageflow::cluster::{open_cluster, Cluster, ClusterConfig};
@@ -12,7 +12,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-pub const SCENARIOS: [&str; 4] = ["flat", "chain", "fanout", "interrupt"];
+pub const SCENARIOS: [&str; 8] = [
+    "flat",
+    "chain",
+    "fanout",
+    "fanout-limited",
+    "cancel",
+    "interrupt",
+    "bulk-add",
+    "priority",
+];
 /// Items of `fanout` dispatched at once, at most.
 const FANOUT_AT_ONCE_MAX: u32 = 10_000;
 /// Hot state of a finished workflow is trimmed from Redis this long after it finishes.
@@ -134,17 +143,20 @@ pub async fn run(
                 percentile(&ms, 0.99)
             )
         }
-        "fanout" => {
+        "fanout" | "fanout-limited" => {
             let n = n.unwrap_or(5_000);
             // As the embedded `fanout`: every item dispatched at once (the default
             // max_concurrency, 30, would make it a different scenario), and a success callback
-            // that receives all the results; done once the callback has run. Past
-            // FANOUT_AT_ONCE_MAX items, that many at a time: queuing a million items in the
-            // creation step would be one append of over `APPEND_EVENTS_MAX` events.
+            // that receives all the results; timed to the workflow's end (the callback done),
+            // as the embedded one is. Past FANOUT_AT_ONCE_MAX items, that many at a time:
+            // queuing a million items in the creation step would be one append of over
+            // `APPEND_EVENTS_MAX` events. `fanout-limited`: FANOUT_LIMIT at a time.
+            let limit = match scenario {
+                "fanout" => n.clamp(1, FANOUT_AT_ONCE_MAX),
+                _ => FANOUT_LIMIT,
+            };
             let items: Vec<_> = (0..n).map(|_| sign("noop")).collect();
-            let s = swarm(items)
-                .max_concurrency(n.clamp(1, FANOUT_AT_ONCE_MAX))
-                .on_success(sign("noop"));
+            let s = swarm(items).max_concurrency(limit).on_success(sign("noop"));
             let wf = h.submit(s, json!({})).await?;
             h.wait(wf).await?;
             let done = t0.elapsed().as_secs_f64();
@@ -158,7 +170,7 @@ pub async fn run(
                 .context("the finished swarm is compacted")?;
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
             format!(
-                "n={n} seconds_to_done={done:.3} compacted_events_while_running={while_running} \
+                "n={n} max_concurrency={limit} seconds_to_done={done:.3} compacted_events_while_running={while_running} \
                  compact_seconds={:.2} compacted_events={} \
                  segments={} archive_raw_mib={:.1} archive_stored_mib={:.1}",
                 t1.elapsed().as_secs_f64(),
@@ -166,6 +178,42 @@ pub async fn run(
                 c.segments,
                 mib(c.raw_bytes),
                 mib(c.compressed_bytes)
+            )
+        }
+        "bulk-add" => run_bulk_add(&h, n.unwrap_or(10_000)).await?,
+        "priority" => run_priority(&h, n.unwrap_or(5_000)).await?,
+        "cancel" => {
+            // As the embedded `cancel`: a swarm of short sleeps, 50 at a time, canceled while
+            // it runs; how long the call takes and whether anything started after it (the
+            // log's order is the truth).
+            let n = n.unwrap_or(2_000);
+            let items: Vec<_> = (0..n).map(|_| sign("sleep").kwarg("ms", 50)).collect();
+            let wf = h
+                .submit(swarm(items).max_concurrency(50), json!({}))
+                .await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let t0 = Instant::now();
+            h.cancel(mageflow::SignatureId::root(wf), true).await?;
+            let call_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            let state = h.wait(wf).await?;
+            let history = h.history(wf)?;
+            let cancel_seq = history
+                .iter()
+                .find(|e| matches!(e.payload, mageflow::Payload::Canceled { node: 0 }))
+                .map_or(u64::MAX, |e| e.seq);
+            let started_after = history
+                .iter()
+                .filter(|e| {
+                    e.seq > cancel_seq && matches!(e.payload, mageflow::Payload::Started { .. })
+                })
+                .count();
+            let done_before = state
+                .nodes
+                .iter()
+                .filter(|n| n.status == mageflow::Status::Done)
+                .count();
+            format!(
+                "n={n} cancel_call_ms={call_ms:.2} started_after_cancel_log={started_after} done_before_cancel={done_before}"
             )
         }
         "interrupt" => {

@@ -12,7 +12,7 @@
 use anyhow::{bail, Context, Result};
 use mageflow::cluster::{open_cluster, Cluster, ClusterConfig};
 use mageflow::store_pg::PgOptions;
-use mageflow::{sign, swarm, Config, Event, Registry, Status, Workflow, WorkflowId};
+use mageflow::{sign, swarm, Config, Event, Priority, Registry, Status, Workflow, WorkflowId};
 use serde_json::json;
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -304,6 +304,102 @@ async fn a_worker_killed_midway_loses_no_task_and_none_succeeds_twice() -> Resul
         d.workers[0].kill()?;
         d.workers[0].wait()?;
         finishes_once_each(d, wf, TASKS).await
+    })
+    .await
+}
+
+/// Per-item callbacks fire once per item even when a worker is killed (`kill -9`) midway and
+/// the jobs it held run again on the other: a handler that ran twice reports one outcome that
+/// counts, and the item's callback copy is triggered by that outcome alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_item_callbacks_fire_once_each_when_a_worker_is_killed() -> Result<()> {
+    guard(async {
+        const TASKS: usize = 4_000;
+        let mut d = Deployment::start().await?;
+        d.spawn_worker("w1")?;
+        d.spawn_worker("w2")?;
+        let items: Vec<_> = (0..TASKS)
+            .map(|i| sign("sleep").kwarg("ms", 1).kwarg("i", i))
+            .collect();
+        let h = d.cluster().handle();
+        let wf = h
+            .submit(swarm(items).on_item_success(sign("noop")), json!({}))
+            .await?;
+        d.wait_for(wf, |w| succeeded(w) >= TASKS / 4).await?;
+        d.workers[0].kill()?;
+        d.workers[0].wait()?;
+        let done = h.wait(wf).await?;
+        assert_eq!(done.nodes[0].status, Status::Done);
+        let history = h.history(wf)?;
+        let mut queued: HashMap<u32, usize> = HashMap::new();
+        for e in &history {
+            if let mageflow::Payload::Queued { node, .. } = e.payload {
+                *queued.entry(node).or_default() += 1;
+            }
+        }
+        for &item in done.nodes[0].spec.children() {
+            let copy = done.nodes[item as usize].spec.on_success[0];
+            let fired = queued.get(&copy).copied().unwrap_or(0);
+            if fired != 1 || done.nodes[copy as usize].status != Status::Done {
+                bail!(
+                    "item {item}'s callback fired {fired} times and is {}",
+                    done.nodes[copy as usize].status
+                );
+            }
+        }
+        d.finish().await
+    })
+    .await
+}
+
+/// On the deployment, with two worker processes: a swarm with `max_concurrency = 1` starts its
+/// items by priority, then by order of addition; an item given a higher priority while it
+/// waits jumps the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priorities_order_the_swarm_on_the_deployment() -> Result<()> {
+    guard(async {
+        const ITEMS: usize = 30;
+        let mut d = Deployment::start().await?;
+        d.spawn_worker("w1")?;
+        d.spawn_worker("w2")?;
+        let levels = [Priority::Low, Priority::Medium, Priority::High];
+        let items: Vec<_> = (0..ITEMS)
+            .map(|i| {
+                sign("sleep")
+                    .kwarg("ms", if i == 2 { 1_000 } else { 1 })
+                    .kwarg("i", i)
+                    .priority(levels[i % 3])
+            })
+            .collect();
+        let h = d.cluster().handle();
+        let wf = h.submit(swarm(items).max_concurrency(1), json!({})).await?;
+        // The first handed out (item 2, high) runs; item 1 (medium) waits: make it urgent.
+        let state = h.workflow(wf).await?;
+        let children = state.nodes[0].spec.children().to_vec();
+        h.set_priority(state.sig(children[1]), 500).await?;
+        let done = h.wait(wf).await?;
+        assert_eq!(done.nodes[0].status, Status::Done);
+        let started: Vec<u32> = h
+            .history(wf)?
+            .iter()
+            .filter_map(|e| match e.payload {
+                mageflow::Payload::Started { node, .. } => Some(node),
+                _ => None,
+            })
+            .collect();
+        let position = |node: u32| {
+            children
+                .iter()
+                .position(|&c| c == node)
+                .unwrap_or(usize::MAX)
+        };
+        let order: Vec<usize> = started.into_iter().map(position).collect();
+        let mut expected: Vec<usize> = (0..ITEMS).filter(|&i| i != 1).collect();
+        expected.sort_by_key(|&i| -levels[i % 3].value());
+        // Item 2 was running already when item 1 became urgent: 1 comes right after it.
+        expected.insert(1, 1);
+        assert_eq!(order, expected);
+        d.finish().await
     })
     .await
 }
