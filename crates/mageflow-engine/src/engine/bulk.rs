@@ -206,7 +206,17 @@ impl Handle {
             done: total,
             total,
         });
-        if !rejected.is_empty() && !options.partial && !options.dry_run {
+        if options.dry_run {
+            return Ok(BulkReport {
+                added: 0,
+                rejected,
+                batches: 0,
+                bytes: 0,
+                seconds: clock.elapsed().as_secs_f64(),
+                started: false,
+            });
+        }
+        if !rejected.is_empty() && !options.partial {
             return Err(Error::BulkRejected(rejected));
         }
         // Events of at most `batch_size` items, fewer when each brings per-item callbacks.
@@ -220,12 +230,13 @@ impl Handle {
         let added = valid.len();
         let batches = added.div_ceil(batch);
         let mut actions = Vec::with_capacity(batches + 1);
-        let mut chunks = valid.chunks(batch).peekable();
-        while let Some(chunk) = chunks.next() {
+        // The items move into their batches: no copy of the bulk is held.
+        let mut rest = valid.into_iter();
+        for b in 0..batches {
             let action = Action::AddItems {
                 swarm: swarm.index,
-                items: chunk.to_vec(),
-                close: options.close && chunks.peek().is_none(),
+                items: rest.by_ref().take(batch).collect(),
+                close: options.close && b + 1 == batches,
             };
             actions.push((swarm.workflow, action));
         }
@@ -243,16 +254,6 @@ impl Handle {
                     message: Message::input(input),
                 }),
             ));
-        }
-        if options.dry_run {
-            return Ok(BulkReport {
-                added: 0,
-                rejected,
-                batches: 0,
-                bytes: 0,
-                seconds: clock.elapsed().as_secs_f64(),
-                started: false,
-            });
         }
         if !actions.is_empty() {
             self.exec_actions(actions).await?;
