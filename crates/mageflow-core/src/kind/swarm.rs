@@ -22,6 +22,11 @@ fn check_swarm(d: &Decider<'_>, swarm: NodeIndex) -> Result<bool, Rejection> {
     }
 }
 
+/// Most items a swarm hands out in one step: a swarm of a million items with no concurrency
+/// limit starts them in steps of this many (each item that ends hands out more), so no step
+/// queues more events than one append holds.
+pub const SWARM_DISPATCH_PER_STEP: u32 = 10_000;
+
 /// Add items to an open swarm that has not finished (and close it, with `close`).
 pub(crate) fn add_items(
     d: &mut Decider<'_>,
@@ -198,8 +203,12 @@ pub(super) fn fill(d: &mut Decider<'_>, swarm: NodeIndex) -> Result<(), Rejectio
         return Ok(());
     }
     let p = &s.swarm;
-    // Items rerun while the swarm was full take the first free slots.
-    let free = config.max_concurrency.saturating_sub(p.running);
+    // Items rerun while the swarm was full take the first free slots. At most
+    // SWARM_DISPATCH_PER_STEP at once: the rest as items end (each end hands out again).
+    let free = config
+        .max_concurrency
+        .saturating_sub(p.running)
+        .min(SWARM_DISPATCH_PER_STEP);
     let reruns: Vec<NodeIndex> = p
         .rerun_waiting
         .iter()

@@ -153,3 +153,19 @@ fn a_template_that_is_not_a_tree_is_refused() {
         "{refused}"
     );
 }
+
+#[test]
+fn a_swarm_without_a_limit_hands_out_at_most_a_step_of_items_at_once() {
+    use mageflow_core::kind::swarm::SWARM_DISPATCH_PER_STEP;
+    let step = SWARM_DISPATCH_PER_STEP as usize;
+    let items: Vec<_> = (0..step * 2 + 5).map(|i| task(&format!("i{i}"))).collect();
+    let tree = swarm("fan", u32::MAX, None, true, items);
+    let mut h = Harness::new(&tree, Some(json!({})));
+    assert_eq!(h.node("fan").swarm.running as usize, step);
+    assert_eq!(h.status(&format!("i{step}")), Status::Pending);
+    // An item that ends hands out another step.
+    h.run("i0", json!(0));
+    assert_eq!(h.node("fan").swarm.running as usize, 2 * step - 1);
+    h.run("i1", json!(1));
+    assert_eq!(h.node("fan").swarm.dispatched as usize, step * 2 + 5, "all handed out");
+}
