@@ -7,6 +7,7 @@ mod bench;
 mod bench_cluster;
 mod control_cmd;
 mod demo;
+mod http_cmd;
 mod inspect;
 mod reader;
 mod submit_cmd;
@@ -162,7 +163,12 @@ enum Cmd {
         workers: usize,
         #[command(flatten)]
         resume: tiers::ResumeArgs,
+        #[command(flatten)]
+        http: http_cmd::HttpArgs,
     },
+    /// API tokens for `serve --http`: create (shown once, stored hashed), list, revoke.
+    #[command(subcommand)]
+    Token(http_cmd::TokenCmd),
     /// Run handlers of the built-in tasks for jobs from Redis (PostgreSQL + Redis deployments).
     Worker {
         #[command(flatten)]
@@ -335,7 +341,9 @@ fn main() -> Result<()> {
                 tiers,
                 workers,
                 resume,
-            } => tiers::serve(&tiers, workers, &resume).await,
+                http,
+            } => tiers::serve(&tiers, workers, &resume, &http).await,
+            Cmd::Token(c) => http_cmd::token(&c),
             Cmd::Worker {
                 tiers,
                 concurrency,

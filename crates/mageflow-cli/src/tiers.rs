@@ -302,7 +302,14 @@ pub fn builtins() -> Registry {
 /// `mageflow serve`: the orchestrator. On PostgreSQL + Redis it decides, projects and takes
 /// workers' reports; on an embedded store it also runs the handlers. Either way unfinished work
 /// in the log is resumed first, and what was found is printed.
-pub async fn serve(args: &StoreArgs, workers: usize, resume: &ResumeArgs) -> Result<()> {
+pub async fn serve(
+    args: &StoreArgs,
+    workers: usize,
+    resume: &ResumeArgs,
+    http: &crate::http_cmd::HttpArgs,
+) -> Result<()> {
+    // The HTTP API's access is checked before anything is opened.
+    let access = http.access()?;
     let config = Config {
         workers,
         principal: "serve".into(),
@@ -320,7 +327,9 @@ pub async fn serve(args: &StoreArgs, workers: usize, resume: &ResumeArgs) -> Res
             }
             println!("recovery: {}", serde_json::to_string(engine.recovery())?);
             println!("serving embedded:{} (Ctrl-C to stop)", dir.display());
+            let api = crate::http_cmd::start(http, access, engine.handle()).await?;
             crate::stop_signal().await;
+            crate::http_cmd::stop(api).await;
             engine.shutdown().await;
         }
         Some(Tiers::Cluster { .. }) => {
@@ -342,6 +351,7 @@ pub async fn serve(args: &StoreArgs, workers: usize, resume: &ResumeArgs) -> Res
                 serde_json::to_string(c.engine().recovery())?
             );
             println!("serving: orchestrator + projector + report intake (Ctrl-C to stop)");
+            let api = crate::http_cmd::start(http, access, c.handle()).await?;
             let mut superseded = false;
             loop {
                 tokio::select! {
@@ -353,6 +363,7 @@ pub async fn serve(args: &StoreArgs, workers: usize, resume: &ResumeArgs) -> Res
                     _ = tokio::time::sleep(STATUS_EVERY) => log_status(&c).await,
                 }
             }
+            crate::http_cmd::stop(api).await;
             let projected = c.projector_stats().events.load(Ordering::Relaxed);
             c.shutdown().await;
             if superseded {

@@ -814,3 +814,29 @@ fn submit_a_definition_signal_its_gate_and_see_the_branch_taken() -> Result<()> 
     assert!(text(&out).contains("alice"), "{}", text(&out));
     Ok(())
 }
+
+/// `serve --http` checks who may call the API before anything is opened: no token file and no
+/// `--insecure-no-auth`, or `--insecure-no-auth` on an address that is not loopback, are
+/// refused, and no store is created.
+#[test]
+fn serve_http_refuses_an_open_api_off_loopback() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let arg = format!("embedded:{}", store.display());
+    for extra in [
+        vec!["--http", "127.0.0.1:0"],
+        vec!["--http", "0.0.0.0:0", "--insecure-no-auth"],
+    ] {
+        let mut args = vec!["serve", "--store", arg.as_str()];
+        args.extend(extra.iter().copied());
+        let out = mageflow(&args)?;
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--tokens") || err.contains("loopback"),
+            "{args:?}: {err}"
+        );
+        assert!(!store.exists(), "{args:?} created a store");
+    }
+    Ok(())
+}

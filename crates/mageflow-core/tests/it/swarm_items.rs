@@ -167,5 +167,9 @@ fn a_swarm_without_a_limit_hands_out_at_most_a_step_of_items_at_once() {
     h.run("i0", json!(0));
     assert_eq!(h.node("fan").swarm.running as usize, 2 * step - 1);
     h.run("i1", json!(1));
-    assert_eq!(h.node("fan").swarm.dispatched as usize, step * 2 + 5, "all handed out");
+    assert_eq!(
+        h.node("fan").swarm.dispatched as usize,
+        step * 2 + 5,
+        "all handed out"
+    );
 }

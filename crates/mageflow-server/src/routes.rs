@@ -1,0 +1,480 @@
+//! The routes of `/api/v1` and what each role may do with them.
+
+use crate::auth::Tokens;
+use crate::catalog::{Catalog, Filter};
+use crate::error::ApiError;
+use crate::{views, BODY_BYTES_MAX, PAGE_DEFAULT, PAGE_MAX};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use mageflow_core::{SignatureId, Timestamp, WorkflowId};
+use mageflow_engine::control::{self, ControlOp, Role};
+use mageflow_engine::Handle;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Who may call the API.
+#[derive(Clone, Debug)]
+pub enum Access {
+    /// Bearer tokens of a tokens file.
+    Tokens(Arc<Tokens>),
+    /// No token asked: every caller is `local`, an admin. Only on a loopback address
+    /// (`mageflow serve --insecure-no-auth`).
+    Insecure,
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct Api {
+    pub handle: Handle,
+    pub access: Access,
+    pub catalog: Catalog,
+}
+
+impl Api {
+    pub fn new(handle: Handle, access: Access) -> Self {
+        Self {
+            handle,
+            access,
+            catalog: Catalog::default(),
+        }
+    }
+}
+
+/// The caller of a request: its token's name and role.
+struct Caller {
+    name: String,
+    role: Role,
+}
+
+impl Api {
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let tokens = match &self.access {
+            Access::Insecure => {
+                return Ok(Caller {
+                    name: "local".into(),
+                    role: Role::Admin,
+                })
+            }
+            Access::Tokens(t) => t,
+        };
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError::unauthenticated("send `Authorization: Bearer <token>`"))?;
+        let t = tokens
+            .check(token.trim())
+            .ok_or_else(|| ApiError::unauthenticated("this token is not known (revoked?)"))?;
+        Ok(Caller {
+            name: t.name.clone(),
+            role: t.role,
+        })
+    }
+
+    fn require(
+        &self,
+        headers: &HeaderMap,
+        allowed: impl Fn(Role) -> bool,
+        what: &str,
+    ) -> Result<Caller, ApiError> {
+        let c = self.caller(headers)?;
+        if !allowed(c.role) {
+            return Err(ApiError::forbidden(format!(
+                "a {} token may not {what}",
+                c.role.name()
+            )));
+        }
+        Ok(c)
+    }
+}
+
+/// Every route of the API.
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/api/v1/workflows", post(submit).get(list))
+        .route("/api/v1/workflows/{id}", get(tree))
+        .route("/api/v1/workflows/{id}/history", get(history))
+        .route("/api/v1/workflows/{id}/nodes/{index}", get(detail))
+        .route(
+            "/api/v1/workflows/{id}/nodes/{index}/children",
+            get(children),
+        )
+        .route("/api/v1/signatures/{sig}/{op}", post(control_call))
+        .route("/api/v1/events", get(events))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn(security_headers))
+        .with_state(api)
+}
+
+/// Security headers on every response; CORS is off (no `Access-Control-*` header is sent).
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    for (name, value) in [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "no-referrer"),
+        ("cache-control", "no-store"),
+        ("content-security-policy", "default-src 'none'"),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    res
+}
+
+async fn ready(State(api): State<Api>) -> Response {
+    Json(json!({ "ready": true, "log_head": api.handle.log().head() })).into_response()
+}
+
+fn parse_workflow(id: &str) -> Result<WorkflowId, ApiError> {
+    id.parse().map_err(|_| {
+        ApiError::bad_request("invalid_id", format!("{id:?} is not a workflow id (wf_…)"))
+    })
+}
+
+fn body(bytes: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    bytes.map_err(|r| {
+        let status = r.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "too_large"
+        } else {
+            "invalid_body"
+        };
+        ApiError::new(status, code, r.body_text())
+    })
+}
+
+/// Namespace of the workflow ids made from idempotency keys.
+const IDEMPOTENCY_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6d61_6765_666c_6f77_0001_0000_0000_0001);
+
+/// `POST /api/v1/workflows`: a workflow definition (`docs/workflow.schema.json`), created and
+/// run. With `Idempotency-Key`, a resubmission (same key, same token) answers the first id.
+async fn submit(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let caller = api.require(&headers, |r| r >= Role::Operator, "submit workflows")?;
+    let bytes = body(bytes)?;
+    let (sig, input) = mageflow_engine::definition::parse(&bytes)?;
+    let h = api.handle.as_principal(caller.name.clone());
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().map(str::to_owned))
+        .transpose()
+        .map_err(|_| ApiError::bad_request("invalid_header", "Idempotency-Key is not text"))?;
+    let id = match key {
+        Some(key) => {
+            let name = format!("{}\u{0}{key}", caller.name);
+            let id = WorkflowId(uuid::Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, name.as_bytes()));
+            h.submit_idempotent(id, sig, input).await?;
+            id
+        }
+        None => h.submit(sig, input).await?,
+    };
+    Ok((StatusCode::CREATED, Json(json!({ "id": id.to_string() }))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    kind: Option<String>,
+    name: Option<String>,
+    q: Option<String>,
+    created_after: Option<i64>,
+    created_before: Option<i64>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
+    match requested.unwrap_or(PAGE_DEFAULT) {
+        0 => Err(ApiError::bad_request(
+            "invalid_page",
+            "limit must be at least 1",
+        )),
+        n if n > PAGE_MAX => Err(ApiError::bad_request(
+            "invalid_page",
+            format!("limit {n} is over the page size limit of {PAGE_MAX}"),
+        )),
+        n => Ok(n),
+    }
+}
+
+/// `GET /api/v1/workflows`: newest first, filtered (status, kind, name, free text `q` on ids
+/// and names, `created_after`/`created_before` in µs since the epoch), paged by `cursor`, with
+/// the counts by status of everything the filter matches.
+async fn list(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    api.require(&headers, |_| true, "list workflows")?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let limit = limit(q.limit)?;
+    // Catch up first: a workflow submitted just before is listed.
+    api.catalog.catch_up(&api.handle)?;
+    let filter = Filter {
+        status: q.status,
+        kind: q.kind,
+        name: q.name,
+        text: q.q,
+        created_after: q.created_after.map(Timestamp::from_micros),
+        created_before: q.created_before.map(Timestamp::from_micros),
+    };
+    let cursor = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            crate::catalog::parse_cursor(c).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_cursor",
+                    format!("{c:?} is not a cursor this list gave"),
+                )
+            })
+        })
+        .transpose()?;
+    Ok(Json(api.catalog.page(&filter, cursor, limit)).into_response())
+}
+
+/// `GET /api/v1/workflows/{id}`: the tree, containers' first children inline, the rest counted.
+async fn tree(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    api.require(&headers, |_| true, "read workflows")?;
+    let wf = parse_workflow(&id)?;
+    let view = api.handle.inspect(wf, views::tree).await?;
+    Ok(Json(view).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    after: Option<u64>,
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/workflows/{id}/history?after=SEQ&limit=N`: the events after `after`, archived
+/// ones included. Auditors and above.
+async fn history(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    api.require(&headers, Role::reads_history, "read history")?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let limit = limit(q.limit)?;
+    let wf = parse_workflow(&id)?;
+    let events = api.handle.history(wf)?;
+    if events.is_empty() {
+        return Err(mageflow_engine::Error::NoSuchWorkflow(wf).into());
+    }
+    let after = q.after.unwrap_or(0);
+    let page: Vec<_> = events
+        .into_iter()
+        .filter(|e| e.seq > after)
+        .take(limit + 1)
+        .collect();
+    let more = page.len() > limit;
+    let page: Vec<_> = page.into_iter().take(limit).collect();
+    let next = more.then(|| page.last().map(|e| e.seq)).flatten();
+    Ok(Json(json!({ "events": page, "next_after": next })).into_response())
+}
+
+fn parse_index(index: &str) -> Result<u32, ApiError> {
+    index.parse().map_err(|_| {
+        ApiError::bad_request("invalid_id", format!("{index:?} is not a signature index"))
+    })
+}
+
+/// `GET /api/v1/workflows/{id}/nodes/{index}`: a signature's spec, input, result, attempts.
+async fn detail(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path((id, index)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    api.require(&headers, |_| true, "read workflows")?;
+    let wf = parse_workflow(&id)?;
+    let index = parse_index(&index)?;
+    let history = api.handle.history(wf)?;
+    let view = api
+        .handle
+        .inspect(wf, move |w| views::detail(w, index, &history))
+        .await?
+        .ok_or(mageflow_engine::Error::NoSuchSignature(SignatureId {
+            workflow: wf,
+            index,
+        }))?;
+    Ok(Json(view).into_response())
+}
+
+/// `GET /api/v1/workflows/{id}/nodes/{index}/children?offset&limit`: a page of a container's
+/// children — how a swarm of a million items is read, a page at a time.
+async fn children(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path((id, index)): Path<(String, String)>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    api.require(&headers, |_| true, "read workflows")?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let limit = limit(q.limit)?;
+    let wf = parse_workflow(&id)?;
+    let index = parse_index(&index)?;
+    let offset = q.offset.unwrap_or(0);
+    let view = api
+        .handle
+        .inspect(wf, move |w| views::children(w, index, offset, limit))
+        .await?
+        .ok_or(mageflow_engine::Error::NoSuchSignature(SignatureId {
+            workflow: wf,
+            index,
+        }))?;
+    Ok(Json(view).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ControlBody {
+    #[serde(default)]
+    confirm: bool,
+    #[serde(default)]
+    value: Option<Value>,
+}
+
+/// `POST /api/v1/signatures/{sig}/{op}` with `{"confirm": bool, "value": …}`: `cancel` (only
+/// with `confirm`), `interrupt`, `suspend`, `resume`, `delete`, `restore`, `rerun`, `priority`
+/// (value: a number), `signal` (value: what the gate gets), `reject` (value: the reason).
+/// Answered once the command is durable; its events name the token as their actor.
+async fn control_call(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path((sig, op)): Path<(String, String)>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let op: ControlOp = op
+        .parse()
+        .map_err(|_| ApiError::not_found(format!("no command {op:?}")))?;
+    if op == ControlOp::Submit {
+        return Err(ApiError::not_found("submit is POST /api/v1/workflows"));
+    }
+    let caller = api.require(&headers, |r| r.allows(op), &format!("{op}"))?;
+    let target = control::parse_target(&sig)?;
+    let bytes = body(bytes)?;
+    let req: ControlBody = if bytes.is_empty() {
+        ControlBody::default()
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?
+    };
+    let h = api.handle.as_principal(caller.name);
+    let message = control::apply(&h, op, target, req.confirm, req.value).await?;
+    Ok(Json(json!({ "message": message })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    workflow: Option<String>,
+    kind: Option<String>,
+    /// Position to start after (the `Last-Event-ID` header wins).
+    after: Option<u64>,
+}
+
+/// Events read from the log per round of a stream.
+const SSE_BATCH: usize = 1_000;
+
+/// `GET /api/v1/events?workflow=&kind=`: the log as Server-Sent Events, each with its log
+/// position as `id`, from after `Last-Event-ID` (or `after`, or now): a client that reconnects
+/// with the last id it saw misses nothing and sees nothing twice. Auditors and above (events
+/// carry history).
+async fn events(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    api.require(&headers, Role::reads_history, "follow events")?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let workflow = q.workflow.as_deref().map(parse_workflow).transpose()?;
+    let last_id = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request("invalid_header", "Last-Event-ID is not a log position")
+                })
+        })
+        .transpose()?;
+    let log = api.handle.log().clone();
+    let from = match last_id.or(q.after) {
+        Some(p) => p + 1,
+        None => log.head() + 1,
+    };
+    let kind = q.kind;
+    let heads = log.subscribe();
+    let state = (log, heads, from, VecDeque::new());
+    let stream = futures_util::stream::unfold(state, move |(log, mut heads, mut next, mut buf)| {
+        let kind = kind.clone();
+        async move {
+            loop {
+                if let Some(ev) = buf.pop_front() {
+                    return Some((Ok::<_, Infallible>(ev), (log, heads, next, buf)));
+                }
+                match log.read_all(next, SSE_BATCH) {
+                    Ok(batch) if !batch.is_empty() => {
+                        for r in batch {
+                            next = r.position + 1;
+                            let e = &r.event;
+                            if workflow.is_some_and(|w| w != e.stream)
+                                || kind.as_deref().is_some_and(|k| k != e.payload.kind())
+                            {
+                                continue;
+                            }
+                            let data = serde_json::to_string(e).unwrap_or_default();
+                            buf.push_back(
+                                SseEvent::default()
+                                    .id(r.position.to_string())
+                                    .event(e.payload.kind())
+                                    .data(data),
+                            );
+                        }
+                    }
+                    Ok(_) => {
+                        if heads.changed().await.is_err() {
+                            return None;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "http: an event stream could not read the log");
+                        return None;
+                    }
+                }
+            }
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
