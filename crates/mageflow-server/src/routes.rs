@@ -113,7 +113,11 @@ pub fn router(api: Api) -> Router {
             get(children),
         )
         .route("/api/v1/signatures/{sig}/{op}", post(control_call))
+        .route("/api/v1/workflows/bulk/{op}", post(bulk_control))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/tasks", get(tasks))
+        .route("/api/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .layer(axum::middleware::from_fn(security_headers))
@@ -390,6 +394,206 @@ async fn control_call(
     let h = api.handle.as_principal(caller.name);
     let message = control::apply(&h, op, target, req.confirm, req.value).await?;
     Ok(Json(json!({ "message": message })).into_response())
+}
+
+/// What a bulk control call acts on: the roots of the workflows the list's filter matches.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BulkFilter {
+    status: Option<String>,
+    kind: Option<String>,
+    name: Option<String>,
+    q: Option<String>,
+    created_after: Option<i64>,
+    created_before: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkBody {
+    #[serde(default)]
+    filter: BulkFilter,
+    /// Count what it would touch; change nothing.
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    confirm: bool,
+    #[serde(default)]
+    value: Option<Value>,
+}
+
+/// Most workflows one bulk control call touches (a larger filter is refused: narrow it).
+pub const BULK_CONTROL_MAX: usize = 10_000;
+
+/// `POST /api/v1/workflows/bulk/{op}` with `{filter, dry_run, confirm, value}`: the command on
+/// the root of every workflow the filter matches (the list's filter). `dry_run` answers how
+/// many and which it would touch, changing nothing; otherwise each is carried out in turn and
+/// the answer counts those done and lists those refused with their code.
+async fn bulk_control(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(op): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let op: ControlOp = op
+        .parse()
+        .map_err(|_| ApiError::not_found(format!("no command {op:?}")))?;
+    if op == ControlOp::Submit {
+        return Err(ApiError::not_found("submit is POST /api/v1/workflows"));
+    }
+    let caller = api.require(&headers, |r| r.allows(op), &format!("{op}"))?;
+    let bytes = body(bytes)?;
+    let req: BulkBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
+    api.catalog.catch_up(&api.handle)?;
+    let f = req.filter;
+    let filter = Filter {
+        status: f.status,
+        kind: f.kind,
+        name: f.name,
+        text: f.q,
+        created_after: f.created_after.map(Timestamp::from_micros),
+        created_before: f.created_before.map(Timestamp::from_micros),
+    };
+    let page = api.catalog.page(&filter, None, BULK_CONTROL_MAX);
+    if page.next_cursor.is_some() {
+        return Err(ApiError::bad_request(
+            "too_many",
+            format!("the filter matches more than {BULK_CONTROL_MAX} workflows: narrow it"),
+        ));
+    }
+    let ids: Vec<String> = page.items.iter().map(|s| s.id.to_string()).collect();
+    if req.dry_run {
+        return Ok(
+            Json(json!({ "matched": ids.len(), "workflows": ids, "dry_run": true }))
+                .into_response(),
+        );
+    }
+    let h = api.handle.as_principal(caller.name);
+    let (mut done, mut refused) = (0u64, Vec::new());
+    for s in &page.items {
+        let target = SignatureId::root(s.id);
+        match control::apply(&h, op, target, req.confirm, req.value.clone()).await {
+            Ok(_) => done += 1,
+            Err(e) => refused.push(json!({
+                "id": s.id.to_string(),
+                "code": e.code(),
+                "message": e.to_string(),
+            })),
+        }
+    }
+    Ok(Json(json!({ "matched": ids.len(), "done": done, "refused": refused })).into_response())
+}
+
+/// `GET /api/v1/tasks`: the tasks this engine's registry serves, with their retry policy,
+/// timeouts and return field.
+async fn tasks(State(api): State<Api>, headers: HeaderMap) -> Result<Response, ApiError> {
+    api.require(&headers, |_| true, "read the task registry")?;
+    let registry = api.handle.registry();
+    let mut out = Vec::new();
+    for name in registry.names() {
+        let def = registry.get(name)?;
+        out.push(json!({
+            "name": name,
+            "retry": def.retry,
+            "timeout_ms": def.execution_timeout().map(|d| d.as_millis() as u64),
+            "heartbeat_timeout_ms": def.heartbeat_timeout.map(|d| d.as_millis() as u64),
+            "return_field": def.return_field,
+        }));
+    }
+    Ok(Json(json!({ "tasks": out })).into_response())
+}
+
+/// The engine's counters, and the list's counts by status.
+fn counters(api: &Api) -> Vec<(&'static str, &'static str, u64)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = api.handle.stats();
+    vec![
+        (
+            "events_written_total",
+            "Events made durable in the log.",
+            s.events_written.load(Relaxed),
+        ),
+        (
+            "appends_total",
+            "Appends made durable.",
+            s.appends.load(Relaxed),
+        ),
+        (
+            "append_failures_total",
+            "Appends that failed.",
+            s.append_failures.load(Relaxed),
+        ),
+        (
+            "attempts_started_total",
+            "Task attempts started.",
+            s.attempts_started.load(Relaxed),
+        ),
+        (
+            "tasks_succeeded_total",
+            "Task attempts that succeeded.",
+            s.tasks_succeeded.load(Relaxed),
+        ),
+        (
+            "tasks_failed_total",
+            "Tasks that failed for good.",
+            s.tasks_failed.load(Relaxed),
+        ),
+        (
+            "retries_scheduled_total",
+            "Retries scheduled.",
+            s.retries_scheduled.load(Relaxed),
+        ),
+        (
+            "workflows_finished_total",
+            "Workflows finished.",
+            s.workflows_finished.load(Relaxed),
+        ),
+        (
+            "running",
+            "Attempts holding a worker slot now.",
+            s.running.load(Relaxed),
+        ),
+        (
+            "log_head",
+            "Position of the last event in the log.",
+            api.handle.log().head(),
+        ),
+    ]
+}
+
+/// `GET /api/v1/stats`: the engine's counters and the workflows by status.
+async fn stats(State(api): State<Api>, headers: HeaderMap) -> Result<Response, ApiError> {
+    api.require(&headers, |_| true, "read stats")?;
+    api.catalog.catch_up(&api.handle)?;
+    let engine: serde_json::Map<String, Value> = counters(&api)
+        .into_iter()
+        .map(|(name, _, v)| (name.to_owned(), json!(v)))
+        .collect();
+    let by_status = api.catalog.page(&Filter::default(), None, 1).counts;
+    Ok(Json(json!({ "engine": engine, "workflows_by_status": by_status })).into_response())
+}
+
+/// `GET /metrics`: the same in Prometheus's text format (any valid token).
+async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Result<Response, ApiError> {
+    api.require(&headers, |_| true, "read metrics")?;
+    api.catalog.catch_up(&api.handle)?;
+    let mut text = String::new();
+    for (name, help, value) in counters(&api) {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        text.push_str(&format!(
+            "# HELP mageflow_{name} {help}\n# TYPE mageflow_{name} {kind}\nmageflow_{name} {value}\n"
+        ));
+    }
+    text.push_str("# HELP mageflow_workflows Workflows by the status of their root.\n# TYPE mageflow_workflows gauge\n");
+    for (status, n) in api.catalog.page(&Filter::default(), None, 1).counts {
+        text.push_str(&format!("mageflow_workflows{{status=\"{status}\"}} {n}\n"));
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 #[derive(Deserialize)]

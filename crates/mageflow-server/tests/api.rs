@@ -1,5 +1,6 @@
 //! The HTTP API through a real HTTP client (`ureq`) against a server on a loopback port, on the
-//! in-memory and the embedded (sled) store: every role against every endpoint, submit with an
+//! in-memory and the embedded (sled) store and on the PostgreSQL + Redis deployment (an
+//! orchestrator and a worker runtime in this process, a schema and key prefix of their own): every role against every endpoint, submit with an
 //! idempotency key, the list with filters and pages, a tree, a signature's detail, history in
 //! pages, control recorded with the token's name, the error shape and limits, and an event
 //! stream resumed with `Last-Event-ID`, nothing missed or doubled.
@@ -13,11 +14,25 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
 
+#[allow(clippy::large_enum_variant)] // one per test
+enum Running {
+    Engine(mageflow::Engine),
+    Cluster {
+        cluster: mageflow::cluster::Cluster,
+        worker: tokio::task::JoinHandle<()>,
+        stop: tokio_util::sync::CancellationToken,
+        url: String,
+        schema: String,
+        redis: String,
+        prefix: String,
+    },
+}
+
 struct Server {
     base: String,
     tokens: BTreeMap<&'static str, String>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    engine: Option<mageflow::Engine>,
+    running: Option<Running>,
     _dir: tempfile::TempDir,
 }
 
@@ -25,6 +40,48 @@ struct Server {
 enum Store {
     Memory,
     Sled,
+    Cluster,
+}
+
+/// A deployment of its own: a fresh schema and key prefix.
+async fn deployment(registry: Registry) -> Result<Running> {
+    let url = std::env::var("MAGEFLOW_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let redis =
+        std::env::var("MAGEFLOW_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let schema = format!("mf_http_{}", uuid::Uuid::new_v4().simple());
+    let prefix = format!("mf:http:{schema}:");
+    let mut config = mageflow::cluster::ClusterConfig::new(url.clone(), redis.clone(), &prefix);
+    config.pg.schema = Some(schema.clone());
+    let cluster =
+        mageflow::cluster::open_cluster(config.clone(), registry.clone(), Config::default())
+            .await
+            .with_context(|| {
+                format!(
+                "this test needs PostgreSQL at {url} (MAGEFLOW_TEST_POSTGRES) and Redis at {redis} \
+                 (MAGEFLOW_TEST_REDIS); start Redis with: redis-server --daemonize yes"
+            )
+            })?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (hot, token) = (config.hot.clone(), stop.clone());
+    let worker = tokio::spawn(async move {
+        let worker = mageflow::engine::worker::WorkerConfig {
+            worker_id: "http-test-worker".into(),
+            ..Default::default()
+        };
+        if let Err(e) = mageflow::cluster::run_worker_process(hot, registry, worker, token).await {
+            eprintln!("the test's worker runtime failed: {e}");
+        }
+    });
+    Ok(Running::Cluster {
+        cluster,
+        worker,
+        stop,
+        url,
+        schema,
+        redis,
+        prefix,
+    })
 }
 
 impl Server {
@@ -33,11 +90,16 @@ impl Server {
         let mut registry = Registry::new();
         mageflow::engine::builtin::register(&mut registry);
         let config = Config::default();
-        let engine = match store {
-            Store::Memory => mageflow::open_in_memory(registry, config).await?,
-            Store::Sled => {
-                mageflow::open_embedded(dir.path().join("store"), registry, config).await?
-            }
+        let running = match store {
+            Store::Memory => Running::Engine(mageflow::open_in_memory(registry, config).await?),
+            Store::Sled => Running::Engine(
+                mageflow::open_embedded(dir.path().join("store"), registry, config).await?,
+            ),
+            Store::Cluster => deployment(registry).await?,
+        };
+        let handle = match &running {
+            Running::Engine(e) => e.handle(),
+            Running::Cluster { cluster, .. } => cluster.handle(),
         };
         let file = dir.path().join("tokens.toml");
         let mut tokens = BTreeMap::new();
@@ -55,7 +117,7 @@ impl Server {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(mageflow_server::serve(
             listener,
-            Api::new(engine.handle(), access),
+            Api::new(handle, access),
             async {
                 let _ = stopped.await;
             },
@@ -64,7 +126,7 @@ impl Server {
             base,
             tokens,
             stop: Some(stop),
-            engine: Some(engine),
+            running: Some(running),
             _dir: dir,
         })
     }
@@ -73,8 +135,27 @@ impl Server {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        if let Some(e) = self.engine.take() {
-            e.shutdown().await;
+        match self.running.take() {
+            Some(Running::Engine(e)) => e.shutdown().await,
+            Some(Running::Cluster {
+                cluster,
+                worker,
+                stop,
+                url,
+                schema,
+                redis,
+                prefix,
+            }) => {
+                stop.cancel();
+                let _ = worker.await;
+                cluster.shutdown().await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = mageflow::hot::clear_prefix_blocking(&redis, &prefix);
+                    let _ = mageflow::store_pg::drop_schema_blocking(&url, &schema);
+                })
+                .await;
+            }
+            None => {}
         }
     }
 
@@ -406,6 +487,96 @@ async fn the_event_stream_resumes_with_last_event_id(store: Store) -> Result<()>
     Ok(())
 }
 
+/// Bulk control by filter: the dry run counts what the real call then touches, and changes
+/// nothing; a viewer may do neither. The registry, stats and metrics read back.
+async fn bulk_control_dry_run_counts_what_the_call_touches(store: Store) -> Result<()> {
+    let s = Server::start(store).await?;
+    let op = Some("operator");
+    for _ in 0..3 {
+        s.call(op, "POST", "/api/v1/workflows", Some(definition("sleep")))
+            .await?;
+    }
+    s.call(op, "POST", "/api/v1/workflows", Some(definition("noop")))
+        .await?;
+    let filter = json!({"filter": {"status": "running", "name": "pipeline"}, "dry_run": true});
+    let (status, body) = s
+        .call(
+            Some("viewer"),
+            "POST",
+            "/api/v1/workflows/bulk/suspend",
+            Some(filter.clone()),
+        )
+        .await?;
+    assert_eq!(status, 403, "{body}");
+    // Running until their sleep: the noop one may have finished already.
+    let (status, dry) = s
+        .call(op, "POST", "/api/v1/workflows/bulk/suspend", Some(filter))
+        .await?;
+    assert_eq!(status, 200, "{dry}");
+    let matched = dry["matched"].as_u64().context("matched")?;
+    assert!(matched >= 3, "{dry}");
+    let (_, list) = s
+        .call(op, "GET", "/api/v1/workflows?status=suspended", None)
+        .await?;
+    assert_eq!(
+        list["items"].as_array().map(Vec::len),
+        Some(0),
+        "a dry run changes nothing"
+    );
+    let ids: Vec<Value> = dry["workflows"].as_array().context("ids")?.clone();
+    let real = json!({"filter": {"status": "running", "name": "pipeline"}});
+    let (_, done) = s
+        .call(op, "POST", "/api/v1/workflows/bulk/suspend", Some(real))
+        .await?;
+    assert_eq!(done["matched"], dry["matched"], "{done}");
+    assert_eq!(done["done"].as_u64(), Some(matched), "{done}");
+    let (_, suspended) = s
+        .call(op, "GET", "/api/v1/workflows?status=suspended", None)
+        .await?;
+    let mut got: Vec<Value> = suspended["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .map(|i| i["id"].clone())
+        .collect();
+    let mut want = ids;
+    got.sort_by_key(|v| v.to_string());
+    want.sort_by_key(|v| v.to_string());
+    assert_eq!(got, want, "the call touched what the dry run counted");
+
+    let (_, tasks) = s.call(Some("viewer"), "GET", "/api/v1/tasks", None).await?;
+    let names: Vec<&str> = tasks["tasks"]
+        .as_array()
+        .context("tasks")?
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"sleep") && names.contains(&"noop"),
+        "{tasks}"
+    );
+    let (_, stats) = s.call(Some("viewer"), "GET", "/api/v1/stats", None).await?;
+    assert!(
+        stats["engine"]["events_written_total"].as_u64() > Some(0),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["workflows_by_status"]["suspended"].as_u64(),
+        Some(matched)
+    );
+    let (status, metrics) = s.call(Some("viewer"), "GET", "/metrics", None).await?;
+    assert_eq!(status, 200);
+    let text = metrics.as_str().context("text")?;
+    assert!(text.contains("mageflow_events_written_total "), "{text}");
+    assert!(text.contains(&format!(
+        "mageflow_workflows{{status=\"suspended\"}} {matched}"
+    )));
+    let (status, _) = s.call(None, "GET", "/metrics", None).await?;
+    assert_eq!(status, 401);
+    s.shutdown().await;
+    Ok(())
+}
+
 macro_rules! on_stores {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -417,6 +588,10 @@ macro_rules! on_stores {
             async fn sled() -> anyhow::Result<()> {
                 super::$name(super::Store::Sled).await
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_redis() -> anyhow::Result<()> {
+                super::$name(super::Store::Cluster).await
+            }
         }
     )*};
 }
@@ -425,4 +600,5 @@ on_stores!(
     every_role_gets_what_its_role_allows,
     submit_list_tree_detail_history_and_control,
     the_event_stream_resumes_with_last_event_id,
+    bulk_control_dry_run_counts_what_the_call_touches,
 );
