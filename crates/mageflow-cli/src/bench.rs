@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 /// Workflows per `submit_many` call in the `flat` scenario.
 const FLAT_BULK: u32 = 10_000;
 
-pub const SCENARIOS: [&str; 10] = [
+pub const SCENARIOS: [&str; 13] = [
     "flat",
     "chain",
     "fanout",
@@ -30,6 +30,9 @@ pub const SCENARIOS: [&str; 10] = [
     "graph-fanout",
     "bulk-add",
     "priority",
+    "http-submit",
+    "http-tree",
+    "http-events",
 ];
 
 /// `max_concurrency` of the `fanout-limited` and `priority` scenarios.
@@ -64,6 +67,9 @@ pub async fn run(scenario: &str, store: Option<&str>, n: Option<u32>) -> Result<
         "graph-line" => graph_line(&dir, n.unwrap_or(1_000)).await,
         "bulk-add" => bulk_add(&dir, n.unwrap_or(10_000)).await,
         "priority" => priority(&dir, n.unwrap_or(5_000)).await,
+        "http-submit" => crate::bench_http::submit(&dir, n.unwrap_or(50_000)).await,
+        "http-tree" => crate::bench_http::tree(&dir, n.unwrap_or(1_000_000)).await,
+        "http-events" => crate::bench_http::events(&dir, n.unwrap_or(100_000)).await,
         _ => graph_fanout(&dir, n.unwrap_or(10_000)).await,
     };
     if temporary {

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_http;
 mod control_cmd;
 mod demo;
 mod http_cmd;

@@ -58,7 +58,7 @@ impl Status {
     }
 
     /// Stable lowercase name, for display and filters.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Status::Pending => "pending",
             Status::Queued => "queued",
@@ -79,6 +79,23 @@ impl fmt::Display for Status {
         f.write_str(self.name())
     }
 }
+
+/// [`Status::name`] of every status, in the order [`Workflow::inner_counts`] tables them.
+const STATUS_NAMES: [&str; 10] = [
+    Status::Pending.name(),
+    Status::Queued.name(),
+    Status::Running.name(),
+    Status::Suspended.name(),
+    Status::Interrupted.name(),
+    Status::Canceled.name(),
+    Status::Done.name(),
+    Status::Failed.name(),
+    Status::Skipped.name(),
+    Status::MarkedForDeletion {
+        expires_at: Timestamp(0),
+    }
+    .name(),
+];
 
 /// Retry policy of a task: `max_retries` extra attempts after the first, with exponential
 /// backoff starting at `backoff_ms` and capped at `backoff_max_ms`.
@@ -665,18 +682,43 @@ impl Workflow {
     /// are in each status (by [`Status::name`], as [`Node::visible_status`] shows it). Empty for
     /// a task or a gate, and for an index that does not exist.
     pub fn inner_counts(&self, node: NodeIndex) -> std::collections::BTreeMap<&'static str, u64> {
-        let mut counts = std::collections::BTreeMap::new();
         let Some(n) = self.node(node) else {
-            return counts;
+            return std::collections::BTreeMap::new();
+        };
+        // Counted by position in a fixed table (a swarm holds a million), named at the end.
+        let mut table = [0u64; STATUS_NAMES.len()];
+        let slot = |s: Status| match s {
+            Status::Pending => 0,
+            Status::Queued => 1,
+            Status::Running => 2,
+            Status::Suspended => 3,
+            Status::Interrupted => 4,
+            Status::Canceled => 5,
+            Status::Done => 6,
+            Status::Failed => 7,
+            Status::Skipped => 8,
+            Status::MarkedForDeletion { .. } => 9,
         };
         let mut stack: Vec<NodeIndex> = n.spec.children().to_vec();
         while let Some(i) = stack.pop() {
             if let Some(inner) = self.node(i) {
-                *counts.entry(inner.visible_status().name()).or_insert(0) += 1;
-                stack.extend(inner.spec.all_refs());
+                table[slot(inner.visible_status())] += 1;
+                let s = &inner.spec;
+                if !s.children().is_empty()
+                    || !s.on_success.is_empty()
+                    || !s.on_error.is_empty()
+                    || !s.on_cleanup.is_empty()
+                {
+                    stack.extend(s.all_refs());
+                }
             }
         }
-        counts
+        STATUS_NAMES
+            .iter()
+            .zip(table)
+            .filter(|(_, n)| *n > 0)
+            .map(|(name, n)| (*name, n))
+            .collect()
     }
 
     /// Whether an internal callback of container `node` — a callback (success, error,
