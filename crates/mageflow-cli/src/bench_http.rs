@@ -110,7 +110,10 @@ pub async fn submit(dir: &Path, n: u32) -> Result<String> {
             for _ in 0..per {
                 let (status, body) = c.request("POST", "/api/v1/workflows", body).await?;
                 if status != 201 {
-                    bail!("submit answered {status}: {}", String::from_utf8_lossy(&body));
+                    bail!(
+                        "submit answered {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    );
                 }
             }
             anyhow::Ok(())

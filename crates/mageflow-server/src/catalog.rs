@@ -12,9 +12,11 @@ use std::sync::{Arc, RwLock};
 const TAIL_BATCH: usize = 10_000;
 
 /// What the list shows of one workflow.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Summary {
+    /// `wf_…`
     #[serde(serialize_with = "display")]
+    #[schema(value_type = String)]
     pub id: WorkflowId,
     /// The root signature's name (its task's, for a task).
     pub name: String,
@@ -24,7 +26,11 @@ pub struct Summary {
     pub status: &'static str,
     pub marked: bool,
     pub purged: bool,
+    /// µs since the epoch.
+    #[schema(value_type = i64)]
     pub created_at: Timestamp,
+    /// µs since the epoch.
+    #[schema(value_type = i64)]
     pub updated_at: Timestamp,
 }
 
@@ -72,13 +78,14 @@ impl Filter {
 }
 
 /// One page of the list, newest first.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Page {
     pub items: Vec<Summary>,
     /// Pass as `cursor` for the next page; absent on the last.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
     /// How many workflows match the filter, by status.
+    #[schema(value_type = BTreeMap<String, u64>)]
     pub counts: BTreeMap<&'static str, u64>,
 }
 

@@ -10,13 +10,18 @@ use serde::Serialize;
 use serde_json::Value;
 
 /// An error answered by the API.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ApiError {
     #[serde(skip)]
+    #[schema(ignore)]
     pub status: StatusCode,
+    /// Stable: see `docs/errors.md`.
+    #[schema(value_type = String)]
     pub code: &'static str,
     pub message: String,
+    /// Particulars: a refused bulk's items, for one.
     #[serde(skip_serializing_if = "Value::is_null")]
+    #[schema(value_type = Object)]
     pub details: Value,
 }
 

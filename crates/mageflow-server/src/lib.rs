@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod error;
+pub mod openapi;
 mod routes;
 mod views;
 

@@ -118,6 +118,10 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/tasks", get(tasks))
         .route("/api/v1/stats", get(stats))
         .route("/metrics", get(metrics))
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        )
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .layer(axum::middleware::from_fn(security_headers))
@@ -140,7 +144,8 @@ async fn security_headers(req: Request, next: Next) -> Response {
     res
 }
 
-async fn ready(State(api): State<Api>) -> Response {
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "the log is open")))]
+pub(crate) async fn ready(State(api): State<Api>) -> Response {
     Json(json!({ "ready": true, "log_head": api.handle.log().head() })).into_response()
 }
 
@@ -168,7 +173,11 @@ const IDEMPOTENCY_NAMESPACE: uuid::Uuid =
 
 /// `POST /api/v1/workflows`: a workflow definition (`docs/workflow.schema.json`), created and
 /// run. With `Idempotency-Key`, a resubmission (same key, same token) answers the first id.
-async fn submit(
+#[utoipa::path(post, path = "/api/v1/workflows", security(("bearer" = [])),
+    request_body(content = Object, description = "A workflow definition (docs/workflow.schema.json)"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "A resubmission with the same key answers the first id")),
+    responses((status = 201, description = "created and running: {\"id\": \"wf_…\"}", body = Object), (status = 400, description = "not a valid definition", body = ApiError), (status = 413, description = "body too large", body = ApiError), (status = 401, description = "no known token", body = ApiError), (status = 403, description = "the role may not", body = ApiError)))]
+pub(crate) async fn submit(
     State(api): State<Api>,
     headers: HeaderMap,
     bytes: Result<Bytes, BytesRejection>,
@@ -194,9 +203,10 @@ async fn submit(
     Ok((StatusCode::CREATED, Json(json!({ "id": id.to_string() }))).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
     status: Option<String>,
     kind: Option<String>,
     name: Option<String>,
@@ -224,7 +234,9 @@ fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
 /// `GET /api/v1/workflows`: newest first, filtered (status, kind, name, free text `q` on ids
 /// and names, `created_after`/`created_before` in µs since the epoch), paged by `cursor`, with
 /// the counts by status of everything the filter matches.
-async fn list(
+#[utoipa::path(get, path = "/api/v1/workflows", security(("bearer" = [])), params(ListQuery),
+    responses((status = 200, description = "a page, newest first", body = crate::catalog::Page), (status = 400, description = "a bad filter, cursor or limit", body = ApiError), (status = 401, description = "no known token", body = ApiError), (status = 403, description = "the role may not", body = ApiError)))]
+pub(crate) async fn list(
     State(api): State<Api>,
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -258,7 +270,9 @@ async fn list(
 }
 
 /// `GET /api/v1/workflows/{id}`: the tree, containers' first children inline, the rest counted.
-async fn tree(
+#[utoipa::path(get, path = "/api/v1/workflows/{id}", security(("bearer" = [])), params(("id" = String, Path, description = "wf_…")),
+    responses((status = 200, description = "the tree", body = views::TreeView), (status = 404, description = "no such workflow", body = ApiError), (status = 401, description = "no known token", body = ApiError), (status = 403, description = "the role may not", body = ApiError)))]
+pub(crate) async fn tree(
     State(api): State<Api>,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -269,9 +283,10 @@ async fn tree(
     Ok(Json(view).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct PageQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct PageQuery {
     after: Option<u64>,
     offset: Option<usize>,
     limit: Option<usize>,
@@ -279,7 +294,9 @@ struct PageQuery {
 
 /// `GET /api/v1/workflows/{id}/history?after=SEQ&limit=N`: the events after `after`, archived
 /// ones included. Auditors and above.
-async fn history(
+#[utoipa::path(get, path = "/api/v1/workflows/{id}/history", security(("bearer" = [])), params(("id" = String, Path, description = "wf_…"), PageQuery),
+    responses((status = 200, description = "{\"events\": [...], \"next_after\": seq}", body = Object), (status = 404, description = "no such workflow", body = ApiError), (status = 401, description = "no known token", body = ApiError), (status = 403, description = "the role may not", body = ApiError)))]
+pub(crate) async fn history(
     State(api): State<Api>,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -312,7 +329,9 @@ fn parse_index(index: &str) -> Result<u32, ApiError> {
 }
 
 /// `GET /api/v1/workflows/{id}/nodes/{index}`: a signature's spec, input, result, attempts.
-async fn detail(
+#[utoipa::path(get, path = "/api/v1/workflows/{id}/nodes/{index}", security(("bearer" = [])), params(("id" = String, Path, description = "wf_…"), ("index" = u32, Path, description = "the signature's index")),
+    responses((status = 200, description = "the signature", body = views::DetailView), (status = 404, description = "no such signature", body = ApiError), (status = 401, description = "no known token", body = ApiError), (status = 403, description = "the role may not", body = ApiError)))]
+pub(crate) async fn detail(
     State(api): State<Api>,
     headers: HeaderMap,
     Path((id, index)): Path<(String, String)>,
@@ -334,7 +353,9 @@ async fn detail(
 
 /// `GET /api/v1/workflows/{id}/nodes/{index}/children?offset&limit`: a page of a container's
 /// children — how a swarm of a million items is read, a page at a time.
-async fn children(
+#[utoipa::path(get, path = "/api/v1/workflows/{id}/nodes/{index}/children", security(("bearer" = [])), params(("id" = String, Path, description = "wf_…"), ("index" = u32, Path, description = "the container's index"), PageQuery),
+    responses((status = 200, description = "a page of children", body = views::ChildrenView), (status = 404, description = "no such signature", body = ApiError), (status = 401, description = "no known token", body = ApiError), (status = 403, description = "the role may not", body = ApiError)))]
+pub(crate) async fn children(
     State(api): State<Api>,
     headers: HeaderMap,
     Path((id, index)): Path<(String, String)>,
@@ -357,12 +378,13 @@ async fn children(
     Ok(Json(view).into_response())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ControlBody {
+pub(crate) struct ControlBody {
     #[serde(default)]
     confirm: bool,
     #[serde(default)]
+    #[schema(value_type = Object)]
     value: Option<Value>,
 }
 
@@ -370,7 +392,11 @@ struct ControlBody {
 /// with `confirm`), `interrupt`, `suspend`, `resume`, `delete`, `restore`, `rerun`, `priority`
 /// (value: a number), `signal` (value: what the gate gets), `reject` (value: the reason).
 /// Answered once the command is durable; its events name the token as their actor.
-async fn control_call(
+#[utoipa::path(post, path = "/api/v1/signatures/{sig}/{op}", security(("bearer" = [])),
+    params(("sig" = String, Path, description = "sig_… or wf_… (its root)"), ("op" = String, Path, description = "cancel, interrupt, suspend, resume, delete, restore, rerun, priority, signal, reject")),
+    request_body(content = ControlBody, description = "optional"),
+    responses((status = 200, description = "done and durable: {\"message\": …}", body = Object), (status = 409, description = "refused now", body = ApiError), (status = 428, description = "cancel without confirm", body = ApiError), (status = 401, description = "no known token", body = ApiError), (status = 403, description = "the role may not", body = ApiError)))]
+pub(crate) async fn control_call(
     State(api): State<Api>,
     headers: HeaderMap,
     Path((sig, op)): Path<(String, String)>,
@@ -397,9 +423,9 @@ async fn control_call(
 }
 
 /// What a bulk control call acts on: the roots of the workflows the list's filter matches.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BulkFilter {
+pub(crate) struct BulkFilter {
     status: Option<String>,
     kind: Option<String>,
     name: Option<String>,
@@ -408,9 +434,9 @@ struct BulkFilter {
     created_before: Option<i64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BulkBody {
+pub(crate) struct BulkBody {
     #[serde(default)]
     filter: BulkFilter,
     /// Count what it would touch; change nothing.
@@ -419,6 +445,7 @@ struct BulkBody {
     #[serde(default)]
     confirm: bool,
     #[serde(default)]
+    #[schema(value_type = Object)]
     value: Option<Value>,
 }
 
@@ -429,7 +456,10 @@ pub const BULK_CONTROL_MAX: usize = 10_000;
 /// the root of every workflow the filter matches (the list's filter). `dry_run` answers how
 /// many and which it would touch, changing nothing; otherwise each is carried out in turn and
 /// the answer counts those done and lists those refused with their code.
-async fn bulk_control(
+#[utoipa::path(post, path = "/api/v1/workflows/bulk/{op}", security(("bearer" = [])), params(("op" = String, Path, description = "a command, as for one signature")),
+    request_body(content = BulkBody),
+    responses((status = 200, description = "{matched, workflows} on a dry run, else {matched, done, refused}", body = Object), (status = 400, description = "a bad body, or more than 10 000 match", body = ApiError), (status = 401, description = "no known token", body = ApiError), (status = 403, description = "the role may not", body = ApiError)))]
+pub(crate) async fn bulk_control(
     State(api): State<Api>,
     headers: HeaderMap,
     Path(op): Path<String>,
@@ -487,7 +517,11 @@ async fn bulk_control(
 
 /// `GET /api/v1/tasks`: the tasks this engine's registry serves, with their retry policy,
 /// timeouts and return field.
-async fn tasks(State(api): State<Api>, headers: HeaderMap) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/api/v1/tasks", security(("bearer" = [])), responses((status = 200, description = "{tasks: [{name, retry, timeout_ms, heartbeat_timeout_ms, return_field}]}", body = Object), (status = 401, description = "no known token", body = ApiError), (status = 403, description = "the role may not", body = ApiError)))]
+pub(crate) async fn tasks(
+    State(api): State<Api>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     api.require(&headers, |_| true, "read the task registry")?;
     let registry = api.handle.registry();
     let mut out = Vec::new();
@@ -563,7 +597,11 @@ fn counters(api: &Api) -> Vec<(&'static str, &'static str, u64)> {
 }
 
 /// `GET /api/v1/stats`: the engine's counters and the workflows by status.
-async fn stats(State(api): State<Api>, headers: HeaderMap) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/api/v1/stats", security(("bearer" = [])), responses((status = 200, description = "{engine: {counters}, workflows_by_status}", body = Object), (status = 401, description = "no known token", body = ApiError), (status = 403, description = "the role may not", body = ApiError)))]
+pub(crate) async fn stats(
+    State(api): State<Api>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     api.require(&headers, |_| true, "read stats")?;
     api.catalog.catch_up(&api.handle)?;
     let engine: serde_json::Map<String, Value> = counters(&api)
@@ -575,7 +613,11 @@ async fn stats(State(api): State<Api>, headers: HeaderMap) -> Result<Response, A
 }
 
 /// `GET /metrics`: the same in Prometheus's text format (any valid token).
-async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/metrics", security(("bearer" = [])), responses((status = 200, description = "Prometheus text format", content_type = "text/plain"), (status = 401, description = "no known token", body = ApiError), (status = 403, description = "the role may not", body = ApiError)))]
+pub(crate) async fn metrics(
+    State(api): State<Api>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     api.require(&headers, |_| true, "read metrics")?;
     api.catalog.catch_up(&api.handle)?;
     let mut text = String::new();
@@ -596,9 +638,10 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Result<Response,
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct EventsQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct EventsQuery {
     workflow: Option<String>,
     kind: Option<String>,
     /// Position to start after (the `Last-Event-ID` header wins).
@@ -612,7 +655,9 @@ const SSE_BATCH: usize = 1_000;
 /// position as `id`, from after `Last-Event-ID` (or `after`, or now): a client that reconnects
 /// with the last id it saw misses nothing and sees nothing twice. Auditors and above (events
 /// carry history).
-async fn events(
+#[utoipa::path(get, path = "/api/v1/events", security(("bearer" = [])), params(EventsQuery, ("Last-Event-ID" = Option<u64>, Header, description = "resume after this log position")),
+    responses((status = 200, description = "text/event-stream: one event per log event, id = its position", content_type = "text/event-stream"), (status = 401, description = "no known token", body = ApiError), (status = 403, description = "the role may not", body = ApiError)))]
+pub(crate) async fn events(
     State(api): State<Api>,
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,

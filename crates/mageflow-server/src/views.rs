@@ -8,30 +8,37 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 
 /// One signature in a tree.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct NodeView {
     pub index: NodeIndex,
     pub id: String,
     pub name: String,
+    #[schema(value_type = String)]
     pub kind: &'static str,
+    #[schema(value_type = String)]
     pub status: &'static str,
     pub attempt: u32,
     #[serde(skip_serializing_if = "is_zero")]
     pub priority: i32,
     /// A container's children, to [`CHILDREN_INLINE`].
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(no_recursion)]
     pub children: Vec<NodeView>,
     /// A container's children in all.
     #[serde(skip_serializing_if = "is_zero_usize")]
     pub children_total: usize,
     /// Everything inside a container, to any depth, by status.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, u64>)]
     pub inner: BTreeMap<&'static str, u64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(no_recursion)]
     pub on_success: Vec<NodeView>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(no_recursion)]
     pub on_error: Vec<NodeView>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(no_recursion)]
     pub on_cleanup: Vec<NodeView>,
 }
 
@@ -76,7 +83,7 @@ pub fn node(wf: &Workflow, index: NodeIndex, depth: usize) -> Option<NodeView> {
 }
 
 /// A workflow's tree.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct TreeView {
     pub id: String,
     pub version: u64,
@@ -97,36 +104,44 @@ pub fn tree(wf: &Workflow) -> TreeView {
 }
 
 /// One attempt of a task, from its events.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct AttemptView {
     pub attempt: u32,
+    /// µs since the epoch.
+    #[schema(value_type = i64)]
     pub started_at: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<i64>)]
     pub ended_at: Option<Timestamp>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<f64>,
     /// `succeeded`, `failed`, `retry_scheduled`, or absent while it runs.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub ended: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
 /// A signature's detail.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct DetailView {
     #[serde(flatten)]
     pub node: NodeView,
     /// The spec as submitted: kind settings, kwargs, callbacks (by index).
+    #[schema(value_type = Object)]
     pub spec: Value,
     /// The input it runs with (its message and kwargs merged), once triggered.
     #[serde(skip_serializing_if = "Value::is_null")]
+    #[schema(value_type = Object)]
     pub input: Value,
     #[serde(skip_serializing_if = "Value::is_null")]
+    #[schema(value_type = Object)]
     pub result: Value,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub checkpoint: Option<Value>,
     pub attempts: Vec<AttemptView>,
 }
@@ -189,7 +204,7 @@ pub fn detail(wf: &Workflow, index: NodeIndex, history: &[Event]) -> Option<Deta
 }
 
 /// A page of a container's children (each with one level below it).
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ChildrenView {
     pub total: usize,
     pub offset: usize,
