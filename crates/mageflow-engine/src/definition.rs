@@ -185,6 +185,13 @@ fn is_default<T: Default + Serialize>(v: &T) -> bool {
 /// Read a definition document: a typed error naming the JSON path of what is wrong, or the
 /// workflow as a signature (checked against the registry when submitted) and its input.
 pub fn parse(bytes: &[u8]) -> Result<(Sig, Value)> {
+    let def: WorkflowDefinition = read(bytes)?;
+    let sig = def.root.into_sig()?;
+    Ok((sig, def.input))
+}
+
+/// A document of the format, under [`DEFINITION_BYTES_MAX`], errors naming the JSON path.
+fn read<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     if bytes.len() > DEFINITION_BYTES_MAX {
         return Err(Error::TooLarge {
             what: "workflow definition",
@@ -193,30 +200,16 @@ pub fn parse(bytes: &[u8]) -> Result<(Sig, Value)> {
         });
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let def: WorkflowDefinition = serde_path_to_error::deserialize(de).map_err(|e| {
+    serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         invalid(format!("at {path}: {}", e.into_inner()))
-    })?;
-    let sig = def.root.into_sig()?;
-    Ok((sig, def.input))
+    })
 }
 
 /// One signature in the format (a `Node`: `{"task": {...}}`, `{"chain": {...}}`, …), as a line
 /// of the items file of `mageflow swarm add` holds it; errors name the JSON path.
 pub fn parse_node(bytes: &[u8]) -> Result<Sig> {
-    if bytes.len() > DEFINITION_BYTES_MAX {
-        return Err(Error::TooLarge {
-            what: "workflow definition",
-            bytes: bytes.len(),
-            max: DEFINITION_BYTES_MAX,
-        });
-    }
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let node: Node = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        invalid(format!("at {path}: {}", e.into_inner()))
-    })?;
-    node.into_sig()
+    read::<Node>(bytes)?.into_sig()
 }
 
 /// The JSON Schema of the format, as checked into `docs/workflow.schema.json`.

@@ -203,6 +203,36 @@ pub(crate) async fn submit(
     Ok((StatusCode::CREATED, Json(json!({ "id": id.to_string() }))).into_response())
 }
 
+/// The list's filter, in a bulk control call's body.
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FilterQuery {
+    status: Option<String>,
+    kind: Option<String>,
+    name: Option<String>,
+    /// Free text, in ids and names.
+    q: Option<String>,
+    /// µs since the epoch.
+    created_after: Option<i64>,
+    /// µs since the epoch.
+    created_before: Option<i64>,
+}
+
+impl From<FilterQuery> for Filter {
+    fn from(f: FilterQuery) -> Self {
+        Filter {
+            status: f.status,
+            kind: f.kind,
+            name: f.name,
+            text: f.q,
+            created_after: f.created_after.map(Timestamp::from_micros),
+            created_before: f.created_before.map(Timestamp::from_micros),
+        }
+    }
+}
+
+/// The list's query: its filter, and where the page starts (a query string is flat, and
+/// serde refuses no unknown field of a flattened struct: so the filter's fields again).
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -210,11 +240,37 @@ pub(crate) struct ListQuery {
     status: Option<String>,
     kind: Option<String>,
     name: Option<String>,
+    /// Free text, in ids and names.
     q: Option<String>,
+    /// µs since the epoch.
     created_after: Option<i64>,
+    /// µs since the epoch.
     created_before: Option<i64>,
+    /// A `next_cursor` of the page before.
     cursor: Option<String>,
     limit: Option<usize>,
+}
+
+impl ListQuery {
+    fn filter(&self) -> Filter {
+        Filter::from(FilterQuery {
+            status: self.status.clone(),
+            kind: self.kind.clone(),
+            name: self.name.clone(),
+            q: self.q.clone(),
+            created_after: self.created_after,
+            created_before: self.created_before,
+        })
+    }
+}
+
+/// A command named in a path; `submit` has a route of its own.
+fn operation(op: &str) -> Result<ControlOp, ApiError> {
+    match op.parse() {
+        Ok(ControlOp::Submit) => Err(ApiError::not_found("submit is POST /api/v1/workflows")),
+        Ok(op) => Ok(op),
+        Err(_) => Err(ApiError::not_found(format!("no command {op:?}"))),
+    }
 }
 
 fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
@@ -246,14 +302,7 @@ pub(crate) async fn list(
     let limit = limit(q.limit)?;
     // Catch up first: a workflow submitted just before is listed.
     api.catalog.catch_up(&api.handle)?;
-    let filter = Filter {
-        status: q.status,
-        kind: q.kind,
-        name: q.name,
-        text: q.q,
-        created_after: q.created_after.map(Timestamp::from_micros),
-        created_before: q.created_before.map(Timestamp::from_micros),
-    };
+    let filter = q.filter();
     let cursor = q
         .cursor
         .as_deref()
@@ -402,12 +451,7 @@ pub(crate) async fn control_call(
     Path((sig, op)): Path<(String, String)>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let op: ControlOp = op
-        .parse()
-        .map_err(|_| ApiError::not_found(format!("no command {op:?}")))?;
-    if op == ControlOp::Submit {
-        return Err(ApiError::not_found("submit is POST /api/v1/workflows"));
-    }
+    let op = operation(&op)?;
     let caller = api.require(&headers, |r| r.allows(op), &format!("{op}"))?;
     let target = control::parse_target(&sig)?;
     let bytes = body(bytes)?;
@@ -422,23 +466,12 @@ pub(crate) async fn control_call(
     Ok(Json(json!({ "message": message })).into_response())
 }
 
-/// What a bulk control call acts on: the roots of the workflows the list's filter matches.
-#[derive(Deserialize, Default, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct BulkFilter {
-    status: Option<String>,
-    kind: Option<String>,
-    name: Option<String>,
-    q: Option<String>,
-    created_after: Option<i64>,
-    created_before: Option<i64>,
-}
-
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BulkBody {
+    /// What it acts on: the roots of the workflows the list's filter matches.
     #[serde(default)]
-    filter: BulkFilter,
+    filter: FilterQuery,
     /// Count what it would touch; change nothing.
     #[serde(default)]
     dry_run: bool,
@@ -465,26 +498,13 @@ pub(crate) async fn bulk_control(
     Path(op): Path<String>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let op: ControlOp = op
-        .parse()
-        .map_err(|_| ApiError::not_found(format!("no command {op:?}")))?;
-    if op == ControlOp::Submit {
-        return Err(ApiError::not_found("submit is POST /api/v1/workflows"));
-    }
+    let op = operation(&op)?;
     let caller = api.require(&headers, |r| r.allows(op), &format!("{op}"))?;
     let bytes = body(bytes)?;
     let req: BulkBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
     api.catalog.catch_up(&api.handle)?;
-    let f = req.filter;
-    let filter = Filter {
-        status: f.status,
-        kind: f.kind,
-        name: f.name,
-        text: f.q,
-        created_after: f.created_after.map(Timestamp::from_micros),
-        created_before: f.created_before.map(Timestamp::from_micros),
-    };
+    let filter = Filter::from(req.filter);
     let page = api.catalog.page(&filter, None, BULK_CONTROL_MAX);
     if page.next_cursor.is_some() {
         return Err(ApiError::bad_request(

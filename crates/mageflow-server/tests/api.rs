@@ -331,6 +331,23 @@ async fn submit_list_tree_detail_history_and_control(store: Store) -> Result<()>
         .call(op, "GET", "/api/v1/workflows?limit=100000", None)
         .await?;
     assert_eq!((status, bad["code"].as_str()), (400, Some("invalid_page")));
+    let (status, bad) = s
+        .call(op, "GET", "/api/v1/workflows?stauts=done", None)
+        .await?;
+    assert_eq!(
+        (status, bad["code"].as_str()),
+        (400, Some("invalid_query")),
+        "{bad}"
+    );
+    let (status, since) = s
+        .call(op, "GET", "/api/v1/workflows?created_after=0&limit=5", None)
+        .await?;
+    assert_eq!(status, 200, "{since}");
+    assert_eq!(since["items"].as_array().map(Vec::len), Some(2), "{since}");
+    let (_, none) = s
+        .call(op, "GET", "/api/v1/workflows?created_before=1", None)
+        .await?;
+    assert_eq!(none["items"].as_array().map(Vec::len), Some(0), "{none}");
 
     // The tree, a signature's detail, a page of children.
     let (_, tree) = s
