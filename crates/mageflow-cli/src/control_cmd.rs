@@ -190,7 +190,14 @@ pub fn token(token_file: Option<&Path>) -> Result<Option<mageflow::auth::Secret>
             Err(_) => return Ok(None),
         },
     };
-    mageflow::auth::Secret::new(text)
+    // An API token (`mageflow token create`) signs with its hash, which is what `serve
+    // --tokens` knows of it; a token of an access file signs with itself.
+    let trimmed = String::from_utf8_lossy(&text).trim().to_owned();
+    let key = match trimmed.starts_with(mageflow_server::auth::TOKEN_PREFIX) {
+        true => mageflow_server::auth::relay_key(&trimmed).into_bytes(),
+        false => text,
+    };
+    mageflow::auth::Secret::new(key)
         .map(Some)
         .context("the operator token is not usable")
 }

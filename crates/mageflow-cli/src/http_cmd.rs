@@ -28,9 +28,10 @@ impl HttpArgs {
     /// Who may call the API, checked before anything is opened.
     pub fn access(&self) -> Result<Option<Access>> {
         let Some(addr) = self.http else {
-            if self.tokens.is_some() || self.insecure_no_auth {
-                bail!("--tokens and --insecure-no-auth go with --http");
+            if self.insecure_no_auth {
+                bail!("--insecure-no-auth goes with --http");
             }
+            // --tokens alone authorises the relay (see `relay_operators`).
             return Ok(None);
         };
         match (&self.tokens, self.insecure_no_auth) {
@@ -62,6 +63,25 @@ impl HttpArgs {
             }
         }
     }
+}
+
+/// The operators whose relayed commands a deployment's orchestrator accepts, from the API's
+/// tokens file: each token's name, role and hash (the key its holder signs with), so the relay
+/// and the API answer to one token model. `None` without `--tokens`.
+pub fn relay_operators(args: &HttpArgs) -> Result<Option<mageflow::auth::Operators>> {
+    let Some(path) = &args.tokens else {
+        return Ok(None);
+    };
+    let mut operators = mageflow::auth::Operators::default();
+    for t in Tokens::load(path)?.tokens {
+        let token = mageflow::auth::Secret::new(&t.sha256)
+            .with_context(|| format!("token {:?} of {}", t.name, path.display()))?;
+        let role = t.role;
+        operators
+            .0
+            .insert(t.name, mageflow::auth::Operator { role, token });
+    }
+    Ok(Some(operators))
 }
 
 /// A running API server.

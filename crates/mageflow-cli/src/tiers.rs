@@ -337,7 +337,18 @@ pub async fn serve(
             tokio::pin!(stop);
             // Another orchestrator on the log: this one stands by (open_cluster waits) until it
             // stops, or until this one is told to stop.
-            let cluster_config = args.cluster("serve")?;
+            let mut cluster_config = args.cluster("serve")?;
+            if let Some(tokens) = crate::http_cmd::relay_operators(http)? {
+                for (name, operator) in tokens.0 {
+                    if cluster_config.operators.0.contains_key(&name) {
+                        bail!(
+                            "{name:?} is in the access file and the tokens file: keep one (the \
+                             tokens file serves the API and the relay alike)"
+                        );
+                    }
+                    cluster_config.operators.0.insert(name, operator);
+                }
+            }
             check_services(&cluster_config).await?;
             let c = tokio::select! {
                 c = cluster::open_cluster(cluster_config, builtins(), config) => c?,

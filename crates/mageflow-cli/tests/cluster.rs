@@ -14,7 +14,7 @@ use mageflow::cluster::{open_cluster, Cluster, ClusterConfig};
 use mageflow::store_pg::PgOptions;
 use mageflow::{sign, swarm, Config, Event, Priority, Registry, Status, Workflow, WorkflowId};
 use serde_json::json;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -436,9 +436,14 @@ struct Serve {
 
 impl Serve {
     fn start(d: &Deployment) -> Result<Self> {
+        Self::start_with(d, &[])
+    }
+
+    fn start_with(d: &Deployment, extra: &[&str]) -> Result<Self> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mageflow"))
             .args(["serve", "--postgres", &postgres_url(), "--redis", &d.redis])
             .args(["--schema", &d.schema, "--prefix", &d.prefix])
+            .args(extra)
             .env("MAGEFLOW_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -489,6 +494,151 @@ impl Serve {
         }
         Ok(rest)
     }
+}
+
+/// One HTTP/1.1 request with `Connection: close`: (status, body).
+fn http(addr: &str, method: &str, path: &str, token: &str, body: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("not an HTTP answer: {answer:?}"))?;
+    let body = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    Ok((status, body))
+}
+
+/// One token and role model for the HTTP API and the CLI's relayed commands: `serve --tokens`
+/// authorises both, so a viewer token may cancel neither over HTTP (403) nor through the relay
+/// (refused), and an operator token does both, its name recorded as the actor either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_model_for_the_api_and_the_relay() -> Result<()> {
+    guard(async {
+        let mut d = Deployment::unopened(postgres_url(), redis_url());
+        let dir = tempfile::tempdir()?;
+        let tokens = dir.path().join("tokens.toml");
+        let f = tokens.to_string_lossy().to_string();
+        let mut token_files = BTreeMap::new();
+        for (name, role) in [("val", "viewer"), ("opal", "operator")] {
+            let out = Command::new(env!("CARGO_BIN_EXE_mageflow"))
+                .args([
+                    "token", "create", "--file", &f, "--name", name, "--role", role,
+                ])
+                .output()?;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let token = String::from_utf8(out.stdout)?.trim().to_owned();
+            let file = dir.path().join(format!("{name}.token"));
+            std::fs::write(&file, &token)?;
+            token_files.insert(name, (token, file.to_string_lossy().to_string()));
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let serve = Serve::start_with(&d, &["--http", &addr, "--tokens", &f])?;
+        Serve::says(&serve.stdout, "http api on").await?;
+        d.spawn_worker("w1")?;
+        let (opal, opal_file) = token_files["opal"].clone();
+        let (val, val_file) = token_files["val"].clone();
+        let definition = json!({"root": {"swarm": {"items": [
+            {"task": {"task": "sleep", "with": {"kwargs": {"ms": 600000}}}}
+        ]}}, "input": {}})
+        .to_string();
+        let (status, body) = http(&addr, "POST", "/api/v1/workflows", &opal, &definition)?;
+        assert_eq!(status, 201, "{body}");
+        let created: serde_json::Value = serde_json::from_str(&body)?;
+        let wf = created["id"].as_str().context("an id")?.to_owned();
+        let relay = |args: &[&str], principal: &str, token_file: &str| {
+            Command::new(env!("CARGO_BIN_EXE_mageflow"))
+                .args(args)
+                .args(["--postgres", &postgres_url(), "--schema", &d.schema])
+                .args(["--redis", &d.redis, "--prefix", &d.prefix])
+                .args(["--principal", principal, "--token-file", token_file])
+                .env("RUST_BACKTRACE", "0")
+                .output()
+        };
+
+        // A viewer: refused on both paths.
+        let (status, body) = http(
+            &addr,
+            "POST",
+            &format!("/api/v1/signatures/{wf}/cancel"),
+            &val,
+            r#"{"confirm": true}"#,
+        )?;
+        assert_eq!(status, 403, "{body}");
+        let out = relay(&["cancel", &wf, "--confirm"], "val", &val_file)?;
+        assert!(!out.status.success(), "a viewer canceled through the relay");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("forbidden") || err.contains("viewer"), "{err}");
+
+        // An operator: both paths, recorded under its token's name.
+        let (status, body) = http(
+            &addr,
+            "POST",
+            &format!("/api/v1/signatures/{wf}/suspend"),
+            &opal,
+            "",
+        )?;
+        assert_eq!(status, 200, "{body}");
+        let out = relay(&["resume", &wf], "opal", &opal_file)?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (status, body) = http(
+            &addr,
+            "GET",
+            &format!("/api/v1/workflows/{wf}/history?limit=1000"),
+            &opal,
+            "",
+        )?;
+        assert_eq!(status, 200, "{body}");
+        let history: serde_json::Value = serde_json::from_str(&body)?;
+        let actors: Vec<(String, serde_json::Value)> = history["events"]
+            .as_array()
+            .context("events")?
+            .iter()
+            .filter_map(|e| {
+                let kind = e["payload"].as_object()?.keys().next()?.clone();
+                matches!(kind.as_str(), "suspended" | "resumed" | "canceled")
+                    .then(|| (kind, e["actor"].clone()))
+            })
+            .collect();
+        let opal_actor = json!({"api": {"principal": "opal"}});
+        assert!(!actors.is_empty());
+        for (kind, actor) in &actors {
+            assert_ne!(kind, "canceled", "the viewer's cancel went through");
+            assert_eq!(actor, &opal_actor, "{kind}");
+        }
+        let out = serve.stop()?;
+        assert!(out.contains("stopped;"), "{out}");
+        for w in &mut d.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        tokio::task::block_in_place(|| mageflow::hot::clear_prefix_blocking(&d.redis, &d.prefix))
+            .map_err(|e| anyhow::anyhow!("cannot delete the test's Redis keys: {e}"))?;
+        Ok(())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,8 @@
 //! API tokens: random, shown once, stored hashed (SHA-256) in a tokens file with a name and a
 //! role (`viewer` reads, `auditor` also reads history, `operator` also controls and submits,
 //! `admin` everything). The name is the principal every control call records as its actor.
+//! On a PostgreSQL + Redis deployment the same file authorises the CLI's relayed commands
+//! ([`relay_key`]): a token that may not cancel over HTTP may not through the relay either.
 //!
 //! The file is TOML, written by `mageflow token create|revoke` and read by `mageflow serve
 //! --tokens FILE`:
@@ -73,6 +75,13 @@ pub struct Tokens {
 fn digest(token: &str) -> String {
     let hash = Sha256::digest(token.as_bytes());
     hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The key a relayed operator command (`mageflow cancel … --postgres … --redis …`) is signed
+/// with when the operator holds an API token: the token's SHA-256, which the tokens file
+/// stores — so one token, one role, for the API and the relay alike.
+pub fn relay_key(token: &str) -> String {
+    digest(token)
 }
 
 impl Tokens {
