@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 /// Workflows per `submit_many` call in the `flat` scenario.
 const FLAT_BULK: u32 = 10_000;
 
-pub const SCENARIOS: [&str; 13] = [
+pub const SCENARIOS: [&str; 15] = [
     "flat",
     "chain",
     "fanout",
@@ -33,6 +33,8 @@ pub const SCENARIOS: [&str; 13] = [
     "http-submit",
     "http-tree",
     "http-events",
+    "http-sse-load",
+    "http-sse-firehose",
 ];
 
 /// `max_concurrency` of the `fanout-limited` and `priority` scenarios.
@@ -70,6 +72,8 @@ pub async fn run(scenario: &str, store: Option<&str>, n: Option<u32>) -> Result<
         "http-submit" => crate::bench_http::submit(&dir, n.unwrap_or(50_000)).await,
         "http-tree" => crate::bench_http::tree(&dir, n.unwrap_or(1_000_000)).await,
         "http-events" => crate::bench_http::events(&dir, n.unwrap_or(100_000)).await,
+        "http-sse-load" => crate::bench_http::sse_load(&dir, n.unwrap_or(100_000), false).await,
+        "http-sse-firehose" => crate::bench_http::sse_load(&dir, n.unwrap_or(100_000), true).await,
         _ => graph_fanout(&dir, n.unwrap_or(10_000)).await,
     };
     if temporary {

@@ -197,3 +197,66 @@ pub async fn events(dir: &Path, n: u32) -> Result<String> {
         got as f64 / secs
     ))
 }
+
+/// SSE clients of `http-sse-load`.
+const SSE_CLIENTS: usize = 100;
+
+/// The engine's `flat` throughput (`n` workflows) alone and with 100 SSE clients following
+/// the log, alternated twice in one process: the clients' cost, as a throughput ratio of the
+/// best runs. `firehose`: every client gets every event; else each follows one workflow (as a
+/// page watching a workflow does), so the cost is the stream's, not the sockets'.
+pub async fn sse_load(dir: &Path, n: u32, firehose: bool) -> Result<String> {
+    let engine = open(dir, 1024).await?;
+    let h = engine.handle();
+    let (addr, stop) = start(h.clone()).await?;
+    let (mut alone, mut followed) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        for with_clients in [false, true] {
+            let mut clients = Vec::new();
+            if with_clients {
+                for _ in 0..SSE_CLIENTS {
+                    let addr = addr.clone();
+                    let query = match firehose {
+                        true => String::new(),
+                        false => {
+                            format!("?workflow={}", mageflow::WorkflowId(uuid::Uuid::now_v7()))
+                        }
+                    };
+                    clients.push(tokio::spawn(async move {
+                        let mut s = TcpStream::connect(&addr).await?;
+                        let req =
+                            format!("GET /api/v1/events{query} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+                        s.write_all(req.as_bytes()).await?;
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            if s.read(&mut buf).await? == 0 {
+                                return anyhow::Ok(());
+                            }
+                        }
+                    }));
+                }
+            }
+            let t0 = Instant::now();
+            crate::bench::run_flat(&h, n).await?;
+            let secs = t0.elapsed().as_secs_f64();
+            for c in clients {
+                c.abort();
+            }
+            if with_clients {
+                followed.push(secs);
+            } else {
+                alone.push(secs);
+            }
+        }
+    }
+    let _ = stop.send(());
+    engine.shutdown().await;
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let (a, f) = (best(&alone), best(&followed));
+    Ok(format!(
+        "n={n} sse_clients={SSE_CLIENTS} firehose={firehose} store=embedded alone_tasks_per_s={:.0} followed_tasks_per_s={:.0} cost={:.3}",
+        f64::from(n) / a,
+        f64::from(n) / f,
+        1.0 - a / f
+    ))
+}

@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod error;
+pub mod hub;
 pub mod openapi;
 mod routes;
 mod views;
@@ -37,9 +38,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let tail = tokio::spawn(api.catalog.clone().tail(api.handle.clone()));
+    let hub = tokio::spawn(api.hub.clone().run(api.handle.log().clone()));
     let served = axum::serve(listener, router(api))
         .with_graceful_shutdown(shutdown)
         .await;
     tail.abort();
+    hub.abort();
     served
 }

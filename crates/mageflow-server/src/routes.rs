@@ -3,6 +3,7 @@
 use crate::auth::Tokens;
 use crate::catalog::{Catalog, Filter};
 use crate::error::ApiError;
+use crate::hub::{Frame, READ_BATCH};
 use crate::{views, BODY_BYTES_MAX, PAGE_DEFAULT, PAGE_MAX};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -22,6 +23,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::broadcast;
 
 /// Who may call the API.
 #[derive(Clone, Debug)]
@@ -39,6 +41,8 @@ pub struct Api {
     pub handle: Handle,
     pub access: Access,
     pub catalog: Catalog,
+    /// The live end of the event streams (run by [`crate::serve`]).
+    pub hub: crate::hub::Hub,
 }
 
 impl Api {
@@ -47,6 +51,7 @@ impl Api {
             handle,
             access,
             catalog: Catalog::default(),
+            hub: Default::default(),
         }
     }
 }
@@ -668,9 +673,6 @@ pub(crate) struct EventsQuery {
     after: Option<u64>,
 }
 
-/// Events read from the log per round of a stream.
-const SSE_BATCH: usize = 1_000;
-
 /// `GET /api/v1/events?workflow=&kind=`: the log as Server-Sent Events, each with its log
 /// position as `id`, from after `Last-Event-ID` (or `after`, or now): a client that reconnects
 /// with the last id it saw misses nothing and sees nothing twice. Auditors and above (events
@@ -697,52 +699,75 @@ pub(crate) async fn events(
         })
         .transpose()?;
     let log = api.handle.log().clone();
+    // Subscribed before the catch-up reads the log: nothing falls between the two.
+    let live = api.hub.subscribe();
     let from = match last_id.or(q.after) {
         Some(p) => p + 1,
         None => log.head() + 1,
     };
     let kind = q.kind;
-    let heads = log.subscribe();
-    let state = (log, heads, from, VecDeque::new());
-    let stream = futures_util::stream::unfold(state, move |(log, mut heads, mut next, mut buf)| {
-        let kind = kind.clone();
-        async move {
-            loop {
-                if let Some(ev) = buf.pop_front() {
-                    return Some((Ok::<_, Infallible>(ev), (log, heads, next, buf)));
-                }
-                match log.read_all(next, SSE_BATCH) {
-                    Ok(batch) if !batch.is_empty() => {
-                        for r in batch {
-                            next = r.position + 1;
-                            let e = &r.event;
-                            if workflow.is_some_and(|w| w != e.stream)
-                                || kind.as_deref().is_some_and(|k| k != e.payload.kind())
-                            {
-                                continue;
+    let keep = move |f: &Frame| {
+        workflow.is_none_or(|w| w == f.stream) && kind.as_deref().is_none_or(|k| k == f.kind)
+    };
+    let sse = |f: &Frame| {
+        SseEvent::default()
+            .id(f.position.to_string())
+            .event(f.kind)
+            .data(f.data.as_str())
+    };
+    // (log, hub, next position to send, caught up with the hub, frames to send)
+    let state = (log, live, from, false, VecDeque::new());
+    let stream = futures_util::stream::unfold(
+        state,
+        move |(log, mut live, mut next, mut caught_up, mut buf)| {
+            let keep = keep.clone();
+            async move {
+                loop {
+                    if let Some(ev) = buf.pop_front() {
+                        return Some((Ok::<_, Infallible>(ev), (log, live, next, caught_up, buf)));
+                    }
+                    if !caught_up {
+                        match log.read_all(next, READ_BATCH) {
+                            Ok(batch) if !batch.is_empty() => {
+                                for r in &batch {
+                                    next = r.position + 1;
+                                    let f = Frame::of(r);
+                                    if keep(&f) {
+                                        buf.push_back(sse(&f));
+                                    }
+                                }
                             }
-                            let data = serde_json::to_string(e).unwrap_or_default();
-                            buf.push_back(
-                                SseEvent::default()
-                                    .id(r.position.to_string())
-                                    .event(e.payload.kind())
-                                    .data(data),
-                            );
+                            Ok(_) => caught_up = true,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "http: an event stream could not read the log");
+                                return None;
+                            }
                         }
+                        continue;
                     }
-                    Ok(_) => {
-                        if heads.changed().await.is_err() {
-                            return None;
+                    match live.recv().await {
+                        Ok(batch) => {
+                            let from = next;
+                            for f in batch.iter().filter(|f| f.position >= from) {
+                                if f.position > next {
+                                    // A gap: the log has what is missing.
+                                    caught_up = false;
+                                    break;
+                                }
+                                next += 1;
+                                if keep(f) {
+                                    buf.push_back(sse(f));
+                                }
+                            }
                         }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "http: an event stream could not read the log");
-                        return None;
+                        // The hub's buffer moved past this client: the log has it.
+                        Err(broadcast::error::RecvError::Lagged(_)) => caught_up = false,
+                        Err(broadcast::error::RecvError::Closed) => return None,
                     }
                 }
             }
-        }
-    });
+        },
+    );
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())

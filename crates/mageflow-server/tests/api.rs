@@ -458,7 +458,8 @@ async fn submit_list_tree_detail_history_and_control(store: Store) -> Result<()>
 }
 
 /// The event stream: read some, drop the connection, reconnect with the last id seen: the
-/// events that follow, none missed, none twice.
+/// events that follow, none missed, none twice — from the log (events written before), and
+/// live (a client that joins now gets what is written after, through the shared reader).
 async fn the_event_stream_resumes_with_last_event_id(store: Store) -> Result<()> {
     let s = Server::start(store).await?;
     for _ in 0..3 {
@@ -499,6 +500,44 @@ async fn the_event_stream_resumes_with_last_event_id(store: Store) -> Result<()>
         all,
         (1..=10).collect::<Vec<u64>>(),
         "positions 1.. in order, once each"
+    );
+
+    // Live: a client from the head on (events of the first workflows may still come, from
+    // their workers), then workflows written meanwhile.
+    let (_, ready) = s.call(None, "GET", "/readyz", None).await?;
+    let head = ready["log_head"].as_u64().context("head")?;
+    let url = format!("{}/api/v1/events?after={head}", s.base);
+    let token = s.tokens["auditor"].clone();
+    let live = tokio::task::spawn_blocking(move || -> Result<Vec<u64>> {
+        let req = ureq::get(&url).set("Authorization", &format!("Bearer {token}"));
+        let reader = BufReader::new(req.call()?.into_reader());
+        let mut ids = Vec::new();
+        for line in reader.lines() {
+            if let Some(id) = line?.strip_prefix("id:") {
+                ids.push(id.trim().parse()?);
+                if ids.len() == 12 {
+                    break;
+                }
+            }
+        }
+        Ok(ids)
+    });
+    // Give the client time to connect (an early write is read from the log all the same).
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for _ in 0..4 {
+        s.call(
+            Some("operator"),
+            "POST",
+            "/api/v1/workflows",
+            Some(definition("noop")),
+        )
+        .await?;
+    }
+    let ids = live.await??;
+    assert_eq!(
+        ids,
+        (head + 1..=head + 12).collect::<Vec<u64>>(),
+        "live events in order, once each"
     );
     s.shutdown().await;
     Ok(())
