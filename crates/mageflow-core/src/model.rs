@@ -699,17 +699,19 @@ impl Workflow {
             Status::Skipped => 8,
             Status::MarkedForDeletion { .. } => 9,
         };
-        let mut stack: Vec<NodeIndex> = n.spec.children().to_vec();
-        while let Some(i) = stack.pop() {
-            if let Some(inner) = self.node(i) {
+        // Lists still to count, walked in place (no copy of a million-item list).
+        let mut lists: Vec<&[NodeIndex]> = vec![n.spec.children()];
+        while let Some(list) = lists.pop() {
+            for &i in list {
+                let Some(inner) = self.node(i) else {
+                    continue;
+                };
                 table[slot(inner.visible_status())] += 1;
                 let s = &inner.spec;
-                if !s.children().is_empty()
-                    || !s.on_success.is_empty()
-                    || !s.on_error.is_empty()
-                    || !s.on_cleanup.is_empty()
-                {
-                    stack.extend(s.all_refs());
+                for l in [s.children(), &s.on_success, &s.on_error, &s.on_cleanup] {
+                    if !l.is_empty() {
+                        lists.push(l);
+                    }
                 }
             }
         }

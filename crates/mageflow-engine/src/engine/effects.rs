@@ -152,6 +152,15 @@ impl Orchestrator {
             return;
         }
         if !state.is_finished() {
+            // Only asked when someone waits for it: it walks the whole workflow when nothing
+            // moves (a created swarm of a million items), and a read touches the workflow too.
+            let asked = self
+                .waiters
+                .get(&wf)
+                .is_some_and(|w| w.iter().any(|(until, _)| *until == Until::Settled));
+            if !asked {
+                return;
+            }
             // Work auto-resume holds whole waits for a user as much as a suspended one does.
             let settled = state.is_settled() || matches!(self.held.get(&wf), Some(Hold::Whole));
             if let (true, Some(waiters)) = (settled, self.waiters.get_mut(&wf)) {
