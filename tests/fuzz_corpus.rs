@@ -312,6 +312,8 @@ fn parse_definition_corpus() {
     let mut registry = mageflow::Registry::new();
     mageflow::engine::builtin::register(&mut registry);
     let accepted = replay("parse_definition", |bytes| {
+        // A line of an items file is read by the same format (never a panic either).
+        let _ = mageflow::definition::parse_node(bytes).map(|sig| sig.validate(&registry));
         mageflow::definition::parse(bytes).is_ok_and(|(sig, _)| sig.validate(&registry).is_ok())
     });
     // The seed corpus holds valid documents (a graph with a gate and a swarm, a chain with
