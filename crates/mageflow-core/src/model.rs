@@ -219,11 +219,6 @@ impl ItemCallbacks {
     pub fn is_empty(&self) -> bool {
         self.on_success.is_empty() && self.on_error.is_empty()
     }
-
-    /// Signatures one item's copies add.
-    pub fn len(&self) -> usize {
-        self.on_success.len() + self.on_error.len()
-    }
 }
 
 /// Field of a per-item callback's input (from its kwargs) naming the item it fired for:
