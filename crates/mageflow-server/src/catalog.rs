@@ -45,6 +45,7 @@ struct State {
     workflows: BTreeMap<WorkflowId, Summary>,
     /// The list's order: by creation, then id.
     order: std::collections::BTreeSet<(Timestamp, WorkflowId)>,
+    tasks: crate::taskstats::TaskStats,
 }
 
 /// The catalog, shared by the request handlers and its tail task.
@@ -104,6 +105,7 @@ impl Catalog {
         if e.stream.is_system() {
             return;
         }
+        state.tasks.apply(e);
         if let Payload::WorkflowCreated { nodes } = &e.payload {
             if let Some(root) = nodes.first() {
                 state.order.insert((e.at, e.stream));
@@ -163,6 +165,11 @@ impl Catalog {
                 s.marked = false;
             }
         }
+    }
+
+    /// What each task did, as far as the log was read.
+    pub fn task_figures(&self) -> BTreeMap<String, crate::taskstats::TaskFigures> {
+        self.0.read().map(|s| s.tasks.figures()).unwrap_or_default()
     }
 
     /// Read what the log holds past the last round; returns how many events were read.

@@ -13,6 +13,7 @@ pub mod error;
 pub mod hub;
 pub mod openapi;
 mod routes;
+pub mod taskstats;
 mod views;
 
 pub use auth::{TokenError, Tokens};

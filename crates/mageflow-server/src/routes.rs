@@ -634,7 +634,11 @@ pub(crate) async fn stats(
         .map(|(name, _, v)| (name.to_owned(), json!(v)))
         .collect();
     let by_status = api.catalog.page(&Filter::default(), None, 1).counts;
-    Ok(Json(json!({ "engine": engine, "workflows_by_status": by_status })).into_response())
+    let tasks = api.catalog.task_figures();
+    Ok(
+        Json(json!({ "engine": engine, "workflows_by_status": by_status, "tasks": tasks }))
+            .into_response(),
+    )
 }
 
 /// `GET /metrics`: the same in Prometheus's text format (any valid token).
@@ -659,6 +663,44 @@ pub(crate) async fn metrics(
     text.push_str("# HELP mageflow_workflows Workflows by the status of their root.\n# TYPE mageflow_workflows gauge\n");
     for (status, n) in api.catalog.page(&Filter::default(), None, 1).counts {
         text.push_str(&format!("mageflow_workflows{{status=\"{status}\"}} {n}\n"));
+    }
+    let tasks = api.catalog.task_figures();
+    for (metric, help, kind) in [
+        (
+            "task_attempts_started_total",
+            "Attempts started, by task.",
+            "counter",
+        ),
+        (
+            "task_failures_total",
+            "Tasks failed for good, by task.",
+            "counter",
+        ),
+        (
+            "task_queue_depth",
+            "Tasks waiting to start, by task.",
+            "gauge",
+        ),
+        (
+            "task_duration_p99_ms",
+            "p99 of the latest attempts' durations, by task.",
+            "gauge",
+        ),
+    ] {
+        text.push_str(&format!(
+            "# HELP mageflow_{metric} {help}\n# TYPE mageflow_{metric} {kind}\n"
+        ));
+        for (task, t) in &tasks {
+            let value = match metric {
+                "task_attempts_started_total" => t.started as f64,
+                "task_failures_total" => t.failed as f64,
+                "task_queue_depth" => t.queued as f64,
+                _ => t.p99_ms,
+            };
+            // Task names are the registry's; quotes and backslashes escaped as the format asks.
+            let task = task.replace('\\', "\\\\").replace('"', "\\\"");
+            text.push_str(&format!("mageflow_{metric}{{task=\"{task}\"}} {value}\n"));
+        }
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }

@@ -620,10 +620,25 @@ async fn bulk_control_dry_run_counts_what_the_call_touches(store: Store) -> Resu
         stats["workflows_by_status"]["suspended"].as_u64(),
         Some(matched)
     );
+    // Per task, from the log: three sleeps started (and still run), the noops succeeded.
+    let sleep = &stats["tasks"]["sleep"];
+    assert_eq!(sleep["started"].as_u64(), Some(3), "{stats}");
+    assert_eq!(sleep["succeeded"].as_u64(), Some(0), "{stats}");
+    let noop = &stats["tasks"]["noop"];
+    assert!(noop["succeeded"].as_u64() >= Some(4), "{stats}");
+    assert_eq!(noop["failure_rate"].as_f64(), Some(0.0), "{stats}");
+    assert!(
+        noop["p99_ms"].as_f64() >= noop["p50_ms"].as_f64(),
+        "{stats}"
+    );
     let (status, metrics) = s.call(Some("viewer"), "GET", "/metrics", None).await?;
     assert_eq!(status, 200);
     let text = metrics.as_str().context("text")?;
     assert!(text.contains("mageflow_events_written_total "), "{text}");
+    assert!(
+        text.contains("mageflow_task_attempts_started_total{task=\"sleep\"} 3"),
+        "{text}"
+    );
     assert!(text.contains(&format!(
         "mageflow_workflows{{status=\"suspended\"}} {matched}"
     )));
