@@ -108,6 +108,11 @@ fn run_all(store: Option<&str>, n: Option<u32>) -> Result<()> {
     Ok(())
 }
 
+/// The shortest of some runs' times: the one least disturbed by the rest of the machine.
+pub fn best(runs: &[f64]) -> f64 {
+    runs.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
 /// Peak resident set size of this process (VmHWM), in MiB.
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -356,7 +361,6 @@ pub async fn run_priority(h: &Handle, n: u32) -> Result<String> {
             }
         }
     }
-    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let (p, q) = (best(&plain), best(&prioritized));
     Ok(format!(
         "n={n} max_concurrency={FANOUT_LIMIT} plain_items_per_s={:.0} priority_items_per_s={:.0} priority_cost={:.3}",

@@ -3,7 +3,7 @@
 //! client (a load generator, not the API's own code): submits per second over 64 connections,
 //! the latency of a million-item swarm's collapsed tree, events per second to one SSE client.
 
-use crate::bench::percentile;
+use crate::bench::{best, percentile};
 use anyhow::{bail, Context, Result};
 use mageflow::{sign, swarm, Config, Handle, Sig};
 use mageflow_server::{Access, Api};
@@ -251,7 +251,6 @@ pub async fn sse_load(dir: &Path, n: u32, firehose: bool) -> Result<String> {
     }
     let _ = stop.send(());
     engine.shutdown().await;
-    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let (a, f) = (best(&alone), best(&followed));
     Ok(format!(
         "n={n} sse_clients={SSE_CLIENTS} firehose={firehose} store=embedded alone_tasks_per_s={:.0} followed_tasks_per_s={:.0} cost={:.3}",

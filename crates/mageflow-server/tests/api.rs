@@ -457,6 +457,34 @@ async fn submit_list_tree_detail_history_and_control(store: Store) -> Result<()>
     Ok(())
 }
 
+/// The ids of the first `n` events of a stream (from after `last`, if given), read on a thread
+/// of its own; the connection is dropped after.
+fn read_events(
+    url: &str,
+    token: &str,
+    last: Option<u64>,
+    n: usize,
+) -> tokio::task::JoinHandle<Result<Vec<u64>>> {
+    let (url, token) = (url.to_owned(), token.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let mut req = ureq::get(&url).set("Authorization", &format!("Bearer {token}"));
+        if let Some(l) = last {
+            req = req.set("Last-Event-ID", &l.to_string());
+        }
+        let reader = BufReader::new(req.call()?.into_reader());
+        let mut ids = Vec::new();
+        for line in reader.lines() {
+            if let Some(id) = line?.strip_prefix("id:") {
+                ids.push(id.trim().parse()?);
+                if ids.len() == n {
+                    break;
+                }
+            }
+        }
+        Ok(ids)
+    })
+}
+
 /// The event stream: read some, drop the connection, reconnect with the last id seen: the
 /// events that follow, none missed, none twice — from the log (events written before), and
 /// live (a client that joins now gets what is written after, through the shared reader).
@@ -473,28 +501,8 @@ async fn the_event_stream_resumes_with_last_event_id(store: Store) -> Result<()>
     }
     let url = format!("{}/api/v1/events?after=0", s.base);
     let token = s.tokens["auditor"].clone();
-    let read = move |last: Option<u64>, n: usize| {
-        let (url, token) = (url.clone(), token.clone());
-        tokio::task::spawn_blocking(move || -> Result<Vec<u64>> {
-            let mut req = ureq::get(&url).set("Authorization", &format!("Bearer {token}"));
-            if let Some(l) = last {
-                req = req.set("Last-Event-ID", &l.to_string());
-            }
-            let reader = BufReader::new(req.call()?.into_reader());
-            let mut ids = Vec::new();
-            for line in reader.lines() {
-                if let Some(id) = line?.strip_prefix("id:") {
-                    ids.push(id.trim().parse()?);
-                    if ids.len() == n {
-                        break;
-                    }
-                }
-            }
-            Ok(ids)
-        })
-    };
-    let first = read(None, 5).await??;
-    let rest = read(first.last().copied(), 5).await??;
+    let first = read_events(&url, &token, None, 5).await??;
+    let rest = read_events(&url, &token, first.last().copied(), 5).await??;
     let all: Vec<u64> = first.iter().chain(&rest).copied().collect();
     assert_eq!(
         all,
@@ -508,20 +516,7 @@ async fn the_event_stream_resumes_with_last_event_id(store: Store) -> Result<()>
     let head = ready["log_head"].as_u64().context("head")?;
     let url = format!("{}/api/v1/events?after={head}", s.base);
     let token = s.tokens["auditor"].clone();
-    let live = tokio::task::spawn_blocking(move || -> Result<Vec<u64>> {
-        let req = ureq::get(&url).set("Authorization", &format!("Bearer {token}"));
-        let reader = BufReader::new(req.call()?.into_reader());
-        let mut ids = Vec::new();
-        for line in reader.lines() {
-            if let Some(id) = line?.strip_prefix("id:") {
-                ids.push(id.trim().parse()?);
-                if ids.len() == 12 {
-                    break;
-                }
-            }
-        }
-        Ok(ids)
-    });
+    let live = read_events(&url, &token, None, 12);
     // Give the client time to connect (an early write is read from the log all the same).
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     for _ in 0..4 {
