@@ -333,7 +333,8 @@ pub(crate) async fn tree(
 ) -> Result<Response, ApiError> {
     api.require(&headers, |_| true, "read workflows")?;
     let wf = parse_workflow(&id)?;
-    let view = api.handle.inspect(wf, views::tree).await?;
+    let now = api.handle.config().clock.now();
+    let view = api.handle.inspect(wf, move |w| views::tree(w, now)).await?;
     Ok(Json(view).into_response())
 }
 

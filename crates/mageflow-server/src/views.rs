@@ -89,17 +89,48 @@ pub struct TreeView {
     pub version: u64,
     pub purged: bool,
     pub root: Option<NodeView>,
+    /// Of the signatures inside the root, the share that ended (done, failed, canceled,
+    /// skipped), 0 to 1.
+    pub progress: f64,
+    /// Time left at the rate observed since the workflow was created, while it runs and once
+    /// something inside ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
 }
 
 /// Levels of children a tree shows.
 pub const TREE_DEPTH: usize = 8;
 
-pub fn tree(wf: &Workflow) -> TreeView {
+/// The tree of `wf` at `now` (for its ETA).
+pub fn tree(wf: &Workflow, now: Timestamp) -> TreeView {
+    let root = node(wf, 0, TREE_DEPTH);
+    let (ended, total) = root.as_ref().map_or((0, 0), |r| {
+        let ended = ["done", "failed", "canceled", "skipped"]
+            .iter()
+            .filter_map(|s| r.inner.get(s))
+            .sum::<u64>();
+        (ended, r.inner.values().sum::<u64>())
+    });
+    let progress = if total == 0 {
+        0.0
+    } else {
+        ended as f64 / total as f64
+    };
+    let running = wf.root().is_some_and(|r| !r.status.is_terminal());
+    let eta_ms = match (wf.created_at, running, ended) {
+        (Some(created), true, ended) if ended > 0 && ended < total => {
+            let elapsed = (now.as_micros() - created.as_micros()).max(0) as f64 / 1000.0;
+            Some((elapsed * (total - ended) as f64 / ended as f64) as u64)
+        }
+        _ => None,
+    };
     TreeView {
         id: wf.id.to_string(),
         version: wf.version,
         purged: wf.purged,
-        root: node(wf, 0, TREE_DEPTH),
+        root,
+        progress,
+        eta_ms,
     }
 }
 

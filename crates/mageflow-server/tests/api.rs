@@ -349,12 +349,24 @@ async fn submit_list_tree_detail_history_and_control(store: Store) -> Result<()>
         .await?;
     assert_eq!(none["items"].as_array().map(Vec::len), Some(0), "{none}");
 
-    // The tree, a signature's detail, a page of children.
-    let (_, tree) = s
-        .call(op, "GET", &format!("/api/v1/workflows/{wf}"), None)
-        .await?;
+    // The tree, a signature's detail, a page of children; the tree once its first step ended
+    // (on the deployment a worker process runs it).
+    let mut tree = Value::Null;
+    for _ in 0..200 {
+        tree = s
+            .call(op, "GET", &format!("/api/v1/workflows/{wf}"), None)
+            .await?
+            .1;
+        if tree["root"]["inner"]["done"] == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert_eq!(tree["root"]["name"], "pipeline");
     assert_eq!(tree["root"]["children_total"], 2);
+    // Its first step ended, its second runs: half done, and an estimate of the rest.
+    assert_eq!(tree["progress"], 0.5, "{tree}");
+    assert!(tree["eta_ms"].is_u64(), "{tree}");
     let (_, detail) = s
         .call(op, "GET", &format!("/api/v1/workflows/{wf}/nodes/1"), None)
         .await?;
