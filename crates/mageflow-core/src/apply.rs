@@ -8,7 +8,7 @@ use crate::id::{NodeIndex, WorkflowId};
 use crate::kind::graph;
 use crate::model::{
     deep_merge_owned, GraphProgress, KindSpec, Link, Node, NodeSpec, Outcome, Role, Status,
-    TaskError, Workflow, PRIORITY_MAX, PRIORITY_MIN,
+    SwarmProgress, TaskError, Workflow, PRIORITY_MAX, PRIORITY_MIN,
 };
 use crate::time::Timestamp;
 
@@ -445,7 +445,7 @@ impl Workflow {
             return;
         }
         let queue = waiting
-            .map(|c| (-i64::from(c.spec.priority), c.position))
+            .map(|c| SwarmProgress::queue_key(c.spec.priority, c.position))
             .collect();
         self.nodes[s].swarm.by_priority = Some(queue);
     }
@@ -455,7 +455,7 @@ impl Workflow {
         if let Some((p, pos)) = self.swarm_slot(node) {
             let priority = self.nodes[node].spec.priority;
             let progress = &mut self.nodes[p].swarm;
-            let key = (-i64::from(priority), pos);
+            let key = SwarmProgress::queue_key(priority, pos);
             // A rerun item that ends waiting for a slot (canceled), or an item canceled before
             // its turn, never took one.
             if let Some(w) = progress
@@ -588,7 +588,7 @@ impl Workflow {
                     let keys: Vec<(i64, u32)> = added
                         .iter()
                         .map(|&a| &self.nodes[a as usize])
-                        .map(|a| (-i64::from(a.spec.priority), a.position))
+                        .map(|a| SwarmProgress::queue_key(a.spec.priority, a.position))
                         .collect();
                     if let Some(waiting) = &mut self.nodes[s].swarm.by_priority {
                         waiting.extend(keys);
@@ -859,7 +859,10 @@ impl Workflow {
                 let old = std::mem::replace(&mut self.nodes[i].spec.priority, priority);
                 if let Some((s, pos)) = self.swarm_slot(i) {
                     let started = self.nodes[s].message.is_some();
-                    let (before, after) = ((-i64::from(old), pos), (-i64::from(priority), pos));
+                    let (before, after) = (
+                        SwarmProgress::queue_key(old, pos),
+                        SwarmProgress::queue_key(priority, pos),
+                    );
                     let queue = &mut self.nodes[s].swarm.by_priority;
                     if let Some(waiting) = queue {
                         // Waiting (not handed out yet): its place in the queue moves.

@@ -477,12 +477,18 @@ pub struct SwarmProgress {
 }
 
 impl SwarmProgress {
+    /// The place in `by_priority` of the item at `position` of priority `priority`: the highest
+    /// priority first, by order of addition within one.
+    pub fn queue_key(priority: i32, position: u32) -> (i64, u32) {
+        (-i64::from(priority), position)
+    }
+
     /// Whether the item at `position`, of priority `priority`, was handed out (it may have ended
     /// since).
     pub fn was_dispatched(&self, position: u32, priority: i32) -> bool {
         match &self.by_priority {
             None => position < self.dispatched,
-            Some(waiting) => !waiting.contains(&(-i64::from(priority), position)),
+            Some(waiting) => !waiting.contains(&Self::queue_key(priority, position)),
         }
     }
 }

@@ -68,15 +68,19 @@ pub(crate) fn instantiate_item_callbacks(
         }
         _ => None,
     };
-    let attached = attach.and_then(|s| {
-        let n = wf.node(s)?;
-        Some((s, template(&n.spec.kind)?, n.spec.children().len() as u32))
-    });
-    if attached.is_none() && !nodes.iter().any(|n| template(&n.kind).is_some()) {
+    let has_template = |kind: &KindSpec| matches!(kind, KindSpec::Swarm { item_callbacks, .. } if !item_callbacks.is_empty());
+    let attached = attach.and_then(|s| Some((s, wf.node(s)?)));
+    if !attached.is_some_and(|(_, n)| has_template(&n.spec.kind))
+        && !nodes.iter().any(|n| has_template(&n.kind))
+    {
         return;
     }
-    // Items seen so far per swarm: an item's position in its swarm.
-    let mut seen: BTreeMap<NodeIndex, u32> = BTreeMap::new();
+    // Per swarm: its templates (copied once, not per item; `None`: it has none) and the items
+    // seen so far — an item's position in its swarm.
+    let mut swarms: BTreeMap<NodeIndex, (Option<ItemCallbacks>, u32)> = BTreeMap::new();
+    if let Some((s, n)) = attached {
+        swarms.insert(s, (template(&n.spec.kind), n.spec.children().len() as u32));
+    }
     let mut i = 0;
     while i < nodes.len() {
         let Some(Link {
@@ -87,20 +91,25 @@ pub(crate) fn instantiate_item_callbacks(
             i += 1;
             continue;
         };
-        let found = match (swarm as usize).checked_sub(base) {
-            Some(offset) => template(&nodes[offset].kind).map(|t| (t, 0)),
-            None => attached
-                .as_ref()
-                .filter(|(s, _, _)| *s == swarm)
-                .map(|(_, t, existing)| (t.clone(), *existing)),
+        // A swarm of the batch (earlier in it), or the one the batch joins.
+        let (templates, seen) = match (swarm as usize).checked_sub(base) {
+            Some(offset) => swarms
+                .entry(swarm)
+                .or_insert_with(|| (template(&nodes[offset].kind), 0)),
+            None => match swarms.get_mut(&swarm) {
+                Some(s) => s,
+                None => {
+                    i += 1;
+                    continue;
+                }
+            },
         };
-        let Some((callbacks, first)) = found else {
+        let Some(callbacks) = templates.as_ref() else {
             i += 1;
             continue;
         };
-        let counter = seen.entry(swarm).or_insert(first);
-        let position = *counter;
-        *counter += 1;
+        let position = *seen;
+        *seen += 1;
         let item = (base + i) as NodeIndex;
         let mark = json!({
             ITEM_FIELD: {
