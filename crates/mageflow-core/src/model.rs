@@ -407,6 +407,14 @@ impl NodeSpec {
         spec
     }
 
+    /// A swarm's per-item callbacks (empty ones included); `None` for any other kind.
+    pub fn item_callbacks(&self) -> Option<&ItemCallbacks> {
+        match &self.kind {
+            KindSpec::Swarm { item_callbacks, .. } => Some(item_callbacks),
+            _ => None,
+        }
+    }
+
     pub fn task_name(&self) -> Option<&str> {
         match &self.kind {
             KindSpec::Task { task, .. } => Some(task),

@@ -62,24 +62,17 @@ pub(crate) fn instantiate_item_callbacks(
     base: usize,
     attach: Option<NodeIndex>,
 ) {
-    let template = |kind: &KindSpec| match kind {
-        KindSpec::Swarm { item_callbacks, .. } if !item_callbacks.is_empty() => {
-            Some(item_callbacks.clone())
-        }
-        _ => None,
-    };
-    let has_template = |kind: &KindSpec| matches!(kind, KindSpec::Swarm { item_callbacks, .. } if !item_callbacks.is_empty());
+    let template = |spec: &NodeSpec| spec.item_callbacks().filter(|t| !t.is_empty()).cloned();
+    let has_template = |spec: &NodeSpec| spec.item_callbacks().is_some_and(|t| !t.is_empty());
     let attached = attach.and_then(|s| Some((s, wf.node(s)?)));
-    if !attached.is_some_and(|(_, n)| has_template(&n.spec.kind))
-        && !nodes.iter().any(|n| has_template(&n.kind))
-    {
+    if !attached.is_some_and(|(_, n)| has_template(&n.spec)) && !nodes.iter().any(has_template) {
         return;
     }
     // Per swarm: its templates (copied once, not per item; `None`: it has none) and the items
     // seen so far — an item's position in its swarm.
     let mut swarms: BTreeMap<NodeIndex, (Option<ItemCallbacks>, u32)> = BTreeMap::new();
     if let Some((s, n)) = attached {
-        swarms.insert(s, (template(&n.spec.kind), n.spec.children().len() as u32));
+        swarms.insert(s, (template(&n.spec), n.spec.children().len() as u32));
     }
     let mut i = 0;
     while i < nodes.len() {
@@ -95,7 +88,7 @@ pub(crate) fn instantiate_item_callbacks(
         let (templates, seen) = match (swarm as usize).checked_sub(base) {
             Some(offset) => swarms
                 .entry(swarm)
-                .or_insert_with(|| (template(&nodes[offset].kind), 0)),
+                .or_insert_with(|| (template(&nodes[offset]), 0)),
             None => match swarms.get_mut(&swarm) {
                 Some(s) => s,
                 None => {
@@ -151,10 +144,7 @@ pub fn item_callback_copies(
     attach: Option<(NodeIndex, &ItemCallbacks)>,
 ) -> usize {
     let template = |swarm: NodeIndex| match (swarm as usize).checked_sub(base) {
-        Some(offset) => match nodes.get(offset).map(|n| &n.kind) {
-            Some(KindSpec::Swarm { item_callbacks, .. }) => Some(item_callbacks),
-            _ => None,
-        },
+        Some(offset) => nodes.get(offset).and_then(NodeSpec::item_callbacks),
         None => attach.filter(|(s, _)| *s == swarm).map(|(_, t)| t),
     };
     let mut copies = 0;

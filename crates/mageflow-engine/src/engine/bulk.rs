@@ -144,7 +144,12 @@ impl Handle {
         let node = state
             .node(swarm.index)
             .ok_or(Error::NoSuchSignature(swarm))?;
-        let KindSpec::Swarm { closed, .. } = &node.spec.kind else {
+        let KindSpec::Swarm {
+            closed,
+            item_callbacks,
+            ..
+        } = &node.spec.kind
+        else {
             return Err(Error::Rejected(Rejection::NotASwarm(swarm.index)));
         };
         if *closed {
@@ -220,12 +225,7 @@ impl Handle {
             return Err(Error::BulkRejected(rejected));
         }
         // Events of at most `batch_size` items, fewer when each brings per-item callbacks.
-        let per_item = match &node.spec.kind {
-            KindSpec::Swarm { item_callbacks, .. } => {
-                mageflow_core::kind::swarm::nodes_per_item(item_callbacks)
-            }
-            _ => 0,
-        };
+        let per_item = mageflow_core::kind::swarm::nodes_per_item(item_callbacks);
         let batch = options.batch_size.clamp(1, items_per_event(per_item));
         let added = valid.len();
         let batches = added.div_ceil(batch);

@@ -150,10 +150,7 @@ impl Handle {
             &mut labels,
         )?;
         let copies = |specs: &[mageflow_core::NodeSpec], base: usize, attach: Option<u32>| {
-            let template = attach.and_then(|s| match &nodes.get(s as usize)?.kind {
-                mageflow_core::KindSpec::Swarm { item_callbacks, .. } => Some((s, item_callbacks)),
-                _ => None,
-            });
+            let template = attach.and_then(|s| Some((s, nodes.get(s as usize)?.item_callbacks()?)));
             mageflow_core::kind::swarm::item_callback_copies(specs, base, template)
         };
         check_node_count(nodes.len())?;

@@ -199,12 +199,10 @@ pub(super) fn flatten_items(
             max: 0,
         });
     }
-    let template = match &state.node(swarm).map(|n| &n.spec.kind) {
-        Some(mageflow_core::KindSpec::Swarm { item_callbacks, .. }) => {
-            Some((swarm, item_callbacks))
-        }
-        _ => None,
-    };
+    let template = state
+        .node(swarm)
+        .and_then(|n| n.spec.item_callbacks())
+        .map(|t| (swarm, t));
     check_node_count(
         nodes.len() + mageflow_core::kind::swarm::item_callback_copies(&nodes, base, template),
     )?;
